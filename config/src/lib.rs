@@ -1,1 +1,469 @@
-//! config
+//! The VM configuration file: one schema, one parser, read by both `host`
+//! (the VMM) and `remote-host` (the device process).
+//!
+//! ```toml
+//! [vm]
+//! memory = "512M"
+//! vcpus = 1
+//! kernel = "vmlinuz"
+//! initrd = "initrd.img"
+//! cmdline = "console=ttyS0"
+//!
+//! [[remote]]
+//! id = "storage"
+//! log = "storage.log"
+//!
+//! [[device]]
+//! id = "lsi0"
+//! remote = "storage"       # or: in-process = true
+//! plugin = "lsi53c895a"
+//! slot = 4
+//! # every other key (and sub-table) of a [[device]] belongs to its plugin:
+//! [[device.drive]]
+//! file = "disk.img"
+//! scsi-id = 0
+//! ```
+//!
+//! Every error names the file, line and column of the offending key or
+//! value. Relative paths are relative to the config file's directory.
+
+mod reader;
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use reader::TableReader;
+use toml_edit::{DocumentMut, ImDocument, Item, Table};
+
+/// A position in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: usize,
+    /// 1-based, in characters.
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
+/// Errors loading a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid or not what the schema allows.
+    #[error("{location}: {message}")]
+    Invalid { location: Location, message: String },
+}
+
+impl ConfigError {
+    /// Where the error is, when it has a position.
+    pub fn location(&self) -> Option<&Location> {
+        match self {
+            ConfigError::Invalid { location, .. } => Some(location),
+            ConfigError::Read { .. } => None,
+        }
+    }
+}
+
+/// Maps byte offsets of one file to lines and columns.
+pub(crate) struct SourceMap {
+    file: PathBuf,
+    text: String,
+}
+
+impl SourceMap {
+    fn location(&self, offset: usize) -> Location {
+        let offset = offset.min(self.text.len());
+        let before = self.text.get(..offset).unwrap_or("");
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before.get(line_start..).unwrap_or("").chars().count() + 1;
+        Location {
+            file: self.file.clone(),
+            line,
+            column,
+        }
+    }
+
+    pub(crate) fn error(&self, span: Option<Range<usize>>, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            location: self.location(span.map_or(0, |s| s.start)),
+            message,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    pub vm: VmConfig,
+    pub remotes: Vec<RemoteConfig>,
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// `[vm]`: the guest machine.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub memory_bytes: u64,
+    pub vcpus: u8,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    /// Where the serial console goes; `None` means standard output.
+    pub console_log: Option<PathBuf>,
+    /// QMP monitor socket, if any.
+    pub qmp: Option<PathBuf>,
+}
+
+/// The wire protocol spoken on a remote's channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    VfioUser,
+    Mpqemu,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::VfioUser => "vfio-user",
+            Protocol::Mpqemu => "mpqemu",
+        }
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vfio-user" => Ok(Protocol::VfioUser),
+            "mpqemu" => Ok(Protocol::Mpqemu),
+            other => Err(format!(
+                "unknown protocol `{other}` (expected vfio-user or mpqemu)"
+            )),
+        }
+    }
+}
+
+/// `[[remote]]`: one device process.
+#[derive(Clone, Debug)]
+pub struct RemoteConfig {
+    pub id: String,
+    /// Connect to this socket (made by an orchestrator) instead of spawning.
+    pub socket: Option<PathBuf>,
+    pub protocol: Protocol,
+    /// Log file of the remote process.
+    pub log: Option<PathBuf>,
+    /// Extra directories searched for plugins.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Heartbeat period, milliseconds.
+    pub heartbeat_ms: u64,
+    /// How long any wait on this remote may take, milliseconds.
+    pub timeout_ms: u64,
+    pub location: Location,
+}
+
+/// Where a device runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// In the `[[remote]]` with this id.
+    Remote(String),
+    /// Inside the VMM process.
+    InProcess,
+}
+
+/// `[[device]]`: one PCI function.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    pub id: String,
+    pub placement: Placement,
+    /// Plugin name (or path to a plugin library).
+    pub plugin: String,
+    /// Device kind inside the plugin; `None` means the plugin's only kind.
+    pub kind: Option<String>,
+    /// PCI slot on bus 0 (1..=31).
+    pub slot: u8,
+    /// The device's own settings, as TOML text, for its plugin alone.
+    pub settings: String,
+    /// Directory relative paths in `settings` are relative to.
+    pub base_dir: PathBuf,
+    pub location: Location,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates `text` as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let src = SourceMap {
+            file: path.to_owned(),
+            text: text.to_owned(),
+        };
+        let doc = ImDocument::parse(text.to_owned())
+            .map_err(|e| src.error(e.span(), e.message().trim().to_owned()))?;
+        let base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let resolve = |p: String| -> PathBuf {
+            let p = PathBuf::from(p);
+            if p.is_absolute() {
+                p
+            } else {
+                base_dir.join(p)
+            }
+        };
+
+        let mut root = TableReader::new(doc.as_table(), &src, "the config".into());
+        let vm_table = match root.table.get("vm") {
+            Some(Item::Table(t)) => t,
+            Some(other) => {
+                return Err(src.error(other.span(), "`vm` must be a table ([vm])".into()))
+            }
+            None => return Err(src.error(Some(0..0), "missing [vm] section".into())),
+        };
+        let vm = parse_vm(TableReader::new(vm_table, &src, "[vm]".into()), &resolve)?;
+
+        let mut remotes: Vec<RemoteConfig> = Vec::new();
+        for (i, t) in tables_of(&root, "remote")?.into_iter().enumerate() {
+            let r = parse_remote(
+                TableReader::new(t, &src, format!("[[remote]] #{}", i + 1)),
+                &resolve,
+            )?;
+            if remotes.iter().any(|o| o.id == r.id) {
+                return Err(src.error(
+                    t.get("id").and_then(Item::span),
+                    format!("duplicate remote id `{}`", r.id),
+                ));
+            }
+            remotes.push(r);
+        }
+
+        let mut devices: Vec<DeviceConfig> = Vec::new();
+        for (i, t) in tables_of(&root, "device")?.into_iter().enumerate() {
+            let d = parse_device(
+                TableReader::new(t, &src, format!("[[device]] #{}", i + 1)),
+                &base_dir,
+            )?;
+            let id_span = t.get("id").and_then(Item::span);
+            if devices.iter().any(|o| o.id == d.id) {
+                return Err(src.error(id_span, format!("duplicate device id `{}`", d.id)));
+            }
+            if let Some(o) = devices.iter().find(|o| o.slot == d.slot) {
+                return Err(src.error(
+                    t.get("slot").and_then(Item::span),
+                    format!(
+                        "device `{}` uses slot {} which device `{}` already uses",
+                        d.id, d.slot, o.id
+                    ),
+                ));
+            }
+            if let Placement::Remote(r) = &d.placement {
+                if !remotes.iter().any(|o| &o.id == r) {
+                    return Err(src.error(
+                        t.get("remote").and_then(Item::span),
+                        format!("device `{}` names remote `{r}`, which no [[remote]] defines", d.id),
+                    ));
+                }
+            }
+            devices.push(d);
+        }
+        root.mark_used(&["vm", "remote", "device"]);
+        root.deny_unknown()?;
+        Ok(Config {
+            path: path.to_owned(),
+            vm,
+            remotes,
+            devices,
+        })
+    }
+
+    /// The remote with `id`.
+    pub fn remote(&self, id: &str) -> Option<&RemoteConfig> {
+        self.remotes.iter().find(|r| r.id == id)
+    }
+
+    /// The devices placed in remote `id`.
+    pub fn devices_of_remote<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a DeviceConfig> {
+        self.devices
+            .iter()
+            .filter(move |d| matches!(&d.placement, Placement::Remote(r) if r == id))
+    }
+}
+
+fn tables_of<'a>(root: &TableReader<'a>, key: &str) -> Result<Vec<&'a Table>, ConfigError> {
+    match root.table.get(key) {
+        None => Ok(Vec::new()),
+        Some(Item::ArrayOfTables(a)) => Ok(a.iter().collect()),
+        Some(other) => Err(root.error(
+            other.span().or_else(|| root.key_span(key)),
+            format!("`{key}` must be an array of tables ([[{key}]])"),
+        )),
+    }
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 1u64 << 10),
+        (i, 'M' | 'm') => (&s[..i], 1 << 20),
+        (i, 'G' | 'g') => (&s[..i], 1 << 30),
+        _ => return None,
+    };
+    digits.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+fn parse_vm(
+    mut t: TableReader<'_>,
+    resolve: &dyn Fn(String) -> PathBuf,
+) -> Result<VmConfig, ConfigError> {
+    let mem = t.string("memory")?;
+    let memory_bytes = parse_size(&mem.value)
+        .filter(|&m| (16 << 20..=64 << 30).contains(&m))
+        .ok_or_else(|| {
+            t.error(
+                mem.span.clone(),
+                format!(
+                    "`memory` must be a size like \"512M\" or \"2G\" between 16M and 64G, found \"{}\"",
+                    mem.value
+                ),
+            )
+        })?;
+    let vcpus = t.integer_in("vcpus", 1..=64, Some(1))?.value as u8;
+    let kernel = resolve(t.string("kernel")?.value);
+    let initrd = t.opt_string("initrd")?.map(|s| resolve(s.value));
+    let cmdline = t
+        .opt_string("cmdline")?
+        .map_or_else(|| "console=ttyS0".to_owned(), |s| s.value);
+    let console_log = t.opt_string("console-log")?.map(|s| resolve(s.value));
+    let qmp = t.opt_string("qmp")?.map(|s| resolve(s.value));
+    t.deny_unknown()?;
+    Ok(VmConfig {
+        memory_bytes,
+        vcpus,
+        kernel,
+        initrd,
+        cmdline,
+        console_log,
+        qmp,
+    })
+}
+
+fn parse_id(t: &mut TableReader<'_>) -> Result<String, ConfigError> {
+    let id = t.string("id")?;
+    let ok = !id.value.is_empty()
+        && id.value.len() <= 64
+        && id
+            .value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if !ok {
+        return Err(t.error(
+            id.span,
+            format!(
+                "id `{}` must be 1 to 64 characters of letters, digits, '-', '_' or '.'",
+                id.value
+            ),
+        ));
+    }
+    Ok(id.value)
+}
+
+fn parse_remote(
+    mut t: TableReader<'_>,
+    resolve: &dyn Fn(String) -> PathBuf,
+) -> Result<RemoteConfig, ConfigError> {
+    let location = t.src.location(t.span().map_or(0, |s| s.start));
+    let id = parse_id(&mut t)?;
+    let socket = t.opt_string("socket")?.map(|s| resolve(s.value));
+    let protocol = match t.opt_string("protocol")? {
+        None => Protocol::VfioUser,
+        Some(p) => p.value.parse().map_err(|m| t.error(p.span.clone(), m))?,
+    };
+    let log = t.opt_string("log")?.map(|s| resolve(s.value));
+    let plugin_dirs = t
+        .string_list("plugin-dirs")?
+        .into_iter()
+        .map(|s| resolve(s.value))
+        .collect();
+    let heartbeat_ms = t.integer_in("heartbeat-ms", 10..=60_000, Some(500))?.value as u64;
+    let timeout_ms = t.integer_in("timeout-ms", 10..=600_000, Some(1000))?.value as u64;
+    t.deny_unknown()?;
+    Ok(RemoteConfig {
+        id,
+        socket,
+        protocol,
+        log,
+        plugin_dirs,
+        heartbeat_ms,
+        timeout_ms,
+        location,
+    })
+}
+
+fn parse_device(mut t: TableReader<'_>, base_dir: &Path) -> Result<DeviceConfig, ConfigError> {
+    let location = t.src.location(t.span().map_or(0, |s| s.start));
+    let id = parse_id(&mut t)?;
+    let plugin = t.string("plugin")?.value;
+    let kind = t.opt_string("kind")?.map(|s| s.value);
+    let slot = t.integer_in("slot", 1..=31, None)?.value as u8;
+    let remote = t.opt_string("remote")?;
+    let in_process = t.opt_bool("in-process")?;
+    let placement = match (remote, in_process) {
+        (Some(r), None | Some(Spanned { value: false, .. })) => Placement::Remote(r.value),
+        (None, Some(Spanned { value: true, .. })) => Placement::InProcess,
+        (Some(r), Some(Spanned { value: true, .. })) => {
+            return Err(t.error(
+                r.span,
+                format!("device `{id}` sets both `remote` and `in-process = true`; choose one"),
+            ))
+        }
+        (None, _) => {
+            return Err(t.error(
+                t.span(),
+                format!("device `{id}` needs `remote = \"ID\"` or `in-process = true`"),
+            ))
+        }
+    };
+    // Everything else is the plugin's: copy it into a document of its own.
+    let mut settings = DocumentMut::new();
+    for key in t.unused_keys() {
+        if let Some(item) = t.table.get(key) {
+            settings.insert(key, item.clone());
+        }
+    }
+    Ok(DeviceConfig {
+        id,
+        placement,
+        plugin,
+        kind,
+        slot,
+        settings: settings.to_string(),
+        base_dir: base_dir.to_owned(),
+        location,
+    })
+}
+
+use reader::Spanned;
+
+#[cfg(test)]
+mod tests;

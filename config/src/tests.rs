@@ -1,0 +1,165 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("/etc/vm/test.toml"))
+}
+
+fn err(text: &str) -> (usize, usize, String) {
+    match parse(text) {
+        Ok(_) => panic!("config was accepted:\n{text}"),
+        Err(ConfigError::Invalid { location, message }) => {
+            (location.line, location.column, message)
+        }
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+const GOOD: &str = r#"
+[vm]
+memory = "512M"
+vcpus = 2
+kernel = "vmlinuz"
+cmdline = "console=ttyS0 quiet"
+
+[[remote]]
+id = "storage"
+log = "/var/log/storage.log"
+
+[[device]]
+id = "lsi0"
+remote = "storage"
+plugin = "lsi53c895a"
+slot = 4
+[[device.drive]]
+file = "disk.img"
+scsi-id = 0
+
+[[device]]
+id = "dma"
+in-process = true
+plugin = "dma-example"
+slot = 5
+"#;
+
+#[test]
+fn good_config_parses() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.vm.memory_bytes, 512 << 20);
+    assert_eq!(c.vm.vcpus, 2);
+    assert_eq!(c.vm.kernel, PathBuf::from("/etc/vm/vmlinuz"));
+    assert_eq!(c.remotes[0].protocol, Protocol::VfioUser);
+    assert_eq!(c.remotes[0].timeout_ms, 1000);
+    assert_eq!(c.devices[0].placement, Placement::Remote("storage".into()));
+    assert_eq!(c.devices[1].placement, Placement::InProcess);
+    assert_eq!(c.devices_of_remote("storage").count(), 1);
+    // The plugin's own table is handed on as TOML, placement keys removed.
+    let settings: toml_edit::DocumentMut = c.devices[0].settings.parse().unwrap();
+    assert!(settings.get("id").is_none());
+    let drive = &settings["drive"][0];
+    assert_eq!(drive["file"].as_str(), Some("disk.img"));
+    assert_eq!(drive["scsi-id"].as_integer(), Some(0));
+}
+
+#[test]
+fn syntax_error_has_position() {
+    let (line, col, msg) = err("[vm]\nmemory = \"512M\nkernel = 1\n");
+    assert_eq!(line, 2, "{msg}");
+    assert!(col >= 10, "{col} {msg}");
+}
+
+#[test]
+fn unknown_key_is_reported_at_the_key() {
+    let text = "[vm]\nmemory = \"64M\"\nkernel = \"k\"\n  memroy = 3\n";
+    let (line, col, msg) = err(text);
+    assert_eq!((line, col), (4, 3));
+    assert!(msg.contains("unknown key `memroy`"), "{msg}");
+}
+
+#[test]
+fn unknown_top_level_section() {
+    let (line, _, msg) = err("[vm]\nmemory = \"64M\"\nkernel = \"k\"\n[network]\nx = 1\n");
+    assert_eq!(line, 4);
+    assert!(msg.contains("unknown key `network`"), "{msg}");
+}
+
+#[test]
+fn wrong_type_is_reported_at_the_value() {
+    let (line, col, msg) = err("[vm]\nmemory = \"64M\"\nkernel = \"k\"\nvcpus = \"two\"\n");
+    assert_eq!((line, col), (4, 9));
+    assert!(msg.contains("must be an integer"), "{msg}");
+}
+
+#[test]
+fn bad_memory_size() {
+    let (line, _, msg) = err("[vm]\nmemory = \"12 parsecs\"\nkernel = \"k\"\n");
+    assert_eq!(line, 2);
+    assert!(msg.contains("memory"), "{msg}");
+}
+
+#[test]
+fn duplicate_device_id() {
+    let text = GOOD.replace("id = \"dma\"", "id = \"lsi0\"");
+    let (line, _, msg) = err(&text);
+    assert_eq!(line, 22);
+    assert!(msg.contains("duplicate device id `lsi0`"), "{msg}");
+}
+
+#[test]
+fn duplicate_remote_id() {
+    let text = GOOD.replace(
+        "[[device]]\nid = \"lsi0\"",
+        "[[remote]]\nid = \"storage\"\n[[device]]\nid = \"lsi0\"",
+    );
+    let (_, _, msg) = err(&text);
+    assert!(msg.contains("duplicate remote id `storage`"), "{msg}");
+}
+
+#[test]
+fn device_naming_missing_remote() {
+    let text = GOOD.replace("remote = \"storage\"", "remote = \"nowhere\"");
+    let (line, col, msg) = err(&text);
+    assert_eq!((line, col), (14, 10));
+    assert!(msg.contains("`nowhere`"), "{msg}");
+}
+
+#[test]
+fn two_devices_on_one_slot() {
+    let text = GOOD.replace("slot = 5", "slot = 4");
+    let (line, col, msg) = err(&text);
+    assert_eq!((line, col), (25, 8));
+    assert!(msg.contains("slot 4"), "{msg}");
+}
+
+#[test]
+fn slot_out_of_range_and_placement_required() {
+    let (_, _, msg) = err(&GOOD.replace("slot = 5", "slot = 0"));
+    assert!(msg.contains("between 1 and 31"), "{msg}");
+    let (line, _, msg) = err(&GOOD.replace("in-process = true\n", ""));
+    assert_eq!(line, 21);
+    assert!(msg.contains("in-process"), "{msg}");
+}
+
+#[test]
+fn bad_protocol() {
+    let text = GOOD.replace("log = ", "protocol = \"carrier-pigeon\"\nlog = ");
+    let (line, _, msg) = err(&text);
+    assert_eq!(line, 10);
+    assert!(msg.contains("carrier-pigeon"), "{msg}");
+}
+
+#[test]
+fn missing_vm_and_missing_kernel() {
+    let (_, _, msg) = err("[[remote]]\nid = \"r\"\n");
+    assert!(msg.contains("[vm]"), "{msg}");
+    let (line, _, msg) = err("[vm]\nmemory = \"64M\"\n");
+    assert_eq!(line, 1);
+    assert!(msg.contains("missing `kernel`"), "{msg}");
+}
+
+#[test]
+fn columns_count_characters_not_bytes() {
+    let (line, col, _) = err("[vm]\nmemory = \"64M\"\nkernel = \"k\"\ncmdline = \"é\"\nbad = 1\n");
+    assert_eq!((line, col), (5, 1));
+    let (_, col, _) = err("[vm]\nmemory = \"64M\"\nkernel = \"ké\" ; x = 1\n");
+    assert!(col > 1);
+}
