@@ -1,0 +1,132 @@
+//! Nested KVM: boots L1 (Debian's stock kernel) in sid's QEMU under TCG with
+//! `-cpu max` (emulated AMD SVM), so L1 has a real `/dev/kvm`, shares this
+//! machine's root over 9p, chroots into it and runs one command there.
+
+use crate::cmd::shell_quote;
+use crate::initramfs::{InitramfsSpec, JobResult};
+use crate::runner::{run_job, RunOptions};
+use crate::{Env, QemuKind};
+use anyhow::{bail, Context, Result};
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Modules L1 loads: KVM for AMD and virtio-9p (dependencies resolved).
+pub const L1_MODULES: &[&str] = &[
+    "irqbypass",
+    "ccp",
+    "kvm",
+    "kvm_amd",
+    "virtio",
+    "virtio_ring",
+    "virtio_pci",
+    "netfs",
+    "fscache",
+    "9pnet",
+    "9pnet_virtio",
+    "9p",
+];
+
+/// Options of a nested run.
+#[derive(Debug, Clone)]
+pub struct NestedOptions {
+    /// Wall-clock limit for the whole L1 run (boot included).
+    pub timeout: Duration,
+    /// L1 RAM in MiB.
+    pub memory_mib: u32,
+    /// L1 vCPUs.
+    pub smp: u32,
+    /// Directory to run the command in (inside the chroot, i.e. the same
+    /// path as on this machine); default: the current directory.
+    pub cwd: Option<PathBuf>,
+    /// Environment variables for the command (in addition to PATH, HOME).
+    pub env: Vec<(String, String)>,
+    /// Use this machine's /tmp (over 9p) instead of a fresh tmpfs. 9p
+    /// cannot hold UNIX sockets that work, hence tmpfs by default.
+    pub host_tmp: bool,
+    /// Extra QEMU arguments for L1.
+    pub extra_qemu_args: Vec<String>,
+    /// Name for the work directory and logs.
+    pub name: String,
+}
+
+impl Default for NestedOptions {
+    fn default() -> Self {
+        NestedOptions {
+            timeout: Duration::from_secs(600),
+            memory_mib: 3072,
+            smp: 2,
+            cwd: None,
+            env: Vec::new(),
+            host_tmp: false,
+            extra_qemu_args: Vec::new(),
+            name: "nested".into(),
+        }
+    }
+}
+
+/// The L1 initramfs spec that runs `cmd` in the chroot of this machine's root.
+pub fn l1_spec(cmd: &[String], opts: &NestedOptions) -> Result<InitramfsSpec> {
+    if cmd.is_empty() {
+        bail!("nested: no command given");
+    }
+    let cwd = match &opts.cwd {
+        Some(c) => c.clone(),
+        None => std::env::current_dir().context("current directory")?,
+    };
+    let mut env = String::from(
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TESTENV_L1=1",
+    );
+    for (k, v) in &opts.env {
+        env.push(' ');
+        env.push_str(&shell_quote(OsStr::new(&format!("{k}={v}"))));
+    }
+    let words: Vec<String> = cmd.iter().map(|w| shell_quote(OsStr::new(w))).collect();
+    let tmp = if opts.host_tmp {
+        ""
+    } else {
+        "mount -t tmpfs tmpfs /host/tmp\n"
+    };
+    let job = format!(
+        r#"set -u
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 hostroot /host || {{ echo "testenv: 9p mount failed"; exit 125; }}
+mount -o bind /dev /host/dev
+mount -t tmpfs tmpfs /host/dev/shm
+mount -t devpts devpts /host/dev/pts 2>/dev/null
+mount -o bind /proc /host/proc
+mount -o bind /sys /host/sys
+{tmp}if [ -c /dev/kvm ]; then echo "testenv: /dev/kvm present"; else echo "testenv: /dev/kvm MISSING"; fi
+chroot /host /usr/bin/env -i {env} /bin/sh -c 'cd "$1" && shift && exec "$@"' sh {cwd} {words}
+"#,
+        cwd = shell_quote(cwd.as_os_str()),
+        words = words.join(" "),
+    );
+    let mut spec = InitramfsSpec::new(L1_MODULES, &job);
+    spec.verbose_kernel = false;
+    Ok(spec)
+}
+
+/// Runs `cmd` inside L1 (see the module docs) and returns its exit status
+/// and output (stdout and stderr together, as printed on L1's console).
+pub fn run_nested(env: &Env, cmd: &[String], opts: &NestedOptions) -> Result<JobResult> {
+    let spec = l1_spec(cmd, opts)?;
+    let mut extra = vec![
+        "-virtfs".to_string(),
+        "local,path=/,mount_tag=hostroot,security_model=passthrough".to_string(),
+    ];
+    extra.extend(opts.extra_qemu_args.iter().cloned());
+    let ropts = RunOptions {
+        qemu: QemuKind::Sid,
+        name: opts.name.clone(),
+        memory_mib: opts.memory_mib,
+        smp: opts.smp,
+        accel: "tcg".into(),
+        cpu: "max".into(),
+        append: String::new(),
+        extra_args: extra,
+        timeout: opts.timeout,
+        log: None,
+    };
+    run_job(env, &spec, &ropts)
+}

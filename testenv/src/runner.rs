@@ -1,0 +1,176 @@
+//! Boots a kernel + job initramfs in QEMU (TCG by default) and collects
+//! the job result from the console, with a time limit.
+
+use crate::initramfs::{parse_console, InitramfsSpec, JobResult, JOB_END_PREFIX};
+use crate::{Env, QemuKind};
+use anyhow::{bail, Context, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How to boot a guest.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Which QEMU binary.
+    pub qemu: QemuKind,
+    /// Name used for the work directory and log files.
+    pub name: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub smp: u32,
+    /// `-accel` value, e.g. `tcg`.
+    pub accel: String,
+    /// `-cpu` value.
+    pub cpu: String,
+    /// Extra kernel command line words.
+    pub append: String,
+    /// Extra QEMU arguments (devices, drives, ...).
+    pub extra_args: Vec<String>,
+    /// Wall-clock limit; the guest is killed when it is exceeded.
+    pub timeout: Duration,
+    /// Console log file; default `<work dir>/console.log`.
+    pub log: Option<PathBuf>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            qemu: QemuKind::Debian12,
+            name: "guest".into(),
+            memory_mib: 512,
+            smp: 1,
+            accel: "tcg".into(),
+            cpu: "max".into(),
+            append: String::new(),
+            extra_args: Vec::new(),
+            timeout: Duration::from_secs(300),
+            log: None,
+        }
+    }
+}
+
+/// Lines of console shown in errors.
+pub const TAIL_LINES: usize = 40;
+
+/// The last `n` lines of a console log.
+pub fn tail(console: &str, n: usize) -> String {
+    let text = console.replace("\r\n", "\n");
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh work directory `<cache>/work/<name>-<pid>-<n>`.
+pub fn work_dir(env: &Env, name: &str) -> Result<PathBuf> {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let safe: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect();
+    let d = env
+        .dir
+        .join("work")
+        .join(format!("{safe}-{}-{n}", std::process::id()));
+    if d.exists() {
+        fs::remove_dir_all(&d)?;
+    }
+    fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    Ok(d)
+}
+
+/// Builds the initramfs for `spec` and boots it (see [`run_initramfs`]).
+pub fn run_job(env: &Env, spec: &InitramfsSpec, opts: &RunOptions) -> Result<JobResult> {
+    let dir = work_dir(env, &opts.name)?;
+    let initramfs = dir.join("initramfs.cpio");
+    crate::initramfs::build(env, spec, &initramfs)?;
+    let mut opts = opts.clone();
+    if opts.log.is_none() {
+        opts.log = Some(dir.join("console.log"));
+    }
+    run_initramfs(env, &initramfs, &opts)
+}
+
+/// Boots `env.kernel` with `initramfs`, `-nographic -no-reboot`, console
+/// into the log file; waits for QEMU to exit (or kills it at the time
+/// limit) and parses the job markers. Errors carry the console tail.
+pub fn run_initramfs(env: &Env, initramfs: &Path, opts: &RunOptions) -> Result<JobResult> {
+    let log = match &opts.log {
+        Some(l) => l.clone(),
+        None => work_dir(env, &opts.name)?.join("console.log"),
+    };
+    if let Some(d) = log.parent() {
+        fs::create_dir_all(d)?;
+    }
+    let stderr_path = log.with_extension("stderr");
+    let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let err = fs::File::create(&stderr_path)?;
+    let mut cmd = env.qemu_command(opts.qemu);
+    cmd.args(["-accel", &opts.accel, "-cpu", &opts.cpu])
+        .args(["-m", &opts.memory_mib.to_string()])
+        .args(["-smp", &opts.smp.to_string()])
+        .arg("-kernel")
+        .arg(&env.kernel)
+        .arg("-initrd")
+        .arg(initramfs)
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 {}", opts.append).trim())
+        .args(["-nographic", "-no-reboot", "-net", "none"])
+        .args(&opts.extra_args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    let line = crate::cmd::describe(&cmd);
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start QEMU: {line}"))?;
+    let mut end_seen: Option<Instant> = None;
+    let read_log = || fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break Some(st);
+        }
+        if start.elapsed() > opts.timeout {
+            break None;
+        }
+        if end_seen.is_none() {
+            let text = read_log().unwrap_or_default();
+            if text.contains(JOB_END_PREFIX) && parse_console(&text).is_some() {
+                end_seen = Some(Instant::now());
+            }
+        } else if end_seen.is_some_and(|t| t.elapsed() > Duration::from_secs(20)) {
+            // Job finished but poweroff did not end QEMU: stop it.
+            child.kill().ok();
+            break child.wait().ok();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let console = read_log().unwrap_or_default();
+    let qemu_err = fs::read_to_string(&stderr_path).unwrap_or_default();
+    let Some(status) = status else {
+        child.kill().ok();
+        child.wait().ok();
+        bail!(
+            "guest `{}` timed out after {} s and was killed\ncommand: {line}\nlog: {}\n--- last {TAIL_LINES} console lines ---\n{}",
+            opts.name,
+            opts.timeout.as_secs(),
+            log.display(),
+            tail(&console, TAIL_LINES)
+        );
+    };
+    match parse_console(&console) {
+        Some(r) => Ok(r),
+        None => bail!(
+            "guest `{}` ended ({status}, after {:.1} s) without the job end marker\ncommand: {line}\nlog: {}\n--- QEMU stderr ---\n{}\n--- last {TAIL_LINES} console lines ---\n{}",
+            opts.name,
+            start.elapsed().as_secs_f64(),
+            log.display(),
+            tail(&qemu_err, 20),
+            tail(&console, TAIL_LINES)
+        ),
+    }
+}
