@@ -150,11 +150,12 @@ impl Env {
                     "{0}/lib/x86_64-linux-gnu:{0}/usr/lib/x86_64-linux-gnu",
                     sid_root.display()
                 );
-                // Loadable QEMU modules must come from the same build.
-                c.env(
-                    "QEMU_MODULE_DIR",
-                    sid_root.join("usr/lib/x86_64-linux-gnu/qemu"),
-                );
+                // Loadable QEMU modules must come from the same build: QEMU
+                // also searches its compiled-in /usr/lib/x86_64-linux-gnu/qemu,
+                // where Debian 12's 7.2 modules are (loading them aborts).
+                let moddir = sid_root.join("usr/lib/x86_64-linux-gnu/qemu");
+                c.env("QEMU_MODULE_DIR", &moddir);
+                hide_host_qemu_modules(&mut c, &moddir);
                 c.arg("--library-path")
                     .arg(libs)
                     .arg(sid_root.join("usr/bin/qemu-system-x86_64"))
@@ -180,6 +181,63 @@ impl Env {
     /// Runs `cmd` on this machine's root inside a nested-KVM L1 guest.
     pub fn run_nested(&self, cmd: &[String], opts: &NestedOptions) -> Result<JobResult> {
         run_nested(self, cmd, opts)
+    }
+}
+
+/// Runs `cmd` in its own mount namespace where the host's QEMU module
+/// directory is replaced by `moddir` (bind mount). Only done as root and
+/// when both directories exist; otherwise `cmd` is left as it is.
+fn hide_host_qemu_modules(cmd: &mut Command, moddir: &Path) {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    const HOST_MODDIR: &str = "/usr/lib/x86_64-linux-gnu/qemu";
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !Path::new(HOST_MODDIR).is_dir() || !moddir.is_dir() {
+        return;
+    }
+    let (Ok(src), Ok(dst), Ok(slash)) = (
+        CString::new(moddir.as_os_str().as_bytes()),
+        CString::new(HOST_MODDIR),
+        CString::new("/"),
+    ) else {
+        return;
+    };
+    let hook = move || -> std::io::Result<()> {
+        // SAFETY: unshare and mount are async-signal-safe system calls; the
+        // CStrings were allocated before fork and outlive this closure.
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::mount(
+                std::ptr::null(),
+                slash.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook only makes async-signal-safe system calls and does
+    // not allocate (see above).
+    unsafe {
+        cmd.pre_exec(hook);
     }
 }
 

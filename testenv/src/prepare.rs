@@ -14,6 +14,7 @@ use std::time::Instant;
 pub(crate) const KERNEL_MARKER: &str = "kernel.done";
 pub(crate) const BUSYBOX_MARKER: &str = "busybox.done";
 pub(crate) const SID_MARKER: &str = "sid.done";
+const DEBOOTSTRAP_MARKER: &str = "sid-debootstrap.done";
 
 fn step<T>(name: &str, f: impl FnOnce() -> Result<(T, bool)>) -> Result<T> {
     let t = Instant::now();
@@ -34,7 +35,8 @@ pub fn prepare(dir: &Path) -> Result<Env> {
     step("kernel", || kernel(dir))?;
     step("busybox", || busybox(dir))?;
     step("qemu-debian12", || qemu_debian12().map(|v| (v, true)))?;
-    step("qemu-sid", || sid(dir))?;
+    step("sid-debootstrap", || sid_debootstrap(dir))?;
+    step("qemu-sid", || sid_check(dir))?;
     let env = Env::load(dir)?;
     step("initramfs", || {
         // A smoke build of the builder: the nested L1 image's modules.
@@ -226,20 +228,19 @@ pub fn debian_mirror() -> Result<String> {
     bail!("no Debian archive (URIs: .../debian) found in /etc/apt/sources.list or /etc/apt/sources.list.d/*.sources; set TESTENV_MIRROR")
 }
 
-fn sid(dir: &Path) -> Result<((), bool)> {
-    if dir.join(SID_MARKER).exists() {
+fn sid_debootstrap(dir: &Path) -> Result<((), bool)> {
+    if dir.join(DEBOOTSTRAP_MARKER).exists() {
         return Ok(((), true));
     }
     let root = dir.join("sid");
     let tmp = dir.join("sid.partial");
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
-    }
-    if root.exists() {
-        fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    for d in [&tmp, &root] {
+        if d.exists() {
+            fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+        }
     }
     let mirror = debian_mirror()?;
-    eprintln!("testenv: debootstrap sid from {mirror} (a few minutes)");
+    eprintln!("testenv: debootstrap sid from {mirror}");
     run(
         Command::new("debootstrap")
             .args([
@@ -262,6 +263,15 @@ fn sid(dir: &Path) -> Result<((), bool)> {
         }
     }
     fs::rename(&tmp, &root)?;
+    fs::write(dir.join(DEBOOTSTRAP_MARKER), "")?;
+    Ok(((), false))
+}
+
+fn sid_check(dir: &Path) -> Result<((), bool)> {
+    if dir.join(SID_MARKER).exists() {
+        return Ok(((), true));
+    }
+    let root = dir.join("sid");
     let cmd = || Env::qemu_command_for(QemuKind::Sid, &root);
     let version = run_text(cmd().arg("-version"), "sid tree QEMU")?;
     let version = version.lines().next().unwrap_or_default().to_string();
