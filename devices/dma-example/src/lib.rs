@@ -1,1 +1,347 @@
-//! dma-example
+//! `dma-example`: a small but real PCI device, in the spirit of QEMU's
+//! `edu`, written as the template for third-party plugins.
+//!
+//! BAR0 is 4 KiB of 32-bit MMIO registers (little-endian):
+//!
+//! | offset | name        | access | meaning |
+//! |-------:|-------------|--------|---------|
+//! | 0x00   | `ID`        | RO     | [`ID_VALUE`] |
+//! | 0x04   | `LIVENESS`  | RW     | reads back the bitwise NOT of what was written |
+//! | 0x08   | `SCRATCH`   | RW     | plain storage |
+//! | 0x20   | `STATUS`    | RO     | bit 0: DMA running |
+//! | 0x24   | `IRQ_STATUS`| RO     | pending interrupt causes; INTx is high while non-zero |
+//! | 0x28   | `IRQ_RAISE` | WO     | sets the written bits in `IRQ_STATUS` |
+//! | 0x2c   | `IRQ_ACK`   | WO     | clears the written bits in `IRQ_STATUS` |
+//! | 0x40   | `DMA_SRC`   | RW     | 64-bit guest-physical source (0x40 low, 0x44 high) |
+//! | 0x48   | `DMA_DST`   | RW     | 64-bit guest-physical destination |
+//! | 0x50   | `DMA_LEN`   | RW     | bytes to copy (at most `max-transfer`) |
+//! | 0x58   | `DMA_CMD`   | RW     | bit 0: start; bit 2: raise [`IRQ_DMA_DONE`] when done |
+//! | 0x5c   | `DMA_RESULT`| RO     | 0 = ok, 1 = DMA error (address not in guest RAM), 2 = too long |
+//!
+//! The copy runs on the device's own worker thread, never inside the BAR
+//! write that starts it: that is how a plugin keeps slow work off the vCPU.
+//!
+//! Settings (the device's TOML table): `max-transfer = 1048576` (bytes).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use abi_stable::std_types::RVec;
+use plugin_api::{BarDesc, BarKind, Device, DeviceDesc, Host, PciIdentity};
+use serde::Deserialize;
+
+pub const VENDOR_ID: u16 = 0x1234;
+pub const DEVICE_ID: u16 = 0x11e9;
+pub const ID_VALUE: u32 = 0xd3a0_0001;
+
+pub const REG_ID: u64 = 0x00;
+pub const REG_LIVENESS: u64 = 0x04;
+pub const REG_SCRATCH: u64 = 0x08;
+pub const REG_STATUS: u64 = 0x20;
+pub const REG_IRQ_STATUS: u64 = 0x24;
+pub const REG_IRQ_RAISE: u64 = 0x28;
+pub const REG_IRQ_ACK: u64 = 0x2c;
+pub const REG_DMA_SRC: u64 = 0x40;
+pub const REG_DMA_DST: u64 = 0x48;
+pub const REG_DMA_LEN: u64 = 0x50;
+pub const REG_DMA_CMD: u64 = 0x58;
+pub const REG_DMA_RESULT: u64 = 0x5c;
+
+pub const DMA_CMD_START: u32 = 1;
+pub const DMA_CMD_IRQ: u32 = 4;
+pub const IRQ_DMA_DONE: u32 = 0x100;
+pub const DMA_OK: u32 = 0;
+pub const DMA_FAULT: u32 = 1;
+pub const DMA_TOO_LONG: u32 = 2;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Settings {
+    #[serde(default = "default_max_transfer")]
+    max_transfer: u32,
+}
+
+fn default_max_transfer() -> u32 {
+    1 << 20
+}
+
+/// Registers shared between the BAR handlers and the DMA worker.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+struct Regs {
+    liveness: u32,
+    scratch: u32,
+    irq_status: u32,
+    dma_src: u64,
+    dma_dst: u64,
+    dma_len: u32,
+    dma_cmd: u32,
+    dma_result: u32,
+}
+
+struct Shared {
+    regs: Mutex<Regs>,
+    busy: AtomicBool,
+    host: Host,
+}
+
+impl Shared {
+    fn regs(&self) -> MutexGuard<'_, Regs> {
+        self.regs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drives INTx from `irq_status`; call with the lock held.
+    fn update_irq(&self, regs: &Regs) {
+        self.host.set_intx(regs.irq_status != 0);
+    }
+}
+
+struct DmaJob {
+    src: u64,
+    dst: u64,
+    len: u32,
+    raise_irq: bool,
+}
+
+/// The device.
+pub struct DmaExample {
+    shared: Arc<Shared>,
+    max_transfer: u32,
+    jobs: Option<Sender<DmaJob>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl DmaExample {
+    /// The constructor `export_plugin!` registers.
+    pub fn create(settings: &str, host: Host) -> Result<Box<dyn Device>, String> {
+        let s: Settings = toml::from_str(settings).map_err(|e| format!("settings: {e}"))?;
+        if s.max_transfer == 0 {
+            return Err("settings: max-transfer must be at least 1".into());
+        }
+        let shared = Arc::new(Shared {
+            regs: Mutex::new(Regs::default()),
+            busy: AtomicBool::new(false),
+            host,
+        });
+        let (tx, rx) = channel::<DmaJob>();
+        let worker_shared = shared.clone();
+        let worker = std::thread::Builder::new()
+            .name("dma-example".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    run_dma(&worker_shared, job);
+                }
+            })
+            .map_err(|e| format!("cannot start DMA worker: {e}"))?;
+        Ok(Box::new(DmaExample {
+            shared,
+            max_transfer: s.max_transfer,
+            jobs: Some(tx),
+            worker: Some(worker),
+        }))
+    }
+
+    fn read_reg(&self, offset: u64) -> u32 {
+        let r = self.shared.regs();
+        match offset {
+            REG_ID => ID_VALUE,
+            REG_LIVENESS => !r.liveness,
+            REG_SCRATCH => r.scratch,
+            REG_STATUS => u32::from(self.shared.busy.load(Ordering::Acquire)),
+            REG_IRQ_STATUS => r.irq_status,
+            REG_DMA_SRC => r.dma_src as u32,
+            0x44 => (r.dma_src >> 32) as u32,
+            REG_DMA_DST => r.dma_dst as u32,
+            0x4c => (r.dma_dst >> 32) as u32,
+            REG_DMA_LEN => r.dma_len,
+            REG_DMA_CMD => r.dma_cmd,
+            REG_DMA_RESULT => r.dma_result,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, value: u32) {
+        let mut r = self.shared.regs();
+        match offset {
+            REG_LIVENESS => r.liveness = value,
+            REG_SCRATCH => r.scratch = value,
+            REG_IRQ_RAISE => {
+                r.irq_status |= value;
+                self.shared.update_irq(&r);
+            }
+            REG_IRQ_ACK => {
+                r.irq_status &= !value;
+                self.shared.update_irq(&r);
+            }
+            REG_DMA_SRC => r.dma_src = (r.dma_src & !0xffff_ffff) | u64::from(value),
+            0x44 => r.dma_src = (r.dma_src & 0xffff_ffff) | u64::from(value) << 32,
+            REG_DMA_DST => r.dma_dst = (r.dma_dst & !0xffff_ffff) | u64::from(value),
+            0x4c => r.dma_dst = (r.dma_dst & 0xffff_ffff) | u64::from(value) << 32,
+            REG_DMA_LEN => r.dma_len = value,
+            REG_DMA_CMD => {
+                r.dma_cmd = value;
+                // A start while a copy runs is ignored, like a busy engine.
+                if value & DMA_CMD_START != 0 && !self.shared.busy.load(Ordering::Acquire) {
+                    let job = DmaJob {
+                        src: r.dma_src,
+                        dst: r.dma_dst,
+                        len: r.dma_len,
+                        raise_irq: value & DMA_CMD_IRQ != 0,
+                    };
+                    if job.len > self.max_transfer {
+                        r.dma_result = DMA_TOO_LONG;
+                        r.dma_cmd &= !DMA_CMD_START;
+                        return;
+                    }
+                    self.shared.busy.store(true, Ordering::Release);
+                    drop(r);
+                    if let Some(tx) = &self.jobs {
+                        if tx.send(job).is_err() {
+                            self.shared.busy.store(false, Ordering::Release);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn run_dma(shared: &Shared, job: DmaJob) {
+    let mut buf = vec![0u8; job.len as usize];
+    let result = shared
+        .host
+        .dma_read(job.src, &mut buf)
+        .and_then(|()| shared.host.dma_write(job.dst, &buf));
+    if let Err(e) = &result {
+        shared.host.warn(&format!("DMA failed: {e}"));
+    }
+    let mut r = shared.regs();
+    r.dma_result = if result.is_ok() { DMA_OK } else { DMA_FAULT };
+    r.dma_cmd &= !DMA_CMD_START;
+    shared.busy.store(false, Ordering::Release);
+    if job.raise_irq {
+        r.irq_status |= IRQ_DMA_DONE;
+        shared.update_irq(&r);
+    }
+}
+
+impl Device for DmaExample {
+    fn describe(&self) -> DeviceDesc {
+        DeviceDesc {
+            identity: PciIdentity {
+                vendor_id: VENDOR_ID,
+                device_id: DEVICE_ID,
+                class_code: 0x00ff00,
+                revision: 1,
+                subsystem_vendor_id: VENDOR_ID,
+                subsystem_id: 0x0001,
+                interrupt_pin: 1,
+            },
+            bars: RVec::from(vec![BarDesc {
+                index: 0,
+                kind: BarKind::Memory32,
+                size: 0x1000,
+                prefetchable: false,
+            }]),
+            capabilities: RVec::new(),
+            msi_vectors: 0,
+        }
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if bar != 0 {
+            return;
+        }
+        // Registers are 32-bit; narrower and wider accesses see the bytes
+        // of the registers they cover.
+        for (i, b) in data.iter_mut().enumerate() {
+            let off = offset + i as u64;
+            let reg = self.read_reg(off & !3);
+            *b = (reg >> ((off & 3) * 8)) as u8;
+        }
+    }
+
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        if bar != 0 || offset % 4 != 0 {
+            return; // only aligned 32/64-bit register writes take effect
+        }
+        for (i, chunk) in data.chunks(4).enumerate() {
+            if let Ok(word) = <[u8; 4]>::try_from(chunk) {
+                self.write_reg(offset + 4 * i as u64, u32::from_le_bytes(word));
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        let mut r = self.shared.regs();
+        *r = Regs::default();
+        self.shared.update_irq(&r);
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+        if self.is_busy() {
+            return Err("cannot save while a DMA is running".into());
+        }
+        let r = *self.shared.regs();
+        let mut out = Vec::with_capacity(48);
+        for v in [r.liveness, r.scratch, r.irq_status] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&r.dma_src.to_le_bytes());
+        out.extend_from_slice(&r.dma_dst.to_le_bytes());
+        for v in [r.dma_len, r.dma_cmd, r.dma_result] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        Ok(out)
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.len() != 40 {
+            return Err(format!("state is {} bytes, expected 40", state.len()));
+        }
+        let u32_at = |o: usize| {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&state[o..o + 4]);
+            u32::from_le_bytes(b)
+        };
+        let u64_at = |o: usize| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
+        let mut r = self.shared.regs();
+        *r = Regs {
+            liveness: u32_at(0),
+            scratch: u32_at(4),
+            irq_status: u32_at(8),
+            dma_src: u64_at(12),
+            dma_dst: u64_at(20),
+            dma_len: u32_at(28),
+            dma_cmd: u32_at(32) & !DMA_CMD_START,
+            dma_result: u32_at(36),
+        };
+        self.shared.update_irq(&r);
+        Ok(())
+    }
+
+    fn is_busy(&self) -> bool {
+        self.shared.busy.load(Ordering::Acquire)
+    }
+
+    fn shutdown(&mut self) {
+        self.jobs = None; // closes the channel: the worker's loop ends
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for DmaExample {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+plugin_api::export_plugin! {
+    name: "dma-example",
+    devices: { "dma-example" => DmaExample::create },
+}

@@ -1,0 +1,161 @@
+//! The example device through the test bench, twice: linked directly (rlib)
+//! and loaded from its `.so` through the ABI checks. The same test bodies
+//! run against both.
+
+use std::time::Duration;
+
+use dma_example::*;
+use plugin_api::harness::{plugin_library_path, PluginSource, TestBench};
+
+fn linked() -> TestBench {
+    TestBench::new(PluginSource::Linked(dma_example::plugin_module()), None, "").unwrap()
+}
+
+fn library() -> TestBench {
+    let path = plugin_library_path("dma-example").unwrap();
+    TestBench::new(PluginSource::Library(path), None, "").unwrap()
+}
+
+/// Runs each test body against both ways of getting the plugin.
+macro_rules! both_ways {
+    ($($name:ident),+ $(,)?) => {
+        mod linked { $( #[test] fn $name() { super::$name(super::linked()) } )+ }
+        mod library { $( #[test] fn $name() { super::$name(super::library()) } )+ }
+    };
+}
+
+both_ways!(
+    identity_and_bar,
+    registers,
+    dma_copies_and_interrupts,
+    dma_fault_is_reported_not_fatal,
+    too_long_dma_is_refused,
+    save_restore_round_trip,
+    reset_clears_state,
+);
+
+fn bar0(tb: &mut TestBench) -> u64 {
+    tb.map_bars();
+    tb.bar_address(0)
+}
+
+fn identity_and_bar(mut tb: TestBench) {
+    assert_eq!(tb.plugin().name, "dma-example");
+    assert_eq!(tb.plugin().kinds, vec!["dma-example".to_string()]);
+    assert_eq!(tb.cfg_read(0x00, 2), u32::from(VENDOR_ID));
+    assert_eq!(tb.cfg_read(0x02, 2), u32::from(DEVICE_ID));
+    assert_eq!(tb.cfg_read(0x09, 4) & 0xff_ffff, 0x00ff00);
+    assert_eq!(tb.cfg_read(0x3d, 1), 1, "INTA");
+    assert_eq!(tb.probe_bars(), vec![(0, 0x1000, false)]);
+    let base = bar0(&mut tb);
+    assert_eq!(base, 0xe000_0000);
+    assert_eq!(tb.mmio_read(base + REG_ID, 4), u64::from(ID_VALUE));
+    // Byte access to the middle of a register sees its bytes.
+    assert_eq!(tb.mmio_read(base + REG_ID + 3, 1), u64::from(ID_VALUE >> 24));
+    // Outside the BAR nothing answers: all-ones.
+    assert_eq!(tb.mmio_read(base + 0x1000, 4), 0xffff_ffff);
+}
+
+fn registers(mut tb: TestBench) {
+    let base = bar0(&mut tb);
+    tb.mmio_write(base + REG_LIVENESS, 4, 0x1234_5678);
+    assert_eq!(tb.mmio_read(base + REG_LIVENESS, 4), u64::from(!0x1234_5678u32));
+    tb.mmio_write(base + REG_SCRATCH, 4, 0xcafe_f00d);
+    assert_eq!(tb.mmio_read(base + REG_SCRATCH, 4), 0xcafe_f00d);
+    // 64-bit access covers two registers.
+    tb.mmio_write(base + REG_DMA_SRC, 8, 0x1_2345_6000);
+    assert_eq!(tb.mmio_read(base + REG_DMA_SRC, 8), 0x1_2345_6000);
+    // Interrupt raise/ack drive the line.
+    tb.mmio_write(base + REG_IRQ_RAISE, 4, 0x1);
+    assert!(tb.irq().level());
+    assert!(tb.irq().eoi(), "still high at EOI: delivered again");
+    tb.mmio_write(base + REG_IRQ_ACK, 4, 0x1);
+    assert!(!tb.irq().level());
+    assert_eq!(tb.irq().history(), vec![true, false]);
+    assert_eq!(tb.irq().deliveries(), 2);
+}
+
+fn dma_copies_and_interrupts(mut tb: TestBench) {
+    let base = bar0(&mut tb);
+    let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    tb.ram().write_all(0x10_0000, &pattern);
+    tb.mmio_write(base + REG_DMA_SRC, 8, 0x10_0000);
+    tb.mmio_write(base + REG_DMA_DST, 8, 0x20_0000);
+    tb.mmio_write(base + REG_DMA_LEN, 4, pattern.len() as u64);
+    tb.mmio_write(base + REG_DMA_CMD, 4, u64::from(DMA_CMD_START | DMA_CMD_IRQ));
+    assert!(tb.irq().wait_for(true, Duration::from_secs(5)), "DMA interrupt");
+    tb.wait_idle(Duration::from_secs(5)).unwrap();
+    assert_eq!(tb.ram().read_vec(0x20_0000, pattern.len()), pattern);
+    assert_eq!(tb.mmio_read(base + REG_DMA_RESULT, 4), u64::from(DMA_OK));
+    assert_eq!(tb.mmio_read(base + REG_IRQ_STATUS, 4), u64::from(IRQ_DMA_DONE));
+    assert_eq!(tb.mmio_read(base + REG_STATUS, 4), 0);
+    tb.mmio_write(base + REG_IRQ_ACK, 4, u64::from(IRQ_DMA_DONE));
+    assert!(!tb.irq().eoi(), "acknowledged: not re-delivered");
+}
+
+fn dma_fault_is_reported_not_fatal(mut tb: TestBench) {
+    let base = bar0(&mut tb);
+    // Source beyond the 16 MiB of guest RAM.
+    tb.mmio_write(base + REG_DMA_SRC, 8, 0x4000_0000);
+    tb.mmio_write(base + REG_DMA_DST, 8, 0x1000);
+    tb.mmio_write(base + REG_DMA_LEN, 4, 16);
+    tb.mmio_write(base + REG_DMA_CMD, 4, u64::from(DMA_CMD_START | DMA_CMD_IRQ));
+    assert!(tb.irq().wait_for(true, Duration::from_secs(5)));
+    tb.wait_idle(Duration::from_secs(5)).unwrap();
+    assert_eq!(tb.mmio_read(base + REG_DMA_RESULT, 4), u64::from(DMA_FAULT));
+    assert_eq!(tb.failure(), None);
+    // Still works afterwards.
+    tb.mmio_write(base + REG_SCRATCH, 4, 7);
+    assert_eq!(tb.mmio_read(base + REG_SCRATCH, 4), 7);
+}
+
+fn too_long_dma_is_refused(mut tb: TestBench) {
+    let base = bar0(&mut tb);
+    tb.mmio_write(base + REG_DMA_LEN, 4, (2 << 20) as u64);
+    tb.mmio_write(base + REG_DMA_CMD, 4, u64::from(DMA_CMD_START));
+    assert_eq!(tb.mmio_read(base + REG_DMA_RESULT, 4), u64::from(DMA_TOO_LONG));
+    assert_eq!(tb.mmio_read(base + REG_STATUS, 4), 0);
+}
+
+fn save_restore_round_trip(mut tb: TestBench) {
+    let base = bar0(&mut tb);
+    tb.mmio_write(base + REG_SCRATCH, 4, 0x55aa);
+    tb.mmio_write(base + REG_DMA_DST, 8, 0xabc_d000);
+    let state = tb.function().save_state().unwrap();
+    tb.mmio_write(base + REG_SCRATCH, 4, 0);
+    tb.function().restore_state(&state).unwrap();
+    assert_eq!(tb.mmio_read(base + REG_SCRATCH, 4), 0x55aa);
+    assert_eq!(tb.mmio_read(base + REG_DMA_DST, 8), 0xabc_d000);
+    assert!(tb.function().restore_state(&state[..3]).is_err());
+}
+
+fn reset_clears_state(mut tb: TestBench) {
+    let base = bar0(&mut tb);
+    tb.mmio_write(base + REG_SCRATCH, 4, 9);
+    tb.mmio_write(base + REG_IRQ_RAISE, 4, 1);
+    tb.function().reset().unwrap();
+    assert!(!tb.irq().level());
+    assert_eq!(tb.cfg_read(0x04, 2), 0, "command register reset");
+    let base = bar0(&mut tb);
+    assert_eq!(tb.mmio_read(base + REG_SCRATCH, 4), 0);
+}
+
+#[test]
+fn bad_settings_are_reported() {
+    let err = TestBench::new(
+        PluginSource::Linked(dma_example::plugin_module()),
+        None,
+        "max-transfr = 3\n",
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("max-transfr"), "{err}");
+    let err = TestBench::new(
+        PluginSource::Linked(dma_example::plugin_module()),
+        Some("nvme"),
+        "",
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("unknown device kind `nvme`"), "{err}");
+}

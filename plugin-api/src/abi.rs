@@ -1,0 +1,215 @@
+//! The types that cross the plugin boundary. Everything here is
+//! `#[repr(C)]`/`StableAbi`; abi_stable checks the layout of all of it when a
+//! plugin is loaded, so a plugin built against another layout is refused
+//! instead of misbehaving.
+//!
+//! Changing anything in this file changes the ABI: bump plugin-api's version.
+//! New trait methods and module fields go after the `last_prefix_field`
+//! markers, which keeps older plugins loadable.
+
+use abi_stable::{
+    declare_root_module_statics,
+    library::RootModule,
+    package_version_strings, sabi_trait,
+    sabi_types::VersionStrings,
+    std_types::{RArc, RBox, ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec},
+    StableAbi,
+};
+
+/// PCI identity of a function.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PciIdentity {
+    pub vendor_id: u16,
+    pub device_id: u16,
+    /// `class << 16 | subclass << 8 | prog_if`.
+    pub class_code: u32,
+    pub revision: u8,
+    pub subsystem_vendor_id: u16,
+    pub subsystem_id: u16,
+    /// 0 = none, 1..=4 = INTA#..INTD#.
+    pub interrupt_pin: u8,
+}
+
+/// What a BAR decodes.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarKind {
+    Io,
+    Memory32,
+    /// Uses this BAR index and the next.
+    Memory64,
+}
+
+/// One BAR of a function.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarDesc {
+    /// 0..=5.
+    pub index: u8,
+    pub kind: BarKind,
+    /// Power of two.
+    pub size: u64,
+    pub prefetchable: bool,
+}
+
+/// A capability in the function's configuration space.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
+pub struct CapabilityDesc {
+    /// Capability ID (e.g. 0x01 power management).
+    pub id: u8,
+    /// Bytes after the two-byte header (ID, next pointer).
+    pub body: RVec<u8>,
+    /// Guest-writable bits of `body` (empty: read-only).
+    pub writable: RVec<u8>,
+}
+
+/// Everything the host needs to present a function to the guest.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
+pub struct DeviceDesc {
+    pub identity: PciIdentity,
+    pub bars: RVec<BarDesc>,
+    pub capabilities: RVec<CapabilityDesc>,
+    /// Number of MSI vectors the device can use (0 today: INTx only).
+    pub msi_vectors: u16,
+}
+
+/// Why a device call failed.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceErrorKind {
+    /// The device panicked during this call; it is now failed.
+    Panicked,
+    /// The device panicked earlier and refuses further work.
+    Failed,
+    /// The request was not valid for this device (bad BAR, bad width...).
+    InvalidAccess,
+    /// The operation is not supported (e.g. save/restore).
+    Unsupported,
+    /// Anything else; see the message.
+    Other,
+}
+
+/// An error returned by a device across the ABI.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
+pub struct DeviceError {
+    pub kind: DeviceErrorKind,
+    pub message: RString,
+}
+
+impl DeviceError {
+    pub fn new(kind: DeviceErrorKind, message: impl Into<String>) -> Self {
+        DeviceError {
+            kind,
+            message: RString::from(message.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for DeviceError {}
+
+/// Log levels a plugin can use.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// A PCI function as the host drives it. Plugin authors do not implement
+/// this directly: they implement [`crate::Device`], and
+/// [`crate::export_plugin!`] wraps it so that no panic crosses the ABI.
+///
+/// Threading: calls on one device never overlap (the host serializes
+/// them), but may come from different threads over time.
+#[sabi_trait]
+pub trait FfiDevice: Send {
+    fn describe(&self) -> DeviceDesc;
+    /// Reads device-specific configuration space (offsets the standard
+    /// header and declared capabilities do not cover).
+    fn config_read(&mut self, offset: u16, data: RSliceMut<'_, u8>) -> RResult<(), DeviceError>;
+    /// Called after every guest configuration write, with the bytes written.
+    fn config_write(&mut self, offset: u16, data: RSlice<'_, u8>) -> RResult<(), DeviceError>;
+    /// A guest read of `data.len()` (1, 2, 4 or 8) bytes at `offset` in BAR `bar`.
+    fn bar_read(&mut self, bar: u8, offset: u64, data: RSliceMut<'_, u8>)
+        -> RResult<(), DeviceError>;
+    /// A guest write at `offset` in BAR `bar`.
+    fn bar_write(&mut self, bar: u8, offset: u64, data: RSlice<'_, u8>) -> RResult<(), DeviceError>;
+    /// Function-level reset.
+    fn reset(&mut self) -> RResult<(), DeviceError>;
+    /// Serializes the device state.
+    fn save_state(&mut self) -> RResult<RVec<u8>, DeviceError>;
+    /// Restores state produced by `save_state`.
+    fn restore_state(&mut self, state: RSlice<'_, u8>) -> RResult<(), DeviceError>;
+    /// Whether background work (started by a BAR access) is still running.
+    fn is_busy(&self) -> bool;
+    /// Stops background work and releases resources; no call follows.
+    fn shutdown(&mut self);
+    /// The failure message once the device has panicked.
+    #[sabi(last_prefix_field)]
+    fn failure(&self) -> ROption<RString>;
+}
+
+/// A device object across the ABI.
+pub type DeviceBox = FfiDevice_TO<'static, RBox<()>>;
+
+/// Services the host gives a device. Callable from any thread, any time,
+/// including the device's own worker threads.
+#[sabi_trait]
+pub trait FfiHost: Send + Sync + Clone {
+    /// Reads guest memory at guest-physical `gpa`. Fails (never faults)
+    /// when the range is not in memory the VMM shared.
+    fn dma_read(&self, gpa: u64, data: RSliceMut<'_, u8>) -> RResult<(), RString>;
+    /// Writes guest memory at `gpa`; same rules as `dma_read`.
+    fn dma_write(&self, gpa: u64, data: RSlice<'_, u8>) -> RResult<(), RString>;
+    /// Sets the level of interrupt `irq`: 0 is the function's INTx pin.
+    /// (Indices from 1 are reserved for MSI vectors.)
+    fn set_irq_level(&self, irq: u32, asserted: bool);
+    /// Writes a log record into the host's log.
+    #[sabi(last_prefix_field)]
+    fn log(&self, level: LogLevel, message: RStr<'_>);
+}
+
+/// Host services across the ABI.
+pub type HostBox = FfiHost_TO<'static, RArc<()>>;
+
+/// The root module a plugin library exports.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginModuleRef)))]
+#[sabi(missing_field(panic))]
+pub struct PluginModule {
+    /// The plugin's name, e.g. "lsi53c895a".
+    pub name: extern "C" fn() -> RStr<'static>,
+    /// The plugin's own version (its crate version).
+    pub version: extern "C" fn() -> RStr<'static>,
+    /// Device kinds this plugin can create.
+    pub device_kinds: extern "C" fn() -> RVec<RStr<'static>>,
+    /// Creates a device of `kind` from its TOML settings.
+    #[sabi(last_prefix_field)]
+    pub create_device:
+        extern "C" fn(kind: RStr<'_>, settings: RStr<'_>, host: HostBox) -> RResult<DeviceBox, RString>,
+}
+
+impl RootModule for PluginModuleRef {
+    declare_root_module_statics! {PluginModuleRef}
+    const BASE_NAME: &'static str = "device_plugin";
+    const NAME: &'static str = "device_plugin";
+    /// plugin-api's own version: the ABI version.
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
+
+/// The ABI version this build of plugin-api speaks.
+pub const ABI_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,237 @@
+//! The plain-Rust device trait plugin authors implement, and the guard that
+//! turns it into an ABI object without ever letting a panic cross.
+//!
+//! abi_stable aborts the whole process when a panic reaches an `extern "C"`
+//! boundary. A device bug must cost one device, not the remote-host and
+//! every other device in it, so every call into author code goes through
+//! `catch_unwind` here; after a panic the device is marked failed and every
+//! later call returns [`DeviceErrorKind::Failed`].
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use abi_stable::{
+    sabi_trait::TD_Opaque,
+    std_types::{RErr, ROk, ROption, RResult, RSlice, RSliceMut, RString, RVec},
+};
+
+use crate::abi::{DeviceBox, DeviceDesc, DeviceError, DeviceErrorKind, FfiDevice, FfiDevice_TO};
+use crate::host::Host;
+
+/// A PCI function implemented by a plugin. A plain struct with no knowledge
+/// of sockets, processes or threads: the host calls these methods one at a
+/// time.
+///
+/// Rules (see the crate docs for the whole threading model):
+/// - BAR and config accesses must return promptly; slow work (disk I/O)
+///   goes to a thread the device starts, which completes it and raises the
+///   interrupt through [`Host`].
+/// - `shutdown` must stop and join any thread the device started.
+/// - Guest-controlled values must never cause a panic; but if one happens,
+///   the guard contains it.
+pub trait Device: Send + 'static {
+    /// Identity, BARs and capabilities. Called once after creation.
+    fn describe(&self) -> DeviceDesc;
+
+    /// Device-specific configuration reads (beyond the standard header and
+    /// declared capabilities). Default: zeros.
+    fn config_read(&mut self, _offset: u16, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    /// Notification of a guest configuration write, after the host applied
+    /// it to the standard header.
+    fn config_write(&mut self, _offset: u16, _data: &[u8]) {}
+
+    /// A guest read in BAR `bar`. `data.len()` is 1, 2, 4 or 8.
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]);
+
+    /// A guest write in BAR `bar`.
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]);
+
+    /// Function-level reset.
+    fn reset(&mut self);
+
+    /// Serializes the device state (for snapshots and restarts).
+    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+        Err("this device does not support saving its state".into())
+    }
+
+    /// Restores state from `save_state`.
+    fn restore_state(&mut self, _state: &[u8]) -> Result<(), String> {
+        Err("this device does not support restoring its state".into())
+    }
+
+    /// Whether background work is still running.
+    fn is_busy(&self) -> bool {
+        false
+    }
+
+    /// Stops background work; no call follows.
+    fn shutdown(&mut self) {}
+}
+
+/// Constructor of one device kind: settings TOML text and host services in,
+/// device or error message out.
+pub type DeviceConstructor = fn(&str, Host) -> Result<Box<dyn Device>, String>;
+
+/// Wraps `device` as an ABI object whose every call is panic-guarded.
+pub fn into_ffi(device: Box<dyn Device>) -> DeviceBox {
+    FfiDevice_TO::from_value(Guarded::new(device), TD_Opaque)
+}
+
+/// Looks `kind` up in `kinds`, runs its constructor with panics caught, and
+/// wraps the result. Used by [`crate::export_plugin!`].
+pub fn create_guarded(
+    kinds: &[(&str, DeviceConstructor)],
+    kind: &str,
+    settings: &str,
+    host: Host,
+) -> Result<DeviceBox, String> {
+    let Some((_, ctor)) = kinds.iter().find(|(k, _)| *k == kind) else {
+        let known: Vec<&str> = kinds.iter().map(|(k, _)| *k).collect();
+        return Err(format!(
+            "unknown device kind `{kind}` (this plugin provides: {})",
+            known.join(", ")
+        ));
+    };
+    match catch_unwind(AssertUnwindSafe(|| ctor(settings, host))) {
+        Ok(Ok(dev)) => Ok(into_ffi(dev)),
+        Ok(Err(msg)) => Err(msg),
+        Err(payload) => Err(format!(
+            "device constructor panicked: {}",
+            panic_message(payload.as_ref())
+        )),
+    }
+}
+
+/// Text of a panic payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_owned()
+    }
+}
+
+struct Guarded {
+    inner: Box<dyn Device>,
+    failed: Option<String>,
+}
+
+impl Guarded {
+    fn new(inner: Box<dyn Device>) -> Self {
+        Guarded {
+            inner,
+            failed: None,
+        }
+    }
+
+    /// Runs `f` on the device unless it has failed; a panic marks it failed.
+    fn call<T>(&mut self, what: &str, f: impl FnOnce(&mut dyn Device) -> T) -> Result<T, DeviceError> {
+        if let Some(msg) = &self.failed {
+            return Err(DeviceError::new(DeviceErrorKind::Failed, msg.clone()));
+        }
+        let inner = &mut self.inner;
+        match catch_unwind(AssertUnwindSafe(|| f(inner.as_mut()))) {
+            Ok(v) => Ok(v),
+            Err(payload) => {
+                let msg = format!("device panicked in {what}: {}", panic_message(payload.as_ref()));
+                self.failed = Some(msg.clone());
+                Err(DeviceError::new(DeviceErrorKind::Panicked, msg))
+            }
+        }
+    }
+}
+
+fn to_r<T>(r: Result<T, DeviceError>) -> RResult<T, DeviceError> {
+    match r {
+        Ok(v) => ROk(v),
+        Err(e) => RErr(e),
+    }
+}
+
+fn check_width(len: usize) -> Result<(), DeviceError> {
+    if matches!(len, 1 | 2 | 4 | 8) {
+        Ok(())
+    } else {
+        Err(DeviceError::new(
+            DeviceErrorKind::InvalidAccess,
+            format!("BAR access of {len} bytes (must be 1, 2, 4 or 8)"),
+        ))
+    }
+}
+
+impl FfiDevice for Guarded {
+    fn describe(&self) -> DeviceDesc {
+        // `describe` takes `&self` and is called once; a panic here is
+        // reported as a device with no BARs and the failure recorded.
+        match catch_unwind(AssertUnwindSafe(|| self.inner.describe())) {
+            Ok(d) => d,
+            Err(_) => DeviceDesc {
+                identity: Default::default(),
+                bars: RVec::new(),
+                capabilities: RVec::new(),
+                msi_vectors: 0,
+            },
+        }
+    }
+
+    fn config_read(&mut self, offset: u16, mut data: RSliceMut<'_, u8>) -> RResult<(), DeviceError> {
+        to_r(self.call("config_read", |d| d.config_read(offset, &mut data)))
+    }
+
+    fn config_write(&mut self, offset: u16, data: RSlice<'_, u8>) -> RResult<(), DeviceError> {
+        to_r(self.call("config_write", |d| d.config_write(offset, &data)))
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), DeviceError> {
+        if let Err(e) = check_width(data.len()) {
+            return RErr(e);
+        }
+        to_r(self.call("bar_read", |d| d.bar_read(bar, offset, &mut data)))
+    }
+
+    fn bar_write(&mut self, bar: u8, offset: u64, data: RSlice<'_, u8>) -> RResult<(), DeviceError> {
+        if let Err(e) = check_width(data.len()) {
+            return RErr(e);
+        }
+        to_r(self.call("bar_write", |d| d.bar_write(bar, offset, &data)))
+    }
+
+    fn reset(&mut self) -> RResult<(), DeviceError> {
+        to_r(self.call("reset", |d| d.reset()))
+    }
+
+    fn save_state(&mut self) -> RResult<RVec<u8>, DeviceError> {
+        let r = self.call("save_state", |d| d.save_state()).and_then(|r| {
+            r.map(RVec::from)
+                .map_err(|m| DeviceError::new(DeviceErrorKind::Unsupported, m))
+        });
+        to_r(r)
+    }
+
+    fn restore_state(&mut self, state: RSlice<'_, u8>) -> RResult<(), DeviceError> {
+        let r = self
+            .call("restore_state", |d| d.restore_state(&state))
+            .and_then(|r| r.map_err(|m| DeviceError::new(DeviceErrorKind::Other, m)));
+        to_r(r)
+    }
+
+    fn is_busy(&self) -> bool {
+        self.failed.is_none()
+            && catch_unwind(AssertUnwindSafe(|| self.inner.is_busy())).unwrap_or(false)
+    }
+
+    fn shutdown(&mut self) {
+        // A failed device may be in any state; still let it try to stop
+        // its threads, but contain a second panic.
+        let inner = &mut self.inner;
+        let _ = catch_unwind(AssertUnwindSafe(|| inner.shutdown()));
+    }
+
+    fn failure(&self) -> ROption<RString> {
+        self.failed.clone().map(RString::from).into()
+    }
+}

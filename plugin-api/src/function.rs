@@ -1,0 +1,256 @@
+//! A loaded device joined with its configuration space: the PCI function
+//! as a host serves it (remote-host, the VMM in-process, the harness).
+//!
+//! The standard header and declared capabilities live in the shared
+//! [`pci::ConfigSpace`] helper; the device sees config writes as
+//! notifications and answers reads of its device-specific area.
+
+use std::sync::Arc;
+
+use abi_stable::{
+    sabi_trait::TD_Opaque,
+    std_types::{RArc, RErr, ROk, RResult, RSlice, RSliceMut, RStr, RString},
+};
+use pci::{BarSpec, BarType, ConfigSpace, ConfigWriteEffect, Identity};
+
+use crate::abi::{
+    BarKind, DeviceBox, DeviceDesc, DeviceError, FfiHost, FfiHost_TO, HostBox, LogLevel,
+};
+use crate::loader::LoadedPlugin;
+
+/// Guest memory as a host exposes it to DMA.
+pub trait GuestMemory: Send + Sync + 'static {
+    /// Reads `data.len()` bytes at `gpa`; the whole range must be shared.
+    fn read(&self, gpa: u64, data: &mut [u8]) -> Result<(), String>;
+    /// Writes `data` at `gpa`; the whole range must be shared.
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+}
+
+/// Where a device's interrupt levels go (irqfd, recorder, ...).
+pub trait IrqSink: Send + Sync + 'static {
+    fn set_level(&self, irq: u32, asserted: bool);
+}
+
+/// The host services object handed to a device.
+#[derive(Clone)]
+pub struct Services {
+    memory: Arc<dyn GuestMemory>,
+    irq: Arc<dyn IrqSink>,
+    device_id: Arc<str>,
+}
+
+impl Services {
+    pub fn new(device_id: &str, memory: Arc<dyn GuestMemory>, irq: Arc<dyn IrqSink>) -> Self {
+        Services {
+            memory,
+            irq,
+            device_id: Arc::from(device_id),
+        }
+    }
+
+    /// As an ABI object.
+    pub fn into_ffi(self) -> HostBox {
+        FfiHost_TO::from_ptr(RArc::new(self), TD_Opaque)
+    }
+}
+
+impl FfiHost for Services {
+    fn dma_read(&self, gpa: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), RString> {
+        match self.memory.read(gpa, &mut data) {
+            Ok(()) => ROk(()),
+            Err(e) => RErr(e.into()),
+        }
+    }
+
+    fn dma_write(&self, gpa: u64, data: RSlice<'_, u8>) -> RResult<(), RString> {
+        match self.memory.write(gpa, &data) {
+            Ok(()) => ROk(()),
+            Err(e) => RErr(e.into()),
+        }
+    }
+
+    fn set_irq_level(&self, irq: u32, asserted: bool) {
+        self.irq.set_level(irq, asserted);
+    }
+
+    fn log(&self, level: LogLevel, message: RStr<'_>) {
+        let id = &*self.device_id;
+        let message = message.as_str();
+        match level {
+            LogLevel::Error => tracing::error!(device = id, "{message}"),
+            LogLevel::Warn => tracing::warn!(device = id, "{message}"),
+            LogLevel::Info => tracing::info!(device = id, "{message}"),
+            LogLevel::Debug => tracing::debug!(device = id, "{message}"),
+            LogLevel::Trace => tracing::trace!(device = id, "{message}"),
+        }
+    }
+}
+
+/// Creates device `kind` of `plugin` (the plugin's only kind when `None`).
+pub fn create_device(
+    plugin: &LoadedPlugin,
+    kind: Option<&str>,
+    settings: &str,
+    services: Services,
+) -> Result<DeviceBox, String> {
+    let kind = match kind {
+        Some(k) => k.to_owned(),
+        None => match plugin.kinds.as_slice() {
+            [only] => only.clone(),
+            kinds => {
+                return Err(format!(
+                    "plugin `{}` provides several device kinds ({}); say which with `kind`",
+                    plugin.name,
+                    kinds.join(", ")
+                ))
+            }
+        },
+    };
+    plugin.module.create_device()(
+        RStr::from_str(&kind),
+        RStr::from_str(settings),
+        services.into_ffi(),
+    )
+    .into_result()
+    .map_err(|e| format!("plugin `{}`: {}", plugin.name, e))
+}
+
+/// A device plus its configuration space.
+pub struct PciFunction {
+    device: DeviceBox,
+    config: ConfigSpace,
+    desc: DeviceDesc,
+}
+
+impl PciFunction {
+    /// Builds the configuration space from the device's description.
+    pub fn new(device: DeviceBox) -> Result<Self, String> {
+        let desc = device.describe();
+        if let Some(msg) = device.failure().into_option() {
+            return Err(msg.into_string());
+        }
+        let id = desc.identity;
+        let mut config = ConfigSpace::new(Identity {
+            vendor_id: id.vendor_id,
+            device_id: id.device_id,
+            class_code: id.class_code,
+            revision: id.revision,
+            subsystem_vendor_id: id.subsystem_vendor_id,
+            subsystem_id: id.subsystem_id,
+            interrupt_pin: id.interrupt_pin,
+        });
+        for bar in desc.bars.iter() {
+            let spec = BarSpec {
+                bar_type: match bar.kind {
+                    BarKind::Io => BarType::Io,
+                    BarKind::Memory32 => BarType::Memory32,
+                    BarKind::Memory64 => BarType::Memory64,
+                },
+                size: bar.size,
+                prefetchable: bar.prefetchable,
+            };
+            config
+                .add_bar(usize::from(bar.index), spec)
+                .map_err(|e| format!("device description: {e}"))?;
+        }
+        for cap in desc.capabilities.iter() {
+            config
+                .add_capability(cap.id, &cap.body, &cap.writable)
+                .map_err(|e| format!("device description: {e}"))?;
+        }
+        Ok(PciFunction {
+            device,
+            config,
+            desc,
+        })
+    }
+
+    pub fn description(&self) -> &DeviceDesc {
+        &self.desc
+    }
+
+    pub fn config(&self) -> &ConfigSpace {
+        &self.config
+    }
+
+    /// A guest configuration read.
+    pub fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        for i in 0..data.len() {
+            let off = offset + i;
+            if self.config.is_modelled(off) || off >= pci::CONFIG_SPACE_SIZE {
+                self.config.read(off, &mut data[i..=i]);
+            } else {
+                let Ok(off16) = u16::try_from(off) else {
+                    data[i] = 0xff;
+                    continue;
+                };
+                if self
+                    .device
+                    .config_read(off16, RSliceMut::from_mut_slice(&mut data[i..=i]))
+                    .is_err()
+                {
+                    data[i] = 0xff;
+                }
+            }
+        }
+    }
+
+    /// A guest configuration write. Returns what moved.
+    pub fn config_write(&mut self, offset: usize, data: &[u8]) -> ConfigWriteEffect {
+        let effect = self.config.write(offset, data);
+        if let Ok(off16) = u16::try_from(offset) {
+            // The device's error (e.g. failed) is visible through `failure`.
+            let _ = self.device.config_write(off16, RSlice::from_slice(data));
+        }
+        effect
+    }
+
+    /// A read at `offset` in BAR `bar`; a failed device reads all-ones.
+    pub fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        let r = self
+            .device
+            .bar_read(bar, offset, RSliceMut::from_mut_slice(data))
+            .into_result();
+        if r.is_err() {
+            data.fill(0xff);
+        }
+        r
+    }
+
+    /// A write at `offset` in BAR `bar`.
+    pub fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.device
+            .bar_write(bar, offset, RSlice::from_slice(data))
+            .into_result()
+    }
+
+    /// Function-level reset of device and configuration space.
+    pub fn reset(&mut self) -> Result<(), DeviceError> {
+        self.config.reset();
+        self.device.reset().into_result()
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.device.is_busy()
+    }
+
+    /// The device's failure message once it panicked.
+    pub fn failure(&self) -> Option<String> {
+        self.device.failure().into_option().map(RString::into_string)
+    }
+
+    pub fn save_state(&mut self) -> Result<Vec<u8>, DeviceError> {
+        self.device.save_state().into_result().map(|v| v.into_vec())
+    }
+
+    pub fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceError> {
+        self.device
+            .restore_state(RSlice::from_slice(state))
+            .into_result()
+    }
+
+    /// Orderly shutdown of the device.
+    pub fn shutdown(&mut self) {
+        self.device.shutdown();
+    }
+}

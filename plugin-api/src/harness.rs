@@ -1,0 +1,398 @@
+//! A per-device test bench in the spirit of QEMU's qtest: no VM, no
+//! processes; a plugin's device with guest RAM, configuration accesses as a
+//! guest makes them, BAR sizing and placement, MMIO/PIO, and an interrupt
+//! line that records its history.
+//!
+//! The same test can run against a plugin linked directly (its rlib's
+//! `plugin_module()`) and against its `.so` loaded through the ABI:
+//!
+//! ```ignore
+//! for source in [PluginSource::Linked(dma_example::plugin_module()),
+//!                PluginSource::Library(plugin_library_path("dma-example")?)] {
+//!     let mut tb = TestBench::new(source, None, "")?;
+//!     tb.map_bars();
+//!     tb.mmio_write(tb.bar_address(0) + 0x08, 4, 0x1234);
+//! }
+//! ```
+
+#![allow(clippy::panic)] // test helpers report misuse by panicking, as assertions do
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use pci::{command, regs, BarType};
+
+use crate::abi::PluginModuleRef;
+use crate::function::{create_device, GuestMemory, IrqSink, PciFunction, Services};
+use crate::loader::{load_path, LoadedPlugin};
+
+/// Where the bench gets the plugin from.
+pub enum PluginSource {
+    /// Linked into the test binary (the plugin's rlib).
+    Linked(PluginModuleRef),
+    /// Loaded from a shared library through the ABI checks.
+    Library(PathBuf),
+}
+
+/// Guest RAM of the bench: `size` bytes at guest-physical 0.
+pub struct Ram {
+    bytes: Mutex<Vec<u8>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking test thread must not poison the bench for the rest.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Ram {
+    fn range(&self, gpa: u64, len: usize) -> Result<std::ops::Range<usize>, String> {
+        let size = lock(&self.bytes).len();
+        let start = usize::try_from(gpa).map_err(|_| format!("DMA at {gpa:#x}: outside RAM"))?;
+        match start.checked_add(len) {
+            Some(end) if end <= size => Ok(start..end),
+            _ => Err(format!(
+                "DMA of {len} bytes at {gpa:#x} is outside guest RAM (0..{size:#x})"
+            )),
+        }
+    }
+
+    /// Copies guest RAM at `gpa` into a vector.
+    pub fn read_vec(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        if let Err(e) = GuestMemory::read(self, gpa, &mut v) {
+            panic!("test bench RAM read: {e}");
+        }
+        v
+    }
+
+    /// Writes `data` into guest RAM at `gpa`.
+    pub fn write_all(&self, gpa: u64, data: &[u8]) {
+        if let Err(e) = GuestMemory::write(self, gpa, data) {
+            panic!("test bench RAM write: {e}");
+        }
+    }
+}
+
+impl GuestMemory for Ram {
+    fn read(&self, gpa: u64, data: &mut [u8]) -> Result<(), String> {
+        let r = self.range(gpa, data.len())?;
+        data.copy_from_slice(&lock(&self.bytes)[r]);
+        Ok(())
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        let r = self.range(gpa, data.len())?;
+        lock(&self.bytes)[r].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct IrqState {
+    level: bool,
+    /// Every level the device set, in order (repeats included).
+    history: Vec<bool>,
+    /// Interrupts the guest would have taken: rising edges, plus
+    /// re-deliveries at EOI while the line stays high.
+    deliveries: usize,
+}
+
+/// The INTx line as KVM's irqfd + resample would present it.
+#[derive(Default)]
+pub struct IrqLine {
+    state: Mutex<IrqState>,
+    changed: Condvar,
+}
+
+impl IrqSink for IrqLine {
+    fn set_level(&self, irq: u32, asserted: bool) {
+        if irq != 0 {
+            return;
+        }
+        let mut s = lock(&self.state);
+        if asserted && !s.level {
+            s.deliveries += 1;
+        }
+        s.level = asserted;
+        s.history.push(asserted);
+        self.changed.notify_all();
+    }
+}
+
+impl IrqLine {
+    /// Current level.
+    pub fn level(&self) -> bool {
+        lock(&self.state).level
+    }
+
+    /// Every level set so far.
+    pub fn history(&self) -> Vec<bool> {
+        lock(&self.state).history.clone()
+    }
+
+    /// Interrupts delivered so far.
+    pub fn deliveries(&self) -> usize {
+        lock(&self.state).deliveries
+    }
+
+    /// Forgets the history (not the level).
+    pub fn clear_history(&self) {
+        let mut s = lock(&self.state);
+        s.history.clear();
+        s.deliveries = 0;
+    }
+
+    /// End of interrupt: like KVM's resample, a line still high is
+    /// delivered again. Returns whether it was.
+    pub fn eoi(&self) -> bool {
+        let mut s = lock(&self.state);
+        if s.level {
+            s.deliveries += 1;
+        }
+        s.level
+    }
+
+    /// Waits until the level is `level`, at most `timeout`.
+    pub fn wait_for(&self, level: bool, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = lock(&self.state);
+        while s.level != level {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = match self.changed.wait_timeout(s, deadline - now) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        true
+    }
+}
+
+/// A device under test.
+pub struct TestBench {
+    function: PciFunction,
+    ram: Arc<Ram>,
+    irq: Arc<IrqLine>,
+    plugin: LoadedPlugin,
+}
+
+/// Guest RAM size of a bench.
+pub const BENCH_RAM_SIZE: usize = 16 << 20;
+
+impl TestBench {
+    /// Creates device `kind` (or the plugin's only kind) with `settings`
+    /// (TOML text) and 16 MiB of guest RAM at address 0.
+    pub fn new(source: PluginSource, kind: Option<&str>, settings: &str) -> Result<Self, String> {
+        let plugin = match source {
+            PluginSource::Linked(m) => LoadedPlugin::linked(m),
+            PluginSource::Library(p) => load_path(&p).map_err(|e| e.to_string())?,
+        };
+        let ram = Arc::new(Ram {
+            bytes: Mutex::new(vec![0; BENCH_RAM_SIZE]),
+        });
+        let irq = Arc::new(IrqLine::default());
+        let services = Services::new("bench", ram.clone(), irq.clone());
+        let device = create_device(&plugin, kind, settings, services)?;
+        let function = PciFunction::new(device)?;
+        Ok(TestBench {
+            function,
+            ram,
+            irq,
+            plugin,
+        })
+    }
+
+    pub fn plugin(&self) -> &LoadedPlugin {
+        &self.plugin
+    }
+
+    pub fn ram(&self) -> &Ram {
+        &self.ram
+    }
+
+    pub fn irq(&self) -> &IrqLine {
+        &self.irq
+    }
+
+    pub fn function(&mut self) -> &mut PciFunction {
+        &mut self.function
+    }
+
+    pub fn cfg_read(&mut self, offset: usize, len: usize) -> u32 {
+        let mut b = [0u8; 4];
+        let len = len.min(4);
+        self.function.config_read(offset, &mut b[..len]);
+        u32::from_le_bytes(b)
+    }
+
+    pub fn cfg_write(&mut self, offset: usize, len: usize, value: u32) {
+        let b = value.to_le_bytes();
+        self.function.config_write(offset, &b[..len.min(4)]);
+    }
+
+    /// Sizes every BAR as firmware does (write all-ones, read back,
+    /// restore): `(index, size, is_io)` for each implemented BAR.
+    pub fn probe_bars(&mut self) -> Vec<(usize, u64, bool)> {
+        let mut found = Vec::new();
+        let mut i = 0;
+        while i < 6 {
+            let off = regs::BAR0 + i * 4;
+            let orig = self.cfg_read(off, 4);
+            self.cfg_write(off, 4, 0xffff_ffff);
+            let v = self.cfg_read(off, 4);
+            self.cfg_write(off, 4, orig);
+            if v == 0 {
+                i += 1;
+                continue;
+            }
+            let is_io = v & 1 == 1;
+            let is64 = !is_io && (v >> 1) & 3 == 2;
+            let mut mask = u64::from(v & if is_io { !0x3 } else { !0xf });
+            if is64 {
+                let hi_off = off + 4;
+                let orig_hi = self.cfg_read(hi_off, 4);
+                self.cfg_write(hi_off, 4, 0xffff_ffff);
+                mask |= u64::from(self.cfg_read(hi_off, 4)) << 32;
+                self.cfg_write(hi_off, 4, orig_hi);
+            } else {
+                mask |= 0xffff_ffff_0000_0000;
+            }
+            if is_io {
+                mask |= 0xffff_0000;
+            }
+            found.push((i, (!mask).wrapping_add(1), is_io));
+            i += if is64 { 2 } else { 1 };
+        }
+        found
+    }
+
+    /// Places every BAR the way firmware would (I/O from 0xc000, memory
+    /// from 0xe000_0000, each aligned to its size) and enables I/O,
+    /// memory decoding and bus mastering.
+    pub fn map_bars(&mut self) {
+        let mut next_io: u64 = 0xc000;
+        let mut next_mem: u64 = 0xe000_0000;
+        for (i, size, is_io) in self.probe_bars() {
+            let next = if is_io { &mut next_io } else { &mut next_mem };
+            let base = next.next_multiple_of(size);
+            *next = base + size;
+            self.map_bar(i, base);
+        }
+        let cmd = command::IO_SPACE | command::MEMORY_SPACE | command::BUS_MASTER;
+        self.cfg_write(regs::COMMAND, 2, u32::from(cmd));
+    }
+
+    /// Programs BAR `index` to `base` (both halves of a 64-bit BAR).
+    pub fn map_bar(&mut self, index: usize, base: u64) {
+        let off = regs::BAR0 + index * 4;
+        self.cfg_write(off, 4, base as u32);
+        if self
+            .function
+            .config()
+            .bar_spec(index)
+            .is_some_and(|s| s.bar_type == BarType::Memory64)
+        {
+            self.cfg_write(off + 4, 4, (base >> 32) as u32);
+        }
+    }
+
+    /// The guest address of BAR `index`.
+    pub fn bar_address(&self, index: usize) -> u64 {
+        self.function.config().bar_base(index).unwrap_or(0)
+    }
+
+    fn access(&mut self, io: bool, addr: u64, data: &mut [u8], write: bool) {
+        let Some(region) = self.function.config().decode(io, addr, data.len() as u64) else {
+            if !write {
+                data.fill(0xff); // nothing decodes it: master abort
+            }
+            return;
+        };
+        let bar = region.index as u8;
+        // Errors (a failed device) read as all-ones, as the VMM serves them.
+        if write {
+            let _ = self.function.bar_write(bar, region.offset, data);
+        } else {
+            let _ = self.function.bar_read(bar, region.offset, data);
+        }
+    }
+
+    pub fn mmio_read(&mut self, addr: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        self.access(false, addr, &mut b[..len.min(8)], false);
+        u64::from_le_bytes(b)
+    }
+
+    pub fn mmio_write(&mut self, addr: u64, len: usize, value: u64) {
+        let mut b = value.to_le_bytes();
+        self.access(false, addr, &mut b[..len.min(8)], true);
+    }
+
+    pub fn pio_read(&mut self, port: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        self.access(true, port, &mut b[..len.min(4)], false);
+        u64::from_le_bytes(b)
+    }
+
+    pub fn pio_write(&mut self, port: u64, len: usize, value: u64) {
+        let mut b = value.to_le_bytes();
+        self.access(true, port, &mut b[..len.min(4)], true);
+    }
+
+    /// Waits until the device's background work is done.
+    pub fn wait_idle(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while self.function.is_busy() {
+            if Instant::now() >= deadline {
+                return Err(format!("device still busy after {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    /// The device's failure message, once it panicked.
+    pub fn failure(&self) -> Option<String> {
+        self.function.failure()
+    }
+}
+
+impl Drop for TestBench {
+    fn drop(&mut self) {
+        self.function.shutdown();
+    }
+}
+
+/// Path of the shared library of plugin `name` built in this workspace's
+/// target directory (found from the running test executable:
+/// `target/<profile>/deps/<test>` → `target/<profile>/lib<name>.so`).
+/// `cargo test` does not build cdylibs by itself; build them first
+/// (`cargo build --workspace`, as `scripts/test` does).
+pub fn plugin_library_path(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let file = crate::loader::library_file_name(name);
+    let mut tried = Vec::new();
+    let mut dir: Option<&Path> = exe.parent();
+    while let Some(d) = dir {
+        let candidate = d.join(&file);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        tried.push(candidate);
+        if d.file_name().is_some_and(|n| n == "target") {
+            break;
+        }
+        dir = d.parent();
+    }
+    Err(format!(
+        "plugin library {file} not built (looked at {}); run `cargo build --workspace` first",
+        tried
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
