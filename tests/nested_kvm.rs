@@ -29,7 +29,8 @@ fn nested_kvm_smoke() {
     );
     assert_eq!(r.status, 0, "kvm-smoke failed in L1:\n{}", r.output);
     assert!(
-        r.output.contains("kvm-smoke: OK: 100 run(s)") && r.output.contains("IoOut(0x1234, 0x5a), Hlt"),
+        r.output.contains("kvm-smoke: OK: 100 run(s)")
+            && r.output.contains("IoOut(0x1234, 0x5a), Hlt"),
         "kvm-smoke did not report the expected exits:\n{}",
         r.output
     );

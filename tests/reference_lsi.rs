@@ -140,5 +140,8 @@ dmesg | grep -e 'sym[0-9]' -e 'scsi host' -e 'sd 0:'
     assert_eq!(read, host_data(), "guest read different host data");
 
     fs::remove_dir_all(&dir).ok();
-    eprintln!("reference_lsi: passed in {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "reference_lsi: passed in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 }

@@ -18,8 +18,7 @@ pub fn describe(cmd: &Command) -> String {
 pub fn shell_quote(word: &OsStr) -> String {
     let w = word.to_string_lossy();
     if !w.is_empty()
-        && w
-            .chars()
+        && w.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
     {
         w.into_owned()

@@ -39,7 +39,14 @@ impl<W: Write> CpioWriter<W> {
         Ok(())
     }
 
-    fn raw(&mut self, name: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) -> io::Result<()> {
+    fn raw(
+        &mut self,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> io::Result<()> {
         let size = u32::try_from(data.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cpio entry too large"))?;
         let ino = if name == "TRAILER!!!" { 0 } else { self.ino };

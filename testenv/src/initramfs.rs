@@ -125,7 +125,17 @@ pub fn build(env: &Env, spec: &InitramfsSpec, out: &Path) -> Result<Vec<PathBuf>
     }
     let file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut w = CpioWriter::new(BufWriter::new(file));
-    for d in ["dev", "proc", "sys", "tmp", "run", "mnt", "root", "etc/testenv", "lib/modules"] {
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "run",
+        "mnt",
+        "root",
+        "etc/testenv",
+        "lib/modules",
+    ] {
         w.dir(d)?;
     }
     w.char_dev("dev/console", 0o600, 5, 1)?;

@@ -108,7 +108,12 @@ impl Env {
             let p = dir.join(m);
             fs::read_to_string(&p)
                 .map(|s| s.trim().to_string())
-                .with_context(|| format!("{} missing (run `cargo run -p testenv -- prepare`)", p.display()))
+                .with_context(|| {
+                    format!(
+                        "{} missing (run `cargo run -p testenv -- prepare`)",
+                        p.display()
+                    )
+                })
         };
         let kernel_version = marker(prepare::KERNEL_MARKER)?;
         marker(prepare::BUSYBOX_MARKER)?;
@@ -124,7 +129,10 @@ impl Env {
         };
         for p in [&env.kernel, &env.modules_dir, &env.busybox, &env.sid_root] {
             if !p.exists() {
-                bail!("{} missing (run `cargo run -p testenv -- prepare`)", p.display());
+                bail!(
+                    "{} missing (run `cargo run -p testenv -- prepare`)",
+                    p.display()
+                );
             }
         }
         Ok(env)

@@ -97,7 +97,9 @@ enum Cmd {
 
 fn spec(j: &JobArgs) -> Result<InitramfsSpec> {
     let job = match (&j.job, &j.script) {
-        (Some(f), _) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (Some(f), _) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
         (None, Some(s)) => s.clone(),
         (None, None) => "echo hello from the guest; uname -a".into(),
     };
@@ -110,7 +112,11 @@ fn spec(j: &JobArgs) -> Result<InitramfsSpec> {
         }
     }
     let mut s = InitramfsSpec::new(&modules, &job);
-    s.order = if j.exact { ModuleOrder::Exact } else { ModuleOrder::ResolveDeps };
+    s.order = if j.exact {
+        ModuleOrder::Exact
+    } else {
+        ModuleOrder::ResolveDeps
+    };
     s.verbose_kernel = j.verbose_kernel;
     Ok(s)
 }
@@ -157,7 +163,11 @@ fn main() -> Result<()> {
             let t = std::time::Instant::now();
             let r = env.run_job(&spec(&job)?, &opts)?;
             print!("{}", if console { &r.console } else { &r.output });
-            eprintln!("testenv: job status {} after {:.1} s", r.status, t.elapsed().as_secs_f64());
+            eprintln!(
+                "testenv: job status {} after {:.1} s",
+                r.status,
+                t.elapsed().as_secs_f64()
+            );
             std::process::exit(r.status);
         }
         Cmd::Nested {
@@ -177,7 +187,11 @@ fn main() -> Result<()> {
             let t = std::time::Instant::now();
             let r = env.run_nested(&command, &opts)?;
             print!("{}", if console { &r.console } else { &r.output });
-            eprintln!("testenv: nested status {} after {:.1} s", r.status, t.elapsed().as_secs_f64());
+            eprintln!(
+                "testenv: nested status {} after {:.1} s",
+                r.status,
+                t.elapsed().as_secs_f64()
+            );
             std::process::exit(r.status);
         }
     }

@@ -124,14 +124,19 @@ impl ModuleIndex {
 /// All `key=value` strings of an ELF64 module's `.modinfo` section.
 pub fn modinfo(path: &Path) -> Result<Vec<(String, String)>> {
     let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let sect = modinfo_section(&data)
-        .with_context(|| format!("{}: not an ELF64 module with a .modinfo section", path.display()))?;
+    let sect = modinfo_section(&data).with_context(|| {
+        format!(
+            "{}: not an ELF64 module with a .modinfo section",
+            path.display()
+        )
+    })?;
     Ok(sect
         .split(|b| *b == 0)
         .filter(|s| !s.is_empty())
         .filter_map(|s| {
             let s = String::from_utf8_lossy(s);
-            s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
         })
         .collect())
 }

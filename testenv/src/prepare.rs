@@ -41,7 +41,11 @@ pub fn prepare(dir: &Path) -> Result<Env> {
     step("initramfs", || {
         // A smoke build of the builder: the nested L1 image's modules.
         let out = dir.join("work").join("prepare-check.cpio");
-        crate::initramfs::build(&env, &crate::nested::l1_spec(&["true".into()], &Default::default())?, &out)?;
+        crate::initramfs::build(
+            &env,
+            &crate::nested::l1_spec(&["true".into()], &Default::default())?,
+            &out,
+        )?;
         fs::remove_file(&out).ok();
         Ok(((), false))
     })?;
@@ -111,7 +115,12 @@ fn download(debs: &Path, pkg: &str) -> Result<PathBuf> {
             .with_context(|| format!("after: {first:#}"))?;
         run(&mut cmd, APT_HINT).with_context(|| format!("cannot fetch package `{pkg}`"))?;
     }
-    find()?.with_context(|| format!("apt-get download {pkg} left no {pkg}_*.deb in {}", debs.display()))
+    find()?.with_context(|| {
+        format!(
+            "apt-get download {pkg} left no {pkg}_*.deb in {}",
+            debs.display()
+        )
+    })
 }
 
 fn unpack(deb: &Path, root: &Path) -> Result<()> {
@@ -189,7 +198,9 @@ pub fn debian_mirror() -> Result<String> {
     }
     for f in files {
         let name = f.to_string_lossy().into_owned();
-        let Ok(text) = fs::read_to_string(&f) else { continue };
+        let Ok(text) = fs::read_to_string(&f) else {
+            continue;
+        };
         let good = |u: &str| {
             (u.starts_with("http://") || u.starts_with("https://"))
                 && u.trim_end_matches('/').ends_with("/debian")

@@ -69,7 +69,13 @@ pub fn work_dir(env: &Env, name: &str) -> Result<PathBuf> {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let safe: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let d = env
         .dir

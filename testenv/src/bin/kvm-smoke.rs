@@ -180,7 +180,8 @@ fn run() -> Result<()> {
     sregs.cr4 = 1 << 5; // PAE
     sregs.cr0 = 0x8000_0031; // PG | NE | ET | PE
     sregs.efer = 0x500; // LMA | LME
-    vcpu.set_sregs(&sregs).context("KVM_SET_SREGS (long mode)")?;
+    vcpu.set_sregs(&sregs)
+        .context("KVM_SET_SREGS (long mode)")?;
 
     let mut expected = Vec::new();
     for v in MMIO_VALUES {
