@@ -215,29 +215,25 @@ fn hide_host_qemu_modules(cmd: &mut Command, moddir: &Path) {
     let hook = move || -> std::io::Result<()> {
         // SAFETY: unshare and mount are async-signal-safe system calls; the
         // CStrings were allocated before fork and outlive this closure.
+        // Failures are ignored: QEMU then runs with the host's module
+        // directory visible, which only matters for modules sid lacks.
         unsafe {
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::mount(
-                std::ptr::null(),
-                slash.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ) != 0
+            if libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    std::ptr::null(),
+                    slash.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
             {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
+                libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                );
             }
         }
         Ok(())

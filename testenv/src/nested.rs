@@ -39,7 +39,8 @@ pub struct NestedOptions {
     /// Directory to run the command in (inside the chroot, i.e. the same
     /// path as on this machine); default: the current directory.
     pub cwd: Option<PathBuf>,
-    /// Environment variables for the command (in addition to PATH, HOME).
+    /// Environment variables for the command (in addition to PATH, HOME,
+    /// `TESTENV_L1=1`, and RUST_LOG / RUST_BACKTRACE when set here).
     pub env: Vec<(String, String)>,
     /// Use this machine's /tmp (over 9p) instead of a fresh tmpfs. 9p
     /// cannot hold UNIX sockets that work, hence tmpfs by default.
@@ -77,7 +78,15 @@ pub fn l1_spec(cmd: &[String], opts: &NestedOptions) -> Result<InitramfsSpec> {
     let mut env = String::from(
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TESTENV_L1=1",
     );
-    for (k, v) in &opts.env {
+    let mut vars = opts.env.clone();
+    for k in ["RUST_LOG", "RUST_BACKTRACE"] {
+        if let Ok(v) = std::env::var(k) {
+            if !vars.iter().any(|(n, _)| n == k) {
+                vars.push((k.to_string(), v));
+            }
+        }
+    }
+    for (k, v) in &vars {
         env.push(' ');
         env.push_str(&shell_quote(OsStr::new(&format!("{k}={v}"))));
     }

@@ -286,11 +286,24 @@ fn sid_check(dir: &Path) -> Result<((), bool)> {
     let cmd = || Env::qemu_command_for(QemuKind::Sid, &root);
     let version = run_text(cmd().arg("-version"), "sid tree QEMU")?;
     let version = version.lines().next().unwrap_or_default().to_string();
-    let devices = run(cmd().args(["-device", "help"]), "sid tree QEMU")?;
-    let devices = String::from_utf8_lossy(&devices.stdout).into_owned()
-        + &String::from_utf8_lossy(&devices.stderr);
-    if !devices.contains("\"vfio-user-pci\"") {
-        bail!("sid QEMU ({version}) does not list vfio-user-pci in `-device help`");
+    match run(cmd().args(["-device", "help"]), "sid tree QEMU") {
+        Ok(out) => {
+            let devices = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            if !devices.contains("\"vfio-user-pci\"") {
+                bail!("sid QEMU ({version}) does not list vfio-user-pci in `-device help`");
+            }
+        }
+        Err(e) => {
+            // `-device help` loads every loadable module; if a foreign one
+            // aborts it (see Env::qemu_command), ask for the device alone.
+            eprintln!("testenv: `-device help` failed ({e:#}); asking for vfio-user-pci alone");
+            run(
+                cmd().args(["-device", "vfio-user-pci,help"]),
+                "sid tree QEMU",
+            )
+            .with_context(|| format!("sid QEMU ({version}) has no vfio-user-pci"))?;
+        }
     }
     eprintln!("testenv: sid {version}, has vfio-user-pci");
     fs::write(dir.join(SID_MARKER), format!("{version}\n"))?;

@@ -97,7 +97,10 @@ pub fn run_job(env: &Env, spec: &InitramfsSpec, opts: &RunOptions) -> Result<Job
     if opts.log.is_none() {
         opts.log = Some(dir.join("console.log"));
     }
-    run_initramfs(env, &initramfs, &opts)
+    let r = run_initramfs(env, &initramfs, &opts)?;
+    // Keep the console log; the image can be rebuilt.
+    fs::remove_file(&initramfs).ok();
+    Ok(r)
 }
 
 /// Boots `env.kernel` with `initramfs`, `-nographic -no-reboot`, console

@@ -1,0 +1,73 @@
+//! Tests of testenv itself: failure behaviour and module resolution.
+//! The guest tests need the prepared environment (see `require_env`).
+
+use std::process::Command;
+use std::time::Duration;
+use testenv::modules::ModuleIndex;
+use testenv::{nested::L1_MODULES, require_env, InitramfsSpec, RunOptions};
+
+#[test]
+fn missing_tool_is_named() {
+    let err = testenv::cmd::run(
+        Command::new("testenv-no-such-tool").arg("--flag"),
+        "package nothing",
+    )
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("`testenv-no-such-tool` not found"), "{msg}");
+    assert!(msg.contains("testenv-no-such-tool --flag"), "{msg}");
+}
+
+#[test]
+fn failing_command_shows_command_and_stderr() {
+    let err = testenv::cmd::run(Command::new("sh").args(["-c", "echo oops >&2; exit 3"]), "")
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("exit status: 3") && msg.contains("oops"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn l1_modules_resolve_with_dependencies() {
+    let Some(env) = require_env("l1_modules_resolve_with_dependencies") else {
+        return;
+    };
+    let index = ModuleIndex::new(&env.modules_dir).unwrap();
+    let order = index.resolve(L1_MODULES).unwrap();
+    let names: Vec<String> = order
+        .iter()
+        .map(|p| p.file_stem().unwrap().to_string_lossy().replace('-', "_"))
+        .collect();
+    let pos = |n: &str| {
+        names
+            .iter()
+            .position(|x| x == n)
+            .unwrap_or_else(|| panic!("{n} not in {names:?}"))
+    };
+    assert!(pos("kvm") < pos("kvm_amd"));
+    assert!(pos("irqbypass") < pos("kvm"));
+    assert!(pos("9pnet") < pos("9pnet_virtio"));
+    assert!(pos("netfs") < pos("9p"));
+    assert!(pos("virtio_pci_modern_dev") < pos("virtio_pci"));
+}
+
+#[test]
+fn hung_guest_is_killed_with_console_tail() {
+    let Some(env) = require_env("hung_guest_is_killed_with_console_tail") else {
+        return;
+    };
+    let spec = InitramfsSpec::new::<&str>(&[], "echo about-to-hang; sleep 1000");
+    let opts = RunOptions {
+        name: "hung".into(),
+        timeout: Duration::from_secs(15),
+        ..Default::default()
+    };
+    let t = std::time::Instant::now();
+    let err = env.run_job(&spec, &opts).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(t.elapsed() < Duration::from_secs(40));
+    assert!(msg.contains("timed out after 15 s"), "{msg}");
+    assert!(msg.contains("about-to-hang"), "console tail missing: {msg}");
+}
