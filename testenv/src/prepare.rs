@@ -21,9 +21,9 @@ fn step<T>(name: &str, f: impl FnOnce() -> Result<(T, bool)>) -> Result<T> {
     let (v, cached) = f().with_context(|| format!("testenv prepare: step `{name}` failed"))?;
     let secs = t.elapsed().as_secs_f64();
     if cached {
-        eprintln!("testenv: {name:<14} cached ({secs:.1} s)");
+        eprintln!("testenv: {name:<16} cached ({secs:.1} s)");
     } else {
-        eprintln!("testenv: {name:<14} done in {secs:.1} s");
+        eprintln!("testenv: {name:<16} done in {secs:.1} s");
     }
     Ok(v)
 }
@@ -34,7 +34,7 @@ pub fn prepare(dir: &Path) -> Result<Env> {
     let total = Instant::now();
     step("kernel", || kernel(dir))?;
     step("busybox", || busybox(dir))?;
-    step("qemu-debian12", || qemu_debian12().map(|v| (v, true)))?;
+    step("qemu-debian12", || qemu_debian12().map(|v| (v, false)))?;
     step("sid-debootstrap", || sid_debootstrap(dir))?;
     step("qemu-sid", || sid_check(dir))?;
     let env = Env::load(dir)?;
@@ -91,8 +91,9 @@ fn resolve_kernel_package() -> Result<String> {
     )
 }
 
-/// `apt-get download PKG` into `debs`, with one `apt-get update` retry.
-fn download(debs: &Path, pkg: &str) -> Result<PathBuf> {
+/// `apt-get download PKG` into `debs` (skipped when a `PKG_*.deb` is
+/// already there), with one `apt-get update` retry. Returns the `.deb`.
+pub fn download(debs: &Path, pkg: &str) -> Result<PathBuf> {
     fs::create_dir_all(debs)?;
     let find = || -> Result<Option<PathBuf>> {
         for e in fs::read_dir(debs)? {

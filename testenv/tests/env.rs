@@ -71,3 +71,14 @@ fn hung_guest_is_killed_with_console_tail() {
     assert!(msg.contains("timed out after 15 s"), "{msg}");
     assert!(msg.contains("about-to-hang"), "console tail missing: {msg}");
 }
+
+#[test]
+#[ignore = "runs apt-get update"]
+fn unknown_package_is_named() {
+    let dir = std::env::temp_dir().join(format!("testenv-dl-{}", std::process::id()));
+    let err = testenv::prepare::download(&dir, "testenv-no-such-package").unwrap_err();
+    let msg = format!("{err:#}");
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(msg.contains("testenv-no-such-package"), "{msg}");
+    assert!(msg.contains("apt-get download"), "{msg}");
+}
