@@ -220,10 +220,7 @@ impl Config {
         };
         let doc = ImDocument::parse(text.to_owned())
             .map_err(|e| src.error(e.span(), e.message().trim().to_owned()))?;
-        let base_dir = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: String| -> PathBuf {
             let p = PathBuf::from(p);
             if p.is_absolute() {
@@ -281,7 +278,10 @@ impl Config {
                 if !remotes.iter().any(|o| &o.id == r) {
                     return Err(src.error(
                         t.get("remote").and_then(Item::span),
-                        format!("device `{}` names remote `{r}`, which no [[remote]] defines", d.id),
+                        format!(
+                            "device `{}` names remote `{r}`, which no [[remote]] defines",
+                            d.id
+                        ),
                     ));
                 }
             }

@@ -42,13 +42,17 @@ impl<'a> TableReader<'a> {
         self.table.get(key)
     }
 
-    fn value(&mut self, key: &'static str) -> Result<Option<(&'a Value, Option<Range<usize>>)>, ConfigError> {
+    fn value(&mut self, key: &'static str) -> Result<Option<SpannedValue<'a>>, ConfigError> {
         match self.item(key) {
             None => Ok(None),
             Some(Item::Value(v)) => Ok(Some((v, v.span()))),
             Some(other) => Err(self.error(
                 other.span().or_else(|| self.key_span(key)),
-                format!("`{key}` in {} must be a value, not a {}", self.what, other.type_name()),
+                format!(
+                    "`{key}` in {} must be a value, not a {}",
+                    self.what,
+                    other.type_name()
+                ),
             )),
         }
     }
@@ -57,7 +61,13 @@ impl<'a> TableReader<'a> {
         self.table.get_key_value(key).and_then(|(k, _)| k.span())
     }
 
-    fn type_error(&self, key: &str, expected: &str, v: &Value, span: Option<Range<usize>>) -> ConfigError {
+    fn type_error(
+        &self,
+        key: &str,
+        expected: &str,
+        v: &Value,
+        span: Option<Range<usize>>,
+    ) -> ConfigError {
         self.error(
             span,
             format!(
@@ -68,7 +78,10 @@ impl<'a> TableReader<'a> {
         )
     }
 
-    pub(crate) fn opt_string(&mut self, key: &'static str) -> Result<Option<Spanned<String>>, ConfigError> {
+    pub(crate) fn opt_string(
+        &mut self,
+        key: &'static str,
+    ) -> Result<Option<Spanned<String>>, ConfigError> {
         let Some((v, span)) = self.value(key)? else {
             return Ok(None);
         };
@@ -88,7 +101,10 @@ impl<'a> TableReader<'a> {
         }
     }
 
-    pub(crate) fn opt_integer(&mut self, key: &'static str) -> Result<Option<Spanned<i64>>, ConfigError> {
+    pub(crate) fn opt_integer(
+        &mut self,
+        key: &'static str,
+    ) -> Result<Option<Spanned<i64>>, ConfigError> {
         let Some((v, span)) = self.value(key)? else {
             return Ok(None);
         };
@@ -130,7 +146,10 @@ impl<'a> TableReader<'a> {
         Ok(got)
     }
 
-    pub(crate) fn opt_bool(&mut self, key: &'static str) -> Result<Option<Spanned<bool>>, ConfigError> {
+    pub(crate) fn opt_bool(
+        &mut self,
+        key: &'static str,
+    ) -> Result<Option<Spanned<bool>>, ConfigError> {
         let Some((v, span)) = self.value(key)? else {
             return Ok(None);
         };
@@ -140,7 +159,10 @@ impl<'a> TableReader<'a> {
         }
     }
 
-    pub(crate) fn string_list(&mut self, key: &'static str) -> Result<Vec<Spanned<String>>, ConfigError> {
+    pub(crate) fn string_list(
+        &mut self,
+        key: &'static str,
+    ) -> Result<Vec<Spanned<String>>, ConfigError> {
         let Some((v, span)) = self.value(key)? else {
             return Ok(Vec::new());
         };
@@ -194,6 +216,9 @@ impl<'a> TableReader<'a> {
             .collect()
     }
 }
+
+/// A raw value with its span.
+type SpannedValue<'a> = (&'a Value, Option<Range<usize>>);
 
 /// A value with the byte range it came from.
 #[derive(Clone, Debug)]

@@ -524,7 +524,9 @@ mod tests {
     #[test]
     fn capabilities_chain_and_are_modelled() {
         let mut cs = lsi_like();
-        let a = cs.add_capability(0x01, &[0x03, 0x00, 0, 0, 0, 0], &[]).unwrap();
+        let a = cs
+            .add_capability(0x01, &[0x03, 0x00, 0, 0, 0, 0], &[])
+            .unwrap();
         let b = cs.add_capability(0x09, &[0xaa], &[0xff]).unwrap();
         assert_eq!(cs.read_value(0x34, 1) as usize, a);
         assert_eq!(cs.read_value(a + 1, 1) as usize, b);

@@ -143,10 +143,15 @@ pub trait FfiDevice: Send {
     /// Called after every guest configuration write, with the bytes written.
     fn config_write(&mut self, offset: u16, data: RSlice<'_, u8>) -> RResult<(), DeviceError>;
     /// A guest read of `data.len()` (1, 2, 4 or 8) bytes at `offset` in BAR `bar`.
-    fn bar_read(&mut self, bar: u8, offset: u64, data: RSliceMut<'_, u8>)
-        -> RResult<(), DeviceError>;
+    fn bar_read(
+        &mut self,
+        bar: u8,
+        offset: u64,
+        data: RSliceMut<'_, u8>,
+    ) -> RResult<(), DeviceError>;
     /// A guest write at `offset` in BAR `bar`.
-    fn bar_write(&mut self, bar: u8, offset: u64, data: RSlice<'_, u8>) -> RResult<(), DeviceError>;
+    fn bar_write(&mut self, bar: u8, offset: u64, data: RSlice<'_, u8>)
+        -> RResult<(), DeviceError>;
     /// Function-level reset.
     fn reset(&mut self) -> RResult<(), DeviceError>;
     /// Serializes the device state.
@@ -177,6 +182,9 @@ pub trait FfiHost: Send + Sync + Clone {
     /// Sets the level of interrupt `irq`: 0 is the function's INTx pin.
     /// (Indices from 1 are reserved for MSI vectors.)
     fn set_irq_level(&self, irq: u32, asserted: bool);
+    /// The directory that relative paths in the device's settings are
+    /// relative to (the config file's directory).
+    fn base_dir(&self) -> RString;
     /// Writes a log record into the host's log.
     #[sabi(last_prefix_field)]
     fn log(&self, level: LogLevel, message: RStr<'_>);
@@ -199,8 +207,11 @@ pub struct PluginModule {
     pub device_kinds: extern "C" fn() -> RVec<RStr<'static>>,
     /// Creates a device of `kind` from its TOML settings.
     #[sabi(last_prefix_field)]
-    pub create_device:
-        extern "C" fn(kind: RStr<'_>, settings: RStr<'_>, host: HostBox) -> RResult<DeviceBox, RString>,
+    pub create_device: extern "C" fn(
+        kind: RStr<'_>,
+        settings: RStr<'_>,
+        host: HostBox,
+    ) -> RResult<DeviceBox, RString>,
 }
 
 impl RootModule for PluginModuleRef {

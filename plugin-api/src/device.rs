@@ -129,7 +129,11 @@ impl Guarded {
     }
 
     /// Runs `f` on the device unless it has failed; a panic marks it failed.
-    fn call<T>(&mut self, what: &str, f: impl FnOnce(&mut dyn Device) -> T) -> Result<T, DeviceError> {
+    fn call<T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut dyn Device) -> T,
+    ) -> Result<T, DeviceError> {
         if let Some(msg) = &self.failed {
             return Err(DeviceError::new(DeviceErrorKind::Failed, msg.clone()));
         }
@@ -137,7 +141,10 @@ impl Guarded {
         match catch_unwind(AssertUnwindSafe(|| f(inner.as_mut()))) {
             Ok(v) => Ok(v),
             Err(payload) => {
-                let msg = format!("device panicked in {what}: {}", panic_message(payload.as_ref()));
+                let msg = format!(
+                    "device panicked in {what}: {}",
+                    panic_message(payload.as_ref())
+                );
                 self.failed = Some(msg.clone());
                 Err(DeviceError::new(DeviceErrorKind::Panicked, msg))
             }
@@ -178,7 +185,11 @@ impl FfiDevice for Guarded {
         }
     }
 
-    fn config_read(&mut self, offset: u16, mut data: RSliceMut<'_, u8>) -> RResult<(), DeviceError> {
+    fn config_read(
+        &mut self,
+        offset: u16,
+        mut data: RSliceMut<'_, u8>,
+    ) -> RResult<(), DeviceError> {
         to_r(self.call("config_read", |d| d.config_read(offset, &mut data)))
     }
 
@@ -186,14 +197,24 @@ impl FfiDevice for Guarded {
         to_r(self.call("config_write", |d| d.config_write(offset, &data)))
     }
 
-    fn bar_read(&mut self, bar: u8, offset: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), DeviceError> {
+    fn bar_read(
+        &mut self,
+        bar: u8,
+        offset: u64,
+        mut data: RSliceMut<'_, u8>,
+    ) -> RResult<(), DeviceError> {
         if let Err(e) = check_width(data.len()) {
             return RErr(e);
         }
         to_r(self.call("bar_read", |d| d.bar_read(bar, offset, &mut data)))
     }
 
-    fn bar_write(&mut self, bar: u8, offset: u64, data: RSlice<'_, u8>) -> RResult<(), DeviceError> {
+    fn bar_write(
+        &mut self,
+        bar: u8,
+        offset: u64,
+        data: RSlice<'_, u8>,
+    ) -> RResult<(), DeviceError> {
         if let Err(e) = check_width(data.len()) {
             return RErr(e);
         }

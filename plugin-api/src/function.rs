@@ -5,6 +5,7 @@
 //! [`pci::ConfigSpace`] helper; the device sees config writes as
 //! notifications and answers reads of its device-specific area.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use abi_stable::{
@@ -37,6 +38,7 @@ pub struct Services {
     memory: Arc<dyn GuestMemory>,
     irq: Arc<dyn IrqSink>,
     device_id: Arc<str>,
+    base_dir: Arc<Path>,
 }
 
 impl Services {
@@ -45,7 +47,14 @@ impl Services {
             memory,
             irq,
             device_id: Arc::from(device_id),
+            base_dir: Arc::from(Path::new(".")),
         }
+    }
+
+    /// Sets the directory relative paths in the settings are relative to.
+    pub fn with_base_dir(mut self, dir: &Path) -> Self {
+        self.base_dir = Arc::from(dir);
+        self
     }
 
     /// As an ABI object.
@@ -71,6 +80,10 @@ impl FfiHost for Services {
 
     fn set_irq_level(&self, irq: u32, asserted: bool) {
         self.irq.set_level(irq, asserted);
+    }
+
+    fn base_dir(&self) -> RString {
+        RString::from(self.base_dir.to_string_lossy().into_owned())
     }
 
     fn log(&self, level: LogLevel, message: RStr<'_>) {
@@ -236,7 +249,10 @@ impl PciFunction {
 
     /// The device's failure message once it panicked.
     pub fn failure(&self) -> Option<String> {
-        self.device.failure().into_option().map(RString::into_string)
+        self.device
+            .failure()
+            .into_option()
+            .map(RString::into_string)
     }
 
     pub fn save_state(&mut self) -> Result<Vec<u8>, DeviceError> {

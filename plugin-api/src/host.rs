@@ -60,6 +60,17 @@ impl Host {
         self.inner.set_irq_level(0, asserted);
     }
 
+    /// Resolves a path from the device's settings: relative paths are
+    /// relative to the config file's directory.
+    pub fn resolve_path(&self, path: &str) -> std::path::PathBuf {
+        let p = std::path::PathBuf::from(path);
+        if p.is_absolute() {
+            p
+        } else {
+            std::path::PathBuf::from(self.inner.base_dir().into_string()).join(p)
+        }
+    }
+
     /// Logs into the host's log.
     pub fn log(&self, level: LogLevel, message: &str) {
         self.inner.log(level, RStr::from_str(message));

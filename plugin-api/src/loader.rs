@@ -38,8 +38,7 @@ impl LoadedPlugin {
     pub fn linked(module: PluginModuleRef) -> Self {
         let name = module.name()().to_string();
         let version = module.version()().to_string();
-        let kinds = module
-            .device_kinds()()
+        let kinds = module.device_kinds()()
             .iter()
             .map(|k| k.to_string())
             .collect();
@@ -57,7 +56,10 @@ impl LoadedPlugin {
 #[derive(Debug)]
 pub enum LoadError {
     /// No library with that name in any plugin directory.
-    NotFound { name: String, searched: Vec<PathBuf> },
+    NotFound {
+        name: String,
+        searched: Vec<PathBuf>,
+    },
     /// The file could not be opened as a shared library.
     Open { path: PathBuf, message: String },
     /// The library does not export a plugin root module.
@@ -140,7 +142,12 @@ fn map_library_error(path: &Path, e: LibraryError) -> LoadError {
         },
         LibraryError::AbiInstability(e) => LoadError::Layout {
             path,
-            message: e.to_string().lines().take(12).collect::<Vec<_>>().join("\n"),
+            message: e
+                .to_string()
+                .lines()
+                .take(12)
+                .collect::<Vec<_>>()
+                .join("\n"),
         },
         other => LoadError::Init {
             path,

@@ -1,1 +1,12 @@
-//! remote-host
+//! `remote-host`: the generic device process.
+//!
+//! It knows no device. It loads device plugins ([`plugin_api::loader`]),
+//! maps the guest RAM the VMM passes as file descriptors ([`memory`]),
+//! builds the PCI functions of one `[[remote]]` of the config
+//! ([`devices`]) and serves them over a wire protocol. Interrupts leave
+//! through eventfds ([`irq`]) that KVM injects directly (irqfd).
+
+pub mod devices;
+pub mod irq;
+pub mod logging;
+pub mod memory;

@@ -2,6 +2,8 @@
 //! and loaded from its `.so` through the ABI checks. The same test bodies
 //! run against both.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use dma_example::*;
@@ -51,7 +53,10 @@ fn identity_and_bar(mut tb: TestBench) {
     assert_eq!(base, 0xe000_0000);
     assert_eq!(tb.mmio_read(base + REG_ID, 4), u64::from(ID_VALUE));
     // Byte access to the middle of a register sees its bytes.
-    assert_eq!(tb.mmio_read(base + REG_ID + 3, 1), u64::from(ID_VALUE >> 24));
+    assert_eq!(
+        tb.mmio_read(base + REG_ID + 3, 1),
+        u64::from(ID_VALUE >> 24)
+    );
     // Outside the BAR nothing answers: all-ones.
     assert_eq!(tb.mmio_read(base + 0x1000, 4), 0xffff_ffff);
 }
@@ -59,7 +64,10 @@ fn identity_and_bar(mut tb: TestBench) {
 fn registers(mut tb: TestBench) {
     let base = bar0(&mut tb);
     tb.mmio_write(base + REG_LIVENESS, 4, 0x1234_5678);
-    assert_eq!(tb.mmio_read(base + REG_LIVENESS, 4), u64::from(!0x1234_5678u32));
+    assert_eq!(
+        tb.mmio_read(base + REG_LIVENESS, 4),
+        u64::from(!0x1234_5678u32)
+    );
     tb.mmio_write(base + REG_SCRATCH, 4, 0xcafe_f00d);
     assert_eq!(tb.mmio_read(base + REG_SCRATCH, 4), 0xcafe_f00d);
     // 64-bit access covers two registers.
@@ -82,12 +90,22 @@ fn dma_copies_and_interrupts(mut tb: TestBench) {
     tb.mmio_write(base + REG_DMA_SRC, 8, 0x10_0000);
     tb.mmio_write(base + REG_DMA_DST, 8, 0x20_0000);
     tb.mmio_write(base + REG_DMA_LEN, 4, pattern.len() as u64);
-    tb.mmio_write(base + REG_DMA_CMD, 4, u64::from(DMA_CMD_START | DMA_CMD_IRQ));
-    assert!(tb.irq().wait_for(true, Duration::from_secs(5)), "DMA interrupt");
+    tb.mmio_write(
+        base + REG_DMA_CMD,
+        4,
+        u64::from(DMA_CMD_START | DMA_CMD_IRQ),
+    );
+    assert!(
+        tb.irq().wait_for(true, Duration::from_secs(5)),
+        "DMA interrupt"
+    );
     tb.wait_idle(Duration::from_secs(5)).unwrap();
     assert_eq!(tb.ram().read_vec(0x20_0000, pattern.len()), pattern);
     assert_eq!(tb.mmio_read(base + REG_DMA_RESULT, 4), u64::from(DMA_OK));
-    assert_eq!(tb.mmio_read(base + REG_IRQ_STATUS, 4), u64::from(IRQ_DMA_DONE));
+    assert_eq!(
+        tb.mmio_read(base + REG_IRQ_STATUS, 4),
+        u64::from(IRQ_DMA_DONE)
+    );
     assert_eq!(tb.mmio_read(base + REG_STATUS, 4), 0);
     tb.mmio_write(base + REG_IRQ_ACK, 4, u64::from(IRQ_DMA_DONE));
     assert!(!tb.irq().eoi(), "acknowledged: not re-delivered");
@@ -99,7 +117,11 @@ fn dma_fault_is_reported_not_fatal(mut tb: TestBench) {
     tb.mmio_write(base + REG_DMA_SRC, 8, 0x4000_0000);
     tb.mmio_write(base + REG_DMA_DST, 8, 0x1000);
     tb.mmio_write(base + REG_DMA_LEN, 4, 16);
-    tb.mmio_write(base + REG_DMA_CMD, 4, u64::from(DMA_CMD_START | DMA_CMD_IRQ));
+    tb.mmio_write(
+        base + REG_DMA_CMD,
+        4,
+        u64::from(DMA_CMD_START | DMA_CMD_IRQ),
+    );
     assert!(tb.irq().wait_for(true, Duration::from_secs(5)));
     tb.wait_idle(Duration::from_secs(5)).unwrap();
     assert_eq!(tb.mmio_read(base + REG_DMA_RESULT, 4), u64::from(DMA_FAULT));
@@ -113,7 +135,10 @@ fn too_long_dma_is_refused(mut tb: TestBench) {
     let base = bar0(&mut tb);
     tb.mmio_write(base + REG_DMA_LEN, 4, (2 << 20) as u64);
     tb.mmio_write(base + REG_DMA_CMD, 4, u64::from(DMA_CMD_START));
-    assert_eq!(tb.mmio_read(base + REG_DMA_RESULT, 4), u64::from(DMA_TOO_LONG));
+    assert_eq!(
+        tb.mmio_read(base + REG_DMA_RESULT, 4),
+        u64::from(DMA_TOO_LONG)
+    );
     assert_eq!(tb.mmio_read(base + REG_STATUS, 4), 0);
 }
 

@@ -1,0 +1,144 @@
+//! A device's INTx line as a pair of eventfds: the irqfd KVM injects from
+//! and the resample fd KVM signals at EOI. The VMM registers both with KVM
+//! (`KVM_IRQFD` with `KVM_IRQFD_FLAG_RESAMPLE`) and hands them over the
+//! protocol, so an interrupt never passes through the VMM.
+//!
+//! Level semantics over an edge-style eventfd: a rising level signals the
+//! irqfd; at EOI KVM lowers the line and signals resample, and if the
+//! device still holds the line high we signal the irqfd again.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use plugin_api::function::IrqSink;
+use vmm_sys_util::eventfd::EventFd;
+
+/// The eventfds of one INTx line, once the VMM provided them.
+pub struct IntxFds {
+    pub trigger: EventFd,
+    pub resample: Option<EventFd>,
+}
+
+/// INTx state of one device.
+#[derive(Default)]
+pub struct IntxLine {
+    level: AtomicBool,
+    masked: AtomicBool,
+    fds: Mutex<Option<IntxFds>>,
+    /// Times the irqfd was signalled (for tests and statistics).
+    signals: AtomicU64,
+}
+
+impl IntxLine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Installs (or with `None` removes) the eventfds.
+    pub fn set_fds(&self, fds: Option<IntxFds>) {
+        *self.fds.lock().unwrap_or_else(|e| e.into_inner()) = fds;
+        if self.level() {
+            self.signal();
+        }
+    }
+
+    /// A duplicate of the resample fd, for an event loop to wait on.
+    pub fn resample_fd(&self) -> Option<EventFd> {
+        let fds = self.fds.lock().unwrap_or_else(|e| e.into_inner());
+        fds.as_ref()
+            .and_then(|f| f.resample.as_ref())
+            .and_then(|r| r.try_clone().ok())
+    }
+
+    pub fn level(&self) -> bool {
+        self.level.load(Ordering::Acquire)
+    }
+
+    /// vfio-style mask: while masked, nothing is signalled.
+    pub fn set_masked(&self, masked: bool) {
+        self.masked.store(masked, Ordering::Release);
+        if !masked && self.level() {
+            self.signal();
+        }
+    }
+
+    pub fn signals(&self) -> u64 {
+        self.signals.load(Ordering::Relaxed)
+    }
+
+    fn signal(&self) {
+        if self.masked.load(Ordering::Acquire) {
+            return;
+        }
+        let fds = self.fds.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = fds.as_ref() {
+            if f.trigger.write(1).is_ok() {
+                self.signals.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// KVM signalled resample (the guest EOI'd): re-raise if still high.
+    pub fn on_resample(&self) {
+        if self.level() {
+            self.signal();
+        }
+    }
+}
+
+impl IrqSink for IntxLine {
+    fn set_level(&self, irq: u32, asserted: bool) {
+        if irq != 0 {
+            return;
+        }
+        let was = self.level.swap(asserted, Ordering::AcqRel);
+        if asserted && !was {
+            self.signal();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    fn fds() -> (IntxFds, EventFd, EventFd) {
+        let t = EventFd::new(EFD_NONBLOCK).unwrap();
+        let r = EventFd::new(EFD_NONBLOCK).unwrap();
+        let f = IntxFds {
+            trigger: t.try_clone().unwrap(),
+            resample: Some(r.try_clone().unwrap()),
+        };
+        (f, t, r)
+    }
+
+    #[test]
+    fn rising_edge_signals_once_and_resample_re_raises() {
+        let line = IntxLine::new();
+        let (f, trigger, _r) = fds();
+        line.set_fds(Some(f));
+        line.set_level(0, true);
+        line.set_level(0, true);
+        assert_eq!(trigger.read().unwrap(), 1, "one edge, one signal");
+        line.on_resample();
+        assert_eq!(trigger.read().unwrap(), 1, "still high at EOI");
+        line.set_level(0, false);
+        line.on_resample();
+        assert!(trigger.read().is_err(), "low at EOI: nothing");
+    }
+
+    #[test]
+    fn mask_defers_and_fds_installed_late_catch_up() {
+        let line = IntxLine::new();
+        line.set_level(0, true);
+        let (f, trigger, _r) = fds();
+        line.set_fds(Some(f));
+        assert_eq!(trigger.read().unwrap(), 1, "level was already high");
+        line.set_masked(true);
+        line.on_resample();
+        assert!(trigger.read().is_err());
+        line.set_masked(false);
+        assert_eq!(trigger.read().unwrap(), 1);
+    }
+}

@@ -1,0 +1,175 @@
+//! `remote-host`: serves the devices of one `[[remote]]` of a VM config.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use config::{Config, Protocol};
+use plugin_api::loader;
+use remote_host::devices;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Generic device process: loads device plugins and serves their PCI functions"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Lists the plugins found, with their versions and device kinds.
+    Plugins {
+        /// Extra plugin directories (searched first).
+        #[arg(long = "plugin-dir")]
+        plugin_dirs: Vec<PathBuf>,
+    },
+    /// Creates the devices of one remote and reports each, then exits.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        remote: String,
+        #[arg(long = "plugin-dir")]
+        plugin_dirs: Vec<PathBuf>,
+    },
+    /// Serves the devices of one remote on a socket or an inherited fd.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        remote: String,
+        /// Listen on this UNIX socket path.
+        #[arg(long, conflicts_with = "fd")]
+        socket: Option<PathBuf>,
+        /// Serve an inherited, connected socket fd.
+        #[arg(long)]
+        fd: Option<i32>,
+        /// Wire protocol (default: the remote's `protocol`, else vfio-user).
+        #[arg(long)]
+        protocol: Option<Protocol>,
+        /// Log file (default: the remote's `log`, else standard error).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        #[arg(long = "plugin-dir")]
+        plugin_dirs: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("remote-host: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load_remote(config: &Path, remote: &str) -> anyhow::Result<Config> {
+    let cfg = Config::load(config)?;
+    if cfg.remote(remote).is_none() {
+        let known: Vec<&str> = cfg.remotes.iter().map(|r| r.id.as_str()).collect();
+        anyhow::bail!(
+            "{}: no [[remote]] with id `{remote}` (defined: {})",
+            config.display(),
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    Ok(cfg)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Plugins { plugin_dirs } => {
+            let mut dirs = plugin_dirs;
+            dirs.extend(loader::default_dirs());
+            let mut bad = 0;
+            for (path, result) in loader::scan(&dirs) {
+                match result {
+                    Ok(p) => println!(
+                        "{}\t{}\t{}\t{}",
+                        p.name,
+                        p.version,
+                        p.kinds.join(","),
+                        path.display()
+                    ),
+                    Err(e) => {
+                        bad += 1;
+                        println!("!error\t{e}");
+                    }
+                }
+            }
+            if bad > 0 {
+                eprintln!("remote-host: {bad} file(s) could not be loaded (listed as !error)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            config,
+            remote,
+            plugin_dirs,
+        } => {
+            remote_host::logging::init(None)?;
+            let cfg = load_remote(&config, &remote)?;
+            let dirs = devices::plugin_dirs(&cfg, &remote, &plugin_dirs);
+            let (ok, failed) = devices::build(&cfg, &remote, &dirs);
+            for d in &ok {
+                let f = d.function();
+                let id = f.description().identity;
+                println!(
+                    "ok\t{}\t{}@{}\t{:04x}:{:04x}\tslot {}",
+                    d.id, d.plugin_name, d.plugin_version, id.vendor_id, id.device_id, d.slot
+                );
+            }
+            for f in &failed {
+                println!("failed\t{}\t{}", f.id, f.message);
+            }
+            Ok(if failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Serve {
+            config,
+            remote,
+            socket,
+            fd,
+            protocol,
+            log,
+            plugin_dirs,
+        } => {
+            let cfg = load_remote(&config, &remote)?;
+            let rcfg = cfg.remote(&remote).cloned();
+            let log = log.or_else(|| rcfg.as_ref().and_then(|r| r.log.clone()));
+            remote_host::logging::init(log.as_deref())?;
+            let protocol = protocol
+                .or_else(|| rcfg.as_ref().map(|r| r.protocol))
+                .unwrap_or(Protocol::VfioUser);
+            let dirs = devices::plugin_dirs(&cfg, &remote, &plugin_dirs);
+            let (devs, failed) = devices::build(&cfg, &remote, &dirs);
+            tracing::info!(
+                remote = %remote,
+                protocol = protocol.name(),
+                devices = devs.len(),
+                failed = failed.len(),
+                "remote-host ready"
+            );
+            if socket.is_none() && fd.is_none() {
+                anyhow::bail!("serve needs --socket PATH or --fd N");
+            }
+            anyhow::bail!(
+                "protocol {} is not available in this build yet",
+                protocol.name()
+            )
+        }
+    }
+}

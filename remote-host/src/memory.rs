@@ -1,0 +1,307 @@
+//! Guest RAM shared by the VMM as file descriptors (memfd or file), mapped
+//! into this process and served to devices as DMA.
+//!
+//! Every access is bounds-checked against the regions mapped so far: a DMA
+//! anywhere else is an error returned to the device, never a fault. A region
+//! stays mapped until the last in-flight access to it ends (regions are
+//! reference-counted), so an unmap racing a DMA cannot pull memory out from
+//! under a copy.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Arc, RwLock};
+
+use plugin_api::function::GuestMemory;
+
+/// Errors mapping guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The region has zero size or its end overflows.
+    #[error("region at {gpa:#x} of {size:#x} bytes is empty or overflows")]
+    BadRange { gpa: u64, size: u64 },
+    /// The region overlaps one already mapped.
+    #[error("region at {gpa:#x} of {size:#x} bytes overlaps a mapped region")]
+    Overlap { gpa: u64, size: u64 },
+    /// mmap failed (bad fd, offset beyond the file, ...).
+    #[error("cannot map fd at offset {offset:#x} ({size:#x} bytes): {errno}")]
+    Map {
+        offset: u64,
+        size: u64,
+        errno: std::io::Error,
+    },
+    /// No region matches exactly.
+    #[error("no mapped region at {gpa:#x} of {size:#x} bytes")]
+    NotMapped { gpa: u64, size: u64 },
+}
+
+/// One mmap of guest RAM.
+pub struct MappedRegion {
+    gpa: u64,
+    size: u64,
+    ptr: *mut u8,
+    writable: bool,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this struct; the raw
+// pointer is only used for bounds-checked copies.
+unsafe impl Send for MappedRegion {}
+// SAFETY: as above; concurrent copies into shared memory are how DMA works
+// (the guest itself writes the same memory concurrently).
+unsafe impl Sync for MappedRegion {}
+
+impl Drop for MappedRegion {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`size` came from a successful mmap in `map` and the
+        // mapping is unmapped exactly once, here.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.size as usize);
+        }
+    }
+}
+
+impl MappedRegion {
+    fn contains(&self, gpa: u64, len: u64) -> Option<usize> {
+        let off = gpa.checked_sub(self.gpa)?;
+        let end = off.checked_add(len)?;
+        (end <= self.size).then_some(off as usize)
+    }
+}
+
+/// The guest memory a remote can reach.
+#[derive(Default)]
+pub struct GuestRam {
+    regions: RwLock<Vec<Arc<MappedRegion>>>,
+}
+
+impl GuestRam {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn regions(&self) -> Vec<Arc<MappedRegion>> {
+        self.regions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Maps `size` bytes of `fd` from `offset` at guest address `gpa`.
+    pub fn map(
+        &self,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        size: u64,
+        gpa: u64,
+        writable: bool,
+    ) -> Result<(), MemoryError> {
+        let bad = MemoryError::BadRange { gpa, size };
+        if size == 0 || gpa.checked_add(size).is_none() {
+            return Err(bad);
+        }
+        let len = usize::try_from(size).map_err(|_| bad)?;
+        let file_offset = libc::off_t::try_from(offset).map_err(|_| MemoryError::Map {
+            offset,
+            size,
+            errno: std::io::Error::from_raw_os_error(libc::EINVAL),
+        })?;
+        let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        if regions
+            .iter()
+            .any(|r| gpa < r.gpa + r.size && r.gpa < gpa + size)
+        {
+            return Err(MemoryError::Overlap { gpa, size });
+        }
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: a fresh shared mapping chosen by the kernel (addr NULL);
+        // the result is checked before use and owned by MappedRegion.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                file_offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MemoryError::Map {
+                offset,
+                size,
+                errno: std::io::Error::last_os_error(),
+            });
+        }
+        regions.push(Arc::new(MappedRegion {
+            gpa,
+            size,
+            ptr: ptr.cast(),
+            writable,
+        }));
+        Ok(())
+    }
+
+    /// Unmaps the region mapped at exactly `gpa`/`size`.
+    pub fn unmap(&self, gpa: u64, size: u64) -> Result<(), MemoryError> {
+        let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        let before = regions.len();
+        regions.retain(|r| !(r.gpa == gpa && r.size == size));
+        if regions.len() == before {
+            return Err(MemoryError::NotMapped { gpa, size });
+        }
+        Ok(())
+    }
+
+    /// Drops every mapping (a client went away).
+    pub fn clear(&self) {
+        self.regions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// `(gpa, size)` of every mapped region.
+    pub fn layout(&self) -> Vec<(u64, u64)> {
+        self.regions().iter().map(|r| (r.gpa, r.size)).collect()
+    }
+
+    /// Runs `f(region, offset_in_region, chunk_len, done)` over the regions
+    /// covering `[gpa, gpa+len)`, which may span adjacent regions.
+    fn for_each_chunk(
+        &self,
+        gpa: u64,
+        len: usize,
+        write: bool,
+        mut f: impl FnMut(&MappedRegion, usize, usize, usize),
+    ) -> Result<(), String> {
+        let regions = self.regions();
+        let mut done = 0usize;
+        while done < len {
+            let addr = gpa
+                .checked_add(done as u64)
+                .ok_or_else(|| format!("DMA at {gpa:#x} + {len:#x} overflows"))?;
+            let Some(region) = regions.iter().find(|r| r.contains(addr, 1).is_some()) else {
+                return Err(format!(
+                    "DMA of {len} bytes at {gpa:#x}: {addr:#x} is not in guest memory shared with this device"
+                ));
+            };
+            if write && !region.writable {
+                return Err(format!("DMA write at {addr:#x}: region is read-only"));
+            }
+            let off = (addr - region.gpa) as usize;
+            let chunk = (len - done).min(region.size as usize - off);
+            f(region, off, chunk, done);
+            done += chunk;
+        }
+        Ok(())
+    }
+}
+
+impl GuestMemory for GuestRam {
+    fn read(&self, gpa: u64, data: &mut [u8]) -> Result<(), String> {
+        let len = data.len();
+        let dst = data.as_mut_ptr();
+        self.for_each_chunk(gpa, len, false, |r, off, chunk, done| {
+            // SAFETY: `off + chunk <= r.size` (checked by for_each_chunk),
+            // so the source lies in the live mapping, which the Arc keeps
+            // alive; `done + chunk <= data.len()`. Shared memory may change
+            // under the copy, exactly like a device DMA on real hardware.
+            unsafe { std::ptr::copy_nonoverlapping(r.ptr.add(off), dst.add(done), chunk) }
+        })
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        let src = data.as_ptr();
+        self.for_each_chunk(gpa, data.len(), true, |r, off, chunk, done| {
+            // SAFETY: as in `read`, with the destination in the mapping
+            // (which is writable, checked by for_each_chunk).
+            unsafe { std::ptr::copy_nonoverlapping(src.add(done), r.ptr.add(off), chunk) }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::fd::AsFd;
+
+    fn memfd(size: u64) -> std::fs::File {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(size).unwrap();
+        f
+    }
+
+    #[test]
+    fn dma_reaches_the_shared_file() {
+        let mut f = memfd(0x4000);
+        let ram = GuestRam::new();
+        ram.map(f.as_fd(), 0x1000, 0x2000, 0x10_0000, true).unwrap();
+        ram.write(0x10_0010, b"hello").unwrap();
+        let mut back = [0u8; 5];
+        f.seek(SeekFrom::Start(0x1010)).unwrap();
+        f.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"hello");
+        f.seek(SeekFrom::Start(0x1020)).unwrap();
+        f.write_all(b"world").unwrap();
+        let mut got = [0u8; 5];
+        ram.read(0x10_0020, &mut got).unwrap();
+        assert_eq!(&got, b"world");
+    }
+
+    #[test]
+    fn access_outside_shared_memory_is_an_error() {
+        let f = memfd(0x2000);
+        let ram = GuestRam::new();
+        ram.map(f.as_fd(), 0, 0x2000, 0x1000, true).unwrap();
+        let mut b = [0u8; 16];
+        assert!(ram.read(0x0, &mut b).is_err());
+        assert!(ram.read(0x2ff8, &mut b).is_err(), "straddles the end");
+        assert!(ram.write(u64::MAX - 4, &b).is_err());
+        assert!(ram.read(0x1000, &mut b).is_ok());
+    }
+
+    #[test]
+    fn access_spanning_adjacent_regions() {
+        let f = memfd(0x2000);
+        let ram = GuestRam::new();
+        ram.map(f.as_fd(), 0, 0x1000, 0x0, true).unwrap();
+        ram.map(f.as_fd(), 0x1000, 0x1000, 0x1000, true).unwrap();
+        let data: Vec<u8> = (0..64).collect();
+        ram.write(0xfe0, &data).unwrap();
+        let mut back = vec![0u8; 64];
+        ram.read(0xfe0, &mut back).unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn overlap_unmap_and_read_only() {
+        let f = memfd(0x2000);
+        let ram = GuestRam::new();
+        ram.map(f.as_fd(), 0, 0x1000, 0x0, false).unwrap();
+        assert!(matches!(
+            ram.map(f.as_fd(), 0, 0x1000, 0x800, true),
+            Err(MemoryError::Overlap { .. })
+        ));
+        assert!(ram.write(0x10, b"x").is_err(), "read-only region");
+        assert!(matches!(
+            ram.unmap(0, 0x800),
+            Err(MemoryError::NotMapped {
+                gpa: 0,
+                size: 0x800
+            })
+        ));
+        ram.unmap(0, 0x1000).unwrap();
+        assert!(ram.layout().is_empty());
+        assert!(ram.map(f.as_fd(), 0, 0, 0, true).is_err());
+    }
+
+    #[test]
+    fn bad_fd_or_offset_is_an_error() {
+        let f = memfd(0x1000);
+        let ram = GuestRam::new();
+        // Offset not page aligned.
+        assert!(matches!(
+            ram.map(f.as_fd(), 3, 0x1000, 0, true),
+            Err(MemoryError::Map { .. })
+        ));
+    }
+}
