@@ -10,3 +10,4 @@ pub mod devices;
 pub mod irq;
 pub mod logging;
 pub mod memory;
+pub mod serve_vfio_user;

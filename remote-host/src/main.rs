@@ -166,10 +166,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if socket.is_none() && fd.is_none() {
                 anyhow::bail!("serve needs --socket PATH or --fd N");
             }
-            anyhow::bail!(
-                "protocol {} is not available in this build yet",
-                protocol.name()
-            )
+            match protocol {
+                Protocol::VfioUser => {
+                    use remote_host::serve_vfio_user::{serve, Endpoint};
+                    let endpoint = match (socket, fd) {
+                        (Some(path), _) => Endpoint::Socket(path),
+                        (None, Some(n)) => Endpoint::Fd(n),
+                        (None, None) => anyhow::bail!("serve needs --socket PATH or --fd N"),
+                    };
+                    serve(devs, endpoint, &Default::default())?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Protocol::Mpqemu => anyhow::bail!(
+                    "protocol {} is not available in this build yet",
+                    protocol.name()
+                ),
+            }
         }
     }
 }

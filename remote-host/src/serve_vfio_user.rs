@@ -1,0 +1,618 @@
+//! Serving the devices of one remote over vfio-user.
+//!
+//! Each device gets its own listening socket, and each accepted
+//! connection its own thread running [`channel::vfio_user::serve_connection`]
+//! over an [`Adapter`] that maps vfio-user onto the device's
+//! [`PciFunction`](plugin_api::function::PciFunction), its guest memory
+//! ([`GuestRam`]) and its INTx line ([`IntxLine`]).
+//!
+//! ## Where the sockets are
+//!
+//! `--socket PATH`:
+//! - one device, and `PATH` is not an existing directory: the device
+//!   listens on `PATH` itself;
+//! - otherwise (several devices, or `PATH` is a directory): `PATH` is a
+//!   directory (created if missing) and each device listens on
+//!   `PATH/<device-id>.sock`.
+//!
+//! A stale socket file at a path is replaced; any other file there is an
+//! error. `--fd N` serves one device (the remote must have exactly one) on
+//! an inherited socket: a listening socket is accepted on like a path, a
+//! connected one is served until its client goes away, then the process
+//! exits.
+//!
+//! ## Connections
+//!
+//! vfio-user has one client per device. A device serves one connection at
+//! a time; a second client waits (and its VERSION times out on its side)
+//! until the first has gone. When a client goes away, for whatever
+//! reason, its DMA mappings and eventfds are dropped and the device keeps
+//! its state for the next client. A bad message closes that connection
+//! only.
+//!
+//! ## Regions and interrupts
+//!
+//! Regions 0..=5 are the BARs the device declared (size 0 for unused
+//! slots and the upper half of a 64-bit BAR), 6 (ROM) and 8 (VGA) are
+//! empty, 7 is the 256-byte configuration space. IRQ index 0 is INTx
+//! (eventfd, maskable, automasked as VFIO reports it); MSI, MSI-X, ERR
+//! and REQ have no vectors. The INTx trigger eventfd is signalled on a
+//! rising level; an unmask (SET_IRQS ACTION_UNMASK, or a write to the
+//! unmask eventfd, which a KVM VMM registers as the irqfd resample fd)
+//! re-signals while the level is still high.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use channel::vfio_user::{
+    self, serve_connection, DeviceError, DeviceInfo, DmaMap, DmaUnmap, IrqInfo, RegionInfo,
+    ServerOptions, SetIrqs, VfioUserDevice,
+};
+use plugin_api::BarKind;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::RemoteDevice;
+use crate::irq::IntxFds;
+use crate::memory::MemoryError;
+
+/// Size of the configuration-space region.
+const CONFIG_SIZE: u64 = 256;
+
+/// Where to serve.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// A socket path (or directory, see the module docs).
+    Socket(PathBuf),
+    /// An inherited socket fd, listening or connected.
+    Fd(RawFd),
+}
+
+/// The socket path of each device for `--socket PATH` (see the module
+/// docs for the rule).
+pub fn socket_paths(path: &Path, device_ids: &[&str]) -> Vec<PathBuf> {
+    if device_ids.len() == 1 && !path.is_dir() {
+        return vec![path.to_path_buf()];
+    }
+    device_ids
+        .iter()
+        .map(|id| path.join(format!("{id}.sock")))
+        .collect()
+}
+
+/// Serves `devices` until every listener ends (normally never), or, for
+/// a connected `--fd`, until its client goes away.
+pub fn serve(
+    devices: Vec<Arc<RemoteDevice>>,
+    endpoint: Endpoint,
+    options: &ServerOptions,
+) -> anyhow::Result<()> {
+    if devices.is_empty() {
+        anyhow::bail!("no device to serve");
+    }
+    match endpoint {
+        Endpoint::Socket(path) => {
+            let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
+            let paths = socket_paths(&path, &ids);
+            if paths.len() > 1 || path.is_dir() {
+                std::fs::create_dir_all(&path).with_context(|| {
+                    format!("cannot create socket directory {}", path.display())
+                })?;
+            }
+            let mut threads = Vec::new();
+            for (dev, p) in devices.into_iter().zip(paths) {
+                let listener = bind(&p)?;
+                tracing::info!(device = %dev.id, socket = %p.display(), "vfio-user listening");
+                threads.push(spawn_listener(dev, listener, options)?);
+            }
+            for t in threads {
+                let _ = t.join();
+            }
+            Ok(())
+        }
+        Endpoint::Fd(n) => {
+            let [dev] = <[_; 1]>::try_from(devices).map_err(|d| {
+                anyhow::anyhow!(
+                    "--fd serves one device; this remote has {} (use --socket DIR)",
+                    d.len()
+                )
+            })?;
+            let fd = inherited_socket(n)?;
+            let server = DeviceServer::new(dev, options);
+            if is_listening(&fd)? {
+                tracing::info!(device = %server.name(), fd = n, "vfio-user listening on inherited fd");
+                server.accept_loop(UnixListener::from(fd));
+            } else {
+                tracing::info!(device = %server.name(), fd = n, "vfio-user serving inherited connection");
+                server.serve(UnixStream::from(fd));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        } else {
+            anyhow::bail!("{} exists and is not a socket", path.display());
+        }
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+}
+
+fn inherited_socket(n: RawFd) -> anyhow::Result<OwnedFd> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if n < 0 || unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+        anyhow::bail!("--fd {n} is not an open file descriptor");
+    }
+    // SAFETY: the fd is open (checked above) and was handed to this
+    // process on its command line to own; nothing else in the process
+    // uses it.
+    let fd = unsafe { OwnedFd::from_raw_fd(n) };
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `ty`/`len` are valid out-parameters of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 || ty != libc::SOCK_STREAM {
+        anyhow::bail!("--fd {n} is not a stream socket");
+    }
+    Ok(fd)
+}
+
+fn is_listening(fd: &OwnedFd) -> anyhow::Result<bool> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v`/`len` are valid out-parameters of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_ACCEPTCONN)");
+    }
+    Ok(v != 0)
+}
+
+fn spawn_listener(
+    dev: Arc<RemoteDevice>,
+    listener: UnixListener,
+    options: &ServerOptions,
+) -> anyhow::Result<JoinHandle<()>> {
+    let server = DeviceServer::new(dev, options);
+    std::thread::Builder::new()
+        .name(format!("vfio-user-{}", server.name()))
+        .spawn(move || server.accept_loop(listener))
+        .context("cannot start listener thread")
+}
+
+/// One device's server: its adapter, its session lock and its options.
+#[derive(Clone)]
+struct DeviceServer {
+    adapter: Arc<Mutex<Adapter>>,
+    session: Arc<Mutex<()>>,
+    options: ServerOptions,
+}
+
+impl DeviceServer {
+    fn new(dev: Arc<RemoteDevice>, options: &ServerOptions) -> Self {
+        let options = ServerOptions {
+            name: dev.id.clone(),
+            ..options.clone()
+        };
+        DeviceServer {
+            adapter: Arc::new(Mutex::new(Adapter::new(dev, options.max_dma_maps))),
+            session: Arc::new(Mutex::new(())),
+            options,
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.options.name
+    }
+
+    fn accept_loop(&self, listener: UnixListener) {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(sock) => {
+                    let me = self.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("vfio-user-conn-{}", self.name()))
+                        .spawn(move || me.serve(sock));
+                    if let Err(e) = spawned {
+                        tracing::error!(device = %self.name(), "cannot start connection thread: {e}");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(device = %self.name(), "accept failed: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    fn serve(&self, sock: UnixStream) {
+        let _session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        tracing::info!(device = %self.name(), "vfio-user client connected");
+        // Errors are logged by serve_connection; the device goes on.
+        let _ = serve_connection(sock, &*self.adapter, &self.options);
+    }
+}
+
+/// A thread that waits on the INTx unmask eventfd and re-raises the line
+/// if it is still high.
+struct UnmaskWatcher {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UnmaskWatcher {
+    fn start(dev: Arc<RemoteDevice>, unmask: EventFd) -> std::io::Result<Self> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let stop2 = stop.try_clone()?;
+        let thread = std::thread::Builder::new()
+            .name(format!("intx-unmask-{}", dev.id))
+            .spawn(move || loop {
+                let mut pfds = [
+                    libc::pollfd {
+                        fd: unmask.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: stop2.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: two valid pollfds for the duration of the call.
+                let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
+                if r < 0 {
+                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return;
+                }
+                if pfds[1].revents != 0 {
+                    return;
+                }
+                if pfds[0].revents & libc::POLLIN != 0 {
+                    let _ = unmask.read();
+                    // Unmasks, and re-signals while the level is high.
+                    dev.intx.set_masked(false);
+                } else if pfds[0].revents != 0 {
+                    return;
+                }
+            })?;
+        Ok(UnmaskWatcher {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for UnmaskWatcher {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// vfio-user on top of one [`RemoteDevice`].
+pub struct Adapter {
+    dev: Arc<RemoteDevice>,
+    max_dma_maps: u32,
+    trigger: Option<EventFd>,
+    unmask: Option<EventFd>,
+    watcher: Option<UnmaskWatcher>,
+}
+
+impl Adapter {
+    pub fn new(dev: Arc<RemoteDevice>, max_dma_maps: u32) -> Self {
+        Adapter {
+            dev,
+            max_dma_maps,
+            trigger: None,
+            unmask: None,
+            watcher: None,
+        }
+    }
+
+    fn bar(&self, index: u32) -> Option<(BarKind, u64)> {
+        let f = self.dev.function();
+        f.description()
+            .bars
+            .iter()
+            .find(|b| u32::from(b.index) == index)
+            .map(|b| (b.kind, b.size))
+    }
+
+    /// Hands the current trigger/unmask eventfds to the INTx line and
+    /// (re)starts the unmask watcher.
+    fn apply_intx(&mut self) -> Result<(), DeviceError> {
+        self.watcher = None;
+        let io = |e: std::io::Error| DeviceError::new(libc::EIO, e.to_string());
+        let fds = match &self.trigger {
+            Some(t) => Some(IntxFds {
+                trigger: t.try_clone().map_err(io)?,
+                resample: match &self.unmask {
+                    Some(u) => Some(u.try_clone().map_err(io)?),
+                    None => None,
+                },
+            }),
+            None => None,
+        };
+        self.dev.intx.set_fds(fds);
+        if let Some(u) = &self.unmask {
+            let u = u.try_clone().map_err(io)?;
+            self.watcher = Some(UnmaskWatcher::start(self.dev.clone(), u).map_err(io)?);
+        }
+        Ok(())
+    }
+}
+
+/// Takes an fd the client sent as an eventfd, refusing anything else.
+fn eventfd_from(fd: OwnedFd) -> Result<EventFd, DeviceError> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if link != "anon_inode:[eventfd]" {
+        return Err(DeviceError::invalid(format!(
+            "fd is not an eventfd ({link})"
+        )));
+    }
+    // SAFETY: the fd is an open eventfd that we own (moved out of the
+    // OwnedFd); EventFd takes over closing it.
+    Ok(unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
+}
+
+fn is_set(data_type: u32, data: &[u8]) -> bool {
+    data_type == vfio_user::IRQ_SET_DATA_NONE || data.first().is_some_and(|&b| b != 0)
+}
+
+impl VfioUserDevice for Adapter {
+    fn device_info(&self) -> DeviceInfo {
+        DeviceInfo {
+            argsz: 0,
+            flags: vfio_user::DEVICE_FLAGS_PCI | vfio_user::DEVICE_FLAGS_RESET,
+            num_regions: vfio_user::PCI_NUM_REGIONS,
+            num_irqs: vfio_user::PCI_NUM_IRQS,
+        }
+    }
+
+    fn region_info(&self, index: u32) -> Option<RegionInfo> {
+        let rw = vfio_user::REGION_INFO_FLAG_READ | vfio_user::REGION_INFO_FLAG_WRITE;
+        let (size, flags) = match index {
+            vfio_user::PCI_BAR0_REGION_INDEX..=vfio_user::PCI_BAR5_REGION_INDEX => {
+                match self.bar(index) {
+                    Some((_, size)) => (size, rw),
+                    None => (0, 0),
+                }
+            }
+            vfio_user::PCI_CONFIG_REGION_INDEX => (CONFIG_SIZE, rw),
+            vfio_user::PCI_ROM_REGION_INDEX | vfio_user::PCI_VGA_REGION_INDEX => (0, 0),
+            _ => return None,
+        };
+        Some(RegionInfo {
+            argsz: 0,
+            flags,
+            index,
+            cap_offset: 0,
+            size,
+            offset: 0,
+        })
+    }
+
+    fn irq_info(&self, index: u32) -> Option<IrqInfo> {
+        if index >= vfio_user::PCI_NUM_IRQS {
+            return None;
+        }
+        let (flags, count) = if index == vfio_user::PCI_INTX_IRQ_INDEX {
+            let pin = self.dev.function().description().identity.interrupt_pin;
+            (
+                vfio_user::IRQ_INFO_EVENTFD
+                    | vfio_user::IRQ_INFO_MASKABLE
+                    | vfio_user::IRQ_INFO_AUTOMASKED,
+                u32::from(pin != 0),
+            )
+        } else {
+            (
+                vfio_user::IRQ_INFO_EVENTFD | vfio_user::IRQ_INFO_NORESIZE,
+                0,
+            )
+        };
+        Some(IrqInfo {
+            argsz: 0,
+            flags,
+            index,
+            count,
+        })
+    }
+
+    fn region_read(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), DeviceError> {
+        let mut f = self.dev.function();
+        if region == vfio_user::PCI_CONFIG_REGION_INDEX {
+            f.config_read(offset as usize, data);
+            return Ok(());
+        }
+        let bar = u8::try_from(region).map_err(|_| DeviceError::invalid("region"))?;
+        if let Err(e) = f.bar_read(bar, offset, data) {
+            // A failed device reads all-ones (bar_read filled them).
+            tracing::debug!(device = %self.dev.id, "BAR{bar} read at {offset:#x}: {e:?}");
+        }
+        Ok(())
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let mut f = self.dev.function();
+        if region == vfio_user::PCI_CONFIG_REGION_INDEX {
+            f.config_write(offset as usize, data);
+            return Ok(());
+        }
+        let bar = u8::try_from(region).map_err(|_| DeviceError::invalid("region"))?;
+        f.bar_write(bar, offset, data).map_err(|e| {
+            DeviceError::new(libc::EIO, format!("BAR{bar} write at {offset:#x}: {e:?}"))
+        })
+    }
+
+    fn dma_map(&mut self, map: &DmaMap, fd: Option<OwnedFd>) -> Result<(), DeviceError> {
+        let Some(fd) = fd else {
+            return Err(DeviceError::unsupported(
+                "DMA_MAP without an fd (DMA through messages) is not supported",
+            ));
+        };
+        if self.dev.memory.layout().len() >= self.max_dma_maps as usize {
+            return Err(DeviceError::new(libc::ENOSPC, "too many DMA mappings"));
+        }
+        let writable = map.flags & vfio_user::DMA_MAP_FLAG_WRITE != 0;
+        let file = File::from(fd);
+        self.dev
+            .memory
+            .map(file.as_fd(), map.offset, map.size, map.addr, writable)
+            .map_err(|e| {
+                let errno = match &e {
+                    MemoryError::Overlap { .. } => libc::EEXIST,
+                    MemoryError::Map { errno, .. } => errno.raw_os_error().unwrap_or(libc::EINVAL),
+                    _ => libc::EINVAL,
+                };
+                DeviceError::new(errno, e.to_string())
+            })?;
+        tracing::debug!(device = %self.dev.id, "DMA map {:#x}+{:#x}", map.addr, map.size);
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, unmap: &DmaUnmap) -> Result<(), DeviceError> {
+        if unmap.flags & vfio_user::DMA_UNMAP_FLAG_ALL != 0 {
+            self.dev.memory.clear();
+            return Ok(());
+        }
+        self.dev
+            .memory
+            .unmap(unmap.addr, unmap.size)
+            .map_err(|e| DeviceError::invalid(e.to_string()))
+    }
+
+    fn set_irqs(
+        &mut self,
+        set: &SetIrqs,
+        data: &[u8],
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<(), DeviceError> {
+        let data_type = set.flags & vfio_user::IRQ_SET_DATA_TYPE_MASK;
+        let action = set.flags & vfio_user::IRQ_SET_ACTION_TYPE_MASK;
+        if set.index != vfio_user::PCI_INTX_IRQ_INDEX {
+            // No other index has vectors; only "release all" gets here.
+            return Ok(());
+        }
+        match (action, data_type) {
+            (vfio_user::IRQ_SET_ACTION_TRIGGER, vfio_user::IRQ_SET_DATA_EVENTFD) => {
+                self.trigger = match fds.pop() {
+                    Some(fd) => Some(eventfd_from(fd)?),
+                    None => None,
+                };
+                self.apply_intx()
+            }
+            (vfio_user::IRQ_SET_ACTION_TRIGGER, vfio_user::IRQ_SET_DATA_NONE) if set.count == 0 => {
+                self.trigger = None;
+                self.unmask = None;
+                self.apply_intx()
+            }
+            (vfio_user::IRQ_SET_ACTION_TRIGGER, _) => {
+                // Loopback: fire the trigger as if the device had.
+                if is_set(data_type, data) {
+                    if let Some(t) = &self.trigger {
+                        let _ = t.write(1);
+                    }
+                }
+                Ok(())
+            }
+            (vfio_user::IRQ_SET_ACTION_UNMASK, vfio_user::IRQ_SET_DATA_EVENTFD) => {
+                self.unmask = match fds.pop() {
+                    Some(fd) => Some(eventfd_from(fd)?),
+                    None => None,
+                };
+                self.apply_intx()
+            }
+            (vfio_user::IRQ_SET_ACTION_UNMASK, _) => {
+                if is_set(data_type, data) {
+                    self.dev.intx.set_masked(false);
+                }
+                Ok(())
+            }
+            (vfio_user::IRQ_SET_ACTION_MASK, vfio_user::IRQ_SET_DATA_EVENTFD) => {
+                Err(DeviceError::unsupported("INTx mask through an eventfd"))
+            }
+            (vfio_user::IRQ_SET_ACTION_MASK, _) => {
+                if is_set(data_type, data) {
+                    self.dev.intx.set_masked(true);
+                }
+                Ok(())
+            }
+            _ => Err(DeviceError::invalid(format!(
+                "SET_IRQS flags {:#x}",
+                set.flags
+            ))),
+        }
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        self.dev
+            .function()
+            .reset()
+            .map_err(|e| DeviceError::new(libc::EIO, format!("reset: {e:?}")))
+    }
+
+    fn client_disconnected(&mut self) {
+        self.dev.memory.clear();
+        self.trigger = None;
+        self.unmask = None;
+        self.watcher = None;
+        self.dev.intx.set_fds(None);
+        self.dev.intx.set_masked(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_device_uses_the_path_several_use_a_directory() {
+        let p = Path::new("/nonexistent/dev.sock");
+        assert_eq!(socket_paths(p, &["a"]), vec![p.to_path_buf()]);
+        let d = Path::new("/nonexistent/dir");
+        assert_eq!(
+            socket_paths(d, &["a", "b"]),
+            vec![d.join("a.sock"), d.join("b.sock")]
+        );
+        let tmp = std::env::temp_dir();
+        assert_eq!(socket_paths(&tmp, &["a"]), vec![tmp.join("a.sock")]);
+    }
+}

@@ -1,0 +1,527 @@
+//! `remote-host serve --protocol vfio-user` with the dma-example plugin,
+//! driven by the rust-vmm `vfio_user` crate's client (a peer we did not
+//! write) and by our own client from `channel`.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use channel::vfio_user::{self as vu, ClientOptions, VfioUserClient};
+
+// dma-example's registers (devices/dma-example/src/lib.rs).
+const REG_ID: u64 = 0x00;
+const REG_LIVENESS: u64 = 0x04;
+const REG_SCRATCH: u64 = 0x08;
+const REG_STATUS: u64 = 0x20;
+const REG_IRQ_STATUS: u64 = 0x24;
+const REG_IRQ_ACK: u64 = 0x2c;
+const REG_DMA_SRC: u64 = 0x40;
+const REG_DMA_DST: u64 = 0x48;
+const REG_DMA_LEN: u64 = 0x50;
+const REG_DMA_CMD: u64 = 0x58;
+const REG_DMA_RESULT: u64 = 0x5c;
+const ID_VALUE: u32 = 0xd3a0_0001;
+const DMA_CMD_START: u32 = 1;
+const DMA_CMD_IRQ: u32 = 4;
+const IRQ_DMA_DONE: u32 = 0x100;
+const DMA_FAULT: u32 = 1;
+
+/// Guest-physical base of the memfd we map for DMA.
+const RAM_GPA: u64 = 0x1_0000_0000;
+const RAM_SIZE: u64 = 1 << 20;
+
+fn target_dir() -> PathBuf {
+    // target/<profile>/deps/<test exe> -> target/<profile>
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn plugin_dir() -> PathBuf {
+    let dir = target_dir();
+    assert!(
+        dir.join("libdma_example.so").is_file(),
+        "libdma_example.so is not built in {}: run `cargo build --workspace` first (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// A `remote-host serve` process, killed on drop.
+struct Server {
+    child: Child,
+    tmp: tempfile::TempDir,
+}
+
+impl Server {
+    fn config(tmp: &Path, devices: &[&str]) -> PathBuf {
+        let mut body = String::from(
+            "[vm]\nmemory = \"64M\"\nkernel = \"vmlinuz\"\n\n[[remote]]\nid = \"r\"\n",
+        );
+        for (i, id) in devices.iter().enumerate() {
+            body.push_str(&format!(
+                "\n[[device]]\nid = \"{id}\"\nremote = \"r\"\nplugin = \"dma-example\"\nslot = {}\n",
+                4 + i
+            ));
+        }
+        let path = tmp.join("vm.toml");
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    fn command(tmp: &Path, devices: &[&str]) -> Command {
+        let cfg = Self::config(tmp, devices);
+        let log = File::create(tmp.join("remote-host.log")).unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_remote-host"));
+        c.env_remove("PLUGIN_PATH")
+            .env("RUST_LOG", "debug")
+            .args([
+                "serve",
+                "--remote",
+                "r",
+                "--protocol",
+                "vfio-user",
+                "--config",
+            ])
+            .arg(cfg)
+            .arg("--plugin-dir")
+            .arg(plugin_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        c
+    }
+
+    /// Serves `devices` on `--socket <tmp>/<socket>`.
+    fn start(devices: &[&str], socket: &str) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let child = Self::command(tmp.path(), devices)
+            .arg("--socket")
+            .arg(tmp.path().join(socket))
+            .spawn()
+            .unwrap();
+        Server { child, tmp }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("remote-host.log")).unwrap_or_default()
+    }
+
+    /// Connects to `rel` once the server listens there.
+    fn wait_socket(&mut self, rel: &str) -> PathBuf {
+        let p = self.path(rel);
+        let start = Instant::now();
+        loop {
+            if UnixStream::connect(&p).is_ok() {
+                // That probe connection is closed at once; the server
+                // treats it as a client that went away.
+                return p;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("remote-host exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "remote-host does not listen on {}:\n{}",
+                p.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- remote-host log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it takes longer than
+/// `secs` (the vfio_user crate's client waits without timeouts).
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(p)) => std::panic::resume_unwind(p),
+        Err(_) => panic!("timed out after {secs} s"),
+    }
+}
+
+fn memfd(size: u64) -> File {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the fd is
+    // checked and then owned by the File.
+    let f = unsafe {
+        let fd = libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0, "memfd_create");
+        File::from_raw_fd(fd)
+    };
+    f.set_len(size).unwrap();
+    f
+}
+
+fn eventfd() -> File {
+    // SAFETY: eventfd returns a new fd (checked) that the File owns.
+    unsafe {
+        let fd = libc::eventfd(0, libc::EFD_CLOEXEC);
+        assert!(fd >= 0, "eventfd");
+        File::from_raw_fd(fd)
+    }
+}
+
+/// Waits up to `timeout` for the eventfd to fire; returns its count.
+fn wait_eventfd(ev: &File, timeout: Duration) -> Option<u64> {
+    let mut pfd = libc::pollfd {
+        fd: ev.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    if r <= 0 {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    (&*ev).read_exact(&mut b).ok()?;
+    Some(u64::from_ne_bytes(b))
+}
+
+fn pattern() -> Vec<u8> {
+    (0..256u32).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+mod rust_vmm {
+    //! The `vfio_user` crate's client.
+
+    pub fn read32(c: &mut vfio_user::Client, region: u32, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        c.region_read(region, off, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    }
+
+    pub fn write32(c: &mut vfio_user::Client, region: u32, off: u64, v: u32) {
+        c.region_write(region, off, &v.to_le_bytes()).unwrap();
+    }
+}
+
+#[test]
+fn rust_vmm_client_regions_dma_and_interrupt() {
+    let mut server = Server::start(&["dma0"], "dma0.sock");
+    let sock = server.wait_socket("dma0.sock");
+    within(60, move || {
+        use rust_vmm::{read32, write32};
+        let mut c = vfio_user::Client::new(&sock).unwrap();
+
+        // Region info (the crate fetched all regions while connecting).
+        let bar0 = c.region(0).unwrap();
+        assert_eq!(bar0.size, 0x1000);
+        assert_eq!(bar0.flags & 3, 3, "BAR0 readable and writable");
+        assert_eq!(c.region(1).unwrap().size, 0, "no BAR1");
+        assert_eq!(c.region(7).unwrap().size, 256, "config space");
+
+        // Config space identity.
+        let id = read32(&mut c, 7, 0);
+        assert_eq!(id & 0xffff, 0x1234, "vendor");
+        assert_eq!(id >> 16, 0x11e9, "device");
+
+        // Registers.
+        assert_eq!(read32(&mut c, 0, REG_ID), ID_VALUE);
+        write32(&mut c, 0, REG_SCRATCH, 0xcafe_f00d);
+        assert_eq!(read32(&mut c, 0, REG_SCRATCH), 0xcafe_f00d);
+        write32(&mut c, 0, REG_LIVENESS, 0x0f0f_0000);
+        assert_eq!(read32(&mut c, 0, REG_LIVENESS), !0x0f0f_0000);
+
+        // INTx to an eventfd.
+        let irq = c.get_irq_info(0).unwrap();
+        assert_eq!(irq.count, 1);
+        assert_eq!(irq.flags & vu::IRQ_INFO_EVENTFD, vu::IRQ_INFO_EVENTFD);
+        let ev = eventfd();
+        c.set_irqs(
+            0,
+            vu::IRQ_SET_DATA_EVENTFD | vu::IRQ_SET_ACTION_TRIGGER,
+            0,
+            1,
+            &[ev.as_raw_fd()],
+        )
+        .unwrap();
+
+        // DMA through a mapped memfd.
+        let ram = memfd(RAM_SIZE);
+        let pat = pattern();
+        ram.write_all_at(&pat, 0x1000).unwrap();
+        c.dma_map(0, RAM_GPA, RAM_SIZE, ram.as_raw_fd()).unwrap();
+        let src = RAM_GPA + 0x1000;
+        let dst = RAM_GPA + 0x8000;
+        write32(&mut c, 0, REG_DMA_SRC, src as u32);
+        write32(&mut c, 0, REG_DMA_SRC + 4, (src >> 32) as u32);
+        write32(&mut c, 0, REG_DMA_DST, dst as u32);
+        write32(&mut c, 0, REG_DMA_DST + 4, (dst >> 32) as u32);
+        write32(&mut c, 0, REG_DMA_LEN, pat.len() as u32);
+        write32(&mut c, 0, REG_DMA_CMD, DMA_CMD_START | DMA_CMD_IRQ);
+
+        let fired = wait_eventfd(&ev, Duration::from_secs(10));
+        assert!(fired.is_some(), "the INTx eventfd did not fire");
+        let start = Instant::now();
+        while read32(&mut c, 0, REG_STATUS) & 1 != 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "DMA never ends");
+        }
+        assert_eq!(read32(&mut c, 0, REG_DMA_RESULT), 0, "DMA result");
+        let mut copy = vec![0u8; pat.len()];
+        ram.read_exact_at(&mut copy, 0x8000).unwrap();
+        assert_eq!(copy, pat, "the device copied the pattern");
+        assert_eq!(
+            read32(&mut c, 0, REG_IRQ_STATUS) & IRQ_DMA_DONE,
+            IRQ_DMA_DONE
+        );
+        write32(&mut c, 0, REG_IRQ_ACK, IRQ_DMA_DONE);
+        assert_eq!(read32(&mut c, 0, REG_IRQ_STATUS), 0);
+
+        c.dma_unmap(RAM_GPA, RAM_SIZE).unwrap();
+        c.reset().unwrap();
+        assert_eq!(read32(&mut c, 0, REG_SCRATCH), 0, "reset clears the device");
+    });
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "server still up"
+    );
+}
+
+fn our_client(path: &Path) -> VfioUserClient {
+    VfioUserClient::connect(path, ClientOptions::default()).unwrap()
+}
+
+fn read32(c: &mut VfioUserClient, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    c.region_read(0, off, &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+#[test]
+fn our_client_posted_writes_dma_and_disconnect() {
+    let mut server = Server::start(&["dma0"], "dma0.sock");
+    let sock = server.wait_socket("dma0.sock");
+    within(60, move || {
+        let mut c = our_client(&sock);
+        assert_eq!(c.server_version(), (0, 1));
+        let info = c.device_info().unwrap();
+        assert_eq!(info.num_regions, vu::PCI_NUM_REGIONS);
+        assert_eq!(info.flags & vu::DEVICE_FLAGS_PCI, vu::DEVICE_FLAGS_PCI);
+        let (r, _) = c.region_info(vu::PCI_CONFIG_REGION_INDEX).unwrap();
+        assert_eq!(r.size, 256);
+
+        // Posted writes are seen by the next read.
+        for i in 0..200u32 {
+            c.region_write_posted(0, REG_SCRATCH, &i.to_le_bytes())
+                .unwrap();
+        }
+        assert_eq!(read32(&mut c, REG_SCRATCH), 199);
+
+        // Out of the region: an error reply, the channel goes on.
+        let mut b = [0u8; 8];
+        assert!(matches!(
+            c.region_read(0, 0xffc, &mut b),
+            Err(vu::ClientError::Remote { .. })
+        ));
+        assert_eq!(read32(&mut c, REG_ID), ID_VALUE);
+
+        // DMA and interrupt through our client.
+        let ram = memfd(RAM_SIZE);
+        let pat = pattern();
+        ram.write_all_at(&pat, 0x2000).unwrap();
+        c.dma_map(RAM_GPA, RAM_SIZE, ram.as_fd(), 0).unwrap();
+        let ev = eventfd();
+        c.set_irq_eventfds(0, 0, &[ev.as_fd()]).unwrap();
+        let src = RAM_GPA + 0x2000;
+        let dst = RAM_GPA + 0x9000;
+        for (off, v) in [
+            (REG_DMA_SRC, src as u32),
+            (REG_DMA_SRC + 4, (src >> 32) as u32),
+            (REG_DMA_DST, dst as u32),
+            (REG_DMA_DST + 4, (dst >> 32) as u32),
+            (REG_DMA_LEN, pat.len() as u32),
+            (REG_DMA_CMD, DMA_CMD_START | DMA_CMD_IRQ),
+        ] {
+            c.region_write_posted(0, off, &v.to_le_bytes()).unwrap();
+        }
+        assert!(wait_eventfd(&ev, Duration::from_secs(10)).is_some());
+        let mut copy = vec![0u8; pat.len()];
+        ram.read_exact_at(&mut copy, 0x9000).unwrap();
+        assert_eq!(copy, pat);
+        // Still high until acked: an unmask re-signals.
+        c.set_irqs(
+            0,
+            vu::IRQ_SET_DATA_NONE | vu::IRQ_SET_ACTION_UNMASK,
+            0,
+            1,
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert!(
+            wait_eventfd(&ev, Duration::from_secs(5)).is_some(),
+            "unmask with the level high re-signals"
+        );
+        c.region_write(0, REG_IRQ_ACK, &IRQ_DMA_DONE.to_le_bytes())
+            .unwrap();
+
+        // Round-trip latency of a REGION_READ (informational).
+        let mut samples: Vec<Duration> = (0..3000)
+            .map(|_| {
+                let t = Instant::now();
+                read32(&mut c, REG_SCRATCH);
+                t.elapsed()
+            })
+            .collect();
+        samples.sort();
+        println!(
+            "REGION_READ round trip, our client -> remote-host (dma-example): p50 {:?} p99 {:?}",
+            samples[samples.len() / 2],
+            samples[samples.len() * 99 / 100]
+        );
+
+        // Disconnect: the mappings go, the device state stays.
+        c.region_write(0, REG_SCRATCH, &0x5a5a_5a5au32.to_le_bytes())
+            .unwrap();
+        drop(c);
+        let mut c = our_client(&sock);
+        assert_eq!(read32(&mut c, REG_SCRATCH), 0x5a5a_5a5a, "state kept");
+        for (off, v) in [(REG_DMA_SRC, src as u32), (REG_DMA_CMD, DMA_CMD_START)] {
+            c.region_write(0, off, &v.to_le_bytes()).unwrap();
+        }
+        let start = Instant::now();
+        while read32(&mut c, REG_STATUS) & 1 != 0 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+        }
+        assert_eq!(
+            read32(&mut c, REG_DMA_RESULT),
+            DMA_FAULT,
+            "the old client's mapping is gone"
+        );
+    });
+    assert!(server.child.try_wait().unwrap().is_none());
+}
+
+#[test]
+fn malformed_message_closes_only_that_channel() {
+    let mut server = Server::start(&["dma0", "dma1"], "socks");
+    let s0 = server.wait_socket("socks/dma0.sock");
+    let s1 = server.wait_socket("socks/dma1.sock");
+    within(60, move || {
+        // A client of the other device, connected throughout.
+        let mut other = our_client(&s1);
+        other
+            .region_write(0, REG_SCRATCH, &7u32.to_le_bytes())
+            .unwrap();
+
+        let expect_closed = |mut s: UnixStream| {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut b = [0u8; 64];
+            // The server may answer VERSION first; then it must close.
+            loop {
+                match s.read(&mut b) {
+                    Ok(0) => break,
+                    Ok(_) => continue,
+                    Err(e) => panic!("server did not close the channel: {e}"),
+                }
+            }
+        };
+
+        // A size below the header.
+        let mut s = UnixStream::connect(&s0).unwrap();
+        let mut m = Vec::new();
+        vu::Header {
+            msg_id: 0,
+            cmd: 1,
+            msg_size: 8,
+            flags: 0,
+            error: 0,
+        }
+        .encode(&mut m);
+        s.write_all(&m).unwrap();
+        expect_closed(s);
+
+        // A valid VERSION, then garbage in a REGION_READ.
+        let mut c = our_client(&s0);
+        let mut m = Vec::new();
+        vu::Header::command(9, vu::Command::RegionRead, 3, false).encode(&mut m);
+        m.extend_from_slice(&[1, 2, 3]);
+        c.send_raw(&m).unwrap();
+        expect_closed(c.socket().try_clone().unwrap());
+
+        // An oversized message.
+        let mut s = UnixStream::connect(&s0).unwrap();
+        let mut m = Vec::new();
+        vu::Header::command(0, vu::Command::Version, 256 << 20, false).encode(&mut m);
+        s.write_all(&m).unwrap();
+        expect_closed(s);
+
+        // The device is still served, to a peer we did not write too.
+        let mut c = vfio_user::Client::new(&s0).unwrap();
+        assert_eq!(rust_vmm::read32(&mut c, 0, REG_ID), ID_VALUE);
+        // And the other device never noticed.
+        assert_eq!(read32(&mut other, REG_SCRATCH), 7);
+    });
+    assert!(server.child.try_wait().unwrap().is_none());
+    let log = server.log();
+    assert!(log.contains("vfio-user channel closed"), "{log}");
+}
+
+#[test]
+fn serves_an_inherited_connected_fd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let raw = theirs.as_raw_fd();
+    let mut cmd = Server::command(tmp.path(), &["dma0"]);
+    cmd.args(["--fd", "3"]);
+    // SAFETY: only dup2 runs in the child between fork and exec; it is
+    // async-signal-safe. dup2 clears FD_CLOEXEC on the new descriptor.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(theirs);
+    let result = within(60, move || {
+        let mut c = VfioUserClient::from_stream(ours, ClientOptions::default()).unwrap();
+        let v = read32(&mut c, REG_ID);
+        drop(c);
+        v
+    });
+    assert_eq!(result, ID_VALUE);
+    // The connection is gone: the process ends by itself.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("remote-host did not exit after its client left");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
