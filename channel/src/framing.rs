@@ -128,10 +128,13 @@ impl Framed {
         if data.is_empty() {
             return Err(FramingError::Malformed("empty message".into()));
         }
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let mut raw = [0 as RawFd; MAX_FDS];
+        for (r, f) in raw.iter_mut().zip(fds) {
+            *r = f.as_raw_fd();
+        }
         let deadline = Instant::now() + timeout;
         let mut sent = 0;
-        let mut with_fds: &[RawFd] = &raw;
+        let mut with_fds: &[RawFd] = &raw[..fds.len()];
         while sent < data.len() {
             match sendmsg_once(self.sock.as_raw_fd(), &data[sent..], with_fds) {
                 Ok(n) => {
