@@ -34,12 +34,16 @@
 //!
 //! Regions 0..=5 are the BARs the device declared (size 0 for unused
 //! slots and the upper half of a 64-bit BAR), 6 (ROM) and 8 (VGA) are
-//! empty, 7 is the 256-byte configuration space. IRQ index 0 is INTx
-//! (eventfd, maskable, automasked as VFIO reports it); MSI, MSI-X, ERR
-//! and REQ have no vectors. The INTx trigger eventfd is signalled on a
-//! rising level; an unmask (SET_IRQS ACTION_UNMASK, or a write to the
-//! unmask eventfd, which a KVM VMM registers as the irqfd resample fd)
-//! re-signals while the level is still high.
+//! empty, 7 is the 256-byte configuration space. IRQ index 0 is INTx;
+//! MSI, MSI-X, ERR and REQ have no vectors. INTx is reported as VFIO
+//! reports it (eventfd, maskable, automasked); what we do: the trigger
+//! eventfd is signalled on a rising level, and an unmask (SET_IRQS
+//! ACTION_UNMASK, or a write to the unmask eventfd, which a KVM VMM
+//! registers as the irqfd resample fd) re-signals while the level is
+//! still high. A client that unmasks after each interrupt (QEMU, KVM
+//! resample) sees exactly VFIO's behaviour; the line is not masked
+//! between a signal and the unmask, so a client that never unmasks still
+//! gets every new rising edge.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -54,7 +58,6 @@ use channel::vfio_user::{
     self, serve_connection, DeviceError, DeviceInfo, DmaMap, DmaUnmap, IrqInfo, RegionInfo,
     ServerOptions, SetIrqs, VfioUserDevice,
 };
-use plugin_api::BarKind;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::RemoteDevice;
@@ -324,6 +327,10 @@ impl Drop for UnmaskWatcher {
 pub struct Adapter {
     dev: Arc<RemoteDevice>,
     max_dma_maps: u32,
+    /// Size of regions 0..=5 (the BARs) from the device's description.
+    bar_sizes: [u64; 6],
+    /// The device has an interrupt pin.
+    has_intx: bool,
     trigger: Option<EventFd>,
     unmask: Option<EventFd>,
     watcher: Option<UnmaskWatcher>,
@@ -331,22 +338,27 @@ pub struct Adapter {
 
 impl Adapter {
     pub fn new(dev: Arc<RemoteDevice>, max_dma_maps: u32) -> Self {
+        let mut bar_sizes = [0u64; 6];
+        let has_intx;
+        {
+            let f = dev.function();
+            let desc = f.description();
+            for b in desc.bars.iter() {
+                if let Some(s) = bar_sizes.get_mut(usize::from(b.index)) {
+                    *s = b.size;
+                }
+            }
+            has_intx = desc.identity.interrupt_pin != 0;
+        }
         Adapter {
             dev,
             max_dma_maps,
+            bar_sizes,
+            has_intx,
             trigger: None,
             unmask: None,
             watcher: None,
         }
-    }
-
-    fn bar(&self, index: u32) -> Option<(BarKind, u64)> {
-        let f = self.dev.function();
-        f.description()
-            .bars
-            .iter()
-            .find(|b| u32::from(b.index) == index)
-            .map(|b| (b.kind, b.size))
     }
 
     /// Hands the current trigger/unmask eventfds to the INTx line and
@@ -373,18 +385,20 @@ impl Adapter {
     }
 }
 
-/// Takes an fd the client sent as an eventfd, refusing anything else.
+/// Takes an fd the client sent as an eventfd, refusing anything else
+/// (a pipe or a file would take our 8-byte writes as data). Where
+/// `/proc` is not readable (a sandbox), the fd is taken on trust.
 fn eventfd_from(fd: OwnedFd) -> Result<EventFd, DeviceError> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    if link != "anon_inode:[eventfd]" {
-        return Err(DeviceError::invalid(format!(
-            "fd is not an eventfd ({link})"
-        )));
+    if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+        let link = link.to_string_lossy();
+        if link != "anon_inode:[eventfd]" {
+            return Err(DeviceError::invalid(format!(
+                "fd is not an eventfd ({link})"
+            )));
+        }
     }
-    // SAFETY: the fd is an open eventfd that we own (moved out of the
-    // OwnedFd); EventFd takes over closing it.
+    // SAFETY: the fd is open and ours (moved out of the OwnedFd); EventFd
+    // takes over closing it.
     Ok(unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
 }
 
@@ -406,9 +420,9 @@ impl VfioUserDevice for Adapter {
         let rw = vfio_user::REGION_INFO_FLAG_READ | vfio_user::REGION_INFO_FLAG_WRITE;
         let (size, flags) = match index {
             vfio_user::PCI_BAR0_REGION_INDEX..=vfio_user::PCI_BAR5_REGION_INDEX => {
-                match self.bar(index) {
-                    Some((_, size)) => (size, rw),
-                    None => (0, 0),
+                match self.bar_sizes.get(index as usize) {
+                    Some(&size) if size > 0 => (size, rw),
+                    _ => (0, 0),
                 }
             }
             vfio_user::PCI_CONFIG_REGION_INDEX => (CONFIG_SIZE, rw),
@@ -430,12 +444,11 @@ impl VfioUserDevice for Adapter {
             return None;
         }
         let (flags, count) = if index == vfio_user::PCI_INTX_IRQ_INDEX {
-            let pin = self.dev.function().description().identity.interrupt_pin;
             (
                 vfio_user::IRQ_INFO_EVENTFD
                     | vfio_user::IRQ_INFO_MASKABLE
                     | vfio_user::IRQ_INFO_AUTOMASKED,
-                u32::from(pin != 0),
+                u32::from(self.has_intx),
             )
         } else {
             (

@@ -380,8 +380,50 @@ fn our_client_posted_writes_dma_and_disconnect() {
             wait_eventfd(&ev, Duration::from_secs(5)).is_some(),
             "unmask with the level high re-signals"
         );
+        // The same through an unmask eventfd (what KVM's resample fd does).
+        let unmask = eventfd();
+        c.set_irqs(
+            0,
+            vu::IRQ_SET_DATA_EVENTFD | vu::IRQ_SET_ACTION_UNMASK,
+            0,
+            1,
+            &[],
+            &[unmask.as_fd()],
+        )
+        .unwrap();
+        // Installing fds while the level is high signals once; drain it.
+        let _ = wait_eventfd(&ev, Duration::from_millis(200));
+        (&unmask).write_all(&1u64.to_ne_bytes()).unwrap();
+        assert!(
+            wait_eventfd(&ev, Duration::from_secs(5)).is_some(),
+            "a write to the unmask eventfd re-signals"
+        );
         c.region_write(0, REG_IRQ_ACK, &IRQ_DMA_DONE.to_le_bytes())
             .unwrap();
+        (&unmask).write_all(&1u64.to_ne_bytes()).unwrap();
+        assert!(
+            wait_eventfd(&ev, Duration::from_millis(200)).is_none(),
+            "acked: no re-signal"
+        );
+
+        // Refused cleanly, and the channel goes on: DMA without an fd, a
+        // socket passed as an eventfd.
+        let no_fd = vu::DmaMap {
+            flags: vu::DMA_MAP_FLAG_READ | vu::DMA_MAP_FLAG_WRITE,
+            addr: 0x2_0000_0000,
+            size: 0x1000,
+            ..Default::default()
+        };
+        assert!(matches!(
+            c.dma_map_with(&no_fd, None),
+            Err(vu::ClientError::Remote { errno, .. }) if errno == libc::ENOTSUP
+        ));
+        let (not_eventfd, _peer) = UnixStream::pair().unwrap();
+        assert!(matches!(
+            c.set_irq_eventfds(0, 0, &[not_eventfd.as_fd()]),
+            Err(vu::ClientError::Remote { errno, .. }) if errno == libc::EINVAL
+        ));
+        assert_eq!(read32(&mut c, REG_ID), ID_VALUE);
 
         // Round-trip latency of a REGION_READ (informational).
         let mut samples: Vec<Duration> = (0..3000)

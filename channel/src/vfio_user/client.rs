@@ -321,6 +321,27 @@ impl VfioUserClient {
         Ok(())
     }
 
+    /// DMA_MAP as given, with or without an fd (without one, the client
+    /// asks for DMA through DMA_READ/DMA_WRITE messages, which a server
+    /// may refuse). `argsz` is filled in.
+    pub fn dma_map_with(
+        &mut self,
+        map: &DmaMap,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<(), ClientError> {
+        let mut p = Vec::with_capacity(DmaMap::LEN);
+        DmaMap {
+            argsz: DmaMap::LEN as u32,
+            ..*map
+        }
+        .encode(&mut p);
+        match fd {
+            Some(fd) => self.call(Command::DmaMap, &p, &[], &[fd])?,
+            None => self.call(Command::DmaMap, &p, &[], &[])?,
+        };
+        Ok(())
+    }
+
     /// DMA_UNMAP of a mapping made with exactly this address and size.
     pub fn dma_unmap(&mut self, addr: u64, size: u64) -> Result<(), ClientError> {
         let mut p = Vec::with_capacity(DmaUnmap::LEN);
