@@ -567,3 +567,52 @@ fn serves_an_inherited_connected_fd() {
     };
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn serves_an_inherited_listening_fd_one_client_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("orchestrator.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let raw = listener.as_raw_fd();
+    let mut cmd = Server::command(tmp.path(), &["dma0"]);
+    cmd.args(["--fd", "3"]);
+    // SAFETY: only dup2 runs in the child between fork and exec; it is
+    // async-signal-safe. dup2 clears FD_CLOEXEC on the new descriptor.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(listener);
+    let mut server = Server { child, tmp };
+    within(60, move || {
+        let mut a = our_client(&path);
+        a.region_write(0, REG_SCRATCH, &11u32.to_le_bytes())
+            .unwrap();
+        // A second client waits while the first is connected: its
+        // VERSION is not answered in time.
+        let b = VfioUserClient::connect(
+            &path,
+            ClientOptions {
+                timeout: Duration::from_millis(300),
+                ..Default::default()
+            },
+        );
+        assert!(
+            matches!(
+                b,
+                Err(vu::ClientError::Framing(channel::FramingError::Timeout(_)))
+            ),
+            "{b:?}"
+        );
+        assert_eq!(read32(&mut a, REG_SCRATCH), 11);
+        drop(a);
+        let mut c = our_client(&path);
+        assert_eq!(read32(&mut c, REG_SCRATCH), 11);
+    });
+    assert!(server.child.try_wait().unwrap().is_none());
+}

@@ -116,8 +116,9 @@ pub struct ServerOptions {
     /// Limit on the rest of a message once its first byte arrived, and
     /// on sending a reply.
     pub timeout: Duration,
-    /// Limit on waiting for the next command; `None` waits forever (an
-    /// idle guest may leave a device alone for hours).
+    /// Limit on waiting for the next command once VERSION is done;
+    /// `None` waits forever (an idle guest may leave a device alone for
+    /// hours). VERSION itself must arrive within `timeout`.
     pub idle_timeout: Option<Duration>,
     /// Largest REGION_READ/WRITE data we accept (advertised).
     pub max_data_xfer_size: u32,
@@ -226,7 +227,12 @@ impl Connection<'_> {
                 Header::size_of,
                 &RecvLimits {
                     max_size: self.opts.max_message(),
-                    first: self.opts.idle_timeout,
+                    // VERSION must come promptly; later commands may not.
+                    first: if self.negotiated {
+                        self.opts.idle_timeout
+                    } else {
+                        Some(self.opts.timeout)
+                    },
                     rest: self.opts.timeout,
                 },
             ) {
