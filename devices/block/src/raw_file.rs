@@ -2,11 +2,12 @@
 //!
 //! With `direct`, the file is opened with `O_DIRECT` so guest I/O bypasses
 //! the host page cache. `O_DIRECT` needs the memory buffer, the offset and
-//! the length aligned (to the device's logical block size, at most 4 KiB on
-//! the hosts we care about): aligned requests go through an aligned bounce
-//! buffer on the direct descriptor, and requests that are not aligned (for
-//! instance 512-byte guest blocks at odd offsets, or a tail that is not a
-//! multiple of 4 KiB) use a second, buffered descriptor of the same file.
+//! the length aligned. The offset/length alignment is asked from the kernel
+//! (`statx` `STATX_DIOALIGN`, Linux 6.1+) and is 4 KiB when it cannot say;
+//! buffers are always 4 KiB aligned. Aligned requests go through an aligned
+//! bounce buffer on the direct descriptor, and requests that are not aligned
+//! (for instance 512-byte guest blocks on a 4 KiB-sector host device) use a
+//! second, buffered descriptor of the same file.
 //! Linux keeps the two coherent: a direct read first writes back dirty page
 //! cache in its range, and a direct write invalidates it.
 
@@ -21,7 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::backend::Backend;
 
-/// Alignment used for `O_DIRECT` buffers, offsets and lengths.
+/// Alignment of `O_DIRECT` bounce buffers, and of offsets and lengths when
+/// the kernel does not report the file's own requirement.
 pub const DIRECT_IO_ALIGN: usize = 4096;
 
 /// Largest bounce buffer used for one direct I/O step.
@@ -37,6 +39,8 @@ pub struct RawFile {
     buffered: Option<File>,
     read_only: bool,
     size: AtomicU64,
+    /// Offset and length alignment for the direct descriptor.
+    dio_align: u64,
 }
 
 impl RawFile {
@@ -52,6 +56,7 @@ impl RawFile {
         };
         let mut file = open(direct)?;
         let buffered = if direct { Some(open(false)?) } else { None };
+        let dio_align = if direct { dio_offset_align(&file) } else { 1 };
         // Seeking to the end works for regular files and block devices alike.
         let size = file.seek(SeekFrom::End(0))?;
         Ok(RawFile {
@@ -60,6 +65,7 @@ impl RawFile {
             buffered,
             read_only,
             size: AtomicU64::new(size),
+            dio_align,
         })
     }
 
@@ -71,10 +77,15 @@ impl RawFile {
         self.buffered.is_some()
     }
 
+    /// Offset and length alignment used for direct I/O (1 when not direct).
+    pub fn direct_io_alignment(&self) -> u64 {
+        self.dio_align
+    }
+
     /// The buffered descriptor, when the request cannot go through `O_DIRECT`.
     fn unaligned_fallback(&self, offset: u64, len: usize) -> Option<&File> {
         let buffered = self.buffered.as_ref()?;
-        let align = DIRECT_IO_ALIGN as u64;
+        let align = self.dio_align;
         if offset % align != 0 || len as u64 % align != 0 {
             Some(buffered)
         } else {
@@ -186,6 +197,36 @@ impl Backend for RawFile {
     }
 }
 
+/// The file's `O_DIRECT` offset alignment from `statx(STATX_DIOALIGN)`, or
+/// [`DIRECT_IO_ALIGN`] when the kernel or file system does not report one
+/// we can use with our 4 KiB-aligned buffers.
+fn dio_offset_align(file: &File) -> u64 {
+    // SAFETY: `statx` is plain old data; all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is an empty C string used with AT_EMPTY_PATH on a
+    // descriptor we own, and `stx` is a valid, writable statx buffer.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let fallback = DIRECT_IO_ALIGN as u64;
+    if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return fallback;
+    }
+    let (mem, off) = (stx.stx_dio_mem_align, stx.stx_dio_offset_align);
+    let usable = |a: u32| a.is_power_of_two() && a as usize <= DIRECT_IO_ALIGN;
+    if usable(mem) && usable(off) {
+        u64::from(off)
+    } else {
+        fallback
+    }
+}
+
 /// A zeroed heap buffer aligned to [`DIRECT_IO_ALIGN`] for `O_DIRECT`.
 struct AlignedBuf {
     ptr: NonNull<u8>,
@@ -278,6 +319,9 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert!(r.is_direct());
+        let align = r.direct_io_alignment();
+        assert!(align.is_power_of_two() && align <= 4096, "{align}");
+        eprintln!("direct I/O alignment {align}");
         let pattern: Vec<u8> = (0..8192).map(|i| (i % 251) as u8).collect();
         r.write_at(&pattern, 4096).unwrap();
         // Unaligned write at the tail, then an aligned read covering it.
@@ -291,9 +335,15 @@ mod tests {
         let mut odd = vec![0u8; 512];
         r.read_at(&mut odd, 4096 + 512).unwrap();
         assert_eq!(odd, pattern[512..1024]);
+        // Byte-granular requests take the buffered descriptor.
+        r.write_at(&[0x99; 10], 3).unwrap();
+        let mut few = [0u8; 12];
+        r.read_at(&mut few, 2).unwrap();
+        assert_eq!(&few[1..11], &[0x99; 10]);
         r.flush().unwrap();
         let host = std::fs::read(f.path()).unwrap();
         assert_eq!(&host[4096..4096 + 8192], &pattern[..]);
+        assert_eq!(&host[3..13], &[0x99; 10]);
     }
 
     #[test]
