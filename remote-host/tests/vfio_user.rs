@@ -167,6 +167,26 @@ fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) 
     }
 }
 
+/// Makes `raw` the child's fd 3, inherited across exec.
+fn pass_as_fd3(cmd: &mut Command, raw: i32) {
+    // SAFETY: only dup2 and fcntl run in the child between fork and exec;
+    // both are async-signal-safe. dup2 clears FD_CLOEXEC on the new fd;
+    // when `raw` already is 3, dup2 does nothing and fcntl clears it.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 fn memfd(size: u64) -> File {
     // SAFETY: memfd_create with a valid NUL-terminated name; the fd is
     // checked and then owned by the File.
@@ -534,16 +554,7 @@ fn serves_an_inherited_connected_fd() {
     let raw = theirs.as_raw_fd();
     let mut cmd = Server::command(tmp.path(), &["dma0"]);
     cmd.args(["--fd", "3"]);
-    // SAFETY: only dup2 runs in the child between fork and exec; it is
-    // async-signal-safe. dup2 clears FD_CLOEXEC on the new descriptor.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    pass_as_fd3(&mut cmd, raw);
     let mut child = cmd.spawn().unwrap();
     drop(theirs);
     let result = within(60, move || {
@@ -576,16 +587,7 @@ fn serves_an_inherited_listening_fd_one_client_at_a_time() {
     let raw = listener.as_raw_fd();
     let mut cmd = Server::command(tmp.path(), &["dma0"]);
     cmd.args(["--fd", "3"]);
-    // SAFETY: only dup2 runs in the child between fork and exec; it is
-    // async-signal-safe. dup2 clears FD_CLOEXEC on the new descriptor.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    pass_as_fd3(&mut cmd, raw);
     let child = cmd.spawn().unwrap();
     drop(listener);
     let mut server = Server { child, tmp };
@@ -615,4 +617,126 @@ fn serves_an_inherited_listening_fd_one_client_at_a_time() {
         assert_eq!(read32(&mut c, REG_SCRATCH), 11);
     });
     assert!(server.child.try_wait().unwrap().is_none());
+}
+
+/// QEMU 11 (the testenv sid tree) with `-device vfio-user-pci` against
+/// our server: QEMU's own vfio-user client realizes the device, maps the
+/// memfd guest RAM, SeaBIOS places BAR0, and a monitor `xp` of the ID
+/// register is a REGION_READ answered by the plugin. No guest kernel.
+#[test]
+fn qemu_vfio_user_pci_reads_the_device() {
+    let Some(env) = testenv::require_env("qemu_vfio_user_pci_reads_the_device") else {
+        return;
+    };
+    let mut server = Server::start(&["dma0"], "dma0.sock");
+    let sock = server.wait_socket("dma0.sock");
+    let mut qemu = env.qemu_command(testenv::QemuKind::Sid);
+    qemu.args([
+        "-machine",
+        "q35,memory-backend=mem",
+        "-m",
+        "256M",
+        "-object",
+        "memory-backend-memfd,id=mem,size=256M,share=on",
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-monitor",
+        "stdio",
+        "-device",
+    ])
+    .arg(format!(
+        r#"{{"driver":"vfio-user-pci","socket":{{"path":"{}","type":"unix"}}}}"#,
+        sock.display()
+    ))
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = qemu.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    for pipe in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let out = out.clone();
+        std::thread::spawn(move || {
+            let mut pipe = pipe;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                out.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
+    let text = || out.lock().unwrap().clone();
+    let wait_for = |pred: &dyn Fn(&str) -> Option<String>, what: &str| -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = pred(&text()) {
+                return v;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "QEMU: no {what}:\n{}",
+                text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // SeaBIOS assigns BAR0 soon after start; ask until it has.
+    let bar0 = {
+        let start = Instant::now();
+        loop {
+            writeln!(stdin, "info pci").unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let t = text();
+            // The latest `info pci` counts.
+            let found = t
+                .rsplit_once("PCI device 1234:11e9")
+                .map(|(_, rest)| rest)
+                .and_then(|rest| {
+                    let line = rest.lines().find(|l| l.contains("BAR0:"))?;
+                    let hex = line.split("memory at 0x").nth(1)?.split(' ').next()?;
+                    u64::from_str_radix(hex, 16).ok()
+                });
+            if let Some(a) = found.filter(|&a| a != 0) {
+                break a;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "QEMU never showed 1234:11e9 with BAR0 placed:\n{t}\n--- remote-host ---\n{}",
+                server.log()
+            );
+        }
+    };
+    writeln!(stdin, "xp /1wx {bar0:#x}").unwrap();
+    wait_for(
+        &|t: &str| t.contains("0xd3a00001").then_some(String::new()),
+        "ID register value 0xd3a00001 from `xp`",
+    );
+    writeln!(stdin, "quit").unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("QEMU did not quit:\n{}", text());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = server.log();
+    assert!(
+        log.contains("DMA map"),
+        "QEMU mapped its memfd guest RAM:\n{log}"
+    );
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "server still up"
+    );
 }
