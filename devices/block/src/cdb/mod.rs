@@ -65,6 +65,34 @@ pub fn cdb_length(opcode: u8) -> Option<usize> {
     }
 }
 
+/// True when [`crate::ScsiDisk::execute`] may do blocking I/O for a command
+/// with this operation code (reads, writes, cache flushes, unmapping; also
+/// START STOP UNIT, which flushes when stopping, and MODE SELECT, which
+/// flushes when the write cache is turned off). A controller runs these on a
+/// worker thread; every other command only reports state and is fast.
+pub fn may_block(opcode: u8) -> bool {
+    use opcode::*;
+    matches!(
+        opcode,
+        READ_6
+            | READ_10
+            | READ_12
+            | READ_16
+            | WRITE_6
+            | WRITE_10
+            | WRITE_12
+            | WRITE_16
+            | SYNCHRONIZE_CACHE_10
+            | SYNCHRONIZE_CACHE_16
+            | WRITE_SAME_10
+            | WRITE_SAME_16
+            | UNMAP
+            | START_STOP_UNIT
+            | MODE_SELECT_6
+            | MODE_SELECT_10
+    )
+}
+
 /// A parsed command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -179,6 +207,16 @@ mod tests {
         assert_eq!(cdb_length(0xa8), Some(12));
         assert_eq!(cdb_length(0x7f), None);
         assert_eq!(cdb_length(0xc0), None);
+    }
+
+    #[test]
+    fn blocking_commands() {
+        assert!(may_block(opcode::READ_10));
+        assert!(may_block(opcode::SYNCHRONIZE_CACHE_16));
+        assert!(may_block(opcode::START_STOP_UNIT));
+        assert!(!may_block(opcode::INQUIRY));
+        assert!(!may_block(opcode::VERIFY_10));
+        assert!(!may_block(opcode::TEST_UNIT_READY));
     }
 
     #[test]
