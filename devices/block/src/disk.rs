@@ -614,7 +614,7 @@ impl ScsiDisk {
                 self.mode_select(ten, params)
             }
             Command::StartStopUnit(c) => {
-                if !c.start && c.power_condition == 0 {
+                if !c.start && c.power_condition == 0 && !c.no_flush {
                     // Stopping the unit writes back its cache.
                     self.flush()?;
                 }

@@ -1055,6 +1055,11 @@ fn medium_errors_on_io_failure() {
     assert_eq!(sense_of(&c), (SenseKey::MediumError, 0x0c, 0x00));
     let c = run(&disk, &SYNC_CACHE_10, &[]);
     assert_eq!(sense_of(&c), (SenseKey::MediumError, 0x0c, 0x00));
+    // STOP writes the cache back, unless NO_FLUSH.
+    let c = run(&disk, &[0x1b, 0, 0, 0, 0x00, 0], &[]);
+    assert_eq!(sense_of(&c), (SenseKey::MediumError, 0x0c, 0x00));
+    good(&disk, &[0x1b, 0, 0, 0, 0x04, 0], &[]);
+    good(&disk, &[0x1b, 0, 0, 0, 0x01, 0], &[]);
     fail.store(false, Ordering::SeqCst);
     good(&disk, &write10(9, 1), &[0u8; BS]);
 }

@@ -169,6 +169,8 @@ impl ModeSelect10 {
 pub struct StartStopUnit {
     pub immed: bool,
     pub power_condition: u8,
+    /// Stop without writing back the cache.
+    pub no_flush: bool,
     pub start: bool,
 }
 
@@ -183,6 +185,7 @@ impl StartStopUnit {
         Ok(StartStopUnit {
             immed: c[1] & 0x01 != 0,
             power_condition: c[4] >> 4,
+            no_flush: c[4] & 0x04 != 0,
             start: c[4] & 0x01 != 0,
         })
     }
@@ -370,6 +373,7 @@ mod tests {
             Ok(StartStopUnit {
                 immed: true,
                 power_condition: 0,
+                no_flush: false,
                 start: true
             })
         );
@@ -379,6 +383,10 @@ mod tests {
         assert_eq!(
             StartStopUnit::parse(&[0x1b, 0, 0, 0, 0x30, 0]).map(|s| s.power_condition),
             Ok(3)
+        );
+        assert_eq!(
+            StartStopUnit::parse(&[0x1b, 0, 0, 0, 0x04, 0]).map(|s| (s.no_flush, s.start)),
+            Ok((true, false))
         );
         assert_eq!(err(StartStopUnit::parse(&[0x1b, 0, 0, 0, 1])), BAD);
     }

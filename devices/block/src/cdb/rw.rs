@@ -277,11 +277,15 @@ pub struct UnmapDescriptor {
 impl Unmap {
     /// Parses the UNMAP parameter list (SBC-3 §5.28.2): an 8-byte header
     /// with UNMAP DATA LENGTH and BLOCK DESCRIPTOR DATA LENGTH, then 16-byte
-    /// descriptors. A list shorter than the header describes nothing.
+    /// descriptors. An empty list unmaps nothing; a list of 1..7 bytes, or
+    /// one whose header claims more than was sent, is a PARAMETER LIST
+    /// LENGTH ERROR.
     pub fn parse_params(data: &[u8]) -> Result<Vec<UnmapDescriptor>, Sense> {
-        if data.len() < 8 {
-            // SBC-3: a PARAMETER LIST LENGTH of 0..7 is not an error.
+        if data.is_empty() {
             return Ok(Vec::new());
+        }
+        if data.len() < 8 {
+            return Err(Sense::param_list_length_error());
         }
         let data_len = be(&data[0..2]) as usize;
         let desc_len = be(&data[2..4]) as usize;
@@ -292,7 +296,7 @@ impl Unmap {
             return Err(Sense::param_list_length_error());
         }
         if desc_len % 16 != 0 {
-            return Err(Sense::invalid_field_in_param_list());
+            return Err(Sense::param_list_length_error());
         }
         let descs = data.get(8..8 + desc_len).unwrap_or(&[]);
         Ok(descs
@@ -549,6 +553,14 @@ mod tests {
             ]
         );
         assert!(Unmap::parse_params(&[]).unwrap().is_empty());
+        assert_eq!(
+            Unmap::parse_params(&[0, 6, 0, 0]),
+            Err(Sense::param_list_length_error())
+        );
+        // A header alone: no descriptors.
+        assert!(Unmap::parse_params(&[0, 6, 0, 0, 0, 0, 0, 0])
+            .unwrap()
+            .is_empty());
         // Header claims more descriptors than were sent.
         let mut bad = v.clone();
         bad.truncate(20);
@@ -561,7 +573,7 @@ mod tests {
         odd[2..4].copy_from_slice(&8u16.to_be_bytes());
         assert_eq!(
             Unmap::parse_params(&odd),
-            Err(Sense::invalid_field_in_param_list())
+            Err(Sense::param_list_length_error())
         );
     }
 }
