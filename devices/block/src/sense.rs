@@ -104,8 +104,8 @@ impl Sense {
         Self::new(SenseKey::MediumError, 0x0c, 0x00)
     }
 
-    /// MEDIUM ERROR / MISCOMPARE is not used; a failed cache flush is a
-    /// write error from the initiator's point of view (0Ch/00h) as well.
+    /// A failed cache flush: data the initiator wrote did not reach the
+    /// medium, so MEDIUM ERROR / WRITE ERROR (0Ch/00h) as well.
     pub const fn flush_error() -> Self {
         Self::write_error()
     }

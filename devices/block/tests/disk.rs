@@ -1109,3 +1109,56 @@ fn random_cdbs_never_panic() {
     assert!(goods > 500, "only {goods} random commands succeeded");
     assert_eq!(std::fs::metadata(&img.path).unwrap().len(), 64 * BS as u64);
 }
+
+/// The commands Linux's sd driver sends when it attaches a disk after the
+/// controller's bus reset, in order, with the lengths it uses.
+#[test]
+fn linux_attach_sequence() {
+    let img = image(2048);
+    let disk = open(&img);
+    disk.reset();
+    // scsi_probe_lun: INQUIRY 36, then the full length it announced.
+    let inq = good(&disk, &inquiry(false, 0, 36), &[]);
+    let n = usize::from(inq[4]) + 5;
+    assert_eq!(good(&disk, &inquiry(false, 0, n as u16), &[]).len(), n);
+    assert_eq!(inq[0] & 0x1f, 0, "direct access");
+    assert_eq!(inq[2], 5, "SPC-3: REPORT LUNS will be used");
+    assert_ne!(inq[7] & 0x02, 0, "tagged queuing");
+    // REPORT LUNS (scsi_report_lun_scan), unit attention still pending.
+    let mut rl = [0u8; 12];
+    rl[0] = 0xa0;
+    rl[6..10].copy_from_slice(&512u32.to_be_bytes());
+    assert_eq!(good(&disk, &rl, &[])[3], 8);
+    // sd_spinup_disk: TEST UNIT READY gets the reset, then is ready.
+    expect_sense(&disk, &TUR, &[], Sense::power_on_reset());
+    good(&disk, &TUR, &[]);
+    // sd_read_capacity: READ CAPACITY(16) first on SPC-3 devices.
+    let rc = good(&disk, &read_capacity16(32), &[]);
+    assert_eq!(u64::from_be_bytes(rc[0..8].try_into().unwrap()), 2047);
+    // sd_read_write_protect_flag: MODE SENSE(6) 3Fh with 4 bytes, then all.
+    let hdr = good(&disk, &[0x1a, 0, 0x3f, 0, 4, 0], &[]);
+    assert_eq!(hdr.len(), 4);
+    assert_eq!(hdr[2] & 0x80, 0, "not write protected");
+    let all = good(&disk, &[0x1a, 0, 0x3f, 0, hdr[0] + 1, 0], &[]);
+    assert_eq!(all.len(), usize::from(hdr[0]) + 1);
+    // sd_read_cache_type: MODE SENSE(6) page 8, header first, then the page;
+    // walk the pages as sd does.
+    let hdr = good(&disk, &[0x1a, 0, 0x08, 0, 4, 0], &[]);
+    let len = usize::from(hdr[0]) + 1;
+    let d = good(&disk, &[0x1a, 0, 0x08, 0, len as u8, 0], &[]);
+    let off = 4 + usize::from(d[3]);
+    assert_eq!(d[off] & 0x3f, 8);
+    assert_ne!(d[off + 2] & 0x04, 0, "write back cache");
+    assert_ne!(d[2] & 0x10, 0, "DPOFUA");
+    // VPD: supported pages, then the block limits, characteristics and
+    // provisioning pages sd reads when listed.
+    let pages = good(&disk, &inquiry(true, 0, 255), &[]);
+    for p in [0xb0u8, 0xb1, 0xb2, 0x83, 0x80] {
+        assert!(pages[4..].contains(&p));
+        good(&disk, &inquiry(true, p, 255), &[]);
+    }
+    // ... and a page it probes that is not there (ATA information).
+    assert!(!pages[4..].contains(&0x89));
+    // The partition table read.
+    assert_eq!(good(&disk, &read10(0, 8), &[]).len(), 8 * BS);
+}
