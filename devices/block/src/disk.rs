@@ -436,6 +436,8 @@ impl ScsiDisk {
             Command::Write10(c) => self.plan_write(c.lba, c.blocks)?,
             Command::Write12(c) => self.plan_write(c.lba, c.blocks)?,
             Command::Write16(c) => self.plan_write(c.lba, c.blocks)?,
+            Command::WriteAndVerify10(c) => self.plan_write(c.lba, c.blocks)?,
+            Command::WriteAndVerify16(c) => self.plan_write(c.lba, c.blocks)?,
             Command::Verify10(c) => {
                 self.check_range(c.lba, u64::from(c.blocks))?;
                 (NoData, 0)
@@ -628,6 +630,8 @@ impl ScsiDisk {
             Command::Write10(c) => self.write(c.lba, out, c.fua),
             Command::Write12(c) => self.write(c.lba, out, c.fua),
             Command::Write16(c) => self.write(c.lba, out, c.fua),
+            Command::WriteAndVerify10(c) => self.write_and_verify(c.lba, out, c.bytchk),
+            Command::WriteAndVerify16(c) => self.write_and_verify(c.lba, out, c.bytchk),
             // BYTCHK=0: the range check in plan_command is the verification.
             Command::Verify10(_) | Command::Verify16(_) => Ok(Vec::new()),
             Command::SynchronizeCache10(_) | Command::SynchronizeCache16(_) => {
@@ -678,6 +682,21 @@ impl ScsiDisk {
         })?;
         if fua || !self.write_cache_enabled() {
             self.flush()?;
+        }
+        Ok(Vec::new())
+    }
+
+    /// WRITE AND VERIFY: the write is made durable before status; with
+    /// BYTCHK the blocks are read back and compared with what was sent.
+    fn write_and_verify(&self, lba: u64, data: Option<&[u8]>, bytchk: bool) -> CmdResult {
+        self.write(lba, data, true)?;
+        if bytchk {
+            let data = data.ok_or_else(Sense::data_phase_error)?;
+            let back = self.read(lba, data.len())?;
+            if let Some(i) = back.iter().zip(data).position(|(a, b)| a != b) {
+                // INFORMATION: offset of the first miscompare.
+                return Err(Sense::miscompare().with_info(i as u64));
+            }
         }
         Ok(Vec::new())
     }

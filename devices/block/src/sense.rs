@@ -16,6 +16,7 @@ pub enum SenseKey {
     UnitAttention = 0x6,
     DataProtect = 0x7,
     AbortedCommand = 0xb,
+    Miscompare = 0xe,
 }
 
 /// Length of fixed-format sense data as this target returns it.
@@ -108,6 +109,11 @@ impl Sense {
     /// medium, so MEDIUM ERROR / WRITE ERROR (0Ch/00h) as well.
     pub const fn flush_error() -> Self {
         Self::write_error()
+    }
+
+    /// MISCOMPARE / MISCOMPARE DURING VERIFY OPERATION (1Dh/00h).
+    pub const fn miscompare() -> Self {
+        Self::new(SenseKey::Miscompare, 0x1d, 0x00)
     }
 
     /// ABORTED COMMAND / DATA PHASE ERROR (4Bh/00h): the initiator sent

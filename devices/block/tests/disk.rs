@@ -709,6 +709,26 @@ fn fua_write_and_verify() {
 }
 
 #[test]
+fn write_and_verify() {
+    let img = image(64);
+    let disk = open(&img);
+    let data = vec![0x3cu8; 2 * BS];
+    let mut c = write10(5, 2);
+    c[0] = 0x2e;
+    good(&disk, &c, &data);
+    c[1] = 0x02; // BYTCHK=01b: compare too
+    good(&disk, &c, &data);
+    assert_eq!(
+        &std::fs::read(&img.path).unwrap()[5 * BS..7 * BS],
+        &data[..]
+    );
+    let mut c16 = rw16(0x8e, 63, 2);
+    expect_sense(&disk, &c16, &data, Sense::lba_out_of_range());
+    c16[13] = 1;
+    good(&disk, &c16, &data[..BS]);
+}
+
+#[test]
 fn start_stop_unit() {
     let img = image(64);
     let disk = open(&img);
@@ -978,6 +998,8 @@ fn shared_between_threads() {
 /// A backend whose I/O fails on demand.
 struct Faulty {
     fail: Arc<AtomicBool>,
+    /// Reads return the first byte inverted (silent corruption).
+    corrupt: Arc<AtomicBool>,
     data: std::sync::Mutex<Vec<u8>>,
 }
 
@@ -989,6 +1011,9 @@ impl Backend for Faulty {
         let d = self.data.lock().unwrap();
         let o = offset as usize;
         buf.copy_from_slice(&d[o..o + buf.len()]);
+        if self.corrupt.load(Ordering::SeqCst) {
+            buf[0] = !buf[0];
+        }
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -1027,7 +1052,9 @@ impl Backend for Faulty {
 #[test]
 fn medium_errors_on_io_failure() {
     let fail = Arc::new(AtomicBool::new(false));
+    let corrupt = Arc::new(AtomicBool::new(false));
     let backend = Faulty {
+        corrupt: Arc::clone(&corrupt),
         fail: Arc::clone(&fail),
         data: std::sync::Mutex::new(vec![0u8; 64 * BS]),
     };
@@ -1062,6 +1089,16 @@ fn medium_errors_on_io_failure() {
     good(&disk, &[0x1b, 0, 0, 0, 0x01, 0], &[]);
     fail.store(false, Ordering::SeqCst);
     good(&disk, &write10(9, 1), &[0u8; BS]);
+    // WRITE AND VERIFY with BYTCHK notices data that does not read back.
+    corrupt.store(true, Ordering::SeqCst);
+    let mut wv = write10(9, 1);
+    wv[0] = 0x2e;
+    wv[1] = 0x02;
+    let c = run(&disk, &wv, &[0u8; BS]);
+    assert_eq!(sense_of(&c), (SenseKey::Miscompare, 0x1d, 0x00));
+    assert_eq!(c.sense.unwrap().info, Some(0));
+    wv[1] = 0;
+    good(&disk, &wv, &[0u8; BS]);
 }
 
 /// Guest-controlled CDBs and data never panic, whatever they hold.

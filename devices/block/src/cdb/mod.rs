@@ -14,7 +14,8 @@ pub use control::{
 };
 pub use rw::{
     Read10, Read12, Read16, Read6, SynchronizeCache10, SynchronizeCache16, Unmap, Verify10,
-    Verify16, Write10, Write12, Write16, Write6, WriteSame10, WriteSame16,
+    Verify16, Write10, Write12, Write16, Write6, WriteAndVerify10, WriteAndVerify16, WriteSame10,
+    WriteSame16,
 };
 
 use crate::sense::Sense;
@@ -32,6 +33,7 @@ pub mod opcode {
     pub const READ_CAPACITY_10: u8 = 0x25;
     pub const READ_10: u8 = 0x28;
     pub const WRITE_10: u8 = 0x2a;
+    pub const WRITE_AND_VERIFY_10: u8 = 0x2e;
     pub const VERIFY_10: u8 = 0x2f;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
     pub const WRITE_SAME_10: u8 = 0x41;
@@ -40,6 +42,7 @@ pub mod opcode {
     pub const MODE_SENSE_10: u8 = 0x5a;
     pub const READ_16: u8 = 0x88;
     pub const WRITE_16: u8 = 0x8a;
+    pub const WRITE_AND_VERIFY_16: u8 = 0x8e;
     pub const VERIFY_16: u8 = 0x8f;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
@@ -82,6 +85,8 @@ pub fn may_block(opcode: u8) -> bool {
             | WRITE_10
             | WRITE_12
             | WRITE_16
+            | WRITE_AND_VERIFY_10
+            | WRITE_AND_VERIFY_16
             | SYNCHRONIZE_CACHE_10
             | SYNCHRONIZE_CACHE_16
             | WRITE_SAME_10
@@ -115,6 +120,8 @@ pub enum Command {
     Write10(Write10),
     Write12(Write12),
     Write16(Write16),
+    WriteAndVerify10(WriteAndVerify10),
+    WriteAndVerify16(WriteAndVerify16),
     Verify10(Verify10),
     Verify16(Verify16),
     SynchronizeCache10(SynchronizeCache10),
@@ -151,6 +158,8 @@ impl Command {
             WRITE_10 => Self::Write10(Write10::parse(cdb)?),
             WRITE_12 => Self::Write12(Write12::parse(cdb)?),
             WRITE_16 => Self::Write16(Write16::parse(cdb)?),
+            WRITE_AND_VERIFY_10 => Self::WriteAndVerify10(WriteAndVerify10::parse(cdb)?),
+            WRITE_AND_VERIFY_16 => Self::WriteAndVerify16(WriteAndVerify16::parse(cdb)?),
             VERIFY_10 => Self::Verify10(Verify10::parse(cdb)?),
             VERIFY_16 => Self::Verify16(Verify16::parse(cdb)?),
             SYNCHRONIZE_CACHE_10 => Self::SynchronizeCache10(SynchronizeCache10::parse(cdb)?),
@@ -282,6 +291,8 @@ mod tests {
             MODE_SENSE_10,
             READ_16,
             WRITE_16,
+            WRITE_AND_VERIFY_10,
+            WRITE_AND_VERIFY_16,
             VERIFY_16,
             SYNCHRONIZE_CACHE_16,
             WRITE_SAME_16,

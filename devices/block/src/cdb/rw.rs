@@ -105,6 +105,61 @@ rw_cdb!(
     Write16, 16, lba: 2..10, blocks: 10..14
 );
 
+/// Byte 1 of WRITE AND VERIFY: WRPROTECT must be 0; BYTCHK (bits 2:1) 00b
+/// (verify the medium) or 01b (also compare with the data sent); 11b (one
+/// block compared with every block) is not supported. Returns "compare".
+fn parse_write_and_verify_byte1(b: u8) -> Result<bool, Sense> {
+    check_no_protect(b)?;
+    match (b >> 1) & 0x03 {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(Sense::invalid_field_in_cdb()),
+    }
+}
+
+/// WRITE AND VERIFY(10): a write that reaches the medium before status,
+/// read back and compared with the data when `bytchk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteAndVerify10 {
+    pub lba: u64,
+    pub blocks: u32,
+    pub bytchk: bool,
+}
+
+impl WriteAndVerify10 {
+    pub fn parse(cdb: &[u8]) -> Result<Self, Sense> {
+        let c = fixed::<10>(cdb)?;
+        check_control(c[9])?;
+        let bytchk = parse_write_and_verify_byte1(c[1])?;
+        Ok(WriteAndVerify10 {
+            lba: be(&c[2..6]),
+            blocks: be(&c[7..9]) as u32,
+            bytchk,
+        })
+    }
+}
+
+/// WRITE AND VERIFY(16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteAndVerify16 {
+    pub lba: u64,
+    pub blocks: u32,
+    pub bytchk: bool,
+}
+
+impl WriteAndVerify16 {
+    pub fn parse(cdb: &[u8]) -> Result<Self, Sense> {
+        let c = fixed::<16>(cdb)?;
+        check_control(c[15])?;
+        let bytchk = parse_write_and_verify_byte1(c[1])?;
+        Ok(WriteAndVerify16 {
+            lba: be(&c[2..10]),
+            blocks: be(&c[10..14]) as u32,
+            bytchk,
+        })
+    }
+}
+
 /// Byte 1 of VERIFY: VRPROTECT must be 0 and BYTCHK (bits 2:1) must be 0:
 /// this target only checks the range, it does not compare data.
 fn parse_verify_byte1(b: u8) -> Result<(), Sense> {
@@ -441,6 +496,52 @@ mod tests {
         c[1] = 0x04;
         assert_eq!(Verify16::parse(&c), Err(Sense::invalid_field_in_cdb()));
         assert_eq!(Verify16::parse(&c[..8]), Err(Sense::invalid_field_in_cdb()));
+    }
+
+    #[test]
+    fn write_and_verify_fields() {
+        let w = WriteAndVerify10::parse(&[0x2e, 0x02, 0, 0, 0, 9, 0, 0, 2, 0]).unwrap();
+        assert_eq!(
+            w,
+            WriteAndVerify10 {
+                lba: 9,
+                blocks: 2,
+                bytchk: true
+            }
+        );
+        assert!(
+            !WriteAndVerify10::parse(&[0x2e, 0x10, 0, 0, 0, 9, 0, 0, 2, 0])
+                .unwrap()
+                .bytchk
+        );
+        assert_eq!(
+            WriteAndVerify10::parse(&[0x2e, 0x06, 0, 0, 0, 9, 0, 0, 2, 0]),
+            Err(Sense::invalid_field_in_cdb())
+        );
+        assert_eq!(
+            WriteAndVerify10::parse(&[0x2e, 0x20, 0, 0, 0, 9, 0, 0, 2, 0]),
+            Err(Sense::invalid_field_in_cdb())
+        );
+        assert_eq!(
+            WriteAndVerify10::parse(&[0x2e, 0, 0, 0]),
+            Err(Sense::invalid_field_in_cdb())
+        );
+        let mut c = [0u8; 16];
+        c[0] = 0x8e;
+        c[9] = 4;
+        c[13] = 1;
+        assert_eq!(
+            WriteAndVerify16::parse(&c).unwrap(),
+            WriteAndVerify16 {
+                lba: 4,
+                blocks: 1,
+                bytchk: false
+            }
+        );
+        assert_eq!(
+            WriteAndVerify16::parse(&c[..15]),
+            Err(Sense::invalid_field_in_cdb())
+        );
     }
 
     #[test]
