@@ -540,6 +540,15 @@ impl VfioUserDevice for Adapter {
     ) -> Result<(), DeviceError> {
         let data_type = set.flags & vfio_user::IRQ_SET_DATA_TYPE_MASK;
         let action = set.flags & vfio_user::IRQ_SET_ACTION_TYPE_MASK;
+        tracing::debug!(
+            device = %self.dev.id,
+            "SET_IRQS index {} flags {:#x} start {} count {} fds {}",
+            set.index,
+            set.flags,
+            set.start,
+            set.count,
+            fds.len()
+        );
         if set.index != vfio_user::PCI_INTX_IRQ_INDEX {
             // No other index has vectors; only "release all" gets here.
             return Ok(());
