@@ -438,14 +438,8 @@ impl ScsiDisk {
             Command::Write16(c) => self.plan_write(c.lba, c.blocks)?,
             Command::WriteAndVerify10(c) => self.plan_write(c.lba, c.blocks)?,
             Command::WriteAndVerify16(c) => self.plan_write(c.lba, c.blocks)?,
-            Command::Verify10(c) => {
-                self.check_range(c.lba, u64::from(c.blocks))?;
-                (NoData, 0)
-            }
-            Command::Verify16(c) => {
-                self.check_range(c.lba, u64::from(c.blocks))?;
-                (NoData, 0)
-            }
+            Command::Verify10(c) => self.plan_verify(c.lba, c.blocks, c.bytchk)?,
+            Command::Verify16(c) => self.plan_verify(c.lba, c.blocks, c.bytchk)?,
             Command::SynchronizeCache10(c) => {
                 self.check_range(c.lba, u64::from(c.blocks))?;
                 (NoData, 0)
@@ -475,6 +469,20 @@ impl ScsiDisk {
                 (Out, usize::from(c.param_len))
             }
         })
+    }
+
+    fn plan_verify(
+        &self,
+        lba: u64,
+        blocks: u32,
+        bytchk: bool,
+    ) -> Result<(DataDirection, usize), Sense> {
+        if bytchk {
+            Ok((DataDirection::Out, self.rw_len(lba, blocks)?))
+        } else {
+            self.check_range(lba, u64::from(blocks))?;
+            Ok((DataDirection::None, 0))
+        }
     }
 
     fn plan_write(&self, lba: u64, blocks: u32) -> Result<(DataDirection, usize), Sense> {
@@ -632,8 +640,10 @@ impl ScsiDisk {
             Command::Write16(c) => self.write(c.lba, out, c.fua),
             Command::WriteAndVerify10(c) => self.write_and_verify(c.lba, out, c.bytchk),
             Command::WriteAndVerify16(c) => self.write_and_verify(c.lba, out, c.bytchk),
-            // BYTCHK=0: the range check in plan_command is the verification.
-            Command::Verify10(_) | Command::Verify16(_) => Ok(Vec::new()),
+            // Without BYTCHK the range check in plan_command is the
+            // verification.
+            Command::Verify10(c) => self.verify(c.lba, out, c.bytchk),
+            Command::Verify16(c) => self.verify(c.lba, out, c.bytchk),
             Command::SynchronizeCache10(_) | Command::SynchronizeCache16(_) => {
                 self.flush()?;
                 Ok(Vec::new())
@@ -690,11 +700,16 @@ impl ScsiDisk {
     /// BYTCHK the blocks are read back and compared with what was sent.
     fn write_and_verify(&self, lba: u64, data: Option<&[u8]>, bytchk: bool) -> CmdResult {
         self.write(lba, data, true)?;
+        self.verify(lba, data, bytchk)
+    }
+
+    /// With BYTCHK, compares the medium from `lba` with `data`
+    /// (MISCOMPARE, INFORMATION = offset of the first differing byte).
+    fn verify(&self, lba: u64, data: Option<&[u8]>, bytchk: bool) -> CmdResult {
         if bytchk {
             let data = data.ok_or_else(Sense::data_phase_error)?;
             let back = self.read(lba, data.len())?;
             if let Some(i) = back.iter().zip(data).position(|(a, b)| a != b) {
-                // INFORMATION: offset of the first miscompare.
                 return Err(Sense::miscompare().with_info(i as u64));
             }
         }

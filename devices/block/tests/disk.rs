@@ -703,9 +703,22 @@ fn fua_write_and_verify() {
     good(&disk, &v, &[]);
     v[5] = 1;
     expect_sense(&disk, &v, &[], Sense::lba_out_of_range());
-    v[1] = 0x02;
+    v[1] = 0x06;
     expect_sense(&disk, &v, &[], Sense::invalid_field_in_cdb());
     good(&disk, &rw16(0x8f, 10, 54), &[]);
+    // BYTCHK=01b: the initiator's data is compared with the medium.
+    let mut v = read10(3, 1);
+    v[0] = 0x2f;
+    v[1] = 0x02;
+    good(&disk, &v, &[0xeeu8; BS]);
+    let mut other = vec![0xeeu8; BS];
+    other[100] = 0;
+    let c = run(&disk, &v, &other);
+    assert_eq!(sense_of(&c), (SenseKey::Miscompare, 0x1d, 0x00));
+    assert_eq!(c.sense.unwrap().info, Some(100));
+    let mut v16 = rw16(0x8f, 3, 1);
+    v16[1] = 0x02;
+    good(&disk, &v16, &[0xeeu8; BS]);
 }
 
 #[test]

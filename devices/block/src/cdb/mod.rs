@@ -69,7 +69,7 @@ pub fn cdb_length(opcode: u8) -> Option<usize> {
 }
 
 /// True when [`crate::ScsiDisk::execute`] may do blocking I/O for a command
-/// with this operation code (reads, writes, cache flushes, unmapping; also
+/// with this operation code (reads, writes, verifies, cache flushes, unmapping; also
 /// START STOP UNIT, which flushes when stopping, and MODE SELECT, which
 /// flushes when the write cache is turned off). A controller runs these on a
 /// worker thread; every other command only reports state and is fast.
@@ -87,6 +87,8 @@ pub fn may_block(opcode: u8) -> bool {
             | WRITE_16
             | WRITE_AND_VERIFY_10
             | WRITE_AND_VERIFY_16
+            | VERIFY_10
+            | VERIFY_16
             | SYNCHRONIZE_CACHE_10
             | SYNCHRONIZE_CACHE_16
             | WRITE_SAME_10
@@ -224,7 +226,7 @@ mod tests {
         assert!(may_block(opcode::SYNCHRONIZE_CACHE_16));
         assert!(may_block(opcode::START_STOP_UNIT));
         assert!(!may_block(opcode::INQUIRY));
-        assert!(!may_block(opcode::VERIFY_10));
+        assert!(may_block(opcode::VERIFY_10));
         assert!(!may_block(opcode::TEST_UNIT_READY));
     }
 

@@ -105,10 +105,11 @@ rw_cdb!(
     Write16, 16, lba: 2..10, blocks: 10..14
 );
 
-/// Byte 1 of WRITE AND VERIFY: WRPROTECT must be 0; BYTCHK (bits 2:1) 00b
-/// (verify the medium) or 01b (also compare with the data sent); 11b (one
-/// block compared with every block) is not supported. Returns "compare".
-fn parse_write_and_verify_byte1(b: u8) -> Result<bool, Sense> {
+/// BYTCHK (bits 2:1 of byte 1) of VERIFY and WRITE AND VERIFY, with
+/// VRPROTECT/WRPROTECT (bits 7:5) required to be 0. 00b: check the medium
+/// only; 01b: compare with data sent by the initiator; 11b (one block
+/// compared with every block) is not supported. Returns "compare".
+fn parse_bytchk(b: u8) -> Result<bool, Sense> {
     check_no_protect(b)?;
     match (b >> 1) & 0x03 {
         0 => Ok(false),
@@ -117,93 +118,52 @@ fn parse_write_and_verify_byte1(b: u8) -> Result<bool, Sense> {
     }
 }
 
-/// WRITE AND VERIFY(10): a write that reaches the medium before status,
-/// read back and compared with the data when `bytchk`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WriteAndVerify10 {
-    pub lba: u64,
-    pub blocks: u32,
-    pub bytchk: bool,
+/// Declares a VERIFY / WRITE AND VERIFY CDB struct: BYTCHK in byte 1, LBA
+/// and length at the given byte ranges.
+macro_rules! verify_cdb {
+    ($(#[$m:meta])* $name:ident, $len:literal, lba: $lba:expr, blocks: $blk:expr) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct $name {
+            pub lba: u64,
+            pub blocks: u32,
+            /// Compare with data out (BYTCHK 01b).
+            pub bytchk: bool,
+        }
+
+        impl $name {
+            pub fn parse(cdb: &[u8]) -> Result<Self, Sense> {
+                let c = fixed::<$len>(cdb)?;
+                check_control(c[$len - 1])?;
+                let bytchk = parse_bytchk(c[1])?;
+                Ok($name {
+                    lba: be(&c[$lba]),
+                    blocks: be(&c[$blk]) as u32,
+                    bytchk,
+                })
+            }
+        }
+    };
 }
 
-impl WriteAndVerify10 {
-    pub fn parse(cdb: &[u8]) -> Result<Self, Sense> {
-        let c = fixed::<10>(cdb)?;
-        check_control(c[9])?;
-        let bytchk = parse_write_and_verify_byte1(c[1])?;
-        Ok(WriteAndVerify10 {
-            lba: be(&c[2..6]),
-            blocks: be(&c[7..9]) as u32,
-            bytchk,
-        })
-    }
-}
-
-/// WRITE AND VERIFY(16).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WriteAndVerify16 {
-    pub lba: u64,
-    pub blocks: u32,
-    pub bytchk: bool,
-}
-
-impl WriteAndVerify16 {
-    pub fn parse(cdb: &[u8]) -> Result<Self, Sense> {
-        let c = fixed::<16>(cdb)?;
-        check_control(c[15])?;
-        let bytchk = parse_write_and_verify_byte1(c[1])?;
-        Ok(WriteAndVerify16 {
-            lba: be(&c[2..10]),
-            blocks: be(&c[10..14]) as u32,
-            bytchk,
-        })
-    }
-}
-
-/// Byte 1 of VERIFY: VRPROTECT must be 0 and BYTCHK (bits 2:1) must be 0:
-/// this target only checks the range, it does not compare data.
-fn parse_verify_byte1(b: u8) -> Result<(), Sense> {
-    check_no_protect(b)?;
-    require(b & 0x06 == 0)
-}
-
-/// VERIFY(10) with BYTCHK=0: checks that the range is on the medium.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verify10 {
-    pub lba: u64,
-    pub blocks: u32,
-}
-
-impl Verify10 {
-    pub fn parse(cdb: &[u8]) -> Result<Self, Sense> {
-        let c = fixed::<10>(cdb)?;
-        check_control(c[9])?;
-        parse_verify_byte1(c[1])?;
-        Ok(Verify10 {
-            lba: be(&c[2..6]),
-            blocks: be(&c[7..9]) as u32,
-        })
-    }
-}
-
-/// VERIFY(16) with BYTCHK=0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verify16 {
-    pub lba: u64,
-    pub blocks: u32,
-}
-
-impl Verify16 {
-    pub fn parse(cdb: &[u8]) -> Result<Self, Sense> {
-        let c = fixed::<16>(cdb)?;
-        check_control(c[15])?;
-        parse_verify_byte1(c[1])?;
-        Ok(Verify16 {
-            lba: be(&c[2..10]),
-            blocks: be(&c[10..14]) as u32,
-        })
-    }
-}
+verify_cdb!(
+    /// WRITE AND VERIFY(10): a write that reaches the medium before status,
+    /// read back and compared with the data when `bytchk`.
+    WriteAndVerify10, 10, lba: 2..6, blocks: 7..9
+);
+verify_cdb!(
+    /// WRITE AND VERIFY(16).
+    WriteAndVerify16, 16, lba: 2..10, blocks: 10..14
+);
+verify_cdb!(
+    /// VERIFY(10): without BYTCHK, checks that the range is on the medium;
+    /// with it, compares the medium with the data sent.
+    Verify10, 10, lba: 2..6, blocks: 7..9
+);
+verify_cdb!(
+    /// VERIFY(16).
+    Verify16, 16, lba: 2..10, blocks: 10..14
+);
 
 /// SYNCHRONIZE CACHE(10). NUMBER OF LOGICAL BLOCKS 0 means "to the end".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -482,18 +442,37 @@ mod tests {
     #[test]
     fn verify_fields() {
         let v = Verify10::parse(&[0x2f, 0x10, 0, 0, 0, 9, 0, 0, 2, 0]).unwrap();
-        assert_eq!(v, Verify10 { lba: 9, blocks: 2 });
-        // BYTCHK=1 needs a data compare, which is not supported.
         assert_eq!(
-            Verify10::parse(&[0x2f, 0x02, 0, 0, 0, 9, 0, 0, 2, 0]),
+            v,
+            Verify10 {
+                lba: 9,
+                blocks: 2,
+                bytchk: false
+            }
+        );
+        assert!(
+            Verify10::parse(&[0x2f, 0x02, 0, 0, 0, 9, 0, 0, 2, 0])
+                .unwrap()
+                .bytchk
+        );
+        // BYTCHK=11b is not supported.
+        assert_eq!(
+            Verify10::parse(&[0x2f, 0x06, 0, 0, 0, 9, 0, 0, 2, 0]),
             Err(Sense::invalid_field_in_cdb())
         );
         let mut c = [0u8; 16];
         c[0] = 0x8f;
         c[9] = 5;
         c[13] = 1;
-        assert_eq!(Verify16::parse(&c).unwrap(), Verify16 { lba: 5, blocks: 1 });
-        c[1] = 0x04;
+        assert_eq!(
+            Verify16::parse(&c).unwrap(),
+            Verify16 {
+                lba: 5,
+                blocks: 1,
+                bytchk: false
+            }
+        );
+        c[1] = 0x80;
         assert_eq!(Verify16::parse(&c), Err(Sense::invalid_field_in_cdb()));
         assert_eq!(Verify16::parse(&c[..8]), Err(Sense::invalid_field_in_cdb()));
     }
