@@ -211,12 +211,28 @@ impl Framed {
         rest: Duration,
         at_start: bool,
     ) -> Result<(), FramingError> {
+        let min = buf.len();
+        self.recv_at_least(buf, min, fds, first, rest, at_start)
+            .map(|_| ())
+    }
+
+    /// Reads at least `min` and at most `buf.len()` bytes into `buf`;
+    /// returns how many. Same waits as [`recv_exact`](Self::recv_exact).
+    fn recv_at_least(
+        &self,
+        buf: &mut [u8],
+        min: usize,
+        fds: &mut Vec<OwnedFd>,
+        first: Option<Duration>,
+        rest: Duration,
+        at_start: bool,
+    ) -> Result<usize, FramingError> {
         let start = Instant::now();
         let spin_until = start + self.poll;
         let mut deadline = first.map(|t| start + t);
         let mut timeout = first.unwrap_or(rest);
         let mut filled = 0;
-        while filled < buf.len() {
+        while filled < min {
             match recvmsg_once(self.sock.as_raw_fd(), &mut buf[filled..], fds) {
                 Ok(0) => {
                     return Err(if filled == 0 && at_start {
@@ -224,7 +240,7 @@ impl Framed {
                     } else {
                         FramingError::Truncated {
                             got: filled,
-                            want: buf.len(),
+                            want: min,
                         }
                     })
                 }
@@ -256,7 +272,7 @@ impl Framed {
                         } else {
                             FramingError::Truncated {
                                 got: filled,
-                                want: buf.len(),
+                                want: min,
                             }
                         })
                     }
@@ -270,7 +286,7 @@ impl Framed {
                 });
             }
         }
-        Ok(())
+        Ok(filled)
     }
 
     /// Receives one message whose fixed header is `header_len` bytes and
@@ -309,6 +325,50 @@ impl Framed {
             limits.rest,
             false,
         )
+    }
+}
+
+impl Framed {
+    /// Like [`recv_message`](Self::recv_message), but reads up to `hint`
+    /// bytes in the first call, saving a system call when the whole
+    /// message is there. Only for a request/reply exchange with exactly
+    /// one reply outstanding: bytes beyond the message are an error.
+    pub fn recv_reply(
+        &self,
+        buf: &mut Vec<u8>,
+        fds: &mut Vec<OwnedFd>,
+        header_len: usize,
+        size_of: impl FnOnce(&[u8]) -> usize,
+        limits: &RecvLimits,
+        hint: usize,
+    ) -> Result<(), FramingError> {
+        buf.clear();
+        buf.resize(hint.clamp(header_len, limits.max_size.max(header_len)), 0);
+        let got = self.recv_at_least(buf, header_len, fds, limits.first, limits.rest, true)?;
+        let size = size_of(&buf[..header_len]);
+        if size < header_len {
+            return Err(FramingError::Undersized {
+                size,
+                min: header_len,
+            });
+        }
+        if size > limits.max_size {
+            return Err(FramingError::Oversized {
+                size,
+                max: limits.max_size,
+            });
+        }
+        if got > size {
+            return Err(FramingError::Malformed(format!(
+                "{} bytes beyond a {size}-byte reply",
+                got - size
+            )));
+        }
+        buf.resize(size, 0);
+        if got < size {
+            self.recv_exact(&mut buf[got..], fds, Some(limits.rest), limits.rest, false)?;
+        }
+        Ok(())
     }
 }
 

@@ -654,12 +654,12 @@ fn qemu_vfio_user_pci_reads_the_device() {
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    let mut child = qemu.spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
+    let mut child = KillOnDrop(qemu.spawn().unwrap());
+    let mut stdin = child.0.stdin.take().unwrap();
     let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     for pipe in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
+        Box::new(child.0.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.0.stderr.take().unwrap()),
     ] {
         let out = out.clone();
         std::thread::spawn(move || {
@@ -723,9 +723,8 @@ fn qemu_vfio_user_pci_reads_the_device() {
     );
     writeln!(stdin, "quit").unwrap();
     let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
+    while child.0.try_wait().unwrap().is_none() {
         if start.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
             panic!("QEMU did not quit:\n{}", text());
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -739,6 +738,16 @@ fn qemu_vfio_user_pci_reads_the_device() {
         server.child.try_wait().unwrap().is_none(),
         "server still up"
     );
+}
+
+/// A child process killed when the test ends, even by a panic.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// QEMU's qtest protocol on a child's stdin/stdout.

@@ -211,14 +211,33 @@ impl VfioUserClient {
         self.tx.extend_from_slice(head);
         self.tx.extend_from_slice(data);
         self.send(fds)?;
-        self.wait_reply(id, cmd)
+        // Expected reply size, so it is read in one call when it is there.
+        let hint = match cmd {
+            Command::Version => 4096,
+            Command::RegionRead => {
+                let count = head
+                    .get(12..16)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
+                    .unwrap_or(0);
+                HEADER_SIZE + RegionAccess::LEN + count
+            }
+            _ => HEADER_SIZE + 64,
+        };
+        self.wait_reply(id, cmd, hint)
     }
 
-    fn wait_reply(&mut self, id: u16, cmd: Command) -> Result<(Header, Vec<OwnedFd>), ClientError> {
+    fn wait_reply(
+        &mut self,
+        id: u16,
+        cmd: Command,
+        hint: usize,
+    ) -> Result<(Header, Vec<OwnedFd>), ClientError> {
         let mut fds = Vec::new();
         let max =
             HEADER_SIZE + RegionAccess::LEN + self.opts.max_data_xfer_size as usize + 64 * 1024;
-        let r = self.framed.recv_message(
+        // One reply is outstanding, so reading up to its expected size in
+        // one call cannot take bytes of another message.
+        let r = self.framed.recv_reply(
             &mut self.rx,
             &mut fds,
             HEADER_SIZE,
@@ -228,6 +247,7 @@ impl VfioUserClient {
                 first: Some(self.opts.timeout),
                 rest: self.opts.timeout,
             },
+            hint,
         );
         if let Err(e) = r {
             self.broken = true;
@@ -447,7 +467,7 @@ impl VfioUserClient {
             self.tx.extend_from_slice(piece);
             self.send(&[])?;
             if !posted {
-                self.wait_reply(id, Command::RegionWrite)?;
+                self.wait_reply(id, Command::RegionWrite, HEADER_SIZE + RegionAccess::LEN)?;
             }
         }
         Ok(())
