@@ -4,46 +4,9 @@
 //! for byte) and a guest read of host-written data.
 
 use std::fs;
-use std::io::{Seek, SeekFrom, Write};
 use std::time::{Duration, Instant};
+use system_tests::{check_lsi_disk_job, lsi_disk_job, make_lsi_image};
 use testenv::{require_env, InitramfsSpec, ModuleOrder, QemuKind, RunOptions, LSI_MODULES};
-
-const IMAGE_SIZE: u64 = 64 << 20;
-/// Where the host writes data for the guest to read.
-const HOST_OFF: u64 = 8 << 20;
-/// Where the guest writes its pattern.
-const GUEST_OFF: u64 = 16 << 20;
-const BLOCK: usize = 4096;
-
-fn host_data() -> Vec<u8> {
-    let mut x: u32 = 0x1234_5678;
-    (0..BLOCK)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-/// The 4 KiB the guest job writes: 128 lines of 32 bytes.
-fn guest_pattern() -> Vec<u8> {
-    (0..128)
-        .flat_map(|i| format!("TESTENV-GUEST-PATTERN-{i:09}\n").into_bytes())
-        .collect()
-}
-
-fn parse_hex(text: &str, start: &str, end: &str) -> Vec<u8> {
-    let body = text
-        .split_once(start)
-        .and_then(|(_, rest)| rest.split_once(end))
-        .map(|(b, _)| b)
-        .unwrap_or_else(|| panic!("no {start}..{end} section in job output:\n{text}"));
-    body.split_whitespace()
-        .map(|w| u8::from_str_radix(w, 16).unwrap_or_else(|_| panic!("bad hex byte `{w}`")))
-        .collect()
-}
 
 #[test]
 fn reference_lsi() {
@@ -54,39 +17,9 @@ fn reference_lsi() {
     let dir = std::env::temp_dir().join(format!("testenv-reference-lsi-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let image = dir.join("disk.img");
-    {
-        let mut f = fs::File::create(&image).unwrap();
-        f.set_len(IMAGE_SIZE).unwrap();
-        f.seek(SeekFrom::Start(HOST_OFF)).unwrap();
-        f.write_all(&host_data()).unwrap();
-    }
 
-    let job = format!(
-        r#"
-i=0
-while [ ! -b /dev/sda ] && [ $i -lt 600 ]; do
-    if [ -e /sys/block/sda/dev ]; then
-        mknod /dev/sda b $(cut -d: -f1 /sys/block/sda/dev) $(cut -d: -f2 /sys/block/sda/dev)
-    fi
-    sleep 0.1; i=$((i+1))
-done
-[ -b /dev/sda ] || {{ echo "no /dev/sda"; dmesg | tail -30; exit 1; }}
-echo "waited_ds=$i"
-echo "pci_driver: $(ls /sys/bus/pci/drivers/sym53c8xx/ | grep 0000: | tr '\n' ' ')"
-echo "sectors=$(cat /sys/block/sda/size)"
-j=0
-while [ $j -lt 128 ]; do printf 'TESTENV-GUEST-PATTERN-%09d\n' $j; j=$((j+1)); done > /tmp/pat
-dd if=/tmp/pat of=/dev/sda bs={BLOCK} seek={gseek} count=1 oflag=direct conv=notrunc 2>/dev/null || exit 2
-echo "guest-write-ok"
-echo "HOST-DATA-BEGIN"
-dd if=/dev/sda bs={BLOCK} skip={hskip} count=1 iflag=direct 2>/dev/null | od -A n -t x1 -v || exit 3
-echo "HOST-DATA-END"
-sync
-dmesg | grep -e 'sym[0-9]' -e 'scsi host' -e 'sd 0:'
-"#,
-        gseek = GUEST_OFF / BLOCK as u64,
-        hskip = HOST_OFF / BLOCK as u64,
-    );
+    make_lsi_image(&image);
+    let job = lsi_disk_job();
     let mut spec = InitramfsSpec::new(LSI_MODULES, &job);
     spec.order = ModuleOrder::Exact;
     let opts = RunOptions {
@@ -107,38 +40,7 @@ dmesg | grep -e 'sym[0-9]' -e 'scsi host' -e 'sd 0:'
     eprintln!("--- guest job output ---\n{}", r.output);
     assert_eq!(r.status, 0, "guest job failed:\n{}", r.output);
 
-    // sym53c8xx bound the controller and found the disk.
-    assert!(
-        r.output.contains("pci_driver: 0000:"),
-        "sym53c8xx did not bind:\n{}",
-        r.output
-    );
-    assert!(
-        r.console.contains("sym0:"),
-        "no sym0 messages on the console"
-    );
-    let sectors: u64 = r
-        .output
-        .lines()
-        .find_map(|l| l.strip_prefix("sectors="))
-        .expect("sectors line")
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(sectors * 512, IMAGE_SIZE, "sda size differs from the image");
-
-    // The guest's write is in the image, byte for byte.
-    let img = fs::read(&image).unwrap();
-    let off = GUEST_OFF as usize;
-    assert_eq!(
-        &img[off..off + BLOCK],
-        &guest_pattern()[..],
-        "guest pattern not found in the image at {GUEST_OFF:#x}"
-    );
-    // The guest read what the host wrote.
-    let read = parse_hex(&r.output, "HOST-DATA-BEGIN", "HOST-DATA-END");
-    assert_eq!(read, host_data(), "guest read different host data");
-
+    check_lsi_disk_job(&r, &image);
     fs::remove_dir_all(&dir).ok();
     eprintln!(
         "reference_lsi: passed in {:.1} s",

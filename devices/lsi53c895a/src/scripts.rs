@@ -62,6 +62,16 @@ impl Chip {
                 self.dma_interrupt(DSTAT_SSI);
             }
         }
+        self.host.debug(&format!(
+            "SCRIPTS {:?} after {executed} instructions: DSP {:#x} DSTAT {:#x} SIST {:#x}/{:#x} phase {} connected {}",
+            self.state,
+            self.dsp(),
+            self.regs[DSTAT],
+            self.regs[SIST0],
+            self.regs[SIST1],
+            self.phase(),
+            self.connected()
+        ));
         // Writes SCRIPTS made to DSP/DCNTL while running only moved DSP;
         // they must not restart the processor once it stopped.
         self.start_pending = false;
@@ -244,7 +254,10 @@ impl Chip {
         self.set32(RBC, remaining);
         self.set32(UA, (addr as u32).wrapping_add(moved));
         self.regs[DFIFO] = remaining as u8;
-        if remaining > 0 && self.state == RunState::Running {
+        // A MESSAGE IN move longer than the message is not a mismatch:
+        // drivers read "up to N" message bytes (SeaBIOS reads 2 after a
+        // reselection that sends only IDENTIFY), as QEMU's model allows.
+        if remaining > 0 && move_phase != phase::MSG_IN && self.state == RunState::Running {
             // The target changed phase before the move was done.
             let current = self.phase();
             self.set32(IA, start);

@@ -112,18 +112,6 @@ impl Bus {
     }
 }
 
-fn is_medium_access(opcode: u8) -> bool {
-    matches!(
-        opcode,
-        0x08 | 0x0a | 0x28 | 0x2a | 0xa8 | 0xaa | 0x88 | 0x8a // READ/WRITE 6/10/12/16
-            | 0x2e | 0x8e // WRITE AND VERIFY
-            | 0x2f | 0x8f // VERIFY
-            | 0x35 | 0x91 // SYNCHRONIZE CACHE
-            | 0x41 | 0x93 // WRITE SAME
-            | 0x42 // UNMAP
-    )
-}
-
 impl Chip {
     pub(crate) fn disconnect(&mut self) {
         self.regs[SCNTL1] &= !SCNTL1_CON;
@@ -165,10 +153,10 @@ impl Chip {
         self.regs[SCNTL1] |= SCNTL1_CON;
         if atn {
             self.regs[SOCL] |= SOCL_ATN;
-            self.set_phase(phase::MSG_OUT);
-        } else {
-            self.set_phase(phase::COMMAND);
         }
+        // The target always asks for a message first (as QEMU's model
+        // does): SeaBIOS selects without ATN and still sends IDENTIFY.
+        self.set_phase(phase::MSG_OUT);
     }
 
     /// MESSAGE OUT: the block move's bytes are messages from the initiator.
@@ -247,6 +235,10 @@ impl Chip {
         self.regs[SFBR] = cdb.first().copied().unwrap_or(0);
         let target = self.bus.target;
         let lun = self.bus.lun;
+        self.host.debug(&format!(
+            "target {target} lun {lun} tag {:?}: CDB {:02x?}",
+            self.bus.tag, cdb
+        ));
         let Some(disk) = self.targets.get(&target).cloned() else {
             self.disconnect();
             return Ok(());
@@ -278,7 +270,8 @@ impl Chip {
                 }
                 req.dir = dir;
                 req.len = len;
-                let medium = is_medium_access(req.cdb.first().copied().unwrap_or(0));
+                // Commands that may block on the backend run on the worker.
+                let medium = block::may_block(req.cdb.first().copied().unwrap_or(0));
                 match dir {
                     DataDirection::Out => {
                         req.state = RequestState::Collecting;
