@@ -31,8 +31,12 @@ pub struct ClientOptions {
     /// Limit on every wait for a reply (QEMU's `x-msg-timeout` default is
     /// the same 5 s).
     pub timeout: Duration,
-    /// Busy-poll before sleeping on the socket.
+    /// Busy-poll before sleeping on the socket (the upper bound when
+    /// `adaptive_poll`).
     pub poll: Duration,
+    /// Adapt the busy-poll window to how fast replies come
+    /// ([`Framed::poll_window`](crate::framing::Framed::poll_window)).
+    pub adaptive_poll: bool,
     /// Largest data we accept in one reply (advertised).
     pub max_data_xfer_size: u32,
     /// Most fds in one reply (advertised).
@@ -44,6 +48,7 @@ impl Default for ClientOptions {
         ClientOptions {
             timeout: DEFAULT_TIMEOUT,
             poll: DEFAULT_POLL,
+            adaptive_poll: true,
             max_data_xfer_size: super::DEFAULT_MAX_DATA_XFER,
             max_msg_fds: 8,
         }
@@ -108,6 +113,7 @@ impl VfioUserClient {
     pub fn from_stream(sock: UnixStream, opts: ClientOptions) -> Result<Self, ClientError> {
         let mut framed = Framed::new(sock);
         framed.set_poll(opts.poll);
+        framed.set_adaptive(opts.adaptive_poll);
         framed.set_max_fds((opts.max_msg_fds as usize).min(MAX_FDS));
         let mut c = VfioUserClient {
             framed,

@@ -111,8 +111,12 @@ pub trait VfioUserDevice: Send {
 pub struct ServerOptions {
     /// Name for log messages (the device id).
     pub name: String,
-    /// Busy-poll before sleeping on the socket.
+    /// Busy-poll before sleeping on the socket (the upper bound when
+    /// `adaptive_poll`).
     pub poll: Duration,
+    /// Adapt the busy-poll window to how fast messages come
+    /// ([`Framed::poll_window`]).
+    pub adaptive_poll: bool,
     /// Limit on the rest of a message once its first byte arrived, and
     /// on sending a reply.
     pub timeout: Duration,
@@ -133,6 +137,7 @@ impl Default for ServerOptions {
         ServerOptions {
             name: "vfio-user".into(),
             poll: DEFAULT_POLL,
+            adaptive_poll: true,
             timeout: DEFAULT_TIMEOUT,
             idle_timeout: None,
             max_data_xfer_size: DEFAULT_MAX_DATA_XFER,
@@ -185,6 +190,7 @@ pub fn serve_connection<D: VfioUserDevice + ?Sized>(
         tx: Vec::with_capacity(4096),
     };
     conn.framed.set_poll(opts.poll);
+    conn.framed.set_adaptive(opts.adaptive_poll);
     conn.framed.set_max_fds(opts.max_msg_fds as usize);
     let r = conn.run(device);
     lock(device).client_disconnected();

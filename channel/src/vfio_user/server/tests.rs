@@ -455,17 +455,19 @@ fn client_times_out_on_a_silent_server() {
     assert!(start.elapsed() < Duration::from_secs(2));
 }
 
-fn latency(poll: Duration, gap: Option<Duration>) -> (Duration, Duration) {
-    latency2(poll, poll, gap)
-}
-
-fn latency2(client_poll: Duration, poll: Duration, gap: Option<Duration>) -> (Duration, Duration) {
+fn latency2(
+    client_poll: Duration,
+    poll: Duration,
+    gap: Option<Duration>,
+    adaptive_poll: bool,
+) -> (Duration, Duration) {
     let dev = Arc::new(Mutex::new(TestDevice::new()));
     let (a, b) = UnixStream::pair().expect("socketpair");
     let server_dev = dev.clone();
     let _t = std::thread::spawn(move || {
         let opts = ServerOptions {
             poll,
+            adaptive_poll,
             ..Default::default()
         };
         serve_connection(b, &*server_dev, &opts)
@@ -474,6 +476,7 @@ fn latency2(client_poll: Duration, poll: Duration, gap: Option<Duration>) -> (Du
         a,
         ClientOptions {
             poll: client_poll,
+            adaptive_poll,
             ..Default::default()
         },
     )
@@ -503,25 +506,28 @@ fn latency2(client_poll: Duration, poll: Duration, gap: Option<Duration>) -> (Du
 #[test]
 fn region_read_round_trip_latency() {
     // Informational (run with --nocapture): back-to-back reads with and
-    // without the busy-poll, and reads after an idle gap.
+    // without the busy-poll, and reads after an idle gap; adaptive and
+    // fixed windows. Numbers depend heavily on the machine's load.
     let us = Duration::from_micros;
-    for (name, poll, gap) in [
-        ("busy, poll 50us", us(50), None),
-        ("busy, no poll", us(0), None),
+    let ms1 = Some(Duration::from_millis(1));
+    for (name, cpoll, spoll, gap, adaptive) in [
+        ("busy, poll 50us adaptive", us(50), us(50), None, true),
+        ("busy, poll 50us fixed", us(50), us(50), None, false),
+        ("busy, no poll", us(0), us(0), None, false),
+        ("idle 1ms, poll 50us adaptive", us(50), us(50), ms1, true),
+        ("idle 1ms, poll 50us fixed", us(50), us(50), ms1, false),
         (
-            "idle 1ms, poll 50us",
+            "idle 1ms, client 200us server 50us fixed",
+            us(200),
             us(50),
-            Some(Duration::from_millis(1)),
+            ms1,
+            false,
         ),
     ] {
-        let (p50, p99) = latency(poll, gap);
+        let (p50, p99) = latency2(cpoll, spoll, gap, adaptive);
         println!("REGION_READ round trip, in-process server, {name}: p50 {p50:?} p99 {p99:?}");
         assert!(p50 < Duration::from_millis(5));
     }
-    let (p50, p99) = latency2(us(200), us(50), Some(Duration::from_millis(1)));
-    println!(
-        "REGION_READ round trip, in-process server, idle 1ms, client poll 200us, server 50us: p50 {p50:?} p99 {p99:?}"
-    );
 }
 
 #[test]
