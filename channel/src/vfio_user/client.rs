@@ -213,6 +213,13 @@ impl VfioUserClient {
         data: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(Header, Vec<OwnedFd>), ClientError> {
+        let max_fds = self.server_caps.max_msg_fds() as usize;
+        if fds.len() > max_fds {
+            return Err(ClientError::Invalid(format!(
+                "{} fds in one message; the server accepts {max_fds}",
+                fds.len()
+            )));
+        }
         let id = self.start(cmd, head.len() + data.len(), false)?;
         self.tx.extend_from_slice(head);
         self.tx.extend_from_slice(data);

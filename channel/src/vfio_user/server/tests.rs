@@ -327,6 +327,12 @@ fn dma_through_a_memfd_and_interrupt_eventfd() {
     let mut n = [0u8; 8];
     (&ev).read_exact(&mut n).expect("irq fired");
     assert_eq!(u64::from_ne_bytes(n), 1);
+    // More fds than the server announced: refused before sending.
+    let nine: Vec<_> = (0..9).map(|_| ev.as_fd()).collect();
+    assert!(matches!(
+        c.set_irq_eventfds(0, 0, &nine),
+        Err(ClientError::Invalid(_))
+    ));
     // Wrong count of eventfds, fds on a read: refused, channel goes on.
     assert!(c.set_irq_eventfds(0, 0, &[ev.as_fd(), ev.as_fd()]).is_err());
     assert!(c.set_irq_eventfds(1, 0, &[ev.as_fd()]).is_err());
