@@ -48,6 +48,28 @@ pub fn parse_hex(text: &str, start: &str, end: &str) -> Vec<u8> {
         .collect()
 }
 
+/// Kernel modules of the LSI disk job, in load order: the LSI/SCSI set
+/// followed by what mounting ext2 (through the ext4 driver) needs.
+pub const LSI_JOB_MODULES: &[&str] = &[
+    "crct10dif_common",
+    "crct10dif_generic",
+    "crc-t10dif",
+    "crc64",
+    "crc64-rocksoft",
+    "crc64_rocksoft_generic",
+    "t10-pi",
+    "scsi_common",
+    "scsi_mod",
+    "scsi_transport_spi",
+    "sym53c8xx",
+    "sd_mod",
+    "crc16",
+    "mbcache",
+    "jbd2",
+    "crc32c_generic",
+    "ext4",
+];
+
 /// Creates the raw image with host-written data at HOST_OFF.
 pub fn make_lsi_image(image: &Path) {
     let mut f = fs::File::create(image).unwrap();
@@ -79,6 +101,19 @@ echo "guest-write-ok"
 echo "HOST-DATA-BEGIN"
 dd if=/dev/sda bs={BLOCK} skip={hskip} count=1 iflag=direct 2>/dev/null | od -A n -t x1 -v || exit 3
 echo "HOST-DATA-END"
+# A file system in the first 4 MiB (the raw areas above stay untouched):
+# write a file, unmount, drop caches, mount again, compare checksums.
+mke2fs -q -F /dev/sda 4096 || exit 4
+mkdir -p /mnt
+mount -t ext2 /dev/sda /mnt || exit 5
+dd if=/dev/urandom of=/mnt/data bs=64k count=16 2>/dev/null || exit 6
+before=$(md5sum /mnt/data | cut -d' ' -f1)
+umount /mnt || exit 7
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext2 -o ro /dev/sda /mnt || exit 8
+after=$(md5sum /mnt/data | cut -d' ' -f1)
+umount /mnt
+[ "$before" = "$after" ] && echo "fs-ok $before" || {{ echo "fs-mismatch $before $after"; exit 9; }}
 sync
 dmesg | grep -e 'sym[0-9]' -e 'scsi host' -e 'sd 0:'
 "#,
@@ -92,6 +127,11 @@ dmesg | grep -e 'sym[0-9]' -e 'scsi host' -e 'sd 0:'
 /// host's data.
 pub fn check_lsi_disk_job(r: &JobResult, image: &Path) {
     assert_eq!(r.status, 0, "guest job failed:\n{}", r.output);
+    assert!(
+        r.output.lines().any(|l| l.starts_with("fs-ok ")),
+        "the file system did not survive a write/read cycle:\n{}",
+        r.output
+    );
     // sym53c8xx bound the controller and found the disk.
     assert!(
         r.output.contains("pci_driver: 0000:"),

@@ -10,10 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use system_tests::{check_lsi_disk_job, lsi_disk_job, make_lsi_image};
-use testenv::{
-    require_env, target_bin, InitramfsSpec, ModuleOrder, QemuKind, RunOptions, LSI_MODULES,
-};
+use system_tests::{check_lsi_disk_job, lsi_disk_job, make_lsi_image, LSI_JOB_MODULES};
+use testenv::{require_env, target_bin, InitramfsSpec, ModuleOrder, QemuKind, RunOptions};
 
 struct Remote(Child);
 
@@ -97,7 +95,7 @@ scsi-id = 0
     let remote = Remote(child);
 
     let job = lsi_disk_job();
-    let mut spec = InitramfsSpec::new(LSI_MODULES, &job);
+    let mut spec = InitramfsSpec::new(LSI_JOB_MODULES, &job);
     spec.order = ModuleOrder::Exact;
     let opts = RunOptions {
         qemu: QemuKind::Sid,
