@@ -170,7 +170,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Protocol::VfioUser => {
                     use remote_host::serve_vfio_user::{serve, Endpoint};
                     let endpoint = match (socket, fd) {
-                        (Some(path), _) => Endpoint::Socket(path),
+                        (Some(path), _) => Endpoint::Socket {
+                            path,
+                            devices_in_config: cfg.devices_of_remote(&remote).count(),
+                        },
                         (None, Some(n)) => Endpoint::Fd(n),
                         (None, None) => anyhow::bail!("serve needs --socket PATH or --fd N"),
                     };

@@ -9,11 +9,11 @@
 //! ## Where the sockets are
 //!
 //! `--socket PATH`:
-//! - one device, and `PATH` is not an existing directory: the device
-//!   listens on `PATH` itself;
-//! - otherwise (several devices, or `PATH` is a directory): `PATH` is a
-//!   directory (created if missing) and each device listens on
-//!   `PATH/<device-id>.sock`.
+//! - the remote has one device in the config, and `PATH` is not an
+//!   existing directory: the device listens on `PATH` itself;
+//! - otherwise (several devices in the config, even if some failed to
+//!   load, or `PATH` is a directory): `PATH` is a directory (created if
+//!   missing) and each device listens on `PATH/<device-id>.sock`.
 //!
 //! A stale socket file at a path is replaced; any other file there is an
 //! error. `--fd N` serves one device (the remote must have exactly one) on
@@ -70,17 +70,28 @@ const CONFIG_SIZE: u64 = 256;
 /// Where to serve.
 #[derive(Debug, Clone)]
 pub enum Endpoint {
-    /// A socket path (or directory, see the module docs).
-    Socket(PathBuf),
+    /// A socket path, or directory (see the module docs).
+    Socket {
+        path: PathBuf,
+        /// How many devices the config gives this remote (whether or not
+        /// they could all be created), which decides the layout: a
+        /// device that fails to load must not move the others' sockets.
+        devices_in_config: usize,
+    },
     /// An inherited socket fd, listening or connected.
     Fd(RawFd),
 }
 
+/// Whether `--socket PATH` is a directory of `<device-id>.sock`.
+fn is_socket_dir(path: &Path, devices_in_config: usize) -> bool {
+    devices_in_config > 1 || path.is_dir()
+}
+
 /// The socket path of each device for `--socket PATH` (see the module
 /// docs for the rule).
-pub fn socket_paths(path: &Path, device_ids: &[&str]) -> Vec<PathBuf> {
-    if device_ids.len() == 1 && !path.is_dir() {
-        return vec![path.to_path_buf()];
+pub fn socket_paths(path: &Path, device_ids: &[&str], devices_in_config: usize) -> Vec<PathBuf> {
+    if !is_socket_dir(path, devices_in_config) {
+        return device_ids.iter().map(|_| path.to_path_buf()).collect();
     }
     device_ids
         .iter()
@@ -99,10 +110,13 @@ pub fn serve(
         anyhow::bail!("no device to serve");
     }
     match endpoint {
-        Endpoint::Socket(path) => {
+        Endpoint::Socket {
+            path,
+            devices_in_config,
+        } => {
             let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
-            let paths = socket_paths(&path, &ids);
-            if paths.len() > 1 || path.is_dir() {
+            let paths = socket_paths(&path, &ids, devices_in_config);
+            if is_socket_dir(&path, devices_in_config) {
                 std::fs::create_dir_all(&path).with_context(|| {
                     format!("cannot create socket directory {}", path.display())
                 })?;
@@ -628,13 +642,15 @@ mod tests {
     #[test]
     fn one_device_uses_the_path_several_use_a_directory() {
         let p = Path::new("/nonexistent/dev.sock");
-        assert_eq!(socket_paths(p, &["a"]), vec![p.to_path_buf()]);
+        assert_eq!(socket_paths(p, &["a"], 1), vec![p.to_path_buf()]);
         let d = Path::new("/nonexistent/dir");
         assert_eq!(
-            socket_paths(d, &["a", "b"]),
+            socket_paths(d, &["a", "b"], 2),
             vec![d.join("a.sock"), d.join("b.sock")]
         );
+        // One of two configured devices failed: still a directory.
+        assert_eq!(socket_paths(d, &["b"], 2), vec![d.join("b.sock")]);
         let tmp = std::env::temp_dir();
-        assert_eq!(socket_paths(&tmp, &["a"]), vec![tmp.join("a.sock")]);
+        assert_eq!(socket_paths(&tmp, &["a"], 1), vec![tmp.join("a.sock")]);
     }
 }
