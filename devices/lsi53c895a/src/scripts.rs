@@ -62,16 +62,18 @@ impl Chip {
                 self.dma_interrupt(DSTAT_SSI);
             }
         }
-        self.host.debug(&format!(
-            "SCRIPTS {:?} after {executed} instructions: DSP {:#x} DSTAT {:#x} SIST {:#x}/{:#x} phase {} connected {}",
-            self.state,
-            self.dsp(),
-            self.regs[DSTAT],
-            self.regs[SIST0],
-            self.regs[SIST1],
-            self.phase(),
-            self.connected()
-        ));
+        if self.regs[DSTAT] & (DSTAT_IID | DSTAT_BF) != 0 {
+            // Worth a line in the log: the guest's SCRIPTS went wrong.
+            self.host.debug(&format!(
+                "SCRIPTS stopped after {executed} instructions: DSP {:#x} DSTAT {:#x} SIST {:#x}/{:#x} phase {} connected {}",
+                self.dsp(),
+                self.regs[DSTAT],
+                self.regs[SIST0],
+                self.regs[SIST1],
+                self.phase(),
+                self.connected()
+            ));
+        }
         // Writes SCRIPTS made to DSP/DCNTL while running only moved DSP;
         // they must not restart the processor once it stopped.
         self.start_pending = false;

@@ -235,10 +235,6 @@ impl Chip {
         self.regs[SFBR] = cdb.first().copied().unwrap_or(0);
         let target = self.bus.target;
         let lun = self.bus.lun;
-        self.host.debug(&format!(
-            "target {target} lun {lun} tag {:?}: CDB {:02x?}",
-            self.bus.tag, cdb
-        ));
         let Some(disk) = self.targets.get(&target).cloned() else {
             self.disconnect();
             return Ok(());

@@ -215,3 +215,31 @@ fn sigp_wakes_wait_reselect_to_its_alternate_address() {
     tb.w8(ISTAT0, 0x20);
     done(&mut tb, 2);
 }
+
+#[test]
+fn table_indirect_move_uses_40_bit_addresses_as_linux_configures() {
+    // CCNTL1 = EN64TIBMV | 64TIMOD: the table's count byte 3 is address
+    // bits 39:32. With bits set, the address is above this bench's RAM:
+    // the DMA faults (BF) instead of landing at the low address.
+    let img = Image::new(16);
+    let mut tb = linked(&settings_for(&[(&img, 0)]));
+    tb.w8(0x57, 0x06);
+    tb.ram().write_all(MSGS_TABLE, &[0x80]);
+    // table: {count 1 | hi 0x01, addr MSGS_TABLE}
+    tb.ram()
+        .write_all(TABLE + 0x20, &(0x0100_0001u32).to_le_bytes());
+    tb.ram()
+        .write_all(TABLE + 0x24, &(MSGS_TABLE as u32).to_le_bytes());
+    let mut a = Asm::new();
+    a.select_atn(0, 0).mov_table(MSG_OUT, 0x20).int(1);
+    tb.run(&a);
+    assert_eq!(u64::from(tb.r8(DSTAT)) & DSTAT_BF, DSTAT_BF);
+    // Same table with bits 39:32 = 0 works.
+    tb.w8(SCNTL1, 0);
+    tb.ram().write_all(TABLE + 0x20, &1u32.to_le_bytes());
+    tb.run(&a);
+    assert_eq!(u64::from(tb.r8(DSTAT)) & DSTAT_SIR, DSTAT_SIR);
+    assert_eq!(tb.r8(SSTAT1) & 7, 2, "IDENTIFY taken: COMMAND phase");
+}
+
+const MSGS_TABLE: u64 = 0x9800;
