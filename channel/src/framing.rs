@@ -118,8 +118,9 @@ impl Framed {
 
     /// The busy-poll window the next wait uses. It adapts like KVM's
     /// halt polling: a wait that had to sleep and whose data came later
-    /// than [`poll`](Self::poll) shrinks it to zero (spinning would not
-    /// have helped, and it burns a core that a TCG vCPU may need); data
+    /// than [`poll`](Self::poll) halves it, down to zero below 10 µs
+    /// (polling would not have helped, and it takes a core that a TCG vCPU
+    /// may need); data
     /// that came after the window but within `poll` grows it (doubling,
     /// from 10 µs, up to `poll`). A wait satisfied while spinning leaves
     /// it as it is.
@@ -135,7 +136,14 @@ impl Framed {
         }
         let cur = self.window.get();
         let next = if waited > self.poll {
-            Duration::ZERO
+            // Halve, so one late message (a scheduler hiccup) does not
+            // throw away a window that keeps paying off.
+            let half = cur / 2;
+            if half < MIN_WINDOW {
+                Duration::ZERO
+            } else {
+                half
+            }
         } else {
             (cur * 2).max(MIN_WINDOW).min(self.poll)
         };
@@ -724,7 +732,11 @@ mod tests {
             &lim(64, None, DEFAULT_TIMEOUT),
         )
         .expect("late message");
-        assert_eq!(b.poll_window(), Duration::ZERO, "late data: stop spinning");
+        assert_eq!(b.poll_window(), DEFAULT_POLL / 2, "late data: halve");
+        for _ in 0..3 {
+            b.adapt(Duration::from_millis(1));
+        }
+        assert_eq!(b.poll_window(), Duration::ZERO, "late again: stop polling");
         let a = sender.join().expect("join");
         // Data that comes within the poll bound grows the window again.
         b.adapt(Duration::from_micros(20));
