@@ -48,27 +48,13 @@ pub fn parse_hex(text: &str, start: &str, end: &str) -> Vec<u8> {
         .collect()
 }
 
-/// Kernel modules of the LSI disk job, in load order: the LSI/SCSI set
-/// followed by what mounting ext2 (through the ext4 driver) needs.
-pub const LSI_JOB_MODULES: &[&str] = &[
-    "crct10dif_common",
-    "crct10dif_generic",
-    "crc-t10dif",
-    "crc64",
-    "crc64-rocksoft",
-    "crc64_rocksoft_generic",
-    "t10-pi",
-    "scsi_common",
-    "scsi_mod",
-    "scsi_transport_spi",
-    "sym53c8xx",
-    "sd_mod",
-    "crc16",
-    "mbcache",
-    "jbd2",
-    "crc32c_generic",
-    "ext4",
-];
+/// Kernel modules of the LSI disk job, in load order: testenv's LSI/SCSI
+/// set followed by what mounting ext2 (through the ext4 driver) needs.
+pub fn lsi_job_modules() -> Vec<&'static str> {
+    let mut m = testenv::LSI_MODULES.to_vec();
+    m.extend(["crc16", "mbcache", "jbd2", "crc32c_generic", "ext4"]);
+    m
+}
 
 /// Creates the raw image with host-written data at HOST_OFF.
 pub fn make_lsi_image(image: &Path) {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use system_tests::{check_lsi_disk_job, lsi_disk_job, make_lsi_image, LSI_JOB_MODULES};
+use system_tests::{check_lsi_disk_job, lsi_disk_job, lsi_job_modules, make_lsi_image};
 use testenv::{require_env, target_bin, InitramfsSpec, ModuleOrder, QemuKind, RunOptions};
 
 struct Remote(Child);
@@ -95,7 +95,7 @@ scsi-id = 0
     let remote = Remote(child);
 
     let job = lsi_disk_job();
-    let mut spec = InitramfsSpec::new(LSI_JOB_MODULES, &job);
+    let mut spec = InitramfsSpec::new(&lsi_job_modules(), &job);
     spec.order = ModuleOrder::Exact;
     let opts = RunOptions {
         qemu: QemuKind::Sid,

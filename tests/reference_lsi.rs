@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::time::{Duration, Instant};
-use system_tests::{check_lsi_disk_job, lsi_disk_job, make_lsi_image, LSI_JOB_MODULES};
+use system_tests::{check_lsi_disk_job, lsi_disk_job, lsi_job_modules, make_lsi_image};
 use testenv::{require_env, InitramfsSpec, ModuleOrder, QemuKind, RunOptions};
 
 #[test]
@@ -20,7 +20,7 @@ fn reference_lsi() {
 
     make_lsi_image(&image);
     let job = lsi_disk_job();
-    let mut spec = InitramfsSpec::new(LSI_JOB_MODULES, &job);
+    let mut spec = InitramfsSpec::new(&lsi_job_modules(), &job);
     spec.order = ModuleOrder::Exact;
     let opts = RunOptions {
         qemu: QemuKind::Debian12,
