@@ -9,10 +9,15 @@
 //!   ([`vfio_user::VfioUserClient`]) and a generic per-connection server
 //!   loop ([`vfio_user::serve_connection`] over
 //!   [`vfio_user::VfioUserDevice`]).
+//! - [`mpqemu`]: QEMU's multi-process protocol (QEMU 5.2–9.x): message
+//!   types, a client ([`mpqemu::MpqemuClient`], the VMM side) and a
+//!   per-connection server loop ([`mpqemu::serve_connection`] over
+//!   [`mpqemu::MpqemuDevice`], the device side).
 //!
 //! `docs/channel.md` explains the design.
 
 pub mod framing;
+pub mod mpqemu;
 pub mod vfio_user;
 
 pub use framing::{Framed, FramingError};
