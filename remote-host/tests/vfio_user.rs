@@ -23,6 +23,7 @@ const REG_LIVENESS: u64 = 0x04;
 const REG_SCRATCH: u64 = 0x08;
 const REG_STATUS: u64 = 0x20;
 const REG_IRQ_STATUS: u64 = 0x24;
+const REG_IRQ_RAISE: u64 = 0x28;
 const REG_IRQ_ACK: u64 = 0x2c;
 const REG_DMA_SRC: u64 = 0x40;
 const REG_DMA_DST: u64 = 0x48;
@@ -466,6 +467,15 @@ fn our_client_posted_writes_dma_and_disconnect() {
         drop(c);
         let mut c = our_client(&sock);
         assert_eq!(read32(&mut c, REG_SCRATCH), 0x5a5a_5a5a, "state kept");
+        // The old client's eventfd is gone too.
+        let _ = wait_eventfd(&ev, Duration::from_millis(50));
+        c.region_write(0, REG_IRQ_RAISE, &1u32.to_le_bytes())
+            .unwrap();
+        assert!(
+            wait_eventfd(&ev, Duration::from_millis(300)).is_none(),
+            "the old client's eventfd must not fire"
+        );
+        c.region_write(0, REG_IRQ_ACK, &1u32.to_le_bytes()).unwrap();
         for (off, v) in [(REG_DMA_SRC, src as u32), (REG_DMA_CMD, DMA_CMD_START)] {
             c.region_write(0, off, &v.to_le_bytes()).unwrap();
         }
