@@ -180,10 +180,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     serve(devs, endpoint, &Default::default())?;
                     Ok(ExitCode::SUCCESS)
                 }
-                Protocol::Mpqemu => anyhow::bail!(
-                    "protocol {} is not available in this build yet",
-                    protocol.name()
-                ),
+                Protocol::Mpqemu => {
+                    use remote_host::serve_mpqemu::serve;
+                    use remote_host::serve_vfio_user::Endpoint;
+                    let endpoint = match (socket, fd) {
+                        (Some(path), _) => Endpoint::Socket {
+                            path,
+                            devices_in_config: cfg.devices_of_remote(&remote).count(),
+                        },
+                        (None, Some(n)) => Endpoint::Fd(n),
+                        (None, None) => anyhow::bail!("serve needs --socket PATH or --fd N"),
+                    };
+                    serve(devs, endpoint, &Default::default())?;
+                    Ok(ExitCode::SUCCESS)
+                }
             }
         }
     }

@@ -1,0 +1,414 @@
+//! Serving a device of one remote over mpqemu, standing in for QEMU's
+//! `qemu-system-x86_64 -machine x-remote` behind `-device
+//! x-pci-proxy-dev`.
+//!
+//! Each connection runs [`channel::mpqemu::serve_connection`] over an
+//! [`Adapter`] that maps mpqemu onto the device's
+//! [`PciFunction`](plugin_api::function::PciFunction), its guest memory
+//! ([`GuestRam`](crate::memory::GuestRam)) and its INTx line
+//! ([`IntxLine`](crate::irq::IntxLine)):
+//! - SYNC_SYSMEM drops every earlier mapping and maps each region's fd
+//!   shared at its guest address (QEMU's `remote_sysmem_reconfig`).
+//! - Configuration reads and writes go to the function's configuration
+//!   space; the BAR addresses and the command register the guest writes
+//!   there are where BAR accesses are decoded from
+//!   (`ConfigSpace::decode`): a BAR_READ or
+//!   BAR_WRITE carries an absolute address. An address no enabled BAR
+//!   decodes gets a `RET` of `u64::MAX` (x-remote would shut down).
+//! - SET_IRQFD installs the irqfd and the resample fd on the INTx line,
+//!   and a thread waits on the resample fd and re-signals the irqfd while
+//!   the level is still high (QEMU's `remote_iohub`).
+//! - DEVICE_RESET resets function and configuration space and answers an
+//!   empty `RET`, as QEMU 7.2 does.
+//!
+//! ## Where
+//!
+//! `--fd N` (the remote must have exactly one device): an inherited
+//! socket. A connected one (a socketpair end, as an orchestrator passes
+//! it to `x-remote`) is served until the VMM goes away, and then the
+//! process exits 0, as `x-remote` does; a listening one is accepted on.
+//! `--socket PATH` listens, with the same path rule as vfio-user (one
+//! device: `PATH`; several: `PATH/<device-id>.sock`), and keeps listening
+//! after a client leaves. A device serves one client at a time. A bad
+//! message closes that connection only.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use channel::mpqemu::messages::SysmemSlot;
+use channel::mpqemu::{serve_connection, DeviceError, MpqemuDevice, ServerOptions};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::RemoteDevice;
+use crate::irq::IntxFds;
+use crate::serve_vfio_user::{socket_paths, Endpoint};
+
+/// Serves `devices` until every listener ends (normally never), or, for
+/// a connected `--fd`, until its client goes away.
+pub fn serve(
+    devices: Vec<Arc<RemoteDevice>>,
+    endpoint: Endpoint,
+    options: &ServerOptions,
+) -> anyhow::Result<()> {
+    if devices.is_empty() {
+        anyhow::bail!("no device to serve");
+    }
+    match endpoint {
+        Endpoint::Socket {
+            path,
+            devices_in_config,
+        } => {
+            let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
+            let paths = socket_paths(&path, &ids, devices_in_config);
+            if devices_in_config > 1 || path.is_dir() {
+                std::fs::create_dir_all(&path).with_context(|| {
+                    format!("cannot create socket directory {}", path.display())
+                })?;
+            }
+            let mut threads = Vec::new();
+            for (dev, p) in devices.into_iter().zip(paths) {
+                let listener = bind(&p)?;
+                tracing::info!(device = %dev.id, socket = %p.display(), "mpqemu listening");
+                let server = DeviceServer::new(dev, options);
+                let t = std::thread::Builder::new()
+                    .name(format!("mpqemu-{}", server.name()))
+                    .spawn(move || server.accept_loop(listener))
+                    .context("cannot start listener thread")?;
+                threads.push(t);
+            }
+            for t in threads {
+                let _ = t.join();
+            }
+            Ok(())
+        }
+        Endpoint::Fd(n) => {
+            let [dev] = <[_; 1]>::try_from(devices).map_err(|d| {
+                anyhow::anyhow!(
+                    "--fd serves one device; this remote has {} (use --socket DIR)",
+                    d.len()
+                )
+            })?;
+            let fd = inherited_socket(n)?;
+            let server = DeviceServer::new(dev, options);
+            if is_listening(&fd)? {
+                tracing::info!(device = %server.name(), fd = n, "mpqemu listening on inherited fd");
+                server.accept_loop(UnixListener::from(fd));
+            } else {
+                tracing::info!(device = %server.name(), fd = n, "mpqemu serving inherited connection");
+                server.serve(UnixStream::from(fd));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        } else {
+            anyhow::bail!("{} exists and is not a socket", path.display());
+        }
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+}
+
+fn inherited_socket(n: RawFd) -> anyhow::Result<OwnedFd> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if n < 0 || unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+        anyhow::bail!("--fd {n} is not an open file descriptor");
+    }
+    // SAFETY: the fd is open (checked above) and was handed to this
+    // process on its command line to own; nothing else in the process
+    // uses it.
+    let fd = unsafe { OwnedFd::from_raw_fd(n) };
+    // Keep it out of anything this process starts.
+    // SAFETY: F_SETFD on an fd we own.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `ty`/`len` are valid out-parameters of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 || ty != libc::SOCK_STREAM {
+        anyhow::bail!("--fd {n} is not a stream socket");
+    }
+    Ok(fd)
+}
+
+fn is_listening(fd: &OwnedFd) -> anyhow::Result<bool> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v`/`len` are valid out-parameters of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_ACCEPTCONN)");
+    }
+    Ok(v != 0)
+}
+
+/// One device's server: its adapter, its session lock and its options.
+#[derive(Clone)]
+struct DeviceServer {
+    adapter: Arc<Mutex<Adapter>>,
+    session: Arc<Mutex<()>>,
+    options: ServerOptions,
+}
+
+impl DeviceServer {
+    fn new(dev: Arc<RemoteDevice>, options: &ServerOptions) -> Self {
+        let options = ServerOptions {
+            name: dev.id.clone(),
+            ..options.clone()
+        };
+        DeviceServer {
+            adapter: Arc::new(Mutex::new(Adapter::new(dev))),
+            session: Arc::new(Mutex::new(())),
+            options,
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.options.name
+    }
+
+    fn accept_loop(&self, listener: UnixListener) {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(sock) => {
+                    let me = self.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("mpqemu-conn-{}", self.name()))
+                        .spawn(move || me.serve(sock));
+                    if let Err(e) = spawned {
+                        tracing::error!(device = %self.name(), "cannot start connection thread: {e}");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(device = %self.name(), "accept failed: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    fn serve(&self, sock: UnixStream) {
+        let _session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        tracing::info!(device = %self.name(), "mpqemu client connected");
+        // Errors are logged by serve_connection; the device goes on.
+        let _ = serve_connection(sock, &*self.adapter, &self.options);
+    }
+}
+
+/// A thread that waits on the resample eventfd (signalled by KVM at EOI)
+/// and re-signals the irqfd while the device still holds INTx high.
+struct ResampleWatcher {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ResampleWatcher {
+    fn start(dev: Arc<RemoteDevice>, resample: EventFd) -> std::io::Result<Self> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let stop2 = stop.try_clone()?;
+        let thread = std::thread::Builder::new()
+            .name(format!("intx-resample-{}", dev.id))
+            .spawn(move || loop {
+                let mut pfds = [
+                    libc::pollfd {
+                        fd: resample.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: stop2.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: two valid pollfds for the duration of the call.
+                let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
+                if r < 0 {
+                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return;
+                }
+                if pfds[1].revents != 0 {
+                    return;
+                }
+                if pfds[0].revents & libc::POLLIN != 0 {
+                    let _ = resample.read();
+                    dev.intx.on_resample();
+                } else if pfds[0].revents != 0 {
+                    return;
+                }
+            })?;
+        Ok(ResampleWatcher {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ResampleWatcher {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Takes an fd the client sent as an eventfd, refusing anything else.
+/// Where `/proc` is not readable (a sandbox), the fd is taken on trust.
+fn eventfd_from(fd: OwnedFd) -> Result<EventFd, DeviceError> {
+    if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+        let link = link.to_string_lossy();
+        if link != "anon_inode:[eventfd]" {
+            return Err(DeviceError::invalid(format!(
+                "fd is not an eventfd ({link})"
+            )));
+        }
+    }
+    // SAFETY: the fd is open and ours (moved out of the OwnedFd); EventFd
+    // takes over closing it.
+    Ok(unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
+}
+
+/// mpqemu on top of one [`RemoteDevice`].
+pub struct Adapter {
+    dev: Arc<RemoteDevice>,
+    watcher: Option<ResampleWatcher>,
+}
+
+impl Adapter {
+    pub fn new(dev: Arc<RemoteDevice>) -> Self {
+        Adapter { dev, watcher: None }
+    }
+
+    /// The BAR and offset that decode `[addr, addr + len)`.
+    fn decode(&self, addr: u64, len: usize, memory: bool) -> Result<(u8, u64), DeviceError> {
+        let f = self.dev.function();
+        let r = f
+            .config()
+            .decode(!memory, addr, len as u64)
+            .ok_or_else(|| {
+                DeviceError::new(
+                    libc::EFAULT,
+                    format!(
+                        "no enabled BAR decodes {len} bytes at {} {addr:#x}",
+                        if memory { "memory" } else { "I/O" }
+                    ),
+                )
+            })?;
+        let bar = u8::try_from(r.index).map_err(|_| DeviceError::invalid("BAR index"))?;
+        Ok((bar, r.offset))
+    }
+}
+
+impl MpqemuDevice for Adapter {
+    fn sync_sysmem(&mut self, regions: Vec<(SysmemSlot, OwnedFd)>) -> Result<(), DeviceError> {
+        // Like remote_sysmem_reconfig: the new set replaces the old.
+        self.dev.memory.clear();
+        let mut failed = Vec::new();
+        for (slot, fd) in regions {
+            let file = File::from(fd);
+            if let Err(e) =
+                self.dev
+                    .memory
+                    .map(file.as_fd(), slot.offset, slot.size, slot.gpa, true)
+            {
+                failed.push(e.to_string());
+            }
+        }
+        tracing::debug!(device = %self.dev.id, "guest RAM now {:x?}", self.dev.memory.layout());
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(DeviceError::invalid(failed.join("; ")))
+        }
+    }
+
+    fn set_irqfd(&mut self, irqfd: OwnedFd, resamplefd: OwnedFd) -> Result<(), DeviceError> {
+        self.watcher = None;
+        let trigger = eventfd_from(irqfd)?;
+        let resample = eventfd_from(resamplefd)?;
+        let io = |e: std::io::Error| DeviceError::new(libc::EIO, e.to_string());
+        let watch = resample.try_clone().map_err(io)?;
+        self.dev.intx.set_fds(Some(IntxFds {
+            trigger,
+            resample: Some(resample),
+        }));
+        self.watcher = Some(ResampleWatcher::start(self.dev.clone(), watch).map_err(io)?);
+        Ok(())
+    }
+
+    fn config_read(&mut self, addr: u32, data: &mut [u8]) -> Result<(), DeviceError> {
+        self.dev.function().config_read(addr as usize, data);
+        Ok(())
+    }
+
+    fn config_write(&mut self, addr: u32, data: &[u8]) -> Result<(), DeviceError> {
+        let effect = self.dev.function().config_write(addr as usize, data);
+        if effect.bars_written != 0 || effect.command_changed {
+            let f = self.dev.function();
+            tracing::debug!(device = %self.dev.id, "BARs now {:x?}", f.config().active_bars().iter().map(|b| (b.index, b.base)).collect::<Vec<_>>());
+        }
+        Ok(())
+    }
+
+    fn bar_read(&mut self, addr: u64, memory: bool, data: &mut [u8]) -> Result<(), DeviceError> {
+        let (bar, offset) = self.decode(addr, data.len(), memory)?;
+        if let Err(e) = self.dev.function().bar_read(bar, offset, data) {
+            // A failed device reads all-ones (bar_read filled them).
+            tracing::debug!(device = %self.dev.id, "BAR{bar} read at {offset:#x}: {e:?}");
+        }
+        Ok(())
+    }
+
+    fn bar_write(&mut self, addr: u64, memory: bool, data: &[u8]) -> Result<(), DeviceError> {
+        let (bar, offset) = self.decode(addr, data.len(), memory)?;
+        self.dev
+            .function()
+            .bar_write(bar, offset, data)
+            .map_err(|e| {
+                DeviceError::new(libc::EIO, format!("BAR{bar} write at {offset:#x}: {e:?}"))
+            })
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        self.dev
+            .function()
+            .reset()
+            .map_err(|e| DeviceError::new(libc::EIO, format!("reset: {e:?}")))
+    }
+
+    fn client_disconnected(&mut self) {
+        self.watcher = None;
+        self.dev.memory.clear();
+        self.dev.intx.set_fds(None);
+    }
+}
