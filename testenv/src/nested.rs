@@ -8,7 +8,7 @@ use crate::runner::{run_job, RunOptions};
 use crate::{Env, QemuKind};
 use anyhow::{bail, Context, Result};
 use std::ffi::OsStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Modules L1 loads: KVM for AMD and virtio-9p (dependencies resolved).
@@ -92,9 +92,9 @@ pub fn l1_spec(cmd: &[String], opts: &NestedOptions) -> Result<InitramfsSpec> {
     }
     let words: Vec<String> = cmd.iter().map(|w| shell_quote(OsStr::new(w))).collect();
     let tmp = if opts.host_tmp {
-        ""
+        String::new()
     } else {
-        "mount -t tmpfs tmpfs /host/tmp\n"
+        fresh_tmp_keeping(&[cwd.clone(), crate::workspace_root(), crate::testenv_dir()])
     };
     let job = format!(
         r#"set -u
@@ -114,6 +114,39 @@ chroot /host /usr/bin/env -i {env} /bin/sh -c 'cd "$1" && shift && exec "$@"' sh
     let mut spec = InitramfsSpec::new(L1_MODULES, &job);
     spec.verbose_kernel = false;
     Ok(spec)
+}
+
+/// Shell lines that give L1 a fresh tmpfs on /tmp (9p cannot hold working
+/// UNIX sockets) while keeping the host directories in `keep` that live
+/// under /tmp (a checkout in /tmp, as CI may use, must stay visible).
+fn fresh_tmp_keeping(keep: &[PathBuf]) -> String {
+    let mut under: Vec<PathBuf> = keep
+        .iter()
+        .filter(|p| p.starts_with("/tmp") && p.as_path() != Path::new("/tmp"))
+        .cloned()
+        .collect();
+    under.sort();
+    under.dedup();
+    let roots: Vec<PathBuf> = under
+        .iter()
+        .filter(|p| !under.iter().any(|q| q != *p && p.starts_with(q)))
+        .cloned()
+        .collect();
+    let mut lines = String::new();
+    for (i, p) in roots.iter().enumerate() {
+        let p = shell_quote(p.as_os_str());
+        lines.push_str(&format!(
+            "mkdir -p /keep{i}\nmount -o bind /host{p} /keep{i}\n"
+        ));
+    }
+    lines.push_str("mount -t tmpfs tmpfs /host/tmp\n");
+    for (i, p) in roots.iter().enumerate() {
+        let p = shell_quote(p.as_os_str());
+        lines.push_str(&format!(
+            "mkdir -p /host{p}\nmount -o move /keep{i} /host{p}\n"
+        ));
+    }
+    lines
 }
 
 /// Runs `cmd` inside L1 (see the module docs) and returns its exit status
@@ -138,4 +171,32 @@ pub fn run_nested(env: &Env, cmd: &[String], opts: &NestedOptions) -> Result<Job
         log: None,
     };
     run_job(env, &spec, &ropts)
+}
+
+#[cfg(test)]
+mod tmp_tests {
+    use super::*;
+
+    #[test]
+    fn checkouts_under_tmp_survive_the_fresh_tmpfs() {
+        let s = fresh_tmp_keeping(&[
+            PathBuf::from("/tmp/ci/tests"),
+            PathBuf::from("/tmp/ci"),
+            PathBuf::from("/work/x"),
+            PathBuf::from("/tmp/ci/target/testenv"),
+        ]);
+        assert_eq!(s.matches("mount -o bind").count(), 1, "{s}");
+        assert!(
+            s.contains("/host'/tmp/ci'") || s.contains("/host/tmp/ci"),
+            "{s}"
+        );
+        let bind = s.find("mount -o bind").unwrap();
+        let tmpfs = s.find("mount -t tmpfs").unwrap();
+        let mv = s.find("mount -o move").unwrap();
+        assert!(bind < tmpfs && tmpfs < mv, "{s}");
+        assert_eq!(
+            fresh_tmp_keeping(&[PathBuf::from("/work/x")]),
+            "mount -t tmpfs tmpfs /host/tmp\n"
+        );
+    }
 }
