@@ -1,0 +1,130 @@
+//! A PCI function whose plugin is loaded into the VMM (`in-process =
+//! true`): the same plugin as in a remote, driven directly through
+//! `plugin_api::function::PciFunction`. DMA goes straight to guest RAM;
+//! INTx drives the IOAPIC pin with KVM_IRQ_LINE. No IPC at all.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use config::DeviceConfig;
+use kvm_ioctls::VmFd;
+use pci::ConfigSpace;
+use plugin_api::function::{create_device, GuestMemory, IrqSink, PciFunction, Services};
+use plugin_api::loader;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::PciDevice;
+
+struct Ram(GuestMemoryMmap);
+
+impl GuestMemory for Ram {
+    fn read(&self, gpa: u64, data: &mut [u8]) -> Result<(), String> {
+        self.0
+            .read_slice(data, GuestAddress(gpa))
+            .map_err(|e| e.to_string())
+    }
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        self.0
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|e| e.to_string())
+    }
+}
+
+struct Line {
+    vm: Arc<VmFd>,
+    gsi: u32,
+}
+
+impl IrqSink for Line {
+    fn set_level(&self, irq: u32, asserted: bool) {
+        if irq != 0 {
+            return;
+        }
+        if let Err(e) = self.vm.set_irq_line(self.gsi, asserted) {
+            tracing::warn!("KVM_IRQ_LINE {}: {e}", self.gsi);
+        }
+    }
+}
+
+/// An in-process function.
+pub struct InProcessFunction {
+    id: String,
+    func: PciFunction,
+    bar_reads: u64,
+    bar_read_time: Duration,
+    bar_writes: u64,
+}
+
+impl InProcessFunction {
+    /// Loads the device's plugin and creates the device.
+    pub fn new(
+        cfg: &DeviceConfig,
+        plugin_dirs: &[std::path::PathBuf],
+        mem: GuestMemoryMmap,
+        vm: Arc<VmFd>,
+        gsi: u32,
+    ) -> Result<Self> {
+        let plugin = loader::find(&cfg.plugin, plugin_dirs)
+            .map_err(|e| anyhow!("device {}: {e}", cfg.id))?;
+        let services = Services::new(&cfg.id, Arc::new(Ram(mem)), Arc::new(Line { vm, gsi }))
+            .with_base_dir(&cfg.base_dir);
+        let device = create_device(&plugin, cfg.kind.as_deref(), &cfg.settings, services)
+            .map_err(|e| anyhow!("device {}: {e}", cfg.id))?;
+        let func = PciFunction::new(device).map_err(|e| anyhow!("device {}: {e}", cfg.id))?;
+        Ok(InProcessFunction {
+            id: cfg.id.clone(),
+            func,
+            bar_reads: 0,
+            bar_read_time: Duration::ZERO,
+            bar_writes: 0,
+        })
+    }
+}
+
+impl PciDevice for InProcessFunction {
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.func.config_read(offset, data);
+    }
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.func.config_write(offset, data);
+    }
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        let t = Instant::now();
+        let Ok(bar) = u8::try_from(bar) else {
+            data.fill(0xff);
+            return;
+        };
+        if let Err(e) = self.func.bar_read(bar, offset, data) {
+            tracing::warn!("{}: BAR read: {e:?}", self.id);
+        }
+        self.bar_reads += 1;
+        self.bar_read_time += t.elapsed();
+    }
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        self.bar_writes += 1;
+        let Ok(bar) = u8::try_from(bar) else {
+            return;
+        };
+        if let Err(e) = self.func.bar_write(bar, offset, data) {
+            tracing::warn!("{}: BAR write: {e:?}", self.id);
+        }
+    }
+    fn config_space(&self) -> &ConfigSpace {
+        self.func.config()
+    }
+    fn shutdown(&mut self) {
+        if std::env::var_os("HOST_STATS").is_some() {
+            let avg = if self.bar_reads > 0 {
+                self.bar_read_time.as_secs_f64() * 1e6 / self.bar_reads as f64
+            } else {
+                0.0
+            };
+            eprintln!(
+                "host-stats: device={} in-process bar_reads={} bar_read_mean_us={avg:.1} bar_writes={}",
+                self.id, self.bar_reads, self.bar_writes
+            );
+        }
+        self.func.shutdown();
+    }
+}

@@ -1,0 +1,27 @@
+//! PCI: the root bus with its host bridge and configuration mechanism
+//! ([`root`]), proxy functions whose device lives in a remote process
+//! ([`proxy`]) and functions whose plugin runs inside the VMM
+//! ([`inprocess`]).
+
+pub mod inprocess;
+pub mod proxy;
+pub mod root;
+
+use pci::ConfigSpace;
+
+/// A PCI function on the root bus.
+pub trait PciDevice: Send {
+    /// A configuration read of `data.len()` bytes at `offset`.
+    fn config_read(&mut self, offset: usize, data: &mut [u8]);
+    /// A configuration write.
+    fn config_write(&mut self, offset: usize, data: &[u8]);
+    /// A read in BAR `bar` at `offset`.
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
+    /// A write in BAR `bar` at `offset`.
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// The configuration space the VMM decodes BARs with (the function's
+    /// own, or a shadow that tracks the guest's BAR and command writes).
+    fn config_space(&self) -> &ConfigSpace;
+    /// Called once when the VM ends.
+    fn shutdown(&mut self) {}
+}

@@ -1,0 +1,293 @@
+//! The PCI root bus: configuration mechanism #1 (0xCF8 address latch,
+//! 0xCFC data window), a host bridge at 00:00.0, BAR assignment the way
+//! firmware would do it, and BAR access dispatch.
+
+use std::sync::Mutex;
+
+use anyhow::{bail, Result};
+use pci::{command, regs, BarType, ConfigSpace, Identity};
+
+use super::PciDevice;
+use crate::memory::{PCI_IO_END, PCI_IO_START, PCI_MMIO_END, PCI_MMIO_START};
+
+/// Configuration address port.
+pub const CONFIG_ADDRESS: u16 = 0xcf8;
+/// Configuration data ports.
+pub const CONFIG_DATA: u16 = 0xcfc;
+
+/// The host bridge at 00:00.0.
+pub struct HostBridge {
+    config: ConfigSpace,
+}
+
+impl HostBridge {
+    pub fn new() -> Self {
+        HostBridge {
+            config: ConfigSpace::new(Identity {
+                vendor_id: 0x1b36, // Red Hat / QEMU
+                device_id: 0x0008, // generic host bridge
+                class_code: 0x06_00_00,
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciDevice for HostBridge {
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config.read(offset, data);
+    }
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    fn config_space(&self) -> &ConfigSpace {
+        &self.config
+    }
+}
+
+struct Slot {
+    slot: u8,
+    dev: Mutex<Box<dyn PciDevice>>,
+}
+
+/// Bus 0.
+pub struct PciRoot {
+    address: Mutex<u32>,
+    slots: Vec<Slot>,
+}
+
+impl std::fmt::Debug for PciRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciRoot")
+            .field(
+                "slots",
+                &self.slots.iter().map(|s| s.slot).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn lock(dev: &Mutex<Box<dyn PciDevice>>) -> std::sync::MutexGuard<'_, Box<dyn PciDevice>> {
+    dev.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl PciRoot {
+    /// A bus with only the host bridge.
+    pub fn new() -> Self {
+        PciRoot {
+            address: Mutex::new(0),
+            slots: vec![Slot {
+                slot: 0,
+                dev: Mutex::new(Box::new(HostBridge::new())),
+            }],
+        }
+    }
+
+    /// Adds a function at `slot` (function 0).
+    pub fn add(&mut self, slot: u8, dev: Box<dyn PciDevice>) -> Result<()> {
+        if slot == 0 || slot > 31 || self.slots.iter().any(|s| s.slot == slot) {
+            bail!("PCI slot {slot} is invalid or taken");
+        }
+        self.slots.push(Slot {
+            slot,
+            dev: Mutex::new(dev),
+        });
+        Ok(())
+    }
+
+    /// Assigns every BAR an address in the PCI windows (largest first,
+    /// naturally aligned), writes the interrupt line and enables decoding,
+    /// as firmware does before an OS boots. `irq_line(slot)` gives the
+    /// IOAPIC pin of a slot's INTx.
+    pub fn assign_resources(&self, irq_line: &dyn Fn(u8) -> Option<u8>) -> Result<()> {
+        let mut mmio = PCI_MMIO_START;
+        let mut io = PCI_IO_START;
+        for s in &self.slots {
+            if s.slot == 0 {
+                continue;
+            }
+            let mut dev = lock(&s.dev);
+            let mut bars: Vec<(usize, pci::BarSpec)> = dev.config_space().bar_specs().collect();
+            bars.sort_by(|a, b| b.1.size.cmp(&a.1.size));
+            let mut cmd = 0u16;
+            for (index, spec) in bars {
+                let off = regs::BAR0 + index * 4;
+                let (cursor, end) = match spec.bar_type {
+                    BarType::Io => (&mut io, PCI_IO_END),
+                    _ => (&mut mmio, PCI_MMIO_END),
+                };
+                let base = cursor.next_multiple_of(spec.size.max(16));
+                if base + spec.size > end {
+                    bail!(
+                        "slot {}: no room for BAR {index} of {:#x} bytes",
+                        s.slot,
+                        spec.size
+                    );
+                }
+                *cursor = base + spec.size;
+                dev.config_write(off, &(base as u32).to_le_bytes());
+                if spec.bar_type == BarType::Memory64 {
+                    dev.config_write(off + 4, &((base >> 32) as u32).to_le_bytes());
+                }
+                cmd |= match spec.bar_type {
+                    BarType::Io => command::IO_SPACE,
+                    _ => command::MEMORY_SPACE,
+                };
+                tracing::debug!(
+                    slot = s.slot,
+                    index,
+                    base = format_args!("{base:#x}"),
+                    "BAR"
+                );
+            }
+            if let Some(line) = irq_line(s.slot) {
+                dev.config_write(regs::INTERRUPT_LINE, &[line]);
+            }
+            let mut c = [0u8; 2];
+            dev.config_read(regs::COMMAND, &mut c);
+            let c = u16::from_le_bytes(c) | cmd;
+            dev.config_write(regs::COMMAND, &c.to_le_bytes());
+        }
+        Ok(())
+    }
+
+    fn target(&self, port: u16) -> Option<(&Slot, usize)> {
+        let addr = *self.address.lock().unwrap_or_else(|e| e.into_inner());
+        if addr & 0x8000_0000 == 0 {
+            return None;
+        }
+        let bus = (addr >> 16) & 0xff;
+        let dev = ((addr >> 11) & 0x1f) as u8;
+        let func = (addr >> 8) & 0x7;
+        if bus != 0 || func != 0 {
+            return None;
+        }
+        let reg = (addr & 0xfc) as usize + usize::from(port - CONFIG_DATA);
+        self.slots.iter().find(|s| s.slot == dev).map(|s| (s, reg))
+    }
+
+    fn decode(&self, io: bool, addr: u64, len: u64) -> Option<(&Slot, usize, u64)> {
+        self.slots.iter().find_map(|s| {
+            let r = lock(&s.dev).config_space().decode(io, addr, len)?;
+            Some((s, r.index, r.offset))
+        })
+    }
+
+    /// A port read; false when nothing on the bus decodes it.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) -> bool {
+        if port == CONFIG_ADDRESS && data.len() == 4 {
+            let a = *self.address.lock().unwrap_or_else(|e| e.into_inner());
+            data.copy_from_slice(&a.to_le_bytes());
+            return true;
+        }
+        if (CONFIG_DATA..CONFIG_DATA + 4).contains(&port) {
+            match self.target(port) {
+                Some((s, reg)) if reg + data.len() <= 256 => lock(&s.dev).config_read(reg, data),
+                _ => data.fill(0xff),
+            }
+            return true;
+        }
+        match self.decode(true, u64::from(port), data.len() as u64) {
+            Some((s, bar, off)) => {
+                lock(&s.dev).bar_read(bar, off, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A port write; false when nothing on the bus decodes it.
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> bool {
+        if port == CONFIG_ADDRESS && data.len() == 4 {
+            let mut v = [0u8; 4];
+            v.copy_from_slice(data);
+            *self.address.lock().unwrap_or_else(|e| e.into_inner()) = u32::from_le_bytes(v);
+            return true;
+        }
+        if (CONFIG_DATA..CONFIG_DATA + 4).contains(&port) {
+            if let Some((s, reg)) = self.target(port) {
+                if reg + data.len() <= 256 {
+                    lock(&s.dev).config_write(reg, data);
+                }
+            }
+            return true;
+        }
+        match self.decode(true, u64::from(port), data.len() as u64) {
+            Some((s, bar, off)) => {
+                lock(&s.dev).bar_write(bar, off, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// An MMIO read; false when no BAR decodes it.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.decode(false, addr, data.len() as u64) {
+            Some((s, bar, off)) => {
+                lock(&s.dev).bar_read(bar, off, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// An MMIO write; false when no BAR decodes it.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.decode(false, addr, data.len() as u64) {
+            Some((s, bar, off)) => {
+                lock(&s.dev).bar_write(bar, off, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Shuts every function down.
+    pub fn shutdown(&self) {
+        for s in &self.slots {
+            lock(&s.dev).shutdown();
+        }
+    }
+}
+
+impl Default for PciRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg_read32(root: &PciRoot, slot: u8, reg: u32) -> u32 {
+        let a = 0x8000_0000u32 | (u32::from(slot) << 11) | reg;
+        root.pio_write(CONFIG_ADDRESS, &a.to_le_bytes());
+        let mut d = [0u8; 4];
+        root.pio_read(CONFIG_DATA, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn host_bridge_and_empty_slots() {
+        let root = PciRoot::new();
+        assert_eq!(cfg_read32(&root, 0, 0), 0x0008_1b36);
+        assert_eq!(cfg_read32(&root, 0, 8) >> 8, 0x06_00_00);
+        assert_eq!(cfg_read32(&root, 5, 0), 0xffff_ffff);
+        // The address latch reads back (Linux's type-1 probe).
+        let mut d = [0u8; 4];
+        root.pio_read(CONFIG_ADDRESS, &mut d);
+        assert_eq!(u32::from_le_bytes(d) & 0x8000_0000, 0x8000_0000);
+    }
+}

@@ -1,0 +1,224 @@
+//! Remote device processes: for each `[[remote]]` the VMM either spawns
+//! `remote-host serve` (one end of a socketpair inherited as fd 3, or a
+//! private socket directory when the remote serves several devices) or
+//! connects to the socket an orchestrator made (`socket = "..."`).
+//! Spawned remotes get `PR_SET_PDEATHSIG` and are stopped when the VM ends.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use channel::vfio_user::{ClientOptions, VfioUserClient};
+use config::{Config, Protocol, RemoteConfig};
+
+/// The fd number the spawned remote finds its socket on.
+pub const REMOTE_FD: i32 = 3;
+
+/// A spawned `remote-host`.
+#[derive(Debug)]
+pub struct RemoteProcess {
+    pub id: String,
+    child: Child,
+    rundir: Option<PathBuf>,
+}
+
+impl RemoteProcess {
+    /// Waits up to `grace` for the process to leave (it does once its
+    /// clients have gone), then kills it.
+    pub fn stop(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => {
+                    if !st.success() {
+                        tracing::warn!("remote {} exited with {st}", self.id);
+                    }
+                    break;
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+            }
+        }
+        if let Some(d) = self.rundir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+impl Drop for RemoteProcess {
+    fn drop(&mut self) {
+        self.stop(Duration::ZERO);
+    }
+}
+
+/// The `remote-host` binary: `$REMOTE_HOST`, else next to this executable.
+pub fn remote_host_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("REMOTE_HOST") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    let p = exe
+        .parent()
+        .map(|d| d.join("remote-host"))
+        .context("executable has no directory")?;
+    if !p.exists() {
+        bail!("{} not found (build it, or set REMOTE_HOST)", p.display());
+    }
+    Ok(p)
+}
+
+fn client_options(r: &RemoteConfig) -> ClientOptions {
+    ClientOptions {
+        timeout: Duration::from_millis(r.timeout_ms.max(1)),
+        ..Default::default()
+    }
+}
+
+fn serve_command(config: &Config, r: &RemoteConfig) -> Result<Command> {
+    let mut cmd = Command::new(remote_host_binary()?);
+    let cfg_path = std::path::absolute(&config.path).context("config path")?;
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(cfg_path)
+        .arg("--remote")
+        .arg(&r.id)
+        .arg("--protocol")
+        .arg(r.protocol.name())
+        .stdin(Stdio::null());
+    Ok(cmd)
+}
+
+fn wait_socket(path: &Path, child: &mut Child, timeout: Duration) -> Result<UnixStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = UnixStream::connect(path) {
+            return Ok(s);
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            bail!(
+                "remote-host exited ({st}) before listening on {}",
+                path.display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not appear within {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts (or connects to) remote `r` and returns a connected client per
+/// device of that remote, in config order.
+pub fn connect(
+    config: &Config,
+    r: &RemoteConfig,
+) -> Result<(Option<RemoteProcess>, Vec<(String, VfioUserClient)>)> {
+    if r.protocol != Protocol::VfioUser {
+        bail!(
+            "{}: remote `{}` speaks {}, the VMM only drives vfio-user remotes so far",
+            r.location,
+            r.id,
+            r.protocol.name()
+        );
+    }
+    let devices: Vec<String> = config
+        .devices_of_remote(&r.id)
+        .map(|d| d.id.clone())
+        .collect();
+    let opts = client_options(r);
+    let timeout = opts.timeout.max(Duration::from_secs(10));
+    let mut clients = Vec::new();
+    if let Some(sock) = &r.socket {
+        for id in &devices {
+            let path = if sock.is_dir() {
+                sock.join(format!("{id}.sock"))
+            } else {
+                sock.clone()
+            };
+            let c = VfioUserClient::connect(&path, opts.clone())
+                .with_context(|| format!("remote `{}`, device `{id}`", r.id))?;
+            clients.push((id.clone(), c));
+        }
+        return Ok((None, clients));
+    }
+    if devices.is_empty() {
+        return Ok((None, clients));
+    }
+    let mut cmd = serve_command(config, r)?;
+    if devices.len() == 1 {
+        let (ours, theirs) = UnixStream::pair().context("socketpair")?;
+        let theirs = OwnedFd::from(theirs);
+        let raw = theirs.as_raw_fd();
+        cmd.arg("--fd").arg(REMOTE_FD.to_string());
+        // SAFETY: the hook only calls async-signal-safe functions (dup2,
+        // prctl) on fds that stay open until the child has exec'd.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::dup2(raw, REMOTE_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning remote-host for `{}`", r.id))?;
+        drop(theirs);
+        let mut proc = RemoteProcess {
+            id: r.id.clone(),
+            child,
+            rundir: None,
+        };
+        let c = VfioUserClient::from_stream(ours, opts)
+            .with_context(|| format!("remote `{}`, device `{}`", r.id, devices[0]));
+        match c {
+            Ok(c) => clients.push((devices[0].clone(), c)),
+            Err(e) => {
+                proc.stop(Duration::ZERO);
+                return Err(e);
+            }
+        }
+        return Ok((Some(proc), clients));
+    }
+    // Several devices: a private socket directory, one socket per device.
+    let rundir = std::env::temp_dir().join(format!("host-{}-{}", std::process::id(), r.id));
+    std::fs::create_dir_all(&rundir).with_context(|| format!("{}", rundir.display()))?;
+    cmd.arg("--socket").arg(&rundir);
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("spawning remote-host for `{}`", r.id))?;
+    let mut proc = RemoteProcess {
+        id: r.id.clone(),
+        child,
+        rundir: Some(rundir.clone()),
+    };
+    for id in &devices {
+        let sock = wait_socket(&rundir.join(format!("{id}.sock")), &mut proc.child, timeout)?;
+        let c = VfioUserClient::from_stream(sock, opts.clone())
+            .with_context(|| format!("remote `{}`, device `{id}`", r.id))?;
+        clients.push((id.clone(), c));
+    }
+    Ok((Some(proc), clients))
+}

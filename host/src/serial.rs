@@ -1,0 +1,89 @@
+//! The serial console (a `vm-superio` 16550A on COM1, IRQ 4 through an
+//! irqfd) and the i8042 whose CPU-reset command ends the VM.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use vm_superio::{I8042Device, Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::exit::{ExitReason, ExitSignal};
+
+/// COM1.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// COM1's ISA IRQ.
+pub const SERIAL_GSI: u32 = 4;
+/// i8042 data port; the command port is +4.
+pub const I8042_PORT: u16 = 0x60;
+
+/// An eventfd as a `vm-superio` interrupt trigger.
+#[derive(Debug)]
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The i8042's CPU reset ends the VM.
+#[derive(Debug)]
+pub struct ResetTrigger(pub Arc<ExitSignal>);
+
+impl Trigger for ResetTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.set(ExitReason::Reset);
+        Ok(())
+    }
+}
+
+/// Console output: line-buffered into the sink, each line also shown to
+/// the exit logic (power down, restart, panic).
+pub struct ConsoleOut {
+    sink: Box<dyn Write + Send>,
+    line: Vec<u8>,
+    exit: Arc<ExitSignal>,
+}
+
+impl ConsoleOut {
+    pub fn new(sink: Box<dyn Write + Send>, exit: Arc<ExitSignal>) -> Self {
+        ConsoleOut {
+            sink,
+            line: Vec::with_capacity(256),
+            exit,
+        }
+    }
+
+    fn flush_line(&mut self) -> std::io::Result<()> {
+        if self.line.is_empty() {
+            return Ok(());
+        }
+        self.exit.console_line(&String::from_utf8_lossy(&self.line));
+        self.sink.write_all(&self.line)?;
+        self.line.clear();
+        self.sink.flush()
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            self.line.push(b);
+            if b == b'\n' || self.line.len() >= 4096 {
+                self.flush_line()?;
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.flush_line()
+    }
+}
+
+/// The COM1 model.
+pub type Com1 = Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleOut>;
+/// The i8042 model.
+pub type I8042 = I8042Device<ResetTrigger>;

@@ -1,0 +1,220 @@
+//! `host run`: builds the VM from the config and runs it to the end.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use config::{Config, Placement};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::Kvm;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_superio::{I8042Device, Serial};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::Bus;
+use crate::exit::{exit_code, ExitReason, ExitSignal};
+use crate::legacy::{Cmos, Ps2Controller};
+use crate::memory::GuestRam;
+use crate::mptable::PciIrq;
+use crate::pci::inprocess::InProcessFunction;
+use crate::pci::proxy::ProxyFunction;
+use crate::pci::root::PciRoot;
+use crate::pci::PciDevice;
+use crate::remote::{self, RemoteProcess};
+use crate::serial::{ConsoleOut, EventFdTrigger, ResetTrigger, SERIAL_GSI};
+use crate::{boot, cpu};
+
+/// TSS for Intel VMX (three pages below the BIOS area).
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// The IOAPIC pin of the INTx of a function in `slot`.
+pub fn pci_gsi(slot: u8) -> u32 {
+    16 + u32::from(slot % 8)
+}
+
+/// Appends what our machine needs unless the user already chose.
+pub fn kernel_cmdline(user: &str) -> String {
+    let mut s = user.trim().to_owned();
+    let mut add = |key: &str, opt: &str| {
+        if !s.split_whitespace().any(|w| w.starts_with(key)) {
+            s.push(' ');
+            s.push_str(opt);
+        }
+    };
+    // Reset through the i8042, which ends the VM; reboot at once on panic.
+    add("reboot=", "reboot=k");
+    add("panic=", "panic=-1");
+    add("pci=", "pci=conf1");
+    // Our i8042 only resets: do not probe for a mouse or a mux.
+    add("i8042.noaux", "i8042.noaux");
+    add("i8042.nomux", "i8042.nomux");
+    add("i8042.nopnp", "i8042.nopnp");
+    add("i8042.nokbd", "i8042.nokbd");
+    s.trim().to_owned()
+}
+
+/// Boot timing, printed with `HOST_STATS`.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub setup: Duration,
+    pub run: Duration,
+}
+
+/// Runs the VM described by `config_path`; returns the process exit code.
+pub fn run(config_path: &Path) -> Result<i32> {
+    let t0 = Instant::now();
+    let cfg = Config::load(config_path)?;
+    let vcpus = cfg.vm.vcpus;
+
+    let kvm = Kvm::new().context("opening /dev/kvm")?;
+    let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
+    let ram = GuestRam::new(cfg.vm.memory_bytes)?;
+    for (slot, r) in ram.regions.iter().enumerate() {
+        let host = ram
+            .mem
+            .get_host_address(GuestAddress(r.gpa))
+            .context("guest RAM host address")?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: r.gpa,
+            memory_size: r.size,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of `r.size` bytes owned by
+        // `ram`, which outlives the VM (both live until process exit).
+        unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
+    }
+    vm.set_tss_address(TSS_ADDRESS)
+        .context("KVM_SET_TSS_ADDR")?;
+    vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .context("KVM_CREATE_PIT2")?;
+
+    let exit = Arc::new(ExitSignal::default());
+    let sink: Box<dyn Write + Send> = match &cfg.vm.console_log {
+        Some(p) => {
+            Box::new(File::create(p).with_context(|| format!("console log {}", p.display()))?)
+        }
+        None => Box::new(std::io::stdout()),
+    };
+    let serial_evt = EventFd::new(0).context("eventfd")?;
+    vm.register_irqfd(&serial_evt, SERIAL_GSI)
+        .context("KVM_IRQFD for COM1")?;
+    let serial = Serial::new(
+        EventFdTrigger(serial_evt),
+        ConsoleOut::new(sink, exit.clone()),
+    );
+    let i8042 = I8042Device::new(ResetTrigger(exit.clone()));
+
+    // Remotes first: their devices are created before the bus is built.
+    let mut remotes: Vec<RemoteProcess> = Vec::new();
+    let mut clients = Vec::new();
+    for r in &cfg.remotes {
+        let (proc, c) = remote::connect(&cfg, r)?;
+        remotes.extend(proc);
+        clients.extend(c);
+    }
+    let mut root = PciRoot::new();
+    let mut pci_irqs = Vec::new();
+    let plugin_dirs = plugin_api::loader::default_dirs();
+    for d in &cfg.devices {
+        let gsi = pci_gsi(d.slot);
+        let dev: Box<dyn PciDevice> = match &d.placement {
+            Placement::Remote(rid) => {
+                let Some(pos) = clients.iter().position(|(id, _)| id == &d.id) else {
+                    bail!(
+                        "{}: device `{}`: remote `{rid}` gave no connection",
+                        d.location,
+                        d.id
+                    );
+                };
+                let (_, client) = clients.swap_remove(pos);
+                Box::new(
+                    ProxyFunction::new(&d.id, client, &ram, &vm, gsi)
+                        .with_context(|| format!("{}: device `{}`", d.location, d.id))?,
+                )
+            }
+            Placement::InProcess => Box::new(
+                InProcessFunction::new(d, &plugin_dirs, ram.mem.clone(), vm.clone(), gsi)
+                    .with_context(|| format!("{}: device `{}`", d.location, d.id))?,
+            ),
+        };
+        let pin = dev.config_space().identity().interrupt_pin;
+        if (1..=4).contains(&pin) {
+            pci_irqs.push(PciIrq {
+                slot: d.slot,
+                pin,
+                gsi: gsi as u8,
+            });
+        }
+        root.add(d.slot, dev)?;
+    }
+    let irqs = pci_irqs.clone();
+    root.assign_resources(&|slot| irqs.iter().find(|p| p.slot == slot).map(|p| p.gsi))?;
+
+    let cmdline = kernel_cmdline(&cfg.vm.cmdline);
+    tracing::info!("kernel command line: {cmdline}");
+    let boot = boot::setup(
+        &ram,
+        &cfg.vm.kernel,
+        cfg.vm.initrd.as_deref(),
+        &cmdline,
+        vcpus,
+        &pci_irqs,
+    )?;
+
+    let bus = Arc::new(Bus {
+        serial: Mutex::new(serial),
+        i8042: Mutex::new(Ps2Controller::new(i8042)),
+        cmos: Mutex::new(Cmos::default()),
+        pci: root,
+    });
+    let base_cpuid = cpu::supported_cpuid(&kvm)?;
+    let mut fds = Vec::new();
+    for id in 0..vcpus {
+        fds.push(cpu::create(&kvm, &vm, &base_cpuid, id, vcpus, &boot)?);
+    }
+    let setup = t0.elapsed();
+    let t_run = Instant::now();
+    for (id, fd) in fds.into_iter().enumerate() {
+        let bus = bus.clone();
+        let exit = exit.clone();
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || cpu::run(id as u8, fd, bus, exit))
+            .context("spawning a vCPU thread")?;
+    }
+
+    let reason = exit.wait();
+    let timing = Timing {
+        setup,
+        run: t_run.elapsed(),
+    };
+    {
+        let mut s = bus.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = s.writer_mut().flush();
+    }
+    bus.pci.shutdown();
+    for r in &mut remotes {
+        r.stop(Duration::from_secs(3));
+    }
+    let code = exit_code(&reason, exit.console());
+    if std::env::var_os("HOST_STATS").is_some() {
+        eprintln!(
+            "host-stats: setup_ms={:.1} run_ms={:.1} exit={reason:?} code={code}",
+            timing.setup.as_secs_f64() * 1e3,
+            timing.run.as_secs_f64() * 1e3
+        );
+    }
+    if let ExitReason::Error(e) = &reason {
+        eprintln!("host: {e}");
+    }
+    Ok(code)
+}
