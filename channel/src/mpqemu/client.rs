@@ -5,10 +5,13 @@
 //!
 //! mpqemu has no posted writes: the device side answers every BAR_WRITE
 //! with a `RET`. [`MpqemuClient::bar_write_posted`] still lets a VMM go on
-//! without waiting: it sends the write and leaves its `RET` in the socket,
-//! up to [`ClientOptions::max_posted`] of them; the next call that waits
-//! for a reply (or [`MpqemuClient::flush`]) first collects them, in one
-//! read. A posted write that failed (a `RET` of `u64::MAX`) is counted in
+//! without waiting: it sends the write and leaves its `RET` in the socket.
+//! Every 16 posted writes the client takes, without waiting, the `RET`s
+//! that have already come back whole (`FIONREAD`); only when
+//! [`ClientOptions::max_posted`] are outstanding does it wait, for the
+//! older half. The next call that waits for a reply (or
+//! [`MpqemuClient::flush`]) first collects all of them. A posted write
+//! that failed (a `RET` of `u64::MAX`) is counted in
 //! [`MpqemuClient::posted_failures`] and logged. This works against
 //! QEMU's own `x-remote` too, which handles a socket's messages in order.
 //!
@@ -16,7 +19,7 @@
 //! a well-formed `RET`) the client is broken: the stream may be out of
 //! step, so every later call fails with [`ClientError::Broken`].
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -39,8 +42,9 @@ pub struct ClientOptions {
     pub poll: Duration,
     /// Adapt the busy-poll window to how fast replies come.
     pub adaptive_poll: bool,
-    /// Most posted writes whose `RET` is left unread before the client
-    /// collects them.
+    /// Most posted writes whose `RET` may be left unread; when reached,
+    /// the client waits for the older half of them. (`RET`s that have
+    /// already come are collected every 16 posted writes without waiting.)
     pub max_posted: usize,
 }
 
@@ -50,7 +54,7 @@ impl Default for ClientOptions {
             timeout: DEFAULT_TIMEOUT,
             poll: DEFAULT_POLL,
             adaptive_poll: true,
-            max_posted: 64,
+            max_posted: 256,
         }
     }
 }
@@ -206,10 +210,33 @@ impl MpqemuClient {
     /// Collects the `RET`s of posted writes still in the socket.
     pub fn flush(&mut self) -> Result<(), ClientError> {
         self.check()?;
-        if self.pending == 0 {
+        self.collect(self.pending)
+    }
+
+    /// Collects, without waiting, the `RET`s of posted writes that have
+    /// already arrived whole.
+    fn collect_arrived(&mut self) -> Result<(), ClientError> {
+        let mut avail: libc::c_int = 0;
+        // SAFETY: FIONREAD stores the readable byte count in `avail`.
+        let r = unsafe {
+            libc::ioctl(
+                self.framed.socket().as_raw_fd(),
+                libc::FIONREAD,
+                &mut avail as *mut libc::c_int,
+            )
+        };
+        if r < 0 {
             return Ok(());
         }
-        let n = self.pending;
+        let whole = usize::try_from(avail).unwrap_or(0) / RET_LEN;
+        self.collect(whole.min(self.pending))
+    }
+
+    /// Reads and checks `n` posted-write `RET`s.
+    fn collect(&mut self, n: usize) -> Result<(), ClientError> {
+        if n == 0 {
+            return Ok(());
+        }
         self.rx.clear();
         self.rx.resize(n * RET_LEN, 0);
         let mut fds = Vec::new();
@@ -222,7 +249,7 @@ impl MpqemuClient {
         ) {
             return self.fail(e);
         }
-        self.pending = 0;
+        self.pending -= n;
         let mut failed = 0;
         for chunk in self.rx.chunks_exact(RET_LEN) {
             match Message::parse(chunk, 0) {
@@ -414,8 +441,13 @@ impl MpqemuClient {
         memory: bool,
     ) -> Result<(), ClientError> {
         let a = Self::bar_access(addr, val, size, memory)?;
+        // Take what has come back now and then, so the window rarely
+        // fills and the pipeline never stalls to drain.
+        if self.pending >= 16 && self.pending % 16 == 0 {
+            self.collect_arrived()?;
+        }
         if self.pending >= self.opts.max_posted.max(1) {
-            self.flush()?;
+            self.collect(self.pending / 2)?;
         }
         self.send(&Message::BarWrite(a), &[])?;
         self.pending += 1;

@@ -182,24 +182,23 @@ fn run<D: MpqemuDevice + ?Sized>(
             Message::BarRead(a) => Some(bar_read(device, &a, opts)),
             Message::BarWrite(a) => Some(bar_write(device, &a, opts)),
             Message::DeviceReset => {
-                tx.clear();
                 let r = lock(device).reset();
-                let ret = match r {
-                    Ok(()) => Message::Ret(None),
+                match r {
+                    Ok(()) => Message::Ret(None).encode(&mut tx),
                     Err(e) => {
                         tracing::warn!(device = %opts.name, "reset failed: {e}");
-                        Message::Ret(Some(RET_FAILURE))
+                        Message::Ret(Some(RET_FAILURE)).encode(&mut tx)
                     }
                 };
-                ret.encode(&mut tx);
-                framed.send(&tx, &[], opts.timeout)?;
-                continue;
+                None
             }
         };
         if let Some(v) = reply {
-            tx.clear();
             Message::Ret(Some(v)).encode(&mut tx);
+        }
+        if !tx.is_empty() {
             framed.send(&tx, &[], opts.timeout)?;
+            tx.clear();
         }
     }
 }

@@ -457,3 +457,24 @@ fn client_times_out_and_breaks() {
     ));
     assert!(f.as_raw_fd() >= 0);
 }
+
+#[test]
+fn posted_writes_with_a_small_window() {
+    let (sock, _dev, t) = start(ServerOptions::default());
+    let mut c = MpqemuClient::from_stream(
+        sock,
+        ClientOptions {
+            timeout: Duration::from_secs(2),
+            max_posted: 4,
+            ..Default::default()
+        },
+    );
+    c.config_write(0x10, 0xfebf_0000, 4).expect("place");
+    for i in 0..1000u64 {
+        c.bar_write_posted(0xfebf_0020, i, 4, true).expect("posted");
+    }
+    assert_eq!(c.bar_read(0xfebf_0020, 4, true).expect("read"), 999);
+    assert_eq!(c.posted_failures(), 0);
+    drop(c);
+    t.join().expect("join").expect("clean close");
+}
