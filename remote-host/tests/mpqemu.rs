@@ -248,9 +248,27 @@ fn inherited_socketpair_probe_bar_dma_irq_reset() {
     // EOI while the level is high: the resample fd re-raises.
     (&resample).write_all_ne(1);
     assert!(fired(&irq, 10_000), "re-signalled at resample");
+    // Status.INTERRUPT shows the level; Command.INTX_DISABLE masks it
+    // (what Linux's pci_check_and_mask_intx does), clearing re-signals.
+    assert_eq!(
+        c.config_read(0x06, 1).unwrap() & 0x08,
+        0x08,
+        "status INTERRUPT"
+    );
+    assert_eq!(c.config_read(0x04, 4).unwrap() >> 16 & 0x08, 0x08);
+    c.config_write(0x04, 0x0406, 2).unwrap();
+    (&resample).write_all_ne(1);
+    assert!(!fired(&irq, 200), "masked by INTX_DISABLE");
+    c.config_write(0x04, 0x0006, 2).unwrap();
+    assert!(fired(&irq, 10_000), "unmasked while high: signalled");
     wr(&mut c, REG_IRQ_ACK, IRQ_DMA_DONE);
     (&resample).write_all_ne(1);
     assert!(!fired(&irq, 200), "no signal once the level is low");
+    assert_eq!(
+        c.config_read(0x06, 1).unwrap() & 0x08,
+        0,
+        "status INTERRUPT clear"
+    );
 
     // Refusals get RET u64::MAX and the channel goes on.
     let r = c
