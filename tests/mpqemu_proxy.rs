@@ -1,9 +1,12 @@
 //! QEMU 7.2 as the VMM (`-device x-pci-proxy-dev`, the mpqemu client we
 //! did not write) against our `remote-host serve --protocol mpqemu --fd 3`
 //! with the dma-example plugin, under TCG: the Linux guest sees the
-//! device's ids in `/sys/bus/pci`, and reads and writes its BAR0 registers
-//! with `devmem` (each access a BAR_READ/BAR_WRITE to our process at the
-//! address SeaBIOS placed the BAR at).
+//! device's ids in `/sys/bus/pci`, binds it to uio_pci_generic, reads and
+//! writes its BAR0 registers with `devmem` (each access a
+//! BAR_READ/BAR_WRITE to our process at the address SeaBIOS placed the
+//! BAR at) and runs a DMA between two buffers in guest RAM, which our
+//! process reaches through the memfd QEMU sent with SYNC_SYSMEM (the job
+//! is in `mpqemu_guest.rs`).
 //!
 //! Under TCG the proxy delivers no interrupts (its INTx path is a KVM
 //! irqfd with resample), so no interrupt is checked here.
@@ -33,25 +36,8 @@ impl Drop for Killed {
     }
 }
 
-const JOB: &str = r#"
-for d in /sys/bus/pci/devices/*; do
-  echo "PCI $(basename $d) $(cat $d/vendor) $(cat $d/device)"
-done
-for d in /sys/bus/pci/devices/*; do
-  if [ "$(cat $d/vendor)" = "0x1234" ] && [ "$(cat $d/device)" = "0x11e9" ]; then
-    echo "DMAEX $(basename $d)"
-    res=$(head -n 1 $d/resource)
-    echo "RES0 $res"
-    base=$(echo $res | cut -d' ' -f1)
-    echo 1 > $d/enable
-    echo "ID $(devmem $base 32)"
-    devmem $((base + 8)) 32 0x5a5a1234
-    echo "SCRATCH $(devmem $((base + 8)) 32)"
-    devmem $((base + 4)) 32 0x0f0f0f0f
-    echo "LIVENESS $(devmem $((base + 4)) 32)"
-  fi
-done
-"#;
+#[path = "mpqemu_guest.rs"]
+mod guest;
 
 #[test]
 fn qemu_7_2_proxy_sees_our_remote_host_device() {
@@ -131,7 +117,9 @@ slot = 4
     let n = vmm_end.as_raw_fd();
     // SAFETY: F_SETFD on an fd this process owns (`vmm_end`).
     assert!(unsafe { libc::fcntl(n, libc::F_SETFD, 0) } >= 0);
-    let spec = InitramfsSpec::new::<&str>(&[], JOB);
+    // No interrupt will come under TCG: do not wait long for it.
+    let job = format!("IRQ_WAIT=2\n{}", guest::JOB);
+    let spec = InitramfsSpec::new(guest::MODULES, &job);
     let opts = RunOptions {
         qemu: QemuKind::Debian12,
         name: "mpqemu_proxy".into(),
@@ -158,28 +146,13 @@ slot = 4
         log()
     );
     let out = r.output.to_lowercase();
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("pci ") && l.ends_with(" 0x1234 0x11e9")),
-        "the guest does not list 1234:11e9 in /sys/bus/pci\n--- remote-host log ---\n{}",
-        log()
-    );
-    assert!(out.contains("res0 0x"), "BAR0 resource");
-    let res0: Vec<u64> = out
-        .lines()
-        .find_map(|l| l.strip_prefix("res0 "))
-        .unwrap()
-        .split_whitespace()
-        .map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).unwrap())
-        .collect();
-    assert_eq!(res0[1] - res0[0] + 1, 0x1000, "BAR0 is 4 KiB: {res0:x?}");
-    assert!(
-        out.contains("id 0xd3a00001"),
-        "BAR0 ID register through the proxy\n--- remote-host log ---\n{}",
-        log()
-    );
-    assert!(out.contains("scratch 0x5a5a1234"), "SCRATCH write/read");
-    assert!(out.contains("liveness 0xf0f0f0f0"), "LIVENESS write/read");
+    // Under TCG the proxy delivers no interrupt: everything else must work.
+    guest::check(&out, false, &log);
+    if out.contains("uio-event none") {
+        eprintln!(
+            "mpqemu_proxy: no interrupt under TCG, as expected (the proxy's INTx needs KVM irqfd)"
+        );
+    }
 
     // QEMU is gone; once our end closes too, remote-host exits 0 like x-remote.
     drop(vmm_end);
