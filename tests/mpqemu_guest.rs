@@ -6,6 +6,15 @@
 //! `STRICT_DEVMEM` lets `devmem` map; the kernel keeps it reserved) and
 //! waits up to `$IRQ_WAIT` s (default 10) for the interrupt on `/dev/uio0`.
 
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use testenv::{target_bin, Env, InitramfsSpec, QemuKind, RunOptions};
+
 /// Kernel modules of the job.
 pub const MODULES: &[&str] = &["uio", "uio_pci_generic"];
 
@@ -104,5 +113,162 @@ pub fn check(out: &str, irq: bool, log: &dyn Fn() -> String) {
         .trim();
     if irq && event == "none" {
         fail("no interrupt reached the guest (/dev/uio0)");
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What one run of the pair gave.
+pub struct PairRun {
+    /// The guest job's output, lower-cased.
+    pub output: String,
+    /// remote-host's log.
+    pub log: String,
+}
+
+/// Starts `remote-host serve --protocol mpqemu --fd 3` (dma-example) on
+/// one end of a socketpair and boots Debian 12's QEMU 7.2 with
+/// `-device x-pci-proxy-dev,fd=N` on the other (`accel`, `cpu`), running
+/// [`JOB`] with `IRQ_WAIT=irq_wait`. Checks that the job succeeded and that
+/// remote-host saw SYNC_SYSMEM and exited 0 once both ends were gone.
+///
+/// The socketpair end QEMU uses must survive its exec: `testenv::run_job`
+/// builds QEMU's command itself, so the end is made non-CLOEXEC in this
+/// process before the run and passed by its number. Each test using this
+/// is alone in its binary, so no other child inherits it by accident.
+pub fn run_pair(env: &Env, name: &str, accel: &str, cpu: &str, irq_wait: u32) -> PairRun {
+    let remote_host = target_bin("remote-host").unwrap();
+    let plugins = remote_host.parent().unwrap().to_path_buf();
+    assert!(
+        plugins.join("libdma_example.so").is_file(),
+        "libdma_example.so is not built in {}: run `cargo build --workspace` first",
+        plugins.display()
+    );
+    let dir = testenv::workspace_root()
+        .join("target")
+        .join(format!("{name}-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("vm.toml");
+    fs::write(
+        &config,
+        r#"[vm]
+memory = "512M"
+kernel = "vmlinuz"
+
+[[remote]]
+id = "r"
+
+[[device]]
+id = "dma0"
+remote = "r"
+plugin = "dma-example"
+slot = 4
+"#,
+    )
+    .unwrap();
+    let log_path = dir.join("remote-host.log");
+
+    let (vmm_end, device_end) = UnixStream::pair().unwrap();
+    let mut cmd = Command::new(&remote_host);
+    cmd.env("RUST_LOG", "debug")
+        .args([
+            "serve",
+            "--remote",
+            "r",
+            "--protocol",
+            "mpqemu",
+            "--fd",
+            "3",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .arg("--plugin-dir")
+        .arg(&plugins)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log_path).unwrap());
+    let raw = device_end.as_raw_fd();
+    // SAFETY: only dup2/fcntl run between fork and exec (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut remote = Killed(cmd.spawn().unwrap());
+    drop(device_end);
+
+    // QEMU inherits our end under its own number.
+    let n = vmm_end.as_raw_fd();
+    // SAFETY: F_SETFD on an fd this process owns (`vmm_end`).
+    assert!(unsafe { libc::fcntl(n, libc::F_SETFD, 0) } >= 0);
+    let job = format!("IRQ_WAIT={irq_wait}\n{JOB}");
+    let spec = InitramfsSpec::new(MODULES, &job);
+    let opts = RunOptions {
+        qemu: QemuKind::Debian12,
+        name: name.into(),
+        accel: accel.into(),
+        cpu: cpu.into(),
+        timeout: Duration::from_secs(240),
+        extra_args: vec![
+            // mpqemu passes guest RAM to the device as fds: it must be shareable.
+            "-object".into(),
+            "memory-backend-memfd,id=mem,size=512M,share=on".into(),
+            "-machine".into(),
+            "memory-backend=mem".into(),
+            "-device".into(),
+            format!("x-pci-proxy-dev,id=dma0,fd={n}"),
+        ],
+        ..Default::default()
+    };
+    let r = env.run_job(&spec, &opts);
+    let log = || fs::read_to_string(&log_path).unwrap_or_default();
+    let r = r.unwrap_or_else(|e| panic!("{e:#}\n--- remote-host log ---\n{}", log()));
+    eprintln!("--- guest job output ---\n{}", r.output);
+    assert_eq!(
+        r.status,
+        0,
+        "guest job failed\n--- remote-host log ---\n{}",
+        log()
+    );
+
+    // QEMU is gone; once our end closes too, remote-host exits 0 like x-remote.
+    drop(vmm_end);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = remote.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "remote-host did not exit at EOF\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "remote-host: {status}\n{}", log());
+    let l = log();
+    assert!(
+        l.contains("SYNC_SYSMEM"),
+        "the proxy shared guest RAM:\n{l}"
+    );
+    fs::remove_dir_all(&dir).ok();
+    PairRun {
+        output: r.output.to_lowercase(),
+        log: l,
     }
 }
