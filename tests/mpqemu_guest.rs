@@ -51,10 +51,12 @@ devmem $((base + 0x44)) 32 0
 devmem $((base + 0x48)) 32 0x30000
 devmem $((base + 0x4c)) 32 0
 devmem $((base + 0x50)) 32 16
-# Unmask the uio interrupt, then start the DMA with its interrupt.
+# Open /dev/uio0 before the interrupt can come (a reader only sees
+# events after its open), unmask it, then start the DMA with its interrupt.
+exec 3< /dev/uio0
 printf '\001\000\000\000' > /dev/uio0
 devmem $((base + 0x58)) 32 5
-ev=$(timeout ${IRQ_WAIT:-10} dd if=/dev/uio0 bs=4 count=1 2>/dev/null | od -An -tu4)
+ev=$(timeout ${IRQ_WAIT:-10} dd bs=4 count=1 <&3 2>/dev/null | od -An -tu4)
 echo "UIO-EVENT ${ev:-none}"
 echo "DMA-RESULT $(devmem $((base + 0x5c)) 32)"
 echo "IRQ-STATUS $(devmem $((base + 0x24)) 32)"
