@@ -1,0 +1,374 @@
+//! `lsi-compare`: the same Linux guest on the same disk behind three LSI
+//! controllers, under a real KVM (run it inside the nested-KVM L1, or on a
+//! machine with hardware KVM):
+//!
+//! - `qemu-lsi`: QEMU 7.2 with its own in-process `lsi53c895a` (reference);
+//! - `qemu-mp`: QEMU 7.2's multi-process pair, `x-pci-proxy-dev` + its own
+//!   `-machine x-remote` running the LSI;
+//! - `ours-mp`: QEMU 7.2's `x-pci-proxy-dev` + our `remote-host --protocol
+//!   mpqemu` with the LSI plugin (the original multi-process setup with our
+//!   device process in place of QEMU's).
+//!
+//! `lsi-compare check` runs the shared LSI guest job (write/read/file
+//! system) on each and exits non-zero if any fails. `lsi-compare bench`
+//! runs timed `dd` jobs on each and prints a table with ratios against
+//! `qemu-lsi`.
+
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use system_tests::{lsi_disk_job, lsi_job_modules, make_lsi_image, IMAGE_SIZE};
+use testenv::{Env, InitramfsSpec, JobResult, ModuleOrder, QemuKind, RunOptions};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    QemuLsi,
+    QemuMp,
+    OursMp,
+}
+
+impl Variant {
+    const ALL: [Variant; 3] = [Variant::QemuLsi, Variant::QemuMp, Variant::OursMp];
+
+    fn name(self) -> &'static str {
+        match self {
+            Variant::QemuLsi => "qemu-lsi",
+            Variant::QemuMp => "qemu-mp",
+            Variant::OursMp => "ours-mp",
+        }
+    }
+}
+
+/// Kills a helper process when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Makes `fd` inheritable by the next exec (clears CLOEXEC).
+fn inheritable(fd: &OwnedFd) -> Result<i32> {
+    let n = fd.as_raw_fd();
+    // SAFETY: F_SETFD on an fd this process owns.
+    if unsafe { libc::fcntl(n, libc::F_SETFD, 0) } < 0 {
+        bail!("fcntl: {}", std::io::Error::last_os_error());
+    }
+    Ok(n)
+}
+
+/// Spawns `cmd` with `fd` inherited as fd 3.
+fn spawn_with_fd3(cmd: &mut Command, fd: OwnedFd) -> Result<Child> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: only dup2/fcntl run between fork and exec (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("spawning the device process")?;
+    drop(fd);
+    Ok(child)
+}
+
+/// A binary built beside this one (target/<profile>/NAME).
+fn sibling_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe.with_file_name(name);
+    if !p.is_file() {
+        bail!("{} not found: build the workspace first", p.display());
+    }
+    Ok(p)
+}
+
+/// Boots the guest with `job` on `image` behind `variant`'s controller.
+fn run_variant(
+    env: &Env,
+    variant: Variant,
+    image: &Path,
+    job: &str,
+    dir: &Path,
+) -> Result<JobResult> {
+    let mut spec = InitramfsSpec::new(&lsi_job_modules(), job);
+    spec.order = ModuleOrder::Exact;
+    let mut extra: Vec<String> = vec![
+        "-object".into(),
+        "memory-backend-memfd,id=mem,size=512M,share=on".into(),
+        "-machine".into(),
+        "memory-backend=mem".into(),
+    ];
+    let mut _helper: Option<Reaped> = None;
+    let mut _vmm_end: Option<OwnedFd> = None;
+    let drive = format!("file={},format=raw,if=none,id=disk0", image.display());
+    match variant {
+        Variant::QemuLsi => {
+            extra.extend([
+                "-device".into(),
+                "lsi53c895a,id=lsi0".into(),
+                "-drive".into(),
+                drive,
+                "-device".into(),
+                "scsi-hd,drive=disk0,bus=lsi0.0,scsi-id=0".into(),
+            ]);
+        }
+        Variant::QemuMp | Variant::OursMp => {
+            let (vmm_end, dev_end) = UnixStream::pair()?;
+            let dev_end = OwnedFd::from(dev_end);
+            let log = fs::File::create(dir.join(format!("{}-device.log", variant.name())))?;
+            let mut cmd = if variant == Variant::QemuMp {
+                let mut c = env.qemu_command(QemuKind::Debian12);
+                // x-remote runs no vCPU, but needs an accelerator; in the
+                // nested L1 Debian's QEMU cannot load its TCG module
+                // ("could not load module for type 'tcg-accel-ops'"), so
+                // prefer KVM there.
+                c.args([
+                    "-machine",
+                    "x-remote,accel=kvm:tcg",
+                    "-nodefaults",
+                    "-display",
+                    "none",
+                ])
+                .args(["-device", "lsi53c895a,id=lsi0"])
+                .args(["-drive", &drive])
+                .args(["-device", "scsi-hd,drive=disk0,bus=lsi0.0,scsi-id=0"])
+                .args(["-object", "x-remote-object,id=robj0,devid=lsi0,fd=3"]);
+                if let Ok(t) = std::env::var("LSI_COMPARE_XREMOTE_TRACE") {
+                    c.args(["-trace", &t]);
+                }
+                c
+            } else {
+                let config = dir.join("ours-mp.toml");
+                fs::write(
+                    &config,
+                    format!(
+                        "[vm]\nmemory = \"512M\"\nkernel = \"{}\"\n\n[[remote]]\nid = \"storage\"\n\n\
+                         [[device]]\nid = \"lsi0\"\nremote = \"storage\"\nplugin = \"lsi53c895a\"\nslot = 4\n\n\
+                         [[device.drive]]\nfile = \"{}\"\nscsi-id = 0\n",
+                        env.kernel.display(),
+                        image.display()
+                    ),
+                )?;
+                let mut c = Command::new(sibling_bin("remote-host")?);
+                c.args([
+                    "serve",
+                    "--remote",
+                    "storage",
+                    "--protocol",
+                    "mpqemu",
+                    "--fd",
+                    "3",
+                ])
+                .arg("--config")
+                .arg(&config);
+                c
+            };
+            cmd.stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            _helper = Some(Reaped(spawn_with_fd3(&mut cmd, dev_end)?));
+            let vmm_end = OwnedFd::from(vmm_end);
+            let n = inheritable(&vmm_end)?;
+            _vmm_end = Some(vmm_end);
+            extra.extend(["-device".into(), format!("x-pci-proxy-dev,id=lsi0,fd={n}")]);
+        }
+    }
+    let opts = RunOptions {
+        qemu: QemuKind::Debian12,
+        name: format!("lsi-compare-{}", variant.name()),
+        accel: std::env::var("LSI_COMPARE_ACCEL").unwrap_or_else(|_| "kvm".into()),
+        cpu: if std::env::var("LSI_COMPARE_ACCEL").is_ok_and(|a| a != "kvm") {
+            "max".into()
+        } else {
+            "host".into()
+        },
+        timeout: Duration::from_secs(600),
+        extra_args: extra,
+        ..Default::default()
+    };
+    env.run_job(&spec, &opts)
+}
+
+/// Timed `dd` jobs: 64 KiB and 4 KiB direct reads and writes at queue
+/// depth 1, and a sequential read with four commands outstanding.
+fn bench_job() -> String {
+    r#"
+i=0
+while [ ! -b /dev/sda ] && [ $i -lt 600 ]; do
+    [ -e /sys/block/sda/dev ] && mknod /dev/sda b $(cut -d: -f1 /sys/block/sda/dev) $(cut -d: -f2 /sys/block/sda/dev)
+    sleep 0.1; i=$((i+1))
+done
+[ -b /dev/sda ] || { echo "no /dev/sda"; exit 1; }
+now() { cut -d' ' -f1 /proc/uptime; }
+run() { name=$1; shift; s=$(now); "$@" 2>/dev/null || exit 2; e=$(now); echo "TIME $name $s $e"; }
+par4() { for k in 0 1 2 3; do dd if=/dev/sda of=/dev/null bs=64k count=128 skip=$((k*128)) iflag=direct & done; wait; }
+run read-64k-qd1 dd if=/dev/sda of=/dev/null bs=64k count=512 iflag=direct
+run write-64k-qd1 dd if=/dev/zero of=/dev/sda bs=64k count=512 seek=512 oflag=direct
+run read-4k-qd1 dd if=/dev/sda of=/dev/null bs=4k count=2048 iflag=direct
+run write-4k-qd1 dd if=/dev/zero of=/dev/sda bs=4k count=2048 seek=8192 oflag=direct
+run read-64k-qd4 par4
+"#
+    .to_string()
+}
+
+/// A variant, its whole run time, and its timed jobs.
+type BenchRow = (Variant, f64, Vec<(String, f64)>);
+
+fn parse_times(r: &JobResult) -> Vec<(String, f64)> {
+    r.output
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("TIME ")?.split_whitespace();
+            let name = w.next()?.to_string();
+            let s: f64 = w.next()?.parse().ok()?;
+            let e: f64 = w.next()?.parse().ok()?;
+            Some((name, e - s))
+        })
+        .collect()
+}
+
+fn print_device_log(dir: &Path, v: Variant) {
+    let log = fs::read_to_string(dir.join(format!("{}-device.log", v.name()))).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+    println!("--- {} device process log (tail) ---", v.name());
+    for l in tail.iter().rev() {
+        println!("{l}");
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lsi-compare: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    if mode != "check" && mode != "bench" {
+        bail!("usage: lsi-compare check|bench");
+    }
+    let env = Env::load_default().context("test environment (run `testenv prepare`)")?;
+    // Inside the nested L1, /tmp is a tmpfs: images there avoid 9p (slow
+    // under emulation); elsewhere they go under target/.
+    let base = if std::env::var_os("TESTENV_L1").is_some() {
+        PathBuf::from("/tmp")
+    } else {
+        testenv::workspace_root().join("target")
+    };
+    let dir = base.join(format!("lsi-compare-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    let mut failed = 0;
+    let mut table: Vec<BenchRow> = Vec::new();
+    let only = std::env::var("LSI_COMPARE_ONLY").ok();
+    for v in Variant::ALL {
+        if only.as_deref().is_some_and(|o| o != v.name()) {
+            continue;
+        }
+        let image = dir.join(format!("{}.img", v.name()));
+        make_lsi_image(&image);
+        let job = if mode == "check" {
+            lsi_disk_job()
+        } else {
+            bench_job()
+        };
+        let t0 = Instant::now();
+        let r = run_variant(&env, v, &image, &job, &dir);
+        let secs = t0.elapsed().as_secs_f64();
+        match r {
+            Ok(r) if r.status == 0 => {
+                if mode == "check" {
+                    // The same checks the TCG tests make, on this image.
+                    let ok =
+                        std::panic::catch_unwind(|| system_tests::check_lsi_disk_job(&r, &image));
+                    if ok.is_err() {
+                        failed += 1;
+                        println!("RESULT {} FAIL ({secs:.1} s)", v.name());
+                        continue;
+                    }
+                    let to_sda = r
+                        .output
+                        .lines()
+                        .find_map(|l| l.strip_prefix("waited_ds="))
+                        .unwrap_or("?")
+                        .to_string();
+                    println!(
+                        "RESULT {} ok ({secs:.1} s, sda after {to_sda} x 0.1 s of waiting)",
+                        v.name()
+                    );
+                } else {
+                    table.push((v, secs, parse_times(&r)));
+                    println!("RESULT {} ok ({secs:.1} s)", v.name());
+                }
+            }
+            Ok(r) => {
+                failed += 1;
+                println!(
+                    "RESULT {} FAIL status {}:\n{}",
+                    v.name(),
+                    r.status,
+                    r.output
+                );
+                print_device_log(&dir, v);
+            }
+            Err(e) => {
+                failed += 1;
+                println!("RESULT {} FAIL: {e:#}", v.name());
+                print_device_log(&dir, v);
+            }
+        }
+    }
+    if mode == "bench" && !table.is_empty() {
+        println!(
+            "\nLSI53C895A, Linux sym53c8xx guest under KVM, {} MiB disk:",
+            IMAGE_SIZE >> 20
+        );
+        print!("{:<16}", "job (s)");
+        for (v, _, _) in &table {
+            print!("{:>12}{:>8}", v.name(), "ratio");
+        }
+        println!();
+        let reference: Vec<(String, f64)> = table[0].2.clone();
+        for (job, base) in &reference {
+            print!("{job:<16}");
+            for (_, _, times) in &table {
+                let t = times
+                    .iter()
+                    .find(|(n, _)| n == job)
+                    .map_or(f64::NAN, |(_, t)| *t);
+                print!("{t:>12.2}{:>8.2}", t / base);
+            }
+            println!();
+        }
+        print!("{:<16}", "whole boot+job");
+        let base = table[0].1;
+        for (_, secs, _) in &table {
+            print!("{secs:>12.1}{:>8.2}", secs / base);
+        }
+        println!();
+    }
+    fs::remove_dir_all(&dir).ok();
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
