@@ -55,6 +55,10 @@ enum Command {
         log: Option<PathBuf>,
         #[arg(long = "plugin-dir")]
         plugin_dirs: Vec<PathBuf>,
+        /// Busy-poll window (µs) before sleeping on a channel, adapted to
+        /// the traffic; 0 sleeps at once (for hosts with few spare cores).
+        #[arg(long, default_value_t = 50)]
+        poll_us: u64,
     },
 }
 
@@ -146,6 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             protocol,
             log,
             plugin_dirs,
+            poll_us,
         } => {
             let cfg = load_remote(&config, &remote)?;
             let rcfg = cfg.remote(&remote).cloned();
@@ -163,38 +168,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 failed = failed.len(),
                 "remote-host ready"
             );
-            if socket.is_none() && fd.is_none() {
-                anyhow::bail!("serve needs --socket PATH or --fd N");
-            }
+            let endpoint = match (socket, fd) {
+                (Some(path), _) => remote_host::serve_vfio_user::Endpoint::Socket {
+                    path,
+                    devices_in_config: cfg.devices_of_remote(&remote).count(),
+                },
+                (None, Some(n)) => remote_host::serve_vfio_user::Endpoint::Fd(n),
+                (None, None) => anyhow::bail!("serve needs --socket PATH or --fd N"),
+            };
+            let poll = std::time::Duration::from_micros(poll_us);
             match protocol {
                 Protocol::VfioUser => {
-                    use remote_host::serve_vfio_user::{serve, Endpoint};
-                    let endpoint = match (socket, fd) {
-                        (Some(path), _) => Endpoint::Socket {
-                            path,
-                            devices_in_config: cfg.devices_of_remote(&remote).count(),
-                        },
-                        (None, Some(n)) => Endpoint::Fd(n),
-                        (None, None) => anyhow::bail!("serve needs --socket PATH or --fd N"),
+                    let options = channel::vfio_user::server::ServerOptions {
+                        poll,
+                        adaptive_poll: poll_us > 0,
+                        ..Default::default()
                     };
-                    serve(devs, endpoint, &Default::default())?;
-                    Ok(ExitCode::SUCCESS)
+                    remote_host::serve_vfio_user::serve(devs, endpoint, &options)?;
                 }
                 Protocol::Mpqemu => {
-                    use remote_host::serve_mpqemu::serve;
-                    use remote_host::serve_vfio_user::Endpoint;
-                    let endpoint = match (socket, fd) {
-                        (Some(path), _) => Endpoint::Socket {
-                            path,
-                            devices_in_config: cfg.devices_of_remote(&remote).count(),
-                        },
-                        (None, Some(n)) => Endpoint::Fd(n),
-                        (None, None) => anyhow::bail!("serve needs --socket PATH or --fd N"),
+                    let options = channel::mpqemu::ServerOptions {
+                        poll,
+                        adaptive_poll: poll_us > 0,
+                        ..Default::default()
                     };
-                    serve(devs, endpoint, &Default::default())?;
-                    Ok(ExitCode::SUCCESS)
+                    remote_host::serve_mpqemu::serve(devs, endpoint, &options)?;
                 }
             }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
