@@ -56,6 +56,11 @@ impl ConsoleOut {
         }
     }
 
+    /// Writes out a pending partial line (at exit).
+    pub fn finish(&mut self) -> std::io::Result<()> {
+        self.flush_line()
+    }
+
     fn flush_line(&mut self) -> std::io::Result<()> {
         if self.line.is_empty() {
             return Ok(());
@@ -78,8 +83,10 @@ impl Write for ConsoleOut {
         Ok(buf.len())
     }
 
+    /// `vm-superio` flushes after every byte: keep the line together (the
+    /// exit logic matches whole lines) and only flush the sink.
     fn flush(&mut self) -> std::io::Result<()> {
-        self.flush_line()
+        self.sink.flush()
     }
 }
 
@@ -87,3 +94,20 @@ impl Write for ConsoleOut {
 pub type Com1 = Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleOut>;
 /// The i8042 model.
 pub type I8042 = I8042Device<ResetTrigger>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn halt_line_ends_the_vm() {
+        let exit = Arc::new(ExitSignal::default());
+        let out = ConsoleOut::new(Box::new(Vec::new()), exit.clone());
+        let mut s: Com1 = Serial::new(EventFdTrigger(EventFd::new(0).unwrap()), out);
+        for b in b"[    8.259731] reboot: System halted\r\n" {
+            s.write(0, *b).unwrap();
+        }
+        assert!(exit.is_set());
+        assert_eq!(exit.wait(), ExitReason::Halt);
+    }
+}

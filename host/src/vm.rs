@@ -193,15 +193,18 @@ pub fn run(config_path: &Path) -> Result<i32> {
     }
 
     let reason = exit.wait();
+    tracing::debug!("VM ends: {reason:?}");
     let timing = Timing {
         setup,
         run: t_run.elapsed(),
     };
     {
         let mut s = bus.serial.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = s.writer_mut().flush();
+        let _ = s.writer_mut().finish();
     }
+    tracing::debug!("console flushed");
     bus.pci.shutdown();
+    tracing::debug!("devices shut down");
     for r in &mut remotes {
         r.stop(Duration::from_secs(3));
     }

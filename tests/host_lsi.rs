@@ -1,0 +1,127 @@
+//! Our VMM with the LSI53C895A plugin, under the real KVM of the nested
+//! environment: first in a `remote-host` that `host` spawns (proxy PCI
+//! function over vfio-user, guest RAM shared as a memfd, INTx by irqfd +
+//! resample), then loaded in-process from the same plugin. The guest's
+//! stock `sym53c8xx` must find sda and the shared LSI job must pass in
+//! both. Both VMs run in one L1 boot.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use system_tests::{check_lsi_disk_job, lsi_disk_job, make_lsi_image};
+use testenv::{
+    parse_console, require_env, target_bin, InitramfsSpec, JobResult, ModuleOrder, NestedOptions,
+    LSI_MODULES,
+};
+
+fn config(kernel: &Path, name: &str, placement: &str) -> String {
+    format!(
+        r#"[vm]
+memory = "512M"
+vcpus = 2
+kernel = "{kernel}"
+initrd = "initrd.cpio"
+cmdline = "console=ttyS0 quiet"
+console-log = "{name}-console.log"
+
+[[remote]]
+id = "storage"
+log = "{name}-remote.log"
+
+[[device]]
+id = "lsi0"
+{placement}
+plugin = "lsi53c895a"
+slot = 4
+
+[[device.drive]]
+file = "{name}.img"
+scsi-id = 0
+"#,
+        kernel = kernel.display()
+    )
+}
+
+fn ms(output: &str, key: &str) -> String {
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .unwrap_or("?")
+        .to_owned()
+}
+
+#[test]
+fn lsi_plugin_remote_and_in_process_behind_our_vmm() {
+    let Some(env) = require_env("host_lsi") else {
+        return;
+    };
+    let t0 = Instant::now();
+    let host = target_bin("host").unwrap();
+    // remote-host and the plugin must sit next to `host`.
+    target_bin("remote-host").unwrap();
+    target_bin("liblsi53c895a.so").unwrap();
+    let dir = testenv::workspace_root()
+        .join("target")
+        .join(format!("host-lsi-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let mut spec = InitramfsSpec::new(LSI_MODULES, &lsi_disk_job());
+    spec.order = ModuleOrder::Exact;
+    env.build_initramfs(&spec, &dir.join("initrd.cpio"))
+        .unwrap();
+    for (name, placement) in [
+        ("remote", "remote = \"storage\""),
+        ("inproc", "in-process = true"),
+    ] {
+        make_lsi_image(&dir.join(format!("{name}.img")));
+        fs::write(
+            dir.join(format!("{name}.toml")),
+            config(&env.kernel, name, placement),
+        )
+        .unwrap();
+    }
+    let run = |name: &str| {
+        format!(
+            "t=$(date +%s%N); HOST_STATS=1 timeout 240 {host} run {cfg}; echo {name}-EXIT=$?; echo {name}-MS=$(( ($(date +%s%N) - t) / 1000000 ))",
+            host = host.display(),
+            cfg = dir.join(format!("{name}.toml")).display(),
+        )
+    };
+    let cmd = format!("{}; {}", run("remote"), run("inproc"));
+    let opts = NestedOptions {
+        name: "host_lsi".into(),
+        timeout: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let l1 = env
+        .run_nested(&["sh".into(), "-c".into(), cmd], &opts)
+        .unwrap();
+    eprintln!("--- L1 output ---\n{}", l1.output);
+    let job = |name: &str| -> JobResult {
+        let console =
+            fs::read_to_string(dir.join(format!("{name}-console.log"))).unwrap_or_default();
+        let log = fs::read_to_string(dir.join(format!("{name}-remote.log"))).unwrap_or_default();
+        parse_console(&console).unwrap_or_else(|| {
+            panic!("{name}: no job markers in the guest console:\n{console}\n--- remote log ---\n{log}")
+        })
+    };
+    for name in ["remote", "inproc"] {
+        let r = job(name);
+        eprintln!("--- {name}: guest job output ---\n{}", r.output);
+        check_lsi_disk_job(&r, &dir.join(format!("{name}.img")));
+        assert!(
+            l1.output.contains(&format!("{name}-EXIT=0")),
+            "{name}: host did not exit 0:\n{}",
+            l1.output
+        );
+    }
+    eprintln!(
+        "host_lsi: passed in {:.1} s (host run in L1: remote {} ms, in-process {} ms)",
+        t0.elapsed().as_secs_f64(),
+        ms(&l1.output, "remote-MS="),
+        ms(&l1.output, "inproc-MS=")
+    );
+    fs::remove_dir_all(&dir).ok();
+}
