@@ -11,10 +11,9 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use system_tests::{check_lsi_disk_job, lsi_disk_job, make_lsi_image};
+use system_tests::{check_lsi_disk_job, lsi_disk_job, lsi_job_modules, make_lsi_image};
 use testenv::{
     parse_console, require_env, target_bin, InitramfsSpec, JobResult, ModuleOrder, NestedOptions,
-    LSI_MODULES,
 };
 
 fn config(kernel: &Path, name: &str, placement: &str) -> String {
@@ -67,7 +66,7 @@ fn lsi_plugin_remote_and_in_process_behind_our_vmm() {
         .join("target")
         .join(format!("host-lsi-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
-    let mut spec = InitramfsSpec::new(LSI_MODULES, &lsi_disk_job());
+    let mut spec = InitramfsSpec::new(&lsi_job_modules(), &lsi_disk_job());
     spec.order = ModuleOrder::Exact;
     env.build_initramfs(&spec, &dir.join("initrd.cpio"))
         .unwrap();

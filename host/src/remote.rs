@@ -117,6 +117,11 @@ fn wait_socket(path: &Path, child: &mut Child, timeout: Duration) -> Result<Unix
     }
 }
 
+/// How long a freshly spawned remote may take to answer at all.
+pub fn startup_timeout(normal: Duration) -> Duration {
+    normal.max(Duration::from_secs(60))
+}
+
 /// Starts (or connects to) remote `r` and returns a connected client per
 /// device of that remote, in config order.
 pub fn connect(
@@ -136,7 +141,7 @@ pub fn connect(
         .map(|d| d.id.clone())
         .collect();
     let opts = client_options(r);
-    let timeout = opts.timeout.max(Duration::from_secs(10));
+    let timeout = startup_timeout(opts.timeout);
     let mut clients = Vec::new();
     if let Some(sock) = &r.socket {
         for id in &devices {
@@ -182,7 +187,18 @@ pub fn connect(
             child,
             rundir: None,
         };
-        let c = VfioUserClient::from_stream(ours, opts)
+        // The first reply waits for the process to start and load its
+        // plugins (slow on a cold cache, seconds in a nested guest).
+        let normal = opts.timeout;
+        let first = ClientOptions {
+            timeout: startup_timeout(normal),
+            ..opts
+        };
+        let c = VfioUserClient::from_stream(ours, first)
+            .map(|mut c| {
+                c.set_timeout(normal);
+                c
+            })
             .with_context(|| format!("remote `{}`, device `{}`", r.id, devices[0]));
         match c {
             Ok(c) => clients.push((devices[0].clone(), c)),
