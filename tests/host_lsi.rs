@@ -1,9 +1,11 @@
 //! Our VMM with the LSI53C895A plugin, under the real KVM of the nested
 //! environment: first in a `remote-host` that `host` spawns (proxy PCI
 //! function over vfio-user, guest RAM shared as a memfd, INTx by irqfd +
-//! resample), then loaded in-process from the same plugin. The guest's
-//! stock `sym53c8xx` must find sda and the shared LSI job must pass in
-//! both. Both VMs run in one L1 boot.
+//! resample), then loaded in-process from the same plugin, then in a
+//! `remote-host` the test starts first, as an orchestrator would, with the
+//! VMM connecting to its socket. The guest's stock `sym53c8xx` must find
+//! sda and the shared LSI job must pass in all three. All three VMs run in
+//! one L1 boot.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -16,7 +18,16 @@ use testenv::{
     parse_console, require_env, target_bin, InitramfsSpec, JobResult, ModuleOrder, NestedOptions,
 };
 
+/// Where the orchestrated remote listens inside L1 (L1's /tmp is a tmpfs:
+/// UNIX sockets do not work on 9p).
+const ORCH_SOCKET: &str = "/tmp/host-lsi/lsi0.sock";
+
 fn config(kernel: &Path, name: &str, placement: &str) -> String {
+    let socket = if name == "orch" {
+        format!("socket = \"{ORCH_SOCKET}\"\n")
+    } else {
+        String::new()
+    };
     format!(
         r#"[vm]
 memory = "512M"
@@ -29,7 +40,7 @@ console-log = "{name}-console.log"
 [[remote]]
 id = "storage"
 log = "{name}-remote.log"
-
+{socket}
 [[device]]
 id = "lsi0"
 {placement}
@@ -73,6 +84,7 @@ fn lsi_plugin_remote_and_in_process_behind_our_vmm() {
     for (name, placement) in [
         ("remote", "remote = \"storage\""),
         ("inproc", "in-process = true"),
+        ("orch", "remote = \"storage\""),
     ] {
         make_lsi_image(&dir.join(format!("{name}.img")));
         fs::write(
@@ -88,7 +100,14 @@ fn lsi_plugin_remote_and_in_process_behind_our_vmm() {
             cfg = dir.join(format!("{name}.toml")).display(),
         )
     };
-    let cmd = format!("{}; {}", run("remote"), run("inproc"));
+    let orch = format!(
+        "mkdir -p /tmp/host-lsi; {rh} serve --config {cfg} --remote storage --protocol vfio-user --socket {ORCH_SOCKET} & rp=$!; \
+         i=0; while [ ! -S {ORCH_SOCKET} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; {run}; kill $rp",
+        rh = target_bin("remote-host").unwrap().display(),
+        cfg = dir.join("orch.toml").display(),
+        run = run("orch"),
+    );
+    let cmd = format!("{}; {}; {orch}", run("remote"), run("inproc"));
     let opts = NestedOptions {
         name: "host_lsi".into(),
         timeout: Duration::from_secs(600),
@@ -106,7 +125,7 @@ fn lsi_plugin_remote_and_in_process_behind_our_vmm() {
             panic!("{name}: no job markers in the guest console:\n{console}\n--- remote log ---\n{log}")
         })
     };
-    for name in ["remote", "inproc"] {
+    for name in ["remote", "inproc", "orch"] {
         let r = job(name);
         eprintln!("--- {name}: guest job output ---\n{}", r.output);
         check_lsi_disk_job(&r, &dir.join(format!("{name}.img")));
@@ -117,10 +136,11 @@ fn lsi_plugin_remote_and_in_process_behind_our_vmm() {
         );
     }
     eprintln!(
-        "host_lsi: passed in {:.1} s (host run in L1: remote {} ms, in-process {} ms)",
+        "host_lsi: passed in {:.1} s (host run in L1: remote {} ms, in-process {} ms, orchestrated remote {} ms)",
         t0.elapsed().as_secs_f64(),
         ms(&l1.output, "remote-MS="),
-        ms(&l1.output, "inproc-MS=")
+        ms(&l1.output, "inproc-MS="),
+        ms(&l1.output, "orch-MS=")
     );
     fs::remove_dir_all(&dir).ok();
 }

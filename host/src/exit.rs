@@ -88,7 +88,6 @@ impl ExitSignal {
             c.power_down = true;
             drop(c);
             self.set(ExitReason::Halt);
-            return;
         } else if line.contains("reboot: Restarting system") {
             c.restart = true;
         } else if line.contains("Kernel panic") && !c.power_down {

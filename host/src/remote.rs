@@ -117,6 +117,9 @@ fn wait_socket(path: &Path, child: &mut Child, timeout: Duration) -> Result<Unix
     }
 }
 
+/// A remote's process (when spawned) and one client per device id.
+pub type Connected = (Option<RemoteProcess>, Vec<(String, VfioUserClient)>);
+
 /// How long a freshly spawned remote may take to answer at all.
 pub fn startup_timeout(normal: Duration) -> Duration {
     normal.max(Duration::from_secs(60))
@@ -124,10 +127,7 @@ pub fn startup_timeout(normal: Duration) -> Duration {
 
 /// Starts (or connects to) remote `r` and returns a connected client per
 /// device of that remote, in config order.
-pub fn connect(
-    config: &Config,
-    r: &RemoteConfig,
-) -> Result<(Option<RemoteProcess>, Vec<(String, VfioUserClient)>)> {
+pub fn connect(config: &Config, r: &RemoteConfig) -> Result<Connected> {
     if r.protocol != Protocol::VfioUser {
         bail!(
             "{}: remote `{}` speaks {}, the VMM only drives vfio-user remotes so far",

@@ -2,10 +2,10 @@
 //! 0xCFC data window), a host bridge at 00:00.0, BAR assignment the way
 //! firmware would do it, and BAR access dispatch.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use anyhow::{bail, Result};
-use pci::{command, regs, BarType, ConfigSpace, Identity};
+use pci::{command, regs, BarAddress, BarType, ConfigSpace, Identity};
 
 use super::PciDevice;
 use crate::memory::{PCI_IO_END, PCI_IO_START, PCI_MMIO_END, PCI_MMIO_START};
@@ -58,6 +58,27 @@ impl PciDevice for HostBridge {
 struct Slot {
     slot: u8,
     dev: Mutex<Box<dyn PciDevice>>,
+    /// The function's decoding BARs, refreshed after every config write,
+    /// so that decoding an exit never waits for a function that is busy
+    /// (e.g. a proxy waiting for its remote on another vCPU).
+    bars: RwLock<Vec<BarAddress>>,
+}
+
+impl Slot {
+    fn new(slot: u8, dev: Box<dyn PciDevice>) -> Slot {
+        let bars = RwLock::new(dev.config_space().active_bars());
+        Slot {
+            slot,
+            dev: Mutex::new(dev),
+            bars,
+        }
+    }
+
+    fn config_write(&self, reg: usize, data: &[u8]) {
+        let mut dev = lock(&self.dev);
+        dev.config_write(reg, data);
+        *self.bars.write().unwrap_or_else(|e| e.into_inner()) = dev.config_space().active_bars();
+    }
 }
 
 /// Bus 0.
@@ -86,10 +107,7 @@ impl PciRoot {
     pub fn new() -> Self {
         PciRoot {
             address: Mutex::new(0),
-            slots: vec![Slot {
-                slot: 0,
-                dev: Mutex::new(Box::new(HostBridge::new())),
-            }],
+            slots: vec![Slot::new(0, Box::new(HostBridge::new()))],
         }
     }
 
@@ -98,10 +116,7 @@ impl PciRoot {
         if slot == 0 || slot > 31 || self.slots.iter().any(|s| s.slot == slot) {
             bail!("PCI slot {slot} is invalid or taken");
         }
-        self.slots.push(Slot {
-            slot,
-            dev: Mutex::new(dev),
-        });
+        self.slots.push(Slot::new(slot, dev));
         Ok(())
     }
 
@@ -118,7 +133,7 @@ impl PciRoot {
             }
             let mut dev = lock(&s.dev);
             let mut bars: Vec<(usize, pci::BarSpec)> = dev.config_space().bar_specs().collect();
-            bars.sort_by(|a, b| b.1.size.cmp(&a.1.size));
+            bars.sort_by_key(|b| std::cmp::Reverse(b.1.size));
             let mut cmd = 0u16;
             for (index, spec) in bars {
                 let off = regs::BAR0 + index * 4;
@@ -157,6 +172,7 @@ impl PciRoot {
             dev.config_read(regs::COMMAND, &mut c);
             let c = u16::from_le_bytes(c) | cmd;
             dev.config_write(regs::COMMAND, &c.to_le_bytes());
+            *s.bars.write().unwrap_or_else(|e| e.into_inner()) = dev.config_space().active_bars();
         }
         Ok(())
     }
@@ -178,8 +194,14 @@ impl PciRoot {
 
     fn decode(&self, io: bool, addr: u64, len: u64) -> Option<(&Slot, usize, u64)> {
         self.slots.iter().find_map(|s| {
-            let r = lock(&s.dev).config_space().decode(io, addr, len)?;
-            Some((s, r.index, r.offset))
+            let bars = s.bars.read().unwrap_or_else(|e| e.into_inner());
+            bars.iter().find_map(|b| {
+                if (b.spec.bar_type == BarType::Io) != io {
+                    return None;
+                }
+                let offset = addr.checked_sub(b.base)?;
+                (offset.checked_add(len)? <= b.spec.size).then_some((s, b.index, offset))
+            })
         })
     }
 
@@ -217,7 +239,7 @@ impl PciRoot {
         if (CONFIG_DATA..CONFIG_DATA + 4).contains(&port) {
             if let Some((s, reg)) = self.target(port) {
                 if reg + data.len() <= 256 {
-                    lock(&s.dev).config_write(reg, data);
+                    s.config_write(reg, data);
                 }
             }
             return true;
