@@ -605,7 +605,7 @@ fn reader_loop(
                 Input::Value(v) => {
                     catch_unwind(AssertUnwindSafe(|| handle_request(v, negotiated, shared)))
                         .unwrap_or_else(|_| {
-                            tracing::error!("qmp: a command panicked (client {id})");
+                            tracing::error!("qmp: request handling panicked (client {id})");
                             error_reply(
                                 None,
                                 &QmpError::generic("Internal error: the command failed"),
@@ -733,7 +733,12 @@ fn run_request(
             if !shared.commands.command_names().iter().any(|n| n == name) {
                 return Err(QmpError::command_not_found(name));
             }
-            shared.commands.execute(name, args)
+            catch_unwind(AssertUnwindSafe(|| shared.commands.execute(name, args))).unwrap_or_else(
+                |_| {
+                    tracing::error!("qmp: command {name} panicked");
+                    Err(QmpError::generic("Internal error: the command failed"))
+                },
+            )
         }
     }
 }
@@ -771,3 +776,7 @@ fn qmp_capabilities(args: &Map<String, Value>) -> Result<(), QmpError> {
         )))
     }
 }
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;
