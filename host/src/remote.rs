@@ -78,10 +78,19 @@ pub fn remote_host_binary() -> Result<PathBuf> {
 }
 
 fn client_options(r: &RemoteConfig) -> ClientOptions {
-    ClientOptions {
+    let mut o = ClientOptions {
         timeout: Duration::from_millis(r.timeout_ms.max(1)),
         ..Default::default()
+    };
+    // Measurement knob: the client's busy-poll window before it sleeps.
+    if let Some(us) = std::env::var("HOST_POLL_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        o.poll = Duration::from_micros(us);
+        o.adaptive_poll = false;
     }
+    o
 }
 
 fn serve_command(config: &Config, r: &RemoteConfig) -> Result<Command> {

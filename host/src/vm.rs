@@ -66,7 +66,15 @@ pub struct Timing {
 /// Runs the VM described by `config_path`; returns the process exit code.
 pub fn run(config_path: &Path) -> Result<i32> {
     let t0 = Instant::now();
-    let cfg = Config::load(config_path)?;
+    // The config error already names file, line and column (and its cause).
+    let cfg = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        eprintln!(
+            "host: warning: /dev/kvm is PVM (kvm_pvm): guest ring 0 is emulated, a stock kernel \
+             will not boot in practical time here; run host inside the nested KVM environment \
+             (docs/host.md, \"Running\")"
+        );
+    }
     let vcpus = cfg.vm.vcpus;
 
     let kvm = Kvm::new().context("opening /dev/kvm")?;
