@@ -218,7 +218,7 @@ fn in_process_function_same_plugin() {
     let ram = GuestRam::new(64 << 20).unwrap();
     let func = host::pci::inprocess::InProcessFunction::new(
         &cfg.devices[0],
-        &[dir.clone()],
+        std::slice::from_ref(&dir),
         ram.mem.clone(),
         vm.clone(),
         GSI,
