@@ -55,6 +55,16 @@ scsi-id = 0
     )
 }
 
+/// Guest kernel time (s) at which sda was attached, from the job's dmesg.
+fn sda_attached(output: &str) -> String {
+    output
+        .lines()
+        .find(|l| l.contains("Attached SCSI disk"))
+        .and_then(|l| l.trim().strip_prefix('['))
+        .and_then(|l| l.split(']').next())
+        .map_or_else(|| "?".to_owned(), |t| t.trim().to_owned())
+}
+
 fn ms(output: &str, key: &str) -> String {
     output
         .lines()
@@ -125,9 +135,11 @@ fn lsi_plugin_remote_and_in_process_behind_our_vmm() {
             panic!("{name}: no job markers in the guest console:\n{console}\n--- remote log ---\n{log}")
         })
     };
+    let mut attached = Vec::new();
     for name in ["remote", "inproc", "orch"] {
         let r = job(name);
         eprintln!("--- {name}: guest job output ---\n{}", r.output);
+        attached.push(format!("{name} {} s", sda_attached(&r.output)));
         check_lsi_disk_job(&r, &dir.join(format!("{name}.img")));
         assert!(
             l1.output.contains(&format!("{name}-EXIT=0")),
@@ -141,6 +153,10 @@ fn lsi_plugin_remote_and_in_process_behind_our_vmm() {
         ms(&l1.output, "remote-MS="),
         ms(&l1.output, "inproc-MS="),
         ms(&l1.output, "orch-MS=")
+    );
+    eprintln!(
+        "host_lsi: sda attached at guest time: {}",
+        attached.join(", ")
     );
     fs::remove_dir_all(&dir).ok();
 }
