@@ -365,7 +365,13 @@ fn run() -> Result<ExitCode> {
         }
         println!();
     }
-    fs::remove_dir_all(&dir).ok();
+    if std::env::var_os("LSI_COMPARE_KEEP").is_some() {
+        for v in Variant::ALL {
+            print_device_log(&dir, v);
+        }
+    } else {
+        fs::remove_dir_all(&dir).ok();
+    }
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {

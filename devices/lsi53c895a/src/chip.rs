@@ -55,6 +55,18 @@ pub struct Chip {
     pub(crate) worker: Option<WorkerHandle>,
     /// Instructions the processor may run before it pauses.
     pub(crate) budget: u32,
+    pub(crate) stats: Stats,
+}
+
+/// Counters for the log at shutdown (and for tuning).
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Stats {
+    pub bar_reads: u64,
+    pub bar_writes: u64,
+    pub scripts_runs: u64,
+    pub instructions: u64,
+    pub commands: u64,
+    pub reselections: u64,
 }
 
 impl Chip {
@@ -74,6 +86,7 @@ impl Chip {
             targets,
             worker: None,
             budget: crate::scripts::DEFAULT_BUDGET,
+            stats: Stats::default(),
         };
         chip.soft_reset();
         chip

@@ -145,6 +145,7 @@ impl Device for Lsi53c895a {
 
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
         let mut chip = self.chip();
+        chip.stats.bar_reads += 1;
         for (i, b) in data.iter_mut().enumerate() {
             let off = offset.wrapping_add(i as u64);
             *b = match bar {
@@ -157,6 +158,7 @@ impl Device for Lsi53c895a {
 
     fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
         let mut chip = self.chip();
+        chip.stats.bar_writes += 1;
         for (i, b) in data.iter().enumerate() {
             let off = offset.wrapping_add(i as u64);
             match bar {
@@ -185,7 +187,15 @@ impl Device for Lsi53c895a {
     fn shutdown(&mut self) {
         // Dropping the handle closes the channel; the thread finishes the
         // command in hand and exits.
-        self.chip().worker = None;
+        let stats = {
+            let mut chip = self.chip();
+            chip.worker = None;
+            chip.stats
+        };
+        if stats.commands > 0 {
+            let host = self.chip().host.clone();
+            host.info(&format!("shutdown: {stats:?}"));
+        }
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }

@@ -45,6 +45,7 @@ impl Chip {
             return; // never reentered
         }
         self.state = RunState::Running;
+        self.stats.scripts_runs += 1;
         let mut executed = 0u32;
         while self.state == RunState::Running {
             if executed >= self.budget {
@@ -74,6 +75,7 @@ impl Chip {
                 self.connected()
             ));
         }
+        self.stats.instructions += u64::from(executed);
         // Writes SCRIPTS made to DSP/DCNTL while running only moved DSP;
         // they must not restart the processor once it stopped.
         self.start_pending = false;

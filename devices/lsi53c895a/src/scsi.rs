@@ -240,6 +240,7 @@ impl Chip {
             return Ok(());
         };
         self.bus.next_seq += 1;
+        self.stats.commands += 1;
         let mut req = Request {
             seq: self.bus.next_seq,
             target,
@@ -449,6 +450,7 @@ impl Chip {
             return false;
         };
         let mut req = self.bus.queue.remove(i);
+        self.stats.reselections += 1;
         req.state = RequestState::Transferring;
         let id = req.target;
         self.regs[SSID] = 0x80 | id;
