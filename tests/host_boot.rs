@@ -1,6 +1,8 @@
 //! `host run` (our VMM) boots Debian's stock kernel with a busybox
 //! initramfs to its job, under the real KVM of the nested environment,
-//! with 2 vCPUs, and exits when the guest powers off. One L1 boot.
+//! with 2 vCPUs, and exits when the guest powers off. In the same L1 boot,
+//! a guest that runs `reboot -f` (i8042 reset) and a guest whose kernel
+//! panics end the VMM too, each with its exit code.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -30,26 +32,52 @@ exit 7
     let initrd = dir.join("initrd.cpio");
     env.build_initramfs(&InitramfsSpec::new::<&str>(&[], job), &initrd)
         .unwrap();
-    let config = dir.join("vm.toml");
-    fs::write(
-        &config,
-        format!(
-            r#"[vm]
+    let write_config = |name: &str, initrd: &str, vcpus: u32| {
+        let config = dir.join(format!("{name}.toml"));
+        fs::write(
+            &config,
+            format!(
+                r#"[vm]
 memory = "256M"
-vcpus = 2
+vcpus = {vcpus}
 kernel = "{}"
-initrd = "initrd.cpio"
+initrd = "{initrd}"
 cmdline = "console=ttyS0 quiet"
-console-log = "console.log"
+console-log = "{name}-console.log"
 "#,
-            env.kernel.display()
+                env.kernel.display()
+            ),
+        )
+        .unwrap();
+        config
+    };
+    write_config("vm", "initrd.cpio", 2);
+    for (name, job) in [
+        ("reboot", "echo rebooting; reboot -f; sleep 60"),
+        (
+            "panic",
+            "echo crashing; echo c > /proc/sysrq-trigger; sleep 60",
         ),
-    )
-    .unwrap();
+    ] {
+        env.build_initramfs(
+            &InitramfsSpec::new::<&str>(&[], job),
+            &dir.join(format!("{name}.cpio")),
+        )
+        .unwrap();
+        write_config(name, &format!("{name}.cpio"), 1);
+    }
+    let run = |name: &str, key: &str| {
+        format!(
+            "HOST_STATS=1 timeout 120 {} run {}; echo {key}-EXIT=$?",
+            host.display(),
+            dir.join(format!("{name}.toml")).display()
+        )
+    };
     let cmd = format!(
-        "t0=$(date +%s%N); HOST_STATS=1 {} run {}; echo HOST-EXIT=$?; echo HOST-MS=$(( ($(date +%s%N) - t0) / 1000000 ))",
-        host.display(),
-        config.display()
+        "t0=$(date +%s%N); {}; echo HOST-MS=$(( ($(date +%s%N) - t0) / 1000000 )); {}; {}",
+        run("vm", "HOST"),
+        run("reboot", "REBOOT"),
+        run("panic", "PANIC"),
     );
     let opts = NestedOptions {
         name: "host_boot".into(),
@@ -60,7 +88,7 @@ console-log = "console.log"
         .run_nested(&["sh".into(), "-c".into(), cmd], &opts)
         .unwrap();
     eprintln!("--- L1 output ---\n{}", l1.output);
-    let console = fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+    let console = fs::read_to_string(dir.join("vm-console.log")).unwrap_or_default();
     let job = parse_console(&console)
         .unwrap_or_else(|| panic!("no job markers in the guest console:\n{console}"));
     eprintln!("--- guest job output ---\n{}", job.output);
@@ -79,6 +107,23 @@ console-log = "console.log"
         job.output
     );
     assert!(job.output.contains("reboot=k"), "{}", job.output);
+    // reboot -f: the kernel restarts through the i8042 (reboot=k), which
+    // ends the VM; exit code 0. A panic reboots too (panic=-1); exit 2.
+    let reboot = fs::read_to_string(dir.join("reboot-console.log")).unwrap_or_default();
+    assert!(reboot.contains("rebooting"), "{reboot}");
+    assert!(
+        l1.output.contains("REBOOT-EXIT=0"),
+        "reboot: host did not exit 0:\n{}\n{reboot}",
+        l1.output
+    );
+    assert!(l1.output.contains("exit=Reset code=0"), "{}", l1.output);
+    let panic = fs::read_to_string(dir.join("panic-console.log")).unwrap_or_default();
+    assert!(panic.contains("Kernel panic"), "{panic}");
+    assert!(
+        l1.output.contains("PANIC-EXIT=2"),
+        "panic: host did not exit 2:\n{}\n{panic}",
+        l1.output
+    );
     let ms = l1
         .output
         .lines()
