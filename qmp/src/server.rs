@@ -601,21 +601,24 @@ fn reader_loop(
             }
         };
         for input in inputs {
-            let reply = match input {
-                Input::Value(v) => {
-                    catch_unwind(AssertUnwindSafe(|| handle_request(v, negotiated, shared)))
-                        .unwrap_or_else(|_| {
-                            tracing::error!("qmp: request handling panicked (client {id})");
-                            error_reply(
-                                None,
-                                &QmpError::generic("Internal error: the command failed"),
-                            )
-                        })
-                }
-                Input::ParseError(desc) => error_reply(None, &QmpError::generic(desc)),
+            let (reply, now_negotiated) = match input {
+                Input::Value(v) => catch_unwind(AssertUnwindSafe(|| {
+                    handle_request(v, negotiated.load(Ordering::Acquire), shared)
+                }))
+                .unwrap_or_else(|_| {
+                    tracing::error!("qmp: request handling panicked (client {id})");
+                    let e = QmpError::generic("Internal error: the command failed");
+                    (error_reply(None, &e), false)
+                }),
+                Input::ParseError(desc) => (error_reply(None, &QmpError::generic(desc)), false),
             };
             if tx.send(Out::Line(reply.into())).is_err() {
                 break 'conn;
+            }
+            // Only now: no event may overtake the reply to qmp_capabilities
+            // (qemu.qmp, for one, expects that reply next).
+            if now_negotiated {
+                negotiated.store(true, Ordering::Release);
             }
         }
     }
@@ -649,21 +652,25 @@ fn return_reply(id: Option<Value>, v: Value) -> String {
 }
 
 /// One request to its reply line, with QEMU's checks and wording
-/// (qapi/qmp-dispatch.c, monitor/qmp.c).
-fn handle_request(request: Value, negotiated: &AtomicBool, shared: &Shared) -> String {
+/// (qapi/qmp-dispatch.c, monitor/qmp.c); `true` when this request completed
+/// capabilities negotiation.
+fn handle_request(request: Value, negotiated: bool, shared: &Shared) -> (String, bool) {
     let Value::Object(req) = request else {
-        return error_reply(None, &QmpError::generic("QMP input must be a JSON object"));
+        let e = QmpError::generic("QMP input must be a JSON object");
+        return (error_reply(None, &e), false);
     };
     let id = req.get("id").cloned();
     match run_request(&req, negotiated, shared) {
-        Ok(v) => return_reply(id, v),
-        Err(e) => error_reply(id, &e),
+        Ok(v) => (return_reply(id, v), !negotiated),
+        Err(e) => (error_reply(id, &e), false),
     }
 }
 
+/// Runs one request; before negotiation, success means `qmp_capabilities`
+/// succeeded.
 fn run_request(
     req: &Map<String, Value>,
-    negotiated: &AtomicBool,
+    negotiated: bool,
     shared: &Shared,
 ) -> Result<Value, QmpError> {
     let mut name = None;
@@ -697,7 +704,7 @@ fn run_request(
     let empty = Map::new();
     let args = args.unwrap_or(&empty);
 
-    if !negotiated.load(Ordering::Acquire) {
+    if !negotiated {
         if name != "qmp_capabilities" {
             return Err(QmpError::new(
                 ErrorClass::CommandNotFound,
@@ -705,7 +712,6 @@ fn run_request(
             ));
         }
         qmp_capabilities(args)?;
-        negotiated.store(true, Ordering::Release);
         return Ok(json!({}));
     }
     match name {

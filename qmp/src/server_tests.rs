@@ -614,3 +614,31 @@ fn shutdown_finishes_running_commands_and_flushes_replies() {
     assert!(!f.path.exists());
     assert_eq!(f.vm.events.emit("LATE", Value::Null), 0);
 }
+
+#[test]
+fn no_event_overtakes_the_negotiation_reply() {
+    let f = fixture();
+    let events = f.server().events();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                events.emit("TICK", Value::Null);
+                thread::sleep(Duration::from_micros(50));
+            }
+        })
+    };
+    for _ in 0..30 {
+        let mut c = Client::connect(&f.path);
+        assert!(c.recv().get("QMP").is_some());
+        assert_eq!(
+            c.cmd(json!({"execute": "qmp_capabilities", "id": "n"})),
+            json!({"return": {}, "id": "n"})
+        );
+        // Events do flow afterwards.
+        assert_eq!(c.recv()["event"], "TICK");
+    }
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+}
