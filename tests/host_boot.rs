@@ -27,6 +27,7 @@ echo "cpus=$(grep -c ^processor /proc/cpuinfo)"
 echo "mem_kb=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)"
 echo "cmdline=$(cat /proc/cmdline)"
 echo "hostbridge=$(cat /sys/bus/pci/devices/0000:00:00.0/vendor):$(cat /sys/bus/pci/devices/0000:00:00.0/device)"
+read -t 60 line && echo "input=$line"
 exit 7
 "#;
     let initrd = dir.join("initrd.cpio");
@@ -73,8 +74,9 @@ console-log = "{name}-console.log"
             dir.join(format!("{name}.toml")).display()
         )
     };
+    // The first VM also gets console input (stdin -> COM1).
     let cmd = format!(
-        "t0=$(date +%s%N); {}; echo HOST-MS=$(( ($(date +%s%N) - t0) / 1000000 )); {}; {}",
+        "t0=$(date +%s%N); (while :; do echo console-input-ok; sleep 1; done) | {}; echo HOST-MS=$(( ($(date +%s%N) - t0) / 1000000 )); {}; {}",
         run("vm", "HOST"),
         run("reboot", "REBOOT"),
         run("panic", "PANIC"),
@@ -107,6 +109,14 @@ console-log = "{name}-console.log"
         job.output
     );
     assert!(job.output.contains("reboot=k"), "{}", job.output);
+    assert!(
+        // Lines sent before the guest opened its console may be cut.
+        job.output
+            .lines()
+            .any(|l| l.starts_with("input=") && l.ends_with("input-ok")),
+        "console input did not reach the guest:\n{}",
+        job.output
+    );
     // reboot -f: the kernel restarts through the i8042 (reboot=k), which
     // ends the VM; exit code 0. A panic reboots too (panic=-1); exit 2.
     let reboot = fs::read_to_string(dir.join("reboot-console.log")).unwrap_or_default();

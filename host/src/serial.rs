@@ -95,6 +95,44 @@ pub type Com1 = Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleOut>
 /// The i8042 model.
 pub type I8042 = I8042Device<ResetTrigger>;
 
+/// Feeds standard input to COM1 (when `stdin` is not a terminal in raw
+/// mode, the guest sees whole lines). Ends at EOF; bytes wait while the
+/// guest's receive FIFO is full.
+pub fn spawn_stdin_forwarder(bus: Arc<crate::bus::Bus>) {
+    use std::io::Read;
+    let spawned = std::thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let taken = {
+                        let mut s = bus.serial.lock().unwrap_or_else(|e| e.into_inner());
+                        let room = s.fifo_capacity().min(rest.len());
+                        if room > 0 {
+                            s.enqueue_raw_bytes(&rest[..room]).unwrap_or(0)
+                        } else {
+                            0
+                        }
+                    };
+                    rest = &rest[taken..];
+                    if taken == 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no console input: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -200,6 +200,7 @@ pub fn run(config_path: &Path) -> Result<i32> {
             .context("spawning a vCPU thread")?;
     }
 
+    crate::serial::spawn_stdin_forwarder(bus.clone());
     let reason = exit.wait();
     tracing::debug!("VM ends: {reason:?}");
     let timing = Timing {
