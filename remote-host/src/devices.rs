@@ -25,10 +25,49 @@ pub struct RemoteDevice {
     function: Mutex<PciFunction>,
 }
 
+/// Status register low byte and its INTERRUPT bit; Command.INTX_DISABLE.
+const STATUS: usize = 0x06;
+const STATUS_INTERRUPT: u8 = 1 << 3;
+const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+
 impl RemoteDevice {
     /// The PCI function; calls on it are serialized by this lock.
     pub fn function(&self) -> MutexGuard<'_, PciFunction> {
         self.function.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A guest configuration read, whatever the protocol. Status.INTERRUPT
+    /// shows the INTx level, as on real hardware: Linux's
+    /// `pci_check_and_mask_intx` (uio_pci_generic, VFIO) relies on it.
+    pub fn config_read(&self, offset: usize, data: &mut [u8]) {
+        self.function().config_read(offset, data);
+        if let Some(b) = STATUS.checked_sub(offset).and_then(|i| data.get_mut(i)) {
+            *b &= !STATUS_INTERRUPT;
+            if self.intx.level() {
+                *b |= STATUS_INTERRUPT;
+            }
+        }
+    }
+
+    /// A guest configuration write. Command.INTX_DISABLE masks the line.
+    pub fn config_write(&self, offset: usize, data: &[u8]) -> pci::ConfigWriteEffect {
+        let (effect, command) = {
+            let mut f = self.function();
+            let effect = f.config_write(offset, data);
+            (effect, f.config().command())
+        };
+        if effect.command_changed {
+            self.intx.set_disabled(command & COMMAND_INTX_DISABLE != 0);
+        }
+        effect
+    }
+
+    /// Function-level reset (the command register comes back with INTx
+    /// enabled).
+    pub fn reset(&self) -> Result<(), plugin_api::DeviceError> {
+        let r = self.function().reset();
+        self.intx.set_disabled(false);
+        r
     }
 }
 

@@ -23,7 +23,10 @@ pub struct IntxFds {
 #[derive(Default)]
 pub struct IntxLine {
     level: AtomicBool,
+    /// Masked by the protocol (vfio-user SET_IRQS mask/unmask).
     masked: AtomicBool,
+    /// Disabled by the guest (Command.INTX_DISABLE).
+    disabled: AtomicBool,
     fds: Mutex<Option<IntxFds>>,
     /// Times the irqfd was signalled (for tests and statistics).
     signals: AtomicU64,
@@ -62,12 +65,21 @@ impl IntxLine {
         }
     }
 
+    /// Command.INTX_DISABLE: while set, nothing is signalled; clearing
+    /// it re-signals a line that is still high.
+    pub fn set_disabled(&self, disabled: bool) {
+        let was = self.disabled.swap(disabled, Ordering::AcqRel);
+        if was && !disabled && self.level() {
+            self.signal();
+        }
+    }
+
     pub fn signals(&self) -> u64 {
         self.signals.load(Ordering::Relaxed)
     }
 
     fn signal(&self) {
-        if self.masked.load(Ordering::Acquire) {
+        if self.masked.load(Ordering::Acquire) || self.disabled.load(Ordering::Acquire) {
             return;
         }
         let fds = self.fds.lock().unwrap_or_else(|e| e.into_inner());

@@ -301,27 +301,15 @@ fn eventfd_from(fd: OwnedFd) -> Result<EventFd, DeviceError> {
     Ok(unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
 }
 
-/// Low byte of the status register, and its INTERRUPT bit.
-const STATUS_LOW: usize = 0x06;
-const STATUS_INTERRUPT: u8 = 1 << 3;
-/// Command register bit that disables INTx.
-const COMMAND_INTX_DISABLE: u16 = 1 << 10;
-
 /// mpqemu on top of one [`RemoteDevice`].
 pub struct Adapter {
     dev: Arc<RemoteDevice>,
     watcher: Option<ResampleWatcher>,
-    /// Command.INTX_DISABLE as last written.
-    intx_disabled: bool,
 }
 
 impl Adapter {
     pub fn new(dev: Arc<RemoteDevice>) -> Self {
-        Adapter {
-            dev,
-            watcher: None,
-            intx_disabled: false,
-        }
+        Adapter { dev, watcher: None }
     }
 
     /// The BAR and offset that decode `[addr, addr + len)`.
@@ -382,35 +370,12 @@ impl MpqemuDevice for Adapter {
     }
 
     fn config_read(&mut self, addr: u32, data: &mut [u8]) -> Result<(), DeviceError> {
-        self.dev.function().config_read(addr as usize, data);
-        // Status.INTERRUPT shows the device's INTx level, as on real
-        // hardware (Linux's `pci_check_and_mask_intx`, used by
-        // uio_pci_generic and VFIO, relies on it).
-        if let Some(b) = (STATUS_LOW as u32)
-            .checked_sub(addr)
-            .and_then(|i| data.get_mut(i as usize))
-        {
-            *b = (*b & !STATUS_INTERRUPT)
-                | if self.dev.intx.level() {
-                    STATUS_INTERRUPT
-                } else {
-                    0
-                };
-        }
+        self.dev.config_read(addr as usize, data);
         Ok(())
     }
 
     fn config_write(&mut self, addr: u32, data: &[u8]) -> Result<(), DeviceError> {
-        let effect = self.dev.function().config_write(addr as usize, data);
-        if effect.command_changed {
-            // Command.INTX_DISABLE masks the line; clearing it re-signals
-            // while the level is high.
-            let disabled = self.dev.function().config().command() & COMMAND_INTX_DISABLE != 0;
-            if disabled != self.intx_disabled {
-                self.intx_disabled = disabled;
-                self.dev.intx.set_masked(disabled);
-            }
-        }
+        let effect = self.dev.config_write(addr as usize, data);
         if effect.bars_written != 0 || effect.command_changed {
             let f = self.dev.function();
             tracing::debug!(device = %self.dev.id, "BARs now {:x?}", f.config().active_bars().iter().map(|b| (b.index, b.base)).collect::<Vec<_>>());
@@ -438,10 +403,7 @@ impl MpqemuDevice for Adapter {
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
-        let r = self.dev.function().reset();
-        // The reset command register has INTX_DISABLE clear.
-        self.intx_disabled = false;
-        self.dev.intx.set_masked(false);
+        let r = self.dev.reset();
         r.map_err(|e| DeviceError::new(libc::EIO, format!("reset: {e:?}")))
     }
 

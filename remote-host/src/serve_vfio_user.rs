@@ -484,11 +484,11 @@ impl VfioUserDevice for Adapter {
         offset: u64,
         data: &mut [u8],
     ) -> Result<(), DeviceError> {
-        let mut f = self.dev.function();
         if region == vfio_user::PCI_CONFIG_REGION_INDEX {
-            f.config_read(offset as usize, data);
+            self.dev.config_read(offset as usize, data);
             return Ok(());
         }
+        let mut f = self.dev.function();
         let bar = u8::try_from(region).map_err(|_| DeviceError::invalid("region"))?;
         if let Err(e) = f.bar_read(bar, offset, data) {
             // A failed device reads all-ones (bar_read filled them).
@@ -498,11 +498,11 @@ impl VfioUserDevice for Adapter {
     }
 
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-        let mut f = self.dev.function();
         if region == vfio_user::PCI_CONFIG_REGION_INDEX {
-            f.config_write(offset as usize, data);
+            self.dev.config_write(offset as usize, data);
             return Ok(());
         }
+        let mut f = self.dev.function();
         let bar = u8::try_from(region).map_err(|_| DeviceError::invalid("region"))?;
         f.bar_write(bar, offset, data).map_err(|e| {
             DeviceError::new(libc::EIO, format!("BAR{bar} write at {offset:#x}: {e:?}"))
@@ -620,7 +620,6 @@ impl VfioUserDevice for Adapter {
 
     fn reset(&mut self) -> Result<(), DeviceError> {
         self.dev
-            .function()
             .reset()
             .map_err(|e| DeviceError::new(libc::EIO, format!("reset: {e:?}")))
     }
