@@ -27,6 +27,46 @@ pub struct RemoteProcess {
 }
 
 impl RemoteProcess {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reports on stderr when the process dies before the VM ends (its
+    /// devices then read all-ones). Waits with `WNOWAIT`, so
+    /// [`stop`](Self::stop) still reaps it.
+    pub fn watch(&self, vm_ending: std::sync::Arc<crate::exit::ExitSignal>) {
+        let id = self.id.clone();
+        let pid = self.child.id();
+        let spawned = std::thread::Builder::new()
+            .name(format!("watch-{id}"))
+            .spawn(move || {
+                // SAFETY: siginfo_t is plain data; zeroed is a valid value.
+                let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+                // SAFETY: waitid on our own child with a valid out pointer;
+                // WNOWAIT leaves the child to be reaped by `stop`.
+                let r = unsafe {
+                    libc::waitid(
+                        libc::P_PID,
+                        pid as libc::id_t,
+                        &mut info,
+                        libc::WEXITED | libc::WNOWAIT,
+                    )
+                };
+                if r == 0 && !vm_ending.is_set() {
+                    // SAFETY: waitid filled in a SIGCHLD siginfo.
+                    let status = unsafe { info.si_status() };
+                    eprintln!(
+                        "host: remote `{id}` (pid {pid}) died while the VM runs (status {status}); its devices now read all-ones"
+                    );
+                    tracing::error!("remote {id} died (status {status})");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot watch remote {}: {e}", self.id);
+        }
+    }
+
     /// Waits up to `grace` for the process to leave (it does once its
     /// clients have gone), then kills it.
     pub fn stop(&mut self, grace: Duration) {

@@ -201,6 +201,9 @@ pub fn run(config_path: &Path) -> Result<i32> {
     }
 
     crate::serial::spawn_stdin_forwarder(bus.clone());
+    for r in &remotes {
+        r.watch(exit.clone());
+    }
     let reason = exit.wait();
     tracing::debug!("VM ends: {reason:?}");
     let timing = Timing {

@@ -257,3 +257,56 @@ fn in_process_function_same_plugin() {
     root.shutdown();
     std::fs::remove_dir_all(&work).ok();
 }
+
+#[test]
+fn dead_remote_reads_all_ones() {
+    let dir = profile_dir();
+    let rh = dir.join("remote-host");
+    let plugin = dir.join("libdma_example.so");
+    if !std::path::Path::new("/dev/kvm").exists() || !rh.exists() || !plugin.exists() {
+        eprintln!(
+            "SKIP: needs /dev/kvm, {} and {}",
+            rh.display(),
+            plugin.display()
+        );
+        return;
+    }
+    std::env::set_var("REMOTE_HOST", &rh);
+    let work = dir.join(format!("host-dead-test-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let cfg_path = work.join("vm.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n[[remote]]\nid = \"dev\"\nlog = \"remote.log\"\n\n[[device]]\nid = \"dma0\"\nremote = \"dev\"\nplugin = \"dma-example\"\nslot = {SLOT}\n"
+        ),
+    )
+    .unwrap();
+    let cfg = config::Config::load(&cfg_path).unwrap();
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    vm.create_irq_chip().unwrap();
+    let ram = GuestRam::new(64 << 20).unwrap();
+    let (proc, mut clients) = host::remote::connect(&cfg, &cfg.remotes[0]).unwrap();
+    let mut proc = proc.unwrap();
+    let (_, client) = clients.pop().unwrap();
+    let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI).unwrap();
+    let mut root = PciRoot::new();
+    root.add(SLOT, Box::new(func)).unwrap();
+    root.assign_resources(&|_| None).unwrap();
+    let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
+    assert_eq!(read32(&root, bar0), 0xd3a0_0001);
+
+    let exit = std::sync::Arc::new(host::exit::ExitSignal::default());
+    proc.watch(exit);
+    // SAFETY: kill on our own child's pid.
+    assert_eq!(unsafe { libc::kill(proc.pid() as i32, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    // The device is gone: reads are all-ones, writes are dropped, config too.
+    assert_eq!(read32(&root, bar0), 0xffff_ffff);
+    write32(&root, bar0 + 0x08, 1);
+    assert_eq!(read32(&root, bar0 + 0x08), 0xffff_ffff);
+    assert_eq!(cfg_read32(&root, 0), 0xffff_ffff);
+    proc.stop(Duration::ZERO);
+    std::fs::remove_dir_all(&work).ok();
+}
