@@ -39,14 +39,16 @@ fn python_with_qemu_qmp() -> Option<String> {
 fn demo_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/qemu_qmp-HASH -> target/<profile>/examples/
-    let examples = exe.parent().unwrap().parent().unwrap().join("examples");
-    let bin = examples.join("qmp_demo");
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let bin = profile_dir.join("examples").join("qmp_demo");
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "qmp", "--example", "qmp_demo"])
-            .status()
-            .unwrap();
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "qmp", "--example", "qmp_demo"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().unwrap();
         assert!(status.success(), "building the qmp_demo example failed");
     }
     assert!(bin.exists(), "{} not found", bin.display());
