@@ -647,3 +647,11 @@ fn no_event_overtakes_the_negotiation_reply() {
     stop.store(true, Ordering::Relaxed);
     flood.join().unwrap();
 }
+
+#[test]
+fn handles_are_thread_safe() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Server>();
+    send_sync::<EventSender>();
+    send_sync::<QmpError>();
+}
