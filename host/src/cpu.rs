@@ -75,20 +75,12 @@ fn segment(index: u16, (flags, base, limit): (u16, u32, u32)) -> kvm_segment {
 
 /// Creates vCPU `id` and sets it up; the boot vCPU (0) gets the 64-bit
 /// entry state, the others wait for the guest's INIT/SIPI.
-pub fn create(
-    kvm: &Kvm,
-    vm: &VmFd,
-    base_cpuid: &CpuId,
-    id: u8,
-    vcpus: u8,
-    boot: &BootInfo,
-) -> Result<VcpuFd> {
+pub fn create(vm: &VmFd, base_cpuid: &CpuId, id: u8, vcpus: u8, boot: &BootInfo) -> Result<VcpuFd> {
     let vcpu = vm
         .create_vcpu(u64::from(id))
         .with_context(|| format!("create vCPU {id}"))?;
     vcpu.set_cpuid2(&cpuid_for(base_cpuid, id, vcpus))
         .context("KVM_SET_CPUID2")?;
-    let _ = kvm;
     let mut lapic = vcpu.get_lapic().context("KVM_GET_LAPIC")?;
     lapic_set(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
     lapic_set(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);

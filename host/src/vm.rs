@@ -187,7 +187,7 @@ pub fn run(config_path: &Path) -> Result<i32> {
     let base_cpuid = cpu::supported_cpuid(&kvm)?;
     let mut fds = Vec::new();
     for id in 0..vcpus {
-        fds.push(cpu::create(&kvm, &vm, &base_cpuid, id, vcpus, &boot)?);
+        fds.push(cpu::create(&vm, &base_cpuid, id, vcpus, &boot)?);
     }
     let setup = t0.elapsed();
     let t_run = Instant::now();
