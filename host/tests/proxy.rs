@@ -310,3 +310,62 @@ fn dead_remote_reads_all_ones() {
     proc.stop(Duration::ZERO);
     std::fs::remove_dir_all(&work).ok();
 }
+
+/// A remote serving two devices: spawned with a private socket directory
+/// (one socket per device) instead of an inherited fd.
+#[test]
+fn one_remote_two_devices() {
+    let dir = profile_dir();
+    let rh = dir.join("remote-host");
+    let plugin = dir.join("libdma_example.so");
+    if !std::path::Path::new("/dev/kvm").exists() || !rh.exists() || !plugin.exists() {
+        eprintln!(
+            "SKIP: needs /dev/kvm, {} and {}",
+            rh.display(),
+            plugin.display()
+        );
+        return;
+    }
+    std::env::set_var("REMOTE_HOST", &rh);
+    let work = dir.join(format!("host-two-test-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let cfg_path = work.join("vm.toml");
+    std::fs::write(
+        &cfg_path,
+        "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n[[remote]]\nid = \"dev\"\nlog = \"remote.log\"\n\n\
+         [[device]]\nid = \"a\"\nremote = \"dev\"\nplugin = \"dma-example\"\nslot = 3\n\n\
+         [[device]]\nid = \"b\"\nremote = \"dev\"\nplugin = \"dma-example\"\nslot = 5\n",
+    )
+    .unwrap();
+    let cfg = config::Config::load(&cfg_path).unwrap();
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    vm.create_irq_chip().unwrap();
+    let ram = GuestRam::new(64 << 20).unwrap();
+    let (proc, clients) = host::remote::connect(&cfg, &cfg.remotes[0]).unwrap();
+    let mut proc = proc.unwrap();
+    assert_eq!(clients.len(), 2);
+    let mut root = PciRoot::new();
+    for ((id, client), slot) in clients.into_iter().zip([3u8, 5]) {
+        let f = ProxyFunction::new(&id, client, &ram, &vm, 16 + u32::from(slot)).unwrap();
+        root.add(slot, Box::new(f)).unwrap();
+    }
+    root.assign_resources(&|_| None).unwrap();
+    let bar = |slot: u8| {
+        let a = 0x8000_0000u32 | (u32::from(slot) << 11) | 0x10;
+        root.pio_write(CONFIG_ADDRESS, &a.to_le_bytes());
+        let mut d = [0u8; 4];
+        root.pio_read(CONFIG_DATA, &mut d);
+        u64::from(u32::from_le_bytes(d) & !0xf)
+    };
+    let (a, b) = (bar(3), bar(5));
+    assert_ne!(a, b);
+    // Separate devices: each keeps its own scratch register.
+    write32(&root, a + 0x08, 0xaaaa);
+    write32(&root, b + 0x08, 0xbbbb);
+    assert_eq!(read32(&root, a + 0x08), 0xaaaa);
+    assert_eq!(read32(&root, b + 0x08), 0xbbbb);
+    root.shutdown();
+    proc.stop(Duration::from_millis(100));
+    std::fs::remove_dir_all(&work).ok();
+}
