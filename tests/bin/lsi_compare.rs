@@ -7,7 +7,9 @@
 //!   `-machine x-remote` running the LSI;
 //! - `ours-mp`: QEMU 7.2's `x-pci-proxy-dev` + our `remote-host --protocol
 //!   mpqemu` with the LSI plugin (the original multi-process setup with our
-//!   device process in place of QEMU's).
+//!   device process in place of QEMU's);
+//! - `host-remote` / `host-inproc` (bench only): our VMM, `host run`, with
+//!   the LSI plugin in a spawned `remote-host` (vfio-user) or in-process.
 //!
 //! `lsi-compare check` runs the shared LSI guest job (write/read/file
 //! system) on each and exits non-zero if any fails. `lsi-compare bench`
@@ -31,18 +33,87 @@ enum Variant {
     QemuLsi,
     QemuMp,
     OursMp,
+    HostRemote,
+    HostInProcess,
 }
 
 impl Variant {
-    const ALL: [Variant; 3] = [Variant::QemuLsi, Variant::QemuMp, Variant::OursMp];
+    const ALL: [Variant; 5] = [
+        Variant::QemuLsi,
+        Variant::QemuMp,
+        Variant::OursMp,
+        Variant::HostRemote,
+        Variant::HostInProcess,
+    ];
+    /// What `check` runs (our VMM's variants have their own test,
+    /// tests/host_lsi.rs).
+    const CHECK: [Variant; 3] = [Variant::QemuLsi, Variant::QemuMp, Variant::OursMp];
 
     fn name(self) -> &'static str {
         match self {
             Variant::QemuLsi => "qemu-lsi",
             Variant::QemuMp => "qemu-mp",
             Variant::OursMp => "ours-mp",
+            Variant::HostRemote => "host-remote",
+            Variant::HostInProcess => "host-inproc",
         }
     }
+}
+
+/// Boots the guest with our VMM: `host run` on a config of its own.
+fn run_host(env: &Env, variant: Variant, image: &Path, job: &str, dir: &Path) -> Result<JobResult> {
+    let mut spec = InitramfsSpec::new(&lsi_job_modules(), job);
+    spec.order = ModuleOrder::Exact;
+    let initrd = dir.join(format!("{}-initrd.cpio", variant.name()));
+    env.build_initramfs(&spec, &initrd)?;
+    let placement = if variant == Variant::HostRemote {
+        "remote = \"storage\""
+    } else {
+        "in-process = true"
+    };
+    let config = dir.join(format!("{}.toml", variant.name()));
+    fs::write(
+        &config,
+        format!(
+            "[vm]\nmemory = \"512M\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet\"\n\n\
+             [[remote]]\nid = \"storage\"\nlog = \"{}-device.log\"\n\n\
+             [[device]]\nid = \"lsi0\"\n{placement}\nplugin = \"lsi53c895a\"\nslot = 4\n\n\
+             [[device.drive]]\nfile = \"{}\"\nscsi-id = 0\n",
+            env.kernel.display(),
+            initrd.display(),
+            variant.name(),
+            image.display()
+        ),
+    )?;
+    let console = dir.join(format!("{}-console.log", variant.name()));
+    let mut child = Command::new(sibling_bin("host")?)
+        .arg("run")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&console)?)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawning host")?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("host run timed out");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = fs::read_to_string(&console)?;
+    testenv::parse_console(&text)
+        .with_context(|| format!("no job result on the console:\n{}", tail(&text, 30)))
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Kills a helper process when dropped.
@@ -105,6 +176,9 @@ fn run_variant(
     job: &str,
     dir: &Path,
 ) -> Result<JobResult> {
+    if matches!(variant, Variant::HostRemote | Variant::HostInProcess) {
+        return run_host(env, variant, image, job, dir);
+    }
     let mut spec = InitramfsSpec::new(&lsi_job_modules(), job);
     spec.order = ModuleOrder::Exact;
     let mut extra: Vec<String> = vec![
@@ -126,6 +200,9 @@ fn run_variant(
                 "-device".into(),
                 "scsi-hd,drive=disk0,bus=lsi0.0,scsi-id=0".into(),
             ]);
+        }
+        Variant::HostRemote | Variant::HostInProcess => {
+            bail!("{} runs through run_host", variant.name())
         }
         Variant::QemuMp | Variant::OursMp => {
             let (vmm_end, dev_end) = UnixStream::pair()?;
@@ -279,7 +356,12 @@ fn run() -> Result<ExitCode> {
     let mut failed = 0;
     let mut table: Vec<BenchRow> = Vec::new();
     let only = std::env::var("LSI_COMPARE_ONLY").ok();
-    for v in Variant::ALL {
+    let variants: &[Variant] = if mode == "check" {
+        &Variant::CHECK
+    } else {
+        &Variant::ALL
+    };
+    for &v in variants {
         if only.as_deref().is_some_and(|o| o != v.name()) {
             continue;
         }
