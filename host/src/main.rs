@@ -23,7 +23,27 @@ enum Cmd {
     Run {
         /// The TOML config ([vm], [[remote]], [[device]]).
         config: PathBuf,
+        /// ID=N: remote ID is already running on the other end of the
+        /// connected socket this process inherited as fd N (e.g. QEMU's
+        /// `-machine x-remote` started with the other end of a socketpair,
+        /// for a `protocol = "mpqemu"` remote). Nothing is spawned for it.
+        /// Repeatable.
+        #[arg(long = "remote-fd", value_name = "ID=N", value_parser = parse_remote_fd)]
+        remote_fd: Vec<(String, i32)>,
     },
+}
+
+fn parse_remote_fd(s: &str) -> Result<(String, i32), String> {
+    let (id, fd) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected ID=FD"))?;
+    let fd: i32 = fd
+        .parse()
+        .map_err(|_| format!("`{s}`: `{fd}` is not an fd number"))?;
+    if id.is_empty() {
+        return Err(format!("`{s}`: empty remote id"));
+    }
+    Ok((id.to_owned(), fd))
 }
 
 fn main() {
@@ -36,7 +56,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Run { config } => match host::vm::run(&config) {
+        Cmd::Run { config, remote_fd } => match host::vm::run(&config, &remote_fd) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("host: {e:#}");

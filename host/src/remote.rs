@@ -1,10 +1,13 @@
 //! Remote device processes: for each `[[remote]]` the VMM either spawns
 //! `remote-host serve` (one end of a socketpair inherited as fd 3, or a
-//! private socket directory when the remote serves several devices) or
-//! connects to the socket an orchestrator made (`socket = "..."`).
+//! private socket directory when the remote serves several devices),
+//! connects to the socket an orchestrator made (`socket = "..."`), or
+//! uses a connected socket it inherited (`host run --remote-fd ID=N`, the
+//! way QEMU's `x-remote` is started: it only takes a connected fd).
 //! Spawned remotes get `PR_SET_PDEATHSIG` and are stopped when the VM ends.
+//! The protocol is the remote's `protocol` (vfio-user or mpqemu).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -12,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use channel::mpqemu::{ClientOptions as MpqemuOptions, MpqemuClient};
 use channel::vfio_user::{ClientOptions, VfioUserClient};
 use config::{Config, Protocol, RemoteConfig};
 
@@ -133,6 +137,83 @@ fn client_options(r: &RemoteConfig) -> ClientOptions {
     o
 }
 
+fn mpqemu_options(r: &RemoteConfig) -> MpqemuOptions {
+    let o = client_options(r);
+    MpqemuOptions {
+        timeout: o.timeout,
+        poll: o.poll,
+        adaptive_poll: o.adaptive_poll,
+        ..Default::default()
+    }
+}
+
+/// A connected client of one remote device.
+#[derive(Debug)]
+pub enum RemoteClient {
+    VfioUser(VfioUserClient),
+    /// mpqemu has no handshake: the client still has the startup timeout,
+    /// and `timeout` is the one to use once the remote has answered.
+    Mpqemu {
+        client: MpqemuClient,
+        timeout: Duration,
+    },
+}
+
+/// Makes a client over a connected socket. vfio-user's handshake runs now,
+/// with the startup timeout.
+fn client_over(r: &RemoteConfig, sock: UnixStream) -> Result<RemoteClient> {
+    match r.protocol {
+        Protocol::VfioUser => {
+            let opts = client_options(r);
+            let normal = opts.timeout;
+            let first = ClientOptions {
+                timeout: startup_timeout(normal),
+                ..opts
+            };
+            let mut c = VfioUserClient::from_stream(sock, first)?;
+            c.set_timeout(normal);
+            Ok(RemoteClient::VfioUser(c))
+        }
+        Protocol::Mpqemu => {
+            let opts = mpqemu_options(r);
+            let timeout = opts.timeout;
+            let first = MpqemuOptions {
+                timeout: startup_timeout(timeout),
+                ..opts
+            };
+            Ok(RemoteClient::Mpqemu {
+                client: MpqemuClient::from_stream(sock, first),
+                timeout,
+            })
+        }
+    }
+}
+
+/// Takes over inherited fd `fd` (a connected socket) for the remote `id`
+/// (`host run --remote-fd ID=N`): checks it is a socket and marks it
+/// close-on-exec, so spawned remotes do not inherit it.
+pub fn inherited_socket(id: &str, fd: i32) -> Result<UnixStream> {
+    if fd < 3 {
+        bail!("--remote-fd {id}={fd}: fds 0-2 are stdio");
+    }
+    // SAFETY: fstat on any fd number only fills `st`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out pointer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        bail!("--remote-fd {id}={fd}: {}", std::io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        bail!("--remote-fd {id}={fd}: not a socket");
+    }
+    // SAFETY: F_SETFD on an open fd.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        bail!("--remote-fd {id}={fd}: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: the fd is open, was inherited for this purpose, and nothing
+    // else in this process owns it (each --remote-fd is taken once).
+    Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
 fn serve_command(config: &Config, r: &RemoteConfig) -> Result<Command> {
     let mut cmd = Command::new(remote_host_binary()?);
     let cfg_path = std::path::absolute(&config.path).context("config path")?;
@@ -167,7 +248,7 @@ fn wait_socket(path: &Path, child: &mut Child, timeout: Duration) -> Result<Unix
 }
 
 /// A remote's process (when spawned) and one client per device id.
-pub type Connected = (Option<RemoteProcess>, Vec<(String, VfioUserClient)>);
+pub type Connected = (Option<RemoteProcess>, Vec<(String, RemoteClient)>);
 
 /// How long a freshly spawned remote may take to answer at all.
 pub fn startup_timeout(normal: Duration) -> Duration {
@@ -175,16 +256,13 @@ pub fn startup_timeout(normal: Duration) -> Duration {
 }
 
 /// Starts (or connects to) remote `r` and returns a connected client per
-/// device of that remote, in config order.
-pub fn connect(config: &Config, r: &RemoteConfig) -> Result<Connected> {
-    if r.protocol != Protocol::VfioUser {
-        bail!(
-            "{}: remote `{}` speaks {}, the VMM only drives vfio-user remotes so far",
-            r.location,
-            r.id,
-            r.protocol.name()
-        );
-    }
+/// device of that remote, in config order. `inherited`: a connected
+/// socket given with `--remote-fd` (the remote must have one device).
+pub fn connect(
+    config: &Config,
+    r: &RemoteConfig,
+    inherited: Option<UnixStream>,
+) -> Result<Connected> {
     let devices: Vec<String> = config
         .devices_of_remote(&r.id)
         .map(|d| d.id.clone())
@@ -192,6 +270,20 @@ pub fn connect(config: &Config, r: &RemoteConfig) -> Result<Connected> {
     let opts = client_options(r);
     let timeout = startup_timeout(opts.timeout);
     let mut clients = Vec::new();
+    if let Some(sock) = inherited {
+        if devices.len() != 1 {
+            bail!(
+                "{}: --remote-fd {}: the remote has {} devices; an inherited socket serves exactly one",
+                r.location,
+                r.id,
+                devices.len()
+            );
+        }
+        let c = client_over(r, sock)
+            .with_context(|| format!("remote `{}`, device `{}`", r.id, devices[0]))?;
+        clients.push((devices[0].clone(), c));
+        return Ok((None, clients));
+    }
     if let Some(sock) = &r.socket {
         for id in &devices {
             let path = if sock.is_dir() {
@@ -199,8 +291,15 @@ pub fn connect(config: &Config, r: &RemoteConfig) -> Result<Connected> {
             } else {
                 sock.clone()
             };
-            let c = VfioUserClient::connect(&path, opts.clone())
-                .with_context(|| format!("remote `{}`, device `{id}`", r.id))?;
+            let s = UnixStream::connect(&path).with_context(|| {
+                format!(
+                    "remote `{}`, device `{id}`: cannot connect to {}",
+                    r.id,
+                    path.display()
+                )
+            })?;
+            let c =
+                client_over(r, s).with_context(|| format!("remote `{}`, device `{id}`", r.id))?;
             clients.push((id.clone(), c));
         }
         return Ok((None, clients));
@@ -238,16 +337,7 @@ pub fn connect(config: &Config, r: &RemoteConfig) -> Result<Connected> {
         };
         // The first reply waits for the process to start and load its
         // plugins (slow on a cold cache, seconds in a nested guest).
-        let normal = opts.timeout;
-        let first = ClientOptions {
-            timeout: startup_timeout(normal),
-            ..opts
-        };
-        let c = VfioUserClient::from_stream(ours, first)
-            .map(|mut c| {
-                c.set_timeout(normal);
-                c
-            })
+        let c = client_over(r, ours)
             .with_context(|| format!("remote `{}`, device `{}`", r.id, devices[0]));
         match c {
             Ok(c) => clients.push((devices[0].clone(), c)),
@@ -281,8 +371,8 @@ pub fn connect(config: &Config, r: &RemoteConfig) -> Result<Connected> {
     };
     for id in &devices {
         let sock = wait_socket(&rundir.join(format!("{id}.sock")), &mut proc.child, timeout)?;
-        let c = VfioUserClient::from_stream(sock, opts.clone())
-            .with_context(|| format!("remote `{}`, device `{id}`", r.id))?;
+        let c =
+            client_over(r, sock).with_context(|| format!("remote `{}`, device `{id}`", r.id))?;
         clients.push((id.clone(), c));
     }
     Ok((Some(proc), clients))

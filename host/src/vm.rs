@@ -64,10 +64,23 @@ pub struct Timing {
 }
 
 /// Runs the VM described by `config_path`; returns the process exit code.
-pub fn run(config_path: &Path) -> Result<i32> {
+/// `remote_fds`: `(remote id, fd)` pairs of inherited connected sockets
+/// to use for those remotes instead of spawning or connecting
+/// (`--remote-fd`).
+pub fn run(config_path: &Path, remote_fds: &[(String, i32)]) -> Result<i32> {
     let t0 = Instant::now();
     // The config error already names file, line and column (and its cause).
     let cfg = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut inherited = Vec::new();
+    for (id, fd) in remote_fds {
+        if !cfg.remotes.iter().any(|r| &r.id == id) {
+            bail!("--remote-fd {id}={fd}: the config has no [[remote]] `{id}`");
+        }
+        if inherited.iter().any(|(i, _)| i == id) {
+            bail!("--remote-fd {id}: given twice");
+        }
+        inherited.push((id.clone(), Some(remote::inherited_socket(id, *fd)?)));
+    }
     if Path::new("/sys/module/kvm_pvm").exists() {
         eprintln!(
             "host: warning: /dev/kvm is PVM (kvm_pvm): guest ring 0 is emulated, a stock kernel \
@@ -125,7 +138,11 @@ pub fn run(config_path: &Path) -> Result<i32> {
     let mut remotes: Vec<RemoteProcess> = Vec::new();
     let mut clients = Vec::new();
     for r in &cfg.remotes {
-        let (proc, c) = remote::connect(&cfg, r)?;
+        let sock = inherited
+            .iter_mut()
+            .find(|(id, _)| id == &r.id)
+            .and_then(|(_, s)| s.take());
+        let (proc, c) = remote::connect(&cfg, r, sock)?;
         remotes.extend(proc);
         clients.extend(c);
     }

@@ -57,6 +57,18 @@ fn ioapic_irr(vm: &kvm_ioctls::VmFd) -> u32 {
 
 #[test]
 fn proxy_function_over_spawned_remote_host() {
+    proxy_over_spawned_remote_host("vfio-user");
+}
+
+/// The same over mpqemu: `remote-host serve --protocol mpqemu --fd 3`
+/// (SYNC_SYSMEM, SET_IRQFD, absolute BAR addresses, posted writes whose
+/// `RET`s are collected later).
+#[test]
+fn proxy_function_over_spawned_remote_host_mpqemu() {
+    proxy_over_spawned_remote_host("mpqemu");
+}
+
+fn proxy_over_spawned_remote_host(protocol: &str) {
     let dir = profile_dir();
     let rh = dir.join("remote-host");
     let plugin = dir.join("libdma_example.so");
@@ -69,7 +81,7 @@ fn proxy_function_over_spawned_remote_host() {
         return;
     }
     std::env::set_var("REMOTE_HOST", &rh);
-    let work = dir.join(format!("host-proxy-test-{}", std::process::id()));
+    let work = dir.join(format!("host-proxy-test-{}-{protocol}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
     let cfg_path = work.join("vm.toml");
     std::fs::write(
@@ -82,6 +94,7 @@ kernel = "none"
 [[remote]]
 id = "dev"
 log = "remote.log"
+protocol = "{protocol}"
 plugin-dirs = ["{}"]
 
 [[device]]
@@ -102,12 +115,12 @@ slot = {SLOT}
     let ram = GuestRam::new(64 << 20).unwrap();
 
     let t = Instant::now();
-    let (proc, mut clients) = host::remote::connect(&cfg, &cfg.remotes[0]).unwrap();
+    let (proc, mut clients) = host::remote::connect(&cfg, &cfg.remotes[0], None).unwrap();
     let mut proc = proc.expect("spawned");
     let (id, client) = clients.pop().unwrap();
     assert_eq!(id, "dma0");
     let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI).unwrap();
-    eprintln!("spawn + connect + setup: {:?}", t.elapsed());
+    eprintln!("{protocol}: spawn + connect + setup: {:?}", t.elapsed());
 
     let mut root = PciRoot::new();
     root.add(SLOT, Box::new(func)).unwrap();
@@ -175,7 +188,7 @@ slot = {SLOT}
     assert_eq!(read32(&root, bar0 + 0x08), n as u32 - 1);
     let posted = t.elapsed();
     eprintln!(
-        "proxy BAR read: p50 {:.1} µs, p99 {:.1} µs; {n} posted writes + 1 read: {:.1} µs each",
+        "{protocol}: proxy BAR read: p50 {:.1} µs, p99 {:.1} µs; {n} posted writes + 1 read: {:.1} µs each",
         lat[n / 2].as_secs_f64() * 1e6,
         lat[n * 99 / 100].as_secs_f64() * 1e6,
         posted.as_secs_f64() * 1e6 / n as f64
@@ -287,7 +300,7 @@ fn dead_remote_reads_all_ones() {
     let vm = kvm.create_vm().unwrap();
     vm.create_irq_chip().unwrap();
     let ram = GuestRam::new(64 << 20).unwrap();
-    let (proc, mut clients) = host::remote::connect(&cfg, &cfg.remotes[0]).unwrap();
+    let (proc, mut clients) = host::remote::connect(&cfg, &cfg.remotes[0], None).unwrap();
     let mut proc = proc.unwrap();
     let (_, client) = clients.pop().unwrap();
     let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI).unwrap();
@@ -342,7 +355,7 @@ fn one_remote_two_devices() {
     let vm = kvm.create_vm().unwrap();
     vm.create_irq_chip().unwrap();
     let ram = GuestRam::new(64 << 20).unwrap();
-    let (proc, clients) = host::remote::connect(&cfg, &cfg.remotes[0]).unwrap();
+    let (proc, clients) = host::remote::connect(&cfg, &cfg.remotes[0], None).unwrap();
     let mut proc = proc.unwrap();
     assert_eq!(clients.len(), 2);
     let mut root = PciRoot::new();

@@ -1,24 +1,34 @@
 //! A proxy PCI function: the guest sees an ordinary function whose
 //! configuration space and BARs live in a remote process, reached over
-//! vfio-user.
+//! vfio-user or mpqemu (QEMU's `x-remote`, or `remote-host --protocol
+//! mpqemu`).
 //!
 //! - Configuration reads and writes are forwarded; writes to the BARs and
 //!   the command register are mirrored into a local shadow
 //!   [`ConfigSpace`] (built from the remote's region sizes and BAR flags)
 //!   so the VMM decodes BAR exits without asking the remote.
 //! - BAR reads wait for the reply; BAR writes are posted (vfio-user
-//!   `No_reply`): the remote handles a socket's messages in order, so a
-//!   later read still sees them.
+//!   `No_reply`; mpqemu `RET`s collected later): the remote handles a
+//!   socket's messages in order, so a later read still sees them.
 //! - INTx: a KVM irqfd with a resample fd on the function's IOAPIC pin;
-//!   both eventfds go to the remote with SET_IRQS, so an interrupt and its
-//!   EOI never pass through the VMM.
-//! - All guest RAM is DMA_MAPped from the memfd.
+//!   both eventfds go to the remote (SET_IRQS, or mpqemu SET_IRQFD), so an
+//!   interrupt and its EOI never pass through the VMM.
+//! - All guest RAM is shared from the memfd (DMA_MAP, or mpqemu
+//!   SYNC_SYSMEM).
+//! - mpqemu specifics: BAR accesses carry absolute addresses (the shadow's
+//!   BAR base plus the offset); configuration accesses with
+//!   `offset + 4 > 256` are not forwarded (QEMU 7.2's `x-remote` shuts
+//!   down on them); and before the first BAR access the remote's BARs and
+//!   command register are checked against the shadow and written again if
+//!   they differ (QEMU 7.2 resets its device after it has started reading
+//!   the socket, which can wipe the VMM's early configuration writes).
 //! - After a transport error the function is dead and reads all-ones.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use channel::mpqemu::{MpqemuClient, SysmemRegion};
 use channel::vfio_user::{
     VfioUserClient, IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_EVENTFD, PCI_CONFIG_REGION_INDEX,
     PCI_INTX_IRQ_INDEX,
@@ -40,10 +50,21 @@ pub struct ProxyStats {
     pub config_writes: u64,
 }
 
+/// The connection to the remote function.
+enum Transport {
+    VfioUser(VfioUserClient),
+    Mpqemu {
+        client: MpqemuClient,
+        /// Whether the remote's BAR placement has been checked against the
+        /// shadow since setup.
+        verified: bool,
+    },
+}
+
 /// One remote function.
 pub struct ProxyFunction {
     id: String,
-    client: VfioUserClient,
+    client: Transport,
     shadow: ConfigSpace,
     dead: bool,
     /// Kept alive for the irqfd (trigger, resample).
@@ -65,6 +86,21 @@ impl ProxyFunction {
     /// Sets up the function behind `client`: reads its config space and
     /// regions, maps guest RAM, wires INTx to `gsi`.
     pub fn new(
+        id: &str,
+        client: crate::remote::RemoteClient,
+        ram: &GuestRam,
+        vm: &VmFd,
+        gsi: u32,
+    ) -> Result<ProxyFunction> {
+        match client {
+            crate::remote::RemoteClient::VfioUser(c) => Self::new_vfio_user(id, c, ram, vm, gsi),
+            crate::remote::RemoteClient::Mpqemu { client, timeout } => {
+                Self::new_mpqemu(id, client, timeout, ram, vm, gsi)
+            }
+        }
+    }
+
+    fn new_vfio_user(
         id: &str,
         mut client: VfioUserClient,
         ram: &GuestRam,
@@ -154,7 +190,128 @@ impl ProxyFunction {
         }
         Ok(ProxyFunction {
             id: id.to_owned(),
-            client,
+            client: Transport::VfioUser(client),
+            shadow,
+            dead: false,
+            _intx: intx,
+            stats: ProxyStats::default(),
+        })
+    }
+
+    /// Setup over mpqemu, in the order of QEMU's `x-pci-proxy-dev`:
+    /// SYNC_SYSMEM, then the probe (config space, BAR sizing), then
+    /// SET_IRQFD. The client's timeout is the startup one (the remote may
+    /// still be starting); `timeout` applies afterwards.
+    fn new_mpqemu(
+        id: &str,
+        mut client: MpqemuClient,
+        timeout: Duration,
+        ram: &GuestRam,
+        vm: &VmFd,
+        gsi: u32,
+    ) -> Result<ProxyFunction> {
+        let regions: Vec<SysmemRegion<'_>> = ram
+            .regions
+            .iter()
+            .map(|r| SysmemRegion {
+                gpa: r.gpa,
+                size: r.size,
+                offset: r.fd_offset,
+                fd: ram.fd(),
+            })
+            .collect();
+        client
+            .sync_sysmem(&regions)
+            .context("SYNC_SYSMEM of guest RAM")?;
+        let mut cfg = [0u8; 256];
+        for off in (0..256u32).step_by(4) {
+            let v = client
+                .config_read(off, 4)
+                .with_context(|| format!("config read at {off:#x}"))?;
+            cfg[off as usize..off as usize + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        client.set_timeout(timeout);
+        let class = u32::from_le_bytes([cfg[9], cfg[10], cfg[11], 0]);
+        let mut shadow = ConfigSpace::new(Identity {
+            vendor_id: u16_at(&cfg, regs::VENDOR_ID),
+            device_id: u16_at(&cfg, regs::DEVICE_ID),
+            class_code: class,
+            revision: cfg[regs::REVISION_ID],
+            subsystem_vendor_id: u16_at(&cfg, regs::SUBSYSTEM_VENDOR_ID),
+            subsystem_id: u16_at(&cfg, regs::SUBSYSTEM_ID),
+            interrupt_pin: cfg[regs::INTERRUPT_PIN],
+        });
+        if shadow.identity().vendor_id == 0xffff {
+            bail!("{id}: the remote has no function (vendor id 0xffff)");
+        }
+        // BAR sizing, as x-pci-proxy-dev does it: all-ones, read back,
+        // restore.
+        let size_of = |c: &mut MpqemuClient, off: u32| -> Result<(u32, u32)> {
+            let orig = c.config_read(off, 4)?;
+            c.config_write(off, 0xffff_ffff, 4)?;
+            let v = c.config_read(off, 4)?;
+            c.config_write(off, orig, 4)?;
+            Ok((orig, v))
+        };
+        let mut index = 0usize;
+        while index < 6 {
+            let off = (regs::BAR0 + index * 4) as u32;
+            let (orig, v) =
+                size_of(&mut client, off).with_context(|| format!("{id}: sizing BAR {index}"))?;
+            let io = orig & 1 != 0;
+            let bar_type = if io {
+                BarType::Io
+            } else if orig & 0x6 == 0x4 {
+                BarType::Memory64
+            } else {
+                BarType::Memory32
+            };
+            let size = match bar_type {
+                BarType::Io => u64::from((!(v & !0x3)).wrapping_add(1) & 0xffff),
+                BarType::Memory32 => u64::from((!(v & !0xf)).wrapping_add(1)),
+                BarType::Memory64 => {
+                    let (_, hi) = size_of(&mut client, off + 4)
+                        .with_context(|| format!("{id}: sizing BAR {}", index + 1))?;
+                    let mask = (u64::from(hi) << 32) | u64::from(v & !0xf);
+                    (!mask).wrapping_add(1)
+                }
+            };
+            let size = if v == 0 { 0 } else { size };
+            if size > 0 {
+                shadow
+                    .add_bar(
+                        index,
+                        BarSpec {
+                            bar_type,
+                            size,
+                            prefetchable: orig & 0x8 != 0 && !io,
+                        },
+                    )
+                    .with_context(|| format!("{id}: BAR {index}"))?;
+            }
+            index += if size > 0 && bar_type == BarType::Memory64 {
+                2
+            } else {
+                1
+            };
+        }
+        let mut intx = None;
+        if cfg[regs::INTERRUPT_PIN] != 0 {
+            let trigger = EventFd::new(EFD_NONBLOCK).context("eventfd")?;
+            let resample = EventFd::new(EFD_NONBLOCK).context("eventfd")?;
+            vm.register_irqfd_with_resample(&trigger, &resample, gsi)
+                .context("KVM_IRQFD with resample")?;
+            client
+                .set_irqfd(borrow(&trigger), borrow(&resample))
+                .context("SET_IRQFD")?;
+            intx = Some((trigger, resample));
+        }
+        Ok(ProxyFunction {
+            id: id.to_owned(),
+            client: Transport::Mpqemu {
+                client,
+                verified: false,
+            },
             shadow,
             dead: false,
             _intx: intx,
@@ -179,6 +336,75 @@ impl ProxyFunction {
     }
 }
 
+impl ProxyFunction {
+    /// mpqemu: before the first BAR access, makes sure the remote decodes
+    /// the BARs where the shadow has them (QEMU 7.2's startup reset may
+    /// have wiped the placement). Returns false if the remote failed.
+    fn mpqemu_verify(&mut self) -> bool {
+        let Transport::Mpqemu { client, verified } = &mut self.client else {
+            return true;
+        };
+        if *verified {
+            return true;
+        }
+        let shadow = &self.shadow;
+        let want_cmd = shadow.command() & 0x7;
+        let check = |c: &mut MpqemuClient| -> Result<bool, channel::mpqemu::ClientError> {
+            for (index, _) in shadow.bar_specs() {
+                let off = (regs::BAR0 + index * 4) as u32;
+                if c.config_read(off, 4)? != shadow.read_value(off as usize, 4) {
+                    return Ok(false);
+                }
+            }
+            Ok(c.config_read(regs::COMMAND as u32, 2)? & 0x7 == u32::from(want_cmd))
+        };
+        let r = (|| {
+            for attempt in 0..3 {
+                if check(client)? {
+                    return Ok(true);
+                }
+                tracing::warn!(
+                    "{}: the remote lost the BAR placement (attempt {attempt}); writing it again",
+                    self.id
+                );
+                if std::env::var_os("HOST_STATS").is_some() {
+                    eprintln!("host-stats: device={} bar_placement_rewritten=1", self.id);
+                }
+                for (index, spec) in shadow.bar_specs() {
+                    let off = regs::BAR0 + index * 4;
+                    client.config_write(off as u32, shadow.read_value(off, 4), 4)?;
+                    if spec.bar_type == BarType::Memory64 {
+                        client.config_write(off as u32 + 4, shadow.read_value(off + 4, 4), 4)?;
+                    }
+                }
+                let cmd = client.config_read(regs::COMMAND as u32, 2)?;
+                client.config_write(regs::COMMAND as u32, (cmd & !0x7) | u32::from(want_cmd), 2)?;
+            }
+            check(client)
+        })();
+        match r {
+            Ok(true) => {
+                *verified = true;
+                true
+            }
+            Ok(false) => {
+                self.fail("BAR placement", &"the remote does not keep its BARs");
+                false
+            }
+            Err(e) => {
+                self.fail("BAR placement check", &e);
+                false
+            }
+        }
+    }
+}
+
+/// Whether an mpqemu config access may be forwarded: QEMU 7.2's
+/// `x-remote` shuts down on any access with `offset + 4 > 256`.
+fn mpqemu_config_ok(offset: usize, len: usize) -> bool {
+    matches!(len, 1 | 2 | 4) && offset + 4 <= 256
+}
+
 impl PciDevice for ProxyFunction {
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
         self.stats.config_reads += 1;
@@ -186,10 +412,23 @@ impl PciDevice for ProxyFunction {
             data.fill(0xff);
             return;
         }
-        if let Err(e) = self
-            .client
-            .region_read(PCI_CONFIG_REGION_INDEX, offset as u64, data)
-        {
+        let r = match &mut self.client {
+            Transport::VfioUser(c) => c
+                .region_read(PCI_CONFIG_REGION_INDEX, offset as u64, data)
+                .map_err(|e| e.to_string()),
+            Transport::Mpqemu { client, .. } => {
+                if mpqemu_config_ok(offset, data.len()) {
+                    client
+                        .config_read(offset as u32, data.len() as u32)
+                        .map(|v| data.copy_from_slice(&v.to_le_bytes()[..data.len()]))
+                        .map_err(|e| e.to_string())
+                } else {
+                    data.fill(0);
+                    Ok(())
+                }
+            }
+        };
+        if let Err(e) = r {
             data.fill(0xff);
             self.fail("config read", &e);
         }
@@ -205,21 +444,51 @@ impl PciDevice for ProxyFunction {
         if self.dead {
             return;
         }
-        if let Err(e) = self
-            .client
-            .region_write(PCI_CONFIG_REGION_INDEX, offset as u64, data)
-        {
+        let r = match &mut self.client {
+            Transport::VfioUser(c) => c
+                .region_write(PCI_CONFIG_REGION_INDEX, offset as u64, data)
+                .map_err(|e| e.to_string()),
+            Transport::Mpqemu { client, .. } => {
+                if mpqemu_config_ok(offset, data.len()) {
+                    let mut v = [0u8; 4];
+                    v[..data.len()].copy_from_slice(data);
+                    client
+                        .config_write(offset as u32, u32::from_le_bytes(v), data.len() as u32)
+                        .map_err(|e| e.to_string())
+                } else {
+                    Ok(())
+                }
+            }
+        };
+        if let Err(e) = r {
             self.fail("config write", &e);
         }
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
-        if self.dead {
+        if self.dead || !self.mpqemu_verify() {
             data.fill(0xff);
             return;
         }
         let t = Instant::now();
-        let r = self.client.region_read(bar as u32, offset, data);
+        let r = match &mut self.client {
+            Transport::VfioUser(c) => c
+                .region_read(bar as u32, offset, data)
+                .map_err(|e| e.to_string()),
+            Transport::Mpqemu { client, .. } => {
+                let spec = self.shadow.bar_spec(bar);
+                let base = self.shadow.bar_base(bar).unwrap_or(0);
+                let memory = spec.is_some_and(|s| s.bar_type != BarType::Io);
+                if matches!(data.len(), 1 | 2 | 4 | 8) {
+                    client
+                        .bar_read(base + offset, data.len() as u32, memory)
+                        .map(|v| data.copy_from_slice(&v.to_le_bytes()[..data.len()]))
+                        .map_err(|e| e.to_string())
+                } else {
+                    Err(format!("a {}-byte access", data.len()))
+                }
+            }
+        };
         self.stats.bar_reads += 1;
         self.stats.bar_read_time += t.elapsed();
         if let Err(e) = r {
@@ -229,11 +498,35 @@ impl PciDevice for ProxyFunction {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        if self.dead {
+        if self.dead || !self.mpqemu_verify() {
             return;
         }
         self.stats.bar_writes += 1;
-        if let Err(e) = self.client.region_write_posted(bar as u32, offset, data) {
+        let r = match &mut self.client {
+            Transport::VfioUser(c) => c
+                .region_write_posted(bar as u32, offset, data)
+                .map_err(|e| e.to_string()),
+            Transport::Mpqemu { client, .. } => {
+                let spec = self.shadow.bar_spec(bar);
+                let base = self.shadow.bar_base(bar).unwrap_or(0);
+                let memory = spec.is_some_and(|s| s.bar_type != BarType::Io);
+                if matches!(data.len(), 1 | 2 | 4 | 8) {
+                    let mut v = [0u8; 8];
+                    v[..data.len()].copy_from_slice(data);
+                    client
+                        .bar_write_posted(
+                            base + offset,
+                            u64::from_le_bytes(v),
+                            data.len() as u32,
+                            memory,
+                        )
+                        .map_err(|e| e.to_string())
+                } else {
+                    Err(format!("a {}-byte access", data.len()))
+                }
+            }
+        };
+        if let Err(e) = r {
             self.fail("BAR write", &e);
         }
     }
@@ -257,15 +550,27 @@ impl PciDevice for ProxyFunction {
             s.config_reads,
             s.config_writes
         );
+        let mut posted_failures = 0;
+        // The remote sees EOF, drops this client and (when spawned for us
+        // on an inherited fd) exits. QEMU's x-remote exits at EOF too.
+        match &mut self.client {
+            Transport::VfioUser(c) => {
+                let _ = c.socket().shutdown(std::net::Shutdown::Both);
+            }
+            Transport::Mpqemu { client, .. } => {
+                if !self.dead {
+                    let _ = client.flush();
+                }
+                posted_failures = client.posted_failures();
+                let _ = client.socket().shutdown(std::net::Shutdown::Both);
+            }
+        }
         if std::env::var_os("HOST_STATS").is_some() {
             eprintln!(
-                "host-stats: device={} bar_reads={} bar_read_mean_us={avg:.1} bar_writes={} config_reads={} config_writes={}",
+                "host-stats: device={} bar_reads={} bar_read_mean_us={avg:.1} bar_writes={} config_reads={} config_writes={} posted_failures={posted_failures}",
                 self.id, s.bar_reads, s.bar_writes, s.config_reads, s.config_writes
             );
         }
-        // The remote sees EOF, drops this client and (when spawned for us
-        // on an inherited fd) exits.
-        let _ = self.client.socket().shutdown(std::net::Shutdown::Both);
         self.dead = true;
     }
 }
