@@ -382,3 +382,112 @@ fn one_remote_two_devices() {
     proc.stop(Duration::from_millis(100));
     std::fs::remove_dir_all(&work).ok();
 }
+
+/// QEMU 7.2's own `x-remote` (its `lsi53c895a`, no disk) behind a proxy
+/// function, on the fd path of `--remote-fd`: the probe finds the LSI's
+/// ids and BARs, the placement check before the first BAR access passes
+/// (re-writing the BARs if x-remote's startup reset wiped them), and
+/// SCRATCHA reads back through memory and I/O BARs. Skips without
+/// /dev/kvm or QEMU.
+#[test]
+fn qemu_x_remote_behind_proxy_function() {
+    use host::pci::PciDevice;
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+    let qemu = std::path::Path::new("/usr/bin/qemu-system-x86_64");
+    if !std::path::Path::new("/dev/kvm").exists() || !qemu.exists() {
+        eprintln!("SKIP: needs /dev/kvm and {}", qemu.display());
+        return;
+    }
+    let dir = profile_dir();
+    let work = dir.join(format!("host-x-remote-test-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let cfg_path = work.join("vm.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n[[remote]]\nid = \"storage\"\nprotocol = \"mpqemu\"\ntimeout-ms = 10000\n\n[[device]]\nid = \"lsi0\"\nremote = \"storage\"\nplugin = \"lsi53c895a\"\nslot = {SLOT}\n"
+        ),
+    )
+    .unwrap();
+    let cfg = config::Config::load(&cfg_path).unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let theirs = OwnedFd::from(theirs);
+    let raw = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(qemu);
+    cmd.args([
+        "-machine",
+        "x-remote",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-device",
+        "lsi53c895a,id=lsi0",
+        "-object",
+        "x-remote-object,id=robj0,devid=lsi0,fd=3",
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null());
+    // SAFETY: only dup2/fcntl run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(theirs);
+
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    vm.create_irq_chip().unwrap();
+    let ram = GuestRam::new(64 << 20).unwrap();
+    let t = Instant::now();
+    let (proc, mut clients) = host::remote::connect(&cfg, &cfg.remotes[0], Some(ours)).unwrap();
+    assert!(proc.is_none(), "nothing is spawned for an inherited socket");
+    let (_, client) = clients.pop().unwrap();
+    let func = ProxyFunction::new("lsi0", client, &ram, &vm, GSI).unwrap();
+    eprintln!("x-remote: connect + probe: {:?}", t.elapsed());
+    let specs: Vec<(usize, u64)> = func
+        .config_space()
+        .bar_specs()
+        .map(|(i, s)| (i, s.size))
+        .collect();
+    assert_eq!(specs, vec![(0, 0x100), (1, 0x400), (2, 0x2000)]);
+    let mut root = PciRoot::new();
+    root.add(SLOT, Box::new(func)).unwrap();
+    root.assign_resources(&|s| (s == SLOT).then_some(GSI as u8))
+        .unwrap();
+    assert_eq!(cfg_read32(&root, 0), 0x0012_1000, "LSI53C895A ids");
+    let io = u16::try_from(cfg_read32(&root, 0x10) & !0x3).unwrap();
+    let mmio = u64::from(cfg_read32(&root, 0x14) & !0xf);
+    // SCRATCHA (0x34) through BAR1 memory, then BAR0 I/O.
+    write32(&root, mmio + 0x34, 0x1234_5678);
+    assert_eq!(read32(&root, mmio + 0x34), 0x1234_5678);
+    let mut d = [0u8; 4];
+    assert!(root.pio_read(io + 0x34, &mut d));
+    assert_eq!(u32::from_le_bytes(d), 0x1234_5678);
+    for i in 0..64u32 {
+        write32(&root, mmio + 0x34, i);
+    }
+    assert_eq!(read32(&root, mmio + 0x34), 63);
+    root.shutdown();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "x-remote did not exit at EOF"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("x-remote left {:?} after the VM", t.elapsed());
+    std::fs::remove_dir_all(&work).ok();
+}
