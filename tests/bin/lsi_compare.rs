@@ -8,8 +8,9 @@
 //! - `ours-mp`: QEMU 7.2's `x-pci-proxy-dev` + our `remote-host --protocol
 //!   mpqemu` with the LSI plugin (the original multi-process setup with our
 //!   device process in place of QEMU's);
-//! - `host-remote` / `host-inproc` (bench only): our VMM, `host run`, with
-//!   the LSI plugin in a spawned `remote-host` (vfio-user) or in-process.
+//! - `host-remote` / `host-inproc` / `host-xremote` (bench only): our VMM,
+//!   `host run`, with the LSI plugin in a spawned `remote-host` (vfio-user),
+//!   in-process, or QEMU 7.2's own `x-remote` LSI (mpqemu) behind it.
 //!
 //! `lsi-compare check` runs the shared LSI guest job (write/read/file
 //! system) on each and exits non-zero if any fails. `lsi-compare bench`
@@ -35,15 +36,17 @@ enum Variant {
     OursMp,
     HostRemote,
     HostInProcess,
+    HostXRemote,
 }
 
 impl Variant {
-    const ALL: [Variant; 5] = [
+    const ALL: [Variant; 6] = [
         Variant::QemuLsi,
         Variant::QemuMp,
         Variant::OursMp,
         Variant::HostRemote,
         Variant::HostInProcess,
+        Variant::HostXRemote,
     ];
     /// What `check` runs (our VMM's variants have their own test,
     /// tests/host_lsi.rs).
@@ -56,8 +59,33 @@ impl Variant {
             Variant::OursMp => "ours-mp",
             Variant::HostRemote => "host-remote",
             Variant::HostInProcess => "host-inproc",
+            Variant::HostXRemote => "host-xremote",
         }
     }
+}
+
+/// QEMU 7.2's `x-remote` running its own LSI + scsi-hd on `drive`, on the
+/// connected socket it inherits as fd 3.
+fn x_remote_command(env: &Env, drive: &str) -> Command {
+    let mut c = env.qemu_command(QemuKind::Debian12);
+    // x-remote runs no vCPU, but needs an accelerator; in the nested L1
+    // Debian's QEMU cannot load its TCG module ("could not load module for
+    // type 'tcg-accel-ops'"), so prefer KVM there.
+    c.args([
+        "-machine",
+        "x-remote,accel=kvm:tcg",
+        "-nodefaults",
+        "-display",
+        "none",
+    ])
+    .args(["-device", "lsi53c895a,id=lsi0"])
+    .args(["-drive", drive])
+    .args(["-device", "scsi-hd,drive=disk0,bus=lsi0.0,scsi-id=0"])
+    .args(["-object", "x-remote-object,id=robj0,devid=lsi0,fd=3"]);
+    if let Ok(t) = std::env::var("LSI_COMPARE_XREMOTE_TRACE") {
+        c.args(["-trace", &t]);
+    }
+    c
 }
 
 /// Boots the guest with our VMM: `host run` on a config of its own.
@@ -66,17 +94,22 @@ fn run_host(env: &Env, variant: Variant, image: &Path, job: &str, dir: &Path) ->
     spec.order = ModuleOrder::Exact;
     let initrd = dir.join(format!("{}-initrd.cpio", variant.name()));
     env.build_initramfs(&spec, &initrd)?;
-    let placement = if variant == Variant::HostRemote {
-        "remote = \"storage\""
-    } else {
+    let placement = if variant == Variant::HostInProcess {
         "in-process = true"
+    } else {
+        "remote = \"storage\""
+    };
+    let protocol = if variant == Variant::HostXRemote {
+        "mpqemu"
+    } else {
+        "vfio-user"
     };
     let config = dir.join(format!("{}.toml", variant.name()));
     fs::write(
         &config,
         format!(
             "[vm]\nmemory = \"512M\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet\"\n\n\
-             [[remote]]\nid = \"storage\"\nlog = \"{}-device.log\"\n\n\
+             [[remote]]\nid = \"storage\"\nprotocol = \"{protocol}\"\nlog = \"{}-device.log\"\n\n\
              [[device]]\nid = \"lsi0\"\n{placement}\nplugin = \"lsi53c895a\"\nslot = 4\n\n\
              [[device.drive]]\nfile = \"{}\"\nscsi-id = 0\n",
             env.kernel.display(),
@@ -86,9 +119,25 @@ fn run_host(env: &Env, variant: Variant, image: &Path, job: &str, dir: &Path) ->
         ),
     )?;
     let console = dir.join(format!("{}-console.log", variant.name()));
-    let mut child = Command::new(sibling_bin("host")?)
-        .arg("run")
-        .arg(&config)
+    let mut host = Command::new(sibling_bin("host")?);
+    host.arg("run").arg(&config);
+    // QEMU's x-remote takes only a connected fd: a socketpair, one end for
+    // it (fd 3), the other inherited by host (`--remote-fd`).
+    let mut _x_remote: Option<Reaped> = None;
+    let mut _vmm_end: Option<OwnedFd> = None;
+    if variant == Variant::HostXRemote {
+        let (vmm_end, dev_end) = UnixStream::pair()?;
+        let drive = format!("file={},format=raw,if=none,id=disk0", image.display());
+        let log = fs::File::create(dir.join("host-xremote-qemu.log"))?;
+        let mut x = x_remote_command(env, &drive);
+        x.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        _x_remote = Some(Reaped(spawn_with_fd3(&mut x, OwnedFd::from(dev_end))?));
+        let vmm_end = OwnedFd::from(vmm_end);
+        host.arg("--remote-fd")
+            .arg(format!("storage={}", inheritable(&vmm_end)?));
+        _vmm_end = Some(vmm_end);
+    }
+    let mut child = host
         .stdin(Stdio::null())
         .stdout(fs::File::create(&console)?)
         .stderr(Stdio::inherit())
@@ -176,7 +225,10 @@ fn run_variant(
     job: &str,
     dir: &Path,
 ) -> Result<JobResult> {
-    if matches!(variant, Variant::HostRemote | Variant::HostInProcess) {
+    if matches!(
+        variant,
+        Variant::HostRemote | Variant::HostInProcess | Variant::HostXRemote
+    ) {
         return run_host(env, variant, image, job, dir);
     }
     let mut spec = InitramfsSpec::new(&lsi_job_modules(), job);
@@ -201,7 +253,7 @@ fn run_variant(
                 "scsi-hd,drive=disk0,bus=lsi0.0,scsi-id=0".into(),
             ]);
         }
-        Variant::HostRemote | Variant::HostInProcess => {
+        Variant::HostRemote | Variant::HostInProcess | Variant::HostXRemote => {
             bail!("{} runs through run_host", variant.name())
         }
         Variant::QemuMp | Variant::OursMp => {
@@ -209,26 +261,7 @@ fn run_variant(
             let dev_end = OwnedFd::from(dev_end);
             let log = fs::File::create(dir.join(format!("{}-device.log", variant.name())))?;
             let mut cmd = if variant == Variant::QemuMp {
-                let mut c = env.qemu_command(QemuKind::Debian12);
-                // x-remote runs no vCPU, but needs an accelerator; in the
-                // nested L1 Debian's QEMU cannot load its TCG module
-                // ("could not load module for type 'tcg-accel-ops'"), so
-                // prefer KVM there.
-                c.args([
-                    "-machine",
-                    "x-remote,accel=kvm:tcg",
-                    "-nodefaults",
-                    "-display",
-                    "none",
-                ])
-                .args(["-device", "lsi53c895a,id=lsi0"])
-                .args(["-drive", &drive])
-                .args(["-device", "scsi-hd,drive=disk0,bus=lsi0.0,scsi-id=0"])
-                .args(["-object", "x-remote-object,id=robj0,devid=lsi0,fd=3"]);
-                if let Ok(t) = std::env::var("LSI_COMPARE_XREMOTE_TRACE") {
-                    c.args(["-trace", &t]);
-                }
-                c
+                x_remote_command(env, &drive)
             } else {
                 let config = dir.join("ours-mp.toml");
                 fs::write(
@@ -293,6 +326,7 @@ done
 [ -b /dev/sda ] || { echo "no /dev/sda"; exit 1; }
 now() { cut -d' ' -f1 /proc/uptime; }
 run() { name=$1; shift; s=$(now); "$@" 2>/dev/null || exit 2; e=$(now); echo "TIME $name $s $e"; }
+echo "TIME sda-ready 0 $(now)"   # guest uptime when the disk appeared
 par4() { for k in 0 1 2 3; do dd if=/dev/sda of=/dev/null bs=64k count=128 skip=$((k*128)) iflag=direct & done; wait; }
 run read-64k-qd1 dd if=/dev/sda of=/dev/null bs=64k count=512 iflag=direct
 run write-64k-qd1 dd if=/dev/zero of=/dev/sda bs=64k count=512 seek=512 oflag=direct
