@@ -7,8 +7,10 @@
 //! irqfd; at EOI KVM lowers the line and signals resample, and if the
 //! device still holds the line high we signal the irqfd again.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::thread::JoinHandle;
 
 use plugin_api::function::IrqSink;
 use vmm_sys_util::eventfd::EventFd;
@@ -106,6 +108,68 @@ impl IrqSink for IntxLine {
         let was = self.level.swap(asserted, Ordering::AcqRel);
         if asserted && !was {
             self.signal();
+        }
+    }
+}
+
+/// A thread that runs `on_event` each time an eventfd fires (KVM's
+/// resample fd at EOI, or vfio-user's unmask eventfd), until dropped.
+pub struct EventfdWatcher {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EventfdWatcher {
+    pub fn start(
+        name: String,
+        fd: EventFd,
+        on_event: impl Fn() + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let stop2 = stop.try_clone()?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || loop {
+            let mut pfds = [
+                libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop2.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds for the duration of the call.
+            let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
+            if r < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
+            }
+            if pfds[1].revents != 0 {
+                return;
+            }
+            if pfds[0].revents & libc::POLLIN != 0 {
+                let _ = fd.read();
+                on_event();
+            } else if pfds[0].revents != 0 {
+                return;
+            }
+        })?;
+        Ok(EventfdWatcher {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EventfdWatcher {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

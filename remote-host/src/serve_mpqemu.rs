@@ -36,20 +36,20 @@
 //! message closes that connection only.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use anyhow::Context;
 use channel::mpqemu::messages::SysmemSlot;
 use channel::mpqemu::{serve_connection, DeviceError, MpqemuDevice, ServerOptions};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::RemoteDevice;
+use crate::irq::EventfdWatcher;
 use crate::irq::IntxFds;
+use crate::serve_vfio_user::eventfd_from;
 use crate::serve_vfio_user::{socket_paths, Endpoint};
 
 /// Serves `devices` until every listener ends (normally never), or, for
@@ -225,86 +225,10 @@ impl DeviceServer {
     }
 }
 
-/// A thread that waits on the resample eventfd (signalled by KVM at EOI)
-/// and re-signals the irqfd while the device still holds INTx high.
-struct ResampleWatcher {
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl ResampleWatcher {
-    fn start(dev: Arc<RemoteDevice>, resample: EventFd) -> std::io::Result<Self> {
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let stop2 = stop.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name(format!("intx-resample-{}", dev.id))
-            .spawn(move || loop {
-                let mut pfds = [
-                    libc::pollfd {
-                        fd: resample.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: stop2.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                ];
-                // SAFETY: two valid pollfds for the duration of the call.
-                let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
-                if r < 0 {
-                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return;
-                }
-                if pfds[1].revents != 0 {
-                    return;
-                }
-                if pfds[0].revents & libc::POLLIN != 0 {
-                    let _ = resample.read();
-                    dev.intx.on_resample();
-                } else if pfds[0].revents != 0 {
-                    return;
-                }
-            })?;
-        Ok(ResampleWatcher {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for ResampleWatcher {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Takes an fd the client sent as an eventfd, refusing anything else.
-/// Where `/proc` is not readable (a sandbox), the fd is taken on trust.
-fn eventfd_from(fd: OwnedFd) -> Result<EventFd, DeviceError> {
-    if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
-        let link = link.to_string_lossy();
-        if link != "anon_inode:[eventfd]" {
-            return Err(DeviceError::invalid(format!(
-                "fd is not an eventfd ({link})"
-            )));
-        }
-    }
-    // SAFETY: the fd is open and ours (moved out of the OwnedFd); EventFd
-    // takes over closing it.
-    Ok(unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
-}
-
 /// mpqemu on top of one [`RemoteDevice`].
 pub struct Adapter {
     dev: Arc<RemoteDevice>,
-    watcher: Option<ResampleWatcher>,
+    watcher: Option<EventfdWatcher>,
 }
 
 impl Adapter {
@@ -365,7 +289,11 @@ impl MpqemuDevice for Adapter {
             trigger,
             resample: Some(resample),
         }));
-        self.watcher = Some(ResampleWatcher::start(self.dev.clone(), watch).map_err(io)?);
+        let dev = self.dev.clone();
+        let name = format!("intx-resample-{}", dev.id);
+        // KVM signalled resample (guest EOI): re-raise while still high.
+        let watcher = EventfdWatcher::start(name, watch, move || dev.intx.on_resample());
+        self.watcher = Some(watcher.map_err(io)?);
         Ok(())
     }
 

@@ -61,6 +61,7 @@ use channel::vfio_user::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::RemoteDevice;
+use crate::irq::EventfdWatcher;
 use crate::irq::IntxFds;
 use crate::memory::MemoryError;
 
@@ -276,67 +277,6 @@ impl DeviceServer {
     }
 }
 
-/// A thread that waits on the INTx unmask eventfd and re-raises the line
-/// if it is still high.
-struct UnmaskWatcher {
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UnmaskWatcher {
-    fn start(dev: Arc<RemoteDevice>, unmask: EventFd) -> std::io::Result<Self> {
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let stop2 = stop.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name(format!("intx-unmask-{}", dev.id))
-            .spawn(move || loop {
-                let mut pfds = [
-                    libc::pollfd {
-                        fd: unmask.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: stop2.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                ];
-                // SAFETY: two valid pollfds for the duration of the call.
-                let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
-                if r < 0 {
-                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return;
-                }
-                if pfds[1].revents != 0 {
-                    return;
-                }
-                if pfds[0].revents & libc::POLLIN != 0 {
-                    let _ = unmask.read();
-                    // Unmasks, and re-signals while the level is high.
-                    dev.intx.set_masked(false);
-                } else if pfds[0].revents != 0 {
-                    return;
-                }
-            })?;
-        Ok(UnmaskWatcher {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for UnmaskWatcher {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// vfio-user on top of one [`RemoteDevice`].
 pub struct Adapter {
     dev: Arc<RemoteDevice>,
@@ -347,7 +287,7 @@ pub struct Adapter {
     has_intx: bool,
     trigger: Option<EventFd>,
     unmask: Option<EventFd>,
-    watcher: Option<UnmaskWatcher>,
+    watcher: Option<EventfdWatcher>,
 }
 
 impl Adapter {
@@ -393,7 +333,11 @@ impl Adapter {
         self.dev.intx.set_fds(fds);
         if let Some(u) = &self.unmask {
             let u = u.try_clone().map_err(io)?;
-            self.watcher = Some(UnmaskWatcher::start(self.dev.clone(), u).map_err(io)?);
+            let dev = self.dev.clone();
+            let name = format!("intx-unmask-{}", dev.id);
+            // Unmasks, and re-signals while the level is high.
+            let watcher = EventfdWatcher::start(name, u, move || dev.intx.set_masked(false));
+            self.watcher = Some(watcher.map_err(io)?);
         }
         Ok(())
     }
@@ -402,7 +346,7 @@ impl Adapter {
 /// Takes an fd the client sent as an eventfd, refusing anything else
 /// (a pipe or a file would take our 8-byte writes as data). Where
 /// `/proc` is not readable (a sandbox), the fd is taken on trust.
-fn eventfd_from(fd: OwnedFd) -> Result<EventFd, DeviceError> {
+pub(crate) fn eventfd_from(fd: OwnedFd) -> Result<EventFd, DeviceError> {
     if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
         let link = link.to_string_lossy();
         if link != "anon_inode:[eventfd]" {
