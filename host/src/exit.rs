@@ -20,6 +20,25 @@ pub enum ExitReason {
     SystemEvent(u32),
     /// A VMM failure.
     Error(String),
+    /// The monitor's `quit`.
+    Quit,
+    /// The monitor's `system_reset`: ends the VM as a guest reboot does
+    /// (the VMM does not restart guests).
+    HostReset,
+}
+
+impl ExitReason {
+    /// QEMU's `SHUTDOWN` event `reason` for this end.
+    pub fn qmp_reason(&self, seen: ConsoleSeen) -> &'static str {
+        match self {
+            ExitReason::Quit => "host-qmp-quit",
+            ExitReason::HostReset => "host-qmp-system-reset",
+            ExitReason::Error(_) => "host-error",
+            _ if seen.power_down => "guest-shutdown",
+            _ if seen.panic => "guest-panic",
+            _ => "guest-reset",
+        }
+    }
 }
 
 /// What the guest said on its console before it went away.
@@ -104,6 +123,8 @@ impl ExitSignal {
 pub fn exit_code(reason: &ExitReason, seen: ConsoleSeen) -> i32 {
     match reason {
         ExitReason::Error(_) => code::ERROR,
+        ExitReason::Quit => code::POWEROFF,
+        ExitReason::HostReset => code::REBOOT,
         _ if seen.power_down => code::POWEROFF,
         _ if seen.panic => code::PANIC,
         _ if seen.restart => code::REBOOT,

@@ -30,6 +30,10 @@ enum Cmd {
         /// Repeatable.
         #[arg(long = "remote-fd", value_name = "ID=N", value_parser = parse_remote_fd)]
         remote_fd: Vec<(String, i32)>,
+        /// Serve the QMP monitor on this UNIX socket (overrides the
+        /// config's `[vm] qmp`); see docs/qmp.md.
+        #[arg(long, value_name = "PATH")]
+        qmp: Option<PathBuf>,
     },
 }
 
@@ -56,7 +60,11 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Run { config, remote_fd } => match host::vm::run(&config, &remote_fd) {
+        Cmd::Run {
+            config,
+            remote_fd,
+            qmp,
+        } => match host::vm::run(&config, &remote_fd, qmp.as_deref()) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("host: {e:#}");

@@ -15,12 +15,22 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use channel::control::ControlClient;
 use channel::mpqemu::{ClientOptions as MpqemuOptions, MpqemuClient};
 use channel::vfio_user::{ClientOptions, VfioUserClient};
 use config::{Config, Protocol, RemoteConfig};
 
 /// The fd number the spawned remote finds its socket on.
 pub const REMOTE_FD: i32 = 3;
+
+/// How a spawned remote ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessEnd {
+    /// exit(code)
+    Exited(i32),
+    /// Killed by this signal.
+    Signaled(i32),
+}
 
 /// A spawned `remote-host`.
 #[derive(Debug)]
@@ -36,14 +46,13 @@ impl RemoteProcess {
         self.child.id()
     }
 
-    /// Reports on stderr when the process dies before the VM ends (its
-    /// devices then read all-ones). Waits with `WNOWAIT`, so
-    /// [`stop`](Self::stop) still reaps it.
-    pub fn watch(&self, vm_ending: std::sync::Arc<crate::exit::ExitSignal>) {
-        let id = self.id.clone();
+    /// Calls `on_exit` as soon as the process ends (SIGCHLD), from a
+    /// thread of its own. Waits with `WNOWAIT`, so [`stop`](Self::stop)
+    /// still reaps it.
+    pub fn watch(&self, on_exit: impl FnOnce(ProcessEnd) + Send + 'static) {
         let pid = self.child.id();
         let spawned = std::thread::Builder::new()
-            .name(format!("watch-{id}"))
+            .name(format!("watch-{}", self.id))
             .spawn(move || {
                 // SAFETY: siginfo_t is plain data; zeroed is a valid value.
                 let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -57,13 +66,14 @@ impl RemoteProcess {
                         libc::WEXITED | libc::WNOWAIT,
                     )
                 };
-                if r == 0 && !vm_ending.is_set() {
+                if r == 0 {
                     // SAFETY: waitid filled in a SIGCHLD siginfo.
                     let status = unsafe { info.si_status() };
-                    eprintln!(
-                        "host: remote `{id}` (pid {pid}) died while the VM runs (status {status}); its devices now read all-ones"
-                    );
-                    tracing::error!("remote {id} died (status {status})");
+                    on_exit(if info.si_code == libc::CLD_EXITED {
+                        ProcessEnd::Exited(status)
+                    } else {
+                        ProcessEnd::Signaled(status)
+                    });
                 }
             });
         if let Err(e) = spawned {
@@ -161,7 +171,7 @@ pub enum RemoteClient {
 
 /// Makes a client over a connected socket. vfio-user's handshake runs now,
 /// with the startup timeout.
-fn client_over(r: &RemoteConfig, sock: UnixStream) -> Result<RemoteClient> {
+pub fn client_over(r: &RemoteConfig, sock: UnixStream) -> Result<RemoteClient> {
     match r.protocol {
         Protocol::VfioUser => {
             let opts = client_options(r);
@@ -250,6 +260,19 @@ fn wait_socket(path: &Path, child: &mut Child, timeout: Duration) -> Result<Unix
 /// A remote's process (when spawned) and one client per device id.
 pub type Connected = (Option<RemoteProcess>, Vec<(String, RemoteClient)>);
 
+/// The fd a spawned remote finds its control channel on.
+pub const CONTROL_FD: i32 = 4;
+
+/// What [`connect_supervised`] gives: the remote's process, a client per
+/// device, and (for a `remote-host` we spawned) its control channel.
+pub struct Supervised {
+    pub process: Option<RemoteProcess>,
+    pub clients: Vec<(String, RemoteClient)>,
+    pub control: Option<ControlClient>,
+    /// A duplicate of the control socket, for the supervisor to poll.
+    pub control_hangup: Option<OwnedFd>,
+}
+
 /// How long a freshly spawned remote may take to answer at all.
 pub fn startup_timeout(normal: Duration) -> Duration {
     normal.max(Duration::from_secs(60))
@@ -263,6 +286,39 @@ pub fn connect(
     r: &RemoteConfig,
     inherited: Option<UnixStream>,
 ) -> Result<Connected> {
+    let s = connect_inner(config, r, inherited, false)?;
+    Ok((s.process, s.clients))
+}
+
+/// As [`connect`], and a spawned `remote-host` also gets a control
+/// channel (`--control 4`: heartbeats, device and drive hotplug). Such a
+/// remote is spawned even with no device yet, so devices can be added.
+pub fn connect_supervised(
+    config: &Config,
+    r: &RemoteConfig,
+    inherited: Option<UnixStream>,
+) -> Result<Supervised> {
+    connect_inner(config, r, inherited, true)
+}
+
+/// Moves `fd` to `target` in a forked child before exec. Goes through a
+/// high number first so that moving one fd never clobbers another that is
+/// still to be moved.
+fn move_fd_high(fd: i32) -> std::io::Result<i32> {
+    // SAFETY: F_DUPFD on an fd that is open in the child.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD, 64) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n)
+}
+
+fn connect_inner(
+    config: &Config,
+    r: &RemoteConfig,
+    inherited: Option<UnixStream>,
+    with_control: bool,
+) -> Result<Supervised> {
     let devices: Vec<String> = config
         .devices_of_remote(&r.id)
         .map(|d| d.id.clone())
@@ -282,7 +338,12 @@ pub fn connect(
         let c = client_over(r, sock)
             .with_context(|| format!("remote `{}`, device `{}`", r.id, devices[0]))?;
         clients.push((devices[0].clone(), c));
-        return Ok((None, clients));
+        return Ok(Supervised {
+            process: None,
+            clients,
+            control: None,
+            control_hangup: None,
+        });
     }
     if let Some(sock) = &r.socket {
         for id in &devices {
@@ -302,26 +363,57 @@ pub fn connect(
                 client_over(r, s).with_context(|| format!("remote `{}`, device `{id}`", r.id))?;
             clients.push((id.clone(), c));
         }
-        return Ok((None, clients));
+        return Ok(Supervised {
+            process: None,
+            clients,
+            control: None,
+            control_hangup: None,
+        });
     }
-    if devices.is_empty() {
-        return Ok((None, clients));
+    if devices.is_empty() && !with_control {
+        return Ok(Supervised {
+            process: None,
+            clients,
+            control: None,
+            control_hangup: None,
+        });
     }
     let mut cmd = serve_command(config, r)?;
+    // The control channel: ours stays here, theirs becomes fd 4.
+    let (control_ours, control_theirs) = if with_control {
+        let (a, b) = UnixStream::pair().context("socketpair")?;
+        cmd.arg("--control").arg(CONTROL_FD.to_string());
+        (Some(a), Some(OwnedFd::from(b)))
+    } else {
+        (None, None)
+    };
+    let control_raw = control_theirs.as_ref().map(|f| f.as_raw_fd());
+    let control_hangup = control_ours
+        .as_ref()
+        .and_then(|s| s.try_clone().ok())
+        .map(OwnedFd::from);
+    let control = |timeout: Duration| control_ours.map(|s| ControlClient::new(s, timeout));
     if devices.len() == 1 {
         let (ours, theirs) = UnixStream::pair().context("socketpair")?;
         let theirs = OwnedFd::from(theirs);
         let raw = theirs.as_raw_fd();
         cmd.arg("--fd").arg(REMOTE_FD.to_string());
-        // SAFETY: the hook only calls async-signal-safe functions (dup2,
-        // prctl) on fds that stay open until the child has exec'd.
+        // SAFETY: the hook only calls async-signal-safe functions (fcntl,
+        // dup2, prctl) on fds that stay open until the child has exec'd.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if libc::dup2(raw, REMOTE_FD) < 0 {
+                let dev = move_fd_high(raw)?;
+                let ctl = control_raw.map(move_fd_high).transpose()?;
+                if libc::dup2(dev, REMOTE_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(ctl) = ctl {
+                    if libc::dup2(ctl, CONTROL_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -330,6 +422,7 @@ pub fn connect(
             .spawn()
             .with_context(|| format!("spawning remote-host for `{}`", r.id))?;
         drop(theirs);
+        drop(control_theirs);
         let mut proc = RemoteProcess {
             id: r.id.clone(),
             child,
@@ -346,17 +439,29 @@ pub fn connect(
                 return Err(e);
             }
         }
-        return Ok((Some(proc), clients));
+        return Ok(Supervised {
+            process: Some(proc),
+            clients,
+            control: control(startup_timeout(opts.timeout)),
+            control_hangup,
+        });
     }
-    // Several devices: a private socket directory, one socket per device.
+    // No device or several: a private socket directory, one socket per
+    // device.
     let rundir = std::env::temp_dir().join(format!("host-{}-{}", std::process::id(), r.id));
     std::fs::create_dir_all(&rundir).with_context(|| format!("{}", rundir.display()))?;
     cmd.arg("--socket").arg(&rundir);
-    // SAFETY: prctl is async-signal-safe.
+    // SAFETY: prctl, fcntl and dup2 are async-signal-safe; the fd stays
+    // open until the child has exec'd.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(ctl) = control_raw.map(move_fd_high).transpose()? {
+                if libc::dup2(ctl, CONTROL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -364,6 +469,7 @@ pub fn connect(
     let child = cmd
         .spawn()
         .with_context(|| format!("spawning remote-host for `{}`", r.id))?;
+    drop(control_theirs);
     let mut proc = RemoteProcess {
         id: r.id.clone(),
         child,
@@ -375,5 +481,10 @@ pub fn connect(
             client_over(r, sock).with_context(|| format!("remote `{}`, device `{id}`", r.id))?;
         clients.push((id.clone(), c));
     }
-    Ok((Some(proc), clients))
+    Ok(Supervised {
+        process: Some(proc),
+        clients,
+        control: control(startup_timeout(opts.timeout)),
+        control_hangup,
+    })
 }

@@ -18,13 +18,16 @@ use crate::bus::Bus;
 use crate::exit::{exit_code, ExitReason, ExitSignal};
 use crate::legacy::{Cmos, Ps2Controller};
 use crate::memory::GuestRam;
+use crate::monitor::{self, Monitor};
 use crate::mptable::PciIrq;
 use crate::pci::inprocess::InProcessFunction;
 use crate::pci::proxy::ProxyFunction;
 use crate::pci::root::PciRoot;
+use crate::pci::root::SlotLabel;
 use crate::pci::PciDevice;
 use crate::remote::{self, RemoteProcess};
 use crate::serial::{ConsoleOut, EventFdTrigger, ResetTrigger, SERIAL_GSI};
+use crate::supervisor::{self, DeathCause, Remote};
 use crate::{boot, cpu};
 
 /// TSS for Intel VMX (three pages below the BIOS area).
@@ -67,10 +70,12 @@ pub struct Timing {
 /// `remote_fds`: `(remote id, fd)` pairs of inherited connected sockets
 /// to use for those remotes instead of spawning or connecting
 /// (`--remote-fd`).
-pub fn run(config_path: &Path, remote_fds: &[(String, i32)]) -> Result<i32> {
+/// `qmp`: the monitor socket (`--qmp`), overriding `[vm] qmp`.
+pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>) -> Result<i32> {
     let t0 = Instant::now();
     // The config error already names file, line and column (and its cause).
     let cfg = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let qmp_path = qmp.map(Path::to_path_buf).or_else(|| cfg.vm.qmp.clone());
     let mut inherited = Vec::new();
     for (id, fd) in remote_fds {
         if !cfg.remotes.iter().any(|r| &r.id == id) {
@@ -92,7 +97,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)]) -> Result<i32> {
 
     let kvm = Kvm::new().context("opening /dev/kvm")?;
     let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
-    let ram = GuestRam::new(cfg.vm.memory_bytes)?;
+    let ram = Arc::new(GuestRam::new(cfg.vm.memory_bytes)?);
     for (slot, r) in ram.regions.iter().enumerate() {
         let host = ram
             .mem
@@ -135,23 +140,27 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)]) -> Result<i32> {
     let i8042 = I8042Device::new(ResetTrigger(exit.clone()));
 
     // Remotes first: their devices are created before the bus is built.
+    let events = qmp::EventSender::new();
     let mut remotes: Vec<RemoteProcess> = Vec::new();
+    let mut supervised: Vec<Arc<Remote>> = Vec::new();
     let mut clients = Vec::new();
     for r in &cfg.remotes {
         let sock = inherited
             .iter_mut()
             .find(|(id, _)| id == &r.id)
             .and_then(|(_, s)| s.take());
-        let (proc, c) = remote::connect(&cfg, r, sock)?;
-        remotes.extend(proc);
-        clients.extend(c);
+        let s = remote::connect_supervised(&cfg, r, sock)?;
+        let pid = s.process.as_ref().map(RemoteProcess::pid);
+        supervised.push(Arc::new(Remote::new(r, pid, s.control, s.control_hangup)));
+        remotes.extend(s.process);
+        clients.extend(s.clients);
     }
-    let mut root = PciRoot::new();
-    let mut pci_irqs = Vec::new();
+    let root = PciRoot::new();
+    let mut configured_pins = Vec::new();
     let plugin_dirs = plugin_api::loader::default_dirs();
     for d in &cfg.devices {
         let gsi = pci_gsi(d.slot);
-        let dev: Box<dyn PciDevice> = match &d.placement {
+        let (dev, remote_id): (Box<dyn PciDevice>, Option<String>) = match &d.placement {
             Placement::Remote(rid) => {
                 let Some(pos) = clients.iter().position(|(id, _)| id == &d.id) else {
                     bail!(
@@ -161,28 +170,50 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)]) -> Result<i32> {
                     );
                 };
                 let (_, client) = clients.swap_remove(pos);
-                Box::new(
-                    ProxyFunction::new(&d.id, client, &ram, &vm, gsi)
-                        .with_context(|| format!("{}: device `{}`", d.location, d.id))?,
-                )
+                let sup = supervised
+                    .iter()
+                    .find(|s| &s.id == rid)
+                    .context("remote without supervision")?;
+                let proxy = ProxyFunction::new(&d.id, client, &ram, &vm, gsi)
+                    .with_context(|| format!("{}: device `{}`", d.location, d.id))?
+                    .with_supervision(sup.failed.clone(), monitor::fail_hook(&events, Some(rid)));
+                sup.add_device(&d.id, Some(proxy.socket_fd()));
+                (Box::new(proxy), Some(rid.clone()))
             }
-            Placement::InProcess => Box::new(
-                InProcessFunction::new(d, &plugin_dirs, ram.mem.clone(), vm.clone(), gsi)
-                    .with_context(|| format!("{}: device `{}`", d.location, d.id))?,
+            Placement::InProcess => (
+                Box::new(
+                    InProcessFunction::new(d, &plugin_dirs, ram.mem.clone(), vm.clone(), gsi)
+                        .with_context(|| format!("{}: device `{}`", d.location, d.id))?,
+                ),
+                None,
             ),
         };
         let pin = dev.config_space().identity().interrupt_pin;
         if (1..=4).contains(&pin) {
-            pci_irqs.push(PciIrq {
-                slot: d.slot,
-                pin,
-                gsi: gsi as u8,
-            });
+            configured_pins.push((d.slot, pin));
         }
-        root.add(d.slot, dev)?;
+        let label = SlotLabel {
+            id: d.id.clone(),
+            remote: remote_id,
+        };
+        root.insert(d.slot, label, dev)
+            .with_context(|| format!("{}: device `{}`", d.location, d.id))?;
     }
-    let irqs = pci_irqs.clone();
-    root.assign_resources(&|slot| irqs.iter().find(|p| p.slot == slot).map(|p| p.gsi))?;
+    // Every slot gets an INTx route, so that functions added later (QMP
+    // device_add) have one too: INTA unless a configured function uses
+    // another pin.
+    let pci_irqs: Vec<PciIrq> = (1..=31u8)
+        .map(|slot| PciIrq {
+            slot,
+            pin: configured_pins
+                .iter()
+                .find(|(s, _)| *s == slot)
+                .map_or(1, |(_, p)| *p),
+            gsi: pci_gsi(slot) as u8,
+        })
+        .collect();
+    let used: Vec<u8> = cfg.devices.iter().map(|d| d.slot).collect();
+    root.assign_resources(&|slot| used.contains(&slot).then(|| pci_gsi(slot) as u8))?;
 
     let cmdline = kernel_cmdline(&cfg.vm.cmdline);
     tracing::info!("kernel command line: {cmdline}");
@@ -218,11 +249,61 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)]) -> Result<i32> {
     }
 
     crate::serial::spawn_stdin_forwarder(bus.clone());
-    for r in &remotes {
-        r.watch(exit.clone());
+    for p in &remotes {
+        let Some(sup) = supervised.iter().find(|s| s.id == p.id).cloned() else {
+            continue;
+        };
+        let events = events.clone();
+        let exit = exit.clone();
+        p.watch(move |end| sup.died(DeathCause::Process(end), &events, &exit));
     }
+    for sup in &supervised {
+        supervisor::spawn(sup.clone(), bus.clone(), events.clone(), exit.clone());
+    }
+    let server = match &qmp_path {
+        Some(path) => {
+            let monitor = Monitor::new(
+                cfg.clone(),
+                bus.clone(),
+                vm.clone(),
+                ram.clone(),
+                supervised.clone(),
+                exit.clone(),
+                events.clone(),
+                plugin_dirs.clone(),
+            );
+            let server = qmp::Server::bind_with(
+                path,
+                Arc::new(monitor),
+                qmp::ServerOptions::default(),
+                events.clone(),
+            )
+            .with_context(|| format!("QMP socket {}", path.display()));
+            match server {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    exit.set(ExitReason::Error(format!("{e:#}")));
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let reason = exit.wait();
     tracing::debug!("VM ends: {reason:?}");
+    for sup in &supervised {
+        sup.stopped();
+    }
+    events.emit(
+        "SHUTDOWN",
+        serde_json::json!({
+            "guest": !matches!(reason, ExitReason::Quit | ExitReason::HostReset | ExitReason::Error(_)),
+            "reason": reason.qmp_reason(exit.console()),
+        }),
+    );
+    if let Some(s) = server {
+        s.shutdown();
+    }
     let timing = Timing {
         setup,
         run: t_run.elapsed(),

@@ -310,11 +310,17 @@ fn dead_remote_reads_all_ones() {
     let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
     assert_eq!(read32(&root, bar0), 0xd3a0_0001);
 
-    let exit = std::sync::Arc::new(host::exit::ExitSignal::default());
-    proc.watch(exit);
+    let (tx, rx) = std::sync::mpsc::channel();
+    proc.watch(move |end| {
+        let _ = tx.send(end);
+    });
     // SAFETY: kill on our own child's pid.
     assert_eq!(unsafe { libc::kill(proc.pid() as i32, libc::SIGKILL) }, 0);
-    std::thread::sleep(Duration::from_millis(100));
+    // The watcher sees the end at once (SIGCHLD), and says how.
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        host::remote::ProcessEnd::Signaled(libc::SIGKILL)
+    );
     // The device is gone: reads are all-ones, writes are dropped, config too.
     assert_eq!(read32(&root, bar0), 0xffff_ffff);
     write32(&root, bar0 + 0x08, 1);

@@ -83,6 +83,13 @@ impl InProcessFunction {
 }
 
 impl PciDevice for InProcessFunction {
+    fn control(
+        &mut self,
+        op: &str,
+        args: &serde_json::Value,
+    ) -> std::result::Result<serde_json::Value, String> {
+        self.func.control(op, args)
+    }
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
         self.func.config_read(offset, data);
     }

@@ -22,6 +22,21 @@ pub trait PciDevice: Send {
     /// The configuration space the VMM decodes BARs with (the function's
     /// own, or a shadow that tracks the guest's BAR and command writes).
     fn config_space(&self) -> &ConfigSpace;
-    /// Called once when the VM ends.
+    /// A liveness check on the function's channel, for supervision;
+    /// `None` when the function has no channel (in-process).
+    fn heartbeat(&mut self) -> Option<Result<(), String>> {
+        None
+    }
+    /// A device control operation (e.g. the LSI plugin's `drive-add`),
+    /// for functions whose device runs in this process; remote ones are
+    /// reached through their remote's control channel instead.
+    fn control(
+        &mut self,
+        op: &str,
+        _args: &serde_json::Value,
+    ) -> std::result::Result<serde_json::Value, String> {
+        Err(format!("this device has no control operation `{op}`"))
+    }
+    /// Called once when the VM ends or the function is removed.
     fn shutdown(&mut self) {}
 }

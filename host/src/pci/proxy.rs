@@ -25,6 +25,8 @@
 //! - After a transport error the function is dead and reads all-ones.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -61,12 +63,19 @@ enum Transport {
     },
 }
 
+/// Called once when a function fails: (device id, reason).
+pub type FailHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 /// One remote function.
 pub struct ProxyFunction {
     id: String,
     client: Transport,
     shadow: ConfigSpace,
     dead: bool,
+    /// Set by the supervisor when the remote died or hung: from then on
+    /// the function reads all-ones without waiting for the channel.
+    remote_failed: Option<Arc<AtomicBool>>,
+    on_fail: Option<FailHook>,
     /// Kept alive for the irqfd (trigger, resample).
     _intx: Option<(EventFd, EventFd)>,
     stats: ProxyStats,
@@ -193,6 +202,8 @@ impl ProxyFunction {
             client: Transport::VfioUser(client),
             shadow,
             dead: false,
+            remote_failed: None,
+            on_fail: None,
             _intx: intx,
             stats: ProxyStats::default(),
         })
@@ -314,6 +325,8 @@ impl ProxyFunction {
             },
             shadow,
             dead: false,
+            remote_failed: None,
+            on_fail: None,
             _intx: intx,
             stats: ProxyStats::default(),
         })
@@ -326,8 +339,41 @@ impl ProxyFunction {
                 "host: device {}: {what}: {e}; it now reads all-ones",
                 self.id
             );
+            if let Some(hook) = &self.on_fail {
+                hook(&self.id, &format!("{what}: {e}"));
+            }
         }
         self.dead = true;
+    }
+
+    /// Ties the function to its remote's failure flag (set by the
+    /// supervisor) and reports its own failure through `on_fail`.
+    pub fn with_supervision(mut self, remote_failed: Arc<AtomicBool>, on_fail: FailHook) -> Self {
+        self.remote_failed = Some(remote_failed);
+        self.on_fail = Some(on_fail);
+        self
+    }
+
+    /// Whether accesses must not reach the remote any more.
+    fn unusable(&mut self) -> bool {
+        if !self.dead
+            && self
+                .remote_failed
+                .as_ref()
+                .is_some_and(|f| f.load(Ordering::Acquire))
+        {
+            // Quietly: the supervisor already reported the remote.
+            self.dead = true;
+        }
+        self.dead
+    }
+
+    /// The channel's socket (the supervisor polls a duplicate for hang-up).
+    pub fn socket_fd(&self) -> std::os::fd::RawFd {
+        match &self.client {
+            Transport::VfioUser(c) => c.socket().as_raw_fd(),
+            Transport::Mpqemu { client, .. } => client.socket().as_raw_fd(),
+        }
     }
 
     /// The access counters.
@@ -408,7 +454,7 @@ fn mpqemu_config_ok(offset: usize, len: usize) -> bool {
 impl PciDevice for ProxyFunction {
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
         self.stats.config_reads += 1;
-        if self.dead {
+        if self.unusable() {
             data.fill(0xff);
             return;
         }
@@ -441,7 +487,7 @@ impl PciDevice for ProxyFunction {
         if touches(regs::BAR0, regs::BAR0 + 24) || touches(regs::COMMAND, regs::COMMAND + 2) {
             self.shadow.write(offset, data);
         }
-        if self.dead {
+        if self.unusable() {
             return;
         }
         let r = match &mut self.client {
@@ -466,7 +512,7 @@ impl PciDevice for ProxyFunction {
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
-        if self.dead || !self.mpqemu_verify() {
+        if self.unusable() || !self.mpqemu_verify() {
             data.fill(0xff);
             return;
         }
@@ -498,7 +544,7 @@ impl PciDevice for ProxyFunction {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        if self.dead || !self.mpqemu_verify() {
+        if self.unusable() || !self.mpqemu_verify() {
             return;
         }
         self.stats.bar_writes += 1;
@@ -533,6 +579,26 @@ impl PciDevice for ProxyFunction {
 
     fn config_space(&self) -> &ConfigSpace {
         &self.shadow
+    }
+
+    /// A cheap request on the device's own channel (vfio-user
+    /// DEVICE_GET_INFO, mpqemu a vendor-id read), for remotes the VMM has
+    /// no control channel to.
+    fn heartbeat(&mut self) -> Option<Result<(), String>> {
+        if self.unusable() {
+            return Some(Err("the device has failed".into()));
+        }
+        let r = match &mut self.client {
+            Transport::VfioUser(c) => c.device_info().map(|_| ()).map_err(|e| e.to_string()),
+            Transport::Mpqemu { client, .. } => client
+                .config_read(0, 4)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = &r {
+            self.fail("heartbeat", e);
+        }
+        Some(r)
     }
 
     fn shutdown(&mut self) {

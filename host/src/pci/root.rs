@@ -2,7 +2,7 @@
 //! 0xCFC data window), a host bridge at 00:00.0, BAR assignment the way
 //! firmware would do it, and BAR access dispatch.
 
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{bail, Result};
 use pci::{command, regs, BarAddress, BarType, ConfigSpace, Identity};
@@ -57,6 +57,8 @@ impl PciDevice for HostBridge {
 
 struct Slot {
     slot: u8,
+    /// Who the function is (for `query-pci`, `device_del`).
+    label: SlotLabel,
     dev: Mutex<Box<dyn PciDevice>>,
     /// The function's decoding BARs, refreshed after every config write,
     /// so that decoding an exit never waits for a function that is busy
@@ -64,11 +66,21 @@ struct Slot {
     bars: RwLock<Vec<BarAddress>>,
 }
 
+/// The name of a function on the bus.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlotLabel {
+    /// The device id (`[[device]] id`, `device_add id`).
+    pub id: String,
+    /// The `[[remote]]` serving it; `None` in-process (or the host bridge).
+    pub remote: Option<String>,
+}
+
 impl Slot {
-    fn new(slot: u8, dev: Box<dyn PciDevice>) -> Slot {
+    fn new(slot: u8, label: SlotLabel, dev: Box<dyn PciDevice>) -> Slot {
         let bars = RwLock::new(dev.config_space().active_bars());
         Slot {
             slot,
+            label,
             dev: Mutex::new(dev),
             bars,
         }
@@ -81,19 +93,34 @@ impl Slot {
     }
 }
 
-/// Bus 0.
+/// What `query-pci` shows of one function.
+#[derive(Clone, Debug)]
+pub struct FunctionInfo {
+    pub slot: u8,
+    pub label: SlotLabel,
+    pub identity: Identity,
+    pub interrupt_line: u8,
+    /// BARs the function decodes now (memory or I/O enabled).
+    pub bars: Vec<BarAddress>,
+}
+
+/// Bus 0. Functions may be added and removed while vCPUs run (hotplug):
+/// an exit takes a reference to its slot and releases the bus at once, so
+/// a function busy with its remote never delays another's exits, nor a
+/// `device_add`.
 pub struct PciRoot {
     address: Mutex<u32>,
-    slots: Vec<Slot>,
+    slots: RwLock<Vec<Arc<Slot>>>,
+    /// Where the next BAR goes in the MMIO and I/O windows (firmware-style
+    /// bump allocation; hot-added functions continue after the boot ones,
+    /// and freed space is not reused).
+    cursor: Mutex<(u64, u64)>,
 }
 
 impl std::fmt::Debug for PciRoot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PciRoot")
-            .field(
-                "slots",
-                &self.slots.iter().map(|s| s.slot).collect::<Vec<_>>(),
-            )
+            .field("slots", &self.slot_numbers())
             .finish()
     }
 }
@@ -105,79 +132,182 @@ fn lock(dev: &Mutex<Box<dyn PciDevice>>) -> std::sync::MutexGuard<'_, Box<dyn Pc
 impl PciRoot {
     /// A bus with only the host bridge.
     pub fn new() -> Self {
+        let bridge = SlotLabel {
+            id: "host-bridge".into(),
+            remote: None,
+        };
         PciRoot {
             address: Mutex::new(0),
-            slots: vec![Slot::new(0, Box::new(HostBridge::new()))],
+            slots: RwLock::new(vec![Arc::new(Slot::new(
+                0,
+                bridge,
+                Box::new(HostBridge::new()),
+            ))]),
+            cursor: Mutex::new((PCI_MMIO_START, PCI_IO_START)),
         }
     }
 
-    /// Adds a function at `slot` (function 0).
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The occupied slot numbers.
+    pub fn slot_numbers(&self) -> Vec<u8> {
+        self.slots().iter().map(|s| s.slot).collect()
+    }
+
+    /// Adds a function at `slot` (function 0), unnamed (tests, boot).
     pub fn add(&mut self, slot: u8, dev: Box<dyn PciDevice>) -> Result<()> {
-        if slot == 0 || slot > 31 || self.slots.iter().any(|s| s.slot == slot) {
-            bail!("PCI slot {slot} is invalid or taken");
+        self.insert(slot, SlotLabel::default(), dev)
+    }
+
+    /// Adds a named function at `slot`, also while the VM runs. Its BARs
+    /// stay unassigned until [`assign_resources`](Self::assign_resources).
+    pub fn insert(&self, slot: u8, label: SlotLabel, dev: Box<dyn PciDevice>) -> Result<()> {
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        if slot == 0 || slot > 31 {
+            bail!("PCI slot {slot} is invalid (1..=31)");
         }
-        self.slots.push(Slot::new(slot, dev));
+        if let Some(s) = slots.iter().find(|s| s.slot == slot) {
+            bail!("PCI slot {slot} is in use by '{}'", s.label.id);
+        }
+        if !label.id.is_empty() && slots.iter().any(|s| s.label.id == label.id) {
+            bail!("Duplicate ID '{}' for device", label.id);
+        }
+        slots.push(Arc::new(Slot::new(slot, label, dev)));
         Ok(())
     }
 
-    /// Assigns every BAR an address in the PCI windows (largest first,
-    /// naturally aligned), writes the interrupt line and enables decoding,
-    /// as firmware does before an OS boots. `irq_line(slot)` gives the
-    /// IOAPIC pin of a slot's INTx.
+    /// The slot of the function named `id`.
+    pub fn slot_of(&self, id: &str) -> Option<u8> {
+        self.slots()
+            .iter()
+            .find(|s| s.slot != 0 && s.label.id == id)
+            .map(|s| s.slot)
+    }
+
+    /// Removes the function at `slot` and shuts it down, once any access
+    /// in flight has finished; from then on the slot reads all-ones.
+    pub fn remove(&self, slot: u8) -> Option<SlotLabel> {
+        let removed = {
+            let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+            let pos = slots.iter().position(|s| s.slot == slot && slot != 0)?;
+            slots.remove(pos)
+        };
+        lock(&removed.dev).shutdown();
+        Some(removed.label.clone())
+    }
+
+    /// Runs `f` on the function at `slot` (under its lock).
+    pub fn with_function<T>(&self, slot: u8, f: impl FnOnce(&mut dyn PciDevice) -> T) -> Option<T> {
+        let s = self.slots().into_iter().find(|s| s.slot == slot)?;
+        let mut dev = lock(&s.dev);
+        Some(f(dev.as_mut()))
+    }
+
+    /// What `query-pci` shows, by slot.
+    pub fn functions(&self) -> Vec<FunctionInfo> {
+        let mut v: Vec<FunctionInfo> = self
+            .slots()
+            .iter()
+            .map(|s| {
+                let bars = s.bars.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let dev = lock(&s.dev);
+                let cs = dev.config_space();
+                FunctionInfo {
+                    slot: s.slot,
+                    label: s.label.clone(),
+                    identity: cs.identity(),
+                    interrupt_line: cs.read_value(regs::INTERRUPT_LINE, 1) as u8,
+                    bars,
+                }
+            })
+            .collect();
+        v.sort_by_key(|f| f.slot);
+        v
+    }
+
+    /// Assigns every function's BARs an address in the PCI windows
+    /// (largest first, naturally aligned), writes the interrupt line and
+    /// enables decoding, as firmware does before an OS boots.
+    /// `irq_line(slot)` gives the IOAPIC pin of a slot's INTx.
     pub fn assign_resources(&self, irq_line: &dyn Fn(u8) -> Option<u8>) -> Result<()> {
-        let mut mmio = PCI_MMIO_START;
-        let mut io = PCI_IO_START;
-        for s in &self.slots {
-            if s.slot == 0 {
-                continue;
+        for s in self.slots() {
+            if s.slot != 0 {
+                self.assign(&s, irq_line(s.slot))?;
             }
-            let mut dev = lock(&s.dev);
-            let mut bars: Vec<(usize, pci::BarSpec)> = dev.config_space().bar_specs().collect();
-            bars.sort_by_key(|b| std::cmp::Reverse(b.1.size));
-            let mut cmd = 0u16;
-            for (index, spec) in bars {
-                let off = regs::BAR0 + index * 4;
-                let (cursor, end) = match spec.bar_type {
-                    BarType::Io => (&mut io, PCI_IO_END),
-                    _ => (&mut mmio, PCI_MMIO_END),
-                };
-                let base = cursor.next_multiple_of(spec.size.max(16));
-                if base + spec.size > end {
-                    bail!(
-                        "slot {}: no room for BAR {index} of {:#x} bytes",
-                        s.slot,
-                        spec.size
-                    );
-                }
-                *cursor = base + spec.size;
-                dev.config_write(off, &(base as u32).to_le_bytes());
-                if spec.bar_type == BarType::Memory64 {
-                    dev.config_write(off + 4, &((base >> 32) as u32).to_le_bytes());
-                }
-                cmd |= match spec.bar_type {
-                    BarType::Io => command::IO_SPACE,
-                    _ => command::MEMORY_SPACE,
-                };
-                tracing::debug!(
-                    slot = s.slot,
-                    index,
-                    base = format_args!("{base:#x}"),
-                    "BAR"
+        }
+        Ok(())
+    }
+
+    /// The same for the one function at `slot`, added while the VM runs
+    /// (what a hotplug-aware firmware does): it goes after everything
+    /// placed so far, and no other function is touched.
+    pub fn assign_resources_of(&self, slot: u8, irq_line: Option<u8>) -> Result<()> {
+        let s = self
+            .slots()
+            .into_iter()
+            .find(|s| s.slot == slot)
+            .ok_or_else(|| anyhow::anyhow!("PCI slot {slot} is empty"))?;
+        self.assign(&s, irq_line)
+    }
+
+    fn assign(&self, s: &Slot, irq_line: Option<u8>) -> Result<()> {
+        let mut cursor = self.cursor.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dev = lock(&s.dev);
+        let mut bars: Vec<(usize, pci::BarSpec)> = dev.config_space().bar_specs().collect();
+        bars.sort_by_key(|b| std::cmp::Reverse(b.1.size));
+        // Place on a copy of the cursors: a function that does not fit
+        // takes no space.
+        let (mut mmio, mut io) = *cursor;
+        let mut placed = Vec::new();
+        let mut cmd = 0u16;
+        for (index, spec) in bars {
+            let (cur, end) = match spec.bar_type {
+                BarType::Io => (&mut io, PCI_IO_END),
+                _ => (&mut mmio, PCI_MMIO_END),
+            };
+            let base = cur.next_multiple_of(spec.size.max(16));
+            if base + spec.size > end {
+                bail!(
+                    "slot {}: no room for BAR {index} of {:#x} bytes",
+                    s.slot,
+                    spec.size
                 );
             }
-            if let Some(line) = irq_line(s.slot) {
-                dev.config_write(regs::INTERRUPT_LINE, &[line]);
-            }
-            let mut c = [0u8; 2];
-            dev.config_read(regs::COMMAND, &mut c);
-            let c = u16::from_le_bytes(c) | cmd;
-            dev.config_write(regs::COMMAND, &c.to_le_bytes());
-            *s.bars.write().unwrap_or_else(|e| e.into_inner()) = dev.config_space().active_bars();
+            *cur = base + spec.size;
+            placed.push((index, spec, base));
+            cmd |= match spec.bar_type {
+                BarType::Io => command::IO_SPACE,
+                _ => command::MEMORY_SPACE,
+            };
         }
+        *cursor = (mmio, io);
+        for (index, spec, base) in placed {
+            let off = regs::BAR0 + index * 4;
+            dev.config_write(off, &(base as u32).to_le_bytes());
+            if spec.bar_type == BarType::Memory64 {
+                dev.config_write(off + 4, &((base >> 32) as u32).to_le_bytes());
+            }
+            tracing::debug!(
+                slot = s.slot,
+                index,
+                base = format_args!("{base:#x}"),
+                "BAR"
+            );
+        }
+        if let Some(line) = irq_line {
+            dev.config_write(regs::INTERRUPT_LINE, &[line]);
+        }
+        let mut c = [0u8; 2];
+        dev.config_read(regs::COMMAND, &mut c);
+        let c = u16::from_le_bytes(c) | cmd;
+        dev.config_write(regs::COMMAND, &c.to_le_bytes());
+        *s.bars.write().unwrap_or_else(|e| e.into_inner()) = dev.config_space().active_bars();
         Ok(())
     }
 
-    fn target(&self, port: u16) -> Option<(&Slot, usize)> {
+    fn target(&self, port: u16) -> Option<(Arc<Slot>, usize)> {
         let addr = *self.address.lock().unwrap_or_else(|e| e.into_inner());
         if addr & 0x8000_0000 == 0 {
             return None;
@@ -189,18 +319,23 @@ impl PciRoot {
             return None;
         }
         let reg = (addr & 0xfc) as usize + usize::from(port - CONFIG_DATA);
-        self.slots.iter().find(|s| s.slot == dev).map(|s| (s, reg))
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .find(|s| s.slot == dev)
+            .map(|s| (s.clone(), reg))
     }
 
-    fn decode(&self, io: bool, addr: u64, len: u64) -> Option<(&Slot, usize, u64)> {
-        self.slots.iter().find_map(|s| {
+    fn decode(&self, io: bool, addr: u64, len: u64) -> Option<(Arc<Slot>, usize, u64)> {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots.iter().find_map(|s| {
             let bars = s.bars.read().unwrap_or_else(|e| e.into_inner());
             bars.iter().find_map(|b| {
                 if (b.spec.bar_type == BarType::Io) != io {
                     return None;
                 }
                 let offset = addr.checked_sub(b.base)?;
-                (offset.checked_add(len)? <= b.spec.size).then_some((s, b.index, offset))
+                (offset.checked_add(len)? <= b.spec.size).then_some((s.clone(), b.index, offset))
             })
         })
     }
@@ -277,7 +412,7 @@ impl PciRoot {
 
     /// Shuts every function down.
     pub fn shutdown(&self) {
-        for s in &self.slots {
+        for s in self.slots() {
             lock(&s.dev).shutdown();
         }
     }

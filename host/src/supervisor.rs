@@ -1,0 +1,379 @@
+//! Supervision of remote device processes: one thread per remote notices
+//! at once when its channels hang up (poll for `POLLRDHUP`) or its process
+//! ends (SIGCHLD, through [`RemoteProcess::watch`]), and sends heartbeats
+//! with the remote's period and timeout: a `ping` on the control channel
+//! of a `remote-host` we spawned, else a cheap request on each device's
+//! own channel (QEMU's `x-remote`, orchestrator-made sockets).
+//!
+//! A remote that died or hung has its failure flag set: its proxy
+//! functions then read all-ones at once instead of waiting for the channel
+//! (the vCPUs never wait past the channel timeout, and after the report
+//! not at all). The flag stays set: a hung remote that answers again is
+//! reported alive, but its devices stay failed until the operator removes
+//! them or restarts the remote, because requests timed out in the middle
+//! of the devices' protocol streams.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use channel::control::{ControlClient, ControlError};
+use config::Protocol;
+use serde_json::{json, Value};
+
+use crate::bus::Bus;
+use crate::exit::ExitSignal;
+use crate::remote::ProcessEnd;
+
+/// Where a remote is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteState {
+    /// No heartbeat answered yet.
+    Starting,
+    Running,
+    /// No heartbeat answer within the timeout.
+    Hung,
+    /// Its process ended or its channels hung up.
+    Dead,
+    /// Shut down by us as the VM ended.
+    Stopped,
+}
+
+impl RemoteState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RemoteState::Starting => "starting",
+            RemoteState::Running => "running",
+            RemoteState::Hung => "hung",
+            RemoteState::Dead => "dead",
+            RemoteState::Stopped => "stopped",
+        }
+    }
+}
+
+struct Status {
+    state: RemoteState,
+    last_heartbeat: Option<SystemTime>,
+    last_answer: Instant,
+}
+
+/// One remote as the VMM supervises it.
+pub struct Remote {
+    pub id: String,
+    pub protocol: Protocol,
+    /// The socket we connected to, for a remote an orchestrator started.
+    pub socket: Option<PathBuf>,
+    pub pid: Option<u32>,
+    pub heartbeat: Duration,
+    pub timeout: Duration,
+    /// Set once the remote died or hung; shared with its proxies.
+    pub failed: Arc<AtomicBool>,
+    status: Mutex<Status>,
+    control: Mutex<Option<ControlClient>>,
+    /// Device ids it serves (PCI functions), with a duplicate of each
+    /// device channel's socket, polled for hang-up.
+    devices: Mutex<Vec<(String, Option<OwnedFd>)>>,
+    /// A duplicate of the control socket, polled for hang-up.
+    control_fd: Option<OwnedFd>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A wall-clock time as QMP's `{"seconds", "microseconds"}`.
+pub fn timestamp(t: SystemTime) -> Value {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    json!({"seconds": d.as_secs(), "microseconds": d.subsec_micros()})
+}
+
+/// Why a heartbeat failed.
+enum Silence {
+    /// No answer within the timeout.
+    Timeout,
+    /// The channel is gone.
+    Closed(String),
+}
+
+impl Remote {
+    pub fn new(
+        cfg: &config::RemoteConfig,
+        pid: Option<u32>,
+        control: Option<ControlClient>,
+        control_fd: Option<OwnedFd>,
+    ) -> Remote {
+        Remote {
+            id: cfg.id.clone(),
+            protocol: cfg.protocol,
+            socket: cfg.socket.clone(),
+            pid,
+            heartbeat: Duration::from_millis(cfg.heartbeat_ms),
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            failed: Arc::new(AtomicBool::new(false)),
+            status: Mutex::new(Status {
+                state: RemoteState::Starting,
+                last_heartbeat: None,
+                last_answer: Instant::now(),
+            }),
+            control: Mutex::new(control),
+            devices: Mutex::new(Vec::new()),
+            control_fd,
+        }
+    }
+
+    /// Records a device served by this remote; `socket_fd`: its channel.
+    pub fn add_device(&self, id: &str, socket_fd: Option<std::os::fd::RawFd>) {
+        let dup = socket_fd.and_then(|fd| {
+            // SAFETY: F_DUPFD_CLOEXEC on an fd the caller keeps open for
+            // the call; the result is a new fd we own.
+            let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+            // SAFETY: `n` is a fresh fd owned by nobody else.
+            (n >= 0).then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(n) })
+        });
+        lock(&self.devices).push((id.to_owned(), dup));
+    }
+
+    /// Forgets a device (after `device_del`).
+    pub fn remove_device(&self, id: &str) {
+        lock(&self.devices).retain(|(d, _)| d != id);
+    }
+
+    pub fn device_ids(&self) -> Vec<String> {
+        lock(&self.devices).iter().map(|(d, _)| d.clone()).collect()
+    }
+
+    pub fn state(&self) -> RemoteState {
+        lock(&self.status).state
+    }
+
+    /// Whether the VMM can ask this remote to add devices and drives.
+    pub fn has_control(&self) -> bool {
+        lock(&self.control).is_some()
+    }
+
+    /// Runs `f` on the control channel; a clear error when there is none
+    /// or the remote is no longer usable.
+    pub fn with_control<T>(
+        &self,
+        f: impl FnOnce(&mut ControlClient) -> Result<T, ControlError>,
+    ) -> Result<T, String> {
+        match self.state() {
+            RemoteState::Dead | RemoteState::Stopped => {
+                return Err(format!("Remote '{}' is not running", self.id))
+            }
+            RemoteState::Hung => return Err(format!("Remote '{}' is not answering", self.id)),
+            _ => {}
+        }
+        let mut c = lock(&self.control);
+        let Some(c) = c.as_mut() else {
+            return Err(format!(
+                "Remote '{}' was not started by this VMM: it has no control channel",
+                self.id
+            ));
+        };
+        f(c).map_err(|e| match e {
+            ControlError::Remote(m) => m,
+            e => format!("remote '{}': {e}", self.id),
+        })
+    }
+
+    /// The `query-remote` entry.
+    pub fn query(&self) -> Value {
+        let st = lock(&self.status);
+        json!({
+            "id": self.id,
+            "pid": self.pid,
+            "socket": self.socket.as_ref().map(|p| p.display().to_string()),
+            "protocol": self.protocol.name(),
+            "state": st.state.name(),
+            "devices": self.device_ids(),
+            "devices-failed": self.failed.load(Ordering::Acquire),
+            "control": self.has_control(),
+            "last-heartbeat": st.last_heartbeat.map(timestamp),
+            "heartbeat-age-ms": st.last_heartbeat.map(|_| st.last_answer.elapsed().as_millis() as u64),
+        })
+    }
+
+    fn answered(&self, events: &qmp::EventSender) {
+        let mut st = lock(&self.status);
+        st.last_heartbeat = Some(SystemTime::now());
+        st.last_answer = Instant::now();
+        match st.state {
+            RemoteState::Starting => st.state = RemoteState::Running,
+            RemoteState::Hung => {
+                st.state = RemoteState::Running;
+                drop(st);
+                tracing::warn!("remote {} answers again", self.id);
+                events.emit("REMOTE_ALIVE", json!({"id": self.id, "pid": self.pid}));
+            }
+            _ => {}
+        }
+    }
+
+    fn hung(&self, events: &qmp::EventSender) {
+        let mut st = lock(&self.status);
+        if !matches!(st.state, RemoteState::Starting | RemoteState::Running) {
+            return;
+        }
+        st.state = RemoteState::Hung;
+        let silent = st.last_answer.elapsed();
+        drop(st);
+        self.failed.store(true, Ordering::Release);
+        eprintln!(
+            "host: remote `{}` does not answer ({} ms); its devices now read all-ones",
+            self.id,
+            silent.as_millis()
+        );
+        events.emit(
+            "REMOTE_HUNG",
+            json!({"id": self.id, "pid": self.pid, "silent-ms": silent.as_millis() as u64,
+                   "devices": self.device_ids()}),
+        );
+    }
+
+    /// Marks the remote dead (once) and reports why.
+    pub fn died(&self, why: DeathCause, events: &qmp::EventSender, vm_ending: &ExitSignal) {
+        let mut st = lock(&self.status);
+        if matches!(st.state, RemoteState::Dead | RemoteState::Stopped) {
+            return;
+        }
+        if vm_ending.is_set() {
+            st.state = RemoteState::Stopped;
+            return;
+        }
+        st.state = RemoteState::Dead;
+        drop(st);
+        self.failed.store(true, Ordering::Release);
+        let mut data = json!({"id": self.id, "pid": self.pid, "devices": self.device_ids()});
+        match why {
+            DeathCause::HangUp => data["reason"] = "eof".into(),
+            DeathCause::Process(ProcessEnd::Exited(c)) => {
+                data["reason"] = "exit".into();
+                data["code"] = c.into();
+            }
+            DeathCause::Process(ProcessEnd::Signaled(s)) => {
+                data["reason"] = "signal".into();
+                data["signal"] = s.into();
+            }
+        }
+        eprintln!(
+            "host: remote `{}` died while the VM runs ({}); its devices now read all-ones",
+            self.id, data["reason"]
+        );
+        events.emit("REMOTE_DIED", data);
+    }
+
+    /// Marks the remote stopped (the VM ends).
+    pub fn stopped(&self) {
+        lock(&self.status).state = RemoteState::Stopped;
+    }
+
+    /// Waits up to `period` for a hang-up on any of the remote's channels.
+    fn hung_up_within(&self, period: Duration) -> bool {
+        let devices = lock(&self.devices);
+        let mut fds: Vec<libc::pollfd> = devices
+            .iter()
+            .filter_map(|(_, fd)| fd.as_ref())
+            .chain(self.control_fd.as_ref())
+            .map(|fd| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            })
+            .collect();
+        drop(devices);
+        if fds.is_empty() {
+            std::thread::sleep(period);
+            return false;
+        }
+        let ms = period.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs
+        // whose fds stay open (owned by `self`) for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n <= 0 {
+            return false;
+        }
+        // A pending reply is POLLIN, not a hang-up: the clients read it.
+        fds.iter()
+            .any(|p| p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+    }
+
+    /// One heartbeat: a control `ping`, else a request on each device.
+    fn beat(&self, bus: &Bus) -> Result<(), Silence> {
+        {
+            let mut c = lock(&self.control);
+            if let Some(c) = c.as_mut() {
+                c.set_timeout(self.timeout);
+                return match c.ping() {
+                    Ok(()) => Ok(()),
+                    Err(ControlError::Timeout(_)) => Err(Silence::Timeout),
+                    Err(e) => Err(Silence::Closed(e.to_string())),
+                };
+            }
+        }
+        for id in self.device_ids() {
+            let Some(slot) = bus.pci.slot_of(&id) else {
+                continue;
+            };
+            let deadline = Instant::now() + self.timeout;
+            let r = bus.pci.with_function(slot, |f| f.heartbeat()).flatten();
+            match r {
+                Some(Err(e)) if Instant::now() >= deadline || e.contains("timed out") => {
+                    return Err(Silence::Timeout)
+                }
+                Some(Err(e)) => return Err(Silence::Closed(e)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a remote is dead.
+#[derive(Clone, Copy, Debug)]
+pub enum DeathCause {
+    /// A channel reached EOF.
+    HangUp,
+    /// Its process ended.
+    Process(ProcessEnd),
+}
+
+/// Starts the supervision thread of `remote`; it ends with the VM or the
+/// remote.
+pub fn spawn(
+    remote: Arc<Remote>,
+    bus: Arc<Bus>,
+    events: qmp::EventSender,
+    vm_ending: Arc<ExitSignal>,
+) {
+    let name = format!("supervise-{}", remote.id);
+    let r = std::thread::Builder::new().name(name).spawn(move || loop {
+        if vm_ending.is_set() {
+            remote.stopped();
+            return;
+        }
+        if matches!(remote.state(), RemoteState::Dead | RemoteState::Stopped) {
+            return;
+        }
+        if remote.hung_up_within(remote.heartbeat) {
+            remote.died(DeathCause::HangUp, &events, &vm_ending);
+            continue;
+        }
+        if vm_ending.is_set() {
+            continue;
+        }
+        match remote.beat(&bus) {
+            Ok(()) => remote.answered(&events),
+            Err(Silence::Timeout) => remote.hung(&events),
+            Err(Silence::Closed(why)) => {
+                tracing::warn!("remote {}: heartbeat: {why}", remote.id);
+                remote.died(DeathCause::HangUp, &events, &vm_ending);
+            }
+        }
+    });
+    if let Err(e) = r {
+        tracing::error!("cannot start supervision: {e}");
+    }
+}
