@@ -1,0 +1,359 @@
+//! The QMP monitor and remote supervision, for real: in the nested-KVM
+//! environment our VMM runs a Linux guest with a remote LSI controller
+//! (remote `storage`) and a dma-example function in a second remote
+//! (`misc`). QEMU's own Python client (`qemu.qmp`, tests/qmp_driver.py)
+//! drives the monitor in step with the guest job:
+//!
+//! 1. queries (status, remotes, PCI, drives) and bad arguments;
+//! 2. `blockdev-add` + `device_add scsi-hd` on the remote LSI: the guest
+//!    finds sdb after a SCSI scan and writes to it; the bytes are checked
+//!    in the image on the host;
+//! 3. `block_resize`: the guest reads the new capacity after a rescan, and
+//!    the kernel reports the CAPACITY DATA HAS CHANGED unit attention;
+//! 4. the guest deletes sdb, then `device_del` + `blockdev-del`;
+//! 5. `device_add` of a dma-example function into the running `storage`
+//!    remote: the guest finds it after a PCI rescan and reads its ID
+//!    register through its BAR;
+//! 6. SIGSTOP of `misc`: REMOTE_HUNG, and a guest read of its BAR returns
+//!    all-ones instead of freezing;
+//! 7. SIGKILL of `misc`: REMOTE_DIED; the guest keeps using its disk and
+//!    powers off normally.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use system_tests::{guest_pattern, host_data, lsi_job_modules, make_lsi_image, parse_hex, BLOCK};
+use testenv::{parse_console, require_env, target_bin, InitramfsSpec, ModuleOrder, NestedOptions};
+
+/// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p).
+const QMP_SOCKET: &str = "/tmp/host-qmp/qmp.sock";
+const DISK1_SIZE: u64 = 32 << 20;
+const DISK1_RESIZED: u64 = 48 << 20;
+/// Where the guest writes on sdb, and where the host put data for it.
+const SDB_GUEST_OFF: u64 = 1 << 20;
+const SDB_HOST_OFF: u64 = 2 << 20;
+
+fn config(kernel: &Path) -> String {
+    format!(
+        r#"[vm]
+memory = "512M"
+vcpus = 2
+kernel = "{kernel}"
+initrd = "initrd.cpio"
+cmdline = "console=ttyS0 quiet iomem=relaxed"
+console-log = "console.log"
+
+[[remote]]
+id = "storage"
+log = "storage.log"
+
+[[device]]
+id = "lsi0"
+remote = "storage"
+plugin = "lsi53c895a"
+slot = 4
+
+[[device.drive]]
+file = "disk0.img"
+scsi-id = 0
+
+[[remote]]
+id = "misc"
+log = "misc.log"
+heartbeat-ms = 200
+timeout-ms = 1000
+
+[[device]]
+id = "dma0"
+remote = "misc"
+plugin = "dma-example"
+slot = 6
+"#,
+        kernel = kernel.display()
+    )
+}
+
+/// The guest side. `step NAME` tells the driver where the guest is and
+/// waits for its `go` on the console input.
+fn guest_job() -> String {
+    format!(
+        r#"
+step() {{ echo "STEP $1"; read -r -t 300 line || {{ echo "no go after $1"; exit 20; }}; }}
+dev() {{ [ -b /dev/$1 ] || mknod /dev/$1 b $(cut -d: -f1 /sys/block/$1/dev) $(cut -d: -f2 /sys/block/$1/dev); }}
+scan() {{ for h in /sys/class/scsi_host/host*; do echo '- - -' > $h/scan; done; }}
+bar0() {{ head -n1 /sys/bus/pci/devices/$1/resource | cut -d' ' -f1; }}
+i=0; while [ ! -e /sys/block/sda ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+[ -e /sys/block/sda ] || {{ echo "no sda"; exit 1; }}
+dev sda
+echo "dma0_id=$(devmem $(bar0 0000:00:06.0) 32)"
+step ready
+
+i=0; while [ ! -e /sys/block/sdb ] && [ $i -lt 300 ]; do scan; sleep 0.2; i=$((i+1)); done
+[ -e /sys/block/sdb ] || {{ echo "no sdb"; exit 2; }}
+dev sdb
+echo "sdb_sectors=$(cat /sys/block/sdb/size)"
+j=0; while [ $j -lt 128 ]; do printf 'TESTENV-GUEST-PATTERN-%09d\n' $j; j=$((j+1)); done > /tmp/pat
+dd if=/tmp/pat of=/dev/sdb bs={BLOCK} seek={gseek} count=1 oflag=direct conv=notrunc 2>/dev/null || exit 3
+echo "SDB-HOST-BEGIN"
+dd if=/dev/sdb bs={BLOCK} skip={hskip} count=1 iflag=direct 2>/dev/null | od -A n -t x1 -v || exit 4
+echo "SDB-HOST-END"
+step sdb-written
+
+t=$(ls -d /sys/class/scsi_device/*:0:1:0)
+old=$(cat /sys/block/sdb/size)
+i=0; while [ "$(cat /sys/block/sdb/size)" = "$old" ] && [ $i -lt 300 ]; do echo 1 > $t/device/rescan; sleep 0.2; i=$((i+1)); done
+echo "sdb_resized=$(cat /sys/block/sdb/size)"
+dmesg | grep -qi 'capacity data has changed' && echo "ua-capacity-changed"
+echo 1 > $t/device/delete
+step sdb-deleted
+
+scan; sleep 1
+ls /sys/class/scsi_device/ | grep -q ':0:1:0' && echo "sdb-still-there" || echo "sdb-absent"
+echo 1 > /sys/bus/pci/rescan
+i=0; while [ ! -e /sys/bus/pci/devices/0000:00:09.0 ] && [ $i -lt 100 ]; do sleep 0.2; echo 1 > /sys/bus/pci/rescan; i=$((i+1)); done
+echo "dma1_vendor=$(cat /sys/bus/pci/devices/0000:00:09.0/vendor) dma1_device=$(cat /sys/bus/pci/devices/0000:00:09.0/device)"
+echo "dma1_id=$(devmem $(bar0 0000:00:09.0) 32)"
+step dma-found
+
+t0=$(date +%s%N)
+v=$(devmem $(bar0 0000:00:06.0) 32)
+echo "dma0_after_stop=$v ms=$(( ($(date +%s%N) - t0) / 1000000 ))"
+step read-hung
+
+echo "dma0_after_kill=$(devmem $(bar0 0000:00:06.0) 32)"
+dd if=/dev/sda of=/dev/null bs=64k count=64 iflag=direct 2>/dev/null && echo "sda-still-works"
+echo "dma1_id_end=$(devmem $(bar0 0000:00:09.0) 32)"
+echo "STEP done"
+"#,
+        gseek = SDB_GUEST_OFF / BLOCK as u64,
+        hskip = SDB_HOST_OFF / BLOCK as u64,
+    )
+}
+
+/// The python that has `qemu.qmp` (an absolute path: L1's PATH differs).
+fn python() -> String {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .args(["-c", "import sys, qemu.qmp; print(sys.executable)"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        _ => panic!("`{python}` cannot import qemu.qmp (.ci/run installs it with pip)"),
+    }
+}
+
+fn value<'a>(output: &'a str, key: &str) -> &'a str {
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .unwrap_or_else(|| panic!("no `{key}` in the guest output:\n{output}"))
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+}
+
+fn json_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let i = text.find(&format!("\"{key}\""))?;
+    Some(&text[i..])
+}
+
+#[test]
+fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
+    let Some(env) = require_env("host_qmp") else {
+        return;
+    };
+    let t0 = Instant::now();
+    let python = python();
+    let host = target_bin("host").unwrap();
+    target_bin("remote-host").unwrap();
+    target_bin("liblsi53c895a.so").unwrap();
+    target_bin("libdma_example.so").unwrap();
+    let dir = testenv::workspace_root()
+        .join("target")
+        .join(format!("host-qmp-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let mut spec = InitramfsSpec::new(&lsi_job_modules(), &guest_job());
+    spec.order = ModuleOrder::Exact;
+    env.build_initramfs(&spec, &dir.join("initrd.cpio"))
+        .unwrap();
+    make_lsi_image(&dir.join("disk0.img"));
+    {
+        let mut f = fs::File::create(dir.join("disk1.img")).unwrap();
+        f.set_len(DISK1_SIZE).unwrap();
+        f.seek(SeekFrom::Start(SDB_HOST_OFF)).unwrap();
+        f.write_all(&host_data()).unwrap();
+    }
+    let cfg = dir.join("vm.toml");
+    fs::write(&cfg, config(&env.kernel)).unwrap();
+    let driver = testenv::workspace_root().join("tests").join("qmp_driver.py");
+    let results = dir.join("results.json");
+    let cmd = format!(
+        "mkdir -p /tmp/host-qmp; timeout 900 {python} {driver} {host} {cfg} {QMP_SOCKET} {console} {results}; echo DRIVER-EXIT=$?",
+        driver = driver.display(),
+        host = host.display(),
+        cfg = cfg.display(),
+        console = dir.join("console.log").display(),
+        results = results.display(),
+    );
+    let opts = NestedOptions {
+        name: "host_qmp".into(),
+        timeout: Duration::from_secs(1000),
+        ..Default::default()
+    };
+    let l1 = env
+        .run_nested(&["sh".into(), "-c".into(), cmd], &opts)
+        .unwrap();
+    let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let console = read("console.log");
+    let diag = format!(
+        "--- L1 ---\n{}\n--- console ---\n{console}\n--- host stderr ---\n{}\n--- storage.log ---\n{}\n--- misc.log ---\n{}\n--- results ---\n{}",
+        l1.output,
+        read("vm.toml.host-stderr"),
+        read("storage.log"),
+        read("misc.log"),
+        read("results.json")
+    );
+    let r: serde_json::Value = serde_json::from_str(&read("results.json"))
+        .unwrap_or_else(|e| panic!("no results from the QMP driver ({e}):\n{diag}"));
+    assert!(r.get("failure").is_none(), "the QMP driver failed:\n{diag}");
+    assert!(l1.output.contains("DRIVER-EXIT=0"), "{diag}");
+    let job = parse_console(&console).unwrap_or_else(|| panic!("no job markers:\n{diag}"));
+    assert_eq!(job.status, 0, "guest job failed:\n{diag}");
+    let out = &job.output;
+    let rep = &r["replies"];
+
+    // 1. Queries.
+    assert_eq!(rep["query-status"]["status"], "running");
+    let remotes = rep["query-remote"].as_array().unwrap();
+    let ids: Vec<&str> = remotes.iter().map(|x| x["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["storage", "misc"]);
+    for x in remotes {
+        assert_eq!(x["state"], "running", "{x}");
+        assert!(x["pid"].as_u64().unwrap() > 1, "{x}");
+        assert!(x["last-heartbeat"]["seconds"].as_u64().is_some(), "{x}");
+    }
+    assert_eq!(remotes[0]["devices"], serde_json::json!(["lsi0"]));
+    let pci = rep["query-pci"][0]["devices"].as_array().unwrap();
+    let lsi = pci.iter().find(|d| d["qdev_id"] == "lsi0").unwrap();
+    assert_eq!(lsi["slot"], 4);
+    assert_eq!(lsi["id"]["vendor"], 0x1000);
+    assert_eq!(lsi["id"]["device"], 0x0012);
+    assert_eq!(lsi["remote"], "storage");
+    assert!(rep["query-commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c == "block_resize"));
+    assert_eq!(value(out, "dma0_id="), "0xD3A00001", "{diag}");
+
+    // Bad arguments: QMP errors, and nothing changed.
+    let err = |name: &str| r["errors"][name].clone();
+    assert_eq!(err("del-unknown")["class"], "DeviceNotFound", "{diag}");
+    assert_eq!(
+        err("add-duplicate")["desc"],
+        "Duplicate ID 'lsi0' for device"
+    );
+    assert_eq!(err("add-unknown-remote")["class"], "DeviceNotFound");
+    assert_eq!(
+        err("add-slot-taken")["desc"],
+        "PCI slot 4 is in use by 'lsi0'"
+    );
+    assert_eq!(err("add-bad-plugin")["class"], "GenericError");
+    assert!(err("blockdev-missing-file")["desc"]
+        .as_str()
+        .unwrap()
+        .starts_with("Could not open '/nonexistent.img'"));
+    assert_eq!(err("hd-unknown-node")["class"], "DeviceNotFound");
+    assert_eq!(err("del-controller-in-use")["class"], "GenericError");
+    assert_eq!(
+        err("blockdev-duplicate")["desc"],
+        "Duplicate nodes with node-name='disk1'"
+    );
+    assert_eq!(err("hd-controller-target")["class"], "GenericError");
+    assert_eq!(
+        err("resize-odd")["desc"],
+        "Parameter 'size' expects a multiple of 512"
+    );
+    assert_eq!(err("blockdev-del-in-use")["desc"], "Node 'disk1' is in use");
+    assert_eq!(err("blockdev-del-again")["class"], "DeviceNotFound");
+    assert_eq!(
+        rep["query-pci-after-errors"], rep["query-pci"],
+        "a refused command changed the PCI bus"
+    );
+
+    // 2. The hot-added drive: the guest found it with the image's size,
+    //    wrote to it (the bytes are in the file) and read the host's data.
+    assert_eq!(r["replies"]["drive-added"]["data"]["scsi-id"], 1);
+    assert_eq!(
+        value(out, "sdb_sectors=").parse::<u64>().unwrap() * 512,
+        DISK1_SIZE
+    );
+    let img = fs::read(dir.join("disk1.img")).unwrap();
+    let off = SDB_GUEST_OFF as usize;
+    assert_eq!(&img[off..off + BLOCK], &guest_pattern()[..], "guest write not in disk1.img");
+    assert_eq!(parse_hex(out, "SDB-HOST-BEGIN", "SDB-HOST-END"), host_data());
+
+    // 3. Resize: new capacity after a rescan, with the unit attention.
+    assert_eq!(img.len() as u64, DISK1_RESIZED, "the image was not resized");
+    assert_eq!(
+        value(out, "sdb_resized=").parse::<u64>().unwrap() * 512,
+        DISK1_RESIZED
+    );
+    assert!(out.contains("ua-capacity-changed"), "no capacity unit attention:\n{diag}");
+
+    // 4. Removal.
+    assert_eq!(rep["drive-removed"]["data"]["node-name"], "disk1");
+    assert_eq!(rep["hd1-deleted"]["data"]["path"], "/machine/peripheral/hd1");
+    assert!(out.contains("sdb-absent"), "{diag}");
+
+    // 5. A function added to a running remote, found after a PCI rescan.
+    let hot = rep["query-pci-hotplugged"][0]["devices"].as_array().unwrap();
+    let dma1 = hot.iter().find(|d| d["qdev_id"] == "dma1").unwrap();
+    assert_eq!(dma1["slot"], 9);
+    assert_eq!(dma1["remote"], "storage");
+    assert!(out.contains("dma1_vendor=0x1234 dma1_device=0x11e9"), "{diag}");
+    assert_eq!(value(out, "dma1_id="), "0xD3A00001");
+
+    // 6. Hung remote: reported, and the guest's read returns all-ones.
+    let hung_after = rep["hung-after-s"].as_f64().unwrap();
+    assert!(hung_after < 5.0, "REMOTE_HUNG after {hung_after:.1} s");
+    assert_eq!(rep["remote-hung"]["data"]["devices"], serde_json::json!(["dma0"]));
+    assert_eq!(value(out, "dma0_after_stop="), "0xFFFFFFFF", "{diag}");
+    let misc_hung = rep["query-remote-hung"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == "misc")
+        .unwrap()
+        .clone();
+    assert_eq!(misc_hung["state"], "hung");
+
+    // 7. Dead remote: reported at once; the VM keeps running.
+    let died_after = rep["died-after-s"].as_f64().unwrap();
+    assert!(died_after < 3.0, "REMOTE_DIED after {died_after:.1} s");
+    assert_eq!(rep["remote-died"]["data"]["reason"], "signal");
+    assert_eq!(rep["remote-died"]["data"]["signal"], 9);
+    assert_eq!(rep["query-status-after-death"]["running"], true);
+    assert_eq!(value(out, "dma0_after_kill="), "0xFFFFFFFF");
+    assert!(out.contains("sda-still-works"), "{diag}");
+    assert_eq!(value(out, "dma1_id_end="), "0xD3A00001");
+    assert_eq!(r["host-exit"], 0, "{diag}");
+    assert!(json_field(&read("results.json"), "SHUTDOWN").is_some(), "no SHUTDOWN event");
+
+    eprintln!(
+        "host_qmp: passed in {:.1} s; REMOTE_HUNG {:.2} s after SIGSTOP, REMOTE_DIED {:.2} s after SIGKILL; guest read of the hung BAR took {} ms",
+        t0.elapsed().as_secs_f64(),
+        hung_after,
+        died_after,
+        out.lines()
+            .find(|l| l.starts_with("dma0_after_stop="))
+            .and_then(|l| l.split("ms=").nth(1))
+            .unwrap_or("?")
+    );
+    fs::remove_dir_all(&dir).ok();
+}
