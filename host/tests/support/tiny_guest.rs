@@ -1,6 +1,6 @@
 //! A tiny 64-bit guest of our own, for this machine's PVM `/dev/kvm`:
 //! its hot loop runs in ring 3 (native speed under PVM) and touches a
-//! proxy function's BAR0; ring 0 only runs a ~20-instruction interrupt
+//! proxy function's BAR0; ring 0 only runs a ~35-instruction interrupt
 //! handler (PVM emulates every ring-0 instruction, ~250 ns each).
 //!
 //! No boot code at all: the host writes page tables, GDT, TSS, IDT and the
