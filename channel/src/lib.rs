@@ -13,9 +13,14 @@
 //!   types, a client ([`mpqemu::MpqemuClient`], the VMM side) and a
 //!   per-connection server loop ([`mpqemu::serve_connection`] over
 //!   [`mpqemu::MpqemuDevice`], the device side).
+//! - [`control`]: the VMM <-> remote-host control channel (JSON lines:
+//!   ping, device-add with its socket as an fd, device-del,
+//!   device-control): [`control::ControlClient`] and
+//!   [`control::serve_control`].
 //!
 //! `docs/channel.md` explains the design.
 
+pub mod control;
 pub mod framing;
 pub mod mpqemu;
 pub mod vfio_user;
