@@ -12,7 +12,7 @@ use abi_stable::{
     library::RootModule,
     package_version_strings, sabi_trait,
     sabi_types::VersionStrings,
-    std_types::{RArc, RBox, ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec},
+    std_types::{RArc, RBox, RErr, ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec},
     StableAbi,
 };
 
@@ -165,6 +165,18 @@ pub trait FfiDevice: Send {
     /// The failure message once the device has panicked.
     #[sabi(last_prefix_field)]
     fn failure(&self) -> ROption<RString>;
+    /// A device-specific control operation (e.g. attach a drive): `op`
+    /// with `args` as JSON text; the result is JSON text. Added in
+    /// plugin-api 0.1.1, after the last prefix field: a plugin built
+    /// before it has no entry in its vtable, and abi_stable then runs
+    /// this default body instead, so the host gets an error, not a panic.
+    fn control(&mut self, op: RStr<'_>, args: RStr<'_>) -> RResult<RString, DeviceError> {
+        let _ = args;
+        RErr(DeviceError::new(
+            DeviceErrorKind::Unsupported,
+            format!("this device has no control operation `{op}` (its plugin predates control operations)"),
+        ))
+    }
 }
 
 /// A device object across the ABI.

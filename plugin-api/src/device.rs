@@ -11,7 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use abi_stable::{
     sabi_trait::TD_Opaque,
-    std_types::{RErr, ROk, ROption, RResult, RSlice, RSliceMut, RString, RVec},
+    std_types::{RErr, ROk, ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec},
 };
 
 use crate::abi::{DeviceBox, DeviceDesc, DeviceError, DeviceErrorKind, FfiDevice, FfiDevice_TO};
@@ -68,6 +68,18 @@ pub trait Device: Send + 'static {
 
     /// Stops background work; no call follows.
     fn shutdown(&mut self) {}
+
+    /// A device-specific control operation asked for by the VMM's
+    /// operator (QMP), not by the guest: e.g. the LSI controller's
+    /// `drive-add`. Arguments and result are JSON. It runs between guest
+    /// accesses (calls never overlap), so it must return promptly.
+    fn control(
+        &mut self,
+        op: &str,
+        _args: &serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        Err(format!("this device has no control operation `{op}`"))
+    }
 }
 
 /// Constructor of one device kind: settings TOML text and host services in,
@@ -254,5 +266,132 @@ impl FfiDevice for Guarded {
 
     fn failure(&self) -> ROption<RString> {
         self.failed.clone().map(RString::from).into()
+    }
+
+    fn control(&mut self, op: RStr<'_>, args: RStr<'_>) -> RResult<RString, DeviceError> {
+        // Parsed here, outside the device: bad JSON never reaches it.
+        let args: serde_json::Value = match serde_json::from_str(args.as_str()) {
+            Ok(v) => v,
+            Err(e) => {
+                return RErr(DeviceError::new(
+                    DeviceErrorKind::InvalidAccess,
+                    format!("control `{op}`: arguments are not JSON: {e}"),
+                ))
+            }
+        };
+        let op = op.as_str();
+        let r = self
+            .call("control", |d| d.control(op, &args))
+            .and_then(|r| {
+                r.map(|v| RString::from(v.to_string()))
+                    .map_err(|m| DeviceError::new(DeviceErrorKind::Other, m))
+            });
+        to_r(r)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::panic)] // a device that panics on purpose
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    struct Dev {
+        with_control: bool,
+    }
+
+    impl Device for Dev {
+        fn describe(&self) -> DeviceDesc {
+            DeviceDesc {
+                identity: Default::default(),
+                bars: RVec::new(),
+                capabilities: RVec::new(),
+                msi_vectors: 0,
+            }
+        }
+        fn bar_read(&mut self, _bar: u8, _offset: u64, data: &mut [u8]) {
+            data.fill(0x5a);
+        }
+        fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
+        fn reset(&mut self) {}
+        fn control(
+            &mut self,
+            op: &str,
+            args: &serde_json::Value,
+        ) -> Result<serde_json::Value, String> {
+            match op {
+                _ if !self.with_control => {
+                    Err(format!("this device has no control operation `{op}`"))
+                }
+                "echo" => Ok(json!({"args": args})),
+                "refuse" => Err("no, because".into()),
+                _ => panic!("control panicked on `{op}`"),
+            }
+        }
+    }
+
+    fn control(dev: &mut DeviceBox, op: &str, args: &str) -> Result<String, DeviceError> {
+        dev.control(RStr::from_str(op), RStr::from_str(args))
+            .into_result()
+            .map(RString::into_string)
+    }
+
+    #[test]
+    fn control_crosses_the_abi_as_json_text() {
+        let mut dev = into_ffi(Box::new(Dev { with_control: true }));
+        let v: serde_json::Value =
+            serde_json::from_str(&control(&mut dev, "echo", r#"{"scsi-id": 1}"#).expect("echo"))
+                .expect("json");
+        assert_eq!(v, json!({"args": {"scsi-id": 1}}));
+        let e = control(&mut dev, "refuse", "{}").expect_err("refused");
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (DeviceErrorKind::Other, "no, because")
+        );
+        let e = control(&mut dev, "echo", "{not json").expect_err("bad JSON");
+        assert_eq!(e.kind, DeviceErrorKind::InvalidAccess);
+        assert!(dev.failure().is_none(), "refusals do not fail the device");
+    }
+
+    #[test]
+    fn control_panic_fails_the_device() {
+        let mut dev = into_ffi(Box::new(Dev { with_control: true }));
+        let e = control(&mut dev, "explode", "null").expect_err("panic");
+        assert_eq!(e.kind, DeviceErrorKind::Panicked);
+        assert!(
+            e.message.contains("control panicked on `explode`"),
+            "{}",
+            e.message
+        );
+        assert!(dev.failure().is_some());
+        let mut b = [0u8; 4];
+        let r = dev
+            .bar_read(0, 0, RSliceMut::from_mut_slice(&mut b))
+            .into_result();
+        assert_eq!(r.map_err(|e| e.kind), Err(DeviceErrorKind::Failed));
+        let e = control(&mut dev, "echo", "{}").expect_err("failed");
+        assert_eq!(e.kind, DeviceErrorKind::Failed);
+    }
+
+    #[test]
+    fn control_default_refuses_by_name() {
+        struct Plain;
+        impl Device for Plain {
+            fn describe(&self) -> DeviceDesc {
+                Dev {
+                    with_control: false,
+                }
+                .describe()
+            }
+            fn bar_read(&mut self, _: u8, _: u64, _: &mut [u8]) {}
+            fn bar_write(&mut self, _: u8, _: u64, _: &[u8]) {}
+            fn reset(&mut self) {}
+        }
+        let mut dev = into_ffi(Box::new(Plain));
+        let e = control(&mut dev, "drive-add", "{}").expect_err("no control");
+        assert_eq!(
+            e.message.as_str(),
+            "this device has no control operation `drive-add`"
+        );
     }
 }

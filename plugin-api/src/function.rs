@@ -265,6 +265,23 @@ impl PciFunction {
             .into_result()
     }
 
+    /// The device's control operation `op` (see [`crate::Device::control`]).
+    /// The device's refusal is its message verbatim; a panic marks the
+    /// device failed and is reported like any refusal.
+    pub fn control(
+        &mut self,
+        op: &str,
+        args: &serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let text = self
+            .device
+            .control(RStr::from_str(op), RStr::from_str(&args.to_string()))
+            .into_result()
+            .map_err(|e| e.message.into_string())?;
+        serde_json::from_str(text.as_str())
+            .map_err(|e| format!("control `{op}`: the device's result is not JSON: {e}"))
+    }
+
     /// Orderly shutdown of the device.
     pub fn shutdown(&mut self) {
         self.device.shutdown();

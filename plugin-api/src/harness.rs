@@ -354,6 +354,16 @@ impl TestBench {
         Ok(())
     }
 
+    /// The device's control operation `op` with `args` (as the VMM's
+    /// control channel would call it).
+    pub fn control(
+        &mut self,
+        op: &str,
+        args: &serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        self.function.control(op, args)
+    }
+
     /// The device's failure message, once it panicked.
     pub fn failure(&self) -> Option<String> {
         self.function.failure()
