@@ -4,6 +4,7 @@
 //! constructor fails or panics is reported and left out; the others run.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use config::{Config, DeviceConfig};
@@ -23,6 +24,37 @@ pub struct RemoteDevice {
     pub memory: Arc<GuestRam>,
     pub intx: Arc<IntxLine>,
     function: Mutex<PciFunction>,
+    /// `shutdown` ran (the device is told once, whoever asks first).
+    shut_down: AtomicBool,
+}
+
+/// What a device is made from: a config `[[device]]` entry, or the
+/// control channel's `device-add` with the same keys.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    pub id: String,
+    /// Plugin name (or path to a plugin library).
+    pub plugin: String,
+    /// Device kind inside the plugin; `None`: the plugin's only kind.
+    pub kind: Option<String>,
+    pub slot: u8,
+    /// The plugin's own settings, as TOML text.
+    pub settings: String,
+    /// Directory relative paths in `settings` are relative to.
+    pub base_dir: PathBuf,
+}
+
+impl From<&DeviceConfig> for DeviceSpec {
+    fn from(cfg: &DeviceConfig) -> Self {
+        DeviceSpec {
+            id: cfg.id.clone(),
+            plugin: cfg.plugin.clone(),
+            kind: cfg.kind.clone(),
+            slot: cfg.slot,
+            settings: cfg.settings.clone(),
+            base_dir: cfg.base_dir.clone(),
+        }
+    }
 }
 
 /// Status register low byte and its INTERRUPT bit; Command.INTX_DISABLE.
@@ -71,9 +103,19 @@ impl RemoteDevice {
     }
 }
 
+impl RemoteDevice {
+    /// Stops the device's own threads; the device gets no call after it
+    /// (its servers must be gone). Idempotent.
+    pub fn shutdown(&self) {
+        if !self.shut_down.swap(true, Ordering::AcqRel) {
+            self.function().shutdown();
+        }
+    }
+}
+
 impl Drop for RemoteDevice {
     fn drop(&mut self) {
-        self.function().shutdown();
+        self.shutdown();
     }
 }
 
@@ -109,21 +151,34 @@ pub fn plugin_dirs(config: &Config, remote_id: &str, extra: &[PathBuf]) -> Vec<P
 
 /// Creates one device from its config entry.
 pub fn create(cfg: &DeviceConfig, plugin: &LoadedPlugin) -> Result<RemoteDevice, String> {
+    create_from(&DeviceSpec::from(cfg), plugin)
+}
+
+/// Creates one device from its spec with an already loaded plugin.
+pub fn create_from(spec: &DeviceSpec, plugin: &LoadedPlugin) -> Result<RemoteDevice, String> {
     let memory = Arc::new(GuestRam::new());
     let intx = Arc::new(IntxLine::new());
     let services =
-        Services::new(&cfg.id, memory.clone(), intx.clone()).with_base_dir(&cfg.base_dir);
-    let device = create_device(plugin, cfg.kind.as_deref(), &cfg.settings, services)?;
+        Services::new(&spec.id, memory.clone(), intx.clone()).with_base_dir(&spec.base_dir);
+    let device = create_device(plugin, spec.kind.as_deref(), &spec.settings, services)?;
     let function = PciFunction::new(device)?;
     Ok(RemoteDevice {
-        id: cfg.id.clone(),
-        slot: cfg.slot,
+        id: spec.id.clone(),
+        slot: spec.slot,
         plugin_name: plugin.name.clone(),
         plugin_version: plugin.version.clone(),
         memory,
         intx,
         function: Mutex::new(function),
+        shut_down: AtomicBool::new(false),
     })
+}
+
+/// Finds the spec's plugin in `dirs` and creates the device: the one path
+/// for config devices and `device-add`.
+pub fn build_one(spec: &DeviceSpec, dirs: &[PathBuf]) -> Result<RemoteDevice, String> {
+    let plugin = loader::find(&spec.plugin, dirs).map_err(|e| e.to_string())?;
+    create_from(spec, &plugin)
 }
 
 /// Builds every device of `remote_id`. Failures are returned beside the
@@ -136,9 +191,7 @@ pub fn build(
     let mut devices = Vec::new();
     let mut failures = Vec::new();
     for cfg in config.devices_of_remote(remote_id) {
-        let result = loader::find(&cfg.plugin, dirs)
-            .map_err(|e| e.to_string())
-            .and_then(|plugin| create(cfg, &plugin));
+        let result = build_one(&DeviceSpec::from(cfg), dirs);
         match result {
             Ok(dev) => {
                 tracing::info!(

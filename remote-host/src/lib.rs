@@ -5,8 +5,11 @@
 //! builds the PCI functions of one `[[remote]]` of the config
 //! ([`devices`]) and serves them over a wire protocol: vfio-user
 //! ([`serve_vfio_user`]) or QEMU's mpqemu ([`serve_mpqemu`]). Interrupts leave
-//! through eventfds ([`irq`]) that KVM injects directly (irqfd).
+//! through eventfds ([`irq`]) that KVM injects directly (irqfd). With
+//! `--control`, the VMM adds, removes and operates devices at run time
+//! ([`control`]).
 
+pub mod control;
 pub mod devices;
 pub mod irq;
 pub mod logging;

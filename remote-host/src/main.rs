@@ -47,6 +47,11 @@ enum Command {
         /// Serve an inherited, connected socket fd.
         #[arg(long)]
         fd: Option<i32>,
+        /// An inherited, connected socket for the control channel (ping,
+        /// device-add/del/control). The process exits when it reaches EOF.
+        /// With it, a remote may start with no device.
+        #[arg(long)]
+        control: Option<i32>,
         /// Wire protocol (default: the remote's `protocol`, else vfio-user).
         #[arg(long)]
         protocol: Option<Protocol>,
@@ -147,6 +152,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             remote,
             socket,
             fd,
+            control,
             protocol,
             log,
             plugin_dirs,
@@ -169,30 +175,69 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "remote-host ready"
             );
             let endpoint = match (socket, fd) {
-                (Some(path), _) => remote_host::serve_vfio_user::Endpoint::Socket {
+                (Some(path), _) => Some(remote_host::serve_vfio_user::Endpoint::Socket {
                     path,
                     devices_in_config: cfg.devices_of_remote(&remote).count(),
-                },
-                (None, Some(n)) => remote_host::serve_vfio_user::Endpoint::Fd(n),
+                }),
+                (None, Some(n)) => Some(remote_host::serve_vfio_user::Endpoint::Fd(n)),
+                (None, None) if control.is_some() && devs.is_empty() => None,
                 (None, None) => anyhow::bail!("serve needs --socket PATH or --fd N"),
             };
             let poll = std::time::Duration::from_micros(poll_us);
+            let vfio_options = channel::vfio_user::server::ServerOptions {
+                poll,
+                adaptive_poll: poll_us > 0,
+                ..Default::default()
+            };
+            let mpqemu_options = channel::mpqemu::ServerOptions {
+                poll,
+                adaptive_poll: poll_us > 0,
+                ..Default::default()
+            };
+            let control_thread = match control {
+                None => None,
+                Some(n) => {
+                    let sock = remote_host::control::inherited_socket(n)?;
+                    let proto = match protocol {
+                        Protocol::VfioUser => {
+                            remote_host::control::Protocol::VfioUser(vfio_options.clone())
+                        }
+                        Protocol::Mpqemu => {
+                            remote_host::control::Protocol::Mpqemu(mpqemu_options.clone())
+                        }
+                    };
+                    let base_dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+                    let ctl = remote_host::control::Control::new(&devs, dirs, base_dir, proto);
+                    let t =
+                        std::thread::Builder::new()
+                            .name("control".into())
+                            .spawn(move || {
+                                if let Err(e) = ctl.run(sock) {
+                                    tracing::error!("control channel: {e}");
+                                }
+                                // The VMM is gone (EOF) or unreachable: so is
+                                // the reason to run.
+                                tracing::info!("control channel closed; exiting");
+                                std::process::exit(0);
+                            })?;
+                    Some(t)
+                }
+            };
+            // With --control and nothing to serve from the config, the
+            // devices come by device-add: wait for the control channel.
+            let Some(endpoint) = endpoint.filter(|_| !devs.is_empty() || control_thread.is_none())
+            else {
+                if let Some(t) = control_thread {
+                    let _ = t.join();
+                }
+                return Ok(ExitCode::SUCCESS);
+            };
             match protocol {
                 Protocol::VfioUser => {
-                    let options = channel::vfio_user::server::ServerOptions {
-                        poll,
-                        adaptive_poll: poll_us > 0,
-                        ..Default::default()
-                    };
-                    remote_host::serve_vfio_user::serve(devs, endpoint, &options)?;
+                    remote_host::serve_vfio_user::serve(devs, endpoint, &vfio_options)?;
                 }
                 Protocol::Mpqemu => {
-                    let options = channel::mpqemu::ServerOptions {
-                        poll,
-                        adaptive_poll: poll_us > 0,
-                        ..Default::default()
-                    };
-                    remote_host::serve_mpqemu::serve(devs, endpoint, &options)?;
+                    remote_host::serve_mpqemu::serve(devs, endpoint, &mpqemu_options)?;
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -172,6 +172,13 @@ fn is_listening(fd: &OwnedFd) -> anyhow::Result<bool> {
     Ok(v != 0)
 }
 
+/// Serves one connected client of `dev` until it goes away (or the
+/// socket is shut down): the per-connection path `--fd` and the control
+/// channel's `device-add` share.
+pub fn serve_stream(dev: Arc<RemoteDevice>, sock: UnixStream, options: &ServerOptions) {
+    DeviceServer::new(dev, options).serve(sock);
+}
+
 /// One device's server: its adapter, its session lock and its options.
 #[derive(Clone)]
 struct DeviceServer {

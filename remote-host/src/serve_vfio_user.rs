@@ -166,7 +166,7 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
 }
 
-fn inherited_socket(n: RawFd) -> anyhow::Result<OwnedFd> {
+pub(crate) fn inherited_socket(n: RawFd) -> anyhow::Result<OwnedFd> {
     // SAFETY: F_GETFD only queries the descriptor table.
     if n < 0 || unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
         anyhow::bail!("--fd {n} is not an open file descriptor");
@@ -222,6 +222,13 @@ fn spawn_listener(
         .name(format!("vfio-user-{}", server.name()))
         .spawn(move || server.accept_loop(listener))
         .context("cannot start listener thread")
+}
+
+/// Serves one connected client of `dev` until it goes away (or the
+/// socket is shut down): the per-connection path `--fd` and the control
+/// channel's `device-add` share.
+pub fn serve_stream(dev: Arc<RemoteDevice>, sock: UnixStream, options: &ServerOptions) {
+    DeviceServer::new(dev, options).serve(sock);
 }
 
 /// One device's server: its adapter, its session lock and its options.

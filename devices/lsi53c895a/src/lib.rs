@@ -18,6 +18,22 @@
 //! scsi-id = 0         # 0..=15 except 7 (the controller's own ID)
 //! read-only = false
 //! ```
+//!
+//! Control operations ([`Device::control`], from the VMM's QMP
+//! `device_add`/`device_del` of a `scsi-hd` and `block_resize`), JSON
+//! objects with the same kebab-case keys as `[[device.drive]]`:
+//! - `drive-add` `{"scsi-id": N, "file": PATH, "read-only": B, ...}` →
+//!   `{"scsi-id": N, "capacity": BYTES}`: opens the image and attaches it;
+//!   the new disk reports POWER ON/RESET (unit attention 6/29/00) on its
+//!   first command.
+//! - `drive-del` `{"scsi-id": N}` → `{"scsi-id": N}`: detaches; commands
+//!   already on the I/O worker finish first (waited for, up to
+//!   [`DRAIN_TIMEOUT`]), a command still receiving DATA OUT completes with
+//!   BUSY; then selecting that ID times out as for an absent target.
+//! - `drive-resize` `{"scsi-id": N, "size": BYTES}` → `{"scsi-id": N,
+//!   "capacity": BYTES}`: sets the image's length; the disk reports
+//!   CAPACITY DATA HAS CHANGED (6/2a/09) on its next command.
+//! - `drive-list` → `[{"scsi-id", "lun", "file", "read-only", "capacity"}]`.
 
 pub mod chip;
 pub mod instruction;
@@ -27,14 +43,17 @@ pub mod scsi;
 pub mod worker;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use abi_stable::std_types::RVec;
 use block::{DriveConfig, ScsiDisk};
 use plugin_api::{BarDesc, BarKind, Device, DeviceDesc, Host, PciIdentity};
 use serde::Deserialize;
+use serde_json::{json, Value};
 
 use chip::{Chip, SCRIPT_RAM_SIZE};
 use worker::{Pending, WorkerHandle};
@@ -52,11 +71,54 @@ struct Settings {
     drive: Vec<DriveConfig>,
 }
 
+/// How long `drive-del` waits for the drive's commands on the I/O worker.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The plugin's device.
 pub struct Lsi53c895a {
     chip: Arc<Mutex<Chip>>,
     pending: Arc<Pending>,
     worker: Option<JoinHandle<()>>,
+    /// Image path of each drive (for `drive-list`; the disk does not keep it).
+    files: BTreeMap<u8, PathBuf>,
+    /// Where relative drive paths are resolved.
+    base: PathBuf,
+}
+
+/// `drive-del`/`drive-resize` arguments.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct DriveArgs {
+    scsi_id: u8,
+    size: Option<u64>,
+}
+
+/// Checks a drive's target ID (the same rule for config and `drive-add`).
+fn check_scsi_id(d: &DriveConfig) -> Result<(), String> {
+    if d.scsi_id > 15 || d.scsi_id == INITIATOR_ID {
+        return Err(format!(
+            "drive {}: scsi-id {} is not usable (0..=15, and {INITIATOR_ID} is the controller)",
+            d.file.display(),
+            d.scsi_id
+        ));
+    }
+    Ok(())
+}
+
+fn open_disk(d: &DriveConfig, base: &Path) -> Result<ScsiDisk, String> {
+    ScsiDisk::open(d, base).map_err(|e| format!("drive {}: {e}", d.file.display()))
+}
+
+fn resolve(base: &Path, file: &Path) -> PathBuf {
+    if file.is_absolute() {
+        file.to_owned()
+    } else {
+        base.join(file)
+    }
+}
+
+fn capacity(disk: &ScsiDisk) -> u64 {
+    disk.capacity_blocks() * u64::from(disk.block_size())
 }
 
 impl Lsi53c895a {
@@ -65,22 +127,20 @@ impl Lsi53c895a {
         let s: Settings = toml::from_str(settings).map_err(|e| format!("settings: {e}"))?;
         let base = host.resolve_path("");
         let mut targets = BTreeMap::new();
+        let mut files = BTreeMap::new();
         for d in &s.drive {
-            if d.scsi_id > 15 || d.scsi_id == INITIATOR_ID {
-                return Err(format!(
-                    "drive {}: scsi-id {} is not usable (0..=15, and {INITIATOR_ID} is the controller)",
-                    d.file.display(),
-                    d.scsi_id
-                ));
-            }
+            check_scsi_id(d)?;
             if targets.contains_key(&d.scsi_id) {
                 return Err(format!("two drives use scsi-id {}", d.scsi_id));
             }
-            let disk =
-                ScsiDisk::open(d, &base).map_err(|e| format!("drive {}: {e}", d.file.display()))?;
+            let disk = open_disk(d, &base)?;
             targets.insert(d.scsi_id, Arc::new(disk));
+            files.insert(d.scsi_id, resolve(&base, &d.file));
         }
-        Ok(Box::new(Self::with_targets(host, targets)?))
+        let mut dev = Self::with_targets(host, targets)?;
+        dev.files = files;
+        dev.base = base;
+        Ok(Box::new(dev))
     }
 
     /// A controller with the given targets (for tests and embedding).
@@ -95,15 +155,127 @@ impl Lsi53c895a {
             .spawn(move || worker::run(worker_chip, rx, worker_pending))
             .map_err(|e| format!("cannot start I/O thread: {e}"))?;
         lock(&chip).worker = Some(WorkerHandle::new(tx, pending.clone()));
+        let base = lock(&chip).host.resolve_path("");
         Ok(Lsi53c895a {
             chip,
             pending,
             worker: Some(worker),
+            files: BTreeMap::new(),
+            base,
         })
     }
 
     fn chip(&self) -> MutexGuard<'_, Chip> {
         lock(&self.chip)
+    }
+
+    fn disk(&self, scsi_id: u8) -> Result<Arc<ScsiDisk>, String> {
+        self.chip()
+            .targets
+            .get(&scsi_id)
+            .cloned()
+            .ok_or_else(|| format!("no drive at scsi-id {scsi_id}"))
+    }
+
+    /// `drive-add`: the image is opened without the chip lock (it is file
+    /// I/O); the disk joins the targets in one step under it.
+    fn drive_add(&mut self, args: &Value) -> Result<Value, String> {
+        let d: DriveConfig =
+            serde_json::from_value(args.clone()).map_err(|e| format!("drive-add: {e}"))?;
+        check_scsi_id(&d)?;
+        if self.chip().targets.contains_key(&d.scsi_id) {
+            return Err(format!("scsi-id {} is in use", d.scsi_id));
+        }
+        let disk = open_disk(&d, &self.base)?;
+        // A disk that appears on the bus tells the initiator so on its
+        // first command, as after power on.
+        disk.reset();
+        let cap = capacity(&disk);
+        {
+            let mut chip = self.chip();
+            if chip.targets.contains_key(&d.scsi_id) {
+                return Err(format!("scsi-id {} is in use", d.scsi_id));
+            }
+            chip.targets.insert(d.scsi_id, Arc::new(disk));
+        }
+        self.files.insert(d.scsi_id, resolve(&self.base, &d.file));
+        let host = self.chip().host.clone();
+        host.info(&format!(
+            "drive {} attached at scsi-id {}",
+            d.file.display(),
+            d.scsi_id
+        ));
+        Ok(json!({"scsi-id": d.scsi_id, "capacity": cap}))
+    }
+
+    /// `drive-del`: off the target map at once (new selections time out),
+    /// then wait for the worker to let go of the disk.
+    fn drive_del(&mut self, args: &Value) -> Result<Value, String> {
+        let a: DriveArgs =
+            serde_json::from_value(args.clone()).map_err(|e| format!("drive-del: {e}"))?;
+        if a.size.is_some() {
+            return Err("drive-del: unknown field `size`".into());
+        }
+        let disk = {
+            let mut chip = self.chip();
+            let disk = chip
+                .targets
+                .remove(&a.scsi_id)
+                .ok_or_else(|| format!("no drive at scsi-id {}", a.scsi_id))?;
+            chip.drop_target(a.scsi_id);
+            disk
+        };
+        self.files.remove(&a.scsi_id);
+        // Every command handed to the worker holds a reference to the
+        // disk until it has completed; ours is then the last one.
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while Arc::strong_count(&disk) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if Arc::strong_count(&disk) > 1 {
+            let host = self.chip().host.clone();
+            host.warn(&format!(
+                "drive at scsi-id {} detached with commands still on the I/O worker",
+                a.scsi_id
+            ));
+        }
+        Ok(json!({"scsi-id": a.scsi_id}))
+    }
+
+    fn drive_resize(&mut self, args: &Value) -> Result<Value, String> {
+        let a: DriveArgs =
+            serde_json::from_value(args.clone()).map_err(|e| format!("drive-resize: {e}"))?;
+        let size = a.size.ok_or("drive-resize: missing field `size`")?;
+        if size == 0 || size % 512 != 0 {
+            return Err(format!(
+                "size {size} is not a positive multiple of 512 bytes"
+            ));
+        }
+        let disk = self.disk(a.scsi_id)?;
+        if disk.read_only() {
+            return Err(format!("drive at scsi-id {} is read-only", a.scsi_id));
+        }
+        disk.resize(size)
+            .map_err(|e| format!("drive at scsi-id {}: {e}", a.scsi_id))?;
+        Ok(json!({"scsi-id": a.scsi_id, "capacity": capacity(&disk)}))
+    }
+
+    fn drive_list(&self) -> Value {
+        let chip = self.chip();
+        let list: Vec<Value> = chip
+            .targets
+            .iter()
+            .map(|(id, disk)| {
+                json!({
+                    "scsi-id": id,
+                    "lun": 0,
+                    "file": self.files.get(id).map(|p| p.display().to_string()),
+                    "read-only": disk.read_only(),
+                    "capacity": capacity(disk),
+                })
+            })
+            .collect();
+        Value::Array(list)
     }
 }
 
@@ -182,6 +354,18 @@ impl Device for Lsi53c895a {
 
     fn is_busy(&self) -> bool {
         self.pending.busy()
+    }
+
+    fn control(&mut self, op: &str, args: &Value) -> Result<Value, String> {
+        match op {
+            "drive-add" => self.drive_add(args),
+            "drive-del" => self.drive_del(args),
+            "drive-resize" => self.drive_resize(args),
+            "drive-list" => Ok(self.drive_list()),
+            _ => Err(format!(
+                "lsi53c895a has no control operation `{op}` (it has drive-add, drive-del, drive-resize, drive-list)"
+            )),
+        }
     }
 
     fn shutdown(&mut self) {

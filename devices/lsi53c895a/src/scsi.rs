@@ -24,6 +24,9 @@ pub const MAX_CDB: usize = 16;
 /// Largest data transfer of one command.
 pub const MAX_TRANSFER: usize = 32 << 20;
 
+/// SCSI status BUSY.
+const STATUS_BUSY: u8 = 0x08;
+
 const MSG_COMMAND_COMPLETE: u8 = 0x00;
 const MSG_EXTENDED: u8 = 0x01;
 const MSG_SAVE_DATA_POINTER: u8 = 0x02;
@@ -134,6 +137,25 @@ impl Chip {
             self.bus.current = None;
         }
         self.bus.queue.retain(|r| keep(r));
+    }
+
+    /// Target `id` was detached (`drive-del`). A request of it still
+    /// receiving DATA OUT has no disk to go to: it ends with BUSY (the
+    /// initiator retries and finds the target gone). Requests on the
+    /// worker or waiting to reselect go on: they hold the disk themselves
+    /// and need nothing from the target map.
+    pub(crate) fn drop_target(&mut self, id: u8) {
+        let Some(r) = self.bus.current.as_mut() else {
+            return;
+        };
+        if r.target == id && r.state == RequestState::Collecting {
+            r.status = STATUS_BUSY;
+            r.data.clear();
+            r.state = RequestState::Transferring;
+            if self.connected() && self.phase() == phase::DATA_OUT {
+                self.set_phase(phase::STATUS);
+            }
+        }
     }
 
     /// SELECT: connect to `id` or time out.
@@ -325,7 +347,7 @@ impl Chip {
         let sent = self.worker.as_ref().is_some_and(|w| w.send(msg));
         if !sent {
             // No worker (shutting down): fail the command visibly.
-            req.status = 0x08; // BUSY
+            req.status = STATUS_BUSY;
             req.state = RequestState::Transferring;
             self.bus.current = Some(req);
             self.set_phase(phase::STATUS);

@@ -1,0 +1,245 @@
+//! The control channel (`serve --control FD`): the VMM adds, removes and
+//! operates devices of this remote while it runs ([`channel::control`]).
+//!
+//! - `ping` → `{}`.
+//! - `device-add` (+ one fd, a connected socket): builds the device through
+//!   the same path as config devices ([`devices::build_one`]) and serves it
+//!   on that socket with this remote's protocol, on its own thread.
+//! - `device-del`: shuts the device's connection down, waits for its
+//!   thread, shuts the device down and forgets it. Only devices added on
+//!   this channel can be removed: a config device's listener cannot be
+//!   stopped safely (see docs/channel.md).
+//! - `device-control`: [`PciFunction::control`](plugin_api::function::PciFunction::control)
+//!   under the device's lock, so it never overlaps a guest access.
+//!
+//! When the control socket reaches EOF the VMM is gone, and so is the
+//! reason to run: the caller exits.
+
+use std::collections::BTreeMap;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use channel::control::{serve_control, str_arg};
+use serde_json::{json, Value};
+
+use crate::devices::{build_one, DeviceSpec, RemoteDevice};
+
+/// How a device's connection is served (the remote's protocol).
+#[derive(Clone)]
+pub enum Protocol {
+    VfioUser(channel::vfio_user::ServerOptions),
+    Mpqemu(channel::mpqemu::ServerOptions),
+}
+
+/// How long `device-del` waits for the connection thread to end.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Entry {
+    dev: Arc<RemoteDevice>,
+    /// For devices added here: a handle on the connection (to shut it
+    /// down) and the thread serving it. `None` for config devices.
+    served: Option<(UnixStream, JoinHandle<()>)>,
+}
+
+/// The devices the control channel knows, and how to make new ones.
+pub struct Control {
+    devices: BTreeMap<String, Entry>,
+    plugin_dirs: Vec<PathBuf>,
+    /// Relative paths in added devices' settings are relative to this
+    /// (the config file's directory, as for config devices).
+    base_dir: PathBuf,
+    protocol: Protocol,
+}
+
+impl Control {
+    /// `config_devices`: the devices built from the config, reachable by
+    /// `device-control`.
+    pub fn new(
+        config_devices: &[Arc<RemoteDevice>],
+        plugin_dirs: Vec<PathBuf>,
+        base_dir: PathBuf,
+        protocol: Protocol,
+    ) -> Self {
+        let devices = config_devices
+            .iter()
+            .map(|d| {
+                (
+                    d.id.clone(),
+                    Entry {
+                        dev: d.clone(),
+                        served: None,
+                    },
+                )
+            })
+            .collect();
+        Control {
+            devices,
+            plugin_dirs,
+            base_dir,
+            protocol,
+        }
+    }
+
+    /// Serves the control protocol on `stream` until EOF.
+    pub fn run(mut self, stream: UnixStream) -> Result<(), channel::control::ControlError> {
+        let r = serve_control(stream, |op, req, fds| self.handle(op, req, fds));
+        // The VMM is gone: stop what we started, in order.
+        let ids: Vec<String> = self.devices.keys().cloned().collect();
+        for id in ids {
+            if self.devices.get(&id).is_some_and(|e| e.served.is_some()) {
+                let _ = self.device_del(&id);
+            }
+        }
+        r
+    }
+
+    fn handle(&mut self, op: &str, req: &Value, fds: Vec<OwnedFd>) -> Result<Value, String> {
+        if op != "device-add" && !fds.is_empty() {
+            return Err(format!("`{op}` takes no file descriptors"));
+        }
+        match op {
+            "ping" => Ok(json!({})),
+            "device-add" => self.device_add(req, fds),
+            "device-del" => self.device_del(str_arg(req, "device")?),
+            "device-control" => self.device_control(req),
+            _ => Err(format!(
+                "unknown op `{op}` (ping, device-add, device-del, device-control)"
+            )),
+        }
+    }
+
+    fn device_add(&mut self, req: &Value, fds: Vec<OwnedFd>) -> Result<Value, String> {
+        let id = str_arg(req, "device")?;
+        let plugin = str_arg(req, "plugin")?;
+        let kind = match req.get("kind") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(k)) => Some(k.clone()),
+            Some(_) => return Err("`kind` must be a string or null".into()),
+        };
+        let slot = req
+            .get("slot")
+            .and_then(Value::as_u64)
+            .and_then(|s| u8::try_from(s).ok())
+            .ok_or("`slot` must be an integer 0..=255")?;
+        let settings = match req.get("settings") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err("`settings` must be TOML text (a string)".into()),
+        };
+        let [fd] = <[OwnedFd; 1]>::try_from(fds).map_err(|v| {
+            format!(
+                "device-add takes one file descriptor (a connected socket), got {}",
+                v.len()
+            )
+        })?;
+        if !is_stream_socket(&fd) {
+            return Err("device-add: the file descriptor is not a stream socket".into());
+        }
+        if self.devices.contains_key(id) {
+            return Err(format!("device `{id}` already exists"));
+        }
+        let spec = DeviceSpec {
+            id: id.to_owned(),
+            plugin: plugin.to_owned(),
+            kind,
+            slot,
+            settings,
+            base_dir: self.base_dir.clone(),
+        };
+        let dev = Arc::new(build_one(&spec, &self.plugin_dirs)?);
+        let sock = UnixStream::from(fd);
+        let handle = sock
+            .try_clone()
+            .map_err(|e| format!("device `{id}`: cannot keep a handle on its socket: {e}"))?;
+        let (thread_dev, protocol) = (dev.clone(), self.protocol.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .spawn(move || match protocol {
+                Protocol::VfioUser(o) => crate::serve_vfio_user::serve_stream(thread_dev, sock, &o),
+                Protocol::Mpqemu(o) => crate::serve_mpqemu::serve_stream(thread_dev, sock, &o),
+            })
+            .map_err(|e| format!("device `{id}`: cannot start its thread: {e}"))?;
+        tracing::info!(device = %id, plugin = %dev.plugin_name, "device added");
+        self.devices.insert(
+            id.to_owned(),
+            Entry {
+                dev,
+                served: Some((handle, thread)),
+            },
+        );
+        Ok(json!({}))
+    }
+
+    fn device_del(&mut self, id: &str) -> Result<Value, String> {
+        let Some(entry) = self.devices.get(id) else {
+            return Err(format!("no device `{id}`"));
+        };
+        if entry.served.is_none() {
+            return Err(format!(
+                "device `{id}` comes from the config; only devices added on the control channel can be removed"
+            ));
+        }
+        let Some(Entry { dev, served }) = self.devices.remove(id) else {
+            return Err(format!("no device `{id}`"));
+        };
+        if let Some((sock, thread)) = served {
+            // The serving thread sees EOF and returns; the client sees EOF.
+            let _ = sock.shutdown(Shutdown::Both);
+            let deadline = Instant::now() + JOIN_TIMEOUT;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                // A device call that does not return: shutting the device
+                // down under it would break the plugin's contract.
+                tracing::error!(device = %id, "connection thread did not end; device left running");
+                return Ok(json!({}));
+            }
+        }
+        dev.shutdown();
+        tracing::info!(device = %id, "device removed");
+        Ok(json!({}))
+    }
+
+    fn device_control(&mut self, req: &Value) -> Result<Value, String> {
+        let id = str_arg(req, "device")?;
+        let control = str_arg(req, "control")?;
+        let args = req.get("args").cloned().unwrap_or(Value::Null);
+        let dev = self
+            .devices
+            .get(id)
+            .map(|e| e.dev.clone())
+            .ok_or_else(|| format!("no device `{id}`"))?;
+        let r = dev.function().control(control, &args);
+        r
+    }
+}
+
+fn is_stream_socket(fd: &OwnedFd) -> bool {
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `ty`/`len` are valid out-parameters of the sizes given; the
+    // fd is open for the duration of the call.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    r == 0 && ty == libc::SOCK_STREAM
+}
+
+/// Takes ownership of the inherited control socket `--control N`.
+pub fn inherited_socket(n: std::os::fd::RawFd) -> anyhow::Result<UnixStream> {
+    crate::serve_vfio_user::inherited_socket(n).map(UnixStream::from)
+}

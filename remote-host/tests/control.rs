@@ -1,0 +1,278 @@
+//! `remote-host serve --control FD`: the VMM's control channel. Devices
+//! come and go at run time (device-add with the device's socket as an
+//! fd, device-del), per-device controls reach the plugin (the LSI's
+//! drive-add), errors come back verbatim, and a stopped process times out
+//! without hanging the client and answers again once continued.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use channel::control::{ControlClient, ControlError};
+use channel::vfio_user::{ClientOptions, VfioUserClient};
+use serde_json::json;
+
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn plugin_dir() -> PathBuf {
+    let dir = target_dir();
+    for lib in ["libdma_example.so", "liblsi53c895a.so"] {
+        assert!(
+            dir.join(lib).is_file(),
+            "{lib} is not built in {}: run `cargo build --workspace` first",
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// Makes `raw` the child's fd 3, inherited across exec.
+fn pass_as_fd3(cmd: &mut Command, raw: i32) {
+    // SAFETY: only dup2 and fcntl run in the child between fork and exec;
+    // both are async-signal-safe. dup2 clears FD_CLOEXEC on the new fd;
+    // when `raw` already is 3, dup2 does nothing and fcntl clears it.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A `remote-host serve --control 3` with no config device, killed on drop.
+struct Remote {
+    child: Child,
+    tmp: tempfile::TempDir,
+}
+
+impl Remote {
+    fn start(extra: &[&str]) -> (Remote, ControlClient) {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tmp.path().join("vm.toml");
+        std::fs::write(
+            &cfg,
+            "[vm]\nmemory = \"64M\"\nkernel = \"vmlinuz\"\n\n[[remote]]\nid = \"r\"\n",
+        )
+        .unwrap();
+        let log = File::create(tmp.path().join("remote-host.log")).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_remote-host"));
+        cmd.env_remove("PLUGIN_PATH")
+            .env("RUST_LOG", "debug")
+            .args([
+                "serve",
+                "--remote",
+                "r",
+                "--protocol",
+                "vfio-user",
+                "--control",
+                "3",
+            ])
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--plugin-dir")
+            .arg(plugin_dir())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        pass_as_fd3(&mut cmd, theirs.as_raw_fd());
+        let child = cmd.spawn().unwrap();
+        drop(theirs);
+        let client = ControlClient::new(ours, Duration::from_secs(10));
+        (Remote { child, tmp }, client)
+    }
+
+    fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.tmp.path().join("remote-host.log")).unwrap_or_default()
+    }
+
+    /// Sends `sig`; false when the process is gone.
+    fn signal(&self, sig: libc::c_int) -> bool {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) on our own child's pid; no memory involved.
+        unsafe { libc::kill(pid, sig) == 0 }
+    }
+
+    /// Waits for the process to exit by itself.
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < within,
+                "remote-host still runs:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        let _ = self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- remote-host log ---\n{}", self.log());
+        }
+    }
+}
+
+fn remote_error(r: Result<impl std::fmt::Debug, ControlError>) -> String {
+    match r {
+        Err(ControlError::Remote(m)) => m,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn vfio_client(sock: UnixStream) -> VfioUserClient {
+    let opts = ClientOptions {
+        timeout: Duration::from_secs(10),
+        ..ClientOptions::default()
+    };
+    VfioUserClient::from_stream(sock, opts).unwrap()
+}
+
+#[test]
+fn device_add_serves_vfio_user_and_device_del_closes_it() {
+    let (mut remote, mut ctl) = Remote::start(&[]);
+    ctl.ping().unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    ctl.device_add("dma9", "dma-example", None, 9, "", OwnedFd::from(theirs))
+        .unwrap();
+    let mut c = vfio_client(ours.try_clone().unwrap());
+    let info = c.device_info().unwrap();
+    assert!(info.num_regions >= 8, "{info:?}");
+    let mut id = [0u8; 4];
+    c.region_read(7, 0, &mut id).unwrap();
+    assert_eq!(u16::from_le_bytes([id[0], id[1]]), 0x1234, "vendor id");
+    assert_eq!(u16::from_le_bytes([id[2], id[3]]), 0x11e9, "device id");
+
+    // Errors, verbatim.
+    let (_a, b) = UnixStream::pair().unwrap();
+    let e = remote_error(ctl.device_add("dma9", "dma-example", None, 9, "", OwnedFd::from(b)));
+    assert_eq!(e, "device `dma9` already exists");
+    let (_a, b) = UnixStream::pair().unwrap();
+    let e = remote_error(ctl.device_add("x", "no-such-plugin", None, 10, "", OwnedFd::from(b)));
+    assert!(e.contains("plugin `no-such-plugin` not found"), "{e}");
+    let (_a, b) = UnixStream::pair().unwrap();
+    let e = remote_error(ctl.device_add(
+        "y",
+        "dma-example",
+        None,
+        10,
+        "bogus = 1\n",
+        OwnedFd::from(b),
+    ));
+    assert!(e.contains("bogus"), "{e}");
+    assert_eq!(remote_error(ctl.device_del("nope")), "no device `nope`");
+    let e = remote_error(ctl.device_control("nope", "drive-list", json!({})));
+    assert_eq!(e, "no device `nope`");
+    let e = remote_error(ctl.device_control("dma9", "drive-list", json!({})));
+    assert_eq!(e, "this device has no control operation `drive-list`");
+
+    // device-del: the device's socket reaches EOF.
+    ctl.device_del("dma9").unwrap();
+    drop(c);
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!((&ours).read(&mut buf).unwrap(), 0, "EOF after device-del");
+    assert_eq!(remote_error(ctl.device_del("dma9")), "no device `dma9`");
+    ctl.ping().unwrap();
+
+    // The VMM goes away: so does the remote.
+    drop(ctl);
+    assert!(remote.wait_exit(Duration::from_secs(20)).success());
+}
+
+#[test]
+fn device_control_reaches_the_lsi_plugin() {
+    let (remote, mut ctl) = Remote::start(&["--socket", "unused-dir"]);
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    ctl.device_add("lsi0", "lsi53c895a", None, 5, "", OwnedFd::from(theirs))
+        .unwrap();
+    let img = remote.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 64 * 512]).unwrap();
+    let r = ctl
+        .device_control(
+            "lsi0",
+            "drive-add",
+            json!({"scsi-id": 1, "file": img, "read-only": false}),
+        )
+        .unwrap();
+    assert_eq!(r, json!({"scsi-id": 1, "capacity": 64 * 512}));
+    // Relative paths are relative to the config's directory.
+    std::fs::write(remote.path().join("rel.img"), vec![0u8; 8 * 512]).unwrap();
+    ctl.device_control(
+        "lsi0",
+        "drive-add",
+        json!({"scsi-id": 2, "file": "rel.img", "read-only": true}),
+    )
+    .unwrap();
+    let list = ctl.device_control("lsi0", "drive-list", json!({})).unwrap();
+    assert_eq!(
+        list,
+        json!([
+            {"scsi-id": 1, "lun": 0, "file": img.display().to_string(), "read-only": false, "capacity": 64 * 512},
+            {"scsi-id": 2, "lun": 0, "file": remote.path().join("rel.img").display().to_string(), "read-only": true, "capacity": 8 * 512},
+        ])
+    );
+    let e =
+        remote_error(ctl.device_control("lsi0", "drive-add", json!({"scsi-id": 7, "file": img})));
+    assert!(e.contains("scsi-id 7 is not usable"), "{e}");
+    // The device is still served on its socket.
+    let mut c = vfio_client(ours);
+    let mut id = [0u8; 4];
+    c.region_read(7, 0, &mut id).unwrap();
+    assert_eq!(u32::from_le_bytes(id), 0x0012_1000);
+}
+
+#[test]
+fn a_stopped_remote_times_out_and_answers_after_sigcont() {
+    let (remote, mut ctl) = Remote::start(&[]);
+    ctl.ping().unwrap();
+    assert!(remote.signal(libc::SIGSTOP));
+    ctl.set_timeout(Duration::from_millis(300));
+    let start = Instant::now();
+    match ctl.ping() {
+        Err(ControlError::Timeout(d)) => assert_eq!(d, Duration::from_millis(300)),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(matches!(ctl.ping(), Err(ControlError::Timeout(_))));
+    assert!(remote.signal(libc::SIGCONT));
+    ctl.set_timeout(Duration::from_secs(10));
+    // The two late replies are skipped; this ping gets its own.
+    ctl.ping().unwrap();
+    ctl.ping().unwrap();
+}
