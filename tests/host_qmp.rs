@@ -190,7 +190,9 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     }
     let cfg = dir.join("vm.toml");
     fs::write(&cfg, config(&env.kernel)).unwrap();
-    let driver = testenv::workspace_root().join("tests").join("qmp_driver.py");
+    let driver = testenv::workspace_root()
+        .join("tests")
+        .join("qmp_driver.py");
     let results = dir.join("results.json");
     let cmd = format!(
         "mkdir -p /tmp/host-qmp; timeout 900 {python} {driver} {host} {cfg} {QMP_SOCKET} {console} {results}; echo DRIVER-EXIT=$?",
@@ -295,8 +297,15 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     );
     let img = fs::read(dir.join("disk1.img")).unwrap();
     let off = SDB_GUEST_OFF as usize;
-    assert_eq!(&img[off..off + BLOCK], &guest_pattern()[..], "guest write not in disk1.img");
-    assert_eq!(parse_hex(out, "SDB-HOST-BEGIN", "SDB-HOST-END"), host_data());
+    assert_eq!(
+        &img[off..off + BLOCK],
+        &guest_pattern()[..],
+        "guest write not in disk1.img"
+    );
+    assert_eq!(
+        parse_hex(out, "SDB-HOST-BEGIN", "SDB-HOST-END"),
+        host_data()
+    );
 
     // 3. Resize: new capacity after a rescan, with the unit attention.
     assert_eq!(img.len() as u64, DISK1_RESIZED, "the image was not resized");
@@ -304,25 +313,39 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
         value(out, "sdb_resized=").parse::<u64>().unwrap() * 512,
         DISK1_RESIZED
     );
-    assert!(out.contains("ua-capacity-changed"), "no capacity unit attention:\n{diag}");
+    assert!(
+        out.contains("ua-capacity-changed"),
+        "no capacity unit attention:\n{diag}"
+    );
 
     // 4. Removal.
     assert_eq!(rep["drive-removed"]["data"]["node-name"], "disk1");
-    assert_eq!(rep["hd1-deleted"]["data"]["path"], "/machine/peripheral/hd1");
+    assert_eq!(
+        rep["hd1-deleted"]["data"]["path"],
+        "/machine/peripheral/hd1"
+    );
     assert!(out.contains("sdb-absent"), "{diag}");
 
     // 5. A function added to a running remote, found after a PCI rescan.
-    let hot = rep["query-pci-hotplugged"][0]["devices"].as_array().unwrap();
+    let hot = rep["query-pci-hotplugged"][0]["devices"]
+        .as_array()
+        .unwrap();
     let dma1 = hot.iter().find(|d| d["qdev_id"] == "dma1").unwrap();
     assert_eq!(dma1["slot"], 9);
     assert_eq!(dma1["remote"], "storage");
-    assert!(out.contains("dma1_vendor=0x1234 dma1_device=0x11e9"), "{diag}");
+    assert!(
+        out.contains("dma1_vendor=0x1234 dma1_device=0x11e9"),
+        "{diag}"
+    );
     assert_eq!(value(out, "dma1_id="), "0xD3A00001");
 
     // 6. Hung remote: reported, and the guest's read returns all-ones.
     let hung_after = rep["hung-after-s"].as_f64().unwrap();
     assert!(hung_after < 5.0, "REMOTE_HUNG after {hung_after:.1} s");
-    assert_eq!(rep["remote-hung"]["data"]["devices"], serde_json::json!(["dma0"]));
+    assert_eq!(
+        rep["remote-hung"]["data"]["devices"],
+        serde_json::json!(["dma0"])
+    );
     assert_eq!(value(out, "dma0_after_stop="), "0xFFFFFFFF", "{diag}");
     let misc_hung = rep["query-remote-hung"]
         .as_array()
@@ -343,7 +366,10 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     assert!(out.contains("sda-still-works"), "{diag}");
     assert_eq!(value(out, "dma1_id_end="), "0xD3A00001");
     assert_eq!(r["host-exit"], 0, "{diag}");
-    assert!(json_field(&read("results.json"), "SHUTDOWN").is_some(), "no SHUTDOWN event");
+    assert!(
+        json_field(&read("results.json"), "SHUTDOWN").is_some(),
+        "no SHUTDOWN event"
+    );
 
     eprintln!(
         "host_qmp: passed in {:.1} s; REMOTE_HUNG {:.2} s after SIGSTOP, REMOTE_DIED {:.2} s after SIGKILL; guest read of the hung BAR took {} ms",
