@@ -96,7 +96,7 @@ async def expect_error(qmp, name, cmd, args):
         r = await qmp.execute(cmd, args)
         results["errors"][name] = {"unexpected-success": r}
     except ExecuteError as e:
-        results["errors"][name] = {"class": e.error_class, "desc": e.error.desc}
+        results["errors"][name] = {"class": e.error_class, "desc": str(e)}
 
 
 async def main():

@@ -32,6 +32,34 @@ pub enum ProcessEnd {
     Signaled(i32),
 }
 
+/// How our child `pid` ended, if it has (without reaping it).
+pub fn process_end(pid: u32) -> Option<ProcessEnd> {
+    // SAFETY: siginfo_t is plain data; zeroed is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid with a valid out pointer; WNOHANG does not block and
+    // WNOWAIT leaves the child to be reaped by `RemoteProcess::stop`.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: si_pid is valid for the CLD_* siginfo waitid fills in (and
+    // 0 when no child changed state).
+    if r != 0 || unsafe { info.si_pid() } == 0 {
+        return None;
+    }
+    // SAFETY: as above, a SIGCHLD siginfo.
+    let status = unsafe { info.si_status() };
+    Some(if info.si_code == libc::CLD_EXITED {
+        ProcessEnd::Exited(status)
+    } else {
+        ProcessEnd::Signaled(status)
+    })
+}
+
 /// A spawned `remote-host`.
 #[derive(Debug)]
 pub struct RemoteProcess {

@@ -300,6 +300,25 @@ impl Remote {
             .any(|p| p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
     }
 
+    /// Why the channels hung up: a process we spawned usually died, and
+    /// its exit status is the better report (its SIGCHLD may trail the
+    /// hang-up by a moment).
+    fn hang_up_cause(&self) -> DeathCause {
+        if let Some(pid) = self.pid {
+            let deadline = Instant::now() + Duration::from_millis(200);
+            loop {
+                if let Some(end) = crate::remote::process_end(pid) {
+                    return DeathCause::Process(end);
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        DeathCause::HangUp
+    }
+
     /// One heartbeat: a control `ping`, else a request on each device.
     fn beat(&self, bus: &Bus) -> Result<(), Silence> {
         {
@@ -358,7 +377,7 @@ pub fn spawn(
             return;
         }
         if remote.hung_up_within(remote.heartbeat) {
-            remote.died(DeathCause::HangUp, &events, &vm_ending);
+            remote.died(remote.hang_up_cause(), &events, &vm_ending);
             continue;
         }
         if vm_ending.is_set() {
@@ -369,7 +388,7 @@ pub fn spawn(
             Err(Silence::Timeout) => remote.hung(&events),
             Err(Silence::Closed(why)) => {
                 tracing::warn!("remote {}: heartbeat: {why}", remote.id);
-                remote.died(DeathCause::HangUp, &events, &vm_ending);
+                remote.died(remote.hang_up_cause(), &events, &vm_ending);
             }
         }
     });
