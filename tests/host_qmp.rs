@@ -16,8 +16,10 @@
 //!    register through its BAR;
 //! 6. SIGSTOP of `misc`: REMOTE_HUNG, and a guest read of its BAR returns
 //!    all-ones instead of freezing;
-//! 7. SIGKILL of `misc`: REMOTE_DIED; the guest keeps using its disk and
-//!    powers off normally.
+//! 7. SIGKILL of `misc`: REMOTE_DIED; the guest keeps using its disk;
+//! 8. `remote-restart misc`: a new process serves dma0 in the same slot at
+//!    the same BAR, and the guest reads its ID register again; then the
+//!    guest powers off normally.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -127,6 +129,9 @@ echo "dma0_after_stop=$v ms=$(( ($(cs) - t0) * 10 ))"
 step read-hung
 
 echo "dma0_after_kill=$(devmem $(bar0 0000:00:06.0) 32)"
+step dead-read
+
+echo "dma0_after_restart=$(devmem $(bar0 0000:00:06.0) 32)"
 dd if=/dev/sda of=/dev/null bs=64k count=64 iflag=direct 2>/dev/null && echo "sda-still-works"
 echo "dma1_id_end=$(devmem $(bar0 0000:00:09.0) 32)"
 echo "STEP done"
@@ -266,7 +271,10 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
         err("add-slot-taken")["desc"],
         "PCI slot 4 is in use by 'lsi0'"
     );
-    assert_eq!(err("add-bad-plugin")["class"], "GenericError");
+    assert_eq!(
+        err("add-bad-plugin")["desc"],
+        "'no-such-plugin' is not a valid device model name"
+    );
     assert!(err("blockdev-missing-file")["desc"]
         .as_str()
         .unwrap()
@@ -364,6 +372,26 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     assert_eq!(rep["remote-died"]["data"]["signal"], 9);
     assert_eq!(rep["query-status-after-death"]["running"], true);
     assert_eq!(value(out, "dma0_after_kill="), "0xFFFFFFFF");
+
+    // 8. Restart: a new process, the device back where the guest has it.
+    assert_eq!(err("restart-unknown")["class"], "DeviceNotFound");
+    let restarted = &rep["remote-restarted"]["data"];
+    assert_eq!(restarted["devices"], serde_json::json!(["dma0"]));
+    assert_eq!(restarted["problems"], serde_json::json!([]));
+    let misc_new = rep["query-remote-restarted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == "misc")
+        .unwrap()
+        .clone();
+    assert_eq!(misc_new["state"], "running", "{misc_new}");
+    assert_ne!(
+        misc_new["pid"], misc_hung["pid"],
+        "the same process after a restart"
+    );
+    assert_eq!(misc_new["devices-failed"], false);
+    assert_eq!(value(out, "dma0_after_restart="), "0xD3A00001", "{diag}");
     assert!(out.contains("sda-still-works"), "{diag}");
     assert_eq!(value(out, "dma1_id_end="), "0xD3A00001");
     assert_eq!(r["host-exit"], 0, "{diag}");

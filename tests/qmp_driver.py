@@ -207,6 +207,19 @@ async def main():
     r["query-status-after-death"] = await qmp.execute("query-status")
     go()
 
+    await con.wait_step("dead-read")
+    await expect_error(qmp, "restart-unknown", "remote-restart", {"id": "nowhere"})
+    await qmp.execute("remote-restart", {"id": "misc"})
+    r["remote-restarted"], _ = await ev.wait("REMOTE_RESTARTED", id="misc")
+    for _ in range(100):  # until the first heartbeat of the new process
+        remotes = await qmp.execute("query-remote")
+        misc = next(x for x in remotes if x["id"] == "misc")
+        if misc["state"] == "running":
+            break
+        await asyncio.sleep(0.1)
+    r["query-remote-restarted"] = remotes
+    go()
+
     await con.wait_step("done")
     try:
         e, _ = await ev.wait("SHUTDOWN", timeout=120)

@@ -23,7 +23,8 @@ use crate::pci::inprocess::InProcessFunction;
 use crate::pci::proxy::{FailHook, ProxyFunction};
 use crate::pci::root::SlotLabel;
 use crate::pci::PciDevice;
-use crate::supervisor::Remote;
+use crate::remote::{self, Processes};
+use crate::supervisor::{self, DeathCause, Remote};
 use crate::vm::pci_gsi;
 
 /// A named drive (QEMU's block node): an image file, maybe attached to a
@@ -43,13 +44,27 @@ struct Attachment {
     scsi_id: u8,
 }
 
+/// A PCI function added with `device_add`, remembered so that a
+/// restarted remote gets it again.
+#[derive(Clone, Debug)]
+struct AddedDevice {
+    id: String,
+    driver: String,
+    remote: Option<String>,
+    slot: u8,
+    settings: String,
+}
+
 /// Everything the commands act on.
 pub struct Monitor {
     config: Config,
     bus: Arc<Bus>,
     vm: Arc<VmFd>,
     ram: Arc<GuestRam>,
-    remotes: Vec<Arc<Remote>>,
+    /// Replaced one by one by `remote-restart`.
+    remotes: Mutex<Vec<Arc<Remote>>>,
+    processes: Processes,
+    added: Mutex<Vec<AddedDevice>>,
     exit: Arc<ExitSignal>,
     events: qmp::EventSender,
     plugin_dirs: Vec<PathBuf>,
@@ -74,6 +89,7 @@ const COMMANDS: &[&str] = &[
     "blockdev-del",
     "block_resize",
     "query-block",
+    "remote-restart",
 ];
 
 /// The hook that turns a function failure into a `DEVICE_FAILED` event.
@@ -96,6 +112,7 @@ impl Monitor {
         vm: Arc<VmFd>,
         ram: Arc<GuestRam>,
         remotes: Vec<Arc<Remote>>,
+        processes: Processes,
         exit: Arc<ExitSignal>,
         events: qmp::EventSender,
         plugin_dirs: Vec<PathBuf>,
@@ -106,7 +123,9 @@ impl Monitor {
             bus,
             vm,
             ram,
-            remotes,
+            remotes: Mutex::new(remotes),
+            processes,
+            added: Mutex::new(Vec::new()),
             exit,
             events,
             plugin_dirs,
@@ -115,13 +134,17 @@ impl Monitor {
         }
     }
 
-    fn remote(&self, id: &str) -> Result<&Arc<Remote>, QmpError> {
-        self.remotes.iter().find(|r| r.id == id).ok_or_else(|| {
-            QmpError::new(
-                qmp::ErrorClass::DeviceNotFound,
-                format!("Remote '{id}' not found"),
-            )
-        })
+    fn remote(&self, id: &str) -> Result<Arc<Remote>, QmpError> {
+        lock(&self.remotes)
+            .iter()
+            .find(|r| r.id == id)
+            .cloned()
+            .ok_or_else(|| {
+                QmpError::new(
+                    qmp::ErrorClass::DeviceNotFound,
+                    format!("Remote '{id}' not found"),
+                )
+            })
     }
 
     fn query_status(&self) -> Value {
@@ -232,7 +255,7 @@ impl Monitor {
         }
         let settings = settings_toml(args, &["driver", "id", "remote", "addr"])?;
         let gsi = pci_gsi(slot);
-        let (dev, label): (Box<dyn PciDevice>, SlotLabel) = match remote {
+        let (dev, label): (Box<dyn PciDevice>, SlotLabel) = match &remote {
             Some(r) => {
                 let proxy = self.add_to_remote(r, id, driver, slot, &settings, gsi)?;
                 (
@@ -276,14 +299,21 @@ impl Monitor {
             }
         };
         if let Err(e) = self.bus.pci.insert(slot, label, dev) {
-            self.undo_remote_add(remote, id);
+            self.undo_remote_add(remote.as_ref(), id);
             return Err(QmpError::generic(e.to_string()));
         }
         if let Err(e) = self.bus.pci.assign_resources_of(slot, Some(gsi as u8)) {
             self.bus.pci.remove(slot);
-            self.undo_remote_add(remote, id);
+            self.undo_remote_add(remote.as_ref(), id);
             return Err(QmpError::generic(e.to_string()));
         }
+        lock(&self.added).push(AddedDevice {
+            id: id.into(),
+            driver: driver.into(),
+            remote: remote.as_ref().map(|r| r.id.clone()),
+            slot,
+            settings: settings_toml(args, &["driver", "id", "remote", "addr"])?,
+        });
         tracing::info!("device_add: {id} ({driver}) at slot {slot}");
         Ok(json!({}))
     }
@@ -313,7 +343,14 @@ impl Monitor {
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| QmpError::generic(format!("socketpair: {e}")))?;
         r.with_control(|c| c.device_add(id, driver, None, slot, settings, OwnedFd::from(theirs)))
-            .map_err(QmpError::generic)?;
+            .map_err(|e| {
+                // QEMU's words for an unknown device model.
+                if e.contains(&format!("plugin `{driver}` not found")) {
+                    QmpError::generic(format!("'{driver}' is not a valid device model name"))
+                } else {
+                    QmpError::generic(e)
+                }
+            })?;
         let setup = crate::remote::client_over(rcfg, ours)
             .and_then(|client| ProxyFunction::new(id, client, &self.ram, &self.vm, gsi));
         match setup {
@@ -363,8 +400,9 @@ impl Monitor {
             )));
         }
         let label = self.bus.pci.remove(slot);
+        lock(&self.added).retain(|a| a.id != id);
         if let Some(rid) = label.and_then(|l| l.remote) {
-            if let Some(r) = self.remotes.iter().find(|r| r.id == rid) {
+            if let Ok(r) = self.remote(&rid) {
                 r.remove_device(id);
                 if r.has_control() {
                     if let Err(e) = r.with_control(|c| c.device_del(id)) {
@@ -628,6 +666,162 @@ impl Monitor {
     }
 }
 
+impl Monitor {
+    /// `remote-restart {"id": REMOTE}`: replaces a dead, hung or healthy
+    /// remote by a new one. A `remote-host` we spawned is killed (if still
+    /// there) and spawned again; for a remote an orchestrator started
+    /// (`socket = ...`), the orchestrator restarts the process and this
+    /// reconnects to its socket. Every device the remote served is set up
+    /// again in its slot, with the BARs, interrupt line and command
+    /// register the guest gave it, and drives added with `device_add
+    /// scsi-hd` are attached again. Device state is not carried over: to
+    /// the guest the devices look reset (fault recovery that the guest
+    /// does not notice is a later step). Event `REMOTE_RESTARTED`.
+    fn remote_restart(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let _one = lock(&self.hotplug);
+        args.allow_only(&["id"])?;
+        let id = args.str("id")?;
+        let old = self.remote(id)?;
+        let rcfg = self
+            .config
+            .remote(id)
+            .ok_or_else(|| QmpError::generic(format!("Remote '{id}' is not in the config")))?;
+        if old.pid.is_none() && rcfg.socket.is_none() {
+            return Err(QmpError::generic(format!(
+                "Remote '{id}' was handed to this VMM as a connected socket (--remote-fd): it cannot be restarted from here"
+            )));
+        }
+        // The old remote goes first: its devices fail now, its supervisor
+        // stops reporting, its process is killed and reaped.
+        old.retire();
+        if let Some(pid) = old.pid {
+            let mut procs = lock(&self.processes);
+            if let Some(pos) = procs.iter().position(|p| p.pid() == pid) {
+                let mut p = procs.remove(pos);
+                p.stop(std::time::Duration::ZERO);
+            }
+        }
+        let s = remote::connect_supervised(&self.config, rcfg, None)
+            .map_err(|e| QmpError::generic(format!("restarting remote '{id}': {e:#}")))?;
+        let pid = s.process.as_ref().map(remote::RemoteProcess::pid);
+        let new = Arc::new(Remote::new(rcfg, pid, s.control, s.control_hangup));
+        if let Some(p) = s.process {
+            let (sup, events, exit) = (new.clone(), self.events.clone(), self.exit.clone());
+            p.watch(move |end| sup.died(DeathCause::Process(end), &events, &exit));
+            lock(&self.processes).push(p);
+        }
+        let mut problems = Vec::new();
+        // Devices of the config: a fresh connection each.
+        for (dev_id, client) in s.clients {
+            let Some(slot) = self.bus.pci.slot_of(&dev_id) else {
+                continue; // removed with device_del: the connection closes
+            };
+            let r = ProxyFunction::new(&dev_id, client, &self.ram, &self.vm, pci_gsi(slot))
+                .map_err(|e| format!("{e:#}"))
+                .and_then(|p| self.put_back(&new, &dev_id, slot, p));
+            if let Err(e) = r {
+                problems.push(format!("{dev_id}: {e}"));
+            }
+        }
+        // Devices added with device_add.
+        let added: Vec<AddedDevice> = lock(&self.added)
+            .iter()
+            .filter(|a| a.remote.as_deref() == Some(id))
+            .cloned()
+            .collect();
+        for a in added {
+            let r = self
+                .add_to_remote(&new, &a.id, &a.driver, a.slot, &a.settings, pci_gsi(a.slot))
+                .map_err(|e| e.desc)
+                .and_then(|p| {
+                    // add_to_remote registered it already.
+                    new.remove_device(&a.id);
+                    self.put_back(&new, &a.id, a.slot, p)
+                });
+            if let Err(e) = r {
+                problems.push(format!("{}: {e}", a.id));
+            }
+        }
+        // Drives attached with device_add scsi-hd, on controllers there.
+        let devices = new.device_ids();
+        let drives: Vec<(String, Node)> = lock(&self.nodes)
+            .iter()
+            .filter(|(name, n)| {
+                n.attached.as_ref().is_some_and(|a| {
+                    devices.contains(&a.controller)
+                        && **name != format!("{}-drive{}", a.controller, a.scsi_id)
+                })
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, node) in drives {
+            let Some(a) = node.attached else { continue };
+            let r = new.with_control(|c| {
+                c.device_control(
+                    &a.controller,
+                    "drive-add",
+                    json!({"id": name, "file": node.file, "scsi-id": a.scsi_id, "lun": 0,
+                           "read-only": node.read_only}),
+                )
+            });
+            if let Err(e) = r {
+                problems.push(format!("drive {name}: {e}"));
+            }
+        }
+        {
+            let mut remotes = lock(&self.remotes);
+            if let Some(slot) = remotes.iter_mut().find(|r| r.id == id) {
+                *slot = new.clone();
+            }
+        }
+        supervisor::spawn(
+            new.clone(),
+            self.bus.clone(),
+            self.events.clone(),
+            self.exit.clone(),
+        );
+        self.events.emit(
+            "REMOTE_RESTARTED",
+            json!({"id": id, "pid": pid, "devices": new.device_ids(), "problems": problems}),
+        );
+        if problems.is_empty() {
+            Ok(json!({}))
+        } else {
+            Err(QmpError::generic(format!(
+                "Remote '{id}' restarted, but: {}",
+                problems.join("; ")
+            )))
+        }
+    }
+
+    /// The VM ends: every remote stops being supervised, and those we
+    /// spawned see their control channel close (and exit).
+    pub fn stop_remotes(&self) {
+        for r in lock(&self.remotes).iter() {
+            r.stopped();
+        }
+    }
+
+    /// Puts a restarted remote's proxy in the slot its predecessor had.
+    fn put_back(
+        &self,
+        remote: &Arc<Remote>,
+        id: &str,
+        slot: u8,
+        proxy: ProxyFunction,
+    ) -> Result<(), String> {
+        let proxy = proxy.with_supervision(
+            remote.failed.clone(),
+            fail_hook(&self.events, Some(&remote.id)),
+        );
+        remote.add_device(id, Some(proxy.socket_fd()));
+        self.bus
+            .pci
+            .replace(slot, Box::new(proxy))
+            .map_err(|e| e.to_string())
+    }
+}
+
 impl Commands for Monitor {
     fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
         match name {
@@ -646,7 +840,7 @@ impl Commands for Monitor {
             "query-remote" => {
                 args.allow_only(&[])?;
                 Ok(Value::Array(
-                    self.remotes.iter().map(|r| r.query()).collect(),
+                    lock(&self.remotes).iter().map(|r| r.query()).collect(),
                 ))
             }
             "quit" => {
@@ -670,6 +864,7 @@ impl Commands for Monitor {
             "blockdev-add" => self.blockdev_add(args),
             "blockdev-del" => self.blockdev_del(args),
             "block_resize" => self.block_resize(args),
+            "remote-restart" => self.remote_restart(args),
             _ => Err(QmpError::command_not_found(name)),
         }
     }

@@ -32,6 +32,9 @@ pub enum ProcessEnd {
     Signaled(i32),
 }
 
+/// The remote processes the VMM spawned (shared: a restart replaces one).
+pub type Processes = std::sync::Arc<std::sync::Mutex<Vec<RemoteProcess>>>;
+
 /// How our child `pid` ended, if it has (without reaping it).
 pub fn process_end(pid: u32) -> Option<ProcessEnd> {
     // SAFETY: siginfo_t is plain data; zeroed is a valid value.

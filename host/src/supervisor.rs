@@ -265,9 +265,23 @@ impl Remote {
         events.emit("REMOTE_DIED", data);
     }
 
-    /// Marks the remote stopped (the VM ends).
+    /// Marks the remote stopped (the VM ends, or it is being replaced)
+    /// and closes its control channel: a `remote-host` we spawned exits
+    /// when that channel reaches EOF.
     pub fn stopped(&self) {
         lock(&self.status).state = RemoteState::Stopped;
+        if let Some(fd) = &self.control_fd {
+            // SAFETY: shutdown on a socket fd we own; it ends the
+            // connection for every duplicate, so the peer sees EOF.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+
+    /// Retires the remote before a restart: its devices fail at once (the
+    /// vCPUs stop waiting on it) and no more events are sent for it.
+    pub fn retire(&self) {
+        self.failed.store(true, Ordering::Release);
+        self.stopped();
     }
 
     /// Waits up to `period` for a hang-up on any of the remote's channels.

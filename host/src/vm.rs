@@ -59,6 +59,10 @@ pub fn kernel_cmdline(user: &str) -> String {
     s.trim().to_owned()
 }
 
+fn lock_processes(p: &remote::Processes) -> std::sync::MutexGuard<'_, Vec<RemoteProcess>> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Boot timing, printed with `HOST_STATS`.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -260,21 +264,24 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
     for sup in &supervised {
         supervisor::spawn(sup.clone(), bus.clone(), events.clone(), exit.clone());
     }
+    let processes: remote::Processes = Arc::new(Mutex::new(remotes));
+    let monitor = Arc::new(Monitor::new(
+        cfg.clone(),
+        bus.clone(),
+        vm.clone(),
+        ram.clone(),
+        supervised.clone(),
+        processes.clone(),
+        exit.clone(),
+        events.clone(),
+        plugin_dirs.clone(),
+    ));
+    drop(supervised);
     let server = match &qmp_path {
         Some(path) => {
-            let monitor = Monitor::new(
-                cfg.clone(),
-                bus.clone(),
-                vm.clone(),
-                ram.clone(),
-                supervised.clone(),
-                exit.clone(),
-                events.clone(),
-                plugin_dirs.clone(),
-            );
             let server = qmp::Server::bind_with(
                 path,
-                Arc::new(monitor),
+                monitor.clone(),
                 qmp::ServerOptions::default(),
                 events.clone(),
             )
@@ -291,9 +298,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
     };
     let reason = exit.wait();
     tracing::debug!("VM ends: {reason:?}");
-    for sup in &supervised {
-        sup.stopped();
-    }
+    monitor.stop_remotes();
     events.emit(
         "SHUTDOWN",
         serde_json::json!({
@@ -315,7 +320,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
     tracing::debug!("console flushed");
     bus.pci.shutdown();
     tracing::debug!("devices shut down");
-    for r in &mut remotes {
+    for r in lock_processes(&processes).iter_mut() {
         r.stop(Duration::from_secs(3));
     }
     let code = exit_code(&reason, exit.console());

@@ -240,6 +240,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     remote_host::serve_mpqemu::serve(devs, endpoint, &mpqemu_options)?;
                 }
             }
+            // The config's devices are gone (their client left, e.g. after
+            // device_del), but devices added over the control channel may
+            // still be served: the control channel decides when to exit.
+            if let Some(t) = control_thread {
+                let _ = t.join();
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

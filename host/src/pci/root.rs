@@ -198,6 +198,37 @@ impl PciRoot {
         Some(removed.label.clone())
     }
 
+    /// Puts `dev` in place of the function at `slot` (a restarted remote's
+    /// new connection), giving it the placement the guest sees: BARs,
+    /// interrupt line and command register, as the old function had them.
+    /// The old function is shut down. Accesses in flight finish on the old
+    /// one first (they hold its lock).
+    pub fn replace(&self, slot: u8, mut dev: Box<dyn PciDevice>) -> Result<()> {
+        let s = self
+            .slots()
+            .into_iter()
+            .find(|s| s.slot == slot && slot != 0)
+            .ok_or_else(|| anyhow::anyhow!("PCI slot {slot} is empty"))?;
+        let mut old = lock(&s.dev);
+        let cs = old.config_space();
+        for (index, spec) in cs.bar_specs() {
+            let off = regs::BAR0 + index * 4;
+            dev.config_write(off, &cs.read_value(off, 4).to_le_bytes());
+            if spec.bar_type == BarType::Memory64 {
+                dev.config_write(off + 4, &cs.read_value(off + 4, 4).to_le_bytes());
+            }
+        }
+        let line = cs.read_value(regs::INTERRUPT_LINE, 1) as u8;
+        let command = cs.command();
+        dev.config_write(regs::INTERRUPT_LINE, &[line]);
+        dev.config_write(regs::COMMAND, &command.to_le_bytes());
+        let mut previous = std::mem::replace(&mut *old, dev);
+        *s.bars.write().unwrap_or_else(|e| e.into_inner()) = old.config_space().active_bars();
+        drop(old);
+        previous.shutdown();
+        Ok(())
+    }
+
     /// Runs `f` on the function at `slot` (under its lock).
     pub fn with_function<T>(&self, slot: u8, f: impl FnOnce(&mut dyn PciDevice) -> T) -> Option<T> {
         let s = self.slots().into_iter().find(|s| s.slot == slot)?;
