@@ -12,8 +12,10 @@
 //!    the kernel reports the CAPACITY DATA HAS CHANGED unit attention;
 //! 4. the guest deletes sdb, then `device_del` + `blockdev-del`;
 //! 5. `device_add` of a dma-example function into the running `storage`
-//!    remote: the guest finds it after a PCI rescan and reads its ID
-//!    register through its BAR;
+//!    remote and of another in-process: the guest finds them after a PCI
+//!    rescan and reads their ID register through their BARs; a plugin
+//!    whose BAR reads panic, added in `storage` and in-process, fails with
+//!    DEVICE_FAILED and reads all-ones, and nothing else is affected;
 //! 6. SIGSTOP of `misc`: REMOTE_HUNG, and a guest read of its BAR returns
 //!    all-ones instead of freezing;
 //! 7. SIGKILL of `misc`: REMOTE_DIED; the guest keeps using its disk;
@@ -120,6 +122,12 @@ echo 1 > /sys/bus/pci/rescan
 i=0; while [ ! -e /sys/bus/pci/devices/0000:00:09.0 ] && [ $i -lt 100 ]; do sleep 0.2; echo 1 > /sys/bus/pci/rescan; i=$((i+1)); done
 echo "dma1_vendor=$(cat /sys/bus/pci/devices/0000:00:09.0/vendor) dma1_device=$(cat /sys/bus/pci/devices/0000:00:09.0/device)"
 echo "dma1_id=$(devmem $(bar0 0000:00:09.0) 32)"
+for f in 0a 0b 0c; do
+    i=0; while [ ! -e /sys/bus/pci/devices/0000:00:$f.0 ] && [ $i -lt 100 ]; do sleep 0.2; echo 1 > /sys/bus/pci/rescan; i=$((i+1)); done
+done
+echo "dma2_id=$(devmem $(bar0 0000:00:0a.0) 32)"
+echo "bad1_read=$(devmem $(bar0 0000:00:0b.0) 32)"
+echo "bad2_read=$(devmem $(bar0 0000:00:0c.0) 32)"
 step dma-found
 
 cs() {{ cut -d' ' -f1 /proc/uptime | tr -d .; }}
@@ -347,6 +355,28 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
         "{diag}"
     );
     assert_eq!(value(out, "dma1_id="), "0xD3A00001");
+    let dma2 = hot.iter().find(|d| d["qdev_id"] == "dma2").unwrap();
+    assert_eq!(
+        dma2["remote"],
+        serde_json::Value::Null,
+        "dma2 is in-process"
+    );
+    assert_eq!(value(out, "dma2_id="), "0xD3A00001", "{diag}");
+
+    // A plugin that panics: its device fails and reads all-ones; the
+    // process serving it goes on (the LSI controller beside it in
+    // `storage` keeps working, step 7).
+    assert_eq!(value(out, "bad1_read="), "0xFFFFFFFF", "{diag}");
+    assert_eq!(value(out, "bad2_read="), "0xFFFFFFFF", "{diag}");
+    assert_eq!(rep["bad1-failed"]["data"]["remote"], "storage");
+    assert_eq!(
+        rep["bad2-failed"]["data"]["remote"],
+        serde_json::Value::Null
+    );
+    for e in [&rep["bad1-failed"], &rep["bad2-failed"]] {
+        let reason = e["data"]["reason"].as_str().unwrap();
+        assert!(reason.contains("went wrong"), "{e}");
+    }
 
     // 6. Hung remote: reported, and the guest's read returns all-ones.
     let hung_after = rep["hung-after-s"].as_f64().unwrap();

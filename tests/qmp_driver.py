@@ -184,10 +184,26 @@ async def main():
     # A PCI function added to a running remote.
     await qmp.execute("device_add", {"driver": "dma-example", "id": "dma1",
                                      "remote": "storage", "addr": "0x9"})
+    # The same plugin in-process, and a plugin whose BAR reads panic, once
+    # in the remote (beside the LSI controller) and once in-process.
+    await qmp.execute("device_add", {"driver": "dma-example", "id": "dma2", "addr": "0xa"})
+    await qmp.execute("device_add", {"driver": "faulty-plugin", "kind": "panics-on-read",
+                                     "id": "bad1", "remote": "storage", "addr": "0xb"})
+    await qmp.execute("device_add", {"driver": "faulty-plugin", "kind": "panics-on-read",
+                                     "id": "bad2", "addr": "0xc"})
     r["query-pci-hotplugged"] = await qmp.execute("query-pci")
     go()
 
     await con.wait_step("dma-found")
+    # The panic's own report; a channel timeout may be reported first on a
+    # loaded machine (the proxy gives up on the access before the remote
+    # answers), and then the panic comes with the next heartbeat.
+    for name in ("bad1", "bad2"):
+        for _ in range(2):
+            e, _ = await ev.wait("DEVICE_FAILED", device=name)
+            r[f"{name}-failed"] = e
+            if "went wrong" in e["data"]["reason"]:
+                break
     misc = next(x for x in await qmp.execute("query-remote") if x["id"] == "misc")
     os.kill(misc["pid"], signal.SIGSTOP)
     t_stop = time.monotonic()

@@ -232,6 +232,13 @@ impl ControlClient {
         self.request("ping", Map::new(), &[]).map(|_| ())
     }
 
+    /// A `ping` that also returns what the remote reports with it:
+    /// `{"failed": [{"device": ID, "reason": TEXT}]}` for devices whose
+    /// plugin failed (panicked).
+    pub fn ping_status(&mut self) -> Result<Value, ControlError> {
+        self.request("ping", Map::new(), &[])
+    }
+
     /// Asks the remote to create `device` from `plugin` (device `kind`, or
     /// the plugin's only one) with `settings_toml` as its `[[device]]`
     /// table, and to serve it on `conn` with its protocol.

@@ -52,6 +52,7 @@ struct AddedDevice {
     driver: String,
     remote: Option<String>,
     slot: u8,
+    kind: Option<String>,
     settings: String,
 }
 
@@ -253,11 +254,12 @@ impl Monitor {
                 f.label.id
             )));
         }
-        let settings = settings_toml(args, &["driver", "id", "remote", "addr"])?;
+        let kind = args.opt_str("kind")?;
+        let settings = settings_toml(args, &["driver", "id", "remote", "addr", "kind"])?;
         let gsi = pci_gsi(slot);
         let (dev, label): (Box<dyn PciDevice>, SlotLabel) = match &remote {
             Some(r) => {
-                let proxy = self.add_to_remote(r, id, driver, slot, &settings, gsi)?;
+                let proxy = self.add_to_remote(r, id, driver, kind, slot, &settings, gsi)?;
                 (
                     Box::new(proxy),
                     SlotLabel {
@@ -271,7 +273,7 @@ impl Monitor {
                     id: id.into(),
                     placement: Placement::InProcess,
                     plugin: driver.into(),
-                    kind: None,
+                    kind: kind.map(str::to_owned),
                     slot,
                     settings,
                     base_dir: std::env::current_dir().unwrap_or_default(),
@@ -288,7 +290,8 @@ impl Monitor {
                     self.vm.clone(),
                     gsi,
                 )
-                .map_err(|e| QmpError::generic(format!("{e:#}")))?;
+                .map_err(|e| QmpError::generic(format!("{e:#}")))?
+                .with_fail_hook(fail_hook(&self.events, None));
                 (
                     Box::new(f),
                     SlotLabel {
@@ -312,7 +315,8 @@ impl Monitor {
             driver: driver.into(),
             remote: remote.as_ref().map(|r| r.id.clone()),
             slot,
-            settings: settings_toml(args, &["driver", "id", "remote", "addr"])?,
+            kind: kind.map(str::to_owned),
+            settings: settings_toml(args, &["driver", "id", "remote", "addr", "kind"])?,
         });
         tracing::info!("device_add: {id} ({driver}) at slot {slot}");
         Ok(json!({}))
@@ -332,6 +336,7 @@ impl Monitor {
         r: &Arc<Remote>,
         id: &str,
         driver: &str,
+        kind: Option<&str>,
         slot: u8,
         settings: &str,
         gsi: u32,
@@ -342,7 +347,7 @@ impl Monitor {
             .ok_or_else(|| QmpError::generic(format!("Remote '{}' is not in the config", r.id)))?;
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| QmpError::generic(format!("socketpair: {e}")))?;
-        r.with_control(|c| c.device_add(id, driver, None, slot, settings, OwnedFd::from(theirs)))
+        r.with_control(|c| c.device_add(id, driver, kind, slot, settings, OwnedFd::from(theirs)))
             .map_err(|e| {
                 // QEMU's words for an unknown device model.
                 if e.contains(&format!("plugin `{driver}` not found")) {
@@ -731,7 +736,15 @@ impl Monitor {
             .collect();
         for a in added {
             let r = self
-                .add_to_remote(&new, &a.id, &a.driver, a.slot, &a.settings, pci_gsi(a.slot))
+                .add_to_remote(
+                    &new,
+                    &a.id,
+                    &a.driver,
+                    a.kind.as_deref(),
+                    a.slot,
+                    &a.settings,
+                    pci_gsi(a.slot),
+                )
                 .map_err(|e| e.desc)
                 .and_then(|p| {
                     // add_to_remote registered it already.

@@ -77,6 +77,8 @@ pub struct Remote {
     devices: Mutex<Vec<(String, Option<OwnedFd>)>>,
     /// A duplicate of the control socket, polled for hang-up.
     control_fd: Option<OwnedFd>,
+    /// Devices already reported failed.
+    reported_failures: Mutex<std::collections::HashSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -120,6 +122,7 @@ impl Remote {
             control: Mutex::new(control),
             devices: Mutex::new(Vec::new()),
             control_fd,
+            reported_failures: Mutex::new(Default::default()),
         }
     }
 
@@ -314,6 +317,33 @@ impl Remote {
             .any(|p| p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
     }
 
+    /// `DEVICE_FAILED` once for each device the remote says has failed
+    /// (its plugin panicked; the remote keeps serving the others).
+    fn report_failures(&self, status: &Value, events: &qmp::EventSender) {
+        let Some(failed) = status.get("failed").and_then(Value::as_array) else {
+            return;
+        };
+        let mut reported = lock(&self.reported_failures);
+        for f in failed {
+            let (Some(device), Some(reason)) = (
+                f.get("device").and_then(Value::as_str),
+                f.get("reason").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            if reported.insert(device.to_owned()) {
+                eprintln!(
+                    "host: device {device} (remote `{}`) failed: {reason}",
+                    self.id
+                );
+                events.emit(
+                    "DEVICE_FAILED",
+                    json!({"device": device, "remote": self.id, "reason": reason}),
+                );
+            }
+        }
+    }
+
     /// Why the channels hung up: a process we spawned usually died, and
     /// its exit status is the better report (its SIGCHLD may trail the
     /// hang-up by a moment).
@@ -334,13 +364,16 @@ impl Remote {
     }
 
     /// One heartbeat: a control `ping`, else a request on each device.
-    fn beat(&self, bus: &Bus) -> Result<(), Silence> {
+    fn beat(&self, bus: &Bus, events: &qmp::EventSender) -> Result<(), Silence> {
         {
             let mut c = lock(&self.control);
             if let Some(c) = c.as_mut() {
                 c.set_timeout(self.timeout);
-                return match c.ping() {
-                    Ok(()) => Ok(()),
+                return match c.ping_status() {
+                    Ok(status) => {
+                        self.report_failures(&status, events);
+                        Ok(())
+                    }
                     Err(ControlError::Timeout(_)) => Err(Silence::Timeout),
                     Err(e) => Err(Silence::Closed(e.to_string())),
                 };
@@ -397,7 +430,7 @@ pub fn spawn(
         if vm_ending.is_set() {
             continue;
         }
-        match remote.beat(&bus) {
+        match remote.beat(&bus, &events) {
             Ok(()) => remote.answered(&events),
             Err(Silence::Timeout) => remote.hung(&events),
             Err(Silence::Closed(why)) => {

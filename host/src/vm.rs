@@ -187,7 +187,8 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
             Placement::InProcess => (
                 Box::new(
                     InProcessFunction::new(d, &plugin_dirs, ram.mem.clone(), vm.clone(), gsi)
-                        .with_context(|| format!("{}: device `{}`", d.location, d.id))?,
+                        .with_context(|| format!("{}: device `{}`", d.location, d.id))?
+                        .with_fail_hook(monitor::fail_hook(&events, None)),
                 ),
                 None,
             ),

@@ -77,6 +77,27 @@ pub use host::{DmaError, Host};
 pub mod __private {
     pub use abi_stable::prefix_type::PrefixTypeTrait;
     pub use abi_stable::std_types::{RResult, RStr, RString, RVec};
+
+    /// Makes a panic inside a loaded plugin print one line instead of the
+    /// default report. A plugin library links its own copy of `std`, so
+    /// this sets the hook of that copy only (the host's stays as it is).
+    /// Why: the panic guard already turns the panic into a failed device
+    /// with its message; a backtrace symbolized by the default hook (when
+    /// `RUST_BACKTRACE` is set) can take seconds on a slow machine, while a
+    /// vCPU waits for the access that panicked.
+    pub fn install_quiet_panic_hook(plugin: &'static str) {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            std::panic::set_hook(Box::new(move |info| {
+                let thread = std::thread::current();
+                eprintln!(
+                    "plugin {plugin}: thread '{}' {}",
+                    thread.name().unwrap_or("?"),
+                    info.to_string().replace('\n', " ")
+                );
+            }));
+        });
+    }
 }
 
 /// Exports a plugin's root module and a `plugin_module()` function that
@@ -108,6 +129,9 @@ macro_rules! export_plugin {
 
         #[::abi_stable::export_root_module]
         fn __plugin_root_module() -> $crate::PluginModuleRef {
+            // Only when loaded as a library: linked as an rlib, the hook
+            // would be the host's own.
+            $crate::__private::install_quiet_panic_hook($name);
             plugin_module()
         }
 

@@ -1,7 +1,8 @@
 //! The control channel (`serve --control FD`): the VMM adds, removes and
 //! operates devices of this remote while it runs ([`channel::control`]).
 //!
-//! - `ping` → `{}`.
+//! - `ping` → `{"failed": [{"device", "reason"}]}`: devices whose plugin
+//!   failed (panicked), so the VMM can report them.
 //! - `device-add` (+ one fd, a connected socket): builds the device through
 //!   the same path as config devices ([`devices::build_one`]) and serves it
 //!   on that socket with this remote's protocol, on its own thread.
@@ -103,7 +104,7 @@ impl Control {
             return Err(format!("`{op}` takes no file descriptors"));
         }
         match op {
-            "ping" => Ok(json!({})),
+            "ping" => Ok(self.ping()),
             "device-add" => self.device_add(req, fds),
             "device-del" => self.device_del(str_arg(req, "device")?),
             "device-control" => self.device_control(req),
@@ -111,6 +112,21 @@ impl Control {
                 "unknown op `{op}` (ping, device-add, device-del, device-control)"
             )),
         }
+    }
+
+    /// The answer to a heartbeat, with the devices whose plugin failed,
+    /// so that the VMM can report them (`DEVICE_FAILED`).
+    fn ping(&self) -> Value {
+        let failed: Vec<Value> = self
+            .devices
+            .iter()
+            .filter_map(|(id, e)| {
+                e.dev
+                    .failure_now()
+                    .map(|reason| json!({"device": id, "reason": reason}))
+            })
+            .collect();
+        json!({ "failed": failed })
     }
 
     fn device_add(&mut self, req: &Value, fds: Vec<OwnedFd>) -> Result<Value, String> {

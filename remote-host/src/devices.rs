@@ -63,6 +63,16 @@ const STATUS_INTERRUPT: u8 = 1 << 3;
 const COMMAND_INTX_DISABLE: u16 = 1 << 10;
 
 impl RemoteDevice {
+    /// The plugin's failure message, if it failed; `None` too when the
+    /// device is busy right now (never waits: heartbeats call this).
+    pub fn failure_now(&self) -> Option<String> {
+        match self.function.try_lock() {
+            Ok(f) => f.failure(),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().failure(),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// The PCI function; calls on it are serialized by this lock.
     pub fn function(&self) -> MutexGuard<'_, PciFunction> {
         self.function.lock().unwrap_or_else(|e| e.into_inner())

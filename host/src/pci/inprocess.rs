@@ -14,6 +14,7 @@ use plugin_api::function::{create_device, GuestMemory, IrqSink, PciFunction, Ser
 use plugin_api::loader;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::proxy::FailHook;
 use super::PciDevice;
 
 struct Ram(GuestMemoryMmap);
@@ -54,6 +55,8 @@ pub struct InProcessFunction {
     bar_reads: u64,
     bar_read_time: Duration,
     bar_writes: u64,
+    on_fail: Option<FailHook>,
+    failed: bool,
 }
 
 impl InProcessFunction {
@@ -78,7 +81,32 @@ impl InProcessFunction {
             bar_reads: 0,
             bar_read_time: Duration::ZERO,
             bar_writes: 0,
+            on_fail: None,
+            failed: false,
         })
+    }
+
+    /// Reports the plugin's failure (a panic) once through `hook`.
+    pub fn with_fail_hook(mut self, hook: FailHook) -> Self {
+        self.on_fail = Some(hook);
+        self
+    }
+
+    /// After a call into the plugin: whether it has just failed.
+    fn check_failure(&mut self) {
+        if self.failed {
+            return;
+        }
+        if let Some(reason) = self.func.failure() {
+            self.failed = true;
+            eprintln!(
+                "host: device {} failed: {reason}; it now reads all-ones",
+                self.id
+            );
+            if let Some(hook) = &self.on_fail {
+                hook(&self.id, &reason);
+            }
+        }
     }
 }
 
@@ -104,6 +132,7 @@ impl PciDevice for InProcessFunction {
         };
         if let Err(e) = self.func.bar_read(bar, offset, data) {
             tracing::warn!("{}: BAR read: {e:?}", self.id);
+            self.check_failure();
         }
         self.bar_reads += 1;
         self.bar_read_time += t.elapsed();
@@ -115,6 +144,7 @@ impl PciDevice for InProcessFunction {
         };
         if let Err(e) = self.func.bar_write(bar, offset, data) {
             tracing::warn!("{}: BAR write: {e:?}", self.id);
+            self.check_failure();
         }
     }
     fn config_space(&self) -> &ConfigSpace {
