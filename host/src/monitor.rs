@@ -257,9 +257,17 @@ impl Monitor {
         let kind = args.opt_str("kind")?;
         let settings = settings_toml(args, &["driver", "id", "remote", "addr", "kind"])?;
         let gsi = pci_gsi(slot);
+        let spec = AddedDevice {
+            id: id.into(),
+            driver: driver.into(),
+            remote: remote.as_ref().map(|r| r.id.clone()),
+            slot,
+            kind: kind.map(str::to_owned),
+            settings: settings.clone(),
+        };
         let (dev, label): (Box<dyn PciDevice>, SlotLabel) = match &remote {
             Some(r) => {
-                let proxy = self.add_to_remote(r, id, driver, kind, slot, &settings, gsi)?;
+                let proxy = self.add_to_remote(r, &spec)?;
                 (
                     Box::new(proxy),
                     SlotLabel {
@@ -310,14 +318,7 @@ impl Monitor {
             self.undo_remote_add(remote.as_ref(), id);
             return Err(QmpError::generic(e.to_string()));
         }
-        lock(&self.added).push(AddedDevice {
-            id: id.into(),
-            driver: driver.into(),
-            remote: remote.as_ref().map(|r| r.id.clone()),
-            slot,
-            kind: kind.map(str::to_owned),
-            settings: settings_toml(args, &["driver", "id", "remote", "addr", "kind"])?,
-        });
+        lock(&self.added).push(spec);
         tracing::info!("device_add: {id} ({driver}) at slot {slot}");
         Ok(json!({}))
     }
@@ -331,16 +332,9 @@ impl Monitor {
 
     /// Asks `r` to create the device on a new connection, then sets up
     /// its proxy function.
-    fn add_to_remote(
-        &self,
-        r: &Arc<Remote>,
-        id: &str,
-        driver: &str,
-        kind: Option<&str>,
-        slot: u8,
-        settings: &str,
-        gsi: u32,
-    ) -> Result<ProxyFunction, QmpError> {
+    fn add_to_remote(&self, r: &Arc<Remote>, a: &AddedDevice) -> Result<ProxyFunction, QmpError> {
+        let (id, driver, slot) = (a.id.as_str(), a.driver.as_str(), a.slot);
+        let (kind, settings, gsi) = (a.kind.as_deref(), a.settings.as_str(), pci_gsi(slot));
         let rcfg = self
             .config
             .remote(&r.id)
@@ -736,15 +730,7 @@ impl Monitor {
             .collect();
         for a in added {
             let r = self
-                .add_to_remote(
-                    &new,
-                    &a.id,
-                    &a.driver,
-                    a.kind.as_deref(),
-                    a.slot,
-                    &a.settings,
-                    pci_gsi(a.slot),
-                )
+                .add_to_remote(&new, &a)
                 .map_err(|e| e.desc)
                 .and_then(|p| {
                     // add_to_remote registered it already.
