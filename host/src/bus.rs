@@ -12,7 +12,8 @@ pub struct Bus {
     pub serial: Mutex<Com1>,
     pub i8042: Mutex<Ps2Controller>,
     pub cmos: Mutex<Cmos>,
-    pub pci: PciRoot,
+    /// Shared with the supervisors (device-channel heartbeats).
+    pub pci: std::sync::Arc<PciRoot>,
 }
 
 impl std::fmt::Debug for Bus {

@@ -775,7 +775,7 @@ impl Monitor {
         }
         supervisor::spawn(
             new.clone(),
-            self.bus.clone(),
+            self.bus.pci.clone(),
             self.events.clone(),
             self.exit.clone(),
         );

@@ -23,8 +23,8 @@ use channel::control::{ControlClient, ControlError};
 use config::Protocol;
 use serde_json::{json, Value};
 
-use crate::bus::Bus;
 use crate::exit::ExitSignal;
+use crate::pci::root::PciRoot;
 use crate::remote::ProcessEnd;
 
 /// Where a remote is in its life.
@@ -363,8 +363,10 @@ impl Remote {
         DeathCause::HangUp
     }
 
-    /// One heartbeat: a control `ping`, else a request on each device.
-    fn beat(&self, bus: &Bus, events: &qmp::EventSender) -> Result<(), Silence> {
+    /// One heartbeat: a control `ping`, else a request on each device that
+    /// can still take one. `Ok(false)`: nothing could be asked (no device,
+    /// or all failed), which says nothing either way.
+    fn beat(&self, pci: &PciRoot, events: &qmp::EventSender) -> Result<bool, Silence> {
         {
             let mut c = lock(&self.control);
             if let Some(c) = c.as_mut() {
@@ -372,28 +374,30 @@ impl Remote {
                 return match c.ping_status() {
                     Ok(status) => {
                         self.report_failures(&status, events);
-                        Ok(())
+                        Ok(true)
                     }
                     Err(ControlError::Timeout(_)) => Err(Silence::Timeout),
                     Err(e) => Err(Silence::Closed(e.to_string())),
                 };
             }
         }
+        let mut answered = false;
         for id in self.device_ids() {
-            let Some(slot) = bus.pci.slot_of(&id) else {
+            let Some(slot) = pci.slot_of(&id) else {
                 continue;
             };
             let deadline = Instant::now() + self.timeout;
-            let r = bus.pci.with_function(slot, |f| f.heartbeat()).flatten();
+            let r = pci.with_function(slot, |f| f.heartbeat()).flatten();
             match r {
                 Some(Err(e)) if Instant::now() >= deadline || e.contains("timed out") => {
                     return Err(Silence::Timeout)
                 }
                 Some(Err(e)) => return Err(Silence::Closed(e)),
-                _ => {}
+                Some(Ok(())) => answered = true,
+                None => {}
             }
         }
-        Ok(())
+        Ok(answered)
     }
 }
 
@@ -410,7 +414,7 @@ pub enum DeathCause {
 /// remote.
 pub fn spawn(
     remote: Arc<Remote>,
-    bus: Arc<Bus>,
+    pci: Arc<PciRoot>,
     events: qmp::EventSender,
     vm_ending: Arc<ExitSignal>,
 ) {
@@ -430,8 +434,9 @@ pub fn spawn(
         if vm_ending.is_set() {
             continue;
         }
-        match remote.beat(&bus, &events) {
-            Ok(()) => remote.answered(&events),
+        match remote.beat(&pci, &events) {
+            Ok(true) => remote.answered(&events),
+            Ok(false) => {}
             Err(Silence::Timeout) => remote.hung(&events),
             Err(Silence::Closed(why)) => {
                 tracing::warn!("remote {}: heartbeat: {why}", remote.id);

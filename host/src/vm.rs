@@ -235,7 +235,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         serial: Mutex::new(serial),
         i8042: Mutex::new(Ps2Controller::new(i8042)),
         cmos: Mutex::new(Cmos::default()),
-        pci: root,
+        pci: Arc::new(root),
     });
     let base_cpuid = cpu::supported_cpuid(&kvm)?;
     let mut fds = Vec::new();
@@ -263,7 +263,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         p.watch(move |end| sup.died(DeathCause::Process(end), &events, &exit));
     }
     for sup in &supervised {
-        supervisor::spawn(sup.clone(), bus.clone(), events.clone(), exit.clone());
+        supervisor::spawn(sup.clone(), bus.pci.clone(), events.clone(), exit.clone());
     }
     let processes: remote::Processes = Arc::new(Mutex::new(remotes));
     let monitor = Arc::new(Monitor::new(

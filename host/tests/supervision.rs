@@ -1,0 +1,240 @@
+//! Supervision of a remote the VMM did not start (an orchestrator's
+//! `remote-host` on a socket): with no control channel, heartbeats are
+//! requests on the device's own vfio-user channel. On this machine's own
+//! /dev/kvm, without a guest: the test plays the vCPU through the PCI root.
+//!
+//! SIGSTOP → `REMOTE_HUNG` within heartbeat + timeout, and BAR reads return
+//! all-ones at once; SIGCONT → still hung (its device channel is out of
+//! step, so nothing can tell; a control channel can: remote-host/tests/control.rs);
+//! SIGKILL → `REMOTE_DIED` (the socket hangs up).
+//! Events are read the way an operator would: from the QMP socket.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use host::exit::ExitSignal;
+use host::memory::GuestRam;
+use host::pci::proxy::ProxyFunction;
+use host::pci::root::{PciRoot, SlotLabel};
+use host::supervisor::{self, Remote, RemoteState};
+use kvm_ioctls::Kvm;
+use serde_json::{json, Map, Value};
+
+const SLOT: u8 = 3;
+const GSI: u32 = 19;
+
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Commands nobody calls: the server is only here for its events.
+struct NoCommands;
+
+impl qmp::Commands for NoCommands {
+    fn execute(&self, name: &str, _: &Map<String, Value>) -> Result<Value, qmp::QmpError> {
+        Err(qmp::QmpError::command_not_found(name))
+    }
+    fn command_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// A negotiated QMP client that collects events.
+struct EventReader(BufReader<UnixStream>);
+
+impl EventReader {
+    fn connect(path: &Path) -> EventReader {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = EventReader(BufReader::new(s));
+        assert!(r.next().get("QMP").is_some());
+        writeln!(w, "{}", json!({"execute": "qmp_capabilities"})).unwrap();
+        assert_eq!(r.next(), json!({"return": {}}));
+        r
+    }
+
+    fn next(&mut self) -> Value {
+        let mut line = String::new();
+        self.0
+            .read_line(&mut line)
+            .expect("no QMP message within 10 s");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// The next event named `name` (others are skipped), and when it came.
+    fn wait(&mut self, name: &str) -> (Value, Instant) {
+        loop {
+            let v = self.next();
+            if v["event"] == name {
+                return (v, Instant::now());
+            }
+        }
+    }
+}
+
+fn read32(root: &PciRoot, addr: u64) -> u32 {
+    let mut d = [0u8; 4];
+    assert!(root.mmio_read(addr, &mut d));
+    u32::from_le_bytes(d)
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+#[test]
+fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
+    let dir = profile_dir();
+    let rh = dir.join("remote-host");
+    let plugin = dir.join("libdma_example.so");
+    let missing = if !Path::new("/dev/kvm").exists() {
+        Some("/dev/kvm".to_owned())
+    } else {
+        [&rh, &plugin]
+            .into_iter()
+            .find(|p| !p.exists())
+            .map(|p| p.display().to_string())
+    };
+    if let Some(m) = missing {
+        assert!(!in_ci(), "CI=true: {m} is missing");
+        eprintln!("SKIP: needs {m} (cargo build -p remote-host -p dma-example)");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let sock = work.path().join("dev.sock");
+    let cfg_path = work.path().join("vm.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n[[remote]]\nid = \"orch\"\nsocket = \"{}\"\n\
+             heartbeat-ms = 100\ntimeout-ms = 300\nplugin-dirs = [\"{}\"]\n\n\
+             [[device]]\nid = \"dma0\"\nremote = \"orch\"\nplugin = \"dma-example\"\nslot = {SLOT}\n",
+            sock.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let cfg = config::Config::load(&cfg_path).unwrap();
+    // The orchestrator's remote-host.
+    let mut orch = Command::new(&rh)
+        .args(["serve", "--config"])
+        .arg(&cfg_path)
+        .args(["--remote", "orch", "--socket"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    vm.create_irq_chip().unwrap();
+    let ram = GuestRam::new(64 << 20).unwrap();
+    let s = host::remote::connect_supervised(&cfg, &cfg.remotes[0], None).unwrap();
+    assert!(s.process.is_none() && s.control.is_none());
+    let remote = Arc::new(Remote::new(&cfg.remotes[0], None, None, None));
+    let events = qmp::EventSender::new();
+    let qmp_path = work.path().join("qmp.sock");
+    let server = qmp::Server::bind_with(
+        &qmp_path,
+        Arc::new(NoCommands),
+        qmp::ServerOptions::default(),
+        events.clone(),
+    )
+    .unwrap();
+    let mut ev = EventReader::connect(&qmp_path);
+
+    let (_, client) = s.clients.into_iter().next().unwrap();
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let f2 = failures.clone();
+    let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI)
+        .unwrap()
+        .with_supervision(
+            remote.failed.clone(),
+            Arc::new(move |d: &str, why: &str| f2.lock().unwrap().push(format!("{d}: {why}"))),
+        );
+    remote.add_device("dma0", Some(func.socket_fd()));
+    let root = Arc::new(PciRoot::new());
+    let label = SlotLabel {
+        id: "dma0".into(),
+        remote: Some("orch".into()),
+    };
+    root.insert(SLOT, label, Box::new(func)).unwrap();
+    root.assign_resources(&|_| Some(GSI as u8)).unwrap();
+    let bar0 = root.functions()[1].bars[0].base;
+    assert_eq!(read32(&root, bar0), 0xd3a0_0001);
+
+    let exit = Arc::new(ExitSignal::default());
+    supervisor::spawn(remote.clone(), root.clone(), events.clone(), exit.clone());
+    let t = Instant::now();
+    while remote.state() != RemoteState::Running {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no heartbeat answered"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(remote.query()["last-heartbeat"]["seconds"]
+        .as_u64()
+        .is_some());
+
+    // Hung: reported within heartbeat + timeout (plus scheduling slack).
+    signal(&orch, libc::SIGSTOP);
+    let stopped = Instant::now();
+    let (hung, at) = ev.wait("REMOTE_HUNG");
+    let after = at - stopped;
+    eprintln!("REMOTE_HUNG {after:?} after SIGSTOP: {hung}");
+    assert!(after < Duration::from_secs(3), "{after:?}");
+    assert_eq!(hung["data"]["id"], "orch");
+    assert_eq!(hung["data"]["pid"], Value::Null);
+    assert_eq!(hung["data"]["devices"], json!(["dma0"]));
+    assert_eq!(remote.state(), RemoteState::Hung);
+    // A vCPU no longer waits for it.
+    let t = Instant::now();
+    assert_eq!(read32(&root, bar0), 0xffff_ffff);
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // It runs again, but without a control channel nothing can tell: the
+    // device channel timed out mid-stream and is failed for good. The
+    // remote stays `hung` (no REMOTE_ALIVE), the device all-ones.
+    signal(&orch, libc::SIGCONT);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(remote.state(), RemoteState::Hung);
+    assert_eq!(read32(&root, bar0), 0xffff_ffff);
+    assert_eq!(remote.query()["devices-failed"], true);
+
+    // Dead: its socket hangs up, reported at once.
+    signal(&orch, libc::SIGKILL);
+    let killed = Instant::now();
+    let (died, at) = ev.wait("REMOTE_DIED");
+    eprintln!("REMOTE_DIED {:?} after SIGKILL: {died}", at - killed);
+    assert!(at - killed < Duration::from_secs(2));
+    assert_eq!(died["data"]["reason"], "eof");
+    assert_eq!(remote.state(), RemoteState::Dead);
+    let _ = orch.wait();
+
+    exit.set(host::exit::ExitReason::Quit);
+    root.shutdown();
+    server.shutdown();
+}
