@@ -37,24 +37,30 @@ pub type Processes = std::sync::Arc<std::sync::Mutex<Vec<RemoteProcess>>>;
 
 /// How our child `pid` ended, if it has (without reaping it).
 pub fn process_end(pid: u32) -> Option<ProcessEnd> {
+    wait_end(pid, libc::WNOHANG)
+}
+
+/// waitid(2) for the end of child `pid`, leaving it to be reaped
+/// (`WNOWAIT`); `flags` may add `WNOHANG`.
+fn wait_end(pid: u32, flags: libc::c_int) -> Option<ProcessEnd> {
     // SAFETY: siginfo_t is plain data; zeroed is a valid value.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: waitid with a valid out pointer; WNOHANG does not block and
-    // WNOWAIT leaves the child to be reaped by `RemoteProcess::stop`.
+    // SAFETY: waitid on our own child with a valid out pointer; WNOWAIT
+    // leaves the child to be reaped by `RemoteProcess::stop`.
     let r = unsafe {
         libc::waitid(
             libc::P_PID,
             pid as libc::id_t,
             &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            libc::WEXITED | libc::WNOWAIT | flags,
         )
     };
-    // SAFETY: si_pid is valid for the CLD_* siginfo waitid fills in (and
-    // 0 when no child changed state).
+    // SAFETY: si_pid is valid in the SIGCHLD siginfo waitid fills in (0
+    // when, with WNOHANG, the child has not changed state).
     if r != 0 || unsafe { info.si_pid() } == 0 {
         return None;
     }
-    // SAFETY: as above, a SIGCHLD siginfo.
+    // SAFETY: as above.
     let status = unsafe { info.si_status() };
     Some(if info.si_code == libc::CLD_EXITED {
         ProcessEnd::Exited(status)
@@ -85,26 +91,8 @@ impl RemoteProcess {
         let spawned = std::thread::Builder::new()
             .name(format!("watch-{}", self.id))
             .spawn(move || {
-                // SAFETY: siginfo_t is plain data; zeroed is a valid value.
-                let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-                // SAFETY: waitid on our own child with a valid out pointer;
-                // WNOWAIT leaves the child to be reaped by `stop`.
-                let r = unsafe {
-                    libc::waitid(
-                        libc::P_PID,
-                        pid as libc::id_t,
-                        &mut info,
-                        libc::WEXITED | libc::WNOWAIT,
-                    )
-                };
-                if r == 0 {
-                    // SAFETY: waitid filled in a SIGCHLD siginfo.
-                    let status = unsafe { info.si_status() };
-                    on_exit(if info.si_code == libc::CLD_EXITED {
-                        ProcessEnd::Exited(status)
-                    } else {
-                        ProcessEnd::Signaled(status)
-                    });
+                if let Some(end) = wait_end(pid, 0) {
+                    on_exit(end);
                 }
             });
         if let Err(e) = spawned {

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -153,7 +153,7 @@ impl Control {
                 v.len()
             )
         })?;
-        if !is_stream_socket(&fd) {
+        if !crate::sockets::is_stream_socket(fd.as_fd()) {
             return Err("device-add: the file descriptor is not a stream socket".into());
         }
         if self.devices.contains_key(id) {
@@ -238,24 +238,7 @@ impl Control {
     }
 }
 
-fn is_stream_socket(fd: &OwnedFd) -> bool {
-    let mut ty: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `ty`/`len` are valid out-parameters of the sizes given; the
-    // fd is open for the duration of the call.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    r == 0 && ty == libc::SOCK_STREAM
-}
-
 /// Takes ownership of the inherited control socket `--control N`.
 pub fn inherited_socket(n: std::os::fd::RawFd) -> anyhow::Result<UnixStream> {
-    crate::serve_vfio_user::inherited_socket(n).map(UnixStream::from)
+    crate::sockets::inherited_socket(n).map(UnixStream::from)
 }

@@ -16,3 +16,4 @@ pub mod logging;
 pub mod memory;
 pub mod serve_mpqemu;
 pub mod serve_vfio_user;
+pub mod sockets;

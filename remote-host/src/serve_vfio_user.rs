@@ -47,7 +47,6 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -124,7 +123,7 @@ pub fn serve(
             }
             let mut threads = Vec::new();
             for (dev, p) in devices.into_iter().zip(paths) {
-                let listener = bind(&p)?;
+                let listener = crate::sockets::bind(&p)?;
                 tracing::info!(device = %dev.id, socket = %p.display(), "vfio-user listening");
                 threads.push(spawn_listener(dev, listener, options)?);
             }
@@ -140,9 +139,9 @@ pub fn serve(
                     d.len()
                 )
             })?;
-            let fd = inherited_socket(n)?;
+            let fd = crate::sockets::inherited_socket(n)?;
             let server = DeviceServer::new(dev, options);
-            if is_listening(&fd)? {
+            if crate::sockets::is_listening(fd.as_fd())? {
                 tracing::info!(device = %server.name(), fd = n, "vfio-user listening on inherited fd");
                 server.accept_loop(UnixListener::from(fd));
             } else {
@@ -152,64 +151,6 @@ pub fn serve(
             Ok(())
         }
     }
-}
-
-fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-        } else {
-            anyhow::bail!("{} exists and is not a socket", path.display());
-        }
-    }
-    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
-}
-
-pub(crate) fn inherited_socket(n: RawFd) -> anyhow::Result<OwnedFd> {
-    // SAFETY: F_GETFD only queries the descriptor table.
-    if n < 0 || unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
-        anyhow::bail!("--fd {n} is not an open file descriptor");
-    }
-    // SAFETY: the fd is open (checked above) and was handed to this
-    // process on its command line to own; nothing else in the process
-    // uses it.
-    let fd = unsafe { OwnedFd::from_raw_fd(n) };
-    let mut ty: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `ty`/`len` are valid out-parameters of the sizes given.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 || ty != libc::SOCK_STREAM {
-        anyhow::bail!("--fd {n} is not a stream socket");
-    }
-    Ok(fd)
-}
-
-fn is_listening(fd: &OwnedFd) -> anyhow::Result<bool> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `v`/`len` are valid out-parameters of the sizes given.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_ACCEPTCONN)");
-    }
-    Ok(v != 0)
 }
 
 fn spawn_listener(

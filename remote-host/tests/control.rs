@@ -112,7 +112,23 @@ impl Remote {
     fn signal(&self, sig: libc::c_int) -> bool {
         let pid = libc::pid_t::try_from(self.child.id()).unwrap();
         // SAFETY: kill(2) on our own child's pid; no memory involved.
-        unsafe { libc::kill(pid, sig) == 0 }
+        let sent = unsafe { libc::kill(pid, sig) == 0 };
+        if sent && sig == libc::SIGSTOP {
+            // kill(2) returns before the process has stopped: wait for it,
+            // or a request sent now may still be answered.
+            let stat = format!("/proc/{pid}/stat");
+            let start = Instant::now();
+            while !std::fs::read_to_string(&stat)
+                .unwrap()
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('T'))
+            {
+                assert!(start.elapsed() < Duration::from_secs(5), "not stopped");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        sent
     }
 
     /// Waits for the process to exit by itself.
