@@ -405,7 +405,7 @@ fn parse_remote(
         .into_iter()
         .map(|s| resolve(s.value))
         .collect();
-    let heartbeat_ms = t.integer_in("heartbeat-ms", 10..=60_000, Some(500))?.value as u64;
+    let heartbeat_ms = t.integer_in("heartbeat-ms", 10..=60_000, Some(250))?.value as u64;
     let timeout_ms = t.integer_in("timeout-ms", 10..=600_000, Some(1000))?.value as u64;
     t.deny_unknown()?;
     Ok(RemoteConfig {
