@@ -8,10 +8,18 @@
 //! kernel = "vmlinuz"
 //! initrd = "initrd.img"
 //! cmdline = "console=ttyS0"
+//! # console-log = "console.log"   # else the console goes to stdout
+//! # qmp = "qmp.sock"              # QMP monitor socket (or host run --qmp)
 //!
 //! [[remote]]
 //! id = "storage"
 //! log = "storage.log"
+//! # socket = "/run/vm/storage"   # connect to an orchestrator's remote
+//! # protocol = "vfio-user"       # or "mpqemu"
+//! # plugin-dirs = ["plugins"]
+//! # heartbeat-ms = 250           # supervision: period ...
+//! # timeout-ms = 1000            # ... and how long any wait may take
+//! # sandbox = true               # remote-host's seccomp filter
 //!
 //! [[device]]
 //! id = "lsi0"
@@ -172,6 +180,9 @@ pub struct RemoteConfig {
     pub heartbeat_ms: u64,
     /// How long any wait on this remote may take, milliseconds.
     pub timeout_ms: u64,
+    /// Whether `remote-host` confines itself with its seccomp filter once
+    /// its devices are built (default true; see remote-host's `sandbox`).
+    pub sandbox: bool,
     pub location: Location,
 }
 
@@ -407,6 +418,7 @@ fn parse_remote(
         .collect();
     let heartbeat_ms = t.integer_in("heartbeat-ms", 10..=60_000, Some(250))?.value as u64;
     let timeout_ms = t.integer_in("timeout-ms", 10..=600_000, Some(1000))?.value as u64;
+    let sandbox = t.opt_bool("sandbox")?.is_none_or(|b| b.value);
     t.deny_unknown()?;
     Ok(RemoteConfig {
         id,
@@ -416,6 +428,7 @@ fn parse_remote(
         plugin_dirs,
         heartbeat_ms,
         timeout_ms,
+        sandbox,
         location,
     })
 }

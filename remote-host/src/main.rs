@@ -64,6 +64,11 @@ enum Command {
         /// the traffic; 0 sleeps at once (for hosts with few spare cores).
         #[arg(long, default_value_t = 50)]
         poll_us: u64,
+        /// Do not enter the seccomp sandbox (see `sandbox = false` in the
+        /// remote's config; the sandbox refuses exec, network sockets,
+        /// ptrace, mounts and the like once the devices are built).
+        #[arg(long)]
+        no_sandbox: bool,
     },
 }
 
@@ -157,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             log,
             plugin_dirs,
             poll_us,
+            no_sandbox,
         } => {
             let cfg = load_remote(&config, &remote)?;
             let rcfg = cfg.remote(&remote).cloned();
@@ -174,6 +180,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 failed = failed.len(),
                 "remote-host ready"
             );
+            // The devices exist (their plugins are loaded, their threads
+            // started): from here on the process only needs what serving
+            // them takes.
+            if !no_sandbox && rcfg.as_ref().is_none_or(|r| r.sandbox) {
+                remote_host::sandbox::enter()?;
+                tracing::info!("sandbox: seccomp filter installed on every thread");
+            }
             let endpoint = match (socket, fd) {
                 (Some(path), _) => Some(remote_host::serve_vfio_user::Endpoint::Socket {
                     path,

@@ -1,8 +1,9 @@
 //! `remote-host serve --control FD`: the VMM's control channel. Devices
 //! come and go at run time (device-add with the device's socket as an
 //! fd, device-del), per-device controls reach the plugin (the LSI's
-//! drive-add), errors come back verbatim, and a stopped process times out
-//! without hanging the client and answers again once continued.
+//! drive-add), errors come back verbatim, a stopped process times out
+//! without hanging the client and answers again once continued, and the
+//! seccomp sandbox refuses a device's attempts to escape.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -26,7 +27,11 @@ fn target_dir() -> PathBuf {
 
 fn plugin_dir() -> PathBuf {
     let dir = target_dir();
-    for lib in ["libdma_example.so", "liblsi53c895a.so"] {
+    for lib in [
+        "libdma_example.so",
+        "liblsi53c895a.so",
+        "libfaulty_plugin.so",
+    ] {
         assert!(
             dir.join(lib).is_file(),
             "{lib} is not built in {}: run `cargo build --workspace` first",
@@ -291,4 +296,38 @@ fn a_stopped_remote_times_out_and_answers_after_sigcont() {
     // The two late replies are skipped; this ping gets its own.
     ctl.ping().unwrap();
     ctl.ping().unwrap();
+}
+
+/// What the `escapes` fixture managed from inside the remote: running a
+/// program, opening a network socket, opening a UNIX socketpair (1 worked,
+/// 2 refused).
+fn escape_attempts(extra: &[&str]) -> [u32; 3] {
+    let (_remote, mut ctl) = Remote::start(extra);
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    ctl.device_add(
+        "esc",
+        "faulty-plugin",
+        Some("escapes"),
+        3,
+        "",
+        OwnedFd::from(theirs),
+    )
+    .unwrap();
+    let mut c = vfio_client(ours);
+    [0u64, 4, 8].map(|off| {
+        let mut v = [0u8; 4];
+        c.region_read(0, off, &mut v).unwrap();
+        u32::from_le_bytes(v)
+    })
+}
+
+#[test]
+fn the_sandbox_refuses_programs_and_network_sockets_to_a_device() {
+    // Sandboxed (the default): exec and an IP socket are refused; what a
+    // device needs (UNIX sockets, here) still works, and the device keeps
+    // answering after its attempts fail.
+    assert_eq!(escape_attempts(&[]), [2, 2, 1]);
+    // The same plugin without the sandbox: everything works. (So the
+    // refusals above are the sandbox's, not the fixture's.)
+    assert_eq!(escape_attempts(&["--no-sandbox"]), [1, 1, 1]);
 }

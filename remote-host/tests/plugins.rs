@@ -57,7 +57,7 @@ fn plugins_lists_good_and_reports_incompatible() {
     assert!(
         stdout
             .lines()
-            .any(|l| l.starts_with("faulty-plugin\t0.1.0\tfails,panics,panics-on-read\t")),
+            .any(|l| l.starts_with("faulty-plugin\t0.1.0\tfails,panics,panics-on-read,escapes\t")),
         "{stdout}"
     );
     let bad = stdout

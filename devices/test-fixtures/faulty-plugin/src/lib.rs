@@ -3,6 +3,9 @@
 //! - `fails`: the constructor returns an error.
 //! - `panics`: the constructor panics.
 //! - `panics-on-read`: a working device whose BAR reads panic.
+//! - `escapes`: a device whose BAR reads try what a subverted device would
+//!   (run a program, open a network socket), and a UNIX socketpair as a
+//!   control: each read returns 1 if the attempt worked, 2 if refused.
 #![allow(clippy::panic)]
 
 use abi_stable::std_types::RVec;
@@ -56,11 +59,65 @@ impl Device for PanicsOnRead {
     fn reset(&mut self) {}
 }
 
+fn escapes(_settings: &str, _host: Host) -> Result<Box<dyn Device>, String> {
+    Ok(Box::new(Escapes))
+}
+
+struct Escapes;
+
+impl Escapes {
+    /// 1: it worked; 2: it was refused.
+    fn attempt(offset: u64) -> u32 {
+        let worked = match offset {
+            0 => std::process::Command::new("/bin/true").status().is_ok(),
+            4 => std::net::UdpSocket::bind("127.0.0.1:0").is_ok(),
+            _ => std::os::unix::net::UnixStream::pair().is_ok(),
+        };
+        if worked {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+impl Device for Escapes {
+    fn describe(&self) -> DeviceDesc {
+        DeviceDesc {
+            identity: PciIdentity {
+                vendor_id: 0x1234,
+                device_id: 0xbad0,
+                class_code: 0xff0000,
+                ..Default::default()
+            },
+            bars: RVec::from(vec![BarDesc {
+                index: 0,
+                kind: BarKind::Memory32,
+                size: 0x100,
+                prefetchable: false,
+            }]),
+            capabilities: RVec::new(),
+            msi_vectors: 0,
+        }
+    }
+
+    fn bar_read(&mut self, _bar: u8, offset: u64, data: &mut [u8]) {
+        let v = Self::attempt(offset).to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&v[..n]);
+    }
+
+    fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
+
+    fn reset(&mut self) {}
+}
+
 plugin_api::export_plugin! {
     name: "faulty-plugin",
     devices: {
         "fails" => fails,
         "panics" => panics,
         "panics-on-read" => panics_on_read,
+        "escapes" => escapes,
     },
 }
