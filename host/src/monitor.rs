@@ -34,6 +34,9 @@ struct Node {
     file: PathBuf,
     read_only: bool,
     attached: Option<Attachment>,
+    /// For a drive of the config: where the config puts it (a restarted
+    /// remote attaches it there again by itself).
+    from_config: Option<(String, u8)>,
 }
 
 #[derive(Clone, Debug)]
@@ -469,6 +472,7 @@ impl Monitor {
                 file: path,
                 read_only,
                 attached: None,
+                from_config: None,
             },
         );
         Ok(json!({}))
@@ -712,8 +716,17 @@ impl Monitor {
         let mut problems = Vec::new();
         // Devices of the config: a fresh connection each.
         for (dev_id, client) in s.clients {
-            let Some(slot) = self.bus.pci.slot_of(&dev_id) else {
-                continue; // removed with device_del: the connection closes
+            // Removed with device_del (its id maybe reused elsewhere since):
+            // the new connection just closes.
+            let Some(slot) = self
+                .bus
+                .pci
+                .functions()
+                .into_iter()
+                .find(|f| f.label.id == dev_id && f.label.remote.as_deref() == Some(id))
+                .map(|f| f.slot)
+            else {
+                continue;
             };
             let r = ProxyFunction::new(&dev_id, client, &self.ram, &self.vm, pci_gsi(slot))
                 .map_err(|e| format!("{e:#}"))
@@ -741,29 +754,30 @@ impl Monitor {
                 problems.push(format!("{}: {e}", a.id));
             }
         }
-        // Drives attached with device_add scsi-hd, on controllers there.
+        // Drives: the restarted controller has its config drives again;
+        // make its targets what the operator left them.
         let devices = new.device_ids();
-        let drives: Vec<(String, Node)> = lock(&self.nodes)
+        let nodes: Vec<(String, Node)> = lock(&self.nodes)
             .iter()
-            .filter(|(name, n)| {
-                n.attached.as_ref().is_some_and(|a| {
-                    devices.contains(&a.controller)
-                        && **name != format!("{}-drive{}", a.controller, a.scsi_id)
-                })
-            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        for (name, node) in drives {
-            let Some(a) = node.attached else { continue };
-            let r = new.with_control(|c| {
-                c.device_control(
-                    &a.controller,
+        for (name, node) in nodes {
+            let op = match (&node.attached, &node.from_config) {
+                // Attached with device_add scsi-hd: attach it again.
+                (Some(a), None) if devices.contains(&a.controller) => (
+                    a.controller.clone(),
                     "drive-add",
                     json!({"id": name, "file": node.file, "scsi-id": a.scsi_id, "lun": 0,
                            "read-only": node.read_only}),
-                )
-            });
-            if let Err(e) = r {
+                ),
+                // A config drive the operator removed: remove it again.
+                (None, Some((controller, scsi_id))) if devices.contains(controller) => {
+                    (controller.clone(), "drive-del", json!({"scsi-id": scsi_id}))
+                }
+                _ => continue,
+            };
+            let (controller, control, args) = op;
+            if let Err(e) = new.with_control(|c| c.device_control(&controller, control, args)) {
                 problems.push(format!("drive {name}: {e}"));
             }
         }
@@ -973,6 +987,7 @@ fn config_drives(config: &Config) -> BTreeMap<String, Node> {
                         controller: d.id.clone(),
                         scsi_id: scsi_id as u8,
                     }),
+                    from_config: Some((d.id.clone(), scsi_id as u8)),
                 },
             );
         }
