@@ -262,14 +262,9 @@ fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs
 }
 
-/// What a vCPU exit asks of the run loop.
-enum Next {
-    Continue,
-    /// The VM stops (or resets): stop running and park.
-    Stop,
-}
-
-fn handle(id: u8, vcpu: &mut VcpuFd, bus: &Bus, exit: &ExitSignal) -> Next {
+/// One KVM_RUN and its exit. An exit that stops the VM sets `exit`, which
+/// the run loop checks before the next KVM_RUN.
+fn run_once(id: u8, vcpu: &mut VcpuFd, bus: &Bus, exit: &ExitSignal) {
     match vcpu.run() {
         Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
         Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
@@ -278,39 +273,32 @@ fn handle(id: u8, vcpu: &mut VcpuFd, bus: &Bus, exit: &ExitSignal) -> Next {
         Ok(VcpuExit::Hlt) => std::thread::yield_now(),
         Ok(VcpuExit::Shutdown) => {
             exit.set(ExitReason::TripleFault);
-            return Next::Stop;
         }
         Ok(VcpuExit::SystemEvent(kind, _)) => {
             exit.set(ExitReason::SystemEvent(kind));
-            return Next::Stop;
         }
         Ok(VcpuExit::Intr) => {}
         Ok(VcpuExit::FailEntry(reason, cpu)) => {
             exit.set(ExitReason::Error(format!(
                 "vCPU {id}: KVM entry failed, hardware reason {reason:#x} on CPU {cpu}"
             )));
-            return Next::Stop;
         }
         Ok(VcpuExit::InternalError) => {
             let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
             exit.set(ExitReason::Error(format!(
                 "vCPU {id}: KVM internal error at rip {rip:#x}"
             )));
-            return Next::Stop;
         }
         Ok(other) => {
             exit.set(ExitReason::Error(format!(
                 "vCPU {id}: unexpected exit {other:?}"
             )));
-            return Next::Stop;
         }
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
         Err(e) => {
             exit.set(ExitReason::Error(format!("vCPU {id}: KVM_RUN: {e}")));
-            return Next::Stop;
         }
     }
-    Next::Continue
 }
 
 /// Runs a vCPU until the VM stops or a reset wants it held, then parks it
@@ -332,9 +320,7 @@ pub fn run(
                     complete_pending_io(id, &mut fd, &bus, &exit);
                     break;
                 }
-                if let Next::Stop = handle(id, &mut fd, &bus, &exit) {
-                    // Loop once more: the check above parks it.
-                }
+                run_once(id, &mut fd, &bus, &exit);
             }
         }
         gate.park();
