@@ -419,3 +419,29 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_counts_parked_vcpus_per_opening() {
+        let gate = Arc::new(Gate::default());
+        let spawn = |g: &Arc<Gate>| {
+            let g = g.clone();
+            std::thread::spawn(move || g.park())
+        };
+        gate.request_pause();
+        assert!(gate.pause_requested());
+        let (a, b) = (spawn(&gate), spawn(&gate));
+        while gate.parked() < 2 {
+            gate.wait_parked(Duration::from_millis(10));
+        }
+        gate.open();
+        assert!(!gate.pause_requested());
+        // Parked vCPUs of the last round do not count for the next one.
+        assert_eq!(gate.parked(), 0);
+        a.join().unwrap();
+        b.join().unwrap();
+    }
+}
