@@ -1,8 +1,9 @@
 //! `host run` (our VMM) boots Debian's stock kernel with a busybox
 //! initramfs to its job, under the real KVM of the nested environment,
 //! with 2 vCPUs, and exits when the guest powers off. In the same L1 boot,
-//! a guest that runs `reboot -f` (i8042 reset) and a guest whose kernel
-//! panics end the VMM too, each with its exit code.
+//! a guest that runs `reboot -f` (i8042 reset) with `on-reboot = "exit"`
+//! and a guest whose kernel panics end the VMM too, each with its exit
+//! code.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -45,8 +46,15 @@ kernel = "{}"
 initrd = "{initrd}"
 cmdline = "console=ttyS0 quiet"
 console-log = "{name}-console.log"
-"#,
-                env.kernel.display()
+{on_reboot}"#,
+                env.kernel.display(),
+                // The reboot guest checks QEMU's -no-reboot behaviour (the
+                // restart itself is tests/host_reset.rs).
+                on_reboot = if name == "reboot" {
+                    "on-reboot = \"exit\"\n"
+                } else {
+                    ""
+                },
             ),
         )
         .unwrap();
@@ -118,7 +126,8 @@ console-log = "{name}-console.log"
         job.output
     );
     // reboot -f: the kernel restarts through the i8042 (reboot=k), which
-    // ends the VM; exit code 0. A panic reboots too (panic=-1); exit 2.
+    // ends the VM with on-reboot = "exit"; exit code 0. A panic ends the VM
+    // as soon as the console shows it (before panic=-1 reboots); exit 2.
     let reboot = fs::read_to_string(dir.join("reboot-console.log")).unwrap_or_default();
     assert!(reboot.contains("rebooting"), "{reboot}");
     assert!(
@@ -130,7 +139,7 @@ console-log = "{name}-console.log"
     let panic = fs::read_to_string(dir.join("panic-console.log")).unwrap_or_default();
     assert!(panic.contains("Kernel panic"), "{panic}");
     assert!(
-        l1.output.contains("PANIC-EXIT=2"),
+        l1.output.contains("PANIC-EXIT=2") && l1.output.contains("exit=Panic code=2"),
         "panic: host did not exit 2:\n{}\n{panic}",
         l1.output
     );

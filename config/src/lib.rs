@@ -10,6 +10,7 @@
 //! cmdline = "console=ttyS0"
 //! # console-log = "console.log"   # else the console goes to stdout
 //! # qmp = "qmp.sock"              # QMP monitor socket (or host run --qmp)
+//! # on-reboot = "restart"         # or "exit" (QEMU's -no-reboot)
 //!
 //! [[remote]]
 //! id = "storage"
@@ -134,6 +135,31 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     /// QMP monitor socket, if any.
     pub qmp: Option<PathBuf>,
+    /// What a guest reboot or a QMP `system_reset` does (`on-reboot`).
+    pub on_reboot: OnReboot,
+}
+
+/// `[vm] on-reboot`: what a reset of the machine does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnReboot {
+    /// Restart the guest from the kernel entry (QEMU's default).
+    #[default]
+    Restart,
+    /// End the VM (QEMU's `-no-reboot`).
+    Exit,
+}
+
+impl std::str::FromStr for OnReboot {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "restart" => Ok(OnReboot::Restart),
+            "exit" => Ok(OnReboot::Exit),
+            other => Err(format!(
+                "`on-reboot` must be \"restart\" or \"exit\", found \"{other}\""
+            )),
+        }
+    }
 }
 
 /// The wire protocol spoken on a remote's channel.
@@ -367,6 +393,10 @@ fn parse_vm(
         .map_or_else(|| "console=ttyS0".to_owned(), |s| s.value);
     let console_log = t.opt_string("console-log")?.map(|s| resolve(s.value));
     let qmp = t.opt_string("qmp")?.map(|s| resolve(s.value));
+    let on_reboot = match t.opt_string("on-reboot")? {
+        None => OnReboot::default(),
+        Some(v) => v.value.parse().map_err(|m| t.error(v.span.clone(), m))?,
+    };
     t.deny_unknown()?;
     Ok(VmConfig {
         memory_bytes,
@@ -376,6 +406,7 @@ fn parse_vm(
         cmdline,
         console_log,
         qmp,
+        on_reboot,
     })
 }
 

@@ -163,3 +163,24 @@ fn columns_count_characters_not_bytes() {
     let (_, col, _) = err("[vm]\nmemory = \"64M\"\nkernel = \"ké\" ; x = 1\n");
     assert!(col > 1);
 }
+
+#[test]
+fn on_reboot_defaults_to_restart_and_parses_exit() {
+    assert_eq!(parse(GOOD).unwrap().vm.on_reboot, OnReboot::Restart);
+    let text = GOOD.replace("vcpus = 2\n", "vcpus = 2\non-reboot = \"exit\"\n");
+    assert_eq!(parse(&text).unwrap().vm.on_reboot, OnReboot::Exit);
+    let text = GOOD.replace("vcpus = 2\n", "vcpus = 2\non-reboot = \"restart\"\n");
+    assert_eq!(parse(&text).unwrap().vm.on_reboot, OnReboot::Restart);
+}
+
+#[test]
+fn bad_on_reboot_is_reported_at_the_value() {
+    let text = GOOD.replace("vcpus = 2\n", "vcpus = 2\non-reboot = \"poweroff\"\n");
+    let (line, col, msg) = err(&text);
+    assert_eq!((line, col), (5, 13));
+    assert!(msg.contains("poweroff") && msg.contains("restart"), "{msg}");
+    let text = GOOD.replace("vcpus = 2\n", "vcpus = 2\non-reboot = true\n");
+    let (line, _, msg) = err(&text);
+    assert_eq!(line, 5);
+    assert!(msg.contains("on-reboot"), "{msg}");
+}

@@ -1,11 +1,14 @@
 //! Port I/O and MMIO dispatch for vCPU exits: legacy devices (COM1,
 //! i8042), the PCI configuration mechanism and PCI BARs.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use vm_superio::{I8042Device, Serial};
+
+use crate::exit::ExitSignal;
 use crate::legacy::{Cmos, Ps2Controller, CMOS_PORT};
 use crate::pci::root::PciRoot;
-use crate::serial::{Com1, I8042_PORT, SERIAL_PORT};
+use crate::serial::{Com1, ConsoleOut, EventFdTrigger, ResetTrigger, I8042_PORT, SERIAL_PORT};
 
 /// Everything a vCPU exit can reach.
 pub struct Bus {
@@ -23,6 +26,29 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
+    /// A VM reset of the legacy devices, as a power-on would leave them:
+    /// COM1 gets a fresh 16550A (registers, FIFOs) writing to the same
+    /// console, the i8042 a fresh controller (no reset pending, no bytes
+    /// queued, CTR at its default) and the CMOS its index register. A
+    /// partial console line of the old boot is written out first.
+    pub fn reset_legacy(&self, exit: &Arc<ExitSignal>) -> anyhow::Result<()> {
+        {
+            let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = s.writer_mut().finish();
+            let evt = s.interrupt_evt().0.try_clone()?;
+            let placeholder = Serial::new(
+                EventFdTrigger(evt.try_clone()?),
+                ConsoleOut::new(Box::new(std::io::sink()), exit.clone()),
+            );
+            let out = std::mem::replace(&mut *s, placeholder).into_writer();
+            *s = Serial::new(EventFdTrigger(evt), out);
+        }
+        *self.i8042.lock().unwrap_or_else(|e| e.into_inner()) =
+            Ps2Controller::new(I8042Device::new(ResetTrigger(exit.clone())));
+        *self.cmos.lock().unwrap_or_else(|e| e.into_inner()) = Cmos::default();
+        Ok(())
+    }
+
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         match port {
             p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) && data.len() == 1 => {

@@ -14,7 +14,12 @@ pub enum ExitReason {
     /// user space), so the console line the kernel prints just before
     /// ("reboot: System halted" / "reboot: Power down") ends the VM.
     Halt,
-    /// The vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
+    /// The console showed "Kernel panic" (not after a power down). The VM
+    /// ends at once, before the reboot that `panic=-1` asks for, so that a
+    /// panicking guest never restarts in a loop.
+    Panic,
+    /// The vCPU triple-faulted (KVM_EXIT_SHUTDOWN). Never restarted: a
+    /// triple fault usually means a broken guest.
     TripleFault,
     /// KVM_EXIT_SYSTEM_EVENT of this type.
     SystemEvent(u32),
@@ -22,8 +27,8 @@ pub enum ExitReason {
     Error(String),
     /// The monitor's `quit`.
     Quit,
-    /// The monitor's `system_reset`: ends the VM as a guest reboot does
-    /// (the VMM does not restart guests).
+    /// The monitor's `system_reset`: restarts the guest, or ends the VM
+    /// with `on-reboot = "exit"`.
     HostReset,
 }
 
@@ -35,6 +40,7 @@ impl ExitReason {
             ExitReason::HostReset => "host-qmp-system-reset",
             ExitReason::Error(_) => "host-error",
             _ if seen.power_down => "guest-shutdown",
+            ExitReason::Panic => "guest-panic",
             _ if seen.panic => "guest-panic",
             _ => "guest-reset",
         }
@@ -56,7 +62,8 @@ pub struct ConsoleSeen {
 pub mod code {
     /// The guest powered off.
     pub const POWEROFF: i32 = 0;
-    /// The guest rebooted (we do not restart it).
+    /// The guest rebooted with `on-reboot = "exit"`, or `system_reset`
+    /// ended it.
     pub const REBOOT: i32 = 0;
     /// VMM error (config, KVM, remote).
     pub const ERROR: i32 = 1;
@@ -66,20 +73,75 @@ pub mod code {
     pub const RESET: i32 = 3;
 }
 
-/// The first reason set wins; waiters wake.
+/// Why a reset restarts the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetCause {
+    /// The guest rebooted (i8042 reset after "reboot: Restarting system").
+    Guest,
+    /// QMP `system_reset`.
+    HostQmp,
+}
+
+impl ResetCause {
+    /// The `RESET` event's `guest` and `reason`, as QEMU sends them.
+    pub fn qmp_event(self) -> (bool, &'static str) {
+        match self {
+            ResetCause::Guest => (true, "guest-reset"),
+            ResetCause::HostQmp => (false, "host-qmp-system-reset"),
+        }
+    }
+}
+
+/// Whether `reason` restarts the guest (with `on-reboot = "restart"`):
+/// a guest reboot that the console announced and no panic preceded, or
+/// `system_reset`. Panics, power-offs, triple faults and unexplained
+/// resets end the VM.
+pub fn restart_cause(reason: &ExitReason, seen: ConsoleSeen) -> Option<ResetCause> {
+    match reason {
+        ExitReason::HostReset => Some(ResetCause::HostQmp),
+        ExitReason::Reset if seen.restart && !seen.panic && !seen.power_down => {
+            Some(ResetCause::Guest)
+        }
+        _ => None,
+    }
+}
+
+/// The first reason set wins; waiters wake. A restartable reason can be
+/// cleared again ([`rearm`](Self::rearm)) once the guest restarted; a
+/// reason set meanwhile is kept for after that.
 #[derive(Debug, Default)]
 pub struct ExitSignal {
-    reason: Mutex<Option<ExitReason>>,
+    reason: Mutex<Reasons>,
     cv: Condvar,
     console: Mutex<ConsoleSeen>,
+}
+
+#[derive(Debug, Default)]
+struct Reasons {
+    current: Option<ExitReason>,
+    /// The first reason that came after `current` (e.g. `quit` during a
+    /// reset): it takes over when `current` is cleared.
+    later: Option<ExitReason>,
 }
 
 impl ExitSignal {
     pub fn set(&self, r: ExitReason) {
         let mut g = self.reason.lock().unwrap_or_else(|e| e.into_inner());
-        if g.is_none() {
-            *g = Some(r);
+        if g.current.is_none() {
+            g.current = Some(r);
+        } else if g.later.is_none() {
+            g.later = Some(r);
         }
+        self.cv.notify_all();
+    }
+
+    /// After a restart: forgets the reason that caused it and what the
+    /// console showed, so the next boot starts afresh; a reason that came
+    /// in the meantime becomes the current one (the VM then ends).
+    pub fn rearm(&self) {
+        let mut g = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        *self.console.lock().unwrap_or_else(|e| e.into_inner()) = ConsoleSeen::default();
+        g.current = g.later.take();
         self.cv.notify_all();
     }
 
@@ -87,13 +149,14 @@ impl ExitSignal {
         self.reason
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .current
             .is_some()
     }
 
     pub fn wait(&self) -> ExitReason {
         let mut g = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(r) = g.as_ref() {
+            if let Some(r) = g.current.as_ref() {
                 return r.clone();
             }
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
@@ -111,6 +174,8 @@ impl ExitSignal {
             c.restart = true;
         } else if line.contains("Kernel panic") && !c.power_down {
             c.panic = true;
+            drop(c);
+            self.set(ExitReason::Panic);
         }
     }
 
@@ -125,6 +190,7 @@ pub fn exit_code(reason: &ExitReason, seen: ConsoleSeen) -> i32 {
         ExitReason::Error(_) => code::ERROR,
         ExitReason::Quit => code::POWEROFF,
         ExitReason::HostReset => code::REBOOT,
+        ExitReason::Panic => code::PANIC,
         _ if seen.power_down => code::POWEROFF,
         _ if seen.panic => code::PANIC,
         _ if seen.restart => code::REBOOT,
@@ -143,6 +209,70 @@ mod tests {
         s.console_line("[    5.2] Kernel panic - not syncing: Attempted to kill init!");
         s.set(ExitReason::Reset);
         assert_eq!(exit_code(&s.wait(), s.console()), code::POWEROFF);
+    }
+
+    #[test]
+    fn panic_ends_the_vm_before_its_reboot_and_never_restarts() {
+        let s = ExitSignal::default();
+        s.console_line("[    3.0] Kernel panic - not syncing: sysrq triggered crash");
+        assert!(s.is_set());
+        // The reboot that panic=-1 does comes after and changes nothing.
+        s.console_line("[    3.1] reboot: Restarting system");
+        s.set(ExitReason::Reset);
+        let r = s.wait();
+        assert_eq!(r, ExitReason::Panic);
+        assert_eq!(restart_cause(&r, s.console()), None);
+        assert_eq!(exit_code(&r, s.console()), code::PANIC);
+        assert_eq!(r.qmp_reason(s.console()), "guest-panic");
+        // Even a reset whose restart line came first does not restart
+        // once a panic was seen.
+        let seen = ConsoleSeen {
+            restart: true,
+            panic: true,
+            power_down: false,
+        };
+        assert_eq!(restart_cause(&ExitReason::Reset, seen), None);
+    }
+
+    #[test]
+    fn reboot_and_system_reset_restart_others_end() {
+        let s = ExitSignal::default();
+        s.console_line("[    4.0] reboot: Restarting system");
+        s.set(ExitReason::Reset);
+        assert_eq!(
+            restart_cause(&s.wait(), s.console()),
+            Some(ResetCause::Guest)
+        );
+        // A reset the console did not announce, a triple fault and a power
+        // down end the VM.
+        let none = ConsoleSeen::default();
+        assert_eq!(restart_cause(&ExitReason::Reset, none), None);
+        assert_eq!(restart_cause(&ExitReason::TripleFault, s.console()), None);
+        assert_eq!(restart_cause(&ExitReason::Halt, s.console()), None);
+        assert_eq!(
+            restart_cause(&ExitReason::HostReset, none),
+            Some(ResetCause::HostQmp)
+        );
+        assert_eq!(ResetCause::Guest.qmp_event(), (true, "guest-reset"));
+        assert_eq!(
+            ResetCause::HostQmp.qmp_event(),
+            (false, "host-qmp-system-reset")
+        );
+    }
+
+    #[test]
+    fn rearm_clears_the_reset_and_keeps_a_later_reason() {
+        let s = ExitSignal::default();
+        s.console_line("reboot: Restarting system");
+        s.set(ExitReason::Reset);
+        s.rearm();
+        assert!(!s.is_set());
+        assert_eq!(s.console(), ConsoleSeen::default());
+        // A quit during the reset is not lost.
+        s.set(ExitReason::HostReset);
+        s.set(ExitReason::Quit);
+        s.rearm();
+        assert_eq!(s.wait(), ExitReason::Quit);
     }
 
     #[test]

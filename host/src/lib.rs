@@ -13,6 +13,7 @@ pub mod monitor;
 pub mod mptable;
 pub mod pci;
 pub mod remote;
+pub mod reset;
 pub mod serial;
 pub mod supervisor;
 pub mod vm;

@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use config::{Config, DeviceConfig, Placement};
+use config::{Config, DeviceConfig, OnReboot, Placement};
 use kvm_ioctls::VmFd;
 use qmp::{Arguments, Commands, QmpError};
 use serde_json::{json, Map, Value};
@@ -865,10 +865,15 @@ impl Commands for Monitor {
             }
             "system_reset" => {
                 args.allow_only(&[])?;
-                self.events.emit(
-                    "RESET",
-                    json!({"guest": false, "reason": "host-qmp-system-reset"}),
-                );
+                // With `on-reboot = "restart"` the main loop resets the
+                // machine and emits RESET once the guest runs again; with
+                // "exit" the VM ends (RESET, then SHUTDOWN).
+                if self.config.vm.on_reboot == OnReboot::Exit {
+                    self.events.emit(
+                        "RESET",
+                        json!({"guest": false, "reason": "host-qmp-system-reset"}),
+                    );
+                }
                 self.exit.set(ExitReason::HostReset);
                 Ok(json!({}))
             }

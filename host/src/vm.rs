@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use config::{Config, Placement};
+use config::{Config, OnReboot, Placement};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::Kvm;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -15,7 +15,7 @@ use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
-use crate::exit::{exit_code, ExitReason, ExitSignal};
+use crate::exit::{exit_code, restart_cause, ExitReason, ExitSignal};
 use crate::legacy::{Cmos, Ps2Controller};
 use crate::memory::GuestRam;
 use crate::monitor::{self, Monitor};
@@ -28,7 +28,7 @@ use crate::pci::PciDevice;
 use crate::remote::{self, RemoteProcess};
 use crate::serial::{ConsoleOut, EventFdTrigger, ResetTrigger, SERIAL_GSI};
 use crate::supervisor::{self, DeathCause, Remote};
-use crate::{boot, cpu};
+use crate::{boot, cpu, reset};
 
 /// TSS for Intel VMX (three pages below the BIOS area).
 const TSS_ADDRESS: usize = 0xfffb_d000;
@@ -47,7 +47,9 @@ pub fn kernel_cmdline(user: &str) -> String {
             s.push_str(opt);
         }
     };
-    // Reset through the i8042, which ends the VM; reboot at once on panic.
+    // Reset through the i8042 (the VMM restarts the guest or ends the VM,
+    // `on-reboot`); reboot at once on panic (the VMM ends the VM when the
+    // console shows the panic, before that reboot).
     add("reboot=", "reboot=k");
     add("panic=", "panic=-1");
     add("pci=", "pci=conf1");
@@ -126,6 +128,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         ..Default::default()
     })
     .context("KVM_CREATE_PIT2")?;
+    let irqchip = reset::IrqchipPowerOn::read(&vm)?;
 
     let exit = Arc::new(ExitSignal::default());
     let sink: Box<dyn Write + Send> = match &cfg.vm.console_log {
@@ -238,20 +241,46 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         pci: Arc::new(root),
     });
     let base_cpuid = cpu::supported_cpuid(&kvm)?;
-    let mut fds = Vec::new();
+    let msr_indices = kvm
+        .get_msr_index_list()
+        .context("KVM_GET_MSR_INDEX_LIST")?
+        .as_slice()
+        .to_vec();
+    let mut vcpu_list = Vec::new();
     for id in 0..vcpus {
-        fds.push(cpu::create(&vm, &base_cpuid, id, vcpus, &boot)?);
+        let (fd, power_on) = cpu::create(&vm, &base_cpuid, &msr_indices, id, vcpus, &boot)?;
+        vcpu_list.push(reset::Vcpu {
+            fd: Arc::new(Mutex::new(fd)),
+            power_on,
+            thread: None,
+        });
     }
+    reset::install_kick_handler()?;
+    let gate = Arc::new(cpu::Gate::default());
     let setup = t0.elapsed();
     let t_run = Instant::now();
-    for (id, fd) in fds.into_iter().enumerate() {
-        let bus = bus.clone();
-        let exit = exit.clone();
-        std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || cpu::run(id as u8, fd, bus, exit))
-            .context("spawning a vCPU thread")?;
+    for (id, v) in vcpu_list.iter_mut().enumerate() {
+        let (fd, bus, exit, gate) = (v.fd.clone(), bus.clone(), exit.clone(), gate.clone());
+        v.thread = Some(
+            std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || cpu::run(id as u8, fd, bus, exit, gate))
+                .context("spawning a vCPU thread")?,
+        );
     }
+    let machine = reset::Machine {
+        vm: vm.clone(),
+        ram: ram.clone(),
+        bus: bus.clone(),
+        exit: exit.clone(),
+        gate,
+        vcpus: vcpu_list,
+        irqchip,
+        kernel: cfg.vm.kernel.clone(),
+        initrd: cfg.vm.initrd.clone(),
+        cmdline,
+        pci_irqs,
+    };
 
     crate::serial::spawn_stdin_forwarder(bus.clone());
     for p in &remotes {
@@ -297,7 +326,31 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         }
         None => None,
     };
-    let reason = exit.wait();
+    let mut resets = 0u32;
+    let reason = loop {
+        let reason = exit.wait();
+        let cause = match cfg.vm.on_reboot {
+            OnReboot::Restart => restart_cause(&reason, exit.console()),
+            OnReboot::Exit => None,
+        };
+        let Some(cause) = cause else {
+            break reason;
+        };
+        let t = Instant::now();
+        if let Err(e) = machine.reset() {
+            break ExitReason::Error(format!("VM reset: {e:#}"));
+        }
+        resets += 1;
+        let (guest, why) = cause.qmp_event();
+        events.emit("RESET", serde_json::json!({"guest": guest, "reason": why}));
+        tracing::info!("VM reset ({why}) in {:?}", t.elapsed());
+        if std::env::var_os("HOST_STATS").is_some() {
+            eprintln!(
+                "host-stats: reset={resets} reason={why} reset_ms={:.1}",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
+    };
     tracing::debug!("VM ends: {reason:?}");
     monitor.stop_remotes();
     events.emit(
@@ -327,7 +380,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
     let code = exit_code(&reason, exit.console());
     if std::env::var_os("HOST_STATS").is_some() {
         eprintln!(
-            "host-stats: setup_ms={:.1} run_ms={:.1} exit={reason:?} code={code}",
+            "host-stats: setup_ms={:.1} run_ms={:.1} resets={resets} exit={reason:?} code={code}",
             timing.setup.as_secs_f64() * 1e3,
             timing.run.as_secs_f64() * 1e3
         );

@@ -150,6 +150,18 @@ impl PciDevice for InProcessFunction {
     fn config_space(&self) -> &ConfigSpace {
         self.func.config()
     }
+    /// `PciFunction::reset`: the plugin's device reset, and its config
+    /// space back to power-on values.
+    fn reset(&mut self) {
+        if self.failed {
+            return;
+        }
+        if let Err(e) = self.func.reset() {
+            tracing::warn!("{}: reset: {e:?}", self.id);
+            self.check_failure();
+        }
+    }
+
     fn shutdown(&mut self) {
         if std::env::var_os("HOST_STATS").is_some() {
             let avg = if self.bar_reads > 0 {

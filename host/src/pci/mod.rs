@@ -37,6 +37,12 @@ pub trait PciDevice: Send {
     ) -> std::result::Result<serde_json::Value, String> {
         Err(format!("this device has no control operation `{op}`"))
     }
+    /// A function-level reset for a VM reset: the function forgets its
+    /// state and its configuration registers (BARs, command) go back to
+    /// their power-on values; the VMM places the BARs again afterwards. A
+    /// failure marks the function failed (it reads all-ones), as any other
+    /// failed access does.
+    fn reset(&mut self) {}
     /// Called once when the VM ends or the function is removed.
     fn shutdown(&mut self) {}
 }

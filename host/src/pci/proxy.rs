@@ -603,6 +603,34 @@ impl PciDevice for ProxyFunction {
         Some(r)
     }
 
+    /// vfio-user: DEVICE_RESET. mpqemu: DEVICE_RESET too (QEMU's proxy
+    /// sends it on a machine reset since QEMU 6.0, and `x-remote` answers it
+    /// with a cold reset of the device and an empty `RET`); and the BAR
+    /// placement is checked again before the next BAR access, as after
+    /// setup. Either way the shadow forgets the placement: the VMM assigns
+    /// BARs afresh and the writes reach both.
+    fn reset(&mut self) {
+        self.shadow.reset();
+        if self.unusable() {
+            return;
+        }
+        let r = match &mut self.client {
+            Transport::VfioUser(c) => c.reset().map_err(|e| e.to_string()),
+            Transport::Mpqemu { client, verified } => {
+                *verified = false;
+                // Posted writes first: a failure among them belongs to the
+                // old boot.
+                client
+                    .flush()
+                    .and_then(|()| client.reset())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        if let Err(e) = r {
+            self.fail("device reset", &e);
+        }
+    }
+
     fn shutdown(&mut self) {
         let s = self.stats;
         let avg = if s.bar_reads > 0 {

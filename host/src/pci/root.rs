@@ -441,6 +441,24 @@ impl PciRoot {
         }
     }
 
+    /// A VM reset: every function (not the host bridge) is reset, then all
+    /// BARs are placed afresh from the start of the windows, exactly as at
+    /// boot ([`assign_resources`](Self::assign_resources)). The caller
+    /// holds the vCPUs, so no access is in flight.
+    pub fn reset(&self, irq_line: &dyn Fn(u8) -> Option<u8>) -> Result<()> {
+        for s in self.slots() {
+            if s.slot != 0 {
+                let mut dev = lock(&s.dev);
+                dev.reset();
+                *s.bars.write().unwrap_or_else(|e| e.into_inner()) =
+                    dev.config_space().active_bars();
+            }
+        }
+        *self.cursor.lock().unwrap_or_else(|e| e.into_inner()) = (PCI_MMIO_START, PCI_IO_START);
+        *self.address.lock().unwrap_or_else(|e| e.into_inner()) = 0;
+        self.assign_resources(irq_line)
+    }
+
     /// Shuts every function down.
     pub fn shutdown(&self) {
         for s in self.slots() {

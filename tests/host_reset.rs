@@ -1,0 +1,226 @@
+//! VM reset, for real: in the nested-KVM environment our VMM runs a Linux
+//! guest with the LSI controller in a spawned remote (`storage`, one
+//! drive) and a QMP monitor. tests/reset_driver.py (QEMU's `qemu.qmp`)
+//! drives three boots of the same guest job, which waits for a line on
+//! its console input after each boot has found its disk:
+//!
+//! 1. `system_reset` → RESET {guest: false}, and the guest boots again;
+//! 2. the second boot is told `reboot` and runs `reboot -f` → RESET
+//!    {guest: true}, and the guest boots again;
+//! 3. the third boot is told `poweroff` → `host` exits 0.
+//!
+//! Every boot must find sda with the image's size and read the bytes the
+//! host wrote: that proves the device reset in the remote and the BARs
+//! placed afresh (a stale placement or a device stuck in its old state
+//! fails the probe), and the kernel, irqchip and vCPUs reset (2 vCPUs:
+//! the second boot brings the AP up again through INIT/SIPI).
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use system_tests::{
+    host_data, lsi_job_modules, make_lsi_image, parse_hex, BLOCK, HOST_OFF, IMAGE_SIZE,
+};
+use testenv::{require_env, target_bin, InitramfsSpec, ModuleOrder, NestedOptions};
+
+/// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p).
+const QMP_SOCKET: &str = "/tmp/host-reset/qmp.sock";
+const JOB_START: &str = "===TESTENV-JOB-START===";
+
+fn config(kernel: &Path) -> String {
+    format!(
+        r#"[vm]
+memory = "256M"
+vcpus = 2
+kernel = "{kernel}"
+initrd = "initrd.cpio"
+cmdline = "console=ttyS0 quiet"
+console-log = "console.log"
+
+[[remote]]
+id = "storage"
+log = "storage.log"
+
+[[device]]
+id = "lsi0"
+remote = "storage"
+plugin = "lsi53c895a"
+slot = 4
+
+[[device.drive]]
+file = "disk0.img"
+scsi-id = 0
+"#,
+        kernel = kernel.display()
+    )
+}
+
+/// The same job on every boot: find sda, report its size and the host's
+/// block, then ask what to do.
+fn guest_job() -> String {
+    format!(
+        r#"
+echo "cpus=$(grep -c ^processor /proc/cpuinfo)"
+i=0; while [ ! -e /sys/block/sda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+[ -e /sys/block/sda ] || {{ echo "no sda"; exit 1; }}
+[ -b /dev/sda ] || mknod /dev/sda b $(cut -d: -f1 /sys/block/sda/dev) $(cut -d: -f2 /sys/block/sda/dev)
+echo "sda_sectors=$(cat /sys/block/sda/size)"
+echo "HOST-BEGIN"
+dd if=/dev/sda bs={BLOCK} skip={skip} count=1 iflag=direct 2>/dev/null | od -A n -t x1 -v
+echo "HOST-END"
+echo "STEP ask"
+read -r -t 120 cmd || cmd=none
+echo "cmd=$cmd"
+case "$cmd" in
+    reboot) reboot -f; sleep 60 ;;
+    poweroff) exit 0 ;;
+    *) exit 9 ;;
+esac
+"#,
+        skip = HOST_OFF / BLOCK as u64,
+    )
+}
+
+/// The python that has `qemu.qmp` (an absolute path: L1's PATH differs).
+fn python() -> String {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .args(["-c", "import sys, qemu.qmp; print(sys.executable)"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        _ => panic!("`{python}` cannot import qemu.qmp (.ci/run installs it with pip)"),
+    }
+}
+
+fn value<'a>(output: &'a str, key: &str) -> Option<&'a str> {
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+}
+
+#[test]
+fn system_reset_and_guest_reboot_restart_the_guest() {
+    let Some(env) = require_env("host_reset") else {
+        return;
+    };
+    let t0 = Instant::now();
+    let python = python();
+    let host = target_bin("host").unwrap();
+    target_bin("remote-host").unwrap();
+    target_bin("liblsi53c895a.so").unwrap();
+    let dir = testenv::workspace_root()
+        .join("target")
+        .join(format!("host-reset-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let mut spec = InitramfsSpec::new(&lsi_job_modules(), &guest_job());
+    spec.order = ModuleOrder::Exact;
+    env.build_initramfs(&spec, &dir.join("initrd.cpio"))
+        .unwrap();
+    make_lsi_image(&dir.join("disk0.img"));
+    let cfg = dir.join("vm.toml");
+    fs::write(&cfg, config(&env.kernel)).unwrap();
+    let driver = testenv::workspace_root()
+        .join("tests")
+        .join("reset_driver.py");
+    let results = dir.join("results.json");
+    let cmd = format!(
+        "mkdir -p /tmp/host-reset; timeout 300 {python} {driver} {host} {cfg} {QMP_SOCKET} {console} {results}; echo DRIVER-EXIT=$?",
+        driver = driver.display(),
+        host = host.display(),
+        cfg = cfg.display(),
+        console = dir.join("console.log").display(),
+        results = results.display(),
+    );
+    let opts = NestedOptions {
+        name: "host_reset".into(),
+        timeout: Duration::from_secs(400),
+        ..Default::default()
+    };
+    let l1 = env
+        .run_nested(&["sh".into(), "-c".into(), cmd], &opts)
+        .unwrap();
+    let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let console = read("console.log").replace("\r\n", "\n");
+    let stderr = read("vm.toml.host-stderr");
+    let diag = format!(
+        "--- L1 ---\n{}\n--- console ---\n{console}\n--- host stderr ---\n{stderr}\n--- storage.log ---\n{}\n--- results ---\n{}",
+        l1.output,
+        read("storage.log"),
+        read("results.json")
+    );
+    let r: serde_json::Value = serde_json::from_str(&read("results.json"))
+        .unwrap_or_else(|e| panic!("no results from the reset driver ({e}):\n{diag}"));
+    assert!(
+        r.get("failure").is_none(),
+        "the reset driver failed:\n{diag}"
+    );
+    assert!(l1.output.contains("DRIVER-EXIT=0"), "{diag}");
+
+    // Three boots of the job, each with its disk and the host's bytes.
+    let boots: Vec<&str> = console.split(JOB_START).skip(1).collect();
+    assert_eq!(boots.len(), 3, "job starts:\n{diag}");
+    let commands = ["none", "reboot", "poweroff"];
+    for (i, boot) in boots.iter().enumerate() {
+        assert_eq!(value(boot, "cpus="), Some("2"), "boot {}:\n{diag}", i + 1);
+        let sectors: u64 = value(boot, "sda_sectors=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("boot {}: no sda size:\n{diag}", i + 1));
+        assert_eq!(sectors * 512, IMAGE_SIZE, "boot {}", i + 1);
+        assert_eq!(
+            parse_hex(boot, "HOST-BEGIN", "HOST-END"),
+            host_data(),
+            "boot {}: the host's block",
+            i + 1
+        );
+        // Boot 1 is reset while it waits (no command reaches it).
+        if i > 0 {
+            assert_eq!(
+                value(boot, "cmd="),
+                Some(commands[i]),
+                "boot {}:\n{diag}",
+                i + 1
+            );
+        }
+    }
+    assert!(
+        boots[2].contains("===TESTENV-JOB-END status=0==="),
+        "{diag}"
+    );
+
+    // The two RESET events, in order, and the end.
+    let rep = &r["replies"];
+    assert_eq!(rep["reset-host"]["data"]["guest"], false, "{diag}");
+    assert_eq!(rep["reset-host"]["data"]["reason"], "host-qmp-system-reset");
+    assert_eq!(rep["reset-guest"]["data"]["guest"], true, "{diag}");
+    assert_eq!(rep["reset-guest"]["data"]["reason"], "guest-reset");
+    let resets: Vec<&serde_json::Value> = r["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "RESET")
+        .collect();
+    assert_eq!(resets.len(), 2, "{diag}");
+    assert_eq!(rep["status-after-reset"]["status"], "running");
+    assert_eq!(r["host-exit"], 0, "{diag}");
+    assert!(stderr.contains("resets=2"), "{diag}");
+    assert!(stderr.contains("code=0"), "{diag}");
+
+    let reset_ms: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| value(l, "host-stats: reset="))
+        .collect();
+    eprintln!(
+        "host_reset: 3 boots, resets {reset_ms:?}; steps {}; events {}; driver {} s; whole test {:.1} s",
+        r["steps"], r["events"], r["seconds"],
+        t0.elapsed().as_secs_f64()
+    );
+    for l in stderr.lines().filter(|l| l.contains("host-stats: reset=")) {
+        eprintln!("  {l}");
+    }
+}
