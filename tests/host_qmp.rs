@@ -28,11 +28,12 @@
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use system_tests::{guest_pattern, host_data, lsi_job_modules, make_lsi_image, parse_hex, BLOCK};
-use testenv::{parse_console, require_env, target_bin, InitramfsSpec, ModuleOrder, NestedOptions};
+use system_tests::{
+    guest_pattern, host_data, lsi_job_modules, make_lsi_image, parse_hex, run_qmp_driver, BLOCK,
+};
+use testenv::{require_env, target_bin, InitramfsSpec, ModuleOrder};
 
 /// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p).
 const QMP_SOCKET: &str = "/tmp/host-qmp/qmp.sock";
@@ -149,18 +150,6 @@ echo "STEP done"
     )
 }
 
-/// The python that has `qemu.qmp` (an absolute path: L1's PATH differs).
-fn python() -> String {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .args(["-c", "import sys, qemu.qmp; print(sys.executable)"])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-        _ => panic!("`{python}` cannot import qemu.qmp (.ci/run installs it with pip)"),
-    }
-}
-
 fn value<'a>(output: &'a str, key: &str) -> &'a str {
     output
         .lines()
@@ -171,19 +160,13 @@ fn value<'a>(output: &'a str, key: &str) -> &'a str {
         .unwrap_or("")
 }
 
-fn json_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    let i = text.find(&format!("\"{key}\""))?;
-    Some(&text[i..])
-}
-
 #[test]
 fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     let Some(env) = require_env("host_qmp") else {
         return;
     };
     let t0 = Instant::now();
-    let python = python();
-    let host = target_bin("host").unwrap();
+    target_bin("host").unwrap();
     target_bin("remote-host").unwrap();
     target_bin("liblsi53c895a.so").unwrap();
     target_bin("libdma_example.so").unwrap();
@@ -204,41 +187,17 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     }
     let cfg = dir.join("vm.toml");
     fs::write(&cfg, config(&env.kernel)).unwrap();
-    let driver = testenv::workspace_root()
-        .join("tests")
-        .join("qmp_driver.py");
-    let results = dir.join("results.json");
-    let cmd = format!(
-        "mkdir -p /tmp/host-qmp; timeout 900 {python} {driver} {host} {cfg} {QMP_SOCKET} {console} {results}; echo DRIVER-EXIT=$?",
-        driver = driver.display(),
-        host = host.display(),
-        cfg = cfg.display(),
-        console = dir.join("console.log").display(),
-        results = results.display(),
+    let run = run_qmp_driver(
+        &env,
+        "host_qmp",
+        "qmp_driver.py",
+        &dir,
+        QMP_SOCKET,
+        Duration::from_secs(900),
+        &["storage.log", "misc.log"],
     );
-    let opts = NestedOptions {
-        name: "host_qmp".into(),
-        timeout: Duration::from_secs(1000),
-        ..Default::default()
-    };
-    let l1 = env
-        .run_nested(&["sh".into(), "-c".into(), cmd], &opts)
-        .unwrap();
-    let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
-    let console = read("console.log");
-    let diag = format!(
-        "--- L1 ---\n{}\n--- console ---\n{console}\n--- host stderr ---\n{}\n--- storage.log ---\n{}\n--- misc.log ---\n{}\n--- results ---\n{}",
-        l1.output,
-        read("vm.toml.host-stderr"),
-        read("storage.log"),
-        read("misc.log"),
-        read("results.json")
-    );
-    let r: serde_json::Value = serde_json::from_str(&read("results.json"))
-        .unwrap_or_else(|e| panic!("no results from the QMP driver ({e}):\n{diag}"));
-    assert!(r.get("failure").is_none(), "the QMP driver failed:\n{diag}");
-    assert!(l1.output.contains("DRIVER-EXIT=0"), "{diag}");
-    let job = parse_console(&console).unwrap_or_else(|| panic!("no job markers:\n{diag}"));
+    let job = run.check();
+    let (r, diag) = (&run.results, &run.diag);
     assert_eq!(job.status, 0, "guest job failed:\n{diag}");
     let out = &job.output;
     let rep = &r["replies"];
@@ -425,10 +384,7 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     assert!(out.contains("sda-still-works"), "{diag}");
     assert_eq!(value(out, "dma1_id_end="), "0xD3A00001");
     assert_eq!(r["host-exit"], 0, "{diag}");
-    assert!(
-        json_field(&read("results.json"), "SHUTDOWN").is_some(),
-        "no SHUTDOWN event"
-    );
+    assert_eq!(rep["shutdown"]["event"], "SHUTDOWN", "{diag}");
 
     eprintln!(
         "host_qmp: passed in {:.1} s; REMOTE_HUNG {:.2} s after SIGSTOP, REMOTE_DIED {:.2} s after SIGKILL; guest read of the hung BAR took {} ms",

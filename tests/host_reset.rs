@@ -19,13 +19,13 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use system_tests::{
-    host_data, lsi_job_modules, make_lsi_image, parse_hex, BLOCK, HOST_OFF, IMAGE_SIZE,
+    host_data, lsi_job_modules, make_lsi_image, parse_hex, run_qmp_driver, BLOCK, HOST_OFF,
+    IMAGE_SIZE,
 };
-use testenv::{require_env, target_bin, InitramfsSpec, ModuleOrder, NestedOptions};
+use testenv::{require_env, target_bin, InitramfsSpec, ModuleOrder};
 
 /// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p).
 const QMP_SOCKET: &str = "/tmp/host-reset/qmp.sock";
@@ -85,18 +85,6 @@ esac
     )
 }
 
-/// The python that has `qemu.qmp` (an absolute path: L1's PATH differs).
-fn python() -> String {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .args(["-c", "import sys, qemu.qmp; print(sys.executable)"])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-        _ => panic!("`{python}` cannot import qemu.qmp (.ci/run installs it with pip)"),
-    }
-}
-
 fn value<'a>(output: &'a str, key: &str) -> Option<&'a str> {
     output
         .lines()
@@ -110,8 +98,7 @@ fn system_reset_and_guest_reboot_restart_the_guest() {
         return;
     };
     let t0 = Instant::now();
-    let python = python();
-    let host = target_bin("host").unwrap();
+    target_bin("host").unwrap();
     target_bin("remote-host").unwrap();
     target_bin("liblsi53c895a.so").unwrap();
     let dir = testenv::workspace_root()
@@ -125,42 +112,18 @@ fn system_reset_and_guest_reboot_restart_the_guest() {
     make_lsi_image(&dir.join("disk0.img"));
     let cfg = dir.join("vm.toml");
     fs::write(&cfg, config(&env.kernel)).unwrap();
-    let driver = testenv::workspace_root()
-        .join("tests")
-        .join("reset_driver.py");
-    let results = dir.join("results.json");
-    let cmd = format!(
-        "mkdir -p /tmp/host-reset; timeout 300 {python} {driver} {host} {cfg} {QMP_SOCKET} {console} {results}; echo DRIVER-EXIT=$?",
-        driver = driver.display(),
-        host = host.display(),
-        cfg = cfg.display(),
-        console = dir.join("console.log").display(),
-        results = results.display(),
+    let run = run_qmp_driver(
+        &env,
+        "host_reset",
+        "reset_driver.py",
+        &dir,
+        QMP_SOCKET,
+        Duration::from_secs(300),
+        &["storage.log"],
     );
-    let opts = NestedOptions {
-        name: "host_reset".into(),
-        timeout: Duration::from_secs(400),
-        ..Default::default()
-    };
-    let l1 = env
-        .run_nested(&["sh".into(), "-c".into(), cmd], &opts)
-        .unwrap();
-    let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
-    let console = read("console.log").replace("\r\n", "\n");
-    let stderr = read("vm.toml.host-stderr");
-    let diag = format!(
-        "--- L1 ---\n{}\n--- console ---\n{console}\n--- host stderr ---\n{stderr}\n--- storage.log ---\n{}\n--- results ---\n{}",
-        l1.output,
-        read("storage.log"),
-        read("results.json")
-    );
-    let r: serde_json::Value = serde_json::from_str(&read("results.json"))
-        .unwrap_or_else(|e| panic!("no results from the reset driver ({e}):\n{diag}"));
-    assert!(
-        r.get("failure").is_none(),
-        "the reset driver failed:\n{diag}"
-    );
-    assert!(l1.output.contains("DRIVER-EXIT=0"), "{diag}");
+    run.check();
+    let (r, diag, console) = (&run.results, &run.diag, &run.console);
+    let stderr = fs::read_to_string(dir.join("vm.toml.host-stderr")).unwrap_or_default();
 
     // Three boots of the job, each with its disk and the host's bytes.
     let boots: Vec<&str> = console.split(JOB_START).skip(1).collect();

@@ -150,3 +150,103 @@ pub fn check_lsi_disk_job(r: &JobResult, image: &Path) {
     let read = parse_hex(&r.output, "HOST-DATA-BEGIN", "HOST-DATA-END");
     assert_eq!(read, host_data(), "guest read different host data");
 }
+
+/// The python that can import `qemu.qmp`, as an absolute path (L1's PATH
+/// differs from ours). `.ci/run` installs the package with pip.
+pub fn python_with_qemu_qmp() -> String {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .args(["-c", "import sys, qemu.qmp; print(sys.executable)"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        _ => panic!("`{python}` cannot import qemu.qmp (.ci/run installs it with pip)"),
+    }
+}
+
+/// What a QMP driver run left behind.
+pub struct DriverRun {
+    /// What the command in L1 printed (ends with `DRIVER-EXIT=N`).
+    pub l1_output: String,
+    /// The driver's results (tests/qmp_common.py), `Null` when missing.
+    pub results: serde_json::Value,
+    /// The guest's console log.
+    pub console: String,
+    /// Everything useful when an assertion fails: L1's output, the
+    /// console, host's stderr, the named logs and the results.
+    pub diag: String,
+}
+
+impl DriverRun {
+    /// Whether the driver got through, and the guest job's result.
+    pub fn check(&self) -> testenv::JobResult {
+        assert!(
+            !self.results.is_null(),
+            "no results from the QMP driver:\n{}",
+            self.diag
+        );
+        assert!(
+            self.results.get("failure").is_none(),
+            "the QMP driver failed:\n{}",
+            self.diag
+        );
+        assert!(self.l1_output.contains("DRIVER-EXIT=0"), "{}", self.diag);
+        testenv::parse_console(&self.console)
+            .unwrap_or_else(|| panic!("no job markers:\n{}", self.diag))
+    }
+}
+
+/// Runs tests/`driver` (a qemu.qmp script built on tests/qmp_common.py)
+/// inside L1 on the VM of `dir`/vm.toml, whose monitor socket is
+/// `qmp_socket` (in L1's /tmp: UNIX sockets do not work on 9p) and whose
+/// console log is `dir`/console.log. `logs`: files of `dir` for the
+/// diagnostics (remote logs).
+pub fn run_qmp_driver(
+    env: &testenv::Env,
+    name: &str,
+    driver: &str,
+    dir: &Path,
+    qmp_socket: &str,
+    limit: std::time::Duration,
+    logs: &[&str],
+) -> DriverRun {
+    let python = python_with_qemu_qmp();
+    let host = testenv::target_bin("host").unwrap();
+    let driver = testenv::workspace_root().join("tests").join(driver);
+    let socket_dir = Path::new(qmp_socket).parent().unwrap_or(Path::new("/tmp"));
+    let cmd = format!(
+        "mkdir -p {sd}; timeout {secs} {python} {driver} {host} {cfg} {qmp_socket} {console} {results}; echo DRIVER-EXIT=$?",
+        sd = socket_dir.display(),
+        secs = limit.as_secs(),
+        driver = driver.display(),
+        host = host.display(),
+        cfg = dir.join("vm.toml").display(),
+        console = dir.join("console.log").display(),
+        results = dir.join("results.json").display(),
+    );
+    let opts = testenv::NestedOptions {
+        name: name.into(),
+        timeout: limit + std::time::Duration::from_secs(100),
+        ..Default::default()
+    };
+    let l1 = env
+        .run_nested(&["sh".into(), "-c".into(), cmd], &opts)
+        .unwrap();
+    let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let console = read("console.log").replace("\r\n", "\n");
+    let mut diag = format!(
+        "--- L1 ---\n{}\n--- console ---\n{console}\n--- host stderr ---\n{}\n",
+        l1.output,
+        read("vm.toml.host-stderr")
+    );
+    for log in logs {
+        diag.push_str(&format!("--- {log} ---\n{}\n", read(log)));
+    }
+    diag.push_str(&format!("--- results ---\n{}", read("results.json")));
+    DriverRun {
+        l1_output: l1.output,
+        results: serde_json::from_str(&read("results.json")).unwrap_or(serde_json::Value::Null),
+        console,
+        diag,
+    }
+}

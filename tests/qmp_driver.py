@@ -10,84 +10,19 @@ serial port. So each side knows when the other has done its part.
 
 Usage: qmp_driver.py HOST CONFIG QMP_SOCKET CONSOLE_LOG RESULTS_JSON
 Everything observed goes into RESULTS_JSON for the Rust test to check;
-the script itself only fails when the VM cannot be driven at all.
+the script itself only fails when the VM cannot be driven at all
+(tests/qmp_common.py has the machinery both drivers share).
 """
 
 import asyncio
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
-from qemu.qmp import QMPClient, ExecuteError
-
-HOST, CONFIG, SOCK, CONSOLE, RESULTS = sys.argv[1:6]
-STEP_TIMEOUT = 240.0
-
-results = {"steps": {}, "errors": {}, "events": [], "replies": {}}
-HOST_PROC = []
-
-
-def save():
-    with open(RESULTS, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-
-
-class Console:
-    """Follows the console log for `STEP name` lines."""
-
-    def __init__(self, path):
-        self.path = path
-        self.pos = 0
-        self.buf = ""
-
-    async def wait_step(self, name, timeout=STEP_TIMEOUT):
-        deadline = time.monotonic() + timeout
-        needle = f"STEP {name}"
-        while time.monotonic() < deadline:
-            try:
-                with open(self.path, "r", errors="replace") as f:
-                    f.seek(self.pos)
-                    chunk = f.read()
-                    self.pos = f.tell()
-                self.buf += chunk
-            except FileNotFoundError:
-                pass
-            if needle in self.buf:
-                self.buf = self.buf.split(needle, 1)[1]
-                results["steps"][name] = time.time()
-                return
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"the guest never printed `{needle}`")
-
-
-class Events:
-    """Collects every event; waits for one by name."""
-
-    def __init__(self, qmp):
-        self.qmp = qmp
-        self.seen = []
-
-    async def wait(self, name, timeout=30.0, **match):
-        t0 = time.monotonic()
-        while True:
-            for i, e in enumerate(self.seen):
-                if e["event"] == name and all(e.get("data", {}).get(k) == v for k, v in match.items()):
-                    self.seen.pop(i)
-                    return e, time.monotonic() - t0
-            left = timeout - (time.monotonic() - t0)
-            if left <= 0:
-                raise TimeoutError(f"no {name} event {match} within {timeout} s")
-            try:
-                ev = await asyncio.wait_for(self.qmp.events.get(), left)
-            except asyncio.TimeoutError:
-                continue
-            ev = dict(ev)
-            results["events"].append(ev)
-            save()
-            self.seen.append(ev)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qmp_common import Console, Events, finish, results, run, start_vm  # noqa: E402
+from qemu.qmp import ExecuteError  # noqa: E402
 
 
 async def expect_error(qmp, name, cmd, args):
@@ -100,32 +35,13 @@ async def expect_error(qmp, name, cmd, args):
 
 
 async def main():
-    host = subprocess.Popen(
-        [HOST, "run", CONFIG, "--qmp", SOCK],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=open(CONFIG + ".host-stderr", "w"),
-    )
-    HOST_PROC.append(host)
+    host, qmp, say = await start_vm("host-qmp-test")
 
     def go():
-        host.stdin.write(b"go\n")
-        host.stdin.flush()
+        say("go")
 
-    qmp = QMPClient("host-qmp-test")
-    for _ in range(600):
-        if os.path.exists(SOCK):
-            try:
-                await qmp.connect(SOCK)
-                break
-            except Exception:  # not listening yet
-                pass
-        await asyncio.sleep(0.1)
-    else:
-        raise RuntimeError("the QMP socket never answered")
-    results["greeting"] = str(qmp.greeting)
     ev = Events(qmp)
-    con = Console(CONSOLE)
+    con = Console()
     r = results["replies"]
 
     await con.wait_step("ready")
@@ -164,7 +80,7 @@ async def main():
                        {"driver": "scsi-hd", "id": "hdy", "drive": "disk1", "bus": "lsi0.0", "scsi-id": 7})
     await qmp.execute("device_add", {"driver": "scsi-hd", "id": "hd1", "drive": "disk1",
                                      "bus": "lsi0.0", "scsi-id": 1})
-    e, _ = await ev.wait("DRIVE_ADDED", device="hd1")
+    e = await ev.wait("DRIVE_ADDED", device="hd1")
     r["drive-added"] = e
     await expect_error(qmp, "resize-odd", "block_resize", {"node-name": "disk1", "size": 1000})
     await expect_error(qmp, "blockdev-del-in-use", "blockdev-del", {"node-name": "disk1"})
@@ -177,8 +93,8 @@ async def main():
 
     await con.wait_step("sdb-deleted")
     await qmp.execute("device_del", {"id": "hd1"})
-    r["drive-removed"], _ = await ev.wait("DRIVE_REMOVED", device="hd1")
-    r["hd1-deleted"], _ = await ev.wait("DEVICE_DELETED", device="hd1")
+    r["drive-removed"] = await ev.wait("DRIVE_REMOVED", device="hd1")
+    r["hd1-deleted"] = await ev.wait("DEVICE_DELETED", device="hd1")
     await qmp.execute("blockdev-del", {"node-name": "disk1"})
     await expect_error(qmp, "blockdev-del-again", "blockdev-del", {"node-name": "disk1"})
     # A PCI function added to a running remote.
@@ -200,14 +116,14 @@ async def main():
     # answers), and then the panic comes with the next heartbeat.
     for name in ("bad1", "bad2"):
         for _ in range(2):
-            e, _ = await ev.wait("DEVICE_FAILED", device=name)
+            e = await ev.wait("DEVICE_FAILED", device=name)
             r[f"{name}-failed"] = e
             if "went wrong" in e["data"]["reason"]:
                 break
     misc = next(x for x in await qmp.execute("query-remote") if x["id"] == "misc")
     os.kill(misc["pid"], signal.SIGSTOP)
     t_stop = time.monotonic()
-    e, _ = await ev.wait("REMOTE_HUNG", id="misc", timeout=30)
+    e = await ev.wait("REMOTE_HUNG", id="misc", timeout=30)
     r["remote-hung"] = e
     r["hung-after-s"] = time.monotonic() - t_stop
     r["query-remote-hung"] = await qmp.execute("query-remote")
@@ -216,7 +132,7 @@ async def main():
     await con.wait_step("read-hung")
     os.kill(misc["pid"], signal.SIGKILL)
     t_kill = time.monotonic()
-    e, _ = await ev.wait("REMOTE_DIED", id="misc", timeout=30)
+    e = await ev.wait("REMOTE_DIED", id="misc", timeout=30)
     r["remote-died"] = e
     r["died-after-s"] = time.monotonic() - t_kill
     r["query-remote-dead"] = await qmp.execute("query-remote")
@@ -226,7 +142,7 @@ async def main():
     await con.wait_step("dead-read")
     await expect_error(qmp, "restart-unknown", "remote-restart", {"id": "nowhere"})
     await qmp.execute("remote-restart", {"id": "misc"})
-    r["remote-restarted"], _ = await ev.wait("REMOTE_RESTARTED", id="misc")
+    r["remote-restarted"] = await ev.wait("REMOTE_RESTARTED", id="misc")
     for _ in range(100):  # until the first heartbeat of the new process
         remotes = await qmp.execute("query-remote")
         misc = next(x for x in remotes if x["id"] == "misc")
@@ -237,27 +153,8 @@ async def main():
     go()
 
     await con.wait_step("done")
-    try:
-        e, _ = await ev.wait("SHUTDOWN", timeout=120)
-        r["shutdown"] = e
-    except Exception as x:  # the VM may end before we read it
-        r["shutdown"] = str(x)
-    try:
-        await qmp.disconnect()
-    except Exception:
-        pass
-    results["host-exit"] = host.wait(timeout=120)
-    save()
+    await finish(host, qmp, ev)
 
 
-try:
-    asyncio.run(main())
-except Exception as x:
-    results["failure"] = f"{type(x).__name__}: {x}"
-    save()
-    for h in HOST_PROC:  # never leave the VM waiting for a step
-        h.kill()
-    print(f"qmp_driver: {results['failure']}", file=sys.stderr)
-    sys.exit(1)
-save()
-print("qmp_driver: done")
+
+run(main, "qmp_driver")

@@ -1,0 +1,151 @@
+"""What the QMP drivers of the whole-system tests share (tests/qmp_driver.py,
+tests/reset_driver.py): starting `host run --qmp` with its standard input
+(the guest's console input) in our hands, connecting QEMU's own client
+(qemu.qmp) to it, following the guest's `STEP name` lines in the console
+log, collecting events, and writing what was observed to a JSON file for
+the Rust test to check.
+
+Usage (both drivers): DRIVER HOST CONFIG QMP_SOCKET CONSOLE_LOG RESULTS_JSON
+"""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+from qemu.qmp import QMPClient
+
+HOST, CONFIG, SOCK, CONSOLE, RESULTS = sys.argv[1:6]
+T0 = time.monotonic()
+results = {"steps": [], "events": [], "replies": {}, "errors": {}}
+_host_procs = []
+
+
+def now():
+    """Seconds since the driver started."""
+    return round(time.monotonic() - T0, 2)
+
+
+def save():
+    with open(RESULTS, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
+class Console:
+    """Follows the console log for `STEP name` lines, one after another."""
+
+    def __init__(self, path=CONSOLE):
+        self.path = path
+        self.pos = 0
+        self.buf = ""
+
+    async def wait_step(self, name, timeout=240.0):
+        deadline = time.monotonic() + timeout
+        needle = f"STEP {name}"
+        while time.monotonic() < deadline:
+            try:
+                with open(self.path, "r", errors="replace") as f:
+                    f.seek(self.pos)
+                    chunk = f.read()
+                    self.pos = f.tell()
+                self.buf += chunk
+            except FileNotFoundError:
+                pass
+            if needle in self.buf:
+                self.buf = self.buf.split(needle, 1)[1]
+                results["steps"].append([name, now()])
+                save()
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"the guest never printed `{needle}`")
+
+
+class Events:
+    """Collects every event; waits for one by name and data members."""
+
+    def __init__(self, qmp):
+        self.qmp = qmp
+        self.seen = []
+
+    async def wait(self, name, timeout=30.0, **match):
+        t0 = time.monotonic()
+        while True:
+            for i, e in enumerate(self.seen):
+                data = e.get("data", {})
+                if e["event"] == name and all(data.get(k) == v for k, v in match.items()):
+                    self.seen.pop(i)
+                    return e
+            left = timeout - (time.monotonic() - t0)
+            if left <= 0:
+                raise TimeoutError(f"no {name} event {match} within {timeout} s")
+            try:
+                ev = await asyncio.wait_for(self.qmp.events.get(), left)
+            except asyncio.TimeoutError:
+                continue
+            ev = dict(ev)
+            ev["at"] = now()
+            results["events"].append(ev)
+            save()
+            self.seen.append(ev)
+
+
+async def start_vm(client_name):
+    """Starts `host run CONFIG --qmp SOCK` and connects to its monitor.
+    Returns (host process, QMP client, say) where say(line) types a line
+    on the guest's console input."""
+    host = subprocess.Popen(
+        [HOST, "run", CONFIG, "--qmp", SOCK],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=open(CONFIG + ".host-stderr", "w"),
+        env=dict(os.environ, HOST_STATS="1"),
+    )
+    _host_procs.append(host)
+
+    def say(line):
+        host.stdin.write(line.encode() + b"\n")
+        host.stdin.flush()
+
+    qmp = QMPClient(client_name)
+    for _ in range(600):
+        if os.path.exists(SOCK):
+            try:
+                await qmp.connect(SOCK)
+                results["greeting"] = str(qmp.greeting)
+                return host, qmp, say
+            except Exception:  # not listening yet
+                pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the QMP socket never answered")
+
+
+async def finish(host, qmp, events, timeout=120):
+    """After the guest's last step: the SHUTDOWN event, then host's exit."""
+    try:
+        results["replies"]["shutdown"] = await events.wait("SHUTDOWN", timeout=timeout)
+    except Exception as x:  # the VM may end before we read it
+        results["replies"]["shutdown"] = str(x)
+    try:
+        await qmp.disconnect()
+    except Exception:
+        pass
+    results["host-exit"] = host.wait(timeout=timeout)
+    results["seconds"] = now()
+
+
+def run(main, name):
+    """Runs the driver's `main` coroutine; on any failure records it, kills
+    the VM (never leave it waiting for a step) and exits 1."""
+    try:
+        asyncio.run(main())
+    except Exception as x:
+        results["failure"] = f"{type(x).__name__}: {x}"
+        save()
+        for h in _host_procs:
+            h.kill()
+        print(f"{name}: {results['failure']}", file=sys.stderr)
+        sys.exit(1)
+    save()
+    print(f"{name}: done")
