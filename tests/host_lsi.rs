@@ -13,10 +13,8 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use system_tests::{check_lsi_disk_job, lsi_disk_job, lsi_job_modules, make_lsi_image};
-use testenv::{
-    parse_console, require_env, target_bin, InitramfsSpec, JobResult, ModuleOrder, NestedOptions,
-};
+use system_tests::{check_lsi_disk_job, lsi_disk_job, make_lsi_image, prepare_lsi_vm};
+use testenv::{parse_console, require_env, target_bin, JobResult, NestedOptions};
 
 /// Where the orchestrated remote listens inside L1 (L1's /tmp is a tmpfs:
 /// UNIX sockets do not work on 9p).
@@ -79,18 +77,8 @@ fn lsi_plugin_remote_and_in_process_behind_our_vmm() {
         return;
     };
     let t0 = Instant::now();
+    let dir = prepare_lsi_vm(&env, "host-lsi", &lsi_disk_job());
     let host = target_bin("host").unwrap();
-    // remote-host and the plugin must sit next to `host`.
-    target_bin("remote-host").unwrap();
-    target_bin("liblsi53c895a.so").unwrap();
-    let dir = testenv::workspace_root()
-        .join("target")
-        .join(format!("host-lsi-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let mut spec = InitramfsSpec::new(&lsi_job_modules(), &lsi_disk_job());
-    spec.order = ModuleOrder::Exact;
-    env.build_initramfs(&spec, &dir.join("initrd.cpio"))
-        .unwrap();
     for (name, placement) in [
         ("remote", "remote = \"storage\""),
         ("inproc", "in-process = true"),

@@ -31,9 +31,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use system_tests::{
-    guest_pattern, host_data, lsi_job_modules, make_lsi_image, parse_hex, run_qmp_driver, BLOCK,
+    guest_pattern, host_data, make_lsi_image, parse_hex, prepare_lsi_vm, run_qmp_driver, BLOCK,
 };
-use testenv::{require_env, target_bin, InitramfsSpec, ModuleOrder};
+use testenv::{require_env, target_bin};
 
 /// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p).
 const QMP_SOCKET: &str = "/tmp/host-qmp/qmp.sock";
@@ -166,18 +166,8 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
         return;
     };
     let t0 = Instant::now();
-    target_bin("host").unwrap();
-    target_bin("remote-host").unwrap();
-    target_bin("liblsi53c895a.so").unwrap();
+    let dir = prepare_lsi_vm(&env, "host-qmp", &guest_job());
     target_bin("libdma_example.so").unwrap();
-    let dir = testenv::workspace_root()
-        .join("target")
-        .join(format!("host-qmp-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let mut spec = InitramfsSpec::new(&lsi_job_modules(), &guest_job());
-    spec.order = ModuleOrder::Exact;
-    env.build_initramfs(&spec, &dir.join("initrd.cpio"))
-        .unwrap();
     make_lsi_image(&dir.join("disk0.img"));
     {
         let mut f = fs::File::create(dir.join("disk1.img")).unwrap();

@@ -22,10 +22,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use system_tests::{
-    host_data, lsi_job_modules, make_lsi_image, parse_hex, run_qmp_driver, BLOCK, HOST_OFF,
+    host_data, make_lsi_image, parse_hex, prepare_lsi_vm, run_qmp_driver, BLOCK, HOST_OFF,
     IMAGE_SIZE,
 };
-use testenv::{require_env, target_bin, InitramfsSpec, ModuleOrder};
+use testenv::require_env;
 
 /// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p).
 const QMP_SOCKET: &str = "/tmp/host-reset/qmp.sock";
@@ -98,17 +98,7 @@ fn system_reset_and_guest_reboot_restart_the_guest() {
         return;
     };
     let t0 = Instant::now();
-    target_bin("host").unwrap();
-    target_bin("remote-host").unwrap();
-    target_bin("liblsi53c895a.so").unwrap();
-    let dir = testenv::workspace_root()
-        .join("target")
-        .join(format!("host-reset-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let mut spec = InitramfsSpec::new(&lsi_job_modules(), &guest_job());
-    spec.order = ModuleOrder::Exact;
-    env.build_initramfs(&spec, &dir.join("initrd.cpio"))
-        .unwrap();
+    let dir = prepare_lsi_vm(&env, "host-reset", &guest_job());
     make_lsi_image(&dir.join("disk0.img"));
     let cfg = dir.join("vm.toml");
     fs::write(&cfg, config(&env.kernel)).unwrap();

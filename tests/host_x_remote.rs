@@ -18,11 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use system_tests::{check_lsi_disk_job, lsi_disk_job, lsi_job_modules, make_lsi_image};
-use testenv::{
-    parse_console, require_env, target_bin, InitramfsSpec, JobResult, ModuleOrder, NestedOptions,
-    QemuKind,
-};
+use system_tests::{check_lsi_disk_job, lsi_disk_job, make_lsi_image, prepare_lsi_vm};
+use testenv::{parse_console, require_env, target_bin, JobResult, NestedOptions, QemuKind};
 
 const DIR_VAR: &str = "HOST_X_REMOTE_DIR";
 const RUNS: [&str; 2] = ["xremote", "oursmp"];
@@ -202,17 +199,7 @@ fn x_remote_lsi_behind_our_vmm() {
         return;
     };
     let t0 = Instant::now();
-    target_bin("host").unwrap();
-    target_bin("remote-host").unwrap();
-    target_bin("liblsi53c895a.so").unwrap();
-    let dir = testenv::workspace_root()
-        .join("target")
-        .join(format!("host-x-remote-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let mut spec = InitramfsSpec::new(&lsi_job_modules(), &lsi_disk_job());
-    spec.order = ModuleOrder::Exact;
-    env.build_initramfs(&spec, &dir.join("initrd.cpio"))
-        .unwrap();
+    let dir = prepare_lsi_vm(&env, "host-x-remote", &lsi_disk_job());
     for name in RUNS {
         make_lsi_image(&dir.join(format!("{name}.img")));
         fs::write(

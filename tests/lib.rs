@@ -250,3 +250,21 @@ pub fn run_qmp_driver(
         diag,
     }
 }
+
+/// A fresh work directory `target/<name>-<pid>` for a VM of our `host`
+/// with an LSI controller in a `remote-host`, holding `initrd.cpio`: the
+/// LSI job modules and `job`. Fails when the binaries are not built.
+pub fn prepare_lsi_vm(env: &testenv::Env, name: &str, job: &str) -> std::path::PathBuf {
+    for bin in ["host", "remote-host", "liblsi53c895a.so"] {
+        testenv::target_bin(bin).unwrap();
+    }
+    let dir = testenv::workspace_root()
+        .join("target")
+        .join(format!("{name}-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let mut spec = testenv::InitramfsSpec::new(&lsi_job_modules(), job);
+    spec.order = testenv::ModuleOrder::Exact;
+    env.build_initramfs(&spec, &dir.join("initrd.cpio"))
+        .unwrap();
+    dir
+}
