@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_common import Console, Events, finish, results, run, start_vm  # noqa: E402
+from qmp_common import CONFIG, Console, Events, finish, results, run, start_vm  # noqa: E402
 from qemu.qmp import ExecuteError  # noqa: E402
 
 
