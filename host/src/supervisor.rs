@@ -27,6 +27,9 @@ use crate::exit::ExitSignal;
 use crate::pci::root::PciRoot;
 use crate::remote::ProcessEnd;
 
+/// How long a control operation (device-add, drive-add, ...) may take.
+const CONTROL_OP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Where a remote is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RemoteState {
@@ -176,6 +179,12 @@ impl Remote {
                 self.id
             ));
         };
+        // An operation may take long for good reasons (loading a plugin,
+        // a drive-del waiting for the disk's commands in flight): it gets
+        // its own, longer limit, so that a slow success is not reported
+        // as a failure. Heartbeats wait for it (they take the same lock)
+        // and set their own timeout again.
+        c.set_timeout(self.timeout.max(CONTROL_OP_TIMEOUT));
         f(c).map_err(|e| match e {
             ControlError::Remote(m) => m,
             e => format!("remote '{}': {e}", self.id),
