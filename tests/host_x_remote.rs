@@ -13,7 +13,6 @@
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -58,21 +57,7 @@ scsi-id = 0
 
 /// Spawns `cmd` with `fd` as its fd 3.
 fn spawn_with_fd3(cmd: &mut Command, fd: OwnedFd) -> Child {
-    let raw = fd.as_raw_fd();
-    // SAFETY: only dup2/fcntl run between fork and exec (async-signal-safe).
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = if raw == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(raw, 3)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    testenv::inherit_as_fd3(cmd, fd.as_raw_fd());
     let child = cmd.spawn().unwrap();
     drop(fd);
     child

@@ -9,7 +9,6 @@
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -196,21 +195,7 @@ slot = 4
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(File::create(&log_path).unwrap());
-    let raw = device_end.as_raw_fd();
-    // SAFETY: only dup2/fcntl run between fork and exec (async-signal-safe).
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = if raw == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(raw, 3)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    testenv::inherit_as_fd3(&mut cmd, device_end.as_raw_fd());
     let mut remote = Killed(cmd.spawn().unwrap());
     drop(device_end);
 

@@ -21,7 +21,6 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -86,21 +85,7 @@ fn start_remote(env: &Env, attempt: u32) -> (Remote, MpqemuClient) {
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(File::create(&stderr).unwrap());
-    let raw = theirs.as_raw_fd();
-    // SAFETY: only dup2/fcntl run between fork and exec (async-signal-safe).
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = if raw == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(raw, 3)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    testenv::inherit_as_fd3(&mut cmd, theirs.as_raw_fd());
     let child = cmd.spawn().unwrap();
     drop(theirs);
     let client = MpqemuClient::from_stream(

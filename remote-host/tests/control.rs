@@ -11,7 +11,6 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,26 +38,6 @@ fn plugin_dir() -> PathBuf {
         );
     }
     dir
-}
-
-/// Makes `raw` the child's fd 3, inherited across exec.
-fn pass_as_fd3(cmd: &mut Command, raw: i32) {
-    // SAFETY: only dup2 and fcntl run in the child between fork and exec;
-    // both are async-signal-safe. dup2 clears FD_CLOEXEC on the new fd;
-    // when `raw` already is 3, dup2 does nothing and fcntl clears it.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = if raw == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(raw, 3)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// A `remote-host serve --control 3` with no config device, killed on drop.
@@ -98,7 +77,7 @@ impl Remote {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        pass_as_fd3(&mut cmd, theirs.as_raw_fd());
+        testenv::inherit_as_fd3(&mut cmd, theirs.as_raw_fd());
         let child = cmd.spawn().unwrap();
         drop(theirs);
         let client = ControlClient::new(ours, Duration::from_secs(10));

@@ -10,7 +10,6 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -86,26 +85,6 @@ impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// Makes `raw` the child's fd 3, inherited across exec.
-fn pass_as_fd3(cmd: &mut Command, raw: i32) {
-    // SAFETY: only dup2 and fcntl run in the child between fork and exec;
-    // both are async-signal-safe. dup2 clears FD_CLOEXEC on the new fd;
-    // when `raw` already is 3, dup2 does nothing and fcntl clears it.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = if raw == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(raw, 3)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
 
@@ -196,7 +175,7 @@ fn inherited_socketpair_probe_bar_dma_irq_reset() {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let mut cmd = command(tmp.path(), &["dma0"]);
     cmd.args(["--fd", "3"]);
-    pass_as_fd3(&mut cmd, theirs.as_raw_fd());
+    testenv::inherit_as_fd3(&mut cmd, theirs.as_raw_fd());
     let mut child = Killed(cmd.spawn().unwrap());
     drop(theirs);
     let mut c = client(ours);

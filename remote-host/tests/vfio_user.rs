@@ -9,7 +9,6 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -165,26 +164,6 @@ fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) 
         Ok(Ok(v)) => v,
         Ok(Err(p)) => std::panic::resume_unwind(p),
         Err(_) => panic!("timed out after {secs} s"),
-    }
-}
-
-/// Makes `raw` the child's fd 3, inherited across exec.
-fn pass_as_fd3(cmd: &mut Command, raw: i32) {
-    // SAFETY: only dup2 and fcntl run in the child between fork and exec;
-    // both are async-signal-safe. dup2 clears FD_CLOEXEC on the new fd;
-    // when `raw` already is 3, dup2 does nothing and fcntl clears it.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = if raw == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(raw, 3)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
 
@@ -564,7 +543,7 @@ fn serves_an_inherited_connected_fd() {
     let raw = theirs.as_raw_fd();
     let mut cmd = Server::command(tmp.path(), &["dma0"]);
     cmd.args(["--fd", "3"]);
-    pass_as_fd3(&mut cmd, raw);
+    testenv::inherit_as_fd3(&mut cmd, raw);
     let mut child = cmd.spawn().unwrap();
     drop(theirs);
     let result = within(60, move || {
@@ -597,7 +576,7 @@ fn serves_an_inherited_listening_fd_one_client_at_a_time() {
     let raw = listener.as_raw_fd();
     let mut cmd = Server::command(tmp.path(), &["dma0"]);
     cmd.args(["--fd", "3"]);
-    pass_as_fd3(&mut cmd, raw);
+    testenv::inherit_as_fd3(&mut cmd, raw);
     let child = cmd.spawn().unwrap();
     drop(listener);
     let mut server = Server { child, tmp };

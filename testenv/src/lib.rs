@@ -279,3 +279,27 @@ pub fn target_bin(name: &str) -> Result<PathBuf> {
     }
     Ok(p)
 }
+
+/// Makes `raw` the fd 3 of the child `cmd` starts, inherited across exec
+/// (how `remote-host serve --fd 3` and QEMU's `x-remote ... fd=3` are
+/// given their connected socket in tests). The caller closes its own copy
+/// after spawning.
+pub fn inherit_as_fd3(cmd: &mut std::process::Command, raw: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only dup2 and fcntl run in the child between fork and exec;
+    // both are async-signal-safe. dup2 clears FD_CLOEXEC on the new fd;
+    // when `raw` already is 3, dup2 does nothing and fcntl clears it.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
