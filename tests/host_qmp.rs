@@ -248,6 +248,13 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
         "Parameter 'size' expects a multiple of 512"
     );
     assert_eq!(err("blockdev-del-in-use")["desc"], "Node 'disk1' is in use");
+    assert!(
+        err("resize-shrink")["desc"]
+            .as_str()
+            .unwrap()
+            .contains("would lose data"),
+        "{diag}"
+    );
     assert_eq!(err("blockdev-del-again")["class"], "DeviceNotFound");
     assert_eq!(
         rep["query-pci-after-errors"], rep["query-pci"],

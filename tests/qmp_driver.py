@@ -83,6 +83,7 @@ async def main():
     e = await ev.wait("DRIVE_ADDED", device="hd1")
     r["drive-added"] = e
     await expect_error(qmp, "resize-odd", "block_resize", {"node-name": "disk1", "size": 1000})
+    await expect_error(qmp, "resize-shrink", "block_resize", {"node-name": "disk1", "size": 1 << 20})
     await expect_error(qmp, "blockdev-del-in-use", "blockdev-del", {"node-name": "disk1"})
     go()
 

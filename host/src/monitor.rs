@@ -644,6 +644,18 @@ impl Monitor {
         if node.read_only {
             return Err(QmpError::generic(format!("Node '{name}' is read only")));
         }
+        // Shrinking cuts off whatever the guest keeps at the end of its
+        // disk: refused, so that a typo cannot lose data.
+        let current = std::fs::metadata(&node.file)
+            .map(|m| m.len())
+            .map_err(|e| {
+                QmpError::generic(format!("Could not open '{}': {e}", node.file.display()))
+            })?;
+        if size < current {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is {current} bytes: shrinking it to {size} would lose data, and is refused"
+            )));
+        }
         match &node.attached {
             Some(a) => {
                 self.device_control(
