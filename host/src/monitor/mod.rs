@@ -1,0 +1,298 @@
+//! The VMM's QMP commands (docs/qmp.md, "The commands the VMM maps"):
+//! status, PCI listing, quit and reset, the remotes, and hotplug of PCI
+//! functions (in a remote or in-process) and of drives on a controller.
+//!
+//! Every command checks all its arguments before it changes anything, and
+//! hotplug commands run one at a time, so an error leaves the VM as it was.
+//!
+//! - this file holds the state, the queries, quit/reset and dispatch;
+//! - `devices.rs`, `device_add`/`device_del` of PCI functions;
+//! - `drives.rs`, block nodes and `scsi-hd` drives on a controller, and
+//!   `block_resize`;
+//! - `restart.rs`, `remote-restart`.
+
+mod devices;
+mod drives;
+mod restart;
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use config::{Config, DeviceConfig, OnReboot, Placement};
+use kvm_ioctls::VmFd;
+use qmp::{Arguments, Commands, QmpError};
+use serde_json::{json, Map, Value};
+
+use crate::bus::Bus;
+use crate::exit::{ExitReason, ExitSignal};
+use crate::memory::GuestRam;
+use crate::pci::inprocess::InProcessFunction;
+use crate::pci::proxy::{FailHook, ProxyFunction};
+use crate::pci::root::SlotLabel;
+use crate::pci::PciDevice;
+use crate::remote::{self, Processes};
+use crate::supervisor::{self, DeathCause, Remote};
+use crate::vm::pci_gsi;
+
+/// A named drive (QEMU's block node): an image file, maybe attached to a
+/// controller as a `scsi-hd`.
+#[derive(Clone, Debug)]
+struct Node {
+    file: PathBuf,
+    read_only: bool,
+    attached: Option<Attachment>,
+    /// For a drive of the config: where the config puts it (a restarted
+    /// remote attaches it there again by itself).
+    from_config: Option<(String, u8)>,
+}
+
+#[derive(Clone, Debug)]
+struct Attachment {
+    /// The `scsi-hd` device id.
+    device: String,
+    controller: String,
+    scsi_id: u8,
+}
+
+/// A PCI function added with `device_add`, remembered so that a
+/// restarted remote gets it again.
+#[derive(Clone, Debug)]
+struct AddedDevice {
+    id: String,
+    driver: String,
+    remote: Option<String>,
+    slot: u8,
+    kind: Option<String>,
+    settings: String,
+}
+
+/// Everything the commands act on.
+pub struct Monitor {
+    config: Config,
+    bus: Arc<Bus>,
+    vm: Arc<VmFd>,
+    ram: Arc<GuestRam>,
+    /// Replaced one by one by `remote-restart`.
+    remotes: Mutex<Vec<Arc<Remote>>>,
+    processes: Processes,
+    added: Mutex<Vec<AddedDevice>>,
+    exit: Arc<ExitSignal>,
+    events: qmp::EventSender,
+    plugin_dirs: Vec<PathBuf>,
+    nodes: Mutex<BTreeMap<String, Node>>,
+    /// Serialises hotplug commands.
+    hotplug: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const COMMANDS: &[&str] = &[
+    "query-status",
+    "query-pci",
+    "quit",
+    "system_reset",
+    "query-remote",
+    "device_add",
+    "device_del",
+    "blockdev-add",
+    "blockdev-del",
+    "block_resize",
+    "query-block",
+    "remote-restart",
+];
+
+/// The hook that turns a function failure into a `DEVICE_FAILED` event.
+pub fn fail_hook(events: &qmp::EventSender, remote: Option<&str>) -> FailHook {
+    let events = events.clone();
+    let remote = remote.map(str::to_owned);
+    Arc::new(move |device: &str, reason: &str| {
+        events.emit(
+            "DEVICE_FAILED",
+            json!({"device": device, "remote": remote, "reason": reason}),
+        );
+    })
+}
+
+impl Monitor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Config,
+        bus: Arc<Bus>,
+        vm: Arc<VmFd>,
+        ram: Arc<GuestRam>,
+        remotes: Vec<Arc<Remote>>,
+        processes: Processes,
+        exit: Arc<ExitSignal>,
+        events: qmp::EventSender,
+        plugin_dirs: Vec<PathBuf>,
+    ) -> Monitor {
+        let nodes = drives::config_drives(&config);
+        Monitor {
+            config,
+            bus,
+            vm,
+            ram,
+            remotes: Mutex::new(remotes),
+            processes,
+            added: Mutex::new(Vec::new()),
+            exit,
+            events,
+            plugin_dirs,
+            nodes: Mutex::new(nodes),
+            hotplug: Mutex::new(()),
+        }
+    }
+
+    fn remote(&self, id: &str) -> Result<Arc<Remote>, QmpError> {
+        lock(&self.remotes)
+            .iter()
+            .find(|r| r.id == id)
+            .cloned()
+            .ok_or_else(|| {
+                QmpError::new(
+                    qmp::ErrorClass::DeviceNotFound,
+                    format!("Remote '{id}' not found"),
+                )
+            })
+    }
+
+    fn query_status(&self) -> Value {
+        let running = !self.exit.is_set();
+        json!({"status": if running { "running" } else { "shutdown" }, "running": running})
+    }
+
+    fn query_pci(&self) -> Value {
+        let devices: Vec<Value> = self
+            .bus
+            .pci
+            .functions()
+            .into_iter()
+            .map(|f| {
+                let id = f.identity;
+                let regions: Vec<Value> = f
+                    .bars
+                    .iter()
+                    .map(|b| {
+                        if b.spec.bar_type == pci::BarType::Io {
+                            json!({"bar": b.index, "type": "io", "address": b.base, "size": b.spec.size})
+                        } else {
+                            json!({"bar": b.index, "type": "memory", "address": b.base,
+                                   "size": b.spec.size, "prefetch": b.spec.prefetchable,
+                                   "mem_type_64": b.spec.bar_type == pci::BarType::Memory64})
+                        }
+                    })
+                    .collect();
+                json!({
+                    "bus": 0, "slot": f.slot, "function": 0,
+                    "class_info": {"class": id.class_code >> 8},
+                    "id": {"vendor": id.vendor_id, "device": id.device_id,
+                           "subsystem-vendor": id.subsystem_vendor_id,
+                           "subsystem": id.subsystem_id},
+                    "irq": f.interrupt_line,
+                    "qdev_id": f.label.id,
+                    "remote": f.label.remote,
+                    "regions": regions,
+                })
+            })
+            .collect();
+        json!([{"bus": 0, "devices": devices}])
+    }
+
+    fn query_block(&self) -> Value {
+        let nodes = lock(&self.nodes);
+        let v: Vec<Value> = nodes
+            .iter()
+            .map(|(name, n)| {
+                json!({
+                    "node-name": name,
+                    "file": n.file.display().to_string(),
+                    "read-only": n.read_only,
+                    "size": std::fs::metadata(&n.file).map(|m| m.len()).ok(),
+                    "device": n.attached.as_ref().map(|a| a.device.clone()),
+                    "controller": n.attached.as_ref().map(|a| a.controller.clone()),
+                    "scsi-id": n.attached.as_ref().map(|a| a.scsi_id),
+                })
+            })
+            .collect();
+        Value::Array(v)
+    }
+
+    /// The id is free among functions and drives.
+    fn check_new_id(&self, id: &str) -> Result<(), QmpError> {
+        if id.is_empty() {
+            return Err(QmpError::generic(
+                "Parameter 'id' expects a non-empty string",
+            ));
+        }
+        let taken = self.bus.pci.slot_of(id).is_some()
+            || lock(&self.nodes)
+                .values()
+                .any(|n| n.attached.as_ref().is_some_and(|a| a.device == id));
+        if taken {
+            return Err(QmpError::generic(format!("Duplicate ID '{id}' for device")));
+        }
+        Ok(())
+    }
+}
+
+impl Commands for Monitor {
+    fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        match name {
+            "query-status" => {
+                args.allow_only(&[])?;
+                Ok(self.query_status())
+            }
+            "query-pci" => {
+                args.allow_only(&[])?;
+                Ok(self.query_pci())
+            }
+            "query-block" => {
+                args.allow_only(&[])?;
+                Ok(self.query_block())
+            }
+            "query-remote" => {
+                args.allow_only(&[])?;
+                Ok(Value::Array(
+                    lock(&self.remotes).iter().map(|r| r.query()).collect(),
+                ))
+            }
+            "quit" => {
+                args.allow_only(&[])?;
+                // The main loop emits SHUTDOWN and stops the server after
+                // this reply is written.
+                self.exit.set(ExitReason::Quit);
+                Ok(json!({}))
+            }
+            "system_reset" => {
+                args.allow_only(&[])?;
+                // With `on-reboot = "restart"` the main loop resets the
+                // machine and emits RESET once the guest runs again; with
+                // "exit" the VM ends (RESET, then SHUTDOWN).
+                if self.config.vm.on_reboot == OnReboot::Exit {
+                    self.events.emit(
+                        "RESET",
+                        json!({"guest": false, "reason": "host-qmp-system-reset"}),
+                    );
+                }
+                self.exit.set(ExitReason::HostReset);
+                Ok(json!({}))
+            }
+            "device_add" => self.device_add(args),
+            "device_del" => self.device_del(args),
+            "blockdev-add" => self.blockdev_add(args),
+            "blockdev-del" => self.blockdev_del(args),
+            "block_resize" => self.block_resize(args),
+            "remote-restart" => self.remote_restart(args),
+            _ => Err(QmpError::command_not_found(name)),
+        }
+    }
+
+    fn command_names(&self) -> Vec<String> {
+        COMMANDS.iter().map(|s| (*s).to_owned()).collect()
+    }
+}

@@ -1,0 +1,169 @@
+//! `remote-restart`, and stopping the remotes when the VM ends.
+
+use super::*;
+
+impl Monitor {
+    /// `remote-restart {"id": REMOTE}`: replaces a dead, hung or healthy
+    /// remote by a new one. A `remote-host` we spawned is killed (if still
+    /// there) and spawned again; for a remote an orchestrator started
+    /// (`socket = ...`), the orchestrator restarts the process and this
+    /// reconnects to its socket. Every device the remote served is set up
+    /// again in its slot, with the BARs, interrupt line and command
+    /// register the guest gave it, and drives added with `device_add
+    /// scsi-hd` are attached again. Device state is not carried over: to
+    /// the guest the devices look reset (fault recovery that the guest
+    /// does not notice is a later step). Event `REMOTE_RESTARTED`.
+    pub(super) fn remote_restart(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let _one = lock(&self.hotplug);
+        args.allow_only(&["id"])?;
+        let id = args.str("id")?;
+        let old = self.remote(id)?;
+        let rcfg = self
+            .config
+            .remote(id)
+            .ok_or_else(|| QmpError::generic(format!("Remote '{id}' is not in the config")))?;
+        if old.pid.is_none() && rcfg.socket.is_none() {
+            return Err(QmpError::generic(format!(
+                "Remote '{id}' was handed to this VMM as a connected socket (--remote-fd): it cannot be restarted from here"
+            )));
+        }
+        // The old remote goes first: its devices fail now, its supervisor
+        // stops reporting, its process is killed and reaped.
+        old.retire();
+        if let Some(pid) = old.pid {
+            let mut procs = lock(&self.processes);
+            if let Some(pos) = procs.iter().position(|p| p.pid() == pid) {
+                let mut p = procs.remove(pos);
+                p.stop(std::time::Duration::ZERO);
+            }
+        }
+        let s = remote::connect_supervised(&self.config, rcfg, None)
+            .map_err(|e| QmpError::generic(format!("restarting remote '{id}': {e:#}")))?;
+        let pid = s.process.as_ref().map(remote::RemoteProcess::pid);
+        let new = Arc::new(Remote::new(rcfg, pid, s.control, s.control_hangup));
+        if let Some(p) = s.process {
+            let (sup, events, exit) = (new.clone(), self.events.clone(), self.exit.clone());
+            p.watch(move |end| sup.died(DeathCause::Process(end), &events, &exit));
+            lock(&self.processes).push(p);
+        }
+        let mut problems = Vec::new();
+        // Devices of the config: a fresh connection each.
+        for (dev_id, client) in s.clients {
+            // Removed with device_del (its id maybe reused elsewhere since):
+            // the new connection just closes.
+            let Some(slot) = self
+                .bus
+                .pci
+                .functions()
+                .into_iter()
+                .find(|f| f.label.id == dev_id && f.label.remote.as_deref() == Some(id))
+                .map(|f| f.slot)
+            else {
+                continue;
+            };
+            let r = ProxyFunction::new(&dev_id, client, &self.ram, &self.vm, pci_gsi(slot))
+                .map_err(|e| format!("{e:#}"))
+                .and_then(|p| self.put_back(&new, &dev_id, slot, p));
+            if let Err(e) = r {
+                problems.push(format!("{dev_id}: {e}"));
+            }
+        }
+        // Devices added with device_add.
+        let added: Vec<AddedDevice> = lock(&self.added)
+            .iter()
+            .filter(|a| a.remote.as_deref() == Some(id))
+            .cloned()
+            .collect();
+        for a in added {
+            let r = self
+                .add_to_remote(&new, &a)
+                .map_err(|e| e.desc)
+                .and_then(|p| {
+                    // add_to_remote registered it already.
+                    new.remove_device(&a.id);
+                    self.put_back(&new, &a.id, a.slot, p)
+                });
+            if let Err(e) = r {
+                problems.push(format!("{}: {e}", a.id));
+            }
+        }
+        // Drives: the restarted controller has its config drives again;
+        // make its targets what the operator left them.
+        let devices = new.device_ids();
+        let nodes: Vec<(String, Node)> = lock(&self.nodes)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, node) in nodes {
+            let op = match (&node.attached, &node.from_config) {
+                // Attached with device_add scsi-hd: attach it again.
+                (Some(a), None) if devices.contains(&a.controller) => (
+                    a.controller.clone(),
+                    "drive-add",
+                    json!({"id": name, "file": node.file, "scsi-id": a.scsi_id, "lun": 0,
+                           "read-only": node.read_only}),
+                ),
+                // A config drive the operator removed: remove it again.
+                (None, Some((controller, scsi_id))) if devices.contains(controller) => {
+                    (controller.clone(), "drive-del", json!({"scsi-id": scsi_id}))
+                }
+                _ => continue,
+            };
+            let (controller, control, args) = op;
+            if let Err(e) = new.with_control(|c| c.device_control(&controller, control, args)) {
+                problems.push(format!("drive {name}: {e}"));
+            }
+        }
+        {
+            let mut remotes = lock(&self.remotes);
+            if let Some(slot) = remotes.iter_mut().find(|r| r.id == id) {
+                *slot = new.clone();
+            }
+        }
+        supervisor::spawn(
+            new.clone(),
+            self.bus.pci.clone(),
+            self.events.clone(),
+            self.exit.clone(),
+        );
+        self.events.emit(
+            "REMOTE_RESTARTED",
+            json!({"id": id, "pid": pid, "devices": new.device_ids(), "problems": problems}),
+        );
+        if problems.is_empty() {
+            Ok(json!({}))
+        } else {
+            Err(QmpError::generic(format!(
+                "Remote '{id}' restarted, but: {}",
+                problems.join("; ")
+            )))
+        }
+    }
+
+    /// The VM ends: every remote stops being supervised, and those we
+    /// spawned see their control channel close (and exit).
+    pub fn stop_remotes(&self) {
+        for r in lock(&self.remotes).iter() {
+            r.stopped();
+        }
+    }
+
+    /// Puts a restarted remote's proxy in the slot its predecessor had.
+    pub(super) fn put_back(
+        &self,
+        remote: &Arc<Remote>,
+        id: &str,
+        slot: u8,
+        proxy: ProxyFunction,
+    ) -> Result<(), String> {
+        let proxy = proxy.with_supervision(
+            remote.failed.clone(),
+            fail_hook(&self.events, Some(&remote.id)),
+        );
+        remote.add_device(id, Some(proxy.socket_fd()));
+        self.bus
+            .pci
+            .replace(slot, Box::new(proxy))
+            .map_err(|e| e.to_string())
+    }
+}
