@@ -15,7 +15,8 @@ use abi_stable::{
 use pci::{BarSpec, BarType, ConfigSpace, ConfigWriteEffect, Identity};
 
 use crate::abi::{
-    BarKind, DeviceBox, DeviceDesc, DeviceError, FfiHost, FfiHost_TO, HostBox, LogLevel,
+    BarKind, DeviceBox, DeviceDesc, DeviceError, DeviceErrorKind, FfiHost, FfiHost_TO, HostBox,
+    LogLevel,
 };
 use crate::loader::LoadedPlugin;
 
@@ -129,10 +130,20 @@ pub fn create_device(
 }
 
 /// A device plus its configuration space.
+///
+/// After [`shutdown`](Self::shutdown) the device gets no call any more:
+/// accesses still arriving (a connection not yet closed) read all-ones and
+/// fail with "the device was shut down". So a host may shut a device down
+/// while something may still reach it.
 pub struct PciFunction {
     device: DeviceBox,
     config: ConfigSpace,
     desc: DeviceDesc,
+    shut_down: bool,
+}
+
+fn shut_down_error() -> DeviceError {
+    DeviceError::new(DeviceErrorKind::Other, "the device was shut down")
 }
 
 impl PciFunction {
@@ -175,6 +186,7 @@ impl PciFunction {
             device,
             config,
             desc,
+            shut_down: false,
         })
     }
 
@@ -197,6 +209,10 @@ impl PciFunction {
                     data[i] = 0xff;
                     continue;
                 };
+                if self.shut_down {
+                    data[i] = 0xff;
+                    continue;
+                }
                 if self
                     .device
                     .config_read(off16, RSliceMut::from_mut_slice(&mut data[i..=i]))
@@ -211,6 +227,9 @@ impl PciFunction {
     /// A guest configuration write. Returns what moved.
     pub fn config_write(&mut self, offset: usize, data: &[u8]) -> ConfigWriteEffect {
         let effect = self.config.write(offset, data);
+        if self.shut_down {
+            return effect;
+        }
         if let Ok(off16) = u16::try_from(offset) {
             // The device's error (e.g. failed) is visible through `failure`.
             let _ = self.device.config_write(off16, RSlice::from_slice(data));
@@ -220,6 +239,10 @@ impl PciFunction {
 
     /// A read at `offset` in BAR `bar`; a failed device reads all-ones.
     pub fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        if self.shut_down {
+            data.fill(0xff);
+            return Err(shut_down_error());
+        }
         let r = self
             .device
             .bar_read(bar, offset, RSliceMut::from_mut_slice(data))
@@ -232,6 +255,9 @@ impl PciFunction {
 
     /// A write at `offset` in BAR `bar`.
     pub fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        if self.shut_down {
+            return Err(shut_down_error());
+        }
         self.device
             .bar_write(bar, offset, RSlice::from_slice(data))
             .into_result()
@@ -240,11 +266,14 @@ impl PciFunction {
     /// Function-level reset of device and configuration space.
     pub fn reset(&mut self) -> Result<(), DeviceError> {
         self.config.reset();
+        if self.shut_down {
+            return Err(shut_down_error());
+        }
         self.device.reset().into_result()
     }
 
     pub fn is_busy(&self) -> bool {
-        self.device.is_busy()
+        !self.shut_down && self.device.is_busy()
     }
 
     /// The device's failure message once it panicked.
@@ -256,10 +285,16 @@ impl PciFunction {
     }
 
     pub fn save_state(&mut self) -> Result<Vec<u8>, DeviceError> {
+        if self.shut_down {
+            return Err(shut_down_error());
+        }
         self.device.save_state().into_result().map(|v| v.into_vec())
     }
 
     pub fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceError> {
+        if self.shut_down {
+            return Err(shut_down_error());
+        }
         self.device
             .restore_state(RSlice::from_slice(state))
             .into_result()
@@ -273,6 +308,9 @@ impl PciFunction {
         op: &str,
         args: &serde_json::Value,
     ) -> Result<serde_json::Value, String> {
+        if self.shut_down {
+            return Err(shut_down_error().message.into_string());
+        }
         let text = self
             .device
             .control(RStr::from_str(op), RStr::from_str(&args.to_string()))
@@ -282,8 +320,10 @@ impl PciFunction {
             .map_err(|e| format!("control `{op}`: the device's result is not JSON: {e}"))
     }
 
-    /// Orderly shutdown of the device.
+    /// Orderly shutdown of the device, once; it gets no call after it.
     pub fn shutdown(&mut self) {
-        self.device.shutdown();
+        if !std::mem::replace(&mut self.shut_down, true) {
+            self.device.shutdown();
+        }
     }
 }

@@ -43,7 +43,10 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 struct Entry {
     dev: Arc<RemoteDevice>,
     /// For devices added here: a handle on the connection (to shut it
-    /// down) and the thread serving it. `None` for config devices.
+    /// down) and the thread serving it. `None` for config devices: their
+    /// listener or connection is the config path's; removing one shuts the
+    /// device down (it gets no call after that, see `PciFunction`) and
+    /// whatever still reaches it reads all-ones.
     served: Option<(UnixStream, JoinHandle<()>)>,
 }
 
@@ -192,14 +195,6 @@ impl Control {
     }
 
     fn device_del(&mut self, id: &str) -> Result<Value, String> {
-        let Some(entry) = self.devices.get(id) else {
-            return Err(format!("no device `{id}`"));
-        };
-        if entry.served.is_none() {
-            return Err(format!(
-                "device `{id}` comes from the config; only devices added on the control channel can be removed"
-            ));
-        }
         let Some(Entry { dev, served }) = self.devices.remove(id) else {
             return Err(format!("no device `{id}`"));
         };

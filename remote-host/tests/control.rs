@@ -40,19 +40,32 @@ fn plugin_dir() -> PathBuf {
     dir
 }
 
-/// A `remote-host serve --control 3` with no config device, killed on drop.
+/// A `remote-host serve --control 3`, killed on drop.
 struct Remote {
     child: Child,
     tmp: tempfile::TempDir,
 }
 
 impl Remote {
+    /// With no config device.
     fn start(extra: &[&str]) -> (Remote, ControlClient) {
+        Self::start_with(extra, "", |_| Vec::new())
+    }
+
+    /// With `devices` (`[[device]]` tables) in its config, and the
+    /// arguments `args(work dir)` gives.
+    fn start_with(
+        extra: &[&str],
+        devices: &str,
+        args: impl Fn(&Path) -> Vec<String>,
+    ) -> (Remote, ControlClient) {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = tmp.path().join("vm.toml");
         std::fs::write(
             &cfg,
-            "[vm]\nmemory = \"64M\"\nkernel = \"vmlinuz\"\n\n[[remote]]\nid = \"r\"\n",
+            format!(
+                "[vm]\nmemory = \"64M\"\nkernel = \"vmlinuz\"\n\n[[remote]]\nid = \"r\"\n\n{devices}"
+            ),
         )
         .unwrap();
         let log = File::create(tmp.path().join("remote-host.log")).unwrap();
@@ -74,6 +87,7 @@ impl Remote {
             .arg("--plugin-dir")
             .arg(plugin_dir())
             .args(extra)
+            .args(args(tmp.path()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -309,4 +323,36 @@ fn the_sandbox_refuses_programs_and_network_sockets_to_a_device() {
     // The same plugin without the sandbox: everything works. (So the
     // refusals above are the sandbox's, not the fixture's.)
     assert_eq!(escape_attempts(&["--no-sandbox"]), [1, 1, 1]);
+}
+
+#[test]
+fn device_del_of_a_config_device_shuts_it_down() {
+    let (remote, mut ctl) = Remote::start_with(
+        &[],
+        "[[device]]\nid = \"dma0\"\nremote = \"r\"\nplugin = \"dma-example\"\nslot = 3\n",
+        |dir| {
+            vec![
+                "--socket".into(),
+                dir.join("dma0.sock").display().to_string(),
+            ]
+        },
+    );
+    let sock = remote.path().join("dma0.sock");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = vfio_client(UnixStream::connect(&sock).unwrap());
+    let mut id = [0u8; 4];
+    c.region_read(0, 0, &mut id).unwrap();
+    assert_eq!(u32::from_le_bytes(id), 0xd3a0_0001);
+    ctl.device_del("dma0").unwrap();
+    // Still connected, but the device is gone: all-ones, never a call
+    // into the plugin after its shutdown.
+    let mut v = [0u8; 4];
+    let _ = c.region_read(0, 0, &mut v);
+    assert_eq!(u32::from_le_bytes(v), 0xffff_ffff);
+    assert!(remote_error(ctl.device_del("dma0")).contains("no device `dma0`"));
+    ctl.ping().unwrap();
 }
