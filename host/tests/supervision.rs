@@ -22,7 +22,7 @@ use host::exit::ExitSignal;
 use host::memory::GuestRam;
 use host::pci::proxy::ProxyFunction;
 use host::pci::root::{PciRoot, SlotLabel};
-use host::supervisor::{self, Remote, RemoteState};
+use host::supervisor::{self, DeathCause, Remote, RemoteState};
 use kvm_ioctls::Kvm;
 use serde_json::{json, Map, Value};
 
@@ -95,8 +95,9 @@ fn signal(child: &Child, sig: i32) {
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
 }
 
-#[test]
-fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
+/// The build directory, or `None` (a skip, outside CI) when /dev/kvm,
+/// `remote-host` or the dma-example plugin is missing.
+fn prerequisites() -> Option<PathBuf> {
     let dir = profile_dir();
     let rh = dir.join("remote-host");
     let plugin = dir.join("libdma_example.so");
@@ -111,8 +112,31 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
     if let Some(m) = missing {
         assert!(!in_ci(), "CI=true: {m} is missing");
         eprintln!("SKIP: needs {m} (cargo build -p remote-host -p dma-example)");
-        return;
+        return None;
     }
+    Some(dir)
+}
+
+/// A QMP server for `events`, and a negotiated client reading them.
+fn event_monitor(dir: &Path, events: &qmp::EventSender) -> (qmp::Server, EventReader) {
+    let path = dir.join("qmp.sock");
+    let server = qmp::Server::bind_with(
+        &path,
+        Arc::new(NoCommands),
+        qmp::ServerOptions::default(),
+        events.clone(),
+    )
+    .unwrap();
+    let reader = EventReader::connect(&path);
+    (server, reader)
+}
+
+#[test]
+fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
+    let Some(dir) = prerequisites() else {
+        return;
+    };
+    let rh = dir.join("remote-host");
     let work = tempfile::tempdir().unwrap();
     let sock = work.path().join("dev.sock");
     let cfg_path = work.path().join("vm.toml");
@@ -151,15 +175,7 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
     assert!(s.process.is_none() && s.control.is_none());
     let remote = Arc::new(Remote::new(&cfg.remotes[0], None, None, None));
     let events = qmp::EventSender::new();
-    let qmp_path = work.path().join("qmp.sock");
-    let server = qmp::Server::bind_with(
-        &qmp_path,
-        Arc::new(NoCommands),
-        qmp::ServerOptions::default(),
-        events.clone(),
-    )
-    .unwrap();
-    let mut ev = EventReader::connect(&qmp_path);
+    let (server, mut ev) = event_monitor(work.path(), &events);
 
     let (_, client) = s.clients.into_iter().next().unwrap();
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -235,6 +251,113 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
     let _ = orch.wait();
 
     exit.set(host::exit::ExitReason::Quit);
+    root.shutdown();
+    server.shutdown();
+}
+
+/// A `remote-host` the VMM spawned: heartbeats are pings on its control
+/// channel, so a remote that runs again after SIGCONT is seen answering
+/// (`REMOTE_ALIVE`), and its death comes with how it ended (SIGCHLD).
+#[test]
+fn a_spawned_remote_is_supervised_on_its_control_channel() {
+    let Some(dir) = prerequisites() else {
+        return;
+    };
+    std::env::set_var("REMOTE_HOST", dir.join("remote-host"));
+    let work = tempfile::tempdir().unwrap();
+    let cfg_path = work.path().join("vm.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n[[remote]]\nid = \"dev\"\n\
+             heartbeat-ms = 100\ntimeout-ms = 300\nplugin-dirs = [\"{}\"]\nlog = \"remote.log\"\n\n\
+             [[device]]\nid = \"dma0\"\nremote = \"dev\"\nplugin = \"dma-example\"\nslot = {SLOT}\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let cfg = config::Config::load(&cfg_path).unwrap();
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    vm.create_irq_chip().unwrap();
+    let ram = GuestRam::new(64 << 20).unwrap();
+    let s = host::remote::connect_supervised(&cfg, &cfg.remotes[0], None).unwrap();
+    let mut process = s.process.expect("spawned");
+    let pid = process.pid();
+    let remote = Arc::new(Remote::new(
+        &cfg.remotes[0],
+        Some(pid),
+        s.control,
+        s.control_hangup,
+    ));
+    assert!(remote.has_control());
+    let events = qmp::EventSender::new();
+    let (server, mut ev) = event_monitor(work.path(), &events);
+    let exit = Arc::new(ExitSignal::default());
+    {
+        let (remote, events, exit) = (remote.clone(), events.clone(), exit.clone());
+        process.watch(move |end| remote.died(DeathCause::Process(end), &events, &exit));
+    }
+    let (_, client) = s.clients.into_iter().next().unwrap();
+    let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI)
+        .unwrap()
+        .with_supervision(remote.failed.clone(), Arc::new(|_: &str, _: &str| {}));
+    remote.add_device("dma0", Some(func.socket_fd()));
+    let root = Arc::new(PciRoot::new());
+    let label = SlotLabel {
+        id: "dma0".into(),
+        remote: Some("dev".into()),
+    };
+    root.insert(SLOT, label, Box::new(func)).unwrap();
+    root.assign_resources(&|_| Some(GSI as u8)).unwrap();
+    let bar0 = root.functions()[1].bars[0].base;
+    assert_eq!(read32(&root, bar0), 0xd3a0_0001);
+    supervisor::spawn(remote.clone(), root.clone(), events.clone(), exit.clone());
+    let t = Instant::now();
+    while remote.state() != RemoteState::Running {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no heartbeat answered"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let sig = |s: i32| {
+        // SAFETY: kill on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid as i32, s) }, 0);
+    };
+    sig(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let (hung, at) = ev.wait("REMOTE_HUNG");
+    eprintln!("REMOTE_HUNG {:?} after SIGSTOP: {hung}", at - stopped);
+    assert!(at - stopped < Duration::from_secs(3));
+    assert_eq!(hung["data"]["pid"], pid);
+    let t = Instant::now();
+    assert_eq!(read32(&root, bar0), 0xffff_ffff);
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
+
+    sig(libc::SIGCONT);
+    let (alive, _) = ev.wait("REMOTE_ALIVE");
+    assert_eq!(alive["data"]["id"], "dev");
+    assert_eq!(remote.state(), RemoteState::Running);
+    // Requests timed out mid-stream: the device stays failed.
+    assert_eq!(read32(&root, bar0), 0xffff_ffff);
+
+    sig(libc::SIGKILL);
+    let killed = Instant::now();
+    let (died, at) = ev.wait("REMOTE_DIED");
+    eprintln!("REMOTE_DIED {:?} after SIGKILL: {died}", at - killed);
+    assert!(at - killed < Duration::from_secs(2));
+    assert_eq!(died["data"]["reason"], "signal");
+    assert_eq!(died["data"]["signal"], libc::SIGKILL);
+    assert_eq!(remote.state(), RemoteState::Dead);
+
+    exit.set(host::exit::ExitReason::Quit);
+    process.stop(Duration::ZERO);
     root.shutdown();
     server.shutdown();
 }
