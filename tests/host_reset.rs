@@ -160,6 +160,13 @@ fn system_reset_and_guest_reboot_restart_the_guest() {
         .collect();
     assert_eq!(resets.len(), 2, "{diag}");
     assert_eq!(rep["status-after-reset"]["status"], "running");
+    // The remote lives on across resets: same process, still running, its
+    // device not failed.
+    let (before, after) = (&rep["remotes-at-start"][0], &rep["remotes-after-resets"][0]);
+    assert_eq!(before["state"], "running", "{diag}");
+    assert_eq!(after["state"], "running", "{diag}");
+    assert_eq!(after["pid"], before["pid"], "{diag}");
+    assert_eq!(after["devices-failed"], false, "{diag}");
     assert_eq!(r["host-exit"], 0, "{diag}");
     assert!(stderr.contains("resets=2"), "{diag}");
     assert!(stderr.contains("code=0"), "{diag}");

@@ -31,6 +31,7 @@ async def main():
 
     # Boot 1: a reset from the monitor.
     await con.wait_step("ask", timeout=90)
+    r["remotes-at-start"] = await qmp.execute("query-remote")
     r["system_reset"] = await qmp.execute("system_reset")
     r["reset-host"] = await ev.wait("RESET", timeout=60)
     r["status-after-reset"] = await qmp.execute("query-status")
@@ -42,6 +43,7 @@ async def main():
 
     # Boot 3: the guest powers off, which ends the VM.
     await con.wait_step("ask", timeout=90)
+    r["remotes-after-resets"] = await qmp.execute("query-remote")
     say("poweroff")
     await finish(host, qmp, ev, timeout=60)
 

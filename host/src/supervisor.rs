@@ -23,7 +23,6 @@ use channel::control::{ControlClient, ControlError};
 use config::Protocol;
 use serde_json::{json, Value};
 
-use crate::exit::ExitSignal;
 use crate::pci::root::PciRoot;
 use crate::remote::ProcessEnd;
 
@@ -245,14 +244,12 @@ impl Remote {
         );
     }
 
-    /// Marks the remote dead (once) and reports why.
-    pub fn died(&self, why: DeathCause, events: &qmp::EventSender, vm_ending: &ExitSignal) {
+    /// Marks the remote dead (once) and reports why. A remote already
+    /// stopped by us (the VM ends: [`stopped`](Self::stopped) comes before
+    /// the processes are stopped) is not reported.
+    pub fn died(&self, why: DeathCause, events: &qmp::EventSender) {
         let mut st = lock(&self.status);
         if matches!(st.state, RemoteState::Dead | RemoteState::Stopped) {
-            return;
-        }
-        if vm_ending.is_set() {
-            st.state = RemoteState::Stopped;
             return;
         }
         st.state = RemoteState::Dead;
@@ -419,29 +416,22 @@ pub enum DeathCause {
     Process(ProcessEnd),
 }
 
-/// Starts the supervision thread of `remote`; it ends with the VM or the
-/// remote.
-pub fn spawn(
-    remote: Arc<Remote>,
-    pci: Arc<PciRoot>,
-    events: qmp::EventSender,
-    vm_ending: Arc<ExitSignal>,
-) {
+/// Starts the supervision thread of `remote`; it ends when the remote is
+/// dead or stopped (the VM ends, or a restart replaced it). Not when the
+/// exit signal is set: that is also how a reset starts, and the remotes
+/// live on across a reset.
+pub fn spawn(remote: Arc<Remote>, pci: Arc<PciRoot>, events: qmp::EventSender) {
     let name = format!("supervise-{}", remote.id);
     let r = std::thread::Builder::new().name(name).spawn(move || loop {
-        if vm_ending.is_set() {
-            remote.stopped();
-            return;
-        }
         if matches!(remote.state(), RemoteState::Dead | RemoteState::Stopped) {
             return;
         }
         if remote.hung_up_within(remote.heartbeat) {
-            remote.died(remote.hang_up_cause(), &events, &vm_ending);
+            remote.died(remote.hang_up_cause(), &events);
             continue;
         }
-        if vm_ending.is_set() {
-            continue;
+        if remote.state() == RemoteState::Stopped {
+            return;
         }
         match remote.beat(&pci, &events) {
             Ok(true) => remote.answered(&events),
@@ -449,7 +439,7 @@ pub fn spawn(
             Err(Silence::Timeout) => remote.hung(&events),
             Err(Silence::Closed(why)) => {
                 tracing::warn!("remote {}: heartbeat: {why}", remote.id);
-                remote.died(remote.hang_up_cause(), &events, &vm_ending);
+                remote.died(remote.hang_up_cause(), &events);
             }
         }
     });

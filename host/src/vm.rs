@@ -288,11 +288,10 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
             continue;
         };
         let events = events.clone();
-        let exit = exit.clone();
-        p.watch(move |end| sup.died(DeathCause::Process(end), &events, &exit));
+        p.watch(move |end| sup.died(DeathCause::Process(end), &events));
     }
     for sup in &supervised {
-        supervisor::spawn(sup.clone(), bus.pci.clone(), events.clone(), exit.clone());
+        supervisor::spawn(sup.clone(), bus.pci.clone(), events.clone());
     }
     let processes: remote::Processes = Arc::new(Mutex::new(remotes));
     let monitor = Arc::new(Monitor::new(

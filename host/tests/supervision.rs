@@ -198,7 +198,7 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
     assert_eq!(read32(&root, bar0), 0xd3a0_0001);
 
     let exit = Arc::new(ExitSignal::default());
-    supervisor::spawn(remote.clone(), root.clone(), events.clone(), exit.clone());
+    supervisor::spawn(remote.clone(), root.clone(), events.clone());
     let t = Instant::now();
     while remote.state() != RemoteState::Running {
         assert!(
@@ -295,8 +295,8 @@ fn a_spawned_remote_is_supervised_on_its_control_channel() {
     let (server, mut ev) = event_monitor(work.path(), &events);
     let exit = Arc::new(ExitSignal::default());
     {
-        let (remote, events, exit) = (remote.clone(), events.clone(), exit.clone());
-        process.watch(move |end| remote.died(DeathCause::Process(end), &events, &exit));
+        let (remote, events) = (remote.clone(), events.clone());
+        process.watch(move |end| remote.died(DeathCause::Process(end), &events));
     }
     let (_, client) = s.clients.into_iter().next().unwrap();
     let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI)
@@ -312,7 +312,7 @@ fn a_spawned_remote_is_supervised_on_its_control_channel() {
     root.assign_resources(&|_| Some(GSI as u8)).unwrap();
     let bar0 = root.functions()[1].bars[0].base;
     assert_eq!(read32(&root, bar0), 0xd3a0_0001);
-    supervisor::spawn(remote.clone(), root.clone(), events.clone(), exit.clone());
+    supervisor::spawn(remote.clone(), root.clone(), events.clone());
     let t = Instant::now();
     while remote.state() != RemoteState::Running {
         assert!(

@@ -612,13 +612,31 @@ fn reader_loop(
                 }),
                 Input::ParseError(desc) => (error_reply(None, &QmpError::generic(desc)), false),
             };
-            if tx.send(Out::Line(reply.into())).is_err() {
-                break 'conn;
+            if !now_negotiated {
+                if tx.send(Out::Line(reply.into())).is_err() {
+                    break 'conn;
+                }
+                continue;
             }
-            // Only now: no event may overtake the reply to qmp_capabilities
-            // (qemu.qmp, for one, expects that reply next).
-            if now_negotiated {
-                negotiated.store(true, Ordering::Release);
+            // The reply to qmp_capabilities: no event may overtake it
+            // (qemu.qmp, for one, expects that reply next), and none
+            // emitted once the client can have read it may be missed. So
+            // it is queued and the client marked negotiated under the lock
+            // `emit` holds: every event goes either before both (and is
+            // not for this client) or after both.
+            let clients = lock(&shared.hub.clients);
+            match tx.try_send(Out::Line(reply.into())) {
+                Ok(()) => negotiated.store(true, Ordering::Release),
+                Err(TrySendError::Full(out)) => {
+                    // Replies this client does not read fill its queue:
+                    // wait for room without holding up `emit`.
+                    drop(clients);
+                    if tx.send(out).is_err() {
+                        break 'conn;
+                    }
+                    negotiated.store(true, Ordering::Release);
+                }
+                Err(TrySendError::Disconnected(_)) => break 'conn,
             }
         }
     }

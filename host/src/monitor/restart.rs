@@ -42,8 +42,8 @@ impl Monitor {
         let pid = s.process.as_ref().map(remote::RemoteProcess::pid);
         let new = Arc::new(Remote::new(rcfg, pid, s.control, s.control_hangup));
         if let Some(p) = s.process {
-            let (sup, events, exit) = (new.clone(), self.events.clone(), self.exit.clone());
-            p.watch(move |end| sup.died(DeathCause::Process(end), &events, &exit));
+            let (sup, events) = (new.clone(), self.events.clone());
+            p.watch(move |end| sup.died(DeathCause::Process(end), &events));
             lock(&self.processes).push(p);
         }
         let mut problems = Vec::new();
@@ -120,12 +120,7 @@ impl Monitor {
                 *slot = new.clone();
             }
         }
-        supervisor::spawn(
-            new.clone(),
-            self.bus.pci.clone(),
-            self.events.clone(),
-            self.exit.clone(),
-        );
+        supervisor::spawn(new.clone(), self.bus.pci.clone(), self.events.clone());
         self.events.emit(
             "REMOTE_RESTARTED",
             json!({"id": id, "pid": pid, "devices": new.device_ids(), "problems": problems}),
