@@ -91,6 +91,30 @@ fn u16_at(b: &[u8], off: usize) -> u16 {
     u16::from_le_bytes([b[off], b[off + 1]])
 }
 
+/// The identity a remote's configuration space gives, whatever the
+/// protocol it was read over.
+fn identity_of(cfg: &[u8; 256]) -> Identity {
+    Identity {
+        vendor_id: u16_at(cfg, regs::VENDOR_ID),
+        device_id: u16_at(cfg, regs::DEVICE_ID),
+        class_code: u32::from_le_bytes([cfg[9], cfg[10], cfg[11], 0]),
+        revision: cfg[regs::REVISION_ID],
+        subsystem_vendor_id: u16_at(cfg, regs::SUBSYSTEM_VENDOR_ID),
+        subsystem_id: u16_at(cfg, regs::SUBSYSTEM_ID),
+        interrupt_pin: cfg[regs::INTERRUPT_PIN],
+    }
+}
+
+/// INTx on `gsi` as KVM injects it without the VMM: an irqfd (trigger)
+/// with a resample fd (EOI), both to be handed to the remote.
+fn intx_irqfd(vm: &VmFd, gsi: u32) -> Result<(EventFd, EventFd)> {
+    let trigger = EventFd::new(EFD_NONBLOCK).context("eventfd")?;
+    let resample = EventFd::new(EFD_NONBLOCK).context("eventfd")?;
+    vm.register_irqfd_with_resample(&trigger, &resample, gsi)
+        .context("KVM_IRQFD with resample")?;
+    Ok((trigger, resample))
+}
+
 impl ProxyFunction {
     /// Sets up the function behind `client`: reads its config space and
     /// regions, maps guest RAM, wires INTx to `gsi`.
@@ -124,16 +148,7 @@ impl ProxyFunction {
         client
             .region_read(PCI_CONFIG_REGION_INDEX, 0, &mut cfg)
             .context("reading config space")?;
-        let class = u32::from_le_bytes([cfg[9], cfg[10], cfg[11], 0]);
-        let mut shadow = ConfigSpace::new(Identity {
-            vendor_id: u16_at(&cfg, regs::VENDOR_ID),
-            device_id: u16_at(&cfg, regs::DEVICE_ID),
-            class_code: class,
-            revision: cfg[regs::REVISION_ID],
-            subsystem_vendor_id: u16_at(&cfg, regs::SUBSYSTEM_VENDOR_ID),
-            subsystem_id: u16_at(&cfg, regs::SUBSYSTEM_ID),
-            interrupt_pin: cfg[regs::INTERRUPT_PIN],
-        });
+        let mut shadow = ConfigSpace::new(identity_of(&cfg));
         let mut index = 0u32;
         while index < 6 {
             let (ri, _) = client
@@ -177,10 +192,7 @@ impl ProxyFunction {
                 .irq_info(PCI_INTX_IRQ_INDEX)
                 .context("GET_IRQ_INFO")?;
             if irq.count > 0 {
-                let trigger = EventFd::new(EFD_NONBLOCK).context("eventfd")?;
-                let resample = EventFd::new(EFD_NONBLOCK).context("eventfd")?;
-                vm.register_irqfd_with_resample(&trigger, &resample, gsi)
-                    .context("KVM_IRQFD with resample")?;
+                let (trigger, resample) = intx_irqfd(vm, gsi)?;
                 client
                     .set_irq_eventfds(PCI_INTX_IRQ_INDEX, 0, &[borrow(&trigger)])
                     .context("SET_IRQS trigger")?;
@@ -242,16 +254,7 @@ impl ProxyFunction {
             cfg[off as usize..off as usize + 4].copy_from_slice(&v.to_le_bytes());
         }
         client.set_timeout(timeout);
-        let class = u32::from_le_bytes([cfg[9], cfg[10], cfg[11], 0]);
-        let mut shadow = ConfigSpace::new(Identity {
-            vendor_id: u16_at(&cfg, regs::VENDOR_ID),
-            device_id: u16_at(&cfg, regs::DEVICE_ID),
-            class_code: class,
-            revision: cfg[regs::REVISION_ID],
-            subsystem_vendor_id: u16_at(&cfg, regs::SUBSYSTEM_VENDOR_ID),
-            subsystem_id: u16_at(&cfg, regs::SUBSYSTEM_ID),
-            interrupt_pin: cfg[regs::INTERRUPT_PIN],
-        });
+        let mut shadow = ConfigSpace::new(identity_of(&cfg));
         if shadow.identity().vendor_id == 0xffff {
             bail!("{id}: the remote has no function (vendor id 0xffff)");
         }
@@ -308,10 +311,7 @@ impl ProxyFunction {
         }
         let mut intx = None;
         if cfg[regs::INTERRUPT_PIN] != 0 {
-            let trigger = EventFd::new(EFD_NONBLOCK).context("eventfd")?;
-            let resample = EventFd::new(EFD_NONBLOCK).context("eventfd")?;
-            vm.register_irqfd_with_resample(&trigger, &resample, gsi)
-                .context("KVM_IRQFD with resample")?;
+            let (trigger, resample) = intx_irqfd(vm, gsi)?;
             client
                 .set_irqfd(borrow(&trigger), borrow(&resample))
                 .context("SET_IRQFD")?;
