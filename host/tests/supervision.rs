@@ -18,7 +18,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use host::exit::ExitSignal;
 use host::memory::GuestRam;
 use host::pci::proxy::ProxyFunction;
 use host::pci::root::{PciRoot, SlotLabel};
@@ -131,6 +130,42 @@ fn event_monitor(dir: &Path, events: &qmp::EventSender) -> (qmp::Server, EventRe
     (server, reader)
 }
 
+/// dma0 of `remote` as a proxy function under supervision on a PCI root
+/// (BAR placed, ID register read through it), once the supervisor has had
+/// a first heartbeat answered within `first_heartbeat_within`. Returns the root and BAR 0's address.
+fn supervised_dma0(
+    remote: &Arc<Remote>,
+    client: host::remote::RemoteClient,
+    ram: &GuestRam,
+    vm: &kvm_ioctls::VmFd,
+    events: &qmp::EventSender,
+    first_heartbeat_within: Duration,
+) -> (Arc<PciRoot>, u64) {
+    let func = ProxyFunction::new("dma0", client, ram, vm, GSI)
+        .unwrap()
+        .with_supervision(remote.failed.clone(), Arc::new(|_: &str, _: &str| {}));
+    remote.add_device("dma0", Some(func.socket_fd()));
+    let root = Arc::new(PciRoot::new());
+    let label = SlotLabel {
+        id: "dma0".into(),
+        remote: Some(remote.id.clone()),
+    };
+    root.insert(SLOT, label, Box::new(func)).unwrap();
+    root.assign_resources(&|_| Some(GSI as u8)).unwrap();
+    let bar0 = root.functions()[1].bars[0].base;
+    assert_eq!(read32(&root, bar0), 0xd3a0_0001);
+    supervisor::spawn(remote.clone(), root.clone(), events.clone());
+    let t = Instant::now();
+    while remote.state() != RemoteState::Running {
+        assert!(
+            t.elapsed() < first_heartbeat_within,
+            "no heartbeat answered"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (root, bar0)
+}
+
 #[test]
 fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
     let Some(dir) = prerequisites() else {
@@ -178,35 +213,7 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
     let (server, mut ev) = event_monitor(work.path(), &events);
 
     let (_, client) = s.clients.into_iter().next().unwrap();
-    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let f2 = failures.clone();
-    let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI)
-        .unwrap()
-        .with_supervision(
-            remote.failed.clone(),
-            Arc::new(move |d: &str, why: &str| f2.lock().unwrap().push(format!("{d}: {why}"))),
-        );
-    remote.add_device("dma0", Some(func.socket_fd()));
-    let root = Arc::new(PciRoot::new());
-    let label = SlotLabel {
-        id: "dma0".into(),
-        remote: Some("orch".into()),
-    };
-    root.insert(SLOT, label, Box::new(func)).unwrap();
-    root.assign_resources(&|_| Some(GSI as u8)).unwrap();
-    let bar0 = root.functions()[1].bars[0].base;
-    assert_eq!(read32(&root, bar0), 0xd3a0_0001);
-
-    let exit = Arc::new(ExitSignal::default());
-    supervisor::spawn(remote.clone(), root.clone(), events.clone());
-    let t = Instant::now();
-    while remote.state() != RemoteState::Running {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "no heartbeat answered"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (root, bar0) = supervised_dma0(&remote, client, &ram, &vm, &events, Duration::from_secs(5));
     assert!(remote.query()["last-heartbeat"]["seconds"]
         .as_u64()
         .is_some());
@@ -250,7 +257,6 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
     assert_eq!(remote.state(), RemoteState::Dead);
     let _ = orch.wait();
 
-    exit.set(host::exit::ExitReason::Quit);
     root.shutdown();
     server.shutdown();
 }
@@ -293,34 +299,13 @@ fn a_spawned_remote_is_supervised_on_its_control_channel() {
     assert!(remote.has_control());
     let events = qmp::EventSender::new();
     let (server, mut ev) = event_monitor(work.path(), &events);
-    let exit = Arc::new(ExitSignal::default());
     {
         let (remote, events) = (remote.clone(), events.clone());
         process.watch(move |end| remote.died(DeathCause::Process(end), &events));
     }
     let (_, client) = s.clients.into_iter().next().unwrap();
-    let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI)
-        .unwrap()
-        .with_supervision(remote.failed.clone(), Arc::new(|_: &str, _: &str| {}));
-    remote.add_device("dma0", Some(func.socket_fd()));
-    let root = Arc::new(PciRoot::new());
-    let label = SlotLabel {
-        id: "dma0".into(),
-        remote: Some("dev".into()),
-    };
-    root.insert(SLOT, label, Box::new(func)).unwrap();
-    root.assign_resources(&|_| Some(GSI as u8)).unwrap();
-    let bar0 = root.functions()[1].bars[0].base;
-    assert_eq!(read32(&root, bar0), 0xd3a0_0001);
-    supervisor::spawn(remote.clone(), root.clone(), events.clone());
-    let t = Instant::now();
-    while remote.state() != RemoteState::Running {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "no heartbeat answered"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (root, bar0) =
+        supervised_dma0(&remote, client, &ram, &vm, &events, Duration::from_secs(10));
 
     let sig = |s: i32| {
         // SAFETY: kill on our own child's pid.
@@ -356,7 +341,6 @@ fn a_spawned_remote_is_supervised_on_its_control_channel() {
     assert_eq!(died["data"]["signal"], libc::SIGKILL);
     assert_eq!(remote.state(), RemoteState::Dead);
 
-    exit.set(host::exit::ExitReason::Quit);
     process.stop(Duration::ZERO);
     root.shutdown();
     server.shutdown();

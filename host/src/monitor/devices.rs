@@ -45,7 +45,7 @@ impl Monitor {
         };
         let (dev, label): (Box<dyn PciDevice>, SlotLabel) = match &remote {
             Some(r) => {
-                let proxy = self.add_to_remote(r, &spec)?;
+                let proxy = self.supervised(r, id, self.add_to_remote(r, &spec)?);
                 (
                     Box::new(proxy),
                     SlotLabel {
@@ -109,7 +109,7 @@ impl Monitor {
     }
 
     /// Asks `r` to create the device on a new connection, then sets up
-    /// its proxy function.
+    /// its proxy function (not yet [`supervised`](Self::supervised)).
     pub(super) fn add_to_remote(
         &self,
         r: &Arc<Remote>,
@@ -134,17 +134,24 @@ impl Monitor {
             })?;
         let setup = crate::remote::client_over(rcfg, ours)
             .and_then(|client| ProxyFunction::new(id, client, &self.ram, &self.vm, gsi));
-        match setup {
-            Ok(p) => {
-                let p = p.with_supervision(r.failed.clone(), fail_hook(&self.events, Some(&r.id)));
-                r.add_device(id, Some(p.socket_fd()));
-                Ok(p)
-            }
-            Err(e) => {
-                let _ = r.with_control(|c| c.device_del(id));
-                Err(QmpError::generic(format!("{e:#}")))
-            }
-        }
+        setup.map_err(|e| {
+            let _ = r.with_control(|c| c.device_del(id));
+            QmpError::generic(format!("{e:#}"))
+        })
+    }
+
+    /// `proxy`, a function of remote `r`, under that remote's supervision:
+    /// it fails with the remote and reports its own failure, and the
+    /// supervisor polls its channel.
+    pub(super) fn supervised(
+        &self,
+        r: &Arc<Remote>,
+        id: &str,
+        proxy: ProxyFunction,
+    ) -> ProxyFunction {
+        let proxy = proxy.with_supervision(r.failed.clone(), fail_hook(&self.events, Some(&r.id)));
+        r.add_device(id, Some(proxy.socket_fd()));
+        proxy
     }
 
     pub(super) fn free_slot(&self) -> Result<u8, QmpError> {

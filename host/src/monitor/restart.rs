@@ -78,11 +78,7 @@ impl Monitor {
             let r = self
                 .add_to_remote(&new, &a)
                 .map_err(|e| e.desc)
-                .and_then(|p| {
-                    // add_to_remote registered it already.
-                    new.remove_device(&a.id);
-                    self.put_back(&new, &a.id, a.slot, p)
-                });
+                .and_then(|p| self.put_back(&new, &a.id, a.slot, p));
             if let Err(e) = r {
                 problems.push(format!("{}: {e}", a.id));
             }
@@ -151,11 +147,7 @@ impl Monitor {
         slot: u8,
         proxy: ProxyFunction,
     ) -> Result<(), String> {
-        let proxy = proxy.with_supervision(
-            remote.failed.clone(),
-            fail_hook(&self.events, Some(&remote.id)),
-        );
-        remote.add_device(id, Some(proxy.socket_fd()));
+        let proxy = self.supervised(remote, id, proxy);
         self.bus
             .pci
             .replace(slot, Box::new(proxy))
