@@ -98,21 +98,26 @@ const SLOT: u8 = 3;
 pub const GSI: u32 = 19;
 
 // dma-example registers (devices/dma-example/src/lib.rs).
-const REG_ID: i32 = 0x00;
-const REG_LIVENESS: i32 = 0x04;
-const REG_SCRATCH: i32 = 0x08;
-const REG_IRQ_STATUS: i32 = 0x24;
-const REG_IRQ_RAISE: i32 = 0x28;
-const REG_IRQ_ACK: i32 = 0x2c;
-const REG_DMA_SRC: i32 = 0x40;
-const REG_DMA_DST: i32 = 0x48;
-const REG_DMA_LEN: i32 = 0x50;
-const REG_DMA_CMD: i32 = 0x58;
-const REG_DMA_RESULT: i32 = 0x5c;
-pub const ID_VALUE: u32 = 0xd3a0_0001;
+// dma-example's register map (its crate is the one source), as the 32-bit
+// displacements the assembler below encodes.
+const fn reg(offset: u64) -> i32 {
+    offset as i32
+}
+const REG_ID: i32 = reg(dma_example::REG_ID);
+const REG_LIVENESS: i32 = reg(dma_example::REG_LIVENESS);
+const REG_SCRATCH: i32 = reg(dma_example::REG_SCRATCH);
+const REG_IRQ_STATUS: i32 = reg(dma_example::REG_IRQ_STATUS);
+const REG_IRQ_RAISE: i32 = reg(dma_example::REG_IRQ_RAISE);
+const REG_IRQ_ACK: i32 = reg(dma_example::REG_IRQ_ACK);
+const REG_DMA_SRC: i32 = reg(dma_example::REG_DMA_SRC);
+const REG_DMA_DST: i32 = reg(dma_example::REG_DMA_DST);
+const REG_DMA_LEN: i32 = reg(dma_example::REG_DMA_LEN);
+const REG_DMA_CMD: i32 = reg(dma_example::REG_DMA_CMD);
+const REG_DMA_RESULT: i32 = reg(dma_example::REG_DMA_RESULT);
+pub const ID_VALUE: u32 = dma_example::ID_VALUE;
+pub const IRQ_DMA_DONE: u32 = dma_example::IRQ_DMA_DONE;
 /// IRQ_RAISE bit the guest uses for its "software" interrupts.
 pub const IRQ_SOFT: u32 = 1;
-pub const IRQ_DMA_DONE: u32 = 0x100;
 
 // ---- A very small x86-64 assembler ------------------------------------
 // Only 32-bit operations on the legacy registers (no REX prefix needed;
@@ -405,7 +410,11 @@ fn user_code(bar0: u32, n: u32, irqs: u32) -> Vec<u8> {
     a.store_imm(EBX, REG_DMA_DST + 4, 0);
     a.store_imm(EBX, REG_DMA_LEN, DMA_LEN);
     a.load(EDI, ESI, D_IRQ_COUNT);
-    a.store_imm(EBX, REG_DMA_CMD, 1 | 4); // start | interrupt when done
+    a.store_imm(
+        EBX,
+        REG_DMA_CMD,
+        dma_example::DMA_CMD_START | dma_example::DMA_CMD_IRQ,
+    );
     wait_irq(&mut a, false);
     a.load(EAX, EBX, REG_DMA_RESULT);
     a.store(ESI, D_DMA_RESULT, EAX);
