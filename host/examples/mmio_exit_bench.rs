@@ -13,13 +13,17 @@
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+// A benchmark does not skip: it reports what is missing and exits.
+#[allow(dead_code)]
+#[path = "../tests/support/prerequisites.rs"]
+mod prerequisites;
 #[path = "../tests/support/tiny_guest.rs"]
 mod tiny_guest;
 
 use std::time::Duration;
 
 fn main() {
-    if let Some(why) = tiny_guest::missing_prerequisites() {
+    if let Some(why) = prerequisites::missing() {
         eprintln!("mmio_exit_bench: {why}");
         std::process::exit(2);
     }

@@ -9,7 +9,9 @@
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
-use std::path::PathBuf;
+#[path = "support/prerequisites.rs"]
+mod prerequisites;
+
 use std::time::{Duration, Instant};
 
 use host::memory::GuestRam;
@@ -21,11 +23,6 @@ use vm_memory::{Bytes, GuestAddress};
 
 const SLOT: u8 = 3;
 const GSI: u32 = 19;
-
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
 
 fn cfg_read32(root: &PciRoot, reg: u32) -> u32 {
     let a = 0x8000_0000u32 | (u32::from(SLOT) << 11) | reg;
@@ -69,17 +66,10 @@ fn proxy_function_over_spawned_remote_host_mpqemu() {
 }
 
 fn proxy_over_spawned_remote_host(protocol: &str) {
-    let dir = profile_dir();
-    let rh = dir.join("remote-host");
-    let plugin = dir.join("libdma_example.so");
-    if !std::path::Path::new("/dev/kvm").exists() || !rh.exists() || !plugin.exists() {
-        eprintln!(
-            "SKIP: needs /dev/kvm, {} and {}",
-            rh.display(),
-            plugin.display()
-        );
+    let Some(dir) = prerequisites::or_skip() else {
         return;
-    }
+    };
+    let rh = dir.join("remote-host");
     std::env::set_var("REMOTE_HOST", &rh);
     let work = dir.join(format!("host-proxy-test-{}-{protocol}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
@@ -208,7 +198,7 @@ slot = {SLOT}
 
 #[test]
 fn in_process_function_same_plugin() {
-    let dir = profile_dir();
+    let dir = prerequisites::profile_dir();
     let plugin = dir.join("libdma_example.so");
     if !std::path::Path::new("/dev/kvm").exists() || !plugin.exists() {
         eprintln!("SKIP: needs /dev/kvm and {}", plugin.display());
@@ -273,17 +263,10 @@ fn in_process_function_same_plugin() {
 
 #[test]
 fn dead_remote_reads_all_ones() {
-    let dir = profile_dir();
-    let rh = dir.join("remote-host");
-    let plugin = dir.join("libdma_example.so");
-    if !std::path::Path::new("/dev/kvm").exists() || !rh.exists() || !plugin.exists() {
-        eprintln!(
-            "SKIP: needs /dev/kvm, {} and {}",
-            rh.display(),
-            plugin.display()
-        );
+    let Some(dir) = prerequisites::or_skip() else {
         return;
-    }
+    };
+    let rh = dir.join("remote-host");
     std::env::set_var("REMOTE_HOST", &rh);
     let work = dir.join(format!("host-dead-test-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
@@ -334,17 +317,10 @@ fn dead_remote_reads_all_ones() {
 /// (one socket per device) instead of an inherited fd.
 #[test]
 fn one_remote_two_devices() {
-    let dir = profile_dir();
-    let rh = dir.join("remote-host");
-    let plugin = dir.join("libdma_example.so");
-    if !std::path::Path::new("/dev/kvm").exists() || !rh.exists() || !plugin.exists() {
-        eprintln!(
-            "SKIP: needs /dev/kvm, {} and {}",
-            rh.display(),
-            plugin.display()
-        );
+    let Some(dir) = prerequisites::or_skip() else {
         return;
-    }
+    };
+    let rh = dir.join("remote-host");
     std::env::set_var("REMOTE_HOST", &rh);
     let work = dir.join(format!("host-two-test-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
@@ -406,7 +382,7 @@ fn qemu_x_remote_behind_proxy_function() {
         eprintln!("SKIP: needs /dev/kvm and {}", qemu.display());
         return;
     }
-    let dir = profile_dir();
+    let dir = prerequisites::profile_dir();
     let work = dir.join(format!("host-x-remote-test-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
     let cfg_path = work.join("vm.toml");

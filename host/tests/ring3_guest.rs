@@ -10,6 +10,8 @@
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+#[path = "support/prerequisites.rs"]
+mod prerequisites;
 #[path = "support/tiny_guest.rs"]
 mod tiny_guest;
 
@@ -19,17 +21,6 @@ use tiny_guest::Report;
 
 const N: u32 = 2000;
 const IRQS: u32 = 8;
-
-fn prerequisites_or_skip() -> bool {
-    match tiny_guest::missing_prerequisites() {
-        None => true,
-        Some(why) if std::env::var_os("CI").is_some() => panic!("CI: {why}"),
-        Some(why) => {
-            eprintln!("SKIP: {why}");
-            false
-        }
-    }
-}
 
 fn check(r: &Report) {
     let p = &r.protocol;
@@ -139,7 +130,7 @@ fn print(r: &Report) {
 }
 
 fn run(protocol: &str) {
-    if !prerequisites_or_skip() {
+    if prerequisites::or_skip().is_none() {
         return;
     }
     let done = tiny_guest::watchdog(Duration::from_secs(60), &format!("ring3_guest {protocol}"));

@@ -11,9 +11,12 @@
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+#[path = "support/prerequisites.rs"]
+mod prerequisites;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,15 +30,6 @@ use serde_json::{json, Map, Value};
 
 const SLOT: u8 = 3;
 const GSI: u32 = 19;
-
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
 
 /// Commands nobody calls: the server is only here for its events.
 struct NoCommands;
@@ -94,28 +88,6 @@ fn signal(child: &Child, sig: i32) {
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
 }
 
-/// The build directory, or `None` (a skip, outside CI) when /dev/kvm,
-/// `remote-host` or the dma-example plugin is missing.
-fn prerequisites() -> Option<PathBuf> {
-    let dir = profile_dir();
-    let rh = dir.join("remote-host");
-    let plugin = dir.join("libdma_example.so");
-    let missing = if !Path::new("/dev/kvm").exists() {
-        Some("/dev/kvm".to_owned())
-    } else {
-        [&rh, &plugin]
-            .into_iter()
-            .find(|p| !p.exists())
-            .map(|p| p.display().to_string())
-    };
-    if let Some(m) = missing {
-        assert!(!in_ci(), "CI=true: {m} is missing");
-        eprintln!("SKIP: needs {m} (cargo build -p remote-host -p dma-example)");
-        return None;
-    }
-    Some(dir)
-}
-
 /// A QMP server for `events`, and a negotiated client reading them.
 fn event_monitor(dir: &Path, events: &qmp::EventSender) -> (qmp::Server, EventReader) {
     let path = dir.join("qmp.sock");
@@ -168,7 +140,7 @@ fn supervised_dma0(
 
 #[test]
 fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
-    let Some(dir) = prerequisites() else {
+    let Some(dir) = prerequisites::or_skip() else {
         return;
     };
     let rh = dir.join("remote-host");
@@ -266,7 +238,7 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
 /// (`REMOTE_ALIVE`), and its death comes with how it ended (SIGCHLD).
 #[test]
 fn a_spawned_remote_is_supervised_on_its_control_channel() {
-    let Some(dir) = prerequisites() else {
+    let Some(dir) = prerequisites::or_skip() else {
         return;
     };
     std::env::set_var("REMOTE_HOST", dir.join("remote-host"));

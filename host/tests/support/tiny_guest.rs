@@ -13,7 +13,6 @@
 
 #![allow(clippy::unwrap_used, clippy::panic, dead_code)]
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -675,31 +674,6 @@ pub struct Report {
     pub ns_per_irq_polling: f64,
 }
 
-/// Why the run cannot happen on this machine (missing prerequisites).
-pub fn missing_prerequisites() -> Option<String> {
-    let dir = profile_dir();
-    let mut missing = Vec::new();
-    if !std::path::Path::new("/dev/kvm").exists() {
-        missing.push("/dev/kvm".to_string());
-    }
-    for f in ["remote-host", "libdma_example.so"] {
-        if !dir.join(f).exists() {
-            missing.push(dir.join(f).display().to_string());
-        }
-    }
-    (!missing.is_empty()).then(|| {
-        format!(
-            "needs {} (build: cargo build -p remote-host -p dma-example)",
-            missing.join(", ")
-        )
-    })
-}
-
-pub fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
 /// Kills the whole process if `limit` passes before the returned flag is
 /// set: a wedged vCPU or remote can then never hang a test run.
 pub fn watchdog(limit: Duration, what: &str) -> Arc<AtomicBool> {
@@ -756,7 +730,7 @@ fn dump(vcpu: &VcpuFd, ram: &GuestRam) -> String {
 /// One full run: spawn `remote-host` with dma-example over `protocol`,
 /// build the guest, run it to PORT_DONE, collect the report.
 pub fn run(protocol: &str, n: u32, irqs: u32) -> Report {
-    let dir = profile_dir();
+    let dir = crate::prerequisites::profile_dir();
     std::env::set_var("REMOTE_HOST", dir.join("remote-host"));
     let work = dir.join(format!(
         "host-ring3-guest-{}-{protocol}",
