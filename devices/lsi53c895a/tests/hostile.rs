@@ -46,11 +46,17 @@ fn endless_loops_pause_on_the_budget_and_can_be_aborted() {
         t.elapsed() < Duration::from_secs(1),
         "the BAR write returned"
     );
-    // It keeps running in slices on the worker...
+    // It keeps running in slices on the worker... The counter is one
+    // byte and wraps, and a loaded machine may not schedule the worker
+    // for a while: wait (bounded) until a sample differs from the first.
     let first = tb.r8(SCRATCHA);
-    std::thread::sleep(Duration::from_millis(20));
-    let later = tb.r8(SCRATCHA);
-    assert_ne!(first, later, "resumed after pausing");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pause = Duration::from_micros(100);
+    while tb.r8(SCRATCHA) == first {
+        assert!(Instant::now() < deadline, "never resumed after pausing");
+        std::thread::sleep(pause);
+        pause = (pause * 3 / 2).min(Duration::from_millis(7));
+    }
     // ...until the driver aborts it.
     tb.w8(ISTAT0, 0x80);
     assert_eq!(u64::from(tb.r8(DSTAT)) & DSTAT_ABRT, DSTAT_ABRT);
