@@ -38,6 +38,10 @@ console-log = "{name}-console.log"
 [[remote]]
 id = "storage"
 log = "{name}-remote.log"
+# A nested guest on a loaded machine can stall for seconds: a long timeout
+# keeps the disk from being failed by a slow answer (hangs are tested on
+# another remote).
+timeout-ms = 30000
 {socket}
 [[device]]
 id = "lsi0"

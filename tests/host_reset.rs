@@ -44,6 +44,10 @@ console-log = "console.log"
 [[remote]]
 id = "storage"
 log = "storage.log"
+# A nested guest on a loaded machine can stall for seconds: a long timeout
+# keeps the disk from being failed by a slow answer (hangs are tested on
+# another remote).
+timeout-ms = 30000
 
 [[device]]
 id = "lsi0"

@@ -57,6 +57,13 @@ printf '\001\000\000\000' > /dev/uio0
 devmem $((base + 0x58)) 32 5
 ev=$(timeout ${IRQ_WAIT:-10} dd bs=4 count=1 <&3 2>/dev/null | od -An -tu4)
 echo "UIO-EVENT ${ev:-none}"
+# Without an interrupt (TCG) only the timeout above waited: the copy runs
+# on the remote's worker, which a loaded machine may not have run yet.
+# STATUS bit 0 is the DMA running; wait (bounded) for it to clear.
+n=0
+while [ $(( $(devmem $((base + 0x20)) 32) & 1 )) -ne 0 ] && [ $n -lt 300 ]; do
+  sleep 0.1; n=$((n + 1))
+done
 echo "DMA-RESULT $(devmem $((base + 0x5c)) 32)"
 echo "IRQ-STATUS $(devmem $((base + 0x24)) 32)"
 echo "DST $(devmem 0x30000 32) $(devmem 0x30004 32) $(devmem 0x30008 32) $(devmem 0x3000c 32)"

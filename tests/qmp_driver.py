@@ -144,7 +144,7 @@ async def main():
     await expect_error(qmp, "restart-unknown", "remote-restart", {"id": "nowhere"})
     await qmp.execute("remote-restart", {"id": "misc"})
     r["remote-restarted"] = await ev.wait("REMOTE_RESTARTED", id="misc")
-    for _ in range(100):  # until the first heartbeat of the new process
+    for _ in range(600):  # until the first heartbeat of the new process
         remotes = await qmp.execute("query-remote")
         misc = next(x for x in remotes if x["id"] == "misc")
         if misc["state"] == "running":

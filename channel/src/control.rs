@@ -618,14 +618,16 @@ mod tests {
         let (a, t) = spawn_server(echo);
         let mut c = ControlClient::new(a, Duration::from_millis(100));
         let mut body = Map::new();
-        body.insert("ms".into(), json!(400));
+        // Long enough that the second ping below is still inside it on a
+        // slow machine.
+        body.insert("ms".into(), json!(3000));
         let start = Instant::now();
         match c.request("sleep", body, &[]) {
             Err(ControlError::Timeout(d)) => assert_eq!(d, Duration::from_millis(100)),
             other => panic!("{other:?}"),
         }
         assert!(
-            start.elapsed() < Duration::from_millis(300),
+            start.elapsed() < Duration::from_secs(2),
             "{:?}",
             start.elapsed()
         );
@@ -645,7 +647,7 @@ mod tests {
         // Silence: a timeout, not a hang.
         let start = Instant::now();
         assert!(matches!(c.ping(), Err(ControlError::Timeout(_))));
-        assert!(start.elapsed() < Duration::from_secs(2));
+        assert!(start.elapsed() < Duration::from_secs(10));
         // Not JSON, then wrong shapes, then a future id.
         b.write_all(b"\xff\xfe not json\n").expect("write");
         assert!(matches!(c.ping(), Err(ControlError::Protocol(_))));

@@ -85,6 +85,9 @@ kernel = "none"
 id = "dev"
 log = "remote.log"
 protocol = "{protocol}"
+# Thousands of round trips on a loaded machine: one slow answer must not
+# fail the device (that is what supervision.rs tests).
+timeout-ms = 30000
 plugin-dirs = ["{}"]
 
 [[device]]
@@ -187,10 +190,10 @@ slot = {SLOT}
     // The VM ends: the remote sees EOF and leaves by itself.
     root.shutdown();
     let t = Instant::now();
-    proc.stop(Duration::from_secs(3));
+    proc.stop(Duration::from_secs(30));
     eprintln!("remote stopped in {:?}", t.elapsed());
     assert!(
-        t.elapsed() < Duration::from_secs(3),
+        t.elapsed() < Duration::from_secs(25),
         "remote did not leave on EOF"
     );
     std::fs::remove_dir_all(&work).ok();

@@ -151,7 +151,7 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
         &cfg_path,
         format!(
             "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n[[remote]]\nid = \"orch\"\nsocket = \"{}\"\n\
-             heartbeat-ms = 100\ntimeout-ms = 300\nplugin-dirs = [\"{}\"]\n\n\
+             heartbeat-ms = 200\ntimeout-ms = 1500\nplugin-dirs = [\"{}\"]\n\n\
              [[device]]\nid = \"dma0\"\nremote = \"orch\"\nplugin = \"dma-example\"\nslot = {SLOT}\n",
             sock.display(),
             dir.display()
@@ -196,7 +196,7 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
     let (hung, at) = ev.wait("REMOTE_HUNG");
     let after = at - stopped;
     eprintln!("REMOTE_HUNG {after:?} after SIGSTOP: {hung}");
-    assert!(after < Duration::from_secs(3), "{after:?}");
+    assert!(after < Duration::from_secs(10), "{after:?}");
     assert_eq!(hung["data"]["id"], "orch");
     assert_eq!(hung["data"]["pid"], Value::Null);
     assert_eq!(hung["data"]["devices"], json!(["dma0"]));
@@ -204,8 +204,9 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
     // A vCPU no longer waits for it.
     let t = Instant::now();
     assert_eq!(read32(&root, bar0), 0xffff_ffff);
+    // (Well below the 1.5 s channel timeout: it did not wait for one.)
     assert!(
-        t.elapsed() < Duration::from_millis(100),
+        t.elapsed() < Duration::from_millis(750),
         "{:?}",
         t.elapsed()
     );
@@ -224,7 +225,7 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
     let killed = Instant::now();
     let (died, at) = ev.wait("REMOTE_DIED");
     eprintln!("REMOTE_DIED {:?} after SIGKILL: {died}", at - killed);
-    assert!(at - killed < Duration::from_secs(2));
+    assert!(at - killed < Duration::from_secs(10));
     assert_eq!(died["data"]["reason"], "eof");
     assert_eq!(remote.state(), RemoteState::Dead);
     let _ = orch.wait();
@@ -248,7 +249,7 @@ fn a_spawned_remote_is_supervised_on_its_control_channel() {
         &cfg_path,
         format!(
             "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n[[remote]]\nid = \"dev\"\n\
-             heartbeat-ms = 100\ntimeout-ms = 300\nplugin-dirs = [\"{}\"]\nlog = \"remote.log\"\n\n\
+             heartbeat-ms = 200\ntimeout-ms = 1500\nplugin-dirs = [\"{}\"]\nlog = \"remote.log\"\n\n\
              [[device]]\nid = \"dma0\"\nremote = \"dev\"\nplugin = \"dma-example\"\nslot = {SLOT}\n",
             dir.display()
         ),
@@ -287,12 +288,13 @@ fn a_spawned_remote_is_supervised_on_its_control_channel() {
     let stopped = Instant::now();
     let (hung, at) = ev.wait("REMOTE_HUNG");
     eprintln!("REMOTE_HUNG {:?} after SIGSTOP: {hung}", at - stopped);
-    assert!(at - stopped < Duration::from_secs(3));
+    assert!(at - stopped < Duration::from_secs(10));
     assert_eq!(hung["data"]["pid"], pid);
     let t = Instant::now();
     assert_eq!(read32(&root, bar0), 0xffff_ffff);
+    // (Well below the 1.5 s channel timeout: it did not wait for one.)
     assert!(
-        t.elapsed() < Duration::from_millis(100),
+        t.elapsed() < Duration::from_millis(750),
         "{:?}",
         t.elapsed()
     );
@@ -308,7 +310,7 @@ fn a_spawned_remote_is_supervised_on_its_control_channel() {
     let killed = Instant::now();
     let (died, at) = ev.wait("REMOTE_DIED");
     eprintln!("REMOTE_DIED {:?} after SIGKILL: {died}", at - killed);
-    assert!(at - killed < Duration::from_secs(2));
+    assert!(at - killed < Duration::from_secs(10));
     assert_eq!(died["data"]["reason"], "signal");
     assert_eq!(died["data"]["signal"], libc::SIGKILL);
     assert_eq!(remote.state(), RemoteState::Dead);

@@ -279,7 +279,7 @@ fn a_stopped_remote_times_out_and_answers_after_sigcont() {
         other => panic!("{other:?}"),
     }
     assert!(
-        start.elapsed() < Duration::from_secs(2),
+        start.elapsed() < Duration::from_secs(10),
         "{:?}",
         start.elapsed()
     );

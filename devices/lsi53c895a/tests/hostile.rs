@@ -43,7 +43,7 @@ fn endless_loops_pause_on_the_budget_and_can_be_aborted() {
     let t = Instant::now();
     tb.run(&a);
     assert!(
-        t.elapsed() < Duration::from_secs(1),
+        t.elapsed() < Duration::from_secs(5),
         "the BAR write returned"
     );
     // It keeps running in slices on the worker... The counter is one
@@ -75,7 +75,7 @@ fn a_run_of_zero_dwords_is_bounded() {
         .write_all(SCRIPT + (1 << 20), &[0x00, 0x00, 0x08, 0x98, 0x07, 0, 0, 0]);
     let t = Instant::now();
     tb.w32(DSP, SCRIPT as u32);
-    assert!(t.elapsed() < Duration::from_secs(1));
+    assert!(t.elapsed() < Duration::from_secs(5));
     let deadline = Instant::now() + Duration::from_secs(10);
     while tb.r8(DSTAT) & 0x04 == 0 {
         assert!(Instant::now() < deadline, "never reached the INT");

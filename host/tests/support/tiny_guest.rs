@@ -74,8 +74,16 @@ const D_LOG: i32 = 0x100;
 const PORT_MARK: u16 = 0xe0;
 /// The guest is done; the result block is complete.
 const PORT_DONE: u16 = 0xe2;
-/// `in` from it: an exit that does nothing, for polling waits.
+/// `in` from it: an exit for polling waits. Reads 1 once a slow wait
+/// (see [`PORT_SLOW_WAIT`]) has lasted [`SLOW_WAIT_LIMIT`], else 0.
 const PORT_POLL: u16 = 0xe6;
+/// `out` to it: a wait spent its spin budget and goes on polling the host
+/// clock; the host starts timing it.
+const PORT_SLOW_WAIT: u16 = 0xe7;
+/// How long (host time) a wait whose spin budget ran out may still take
+/// before the guest counts it as a timeout: an interrupt that a loaded
+/// machine delivers late is late, not lost.
+const SLOW_WAIT_LIMIT: Duration = Duration::from_secs(10);
 /// A ring-0 stub ran: the byte is the vector (an exception, or a stray
 /// interrupt).
 const PORT_FAULT: u16 = 0xe4;
@@ -237,6 +245,11 @@ impl Asm {
         let rel = i8::try_from(target as isize - (self.pos() as isize + 2)).unwrap();
         self.bytes(&[0x75, rel as u8]);
     }
+    /// `jz rel8` back to `target` (74 cb).
+    fn jz_back(&mut self, target: usize) {
+        let rel = i8::try_from(target as isize - (self.pos() as isize + 2)).unwrap();
+        self.bytes(&[0x74, rel as u8]);
+    }
     /// A forward `jcc rel8` (74 je / 75 jne); patched by `bind`.
     fn jcc_fwd(&mut self, op: u8) -> usize {
         self.bytes(&[op, 0]);
@@ -308,11 +321,14 @@ fn handler_code(bar0: u32) -> Vec<u8> {
 }
 
 /// Ring 3 waits until the handler bumped D_IRQ_COUNT past `edi` (the value
-/// read before triggering), for a bounded number of iterations; a wait
-/// that gives up counts in D_TIMEOUTS, so the guest never hangs. With
+/// read before triggering), for a bounded number of iterations. With
 /// `poll`, every iteration also exits to the VMM (`in al, PORT_POLL`),
 /// which shows how fast an interrupt arrives when the vCPU leaves guest
-/// mode often, against a pure ring-3 spin. Clobbers eax, edx.
+/// mode often, against a pure ring-3 spin. A wait that spends its budget
+/// goes on polling the host's clock (`PORT_SLOW_WAIT`, then `PORT_POLL`)
+/// and counts in D_TIMEOUTS only after `SLOW_WAIT_LIMIT`: the guest never
+/// hangs, and a slow machine is not taken for a lost interrupt.
+/// Clobbers eax, edx.
 fn wait_irq(a: &mut Asm, poll: bool) {
     a.mov_imm(EDX, if poll { POLL_SPIN } else { SPIN });
     let top = a.pos();
@@ -323,8 +339,17 @@ fn wait_irq(a: &mut Asm, poll: bool) {
     let got = a.jcc_fwd(0x75); // jne got
     a.dec(EDX);
     a.jnz_back(top);
+    // Budget spent: poll until the interrupt or the host says "too long".
+    a.out(PORT_SLOW_WAIT, 0);
+    let slow = a.pos();
+    a.bytes(&[0xe4, PORT_POLL as u8]); // in al, PORT_POLL
+    a.cmp_mem(ESI, D_IRQ_COUNT, EDI); // cmp [count], edi
+    let got_late = a.jcc_fwd(0x75); // jne got
+    a.bytes(&[0x84, 0xc0]); // test al, al
+    a.jz_back(slow);
     a.inc_mem(ESI, D_TIMEOUTS);
     a.bind(got);
+    a.bind(got_late);
 }
 
 /// The ring-3 program. Phases end with `out PORT_MARK, phase` so that the
@@ -648,6 +673,9 @@ pub struct Report {
     pub invocations: u32,
     pub spurious: u32,
     pub timeouts: u32,
+    /// Waits that spent their spin budget and then polled the host clock
+    /// (a slow machine, or an interrupt that never came).
+    pub slow_waits: u32,
     pub dma_result: u32,
     pub dma_copied_ok: bool,
     pub ioapic_irr_at_end: u32,
@@ -742,7 +770,7 @@ pub fn run(protocol: &str, n: u32, irqs: u32) -> Report {
         &cfg_path,
         format!(
             "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n[[remote]]\nid = \"dev\"\n\
-             log = \"remote.log\"\nprotocol = \"{protocol}\"\nplugin-dirs = [\"{}\"]\n\n\
+             log = \"remote.log\"\nprotocol = \"{protocol}\"\ntimeout-ms = 30000\nplugin-dirs = [\"{}\"]\n\n\
              [[device]]\nid = \"dma0\"\nremote = \"dev\"\nplugin = \"dma-example\"\nslot = {SLOT}\n",
             dir.display()
         ),
@@ -799,6 +827,7 @@ pub fn run(protocol: &str, n: u32, irqs: u32) -> Report {
         ..Default::default()
     };
     let mut marks: Vec<(u8, Instant)> = Vec::new();
+    let mut slow_wait_since: Option<Instant> = None;
     // Host time spent in PciRoot per phase (index = phase ending).
     let mut proxy_by_phase = [(Duration::ZERO, Duration::ZERO); 9];
     let start = Instant::now();
@@ -844,7 +873,14 @@ pub fn run(protocol: &str, n: u32, irqs: u32) -> Report {
                     dump(&vcpu, &ram)
                 );
             }
-            Ok(VcpuExit::IoIn(PORT_POLL, data)) => data.fill(0),
+            Ok(VcpuExit::IoOut(PORT_SLOW_WAIT, _)) => {
+                rep.slow_waits += 1;
+                slow_wait_since = Some(Instant::now());
+            }
+            Ok(VcpuExit::IoIn(PORT_POLL, data)) => {
+                let too_long = slow_wait_since.is_some_and(|t| t.elapsed() > SLOW_WAIT_LIMIT);
+                data.fill(u8::from(too_long));
+            }
             Ok(VcpuExit::Intr) => {}
             Ok(other) => {
                 let what = format!("{other:?}");

@@ -168,7 +168,7 @@ fn client(sock: UnixStream) -> MpqemuClient {
     MpqemuClient::from_stream(
         sock,
         ClientOptions {
-            timeout: Duration::from_secs(2),
+            timeout: Duration::from_secs(10),
             ..Default::default()
         },
     )
@@ -262,7 +262,7 @@ fn probe_place_bar_access_dma_irq_reset() {
         );
     }
     assert_eq!(got, b"0123456789abcdef");
-    assert!(wait_event(&irq, Duration::from_secs(2)), "irqfd fired");
+    assert!(wait_event(&irq, Duration::from_secs(10)), "irqfd fired");
     assert!(dev.lock().expect("lock").resample.is_some());
 
     // Refusals keep the channel open.
@@ -464,7 +464,7 @@ fn posted_writes_with_a_small_window() {
     let mut c = MpqemuClient::from_stream(
         sock,
         ClientOptions {
-            timeout: Duration::from_secs(2),
+            timeout: Duration::from_secs(10),
             max_posted: 4,
             ..Default::default()
         },
