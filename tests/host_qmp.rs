@@ -75,7 +75,7 @@ scsi-id = 0
 id = "misc"
 log = "misc.log"
 heartbeat-ms = 200
-timeout-ms = 3000
+timeout-ms = 1000
 
 [[device]]
 id = "dma0"
@@ -339,8 +339,10 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     }
 
     // 6. Hung remote: reported, and the guest's read returns all-ones.
+    // Expected: heartbeat + timeout = 1.2 s (the log line below prints
+    // it); the bound leaves room for a nested guest on a loaded machine.
     let hung_after = rep["hung-after-s"].as_f64().unwrap();
-    assert!(hung_after < 20.0, "REMOTE_HUNG after {hung_after:.1} s");
+    assert!(hung_after < 8.0, "REMOTE_HUNG after {hung_after:.1} s");
     assert_eq!(
         rep["remote-hung"]["data"]["devices"],
         serde_json::json!(["dma0"])
@@ -357,7 +359,7 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
 
     // 7. Dead remote: reported at once; the VM keeps running.
     let died_after = rep["died-after-s"].as_f64().unwrap();
-    assert!(died_after < 15.0, "REMOTE_DIED after {died_after:.1} s");
+    assert!(died_after < 8.0, "REMOTE_DIED after {died_after:.1} s");
     assert_eq!(rep["remote-died"]["data"]["reason"], "signal");
     assert_eq!(rep["remote-died"]["data"]["signal"], 9);
     assert_eq!(rep["query-status-after-death"]["running"], true);
