@@ -188,11 +188,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tracing::info!("sandbox: seccomp filter installed on every thread");
             }
             let endpoint = match (socket, fd) {
-                (Some(path), _) => Some(remote_host::serve_vfio_user::Endpoint::Socket {
+                (Some(path), _) => Some(remote_host::sockets::Endpoint::Socket {
                     path,
                     devices_in_config: cfg.devices_of_remote(&remote).count(),
                 }),
-                (None, Some(n)) => Some(remote_host::serve_vfio_user::Endpoint::Fd(n)),
+                (None, Some(n)) => Some(remote_host::sockets::Endpoint::Fd(n)),
                 (None, None) if control.is_some() && devs.is_empty() => None,
                 (None, None) => anyhow::bail!("serve needs --socket PATH or --fd N"),
             };

@@ -30,17 +30,16 @@
 //! socket. A connected one (a socketpair end, as an orchestrator passes
 //! it to `x-remote`) is served until the VMM goes away, and then the
 //! process exits 0, as `x-remote` does; a listening one is accepted on.
-//! `--socket PATH` listens, with the same path rule as vfio-user (one
+//! `--socket PATH` listens, with the path rule of [`crate::sockets`] (one
 //! device: `PATH`; several: `PATH/<device-id>.sock`), and keeps listening
 //! after a client leaves. A device serves one client at a time. A bad
 //! message closes that connection only.
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
 use channel::mpqemu::messages::SysmemSlot;
 use channel::mpqemu::{serve_connection, DeviceError, MpqemuDevice, ServerOptions};
 
@@ -48,125 +47,37 @@ use crate::devices::RemoteDevice;
 use crate::irq::EventfdWatcher;
 use crate::irq::IntxFds;
 use crate::serve_vfio_user::eventfd_from;
-use crate::serve_vfio_user::{socket_paths, Endpoint};
+use crate::sockets::{DeviceSessions, Endpoint};
 
-/// Serves `devices` until every listener ends (normally never), or, for
-/// a connected `--fd`, until its client goes away.
+/// Serves `devices` at `endpoint` until every listener ends (normally
+/// never), or, for a connected `--fd`, until its client goes away.
 pub fn serve(
     devices: Vec<Arc<RemoteDevice>>,
     endpoint: Endpoint,
     options: &ServerOptions,
 ) -> anyhow::Result<()> {
-    if devices.is_empty() {
-        anyhow::bail!("no device to serve");
-    }
-    match endpoint {
-        Endpoint::Socket {
-            path,
-            devices_in_config,
-        } => {
-            let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
-            let paths = socket_paths(&path, &ids, devices_in_config);
-            if devices_in_config > 1 || path.is_dir() {
-                std::fs::create_dir_all(&path).with_context(|| {
-                    format!("cannot create socket directory {}", path.display())
-                })?;
-            }
-            let mut threads = Vec::new();
-            for (dev, p) in devices.into_iter().zip(paths) {
-                let listener = crate::sockets::bind(&p)?;
-                tracing::info!(device = %dev.id, socket = %p.display(), "mpqemu listening");
-                let server = DeviceServer::new(dev, options);
-                let t = std::thread::Builder::new()
-                    .name(format!("mpqemu-{}", server.name()))
-                    .spawn(move || server.accept_loop(listener))
-                    .context("cannot start listener thread")?;
-                threads.push(t);
-            }
-            for t in threads {
-                let _ = t.join();
-            }
-            Ok(())
-        }
-        Endpoint::Fd(n) => {
-            let [dev] = <[_; 1]>::try_from(devices).map_err(|d| {
-                anyhow::anyhow!(
-                    "--fd serves one device; this remote has {} (use --socket DIR)",
-                    d.len()
-                )
-            })?;
-            let fd = crate::sockets::inherited_socket(n)?;
-            let server = DeviceServer::new(dev, options);
-            if crate::sockets::is_listening(fd.as_fd())? {
-                tracing::info!(device = %server.name(), fd = n, "mpqemu listening on inherited fd");
-                server.accept_loop(UnixListener::from(fd));
-            } else {
-                tracing::info!(device = %server.name(), fd = n, "mpqemu serving inherited connection");
-                server.serve(UnixStream::from(fd));
-            }
-            Ok(())
-        }
-    }
+    crate::sockets::serve_endpoint(devices, endpoint, "mpqemu", |dev| sessions(dev, options))
 }
 
 /// Serves one connected client of `dev` until it goes away (or the
 /// socket is shut down): the per-connection path `--fd` and the control
 /// channel's `device-add` share.
 pub fn serve_stream(dev: Arc<RemoteDevice>, sock: UnixStream, options: &ServerOptions) {
-    DeviceServer::new(dev, options).serve(sock);
+    sessions(dev, options).serve(sock);
 }
 
-/// One device's server: its adapter, its session lock and its options.
-#[derive(Clone)]
-struct DeviceServer {
-    adapter: Arc<Mutex<Adapter>>,
-    session: Arc<Mutex<()>>,
-    options: ServerOptions,
-}
-
-impl DeviceServer {
-    fn new(dev: Arc<RemoteDevice>, options: &ServerOptions) -> Self {
-        let options = ServerOptions {
-            name: dev.id.clone(),
-            ..options.clone()
-        };
-        DeviceServer {
-            adapter: Arc::new(Mutex::new(Adapter::new(dev))),
-            session: Arc::new(Mutex::new(())),
-            options,
-        }
-    }
-
-    fn name(&self) -> &str {
-        &self.options.name
-    }
-
-    fn accept_loop(&self, listener: UnixListener) {
-        for conn in listener.incoming() {
-            match conn {
-                Ok(sock) => {
-                    let me = self.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name(format!("mpqemu-conn-{}", self.name()))
-                        .spawn(move || me.serve(sock));
-                    if let Err(e) = spawned {
-                        tracing::error!(device = %self.name(), "cannot start connection thread: {e}");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(device = %self.name(), "accept failed: {e}");
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-            }
-        }
-    }
-
-    fn serve(&self, sock: UnixStream) {
-        let _session = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        tracing::info!(device = %self.name(), "mpqemu client connected");
+/// One device's mpqemu server: its adapter, shared by its connections.
+fn sessions(dev: Arc<RemoteDevice>, options: &ServerOptions) -> DeviceSessions {
+    let options = ServerOptions {
+        name: dev.id.clone(),
+        ..options.clone()
+    };
+    let id = dev.id.clone();
+    let adapter = Mutex::new(Adapter::new(dev));
+    DeviceSessions::new(&id, "mpqemu", move |sock| {
         // Errors are logged by serve_connection; the device goes on.
-        let _ = serve_connection(sock, &*self.adapter, &self.options);
-    }
+        let _ = serve_connection(sock, &adapter, &options);
+    })
 }
 
 /// mpqemu on top of one [`RemoteDevice`].

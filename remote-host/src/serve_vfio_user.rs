@@ -6,29 +6,16 @@
 //! [`PciFunction`](plugin_api::function::PciFunction), its guest memory
 //! ([`GuestRam`]) and its INTx line ([`IntxLine`]).
 //!
-//! ## Where the sockets are
-//!
-//! `--socket PATH`:
-//! - the remote has one device in the config, and `PATH` is not an
-//!   existing directory: the device listens on `PATH` itself;
-//! - otherwise (several devices in the config, even if some failed to
-//!   load, or `PATH` is a directory): `PATH` is a directory (created if
-//!   missing) and each device listens on `PATH/<device-id>.sock`.
-//!
-//! A stale socket file at a path is replaced; any other file there is an
-//! error. `--fd N` serves one device (the remote must have exactly one) on
-//! an inherited socket: a listening socket is accepted on like a path, a
-//! connected one is served until its client goes away, then the process
-//! exits.
+//! Where the sockets are and how connections are taken is the same for
+//! every protocol: [`crate::sockets`].
 //!
 //! ## Connections
 //!
-//! vfio-user has one client per device. A device serves one connection at
-//! a time; a second client waits (and its VERSION times out on its side)
-//! until the first has gone. When a client goes away, for whatever
-//! reason, its DMA mappings and eventfds are dropped and the device keeps
-//! its state for the next client. A bad message closes that connection
-//! only.
+//! vfio-user has one client per device; a second client waits (and its
+//! VERSION times out on its side) until the first has gone. When a client
+//! goes away, for whatever reason, its DMA mappings and eventfds are
+//! dropped and the device keeps its state for the next client. A bad
+//! message closes that connection only.
 //!
 //! ## Regions and interrupts
 //!
@@ -46,13 +33,10 @@
 //! gets every new rising edge.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
-use anyhow::Context;
 use channel::vfio_user::{
     self, serve_connection, DeviceError, DeviceInfo, DmaMap, DmaUnmap, IrqInfo, RegionInfo,
     ServerOptions, SetIrqs, VfioUserDevice,
@@ -63,166 +47,40 @@ use crate::devices::RemoteDevice;
 use crate::irq::EventfdWatcher;
 use crate::irq::IntxFds;
 use crate::memory::MemoryError;
+use crate::sockets::{DeviceSessions, Endpoint};
 
 /// Size of the configuration-space region.
 const CONFIG_SIZE: u64 = 256;
 
-/// Where to serve.
-#[derive(Debug, Clone)]
-pub enum Endpoint {
-    /// A socket path, or directory (see the module docs).
-    Socket {
-        path: PathBuf,
-        /// How many devices the config gives this remote (whether or not
-        /// they could all be created), which decides the layout: a
-        /// device that fails to load must not move the others' sockets.
-        devices_in_config: usize,
-    },
-    /// An inherited socket fd, listening or connected.
-    Fd(RawFd),
-}
-
-/// Whether `--socket PATH` is a directory of `<device-id>.sock`.
-fn is_socket_dir(path: &Path, devices_in_config: usize) -> bool {
-    devices_in_config > 1 || path.is_dir()
-}
-
-/// The socket path of each device for `--socket PATH` (see the module
-/// docs for the rule).
-pub fn socket_paths(path: &Path, device_ids: &[&str], devices_in_config: usize) -> Vec<PathBuf> {
-    if !is_socket_dir(path, devices_in_config) {
-        return device_ids.iter().map(|_| path.to_path_buf()).collect();
-    }
-    device_ids
-        .iter()
-        .map(|id| path.join(format!("{id}.sock")))
-        .collect()
-}
-
-/// Serves `devices` until every listener ends (normally never), or, for
-/// a connected `--fd`, until its client goes away.
+/// Serves `devices` at `endpoint` until every listener ends (normally
+/// never), or, for a connected `--fd`, until its client goes away.
 pub fn serve(
     devices: Vec<Arc<RemoteDevice>>,
     endpoint: Endpoint,
     options: &ServerOptions,
 ) -> anyhow::Result<()> {
-    if devices.is_empty() {
-        anyhow::bail!("no device to serve");
-    }
-    match endpoint {
-        Endpoint::Socket {
-            path,
-            devices_in_config,
-        } => {
-            let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
-            let paths = socket_paths(&path, &ids, devices_in_config);
-            if is_socket_dir(&path, devices_in_config) {
-                std::fs::create_dir_all(&path).with_context(|| {
-                    format!("cannot create socket directory {}", path.display())
-                })?;
-            }
-            let mut threads = Vec::new();
-            for (dev, p) in devices.into_iter().zip(paths) {
-                let listener = crate::sockets::bind(&p)?;
-                tracing::info!(device = %dev.id, socket = %p.display(), "vfio-user listening");
-                threads.push(spawn_listener(dev, listener, options)?);
-            }
-            for t in threads {
-                let _ = t.join();
-            }
-            Ok(())
-        }
-        Endpoint::Fd(n) => {
-            let [dev] = <[_; 1]>::try_from(devices).map_err(|d| {
-                anyhow::anyhow!(
-                    "--fd serves one device; this remote has {} (use --socket DIR)",
-                    d.len()
-                )
-            })?;
-            let fd = crate::sockets::inherited_socket(n)?;
-            let server = DeviceServer::new(dev, options);
-            if crate::sockets::is_listening(fd.as_fd())? {
-                tracing::info!(device = %server.name(), fd = n, "vfio-user listening on inherited fd");
-                server.accept_loop(UnixListener::from(fd));
-            } else {
-                tracing::info!(device = %server.name(), fd = n, "vfio-user serving inherited connection");
-                server.serve(UnixStream::from(fd));
-            }
-            Ok(())
-        }
-    }
-}
-
-fn spawn_listener(
-    dev: Arc<RemoteDevice>,
-    listener: UnixListener,
-    options: &ServerOptions,
-) -> anyhow::Result<JoinHandle<()>> {
-    let server = DeviceServer::new(dev, options);
-    std::thread::Builder::new()
-        .name(format!("vfio-user-{}", server.name()))
-        .spawn(move || server.accept_loop(listener))
-        .context("cannot start listener thread")
+    crate::sockets::serve_endpoint(devices, endpoint, "vfio-user", |dev| sessions(dev, options))
 }
 
 /// Serves one connected client of `dev` until it goes away (or the
 /// socket is shut down): the per-connection path `--fd` and the control
 /// channel's `device-add` share.
 pub fn serve_stream(dev: Arc<RemoteDevice>, sock: UnixStream, options: &ServerOptions) {
-    DeviceServer::new(dev, options).serve(sock);
+    sessions(dev, options).serve(sock);
 }
 
-/// One device's server: its adapter, its session lock and its options.
-#[derive(Clone)]
-struct DeviceServer {
-    adapter: Arc<Mutex<Adapter>>,
-    session: Arc<Mutex<()>>,
-    options: ServerOptions,
-}
-
-impl DeviceServer {
-    fn new(dev: Arc<RemoteDevice>, options: &ServerOptions) -> Self {
-        let options = ServerOptions {
-            name: dev.id.clone(),
-            ..options.clone()
-        };
-        DeviceServer {
-            adapter: Arc::new(Mutex::new(Adapter::new(dev, options.max_dma_maps))),
-            session: Arc::new(Mutex::new(())),
-            options,
-        }
-    }
-
-    fn name(&self) -> &str {
-        &self.options.name
-    }
-
-    fn accept_loop(&self, listener: UnixListener) {
-        for conn in listener.incoming() {
-            match conn {
-                Ok(sock) => {
-                    let me = self.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name(format!("vfio-user-conn-{}", self.name()))
-                        .spawn(move || me.serve(sock));
-                    if let Err(e) = spawned {
-                        tracing::error!(device = %self.name(), "cannot start connection thread: {e}");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(device = %self.name(), "accept failed: {e}");
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-            }
-        }
-    }
-
-    fn serve(&self, sock: UnixStream) {
-        let _session = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        tracing::info!(device = %self.name(), "vfio-user client connected");
+/// One device's vfio-user server: its adapter, shared by its connections.
+fn sessions(dev: Arc<RemoteDevice>, options: &ServerOptions) -> DeviceSessions {
+    let options = ServerOptions {
+        name: dev.id.clone(),
+        ..options.clone()
+    };
+    let id = dev.id.clone();
+    let adapter = Mutex::new(Adapter::new(dev, options.max_dma_maps));
+    DeviceSessions::new(&id, "vfio-user", move |sock| {
         // Errors are logged by serve_connection; the device goes on.
-        let _ = serve_connection(sock, &*self.adapter, &self.options);
-    }
+        let _ = serve_connection(sock, &adapter, &options);
+    })
 }
 
 /// vfio-user on top of one [`RemoteDevice`].
@@ -523,25 +381,5 @@ impl VfioUserDevice for Adapter {
         self.watcher = None;
         self.dev.intx.set_fds(None);
         self.dev.intx.set_masked(false);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_device_uses_the_path_several_use_a_directory() {
-        let p = Path::new("/nonexistent/dev.sock");
-        assert_eq!(socket_paths(p, &["a"], 1), vec![p.to_path_buf()]);
-        let d = Path::new("/nonexistent/dir");
-        assert_eq!(
-            socket_paths(d, &["a", "b"], 2),
-            vec![d.join("a.sock"), d.join("b.sock")]
-        );
-        // One of two configured devices failed: still a directory.
-        assert_eq!(socket_paths(d, &["b"], 2), vec![d.join("b.sock")]);
-        let tmp = std::env::temp_dir();
-        assert_eq!(socket_paths(&tmp, &["a"], 1), vec![tmp.join("a.sock")]);
     }
 }
