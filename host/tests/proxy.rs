@@ -21,6 +21,13 @@ use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC};
 use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress};
 
+// dma-example's register map (its crate is the one source).
+use dma_example::{
+    DMA_CMD_START, DMA_OK, ID_VALUE, IRQ_DMA_DONE, REG_DMA_CMD, REG_DMA_DST, REG_DMA_LEN,
+    REG_DMA_RESULT, REG_DMA_SRC, REG_ID, REG_IRQ_ACK, REG_IRQ_RAISE, REG_LIVENESS, REG_SCRATCH,
+    REG_STATUS,
+};
+
 const SLOT: u8 = 3;
 const GSI: u32 = 19;
 
@@ -50,6 +57,35 @@ fn ioapic_irr(vm: &kvm_ioctls::VmFd) -> u32 {
     vm.get_irqchip(&mut chip).unwrap();
     // SAFETY: chip_id IOAPIC selects the ioapic member of the union.
     unsafe { chip.chip.ioapic.irr }
+}
+
+/// Raises dma-example's interrupt through BAR0 and waits (bounded) for
+/// KVM's IOAPIC to see pin GSI go up; then acknowledges it.
+fn intx_reaches_the_ioapic(root: &PciRoot, vm: &kvm_ioctls::VmFd, bar0: u64) {
+    assert_eq!(ioapic_irr(vm) & (1 << GSI), 0);
+    write32(root, bar0 + REG_IRQ_RAISE, IRQ_DMA_DONE);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ioapic_irr(vm) & (1 << GSI) == 0 {
+        assert!(Instant::now() < deadline, "INTx never reached the IOAPIC");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    write32(root, bar0 + REG_IRQ_ACK, IRQ_DMA_DONE);
+}
+
+/// p50 and p99 of `n` SCRATCH reads through BAR0, in µs.
+fn read_latency_us(root: &PciRoot, bar0: u64, n: usize) -> (f64, f64) {
+    let mut lat: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            read32(root, bar0 + REG_SCRATCH);
+            t.elapsed()
+        })
+        .collect();
+    lat.sort();
+    (
+        lat[n / 2].as_secs_f64() * 1e6,
+        lat[n * 99 / 100].as_secs_f64() * 1e6,
+    )
 }
 
 #[test]
@@ -127,28 +163,28 @@ slot = {SLOT}
     assert_eq!(cfg_read32(&root, 0x3c) & 0xff, GSI);
 
     // Registers through BAR0.
-    assert_eq!(read32(&root, bar0), 0xd3a0_0001);
-    write32(&root, bar0 + 0x08, 0x1234_5678);
-    assert_eq!(read32(&root, bar0 + 0x08), 0x1234_5678);
-    write32(&root, bar0 + 0x04, 0x0f0f_0000);
-    assert_eq!(read32(&root, bar0 + 0x04), !0x0f0f_0000);
+    assert_eq!(read32(&root, bar0 + REG_ID), ID_VALUE);
+    write32(&root, bar0 + REG_SCRATCH, 0x1234_5678);
+    assert_eq!(read32(&root, bar0 + REG_SCRATCH), 0x1234_5678);
+    write32(&root, bar0 + REG_LIVENESS, 0x0f0f_0000);
+    assert_eq!(read32(&root, bar0 + REG_LIVENESS), !0x0f0f_0000);
 
     // DMA through the shared memfd.
     let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
     ram.mem
         .write_slice(&pattern, GuestAddress(0x10_0000))
         .unwrap();
-    write32(&root, bar0 + 0x40, 0x10_0000);
-    write32(&root, bar0 + 0x44, 0);
-    write32(&root, bar0 + 0x48, 0x20_0000);
-    write32(&root, bar0 + 0x4c, 0);
-    write32(&root, bar0 + 0x50, 4096);
-    write32(&root, bar0 + 0x58, 1);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while read32(&root, bar0 + 0x20) & 1 != 0 {
+    write32(&root, bar0 + REG_DMA_SRC, 0x10_0000);
+    write32(&root, bar0 + REG_DMA_SRC + 4, 0);
+    write32(&root, bar0 + REG_DMA_DST, 0x20_0000);
+    write32(&root, bar0 + REG_DMA_DST + 4, 0);
+    write32(&root, bar0 + REG_DMA_LEN, 4096);
+    write32(&root, bar0 + REG_DMA_CMD, DMA_CMD_START);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read32(&root, bar0 + REG_STATUS) & 1 != 0 {
         assert!(Instant::now() < deadline, "DMA never finished");
     }
-    assert_eq!(read32(&root, bar0 + 0x5c), 0, "DMA result");
+    assert_eq!(read32(&root, bar0 + REG_DMA_RESULT), DMA_OK, "DMA result");
     let mut copied = vec![0u8; 4096];
     ram.mem
         .read_slice(&mut copied, GuestAddress(0x20_0000))
@@ -156,34 +192,19 @@ slot = {SLOT}
     assert_eq!(copied, pattern);
 
     // INTx: the remote signals the irqfd; KVM's IOAPIC pin goes up.
-    assert_eq!(ioapic_irr(&vm) & (1 << GSI), 0);
-    write32(&root, bar0 + 0x28, 1);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while ioapic_irr(&vm) & (1 << GSI) == 0 {
-        assert!(Instant::now() < deadline, "INTx never reached the IOAPIC");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    write32(&root, bar0 + 0x2c, 1);
+    intx_reaches_the_ioapic(&root, &vm, bar0);
 
     // Timing of the exits' work (no vCPU involved).
     let n = 5000;
-    let mut lat: Vec<Duration> = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        read32(&root, bar0 + 0x08);
-        lat.push(t.elapsed());
-    }
-    lat.sort();
+    let (p50, p99) = read_latency_us(&root, bar0, n);
     let t = Instant::now();
     for i in 0..n {
-        write32(&root, bar0 + 0x08, i as u32);
+        write32(&root, bar0 + REG_SCRATCH, i as u32);
     }
-    assert_eq!(read32(&root, bar0 + 0x08), n as u32 - 1);
+    assert_eq!(read32(&root, bar0 + REG_SCRATCH), n as u32 - 1);
     let posted = t.elapsed();
     eprintln!(
-        "{protocol}: proxy BAR read: p50 {:.1} µs, p99 {:.1} µs; {n} posted writes + 1 read: {:.1} µs each",
-        lat[n / 2].as_secs_f64() * 1e6,
-        lat[n * 99 / 100].as_secs_f64() * 1e6,
+        "{protocol}: proxy BAR read: p50 {p50:.1} µs, p99 {p99:.1} µs; {n} posted writes + 1 read: {:.1} µs each",
         posted.as_secs_f64() * 1e6 / n as f64
     );
 
@@ -201,12 +222,9 @@ slot = {SLOT}
 
 #[test]
 fn in_process_function_same_plugin() {
-    let dir = prerequisites::profile_dir();
-    let plugin = dir.join("libdma_example.so");
-    if !std::path::Path::new("/dev/kvm").exists() || !plugin.exists() {
-        eprintln!("SKIP: needs /dev/kvm and {}", plugin.display());
+    let Some(dir) = prerequisites::or_skip() else {
         return;
-    }
+    };
     let work = dir.join(format!("host-inproc-test-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
     let cfg_path = work.join("vm.toml");
@@ -236,30 +254,13 @@ fn in_process_function_same_plugin() {
         .unwrap();
     assert_eq!(cfg_read32(&root, 0), 0x11e9_1234);
     let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
-    assert_eq!(read32(&root, bar0), 0xd3a0_0001);
+    assert_eq!(read32(&root, bar0 + REG_ID), ID_VALUE);
 
     // INTx: KVM_IRQ_LINE on the same pin.
-    write32(&root, bar0 + 0x28, 1);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while ioapic_irr(&vm) & (1 << GSI) == 0 {
-        assert!(Instant::now() < deadline, "INTx never reached the IOAPIC");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    write32(&root, bar0 + 0x2c, 1);
+    intx_reaches_the_ioapic(&root, &vm, bar0);
 
-    let n = 5000;
-    let mut lat: Vec<Duration> = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        read32(&root, bar0 + 0x08);
-        lat.push(t.elapsed());
-    }
-    lat.sort();
-    eprintln!(
-        "in-process BAR read: p50 {:.2} µs, p99 {:.2} µs",
-        lat[n / 2].as_secs_f64() * 1e6,
-        lat[n * 99 / 100].as_secs_f64() * 1e6
-    );
+    let (p50, p99) = read_latency_us(&root, bar0, 5000);
+    eprintln!("in-process BAR read: p50 {p50:.2} µs, p99 {p99:.2} µs");
     root.shutdown();
     std::fs::remove_dir_all(&work).ok();
 }
@@ -294,7 +295,7 @@ fn dead_remote_reads_all_ones() {
     root.add(SLOT, Box::new(func)).unwrap();
     root.assign_resources(&|_| None).unwrap();
     let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
-    assert_eq!(read32(&root, bar0), 0xd3a0_0001);
+    assert_eq!(read32(&root, bar0 + REG_ID), ID_VALUE);
 
     let (tx, rx) = std::sync::mpsc::channel();
     proc.watch(move |end| {
@@ -309,8 +310,8 @@ fn dead_remote_reads_all_ones() {
     );
     // The device is gone: reads are all-ones, writes are dropped, config too.
     assert_eq!(read32(&root, bar0), 0xffff_ffff);
-    write32(&root, bar0 + 0x08, 1);
-    assert_eq!(read32(&root, bar0 + 0x08), 0xffff_ffff);
+    write32(&root, bar0 + REG_SCRATCH, 1);
+    assert_eq!(read32(&root, bar0 + REG_SCRATCH), 0xffff_ffff);
     assert_eq!(cfg_read32(&root, 0), 0xffff_ffff);
     proc.stop(Duration::ZERO);
     std::fs::remove_dir_all(&work).ok();
@@ -359,10 +360,10 @@ fn one_remote_two_devices() {
     let (a, b) = (bar(3), bar(5));
     assert_ne!(a, b);
     // Separate devices: each keeps its own scratch register.
-    write32(&root, a + 0x08, 0xaaaa);
-    write32(&root, b + 0x08, 0xbbbb);
-    assert_eq!(read32(&root, a + 0x08), 0xaaaa);
-    assert_eq!(read32(&root, b + 0x08), 0xbbbb);
+    write32(&root, a + REG_SCRATCH, 0xaaaa);
+    write32(&root, b + REG_SCRATCH, 0xbbbb);
+    assert_eq!(read32(&root, a + REG_SCRATCH), 0xaaaa);
+    assert_eq!(read32(&root, b + REG_SCRATCH), 0xbbbb);
     root.shutdown();
     proc.stop(Duration::from_millis(100));
     std::fs::remove_dir_all(&work).ok();
