@@ -7,6 +7,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+use common::*;
+
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -19,25 +22,12 @@ use channel::control::{ControlClient, ControlError};
 use channel::vfio_user::{ClientOptions, VfioUserClient};
 use serde_json::json;
 
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
 fn plugin_dir() -> PathBuf {
-    let dir = target_dir();
-    for lib in [
+    plugin_dir_with(&[
         "libdma_example.so",
         "liblsi53c895a.so",
         "libfaulty_plugin.so",
-    ] {
-        assert!(
-            dir.join(lib).is_file(),
-            "{lib} is not built in {}: run `cargo build --workspace` first",
-            dir.display()
-        );
-    }
-    dir
+    ])
 }
 
 /// A `remote-host serve --control 3`, killed on drop.

@@ -5,77 +5,32 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+use common::*;
+
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use channel::mpqemu::messages::{ConfigAccess, Header, Message};
 use channel::mpqemu::{ClientError, ClientOptions, MpqemuClient, SysmemRegion, RET_FAILURE};
-
-// dma-example's registers (devices/dma-example/src/lib.rs).
-const REG_ID: u64 = 0x00;
-const REG_LIVENESS: u64 = 0x04;
-const REG_SCRATCH: u64 = 0x08;
-const REG_IRQ_STATUS: u64 = 0x24;
-const REG_IRQ_ACK: u64 = 0x2c;
-const REG_DMA_SRC: u64 = 0x40;
-const REG_DMA_DST: u64 = 0x48;
-const REG_DMA_LEN: u64 = 0x50;
-const REG_DMA_CMD: u64 = 0x58;
-const REG_DMA_RESULT: u64 = 0x5c;
-const ID_VALUE: u32 = 0xd3a0_0001;
-const DMA_CMD_START: u32 = 1;
-const DMA_CMD_IRQ: u32 = 4;
-const IRQ_DMA_DONE: u32 = 0x100;
 
 /// Where the test places BAR0, and the guest RAM it shares.
 const BAR0: u64 = 0xfebf_0000;
 const RAM_GPA: u64 = 0x4000_0000;
 const RAM_SIZE: u64 = 1 << 20;
 
-fn plugin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    assert!(
-        dir.join("libdma_example.so").is_file(),
-        "libdma_example.so is not built in {}: run `cargo build --workspace` first (scripts/test does)",
-        dir.display()
-    );
-    dir
-}
-
 fn command(tmp: &Path, devices: &[&str]) -> Command {
-    let mut body =
-        String::from("[vm]\nmemory = \"64M\"\nkernel = \"vmlinuz\"\n\n[[remote]]\nid = \"r\"\n");
-    for (i, id) in devices.iter().enumerate() {
-        body.push_str(&format!(
-            "\n[[device]]\nid = \"{id}\"\nremote = \"r\"\nplugin = \"dma-example\"\nslot = {}\n",
-            4 + i
-        ));
-    }
-    let cfg = tmp.join("vm.toml");
-    std::fs::write(&cfg, body).unwrap();
-    let log = File::create(tmp.join("remote-host.log")).unwrap();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_remote-host"));
-    c.env_remove("PLUGIN_PATH")
-        .env("RUST_LOG", "debug")
-        .args(["serve", "--remote", "r", "--protocol", "mpqemu", "--config"])
-        .arg(cfg)
-        .arg("--plugin-dir")
-        .arg(plugin_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    c
+    serve_command(tmp, devices, "mpqemu")
 }
 
 fn log(tmp: &Path) -> String {
-    std::fs::read_to_string(tmp.join("remote-host.log")).unwrap_or_default()
+    remote_log(tmp)
 }
 
 /// Kills the child on drop (a failed test leaves no process behind).
@@ -88,41 +43,9 @@ impl Drop for Killed {
     }
 }
 
-fn memfd(size: u64) -> File {
-    // SAFETY: memfd_create with a valid NUL-terminated name; the fd is
-    // checked and then owned by the File.
-    let f = unsafe {
-        let fd = libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC);
-        assert!(fd >= 0, "memfd_create");
-        File::from_raw_fd(fd)
-    };
-    f.set_len(size).unwrap();
-    f
-}
-
-fn eventfd() -> File {
-    // SAFETY: eventfd returns a new fd (checked) that the File owns.
-    unsafe {
-        let fd = libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK);
-        assert!(fd >= 0, "eventfd");
-        File::from_raw_fd(fd)
-    }
-}
-
-/// Waits up to `ms` for the eventfd to be signalled, and consumes it.
-fn fired(f: &File, ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: f.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if r <= 0 {
-        return false;
-    }
-    let mut b = [0u8; 8];
-    (&*f).read_exact(&mut b).is_ok()
+/// Whether the eventfd was signalled within `ms` (consumed if so).
+fn fired(f: &File, ms: u64) -> bool {
+    wait_eventfd(f, Duration::from_millis(ms)).is_some()
 }
 
 fn client(sock: UnixStream) -> MpqemuClient {

@@ -3,14 +3,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+use common::*;
+
 use std::path::PathBuf;
 use std::process::Command;
-
-fn target_dir() -> PathBuf {
-    // target/<profile>/deps/<test exe> -> target/<profile>
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
 
 fn remote_host() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_remote-host"));
@@ -19,19 +16,11 @@ fn remote_host() -> Command {
 }
 
 fn require_plugins() -> PathBuf {
-    let dir = target_dir();
-    for lib in [
+    plugin_dir_with(&[
         "libdma_example.so",
         "libfaulty_plugin.so",
         "libincompatible_plugin.so",
-    ] {
-        assert!(
-            dir.join(lib).is_file(),
-            "{lib} is not built in {}: run `cargo build --workspace` first (scripts/test does)",
-            dir.display()
-        );
-    }
-    dir
+    ])
 }
 
 #[test]

@@ -4,9 +4,12 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+use common::*;
+
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -16,44 +19,9 @@ use std::time::{Duration, Instant};
 
 use channel::vfio_user::{self as vu, ClientOptions, VfioUserClient};
 
-// dma-example's registers (devices/dma-example/src/lib.rs).
-const REG_ID: u64 = 0x00;
-const REG_LIVENESS: u64 = 0x04;
-const REG_SCRATCH: u64 = 0x08;
-const REG_STATUS: u64 = 0x20;
-const REG_IRQ_STATUS: u64 = 0x24;
-const REG_IRQ_RAISE: u64 = 0x28;
-const REG_IRQ_ACK: u64 = 0x2c;
-const REG_DMA_SRC: u64 = 0x40;
-const REG_DMA_DST: u64 = 0x48;
-const REG_DMA_LEN: u64 = 0x50;
-const REG_DMA_CMD: u64 = 0x58;
-const REG_DMA_RESULT: u64 = 0x5c;
-const ID_VALUE: u32 = 0xd3a0_0001;
-const DMA_CMD_START: u32 = 1;
-const DMA_CMD_IRQ: u32 = 4;
-const IRQ_DMA_DONE: u32 = 0x100;
-const DMA_FAULT: u32 = 1;
-
 /// Guest-physical base of the memfd we map for DMA.
 const RAM_GPA: u64 = 0x1_0000_0000;
 const RAM_SIZE: u64 = 1 << 20;
-
-fn target_dir() -> PathBuf {
-    // target/<profile>/deps/<test exe> -> target/<profile>
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn plugin_dir() -> PathBuf {
-    let dir = target_dir();
-    assert!(
-        dir.join("libdma_example.so").is_file(),
-        "libdma_example.so is not built in {}: run `cargo build --workspace` first (scripts/test does)",
-        dir.display()
-    );
-    dir
-}
 
 /// A `remote-host serve` process, killed on drop.
 struct Server {
@@ -62,42 +30,8 @@ struct Server {
 }
 
 impl Server {
-    fn config(tmp: &Path, devices: &[&str]) -> PathBuf {
-        let mut body = String::from(
-            "[vm]\nmemory = \"64M\"\nkernel = \"vmlinuz\"\n\n[[remote]]\nid = \"r\"\n",
-        );
-        for (i, id) in devices.iter().enumerate() {
-            body.push_str(&format!(
-                "\n[[device]]\nid = \"{id}\"\nremote = \"r\"\nplugin = \"dma-example\"\nslot = {}\n",
-                4 + i
-            ));
-        }
-        let path = tmp.join("vm.toml");
-        std::fs::write(&path, body).unwrap();
-        path
-    }
-
     fn command(tmp: &Path, devices: &[&str]) -> Command {
-        let cfg = Self::config(tmp, devices);
-        let log = File::create(tmp.join("remote-host.log")).unwrap();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_remote-host"));
-        c.env_remove("PLUGIN_PATH")
-            .env("RUST_LOG", "debug")
-            .args([
-                "serve",
-                "--remote",
-                "r",
-                "--protocol",
-                "vfio-user",
-                "--config",
-            ])
-            .arg(cfg)
-            .arg("--plugin-dir")
-            .arg(plugin_dir())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        c
+        serve_command(tmp, devices, "vfio-user")
     }
 
     /// Serves `devices` on `--socket <tmp>/<socket>`.
@@ -165,44 +99,6 @@ fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) 
         Ok(Err(p)) => std::panic::resume_unwind(p),
         Err(_) => panic!("timed out after {secs} s"),
     }
-}
-
-fn memfd(size: u64) -> File {
-    // SAFETY: memfd_create with a valid NUL-terminated name; the fd is
-    // checked and then owned by the File.
-    let f = unsafe {
-        let fd = libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC);
-        assert!(fd >= 0, "memfd_create");
-        File::from_raw_fd(fd)
-    };
-    f.set_len(size).unwrap();
-    f
-}
-
-fn eventfd() -> File {
-    // SAFETY: eventfd returns a new fd (checked) that the File owns.
-    unsafe {
-        let fd = libc::eventfd(0, libc::EFD_CLOEXEC);
-        assert!(fd >= 0, "eventfd");
-        File::from_raw_fd(fd)
-    }
-}
-
-/// Waits up to `timeout` for the eventfd to fire; returns its count.
-fn wait_eventfd(ev: &File, timeout: Duration) -> Option<u64> {
-    let mut pfd = libc::pollfd {
-        fd: ev.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
-    if r <= 0 {
-        return None;
-    }
-    let mut b = [0u8; 8];
-    (&*ev).read_exact(&mut b).ok()?;
-    Some(u64::from_ne_bytes(b))
 }
 
 fn pattern() -> Vec<u8> {
