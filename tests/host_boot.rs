@@ -3,7 +3,8 @@
 //! with 2 vCPUs, and exits when the guest powers off. In the same L1 boot,
 //! a guest that runs `reboot -f` (i8042 reset) with `on-reboot = "exit"`
 //! and a guest whose kernel panics end the VMM too, each with its exit
-//! code.
+//! code. The reboot guest boots the same kernel as an ELF `vmlinux`
+//! (unpacked from the bzImage): the VMM's other boot path.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -34,7 +35,9 @@ exit 7
     let initrd = dir.join("initrd.cpio");
     env.build_initramfs(&InitramfsSpec::new::<&str>(&[], job), &initrd)
         .unwrap();
-    let write_config = |name: &str, initrd: &str, vcpus: u32| {
+    let vmlinux = dir.join("vmlinux");
+    testenv::vmlinux::extract_vmlinux(&env.kernel, &vmlinux).unwrap();
+    let write_config = |name: &str, kernel: &std::path::Path, initrd: &str, vcpus: u32| {
         let config = dir.join(format!("{name}.toml"));
         fs::write(
             &config,
@@ -47,7 +50,7 @@ initrd = "{initrd}"
 cmdline = "console=ttyS0 quiet"
 console-log = "{name}-console.log"
 {on_reboot}"#,
-                env.kernel.display(),
+                kernel.display(),
                 // The reboot guest checks QEMU's -no-reboot behaviour (the
                 // restart itself is tests/host_reset.rs).
                 on_reboot = if name == "reboot" {
@@ -60,7 +63,7 @@ console-log = "{name}-console.log"
         .unwrap();
         config
     };
-    write_config("vm", "initrd.cpio", 2);
+    write_config("vm", &env.kernel, "initrd.cpio", 2);
     for (name, job) in [
         ("reboot", "echo rebooting; reboot -f; sleep 60"),
         (
@@ -73,7 +76,12 @@ console-log = "{name}-console.log"
             &dir.join(format!("{name}.cpio")),
         )
         .unwrap();
-        write_config(name, &format!("{name}.cpio"), 1);
+        let kernel = if name == "reboot" {
+            &vmlinux
+        } else {
+            &env.kernel
+        };
+        write_config(name, kernel, &format!("{name}.cpio"), 1);
     }
     let run = |name: &str, key: &str| {
         format!(
@@ -128,8 +136,9 @@ console-log = "{name}-console.log"
     // reboot -f: the kernel restarts through the i8042 (reboot=k), which
     // ends the VM with on-reboot = "exit"; exit code 0. A panic ends the VM
     // as soon as the console shows it (before panic=-1 reboots); exit 2.
+    // That guest's kernel was the ELF vmlinux: it reached its job.
     let reboot = fs::read_to_string(dir.join("reboot-console.log")).unwrap_or_default();
-    assert!(reboot.contains("rebooting"), "{reboot}");
+    assert!(reboot.contains("rebooting"), "ELF vmlinux guest:\n{reboot}");
     assert!(
         l1.output.contains("REBOOT-EXIT=0"),
         "reboot: host did not exit 0:\n{}\n{reboot}",

@@ -14,6 +14,7 @@ pub mod modules;
 pub mod nested;
 pub mod prepare;
 pub mod runner;
+pub mod vmlinux;
 
 pub use initramfs::{parse_console, InitramfsSpec, JobResult, ModuleOrder};
 pub use nested::{run_nested, NestedOptions};

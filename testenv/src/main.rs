@@ -75,6 +75,12 @@ enum Cmd {
         #[arg(last = true)]
         qemu_args: Vec<String>,
     },
+    /// Unpack the prepared kernel's ELF vmlinux (for `host`'s ELF boot).
+    Vmlinux {
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Run a command on this machine's root inside a nested-KVM L1 guest.
     Nested {
         /// Time limit in seconds.
@@ -131,6 +137,11 @@ fn main() -> Result<()> {
         Cmd::Info => {
             let env = Env::load(&dir)?;
             println!("{env:#?}");
+        }
+        Cmd::Vmlinux { output } => {
+            let env = Env::load(&dir)?;
+            testenv::vmlinux::extract_vmlinux(&env.kernel, &output)?;
+            eprintln!("{} -> {}", env.kernel.display(), output.display());
         }
         Cmd::Initramfs { job, output } => {
             let env = Env::load(&dir)?;
