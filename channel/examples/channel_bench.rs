@@ -20,7 +20,6 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,24 +33,6 @@ impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// Makes `raw` the child's fd 3 across exec.
-fn pass_as_fd3(cmd: &mut Command, raw: i32) {
-    // SAFETY: only dup2/fcntl run between fork and exec (async-signal-safe).
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = if raw == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(raw, 3)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
 
@@ -228,7 +209,7 @@ fn mpqemu_row(bin: &Path, plugins: &Path, dir: &Path, iters: usize, writes: usiz
     let (ours, theirs) = UnixStream::pair().unwrap();
     let mut cmd = remote_host(bin, plugins, &config(dir), "mpqemu");
     cmd.args(["--fd", "3"]);
-    pass_as_fd3(&mut cmd, theirs.as_raw_fd());
+    testenv::inherit_as_fd3(&mut cmd, theirs.as_raw_fd());
     let _child = Killed(cmd.spawn().unwrap());
     drop(theirs);
     let mut c = MpqemuClient::from_stream(ours, MpOptions::default());
@@ -261,7 +242,7 @@ fn x_remote_row(qemu: &Path, iters: usize, writes: usize) -> Row {
     ])
     .stdin(Stdio::null())
     .stdout(Stdio::null());
-    pass_as_fd3(&mut cmd, theirs.as_raw_fd());
+    testenv::inherit_as_fd3(&mut cmd, theirs.as_raw_fd());
     let _child = Killed(cmd.spawn().unwrap());
     drop(theirs);
     let mut c = MpqemuClient::from_stream(ours, MpOptions::default());

@@ -109,34 +109,14 @@ fn proxy_over_spawned_remote_host(protocol: &str) {
     std::env::set_var("REMOTE_HOST", &rh);
     let work = dir.join(format!("host-proxy-test-{}-{protocol}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
-    let cfg_path = work.join("vm.toml");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            r#"[vm]
-memory = "64M"
-kernel = "none"
-
-[[remote]]
-id = "dev"
-log = "remote.log"
-protocol = "{protocol}"
-# Thousands of round trips on a loaded machine: one slow answer must not
-# fail the device (that is what supervision.rs tests).
-timeout-ms = 30000
-plugin-dirs = ["{}"]
-
-[[device]]
-id = "dma0"
-remote = "dev"
-plugin = "dma-example"
-slot = {SLOT}
-"#,
-            dir.display()
-        ),
-    )
-    .unwrap();
-    let cfg = config::Config::load(&cfg_path).unwrap();
+    // Thousands of round trips on a loaded machine: one slow answer must
+    // not fail the device (that is what supervision.rs tests).
+    let (_, cfg) = prerequisites::dma_example_config(
+        &work,
+        "dev",
+        &format!("log = \"remote.log\"\nprotocol = \"{protocol}\"\ntimeout-ms = 30000"),
+        SLOT,
+    );
 
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
@@ -274,15 +254,7 @@ fn dead_remote_reads_all_ones() {
     std::env::set_var("REMOTE_HOST", &rh);
     let work = dir.join(format!("host-dead-test-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
-    let cfg_path = work.join("vm.toml");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n[[remote]]\nid = \"dev\"\nlog = \"remote.log\"\n\n[[device]]\nid = \"dma0\"\nremote = \"dev\"\nplugin = \"dma-example\"\nslot = {SLOT}\n"
-        ),
-    )
-    .unwrap();
-    let cfg = config::Config::load(&cfg_path).unwrap();
+    let (_, cfg) = prerequisites::dma_example_config(&work, "dev", "log = \"remote.log\"", SLOT);
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
     vm.create_irq_chip().unwrap();
@@ -380,7 +352,6 @@ fn qemu_x_remote_behind_proxy_function() {
     use host::pci::PciDevice;
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::os::unix::net::UnixStream;
-    use std::os::unix::process::CommandExt;
     let qemu = std::path::Path::new("/usr/bin/qemu-system-x86_64");
     if !std::path::Path::new("/dev/kvm").exists() || !qemu.exists() {
         eprintln!("SKIP: needs /dev/kvm and {}", qemu.display());
@@ -415,20 +386,7 @@ fn qemu_x_remote_behind_proxy_function() {
     ])
     .stdin(std::process::Stdio::null())
     .stdout(std::process::Stdio::null());
-    // SAFETY: only dup2/fcntl run between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = if raw == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(raw, 3)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    testenv::inherit_as_fd3(&mut cmd, raw);
     let mut child = cmd.spawn().unwrap();
     drop(theirs);
 

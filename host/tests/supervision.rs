@@ -83,6 +83,18 @@ fn read32(root: &PciRoot, addr: u64) -> u32 {
     u32::from_le_bytes(d)
 }
 
+/// A BAR read of a hung remote's device returns all-ones at once: well
+/// below the 1.5 s channel timeout, so it did not wait for one.
+fn reads_all_ones_without_waiting(root: &PciRoot, bar0: u64) {
+    let t = Instant::now();
+    assert_eq!(read32(root, bar0), 0xffff_ffff);
+    assert!(
+        t.elapsed() < Duration::from_millis(750),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
@@ -146,19 +158,15 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
     let rh = dir.join("remote-host");
     let work = tempfile::tempdir().unwrap();
     let sock = work.path().join("dev.sock");
-    let cfg_path = work.path().join("vm.toml");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n[[remote]]\nid = \"orch\"\nsocket = \"{}\"\n\
-             heartbeat-ms = 200\ntimeout-ms = 1500\nplugin-dirs = [\"{}\"]\n\n\
-             [[device]]\nid = \"dma0\"\nremote = \"orch\"\nplugin = \"dma-example\"\nslot = {SLOT}\n",
-            sock.display(),
-            dir.display()
+    let (cfg_path, cfg) = prerequisites::dma_example_config(
+        work.path(),
+        "orch",
+        &format!(
+            "socket = \"{}\"\nheartbeat-ms = 200\ntimeout-ms = 1500",
+            sock.display()
         ),
-    )
-    .unwrap();
-    let cfg = config::Config::load(&cfg_path).unwrap();
+        SLOT,
+    );
     // The orchestrator's remote-host.
     let mut orch = Command::new(&rh)
         .args(["serve", "--config"])
@@ -202,14 +210,7 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
     assert_eq!(hung["data"]["devices"], json!(["dma0"]));
     assert_eq!(remote.state(), RemoteState::Hung);
     // A vCPU no longer waits for it.
-    let t = Instant::now();
-    assert_eq!(read32(&root, bar0), 0xffff_ffff);
-    // (Well below the 1.5 s channel timeout: it did not wait for one.)
-    assert!(
-        t.elapsed() < Duration::from_millis(750),
-        "{:?}",
-        t.elapsed()
-    );
+    reads_all_ones_without_waiting(&root, bar0);
 
     // It runs again, but without a control channel nothing can tell: the
     // device channel timed out mid-stream and is failed for good. The
@@ -244,18 +245,12 @@ fn a_spawned_remote_is_supervised_on_its_control_channel() {
     };
     std::env::set_var("REMOTE_HOST", dir.join("remote-host"));
     let work = tempfile::tempdir().unwrap();
-    let cfg_path = work.path().join("vm.toml");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n[[remote]]\nid = \"dev\"\n\
-             heartbeat-ms = 200\ntimeout-ms = 1500\nplugin-dirs = [\"{}\"]\nlog = \"remote.log\"\n\n\
-             [[device]]\nid = \"dma0\"\nremote = \"dev\"\nplugin = \"dma-example\"\nslot = {SLOT}\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    let cfg = config::Config::load(&cfg_path).unwrap();
+    let (_, cfg) = prerequisites::dma_example_config(
+        work.path(),
+        "dev",
+        "heartbeat-ms = 200\ntimeout-ms = 1500\nlog = \"remote.log\"",
+        SLOT,
+    );
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
     vm.create_irq_chip().unwrap();
@@ -290,14 +285,7 @@ fn a_spawned_remote_is_supervised_on_its_control_channel() {
     eprintln!("REMOTE_HUNG {:?} after SIGSTOP: {hung}", at - stopped);
     assert!(at - stopped < Duration::from_secs(10));
     assert_eq!(hung["data"]["pid"], pid);
-    let t = Instant::now();
-    assert_eq!(read32(&root, bar0), 0xffff_ffff);
-    // (Well below the 1.5 s channel timeout: it did not wait for one.)
-    assert!(
-        t.elapsed() < Duration::from_millis(750),
-        "{:?}",
-        t.elapsed()
-    );
+    reads_all_ones_without_waiting(&root, bar0);
 
     sig(libc::SIGCONT);
     let (alive, _) = ev.wait("REMOTE_ALIVE");

@@ -1,6 +1,6 @@
 //! What the host tests that run a device in a spawned `remote-host` on this
-//! machine's `/dev/kvm` need, checked one way (included with `#[path]` by
-//! the tests and the MMIO benchmark).
+//! machine's `/dev/kvm` need, checked one way, and the config of that
+//! device (included with `#[path]` by the tests and the MMIO benchmark).
 
 use std::path::{Path, PathBuf};
 
@@ -43,4 +43,28 @@ pub fn or_skip() -> Option<PathBuf> {
             None
         }
     }
+}
+
+/// Writes and loads `work/vm.toml`: a VM without kernel whose one remote
+/// `remote` (plus `remote_keys`, TOML lines of its own) serves dma-example
+/// as device `dma0` in `slot`, plugins from [`profile_dir`].
+pub fn dma_example_config(
+    work: &Path,
+    remote: &str,
+    remote_keys: &str,
+    slot: u8,
+) -> (PathBuf, config::Config) {
+    let path = work.join("vm.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n\
+             [[remote]]\nid = \"{remote}\"\n{remote_keys}\nplugin-dirs = [\"{}\"]\n\n\
+             [[device]]\nid = \"dma0\"\nremote = \"{remote}\"\nplugin = \"dma-example\"\nslot = {slot}\n",
+            profile_dir().display()
+        ),
+    )
+    .unwrap();
+    let cfg = config::Config::load(&path).unwrap();
+    (path, cfg)
 }

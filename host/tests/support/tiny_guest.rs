@@ -765,18 +765,12 @@ pub fn run(protocol: &str, n: u32, irqs: u32) -> Report {
         std::process::id()
     ));
     std::fs::create_dir_all(&work).unwrap();
-    let cfg_path = work.join("vm.toml");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n[[remote]]\nid = \"dev\"\n\
-             log = \"remote.log\"\nprotocol = \"{protocol}\"\ntimeout-ms = 30000\nplugin-dirs = [\"{}\"]\n\n\
-             [[device]]\nid = \"dma0\"\nremote = \"dev\"\nplugin = \"dma-example\"\nslot = {SLOT}\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    let cfg = config::Config::load(&cfg_path).unwrap();
+    let (_, cfg) = crate::prerequisites::dma_example_config(
+        &work,
+        "dev",
+        &format!("log = \"remote.log\"\nprotocol = \"{protocol}\"\ntimeout-ms = 30000"),
+        SLOT,
+    );
 
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();

@@ -11,6 +11,28 @@
 use abi_stable::std_types::RVec;
 use plugin_api::{BarDesc, BarKind, Device, DeviceDesc, Host, PciIdentity};
 
+/// 1234:`device_id`, class 0xff, one 256-byte memory BAR; INTA when
+/// `interrupt_pin` is 1.
+fn one_bar_device(device_id: u16, interrupt_pin: u8) -> DeviceDesc {
+    DeviceDesc {
+        identity: PciIdentity {
+            vendor_id: 0x1234,
+            device_id,
+            class_code: 0xff0000,
+            interrupt_pin,
+            ..Default::default()
+        },
+        bars: RVec::from(vec![BarDesc {
+            index: 0,
+            kind: BarKind::Memory32,
+            size: 0x100,
+            prefetchable: false,
+        }]),
+        capabilities: RVec::new(),
+        msi_vectors: 0,
+    }
+}
+
 fn fails(_settings: &str, _host: Host) -> Result<Box<dyn Device>, String> {
     Err("disk on fire".into())
 }
@@ -29,23 +51,7 @@ struct PanicsOnRead {
 
 impl Device for PanicsOnRead {
     fn describe(&self) -> DeviceDesc {
-        DeviceDesc {
-            identity: PciIdentity {
-                vendor_id: 0x1234,
-                device_id: 0xdead,
-                class_code: 0xff0000,
-                interrupt_pin: 1,
-                ..Default::default()
-            },
-            bars: RVec::from(vec![BarDesc {
-                index: 0,
-                kind: BarKind::Memory32,
-                size: 0x100,
-                prefetchable: false,
-            }]),
-            capabilities: RVec::new(),
-            msi_vectors: 0,
-        }
+        one_bar_device(0xdead, 1)
     }
 
     fn bar_read(&mut self, _bar: u8, offset: u64, _data: &mut [u8]) {
@@ -83,22 +89,7 @@ impl Escapes {
 
 impl Device for Escapes {
     fn describe(&self) -> DeviceDesc {
-        DeviceDesc {
-            identity: PciIdentity {
-                vendor_id: 0x1234,
-                device_id: 0xbad0,
-                class_code: 0xff0000,
-                ..Default::default()
-            },
-            bars: RVec::from(vec![BarDesc {
-                index: 0,
-                kind: BarKind::Memory32,
-                size: 0x100,
-                prefetchable: false,
-            }]),
-            capabilities: RVec::new(),
-            msi_vectors: 0,
-        }
+        one_bar_device(0xbad0, 0)
     }
 
     fn bar_read(&mut self, _bar: u8, offset: u64, data: &mut [u8]) {
