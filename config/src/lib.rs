@@ -118,7 +118,10 @@ impl SourceMap {
 pub struct Config {
     /// The file it came from.
     pub path: PathBuf,
-    pub vm: VmConfig,
+    /// `[vm]`: always there in a config read by [`Config::load`] (the
+    /// VMM's); `None` when [`Config::load_devices`] read a file that has
+    /// only remotes and devices (what `remote-host` needs).
+    pub vm: Option<VmConfig>,
     pub remotes: Vec<RemoteConfig>,
     pub devices: Vec<DeviceConfig>,
 }
@@ -240,17 +243,29 @@ pub struct DeviceConfig {
 }
 
 impl Config {
-    /// Reads and validates `path`.
+    /// Reads and validates `path` as a whole VM: `[vm]` is required.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Config::parse(&text, path)
+        Config::parse(&read(path)?, path)
     }
 
-    /// Validates `text` as if read from `path`.
+    /// Reads and validates `path` for the remotes and devices it defines:
+    /// `[vm]` may be missing (a file written for one `remote-host`), and is
+    /// validated like any other table when present.
+    pub fn load_devices(path: &Path) -> Result<Config, ConfigError> {
+        Config::parse_devices(&read(path)?, path)
+    }
+
+    /// Validates `text` as if read from `path` (a whole VM: `[vm]` required).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Config::parse_with(text, path, true)
+    }
+
+    /// Validates `text` as if read from `path`, `[vm]` optional.
+    pub fn parse_devices(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Config::parse_with(text, path, false)
+    }
+
+    fn parse_with(text: &str, path: &Path, need_vm: bool) -> Result<Config, ConfigError> {
         let src = SourceMap {
             file: path.to_owned(),
             text: text.to_owned(),
@@ -268,14 +283,22 @@ impl Config {
         };
 
         let mut root = TableReader::new(doc.as_table(), &src, "the config".into());
-        let vm_table = match root.table.get("vm") {
-            Some(Item::Table(t)) => t,
+        let vm = match root.table.get("vm") {
+            Some(Item::Table(t)) => Some(parse_vm(
+                TableReader::new(t, &src, "[vm]".into()),
+                &resolve,
+            )?),
             Some(other) => {
                 return Err(src.error(other.span(), "`vm` must be a table ([vm])".into()))
             }
-            None => return Err(src.error(Some(0..0), "missing [vm] section".into())),
+            None if need_vm => {
+                return Err(src.error(
+                    Some(0..0),
+                    "missing [vm] section (the VM needs at least `memory` and `kernel`)".into(),
+                ))
+            }
+            None => None,
         };
-        let vm = parse_vm(TableReader::new(vm_table, &src, "[vm]".into()), &resolve)?;
 
         let mut remotes: Vec<RemoteConfig> = Vec::new();
         for (i, t) in tables_of(&root, "remote")?.into_iter().enumerate() {
@@ -345,6 +368,13 @@ impl Config {
             .iter()
             .filter(move |d| matches!(&d.placement, Placement::Remote(r) if r == id))
     }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn tables_of<'a>(root: &TableReader<'a>, key: &str) -> Result<Vec<&'a Table>, ConfigError> {

@@ -44,9 +44,12 @@ slot = 5
 #[test]
 fn good_config_parses() {
     let c = parse(GOOD).unwrap();
-    assert_eq!(c.vm.memory_bytes, 512 << 20);
-    assert_eq!(c.vm.vcpus, 2);
-    assert_eq!(c.vm.kernel, PathBuf::from("/etc/vm/vmlinuz"));
+    assert_eq!(c.vm.as_ref().unwrap().memory_bytes, 512 << 20);
+    assert_eq!(c.vm.as_ref().unwrap().vcpus, 2);
+    assert_eq!(
+        c.vm.as_ref().unwrap().kernel,
+        PathBuf::from("/etc/vm/vmlinuz")
+    );
     assert_eq!(c.remotes[0].protocol, Protocol::VfioUser);
     assert_eq!(c.remotes[0].timeout_ms, 1000);
     assert_eq!(c.devices[0].placement, Placement::Remote("storage".into()));
@@ -166,11 +169,17 @@ fn columns_count_characters_not_bytes() {
 
 #[test]
 fn on_reboot_defaults_to_restart_and_parses_exit() {
-    assert_eq!(parse(GOOD).unwrap().vm.on_reboot, OnReboot::Restart);
+    assert_eq!(
+        parse(GOOD).unwrap().vm.unwrap().on_reboot,
+        OnReboot::Restart
+    );
     let text = GOOD.replace("vcpus = 2\n", "vcpus = 2\non-reboot = \"exit\"\n");
-    assert_eq!(parse(&text).unwrap().vm.on_reboot, OnReboot::Exit);
+    assert_eq!(parse(&text).unwrap().vm.unwrap().on_reboot, OnReboot::Exit);
     let text = GOOD.replace("vcpus = 2\n", "vcpus = 2\non-reboot = \"restart\"\n");
-    assert_eq!(parse(&text).unwrap().vm.on_reboot, OnReboot::Restart);
+    assert_eq!(
+        parse(&text).unwrap().vm.unwrap().on_reboot,
+        OnReboot::Restart
+    );
 }
 
 #[test]
@@ -183,4 +192,31 @@ fn bad_on_reboot_is_reported_at_the_value() {
     let (line, _, msg) = err(&text);
     assert_eq!(line, 5);
     assert!(msg.contains("on-reboot"), "{msg}");
+}
+
+#[test]
+fn a_remote_only_file_is_read_for_its_devices_but_not_as_a_vm() {
+    let text = r#"
+[[remote]]
+id = "storage"
+
+[[device]]
+id = "lsi0"
+remote = "storage"
+plugin = "lsi53c895a"
+slot = 4
+"#;
+    let path = Path::new("/etc/vm/remote.toml");
+    let c =
+        Config::parse_devices(text, path).expect("a remote-only file is enough for its devices");
+    assert!(c.vm.is_none());
+    assert_eq!(c.devices_of_remote("storage").count(), 1);
+    let msg = match Config::parse(text, path) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a VM config without [vm] was accepted"),
+    };
+    assert!(msg.contains("missing [vm] section"), "{msg}");
+    // A [vm] that is there is still checked.
+    let bad = format!("[vm]\nmemory = \"1T\"\nkernel = \"k\"\n{text}");
+    assert!(Config::parse_devices(&bad, path).is_err());
 }

@@ -81,7 +81,12 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
     let t0 = Instant::now();
     // The config error already names file, line and column (and its cause).
     let cfg = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let qmp_path = qmp.map(Path::to_path_buf).or_else(|| cfg.vm.qmp.clone());
+    // `Config::load` refuses a file without [vm]; this only names it.
+    let vm_cfg = cfg
+        .vm
+        .clone()
+        .with_context(|| format!("{}: missing [vm] section", config_path.display()))?;
+    let qmp_path = qmp.map(Path::to_path_buf).or_else(|| vm_cfg.qmp.clone());
     let mut inherited = Vec::new();
     for (id, fd) in remote_fds {
         if !cfg.remotes.iter().any(|r| &r.id == id) {
@@ -99,11 +104,11 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
              (docs/host.md, \"Running\")"
         );
     }
-    let vcpus = cfg.vm.vcpus;
+    let vcpus = vm_cfg.vcpus;
 
     let kvm = Kvm::new().context("opening /dev/kvm")?;
     let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
-    let ram = Arc::new(GuestRam::new(cfg.vm.memory_bytes)?);
+    let ram = Arc::new(GuestRam::new(vm_cfg.memory_bytes)?);
     for (slot, r) in ram.regions.iter().enumerate() {
         let host = ram
             .mem
@@ -131,7 +136,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
     let irqchip = reset::IrqchipPowerOn::read(&vm)?;
 
     let exit = Arc::new(ExitSignal::default());
-    let sink: Box<dyn Write + Send> = match &cfg.vm.console_log {
+    let sink: Box<dyn Write + Send> = match &vm_cfg.console_log {
         Some(p) => {
             Box::new(File::create(p).with_context(|| format!("console log {}", p.display()))?)
         }
@@ -223,12 +228,12 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
     let used: Vec<u8> = cfg.devices.iter().map(|d| d.slot).collect();
     root.assign_resources(&|slot| used.contains(&slot).then(|| pci_gsi(slot) as u8))?;
 
-    let cmdline = kernel_cmdline(&cfg.vm.cmdline);
+    let cmdline = kernel_cmdline(&vm_cfg.cmdline);
     tracing::info!("kernel command line: {cmdline}");
     let boot = boot::setup(
         &ram,
-        &cfg.vm.kernel,
-        cfg.vm.initrd.as_deref(),
+        &vm_cfg.kernel,
+        vm_cfg.initrd.as_deref(),
         &cmdline,
         vcpus,
         &pci_irqs,
@@ -276,8 +281,8 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         gate,
         vcpus: vcpu_list,
         irqchip,
-        kernel: cfg.vm.kernel.clone(),
-        initrd: cfg.vm.initrd.clone(),
+        kernel: vm_cfg.kernel.clone(),
+        initrd: vm_cfg.initrd.clone(),
         cmdline,
         pci_irqs,
     };
@@ -328,7 +333,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
     let mut resets = 0u32;
     let reason = loop {
         let reason = exit.wait();
-        let cause = match cfg.vm.on_reboot {
+        let cause = match vm_cfg.on_reboot {
             OnReboot::Restart => restart_cause(&reason, exit.console()),
             OnReboot::Exit => None,
         };

@@ -24,7 +24,12 @@ pub fn init(log_file: Option<&Path>) -> anyhow::Result<()> {
                 .with_writer(Mutex::new(file))
                 .try_init()
         }
-        None => builder.with_writer(std::io::stderr).try_init(),
+        // Colour codes only for a person at a terminal: a pipe or a
+        // captured log gets plain text.
+        None => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .try_init(),
     }
     .map_err(|e| anyhow::anyhow!("cannot install logger: {e}"))
 }

@@ -84,7 +84,7 @@ fn main() -> ExitCode {
 }
 
 fn load_remote(config: &Path, remote: &str) -> anyhow::Result<Config> {
-    let cfg = Config::load(config)?;
+    let cfg = Config::load_devices(config)?;
     if cfg.remote(remote).is_none() {
         let known: Vec<&str> = cfg.remotes.iter().map(|r| r.id.as_str()).collect();
         anyhow::bail!(
@@ -122,7 +122,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             if bad > 0 {
-                eprintln!("remote-host: {bad} file(s) could not be loaded (listed as !error)");
+                eprintln!(
+                    "remote-host: {bad} file(s) could not be loaded (listed as !error); \
+                     rebuild or remove them"
+                );
+                return Ok(ExitCode::from(1));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -32,11 +32,21 @@ fn plugins_lists_good_and_reports_incompatible() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // A file that could not be loaded makes the listing fail, so a script
+    // notices.
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("could not be loaded"), "{stderr}");
+    // Each file once, though the plugin directory is also one of the
+    // defaults (the directory of the executable).
+    let mut paths: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.rsplit('\t').next())
+        .collect();
+    let n = paths.len();
+    paths.sort_unstable();
+    paths.dedup();
+    assert_eq!(paths.len(), n, "a file listed twice:\n{stdout}");
     assert!(
         stdout
             .lines()
@@ -61,6 +71,102 @@ fn plugins_lists_good_and_reports_incompatible() {
     assert!(
         bad.contains(&format!("plugin-api {}", plugin_api::ABI_VERSION)),
         "names ours: {bad}"
+    );
+}
+
+/// Each way a plugin's ABI can be wrong is refused in at most two lines
+/// that name the plugin's plugin-api version and the host's.
+#[test]
+fn every_abi_refusal_names_both_versions() {
+    let examples = target_dir().join("examples");
+    let cases = [
+        ("libabi_older.so", "0.0.1".to_string(), "older"),
+        ("libabi_newer.so", "0.999.0".to_string(), "newer"),
+        ("libincompatible_plugin.so", "99.0.0".to_string(), "major"),
+        (
+            "libabi_layout.so",
+            plugin_api::ABI_VERSION.to_string(),
+            "expected `PluginModule`",
+        ),
+    ];
+    for (lib, theirs, why) in cases {
+        let src = if lib.starts_with("libabi_") {
+            examples.join(lib)
+        } else {
+            target_dir().join(lib)
+        };
+        assert!(
+            src.is_file(),
+            "{} is not built: run `cargo build --workspace --all-targets` (scripts/test does)",
+            src.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(&src, dir.path().join(lib)).unwrap();
+        let out = remote_host()
+            .current_dir(dir.path())
+            .args(["plugins", "--plugin-dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{lib}: {stdout}");
+        let copy = std::fs::canonicalize(dir.path().join(lib)).unwrap();
+        let copy = copy.to_string_lossy();
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(&*copy))
+            .unwrap_or_else(|| panic!("{lib} not reported:\n{stdout}"));
+        assert!(line.starts_with("!error"), "{line}");
+        assert!(
+            line.contains(&format!("plugin-api {theirs}")),
+            "{lib}: names the plugin's version {theirs}: {line}"
+        );
+        assert!(
+            line.contains(&format!("plugin-api {}", plugin_api::ABI_VERSION)),
+            "{lib}: names the host's version: {line}"
+        );
+        assert!(line.contains(why), "{lib}: says why ({why}): {line}");
+        assert!(
+            line.contains("rebuild the plugin"),
+            "{lib}: what to do: {line}"
+        );
+        // One line in the listing (the message has no line breaks).
+        assert_eq!(
+            stdout.lines().filter(|l| l.contains(&*copy)).count(),
+            1,
+            "{lib}: {stdout}"
+        );
+        println!("{line}");
+    }
+}
+
+/// `check` builds one remote's devices from a file that has no `[vm]`
+/// (a config written for one remote-host).
+#[test]
+fn check_works_on_a_remote_only_config() {
+    let dir = require_plugins();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("remote.toml");
+    std::fs::write(
+        &path,
+        "[[remote]]\nid = \"r\"\n\n[[device]]\nid = \"d0\"\nremote = \"r\"\nplugin = \"dma-example\"\nslot = 4\n",
+    )
+    .unwrap();
+    let out = remote_host()
+        .args(["check", "--remote", "r", "--config"])
+        .arg(&path)
+        .arg("--plugin-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.starts_with("ok\td0\tdma-example@"), "{stdout}");
+    // Piped output carries no colour codes.
+    assert!(
+        !stderr.contains('\x1b'),
+        "colour codes in a pipe: {stderr:?}"
     );
 }
 

@@ -273,7 +273,7 @@ impl Commands for Monitor {
                 // With `on-reboot = "restart"` the main loop resets the
                 // machine and emits RESET once the guest runs again; with
                 // "exit" the VM ends (RESET, then SHUTDOWN).
-                if self.config.vm.on_reboot == OnReboot::Exit {
+                if self.config.vm.as_ref().map(|v| v.on_reboot) == Some(OnReboot::Exit) {
                     self.events.emit(
                         "RESET",
                         json!({"guest": false, "reason": "host-qmp-system-reset"}),
