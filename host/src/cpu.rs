@@ -5,7 +5,7 @@
 //! the vCPUs.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use kvm_bindings::{
@@ -17,6 +17,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use crate::boot::{self, BootInfo};
 use crate::bus::Bus;
+use crate::crash::{CrashRecord, ExitKind};
 use crate::exit::{ExitReason, ExitSignal};
 
 const X86_CR0_PE: u64 = 0x1;
@@ -263,54 +264,73 @@ fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
 }
 
 /// One KVM_RUN and its exit. An exit that stops the VM sets `exit`, which
-/// the run loop checks before the next KVM_RUN.
-fn run_once(id: u8, vcpu: &mut VcpuFd, bus: &Bus, exit: &ExitSignal) {
-    match vcpu.run() {
-        Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
-        Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
-        Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
-        Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
-        Ok(VcpuExit::Hlt) => std::thread::yield_now(),
-        Ok(VcpuExit::Shutdown) => {
-            exit.set(ExitReason::TripleFault);
+/// the run loop checks before the next KVM_RUN. Port and MMIO exits go to
+/// the crash record's ring (with the time spent serving them); an exit
+/// that ends the VM captures the vCPU's registers first.
+fn run_once(id: u8, vcpu: &mut VcpuFd, bus: &Bus, exit: &ExitSignal, crash: &CrashRecord) {
+    let end = match vcpu.run() {
+        Ok(VcpuExit::IoIn(port, data)) => {
+            let t = Instant::now();
+            bus.pio_read(port, data);
+            crash.exit(id, t, ExitKind::PioIn, u64::from(port), data);
+            return;
         }
+        Ok(VcpuExit::IoOut(port, data)) => {
+            let t = Instant::now();
+            bus.pio_write(port, data);
+            crash.exit(id, t, ExitKind::PioOut, u64::from(port), data);
+            return;
+        }
+        Ok(VcpuExit::MmioRead(addr, data)) => {
+            let t = Instant::now();
+            bus.mmio_read(addr, data);
+            crash.exit(id, t, ExitKind::MmioRead, addr, data);
+            return;
+        }
+        Ok(VcpuExit::MmioWrite(addr, data)) => {
+            let t = Instant::now();
+            bus.mmio_write(addr, data);
+            crash.exit(id, t, ExitKind::MmioWrite, addr, data);
+            return;
+        }
+        Ok(VcpuExit::Hlt) => {
+            std::thread::yield_now();
+            return;
+        }
+        Ok(VcpuExit::Intr) => return,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return,
+        Ok(VcpuExit::Shutdown) => ExitReason::TripleFault,
         Ok(VcpuExit::SystemEvent(kind, _)) => {
             exit.set(ExitReason::SystemEvent(kind));
+            return;
         }
-        Ok(VcpuExit::Intr) => {}
-        Ok(VcpuExit::FailEntry(reason, cpu)) => {
-            exit.set(ExitReason::Error(format!(
-                "vCPU {id}: KVM entry failed, hardware reason {reason:#x} on CPU {cpu}"
-            )));
-        }
+        Ok(VcpuExit::FailEntry(reason, cpu)) => ExitReason::Error(format!(
+            "vCPU {id}: KVM entry failed, hardware reason {reason:#x} on CPU {cpu}"
+        )),
         Ok(VcpuExit::InternalError) => {
             let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-            exit.set(ExitReason::Error(format!(
-                "vCPU {id}: KVM internal error at rip {rip:#x}"
-            )));
+            ExitReason::Error(format!("vCPU {id}: KVM internal error at rip {rip:#x}"))
         }
-        Ok(other) => {
-            exit.set(ExitReason::Error(format!(
-                "vCPU {id}: unexpected exit {other:?}"
-            )));
-        }
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-        Err(e) => {
-            exit.set(ExitReason::Error(format!("vCPU {id}: KVM_RUN: {e}")));
-        }
-    }
+        Ok(other) => ExitReason::Error(format!("vCPU {id}: unexpected exit {other:?}")),
+        Err(e) => ExitReason::Error(format!("vCPU {id}: KVM_RUN: {e}")),
+    };
+    // Before anything else runs on this vCPU.
+    crash.capture(id, vcpu, &format!("{end:?}"));
+    exit.set(end);
 }
 
 /// Runs a vCPU until the VM stops or a reset wants it held, then parks it
 /// at `gate` (without its fd, so the reset can set its registers), and
 /// runs it again when the gate opens. Never returns: the process ends with
-/// the VM.
+/// the VM. When the VM ends in a crash, the vCPU's registers go to the
+/// crash record before it parks.
 pub fn run(
     id: u8,
     vcpu: Arc<Mutex<VcpuFd>>,
     bus: Arc<Bus>,
     exit: Arc<ExitSignal>,
     gate: Arc<Gate>,
+    crash: Arc<CrashRecord>,
 ) {
     loop {
         {
@@ -318,9 +338,12 @@ pub fn run(
             loop {
                 if exit.is_set() || gate.pause_requested() {
                     complete_pending_io(id, &mut fd, &bus, &exit);
+                    if exit.current().is_some_and(|r| r.is_crash()) {
+                        crash.capture(id, &fd, "stopped after the crash of the VM");
+                    }
                     break;
                 }
-                run_once(id, &mut fd, &bus, &exit);
+                run_once(id, &mut fd, &bus, &exit, &crash);
             }
         }
         gate.park();

@@ -33,6 +33,13 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
+    /// Whether the VM ended in a way a developer has to look into: a
+    /// triple fault or a failure (of a vCPU's entry, of KVM, of the VMM).
+    /// `host run` prints the crash report for these.
+    pub fn is_crash(&self) -> bool {
+        matches!(self, ExitReason::TripleFault | ExitReason::Error(_))
+    }
+
     /// QEMU's `SHUTDOWN` event `reason` for this end.
     pub fn qmp_reason(&self, seen: ConsoleSeen) -> &'static str {
         match self {
@@ -114,7 +121,12 @@ pub struct ExitSignal {
     reason: Mutex<Reasons>,
     cv: Condvar,
     console: Mutex<ConsoleSeen>,
+    /// The last console lines, for the crash report.
+    tail: Mutex<std::collections::VecDeque<String>>,
 }
+
+/// Console lines kept for the crash report.
+pub const CONSOLE_LINES_KEPT: usize = 40;
 
 #[derive(Debug, Default)]
 struct Reasons {
@@ -145,6 +157,15 @@ impl ExitSignal {
         self.cv.notify_all();
     }
 
+    /// The reason set now, if any.
+    pub fn current(&self) -> Option<ExitReason> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .clone()
+    }
+
     pub fn is_set(&self) -> bool {
         self.reason
             .lock()
@@ -165,6 +186,13 @@ impl ExitSignal {
 
     /// Records a console line of interest.
     pub fn console_line(&self, line: &str) {
+        {
+            let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+            if tail.len() == CONSOLE_LINES_KEPT {
+                tail.pop_front();
+            }
+            tail.push_back(line.trim_end().to_owned());
+        }
         let mut c = self.console.lock().unwrap_or_else(|e| e.into_inner());
         if line.contains("reboot: Power down") || line.contains("reboot: System halted") {
             c.power_down = true;
@@ -177,6 +205,12 @@ impl ExitSignal {
             drop(c);
             self.set(ExitReason::Panic);
         }
+    }
+
+    /// The console's last lines (for the crash report).
+    pub fn console_tail(&self) -> Vec<String> {
+        let tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        tail.iter().cloned().collect()
     }
 
     pub fn console(&self) -> ConsoleSeen {

@@ -6,6 +6,7 @@
 pub mod boot;
 pub mod bus;
 pub mod cpu;
+pub mod crash;
 pub mod exit;
 pub mod legacy;
 pub mod memory;

@@ -115,7 +115,7 @@ impl Machine {
     /// Resets the machine and lets the guest boot again. On an error the
     /// vCPUs stay held (the caller ends the VM).
     pub fn reset(&self) -> Result<()> {
-        self.pause()?;
+        self.pause(PAUSE_TIMEOUT)?;
         self.bus
             .pci
             .reset(&|slot| Some(vm::pci_gsi(slot) as u8))
@@ -148,13 +148,13 @@ impl Machine {
     /// ones still in the kernel (a vCPU in HLT or waiting for SIPI stays in
     /// KVM_RUN until a signal interrupts it). The kick repeats, so one that
     /// lands just before a thread enters KVM_RUN is not lost.
-    fn pause(&self) -> Result<()> {
+    pub fn pause(&self, within: Duration) -> Result<()> {
         let t0 = Instant::now();
         self.gate.request_pause();
         while self.gate.parked() < self.vcpus.len() {
-            if t0.elapsed() > PAUSE_TIMEOUT {
+            if t0.elapsed() > within {
                 bail!(
-                    "reset: only {} of {} vCPUs stopped within {PAUSE_TIMEOUT:?}",
+                    "only {} of {} vCPUs stopped within {within:?}",
                     self.gate.parked(),
                     self.vcpus.len()
                 );
@@ -162,7 +162,7 @@ impl Machine {
             for v in &self.vcpus {
                 let Some(t) = &v.thread else { continue };
                 if t.is_finished() {
-                    bail!("reset: a vCPU thread has ended");
+                    bail!("a vCPU thread has ended");
                 }
                 // SAFETY: the thread is alive (checked just above, and vCPU
                 // threads never return); the signal's handler does nothing

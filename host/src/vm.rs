@@ -15,6 +15,7 @@ use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
+use crate::crash::CrashRecord;
 use crate::exit::{exit_code, restart_cause, ExitReason, ExitSignal};
 use crate::legacy::{Cmos, Ps2Controller};
 use crate::memory::GuestRam;
@@ -71,6 +72,10 @@ pub struct Timing {
     pub setup: Duration,
     pub run: Duration,
 }
+
+/// How long the vCPUs get to stop and record their registers after a
+/// crash.
+const CRASH_PAUSE: Duration = Duration::from_secs(3);
 
 /// Runs the VM described by `config_path`; returns the process exit code.
 /// `remote_fds`: `(remote id, fd)` pairs of inherited connected sockets
@@ -262,14 +267,21 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
     }
     reset::install_kick_handler()?;
     let gate = Arc::new(cpu::Gate::default());
+    let crash = Arc::new(CrashRecord::new(usize::from(vcpus)));
     let setup = t0.elapsed();
     let t_run = Instant::now();
     for (id, v) in vcpu_list.iter_mut().enumerate() {
-        let (fd, bus, exit, gate) = (v.fd.clone(), bus.clone(), exit.clone(), gate.clone());
+        let (fd, bus, exit, gate, crash) = (
+            v.fd.clone(),
+            bus.clone(),
+            exit.clone(),
+            gate.clone(),
+            crash.clone(),
+        );
         v.thread = Some(
             std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || cpu::run(id as u8, fd, bus, exit, gate))
+                .spawn(move || cpu::run(id as u8, fd, bus, exit, gate, crash))
                 .context("spawning a vCPU thread")?,
         );
     }
@@ -356,6 +368,17 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         }
     };
     tracing::debug!("VM ends: {reason:?}");
+    if reason.is_crash() {
+        // Every vCPU leaves KVM_RUN and records its registers; bounded,
+        // as one may be waiting for a hung remote.
+        if let Err(e) = machine.pause(CRASH_PAUSE) {
+            tracing::warn!("crash report: {e}");
+        }
+        eprint!(
+            "{}",
+            crash.report(&format!("{reason:?}"), &exit.console_tail())
+        );
+    }
     monitor.stop_remotes();
     events.emit(
         "SHUTDOWN",
