@@ -15,6 +15,7 @@ use serde::Deserialize;
 /// direct = true          # O_DIRECT
 /// serial = "SYS0001"
 /// block-size = 512
+/// delay-us = 0           # testing: each read/write/flush waits this long
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -39,6 +40,10 @@ pub struct DriveConfig {
     /// Logical block size in bytes: 512 (default), 1024, 2048 or 4096.
     #[serde(default)]
     pub block_size: Option<u32>,
+    /// Testing: every read, write and flush waits this many microseconds
+    /// first (a slow disk; at most 10 s). 0 or absent: no delay.
+    #[serde(default)]
+    pub delay_us: u64,
 }
 
 #[cfg(test)]

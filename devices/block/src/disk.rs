@@ -12,6 +12,7 @@ use crate::cdb::{self, opcode, Command};
 use crate::config::DriveConfig;
 use crate::inquiry::{self, UnmapLimits, VpdInfo};
 use crate::mode_pages::{self, Form, ModeState};
+use crate::delayed::Delayed;
 use crate::raw_file::RawFile;
 use crate::sense::{Sense, FIXED_SENSE_LEN};
 use crate::BlockError;
@@ -204,7 +205,15 @@ impl ScsiDisk {
                     inquiry::fnv1a(abs.as_os_str().as_encoded_bytes())
                 )
             });
-        Self::with_backend(name, Box::new(file), block_size, &serial)
+        let backend: Box<dyn Backend> = if cfg.delay_us > 0 {
+            Box::new(Delayed::new(
+                Box::new(file),
+                std::time::Duration::from_micros(cfg.delay_us),
+            ))
+        } else {
+            Box::new(file)
+        };
+        Self::with_backend(name, backend, block_size, &serial)
     }
 
     /// A disk on any backend (for other image formats, and tests).

@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod cdb;
 mod config;
+pub mod delayed;
 mod disk;
 pub mod inquiry;
 pub mod mode_pages;

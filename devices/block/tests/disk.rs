@@ -43,6 +43,7 @@ fn cfg(path: &Path) -> DriveConfig {
         direct: false,
         serial: Some("SN-0001".into()),
         block_size: None,
+        delay_us: 0,
     }
 }
 
@@ -141,6 +142,23 @@ fn request_sense() -> Vec<u8> {
 fn inquiry(evpd: bool, page: u8, alloc: u16) -> [u8; 6] {
     let a = alloc.to_be_bytes();
     [0x12, u8::from(evpd), page, a[0], a[1], 0]
+}
+
+/// `delay-us` makes every data operation wait at least that long, and
+/// changes nothing else: the data still lands and reads back.
+#[test]
+fn a_delayed_drive_is_slow_but_right() {
+    let img = image(64);
+    let mut c = cfg(&img.path);
+    c.delay_us = 20_000;
+    let disk = ScsiDisk::open(&c, Path::new("/")).unwrap();
+    let data: Vec<u8> = (0..1024).map(pattern).collect();
+    let t = std::time::Instant::now();
+    good(&disk, &write10(3, 2), &data);
+    let back = good(&disk, &read10(3, 2), &[]);
+    assert!(t.elapsed() >= std::time::Duration::from_millis(40));
+    assert_eq!(back, data);
+    assert_eq!(&std::fs::read(&img.path).unwrap()[3 * 512..5 * 512], &data[..]);
 }
 
 #[test]
