@@ -20,12 +20,17 @@ use abi_stable::{
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PciIdentity {
+    /// Vendor ID (config offset 0x00).
     pub vendor_id: u16,
+    /// Device ID (config offset 0x02).
     pub device_id: u16,
     /// `class << 16 | subclass << 8 | prog_if`.
     pub class_code: u32,
+    /// Revision ID (config offset 0x08).
     pub revision: u8,
+    /// Subsystem vendor ID (config offset 0x2c).
     pub subsystem_vendor_id: u16,
+    /// Subsystem ID (config offset 0x2e).
     pub subsystem_id: u16,
     /// 0 = none, 1..=4 = INTA#..INTD#.
     pub interrupt_pin: u8,
@@ -35,7 +40,10 @@ pub struct PciIdentity {
 #[repr(u8)]
 #[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BarKind {
+    /// I/O ports (at most 256 bytes). Firmware places it in port space;
+    /// the device sees BAR-relative offsets, as for memory.
     Io,
+    /// 32-bit memory (MMIO).
     Memory32,
     /// Uses this BAR index and the next.
     Memory64,
@@ -47,9 +55,11 @@ pub enum BarKind {
 pub struct BarDesc {
     /// 0..=5.
     pub index: u8,
+    /// What it decodes.
     pub kind: BarKind,
     /// Power of two.
     pub size: u64,
+    /// Prefetchable memory (reads have no side effects).
     pub prefetchable: bool,
 }
 
@@ -69,8 +79,11 @@ pub struct CapabilityDesc {
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
 pub struct DeviceDesc {
+    /// The IDs and class of the function.
     pub identity: PciIdentity,
+    /// Its BARs ([`DeviceDesc::with_bar`] builds the list).
     pub bars: RVec<BarDesc>,
+    /// Its capabilities, in list order.
     pub capabilities: RVec<CapabilityDesc>,
     /// Number of MSI vectors the device can use (0 today: INTx only).
     pub msi_vectors: u16,
@@ -96,11 +109,14 @@ pub enum DeviceErrorKind {
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
 pub struct DeviceError {
+    /// The class of failure.
     pub kind: DeviceErrorKind,
+    /// What happened, in words.
     pub message: RString,
 }
 
 impl DeviceError {
+    /// An error of `kind` saying `message`.
     pub fn new(kind: DeviceErrorKind, message: impl Into<String>) -> Self {
         DeviceError {
             kind,
@@ -121,10 +137,15 @@ impl std::error::Error for DeviceError {}
 #[repr(u8)]
 #[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
+    /// Something failed.
     Error,
+    /// Something the user should know (e.g. a guest error).
     Warn,
+    /// Normal events (shown by default).
     Info,
+    /// Detail for debugging (`RUST_LOG=debug`).
     Debug,
+    /// Very verbose detail (`RUST_LOG=trace`).
     Trace,
 }
 
@@ -136,6 +157,7 @@ pub enum LogLevel {
 /// them), but may come from different threads over time.
 #[sabi_trait]
 pub trait FfiDevice: Send {
+    /// Identity, BARs and capabilities.
     fn describe(&self) -> DeviceDesc;
     /// Reads device-specific configuration space (offsets the standard
     /// header and declared capabilities do not cover).

@@ -71,20 +71,69 @@ pub trait Device: Send + 'static {
 
     /// A device-specific control operation asked for by the VMM's
     /// operator (QMP), not by the guest: e.g. the LSI controller's
-    /// `drive-add`. Arguments and result are JSON. It runs between guest
-    /// accesses (calls never overlap), so it must return promptly.
+    /// `drive-add`. Arguments and result are JSON; [`crate::control::call`]
+    /// turns them into the author's own argument and reply types. It runs
+    /// between guest accesses (calls never overlap), so it must return
+    /// promptly. Default: refuses every `op` with
+    /// [`crate::control::unknown`]'s message.
     fn control(
         &mut self,
         op: &str,
         _args: &serde_json::Value,
     ) -> Result<serde_json::Value, String> {
-        Err(format!("this device has no control operation `{op}`"))
+        Err(crate::control::unknown(op))
     }
 }
 
-/// Constructor of one device kind: settings TOML text and host services in,
-/// device or error message out.
+/// Constructor of one device kind as [`crate::export_plugin!`] stores it:
+/// settings TOML text and host services in, device or error message out.
+///
+/// An author's constructor may have this signature, or take its settings
+/// already deserialized: `fn(S, Host) -> Result<Box<dyn Device>, String>`
+/// with `S: serde::de::DeserializeOwned` (see [`crate::settings`]).
 pub type DeviceConstructor = fn(&str, Host) -> Result<Box<dyn Device>, String>;
+
+/// What [`crate::export_plugin!`] wraps an author's constructor in, so
+/// that one macro takes both kinds of constructor. Method resolution picks
+/// the text form ([`TextConstructor`], implemented on `Constructor<F>`)
+/// before the typed form ([`TypedConstructor`], on `&Constructor<F>`, one
+/// auto-reference further): a trait bound alone could not tell them apart,
+/// since `&str` could itself be a settings type as far as inference knows.
+#[doc(hidden)]
+pub struct Constructor<F>(pub F);
+
+/// A constructor that takes the settings as TOML text.
+#[doc(hidden)]
+pub trait TextConstructor {
+    /// Runs the constructor.
+    fn construct(&self, settings: &str, host: Host) -> Result<Box<dyn Device>, String>;
+}
+
+impl<F> TextConstructor for Constructor<F>
+where
+    F: Fn(&str, Host) -> Result<Box<dyn Device>, String>,
+{
+    fn construct(&self, settings: &str, host: Host) -> Result<Box<dyn Device>, String> {
+        (self.0)(settings, host)
+    }
+}
+
+/// A constructor that takes its settings deserialized into `S`.
+#[doc(hidden)]
+pub trait TypedConstructor<S> {
+    /// Deserializes the settings and runs the constructor.
+    fn construct(&self, settings: &str, host: Host) -> Result<Box<dyn Device>, String>;
+}
+
+impl<F, S> TypedConstructor<S> for &Constructor<F>
+where
+    F: Fn(S, Host) -> Result<Box<dyn Device>, String>,
+    S: serde::de::DeserializeOwned,
+{
+    fn construct(&self, settings: &str, host: Host) -> Result<Box<dyn Device>, String> {
+        (self.0)(crate::settings::settings(settings)?, host)
+    }
+}
 
 /// Wraps `device` as an ABI object whose every call is panic-guarded.
 pub fn into_ffi(device: Box<dyn Device>) -> DeviceBox {

@@ -30,6 +30,8 @@ pub trait GuestMemory: Send + Sync + 'static {
 
 /// Where a device's interrupt levels go (irqfd, recorder, ...).
 pub trait IrqSink: Send + Sync + 'static {
+    /// Interrupt `irq` (0: INTx) is now at `asserted`; a level, repeated
+    /// levels included.
     fn set_level(&self, irq: u32, asserted: bool);
 }
 
@@ -43,6 +45,9 @@ pub struct Services {
 }
 
 impl Services {
+    /// Services for device `device_id` (the tag of its log records) over
+    /// `memory` and `irq`; relative paths resolve from `.` until
+    /// [`with_base_dir`](Self::with_base_dir).
     pub fn new(device_id: &str, memory: Arc<dyn GuestMemory>, irq: Arc<dyn IrqSink>) -> Self {
         Services {
             memory,
@@ -190,10 +195,12 @@ impl PciFunction {
         })
     }
 
+    /// What the device described itself as.
     pub fn description(&self) -> &DeviceDesc {
         &self.desc
     }
 
+    /// The configuration space (BAR bases, command register, decoding).
     pub fn config(&self) -> &ConfigSpace {
         &self.config
     }
@@ -272,6 +279,7 @@ impl PciFunction {
         self.device.reset().into_result()
     }
 
+    /// Whether the device's background work is still running.
     pub fn is_busy(&self) -> bool {
         !self.shut_down && self.device.is_busy()
     }
@@ -284,6 +292,7 @@ impl PciFunction {
             .map(RString::into_string)
     }
 
+    /// The device's saved state ([`crate::Device::save_state`]).
     pub fn save_state(&mut self) -> Result<Vec<u8>, DeviceError> {
         if self.shut_down {
             return Err(shut_down_error());
@@ -291,6 +300,7 @@ impl PciFunction {
         self.device.save_state().into_result().map(|v| v.into_vec())
     }
 
+    /// Restores a state from [`save_state`](Self::save_state).
     pub fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceError> {
         if self.shut_down {
             return Err(shut_down_error());

@@ -1,19 +1,54 @@
 //! A per-device test bench in the spirit of QEMU's qtest: no VM, no
-//! processes; a plugin's device with guest RAM, configuration accesses as a
-//! guest makes them, BAR sizing and placement, MMIO/PIO, and an interrupt
-//! line that records its history.
+//! processes; a plugin's device with 16 MiB of guest RAM at address 0,
+//! configuration accesses as a guest makes them, BAR sizing and placement,
+//! MMIO and port I/O, and an interrupt line that records its history.
 //!
-//! The same test can run against a plugin linked directly (its rlib's
-//! `plugin_module()`) and against its `.so` loaded through the ABI:
+//! ## The same tests, linked and from the `.so`
+//!
+//! A plugin's tests should pass both against its rlib linked into the
+//! test (quick to debug) and against its `.so` loaded through the ABI
+//! checks, as `remote-host` loads it. [`plugin_tests!`](crate::plugin_tests)
+//! runs each test function both ways:
 //!
 //! ```ignore
-//! for source in [PluginSource::Linked(dma_example::plugin_module()),
-//!                PluginSource::Library(plugin_library_path("dma-example")?)] {
-//!     let mut tb = TestBench::new(source, None, "")?;
-//!     tb.map_bars();
-//!     tb.mmio_write(tb.bar_address(0) + 0x08, 4, 0x1234);
+//! // tests/device.rs of crate `dma-example`
+//! use plugin_api::harness::TestBench;
+//!
+//! plugin_api::plugin_tests! {
+//!     plugin: dma_example,                    // the crate (its rlib and its .so)
+//!     bench: |source| TestBench::new(source, None, "max-transfer = 4096"),
+//!     tests: [registers, dma_copies],
 //! }
+//!
+//! fn registers(mut tb: TestBench) {
+//!     tb.map_bars();
+//!     let bar0 = tb.bar_address(0);
+//!     tb.mmio_write(bar0 + 0x08, 4, 0x1234);
+//!     assert_eq!(tb.mmio_read(bar0 + 0x08, 4), 0x1234);
+//! }
+//! # fn dma_copies(_: TestBench) {}
 //! ```
+//!
+//! The `.so` is found beside the test executable, so `cargo test` of the
+//! plugin's crate (which builds its `cdylib` too) is all it takes; see
+//! [`plugin_library_path`].
+//!
+//! ## Addresses
+//!
+//! [`TestBench::map_bars`] places BARs as PC firmware does: memory BARs
+//! from `0xe000_0000`, I/O BARs from port `0xc000`, each aligned to its
+//! size, in BAR order; then it enables memory and I/O decoding and bus
+//! mastering. [`TestBench::bar_address`] gives the base either way.
+//! Accesses take guest addresses (`bar_address(i) + offset`): memory with
+//! [`mmio_read`](TestBench::mmio_read)/[`mmio_write`](TestBench::mmio_write)
+//! (1, 2, 4 or 8 bytes), ports with
+//! [`pio_read`](TestBench::pio_read)/[`pio_write`](TestBench::pio_write)
+//! (1, 2 or 4 bytes, as `in`/`out`). The device sees either as
+//! [`Device::bar_read`](crate::Device::bar_read)/[`bar_write`](crate::Device::bar_write)
+//! of the BAR at the offset from its base. An address no BAR decodes
+//! reads all-ones, as does a failed device.
+//!
+//! DMA goes to [`TestBench::ram`]; the interrupt line is [`TestBench::irq`].
 
 #![allow(clippy::panic)] // test helpers report misuse by panicking, as assertions do
 
@@ -33,6 +68,24 @@ pub enum PluginSource {
     Linked(PluginModuleRef),
     /// Loaded from a shared library through the ABI checks.
     Library(PathBuf),
+}
+
+impl std::fmt::Debug for PluginSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginSource::Linked(_) => write!(f, "Linked({self})"),
+            PluginSource::Library(p) => f.debug_tuple("Library").field(p).finish(),
+        }
+    }
+}
+
+impl std::fmt::Display for PluginSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginSource::Linked(m) => write!(f, "{} linked", m.name()()),
+            PluginSource::Library(p) => write!(f, "{}", p.display()),
+        }
+    }
 }
 
 /// Guest RAM of the bench: `size` bytes at guest-physical 0.
@@ -205,22 +258,29 @@ impl TestBench {
         })
     }
 
+    /// The plugin as loaded (name, version, kinds, path).
     pub fn plugin(&self) -> &LoadedPlugin {
         &self.plugin
     }
 
+    /// Guest RAM: 16 MiB at guest-physical 0 ([`BENCH_RAM_SIZE`]); a DMA
+    /// outside it is refused to the device.
     pub fn ram(&self) -> &Ram {
         &self.ram
     }
 
+    /// The function's INTx line.
     pub fn irq(&self) -> &IrqLine {
         &self.irq
     }
 
+    /// The function as a host drives it (reset, save/restore, direct BAR
+    /// accesses by index and offset).
     pub fn function(&mut self) -> &mut PciFunction {
         &mut self.function
     }
 
+    /// A configuration read of `len` (1, 2 or 4) bytes at `offset`.
     pub fn cfg_read(&mut self, offset: usize, len: usize) -> u32 {
         let mut b = [0u8; 4];
         let len = len.min(4);
@@ -228,6 +288,8 @@ impl TestBench {
         u32::from_le_bytes(b)
     }
 
+    /// A configuration write of the low `len` (1, 2 or 4) bytes of
+    /// `value` at `offset`.
     pub fn cfg_write(&mut self, offset: usize, len: usize, value: u32) {
         let b = value.to_le_bytes();
         self.function.config_write(offset, &b[..len.min(4)]);
@@ -269,9 +331,9 @@ impl TestBench {
         found
     }
 
-    /// Places every BAR the way firmware would (I/O from 0xc000, memory
-    /// from 0xe000_0000, each aligned to its size) and enables I/O,
-    /// memory decoding and bus mastering.
+    /// Places every BAR the way firmware would (I/O BARs from port
+    /// `0xc000`, memory BARs from `0xe000_0000`, each aligned to its size,
+    /// in BAR order) and enables I/O, memory decoding and bus mastering.
     pub fn map_bars(&mut self) {
         let mut next_io: u64 = 0xc000;
         let mut next_mem: u64 = 0xe000_0000;
@@ -320,23 +382,33 @@ impl TestBench {
         }
     }
 
+    /// A memory read of `len` (1, 2, 4 or 8) bytes at guest address
+    /// `addr`, little-endian; all-ones where nothing answers.
     pub fn mmio_read(&mut self, addr: u64, len: usize) -> u64 {
         let mut b = [0u8; 8];
         self.access(false, addr, &mut b[..len.min(8)], false);
         u64::from_le_bytes(b)
     }
 
+    /// A memory write of the low `len` (1, 2, 4 or 8) bytes of `value` at
+    /// guest address `addr`.
     pub fn mmio_write(&mut self, addr: u64, len: usize, value: u64) {
         let mut b = value.to_le_bytes();
         self.access(false, addr, &mut b[..len.min(8)], true);
     }
 
+    /// A port read (`in`) of `len` (1, 2 or 4) bytes at `port`; an I/O BAR
+    /// decodes it once [`map_bars`](Self::map_bars) (or
+    /// [`map_bar`](Self::map_bar)) placed it. All-ones where nothing
+    /// answers.
     pub fn pio_read(&mut self, port: u64, len: usize) -> u64 {
         let mut b = [0u8; 8];
         self.access(true, port, &mut b[..len.min(4)], false);
         u64::from_le_bytes(b)
     }
 
+    /// A port write (`out`) of the low `len` (1, 2 or 4) bytes of `value`
+    /// at `port`.
     pub fn pio_write(&mut self, port: u64, len: usize, value: u64) {
         let mut b = value.to_le_bytes();
         self.access(true, port, &mut b[..len.min(4)], true);
@@ -376,10 +448,12 @@ impl Drop for TestBench {
     }
 }
 
-/// Path of the shared library of plugin `name` built in this workspace's
-/// target directory (found from the running test executable:
-/// `target/<profile>/deps/<test>` → `target/<profile>/lib<name>.so`).
-/// `cargo test` does not build cdylibs by itself; build them first
+/// Path of the shared library of plugin (or crate) `name`, built in the
+/// target directory of the running test: `lib<name, - as _>.so` in the
+/// test executable's directory (`target/<profile>/deps`, where `cargo
+/// test` of the plugin's own crate builds its `cdylib`) or one of its
+/// parents up to `target` (where `cargo build` puts it). A test of one
+/// crate that loads another crate's plugin needs that one built first
 /// (`cargo build --workspace`, as `scripts/test` does).
 pub fn plugin_library_path(name: &str) -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -398,11 +472,105 @@ pub fn plugin_library_path(name: &str) -> Result<PathBuf, String> {
         dir = d.parent();
     }
     Err(format!(
-        "plugin library {file} not built (looked at {}); run `cargo build --workspace` first",
+        "plugin library {file} not built (looked at {}); build it first (`cargo build`)",
         tried
             .iter()
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(", ")
     ))
+}
+
+/// [`plugin_tests!`](crate::plugin_tests)'s bench: `make(source)`, or a
+/// panic that names the source and the error.
+#[doc(hidden)]
+pub fn __make_bench(
+    source: PluginSource,
+    make: impl FnOnce(PluginSource) -> Result<TestBench, String>,
+) -> TestBench {
+    let what = source.to_string();
+    match make(source) {
+        Ok(tb) => tb,
+        Err(e) => panic!("cannot make the test bench ({what}): {e}"),
+    }
+}
+
+/// [`plugin_tests!`](crate::plugin_tests)'s `.so` source, or a panic that
+/// says how to build it.
+#[doc(hidden)]
+pub fn __library(crate_name: &str) -> PluginSource {
+    match plugin_library_path(crate_name) {
+        Ok(p) => PluginSource::Library(p),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Runs each test function twice: against the plugin linked into the test
+/// (its rlib's `plugin_module()`, tests `linked::NAME`) and against its
+/// `.so` loaded through the ABI checks as a host loads it (tests
+/// `library::NAME`).
+///
+/// ```ignore
+/// plugin_api::plugin_tests! {
+///     plugin: my_device,                      // the plugin's crate name, with _
+///     // optional; this is the default:
+///     bench: |source| TestBench::new(source, None, ""),
+///     tests: [registers, interrupt, dma],
+/// }
+///
+/// fn registers(mut tb: TestBench) { /* ... */ }
+/// ```
+///
+/// - `plugin`: the crate that calls [`export_plugin!`](crate::export_plugin)
+///   (so it has `plugin_module()`); its library is found as
+///   `lib<plugin>.so` with [`plugin_library_path`]. With `cargo test` of
+///   that crate, its `cdylib` is built beside the test, so nothing else
+///   needs building.
+/// - `bench`: makes a [`TestBench`] from the [`PluginSource`]: choose the
+///   device kind and settings here. An error fails the test with the
+///   source named.
+/// - `tests`: functions `fn(TestBench)` in the calling module. The macro
+///   defines the modules `linked` and `library` and a function
+///   `__plugin_tests_bench` there, so use it once per module.
+#[cfg_attr(docsrs, doc(cfg(feature = "harness")))]
+#[macro_export]
+macro_rules! plugin_tests {
+    (plugin: $krate:ident, tests: [$($name:ident),+ $(,)?] $(,)?) => {
+        $crate::plugin_tests! {
+            plugin: $krate,
+            bench: |source| $crate::harness::TestBench::new(source, None, ""),
+            tests: [$($name),+],
+        }
+    };
+    (plugin: $krate:ident, bench: $bench:expr, tests: [$($name:ident),+ $(,)?] $(,)?) => {
+        fn __plugin_tests_bench(
+            source: $crate::harness::PluginSource,
+        ) -> $crate::harness::TestBench {
+            $crate::harness::__make_bench(source, $bench)
+        }
+
+        /// Each test against the plugin's rlib, linked into the test.
+        mod linked {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(super::__plugin_tests_bench(
+                        $crate::harness::PluginSource::Linked($krate::plugin_module()),
+                    ))
+                }
+            )+
+        }
+
+        /// Each test against the plugin's `.so`, loaded as a host loads it.
+        mod library {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(super::__plugin_tests_bench($crate::harness::__library(
+                        stringify!($krate),
+                    )))
+                }
+            )+
+        }
+    };
 }

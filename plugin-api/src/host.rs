@@ -6,7 +6,18 @@ use crate::abi::{HostBox, LogLevel};
 
 /// Handle to the host's services: guest memory (DMA), the interrupt line
 /// and logging. Cheap to clone; `Send + Sync`, so a device's worker threads
-/// may keep their own copy.
+/// may keep their own copy. Every method may be called from any thread at
+/// any time, including during a BAR access.
+///
+/// Where a device's log goes: [`Host::log`] writes into the log of the
+/// process hosting the device, tagged with the device's `id` from the
+/// config: `remote-host`'s log (standard error, which a remote spawned by
+/// the VMM shares with it, or the file given by the remote's `log` key or
+/// `serve --log`; level from `RUST_LOG`, default `info`), or the VMM's
+/// standard error for an `in-process` device (level from `HOST_LOG`,
+/// default `warn`). The harness sends it nowhere unless the test installs
+/// a `tracing` subscriber. A plugin's own `eprintln!` goes to the process's standard
+/// error, which is the remote's log only when that is standard error.
 #[derive(Clone)]
 pub struct Host {
     inner: HostBox,
@@ -29,6 +40,8 @@ fn dma(r: RResult<(), abi_stable::std_types::RString>) -> Result<(), DmaError> {
 }
 
 impl Host {
+    /// Wraps the ABI object (what [`crate::export_plugin!`] does with the
+    /// object a host passes to the constructor).
     pub fn new(inner: HostBox) -> Self {
         Host { inner }
     }
@@ -38,12 +51,14 @@ impl Host {
         &self.inner
     }
 
-    /// Reads guest-physical memory.
+    /// Reads guest-physical memory at `gpa` into `data` (the guest's RAM as
+    /// the VMM shared it; a range outside it is an error, never a fault).
     pub fn dma_read(&self, gpa: u64, data: &mut [u8]) -> Result<(), DmaError> {
         dma(self.inner.dma_read(gpa, RSliceMut::from_mut_slice(data)))
     }
 
-    /// Writes guest-physical memory.
+    /// Writes `data` into guest-physical memory at `gpa` (same rule as
+    /// [`dma_read`](Self::dma_read)).
     pub fn dma_write(&self, gpa: u64, data: &[u8]) -> Result<(), DmaError> {
         dma(self.inner.dma_write(gpa, RSlice::from_slice(data)))
     }
@@ -55,7 +70,16 @@ impl Host {
         Ok(u32::from_le_bytes(b))
     }
 
-    /// Sets the INTx line level.
+    /// Sets the level of the function's INTx line (the pin declared in
+    /// [`PciIdentity::interrupt_pin`](crate::PciIdentity::interrupt_pin)).
+    ///
+    /// It is a **level**, not a pulse: `true` keeps the line asserted until
+    /// the device calls `set_intx(false)`, which it does when the guest has
+    /// acknowledged the cause in the device's registers. A line still high
+    /// when the guest's interrupt controller sees the end of interrupt is
+    /// delivered again (KVM's resample; the harness's
+    /// [`IrqLine::eoi`](crate::harness::IrqLine::eoi) models it). Repeating
+    /// the same level is harmless. Any thread may call it.
     pub fn set_intx(&self, asserted: bool) {
         self.inner.set_irq_level(0, asserted);
     }
@@ -71,20 +95,25 @@ impl Host {
         }
     }
 
-    /// Logs into the host's log.
+    /// Logs `message` at `level` into the host's log (see the type's docs
+    /// for where that is).
     pub fn log(&self, level: LogLevel, message: &str) {
         self.inner.log(level, RStr::from_str(message));
     }
 
+    /// Logs at [`LogLevel::Error`].
     pub fn error(&self, message: &str) {
         self.log(LogLevel::Error, message);
     }
+    /// Logs at [`LogLevel::Warn`].
     pub fn warn(&self, message: &str) {
         self.log(LogLevel::Warn, message);
     }
+    /// Logs at [`LogLevel::Info`].
     pub fn info(&self, message: &str) {
         self.log(LogLevel::Info, message);
     }
+    /// Logs at [`LogLevel::Debug`].
     pub fn debug(&self, message: &str) {
         self.log(LogLevel::Debug, message);
     }

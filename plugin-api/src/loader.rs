@@ -15,10 +15,15 @@ use crate::abi::{PluginModuleRef, ABI_VERSION};
 /// A plugin library that passed every ABI check.
 #[derive(Clone)]
 pub struct LoadedPlugin {
+    /// The library file (`<linked NAME>` for a linked plugin).
     pub path: PathBuf,
+    /// Its root module.
     pub module: PluginModuleRef,
+    /// The plugin's name (`export_plugin!`'s `name`).
     pub name: String,
+    /// The plugin's own version (its crate version).
     pub version: String,
+    /// The device kinds it provides.
     pub kinds: Vec<String>,
 }
 
@@ -57,34 +62,58 @@ impl LoadedPlugin {
 pub enum LoadError {
     /// No library with that name in any plugin directory.
     NotFound {
+        /// The plugin name asked for.
         name: String,
+        /// The directories looked in.
         searched: Vec<PathBuf>,
     },
     /// The file could not be opened as a shared library.
-    Open { path: PathBuf, message: String },
+    Open {
+        /// The library file.
+        path: PathBuf,
+        /// The dynamic loader's error.
+        message: String,
+    },
     /// The library does not export a plugin root module.
-    NotAPlugin { path: PathBuf, message: String },
+    NotAPlugin {
+        /// The library file.
+        path: PathBuf,
+        /// abi_stable's error.
+        message: String,
+    },
     /// The library was built against a plugin-api (ABI) version this host
     /// cannot load: `why` is the rule it breaks.
     IncompatibleAbi {
+        /// The library file.
         path: PathBuf,
+        /// The plugin-api version the plugin was built against.
         plugin_abi: String,
+        /// This host's plugin-api version.
         host_abi: String,
+        /// The rule it breaks (see [`abi_compatible`]).
         why: &'static str,
     },
     /// The library's ABI types do not have the layout this host expects
     /// (same version numbers, different types: a plugin-api changed
     /// without a version bump, or a hand-made root module).
     Layout {
+        /// The library file.
         path: PathBuf,
+        /// The plugin-api version the plugin was built against.
         plugin_abi: String,
+        /// This host's plugin-api version.
         host_abi: String,
         /// The first line of abi_stable's report (the whole report is
         /// logged at debug level).
         first_difference: String,
     },
     /// The root module failed to initialize (e.g. it panicked).
-    Init { path: PathBuf, message: String },
+    Init {
+        /// The library file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl fmt::Display for LoadError {

@@ -21,16 +21,23 @@
 //! The copy runs on the device's own worker thread, never inside the BAR
 //! write that starts it: that is how a plugin keeps slow work off the vCPU.
 //!
-//! Settings (the device's TOML table): `max-transfer = 1048576` (bytes).
+//! Settings (the device's table in the VM config, see [`Settings`]):
+//! `max-transfer = 1048576` (bytes).
+//!
+//! Control operation (from the VMM's operator, e.g. QMP's
+//! `device-control`): `set-max-transfer {"bytes": N}` replies
+//! `{"max-transfer": N, "previous": M}`.
+//!
+//! The crate depends on `plugin-api` alone: settings and control arguments
+//! are deserialized for it, the test macro is `plugin_api::plugin_tests!`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use abi_stable::std_types::RVec;
-use plugin_api::{BarDesc, BarKind, Device, DeviceDesc, Host, PciIdentity};
-use serde::Deserialize;
+use plugin_api::control::{self, Value};
+use plugin_api::{BarDesc, Device, DeviceDesc, Host, PciIdentity};
 
 pub const VENDOR_ID: u16 = 0x1234;
 pub const DEVICE_ID: u16 = 0x11e9;
@@ -56,11 +63,32 @@ pub const DMA_OK: u32 = 0;
 pub const DMA_FAULT: u32 = 1;
 pub const DMA_TOO_LONG: u32 = 2;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct Settings {
+/// The device's settings: its `[[device]]` table less the placement keys.
+#[derive(plugin_api::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(
+    crate = "plugin_api::serde",
+    deny_unknown_fields,
+    rename_all = "kebab-case"
+)]
+pub struct Settings {
+    /// The longest DMA the engine accepts, in bytes (default 1 MiB).
     #[serde(default = "default_max_transfer")]
+    pub max_transfer: u32,
+}
+
+/// `set-max-transfer`'s arguments.
+#[derive(plugin_api::Deserialize)]
+#[serde(crate = "plugin_api::serde", deny_unknown_fields)]
+struct SetMaxTransfer {
+    bytes: u32,
+}
+
+/// `set-max-transfer`'s reply.
+#[derive(plugin_api::Serialize)]
+#[serde(crate = "plugin_api::serde", rename_all = "kebab-case")]
+struct MaxTransfer {
     max_transfer: u32,
+    previous: u32,
 }
 
 fn default_max_transfer() -> u32 {
@@ -113,9 +141,9 @@ pub struct DmaExample {
 }
 
 impl DmaExample {
-    /// The constructor `export_plugin!` registers.
-    pub fn create(settings: &str, host: Host) -> Result<Box<dyn Device>, String> {
-        let s: Settings = toml::from_str(settings).map_err(|e| format!("settings: {e}"))?;
+    /// The constructor `export_plugin!` registers: the settings arrive
+    /// deserialized (an unknown or mistyped key never gets here).
+    pub fn create(s: Settings, host: Host) -> Result<Box<dyn Device>, String> {
         if s.max_transfer == 0 {
             return Err("settings: max-transfer must be at least 1".into());
         }
@@ -229,25 +257,11 @@ fn run_dma(shared: &Shared, job: DmaJob) {
 
 impl Device for DmaExample {
     fn describe(&self) -> DeviceDesc {
-        DeviceDesc {
-            identity: PciIdentity {
-                vendor_id: VENDOR_ID,
-                device_id: DEVICE_ID,
-                class_code: 0x00ff00,
-                revision: 1,
-                subsystem_vendor_id: VENDOR_ID,
-                subsystem_id: 0x0001,
-                interrupt_pin: 1,
-            },
-            bars: RVec::from(vec![BarDesc {
-                index: 0,
-                kind: BarKind::Memory32,
-                size: 0x1000,
-                prefetchable: false,
-            }]),
-            capabilities: RVec::new(),
-            msi_vectors: 0,
-        }
+        let identity = PciIdentity::new(VENDOR_ID, DEVICE_ID, 0x00ff00)
+            .with_revision(1)
+            .with_subsystem(VENDOR_ID, 0x0001)
+            .with_intx();
+        DeviceDesc::new(identity).with_bar(BarDesc::mmio32(0, 0x1000))
     }
 
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
@@ -325,6 +339,22 @@ impl Device for DmaExample {
 
     fn is_busy(&self) -> bool {
         self.shared.busy.load(Ordering::Acquire)
+    }
+
+    fn control(&mut self, op: &str, args: &Value) -> Result<Value, String> {
+        match op {
+            "set-max-transfer" => control::call(op, args, |a: SetMaxTransfer| {
+                if a.bytes == 0 {
+                    return Err("set-max-transfer: bytes must be at least 1".to_string());
+                }
+                let previous = std::mem::replace(&mut self.max_transfer, a.bytes);
+                Ok(MaxTransfer {
+                    max_transfer: a.bytes,
+                    previous,
+                })
+            }),
+            _ => Err(control::unknown(op)),
+        }
     }
 
     fn shutdown(&mut self) {

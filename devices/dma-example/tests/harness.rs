@@ -1,40 +1,29 @@
 //! The example device through the test bench, twice: linked directly (rlib)
 //! and loaded from its `.so` through the ABI checks. The same test bodies
-//! run against both.
+//! run against both (`plugin_api::plugin_tests!`).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::time::Duration;
 
 use dma_example::*;
-use plugin_api::harness::{plugin_library_path, PluginSource, TestBench};
+use plugin_api::control::json;
+use plugin_api::harness::{PluginSource, TestBench};
 
-fn linked() -> TestBench {
-    TestBench::new(PluginSource::Linked(dma_example::plugin_module()), None, "").unwrap()
+plugin_api::plugin_tests! {
+    plugin: dma_example,
+    bench: |source| TestBench::new(source, None, ""),
+    tests: [
+        identity_and_bar,
+        registers,
+        dma_copies_and_interrupts,
+        dma_fault_is_reported_not_fatal,
+        too_long_dma_is_refused,
+        save_restore_round_trip,
+        reset_clears_state,
+        control_sets_the_limit,
+    ],
 }
-
-fn library() -> TestBench {
-    let path = plugin_library_path("dma-example").unwrap();
-    TestBench::new(PluginSource::Library(path), None, "").unwrap()
-}
-
-/// Runs each test body against both ways of getting the plugin.
-macro_rules! both_ways {
-    ($($name:ident),+ $(,)?) => {
-        mod linked { $( #[test] fn $name() { super::$name(super::linked()) } )+ }
-        mod library { $( #[test] fn $name() { super::$name(super::library()) } )+ }
-    };
-}
-
-both_ways!(
-    identity_and_bar,
-    registers,
-    dma_copies_and_interrupts,
-    dma_fault_is_reported_not_fatal,
-    too_long_dma_is_refused,
-    save_restore_round_trip,
-    reset_clears_state,
-);
 
 fn bar0(tb: &mut TestBench) -> u64 {
     tb.map_bars();
@@ -165,6 +154,29 @@ fn reset_clears_state(mut tb: TestBench) {
     assert_eq!(tb.mmio_read(base + REG_SCRATCH, 4), 0);
 }
 
+fn control_sets_the_limit(mut tb: TestBench) {
+    let base = bar0(&mut tb);
+    let r = tb
+        .control("set-max-transfer", &json!({"bytes": 16}))
+        .unwrap();
+    assert_eq!(r, json!({"max-transfer": 16, "previous": 1 << 20}));
+    tb.mmio_write(base + REG_DMA_LEN, 4, 17);
+    tb.mmio_write(base + REG_DMA_CMD, 4, u64::from(DMA_CMD_START));
+    assert_eq!(
+        tb.mmio_read(base + REG_DMA_RESULT, 4),
+        u64::from(DMA_TOO_LONG)
+    );
+    let e = tb
+        .control("set-max-transfer", &json!({"byte": 16}))
+        .unwrap_err();
+    assert!(
+        e.starts_with("set-max-transfer: unknown field `byte`"),
+        "{e}"
+    );
+    let e = tb.control("drive-list", &json!({})).unwrap_err();
+    assert_eq!(e, "this device has no control operation `drive-list`");
+}
+
 #[test]
 fn bad_settings_are_reported() {
     let err = TestBench::new(
@@ -174,7 +186,27 @@ fn bad_settings_are_reported() {
     )
     .err()
     .unwrap();
-    assert!(err.contains("max-transfr"), "{err}");
+    assert!(err.contains("unknown field `max-transfr`"), "{err}");
+    let err = TestBench::new(
+        PluginSource::Linked(dma_example::plugin_module()),
+        None,
+        "max-transfer = -1\n",
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.contains("settings: `max-transfer`: invalid value"),
+        "{err}"
+    );
+    assert!(!err.contains('\n'), "one line: {err}");
+    let err = TestBench::new(
+        PluginSource::Linked(dma_example::plugin_module()),
+        None,
+        "max-transfer = 0\n",
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("max-transfer must be at least 1"), "{err}");
     let err = TestBench::new(
         PluginSource::Linked(dma_example::plugin_module()),
         Some("nvme"),
