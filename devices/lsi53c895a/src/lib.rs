@@ -49,11 +49,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use abi_stable::std_types::RVec;
 use block::{DriveConfig, ScsiDisk};
-use plugin_api::{BarDesc, BarKind, Device, DeviceDesc, Host, PciIdentity};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use plugin_api::control::{self, json, Value};
+use plugin_api::{BarDesc, Device, DeviceDesc, Host, PciIdentity};
 
 use chip::{Chip, SCRIPT_RAM_SIZE};
 use worker::{Pending, WorkerHandle};
@@ -64,11 +62,13 @@ pub const DEVICE_ID: u16 = 0x0012;
 /// The controller's own SCSI ID as Linux programs it.
 const INITIATOR_ID: u8 = 7;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Settings {
+/// The controller's settings: its `[[device.drive]]` tables.
+#[derive(plugin_api::Deserialize)]
+#[serde(crate = "plugin_api::serde", deny_unknown_fields)]
+pub struct Settings {
+    /// The disks attached at start.
     #[serde(default)]
-    drive: Vec<DriveConfig>,
+    pub drive: Vec<DriveConfig>,
 }
 
 /// How long `drive-del` waits for the drive's commands on the I/O worker.
@@ -85,12 +85,27 @@ pub struct Lsi53c895a {
     base: PathBuf,
 }
 
-/// `drive-del`/`drive-resize` arguments.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct DriveArgs {
+/// `drive-del` arguments.
+#[derive(plugin_api::Deserialize)]
+#[serde(
+    crate = "plugin_api::serde",
+    deny_unknown_fields,
+    rename_all = "kebab-case"
+)]
+struct DriveDel {
     scsi_id: u8,
-    size: Option<u64>,
+}
+
+/// `drive-resize` arguments.
+#[derive(plugin_api::Deserialize)]
+#[serde(
+    crate = "plugin_api::serde",
+    deny_unknown_fields,
+    rename_all = "kebab-case"
+)]
+struct DriveResize {
+    scsi_id: u8,
+    size: u64,
 }
 
 /// Checks a drive's target ID (the same rule for config and `drive-add`).
@@ -123,8 +138,7 @@ fn capacity(disk: &ScsiDisk) -> u64 {
 
 impl Lsi53c895a {
     /// Constructor registered with `export_plugin!`.
-    pub fn create(settings: &str, host: Host) -> Result<Box<dyn Device>, String> {
-        let s: Settings = toml::from_str(settings).map_err(|e| format!("settings: {e}"))?;
+    pub fn create(s: Settings, host: Host) -> Result<Box<dyn Device>, String> {
         let base = host.resolve_path("");
         let mut targets = BTreeMap::new();
         let mut files = BTreeMap::new();
@@ -179,9 +193,7 @@ impl Lsi53c895a {
 
     /// `drive-add`: the image is opened without the chip lock (it is file
     /// I/O); the disk joins the targets in one step under it.
-    fn drive_add(&mut self, args: &Value) -> Result<Value, String> {
-        let d: DriveConfig =
-            serde_json::from_value(args.clone()).map_err(|e| format!("drive-add: {e}"))?;
+    fn drive_add(&mut self, d: DriveConfig) -> Result<Value, String> {
         check_scsi_id(&d)?;
         if self.chip().targets.contains_key(&d.scsi_id) {
             return Err(format!("scsi-id {} is in use", d.scsi_id));
@@ -210,12 +222,7 @@ impl Lsi53c895a {
 
     /// `drive-del`: off the target map at once (new selections time out),
     /// then wait for the worker to let go of the disk.
-    fn drive_del(&mut self, args: &Value) -> Result<Value, String> {
-        let a: DriveArgs =
-            serde_json::from_value(args.clone()).map_err(|e| format!("drive-del: {e}"))?;
-        if a.size.is_some() {
-            return Err("drive-del: unknown field `size`".into());
-        }
+    fn drive_del(&mut self, a: DriveDel) -> Result<Value, String> {
         let disk = {
             let mut chip = self.chip();
             let disk = chip
@@ -242,10 +249,8 @@ impl Lsi53c895a {
         Ok(json!({"scsi-id": a.scsi_id}))
     }
 
-    fn drive_resize(&mut self, args: &Value) -> Result<Value, String> {
-        let a: DriveArgs =
-            serde_json::from_value(args.clone()).map_err(|e| format!("drive-resize: {e}"))?;
-        let size = a.size.ok_or("drive-resize: missing field `size`")?;
+    fn drive_resize(&mut self, a: DriveResize) -> Result<Value, String> {
+        let size = a.size;
         if size == 0 || size % 512 != 0 {
             return Err(format!(
                 "size {size} is not a positive multiple of 512 bytes"
@@ -285,30 +290,14 @@ fn lock(m: &Mutex<Chip>) -> MutexGuard<'_, Chip> {
 
 impl Device for Lsi53c895a {
     fn describe(&self) -> DeviceDesc {
-        let bar = |index, kind, size| BarDesc {
-            index,
-            kind,
-            size,
-            prefetchable: false,
-        };
-        DeviceDesc {
-            identity: PciIdentity {
-                vendor_id: VENDOR_ID,
-                device_id: DEVICE_ID,
-                class_code: 0x01_00_00,
-                revision: 0,
-                subsystem_vendor_id: 0x1000,
-                subsystem_id: 0x1000,
-                interrupt_pin: 1,
-            },
-            bars: RVec::from(vec![
-                bar(0, BarKind::Io, 256),
-                bar(1, BarKind::Memory32, chip::REG_BAR_SIZE),
-                bar(2, BarKind::Memory32, SCRIPT_RAM_SIZE as u64),
-            ]),
-            capabilities: RVec::new(),
-            msi_vectors: 0,
-        }
+        let identity = PciIdentity::new(VENDOR_ID, DEVICE_ID, 0x01_00_00)
+            .with_subsystem(0x1000, 0x1000)
+            .with_intx();
+        DeviceDesc::new(identity).with_bars([
+            BarDesc::io(0, 256),
+            BarDesc::mmio32(1, chip::REG_BAR_SIZE),
+            BarDesc::mmio32(2, SCRIPT_RAM_SIZE as u64),
+        ])
     }
 
     fn config_write(&mut self, offset: u16, data: &[u8]) {
@@ -358,9 +347,10 @@ impl Device for Lsi53c895a {
 
     fn control(&mut self, op: &str, args: &Value) -> Result<Value, String> {
         match op {
-            "drive-add" => self.drive_add(args),
-            "drive-del" => self.drive_del(args),
-            "drive-resize" => self.drive_resize(args),
+            "drive-add" => control::call(op, args, |d| self.drive_add(d)),
+            "drive-del" => control::call(op, args, |a| self.drive_del(a)),
+            "drive-resize" => control::call(op, args, |a| self.drive_resize(a)),
+            // Arguments ignored, as before typed arguments.
             "drive-list" => Ok(self.drive_list()),
             _ => Err(format!(
                 "lsi53c895a has no control operation `{op}` (it has drive-add, drive-del, drive-resize, drive-list)"

@@ -8,29 +8,18 @@
 //!   control: each read returns 1 if the attempt worked, 2 if refused.
 #![allow(clippy::panic)]
 
-use abi_stable::std_types::RVec;
-use plugin_api::{BarDesc, BarKind, Device, DeviceDesc, Host, PciIdentity};
+use plugin_api::{BarDesc, Device, DeviceDesc, Host, PciIdentity};
 
 /// 1234:`device_id`, class 0xff, one 256-byte memory BAR; INTA when
 /// `interrupt_pin` is 1.
 fn one_bar_device(device_id: u16, interrupt_pin: u8) -> DeviceDesc {
-    DeviceDesc {
-        identity: PciIdentity {
-            vendor_id: 0x1234,
-            device_id,
-            class_code: 0xff0000,
-            interrupt_pin,
-            ..Default::default()
-        },
-        bars: RVec::from(vec![BarDesc {
-            index: 0,
-            kind: BarKind::Memory32,
-            size: 0x100,
-            prefetchable: false,
-        }]),
-        capabilities: RVec::new(),
-        msi_vectors: 0,
-    }
+    let identity = PciIdentity {
+        interrupt_pin,
+        subsystem_vendor_id: 0,
+        subsystem_id: 0,
+        ..PciIdentity::new(0x1234, device_id, 0xff0000)
+    };
+    DeviceDesc::new(identity).with_bar(BarDesc::mmio32(0, 0x100))
 }
 
 fn fails(_settings: &str, _host: Host) -> Result<Box<dyn Device>, String> {
