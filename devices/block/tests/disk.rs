@@ -158,7 +158,10 @@ fn a_delayed_drive_is_slow_but_right() {
     let back = good(&disk, &read10(3, 2), &[]);
     assert!(t.elapsed() >= std::time::Duration::from_millis(40));
     assert_eq!(back, data);
-    assert_eq!(&std::fs::read(&img.path).unwrap()[3 * 512..5 * 512], &data[..]);
+    assert_eq!(
+        &std::fs::read(&img.path).unwrap()[3 * 512..5 * 512],
+        &data[..]
+    );
 }
 
 #[test]
