@@ -188,6 +188,29 @@ fn proxy_over_spawned_remote_host(protocol: &str) {
         posted.as_secs_f64() * 1e6 / n as f64
     );
 
+    // The counters by register (QMP query-device-stats) saw exactly what
+    // was done: one ID read, n+2 scratch reads and n+1 scratch writes, one
+    // IRQ_RAISE write.
+    let stats = root
+        .with_function(SLOT, |d| d.stats())
+        .flatten()
+        .expect("a proxy function keeps counters");
+    let reg = |off: u64| -> serde_json::Value {
+        stats["registers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["bar"] == 0 && r["offset"] == off && r["size"] == 4)
+            .cloned()
+            .unwrap_or_else(|| panic!("register {off:#x} not counted: {stats}"))
+    };
+    assert_eq!(reg(REG_ID)["reads"], 1, "{stats}");
+    assert_eq!(reg(REG_SCRATCH)["reads"], n as u64 + 2, "{stats}");
+    assert_eq!(reg(REG_SCRATCH)["writes"], n as u64 + 1, "{stats}");
+    assert_eq!(reg(REG_IRQ_RAISE)["writes"], 1, "{stats}");
+    assert_eq!(stats["placement"], "remote");
+    assert!(stats["bar-read-mean-us"].as_f64().unwrap() > 0.0, "{stats}");
+
     // The VM ends: the remote sees EOF and leaves by itself.
     root.shutdown();
     let t = Instant::now();

@@ -104,6 +104,7 @@ const COMMANDS: &[&str] = &[
     "block_resize",
     "query-block",
     "remote-restart",
+    "query-device-stats",
 ];
 
 /// The hook that turns a function failure into a `DEVICE_FAILED` event.
@@ -164,6 +165,27 @@ impl Monitor {
     fn query_status(&self) -> Value {
         let running = !self.exit.is_set();
         json!({"status": if running { "running" } else { "shutdown" }, "running": running})
+    }
+
+    /// Each function's access counters by register (all functions, or
+    /// the one named `id`), for profiling a guest's I/O at run time.
+    fn query_device_stats(&self, id: Option<&str>) -> Result<Value, QmpError> {
+        let mut out = Vec::new();
+        for f in self.bus.pci.functions() {
+            let dev_id = f.label.id.clone();
+            if id.is_some_and(|want| want != dev_id) {
+                continue;
+            }
+            if let Some(Some(mut stats)) = self.bus.pci.with_function(f.slot, |d| d.stats()) {
+                stats["id"] = dev_id.into();
+                stats["slot"] = f.slot.into();
+                out.push(stats);
+            }
+        }
+        match id {
+            Some(want) if out.is_empty() => Err(QmpError::device_not_found(want)),
+            _ => Ok(Value::Array(out)),
+        }
     }
 
     fn query_pci(&self) -> Value {
@@ -288,6 +310,10 @@ impl Commands for Monitor {
             "blockdev-del" => self.blockdev_del(args),
             "block_resize" => self.block_resize(args),
             "remote-restart" => self.remote_restart(args),
+            "query-device-stats" => {
+                args.allow_only(&["id"])?;
+                self.query_device_stats(args.opt_str("id")?)
+            }
             _ => Err(QmpError::command_not_found(name)),
         }
     }

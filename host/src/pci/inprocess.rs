@@ -4,7 +4,7 @@
 //! INTx drives the IOAPIC pin with KVM_IRQ_LINE. No IPC at all.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use config::DeviceConfig;
@@ -15,6 +15,7 @@ use plugin_api::loader;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::proxy::FailHook;
+use super::stats::AccessStats;
 use super::PciDevice;
 
 struct Ram(GuestMemoryMmap);
@@ -52,9 +53,7 @@ impl IrqSink for Line {
 pub struct InProcessFunction {
     id: String,
     func: PciFunction,
-    bar_reads: u64,
-    bar_read_time: Duration,
-    bar_writes: u64,
+    stats: AccessStats,
     on_fail: Option<FailHook>,
     failed: bool,
 }
@@ -78,9 +77,7 @@ impl InProcessFunction {
         Ok(InProcessFunction {
             id: cfg.id.clone(),
             func,
-            bar_reads: 0,
-            bar_read_time: Duration::ZERO,
-            bar_writes: 0,
+            stats: AccessStats::default(),
             on_fail: None,
             failed: false,
         })
@@ -119,26 +116,27 @@ impl PciDevice for InProcessFunction {
         self.func.control(op, args)
     }
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.stats.config_reads += 1;
         self.func.config_read(offset, data);
     }
     fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.stats.config_writes += 1;
         self.func.config_write(offset, data);
     }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         let t = Instant::now();
-        let Ok(bar) = u8::try_from(bar) else {
+        let Ok(index) = u8::try_from(bar) else {
             data.fill(0xff);
             return;
         };
-        if let Err(e) = self.func.bar_read(bar, offset, data) {
+        if let Err(e) = self.func.bar_read(index, offset, data) {
             tracing::warn!("{}: BAR read: {e:?}", self.id);
             self.check_failure();
         }
-        self.bar_reads += 1;
-        self.bar_read_time += t.elapsed();
+        self.stats.read(bar, offset, data.len(), t.elapsed());
     }
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        self.bar_writes += 1;
+        self.stats.write(bar, offset, data.len());
         let Ok(bar) = u8::try_from(bar) else {
             return;
         };
@@ -162,17 +160,23 @@ impl PciDevice for InProcessFunction {
         }
     }
 
+    fn stats(&self) -> Option<serde_json::Value> {
+        let mut v = self.stats.to_json();
+        v["placement"] = "in-process".into();
+        Some(v)
+    }
+
     fn shutdown(&mut self) {
         if std::env::var_os("HOST_STATS").is_some() {
-            let avg = if self.bar_reads > 0 {
-                self.bar_read_time.as_secs_f64() * 1e6 / self.bar_reads as f64
-            } else {
-                0.0
-            };
+            let (reads, _, writes) = self.stats.totals();
             eprintln!(
-                "host-stats: device={} in-process bar_reads={} bar_read_mean_us={avg:.1} bar_writes={}",
-                self.id, self.bar_reads, self.bar_writes
+                "host-stats: device={} in-process bar_reads={reads} bar_read_mean_us={:.1} bar_writes={writes}",
+                self.id,
+                self.stats.read_mean_us()
             );
+            for l in self.stats.register_lines(&self.id) {
+                eprintln!("{l}");
+            }
         }
         self.func.shutdown();
     }

@@ -6,6 +6,7 @@
 pub mod inprocess;
 pub mod proxy;
 pub mod root;
+pub mod stats;
 
 use pci::ConfigSpace;
 
@@ -43,6 +44,11 @@ pub trait PciDevice: Send {
     /// failure marks the function failed (it reads all-ones), as any other
     /// failed access does.
     fn reset(&mut self) {}
+    /// The function's access counters by register (QMP
+    /// `query-device-stats`), when it keeps them.
+    fn stats(&self) -> Option<serde_json::Value> {
+        None
+    }
     /// Called once when the VM ends or the function is removed.
     fn shutdown(&mut self) {}
 }

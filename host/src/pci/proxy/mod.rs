@@ -1,7 +1,7 @@
 //! A proxy PCI function: the guest sees an ordinary function whose
 //! configuration space and BARs live in a remote process, reached over
 //! vfio-user or mpqemu (QEMU's `x-remote`, or `remote-host --protocol
-//! mpqemu`).
+//! mpqemu`) through one [`Transport`].
 //!
 //! - Configuration reads and writes are forwarded; writes to the BARs and
 //!   the command register are mirrored into a local shadow
@@ -15,61 +15,43 @@
 //!   interrupt and its EOI never pass through the VMM.
 //! - All guest RAM is shared from the memfd (DMA_MAP, or mpqemu
 //!   SYNC_SYSMEM).
-//! - mpqemu specifics: BAR accesses carry absolute addresses (the shadow's
-//!   BAR base plus the offset); configuration accesses with
-//!   `offset + 4 > 256` are not forwarded (QEMU 7.2's `x-remote` shuts
-//!   down on them); and before the first BAR access the remote's BARs and
-//!   command register are checked against the shadow and written again if
-//!   they differ (QEMU 7.2 resets its device after it has started reading
-//!   the socket, which can wipe the VMM's early configuration writes).
 //! - After a transport error the function is dead and reads all-ones.
+//! - Every access is counted by register ([`AccessStats`]).
+
+mod mpqemu;
+pub mod transport;
+mod vfio_user;
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use channel::mpqemu::{MpqemuClient, SysmemRegion};
-use channel::vfio_user::{
-    VfioUserClient, IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_EVENTFD, PCI_CONFIG_REGION_INDEX,
-    PCI_INTX_IRQ_INDEX,
-};
+use anyhow::{Context, Result};
 use kvm_ioctls::VmFd;
-use pci::{regs, BarSpec, BarType, ConfigSpace, Identity};
+use pci::{regs, BarType, ConfigSpace, Identity};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::stats::AccessStats;
 use super::PciDevice;
 use crate::memory::GuestRam;
-
-/// Access counters of one proxy function.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ProxyStats {
-    pub bar_reads: u64,
-    pub bar_read_time: Duration,
-    pub bar_writes: u64,
-    pub config_reads: u64,
-    pub config_writes: u64,
-}
-
-/// The connection to the remote function.
-enum Transport {
-    VfioUser(VfioUserClient),
-    Mpqemu {
-        client: MpqemuClient,
-        /// Whether the remote's BAR placement has been checked against the
-        /// shadow since setup.
-        verified: bool,
-    },
-}
+pub use transport::{BarTarget, Transport};
 
 /// Called once when a function fails: (device id, reason).
 pub type FailHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
+/// What a dialect's setup hands the proxy function.
+pub(crate) struct Setup {
+    transport: Box<dyn Transport>,
+    shadow: ConfigSpace,
+    /// INTx (trigger, resample), when the function has a pin.
+    intx: Option<(EventFd, EventFd)>,
+}
+
 /// One remote function.
 pub struct ProxyFunction {
     id: String,
-    client: Transport,
+    transport: Box<dyn Transport>,
     shadow: ConfigSpace,
     dead: bool,
     /// Set by the supervisor when the remote died or hung: from then on
@@ -78,7 +60,7 @@ pub struct ProxyFunction {
     on_fail: Option<FailHook>,
     /// Kept alive for the irqfd (trigger, resample).
     _intx: Option<(EventFd, EventFd)>,
-    stats: ProxyStats,
+    stats: AccessStats,
 }
 
 fn borrow(e: &EventFd) -> BorrowedFd<'_> {
@@ -125,210 +107,21 @@ impl ProxyFunction {
         vm: &VmFd,
         gsi: u32,
     ) -> Result<ProxyFunction> {
-        match client {
-            crate::remote::RemoteClient::VfioUser(c) => Self::new_vfio_user(id, c, ram, vm, gsi),
+        let setup = match client {
+            crate::remote::RemoteClient::VfioUser(c) => vfio_user::setup(id, c, ram, vm, gsi)?,
             crate::remote::RemoteClient::Mpqemu { client, timeout } => {
-                Self::new_mpqemu(id, client, timeout, ram, vm, gsi)
+                mpqemu::setup(id, client, timeout, ram, vm, gsi)?
             }
-        }
-    }
-
-    fn new_vfio_user(
-        id: &str,
-        mut client: VfioUserClient,
-        ram: &GuestRam,
-        vm: &VmFd,
-        gsi: u32,
-    ) -> Result<ProxyFunction> {
-        let info = client.device_info().context("DEVICE_GET_INFO")?;
-        if info.num_regions <= PCI_CONFIG_REGION_INDEX {
-            bail!("{id}: the remote has no PCI config region");
-        }
-        let mut cfg = [0u8; 256];
-        client
-            .region_read(PCI_CONFIG_REGION_INDEX, 0, &mut cfg)
-            .context("reading config space")?;
-        let mut shadow = ConfigSpace::new(identity_of(&cfg));
-        let mut index = 0u32;
-        while index < 6 {
-            let (ri, _) = client
-                .region_info(index)
-                .with_context(|| format!("region {index} info"))?;
-            let off = regs::BAR0 + index as usize * 4;
-            let flags = cfg[off];
-            let bar_type = if flags & 1 != 0 {
-                BarType::Io
-            } else if flags & 0x6 == 0x4 {
-                BarType::Memory64
-            } else {
-                BarType::Memory32
-            };
-            if ri.size > 0 {
-                shadow
-                    .add_bar(
-                        index as usize,
-                        BarSpec {
-                            bar_type,
-                            size: ri.size,
-                            prefetchable: flags & 0x8 != 0,
-                        },
-                    )
-                    .with_context(|| format!("{id}: BAR {index}"))?;
-            }
-            index += if ri.size > 0 && bar_type == BarType::Memory64 {
-                2
-            } else {
-                1
-            };
-        }
-        for r in &ram.regions {
-            client
-                .dma_map(r.gpa, r.size, ram.fd(), r.fd_offset)
-                .with_context(|| format!("DMA_MAP of guest RAM at {:#x}", r.gpa))?;
-        }
-        let mut intx = None;
-        if cfg[regs::INTERRUPT_PIN] != 0 && info.num_irqs > PCI_INTX_IRQ_INDEX {
-            let irq = client
-                .irq_info(PCI_INTX_IRQ_INDEX)
-                .context("GET_IRQ_INFO")?;
-            if irq.count > 0 {
-                let (trigger, resample) = intx_irqfd(vm, gsi)?;
-                client
-                    .set_irq_eventfds(PCI_INTX_IRQ_INDEX, 0, &[borrow(&trigger)])
-                    .context("SET_IRQS trigger")?;
-                client
-                    .set_irqs(
-                        PCI_INTX_IRQ_INDEX,
-                        IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_UNMASK,
-                        0,
-                        1,
-                        &[],
-                        &[borrow(&resample)],
-                    )
-                    .context("SET_IRQS unmask eventfd")?;
-                intx = Some((trigger, resample));
-            }
-        }
-        Ok(ProxyFunction {
-            id: id.to_owned(),
-            client: Transport::VfioUser(client),
-            shadow,
-            dead: false,
-            remote_failed: None,
-            on_fail: None,
-            _intx: intx,
-            stats: ProxyStats::default(),
-        })
-    }
-
-    /// Setup over mpqemu, in the order of QEMU's `x-pci-proxy-dev`:
-    /// SYNC_SYSMEM, then the probe (config space, BAR sizing), then
-    /// SET_IRQFD. The client's timeout is the startup one (the remote may
-    /// still be starting); `timeout` applies afterwards.
-    fn new_mpqemu(
-        id: &str,
-        mut client: MpqemuClient,
-        timeout: Duration,
-        ram: &GuestRam,
-        vm: &VmFd,
-        gsi: u32,
-    ) -> Result<ProxyFunction> {
-        let regions: Vec<SysmemRegion<'_>> = ram
-            .regions
-            .iter()
-            .map(|r| SysmemRegion {
-                gpa: r.gpa,
-                size: r.size,
-                offset: r.fd_offset,
-                fd: ram.fd(),
-            })
-            .collect();
-        client
-            .sync_sysmem(&regions)
-            .context("SYNC_SYSMEM of guest RAM")?;
-        let mut cfg = [0u8; 256];
-        for off in (0..256u32).step_by(4) {
-            let v = client
-                .config_read(off, 4)
-                .with_context(|| format!("config read at {off:#x}"))?;
-            cfg[off as usize..off as usize + 4].copy_from_slice(&v.to_le_bytes());
-        }
-        client.set_timeout(timeout);
-        let mut shadow = ConfigSpace::new(identity_of(&cfg));
-        if shadow.identity().vendor_id == 0xffff {
-            bail!("{id}: the remote has no function (vendor id 0xffff)");
-        }
-        // BAR sizing, as x-pci-proxy-dev does it: all-ones, read back,
-        // restore.
-        let size_of = |c: &mut MpqemuClient, off: u32| -> Result<(u32, u32)> {
-            let orig = c.config_read(off, 4)?;
-            c.config_write(off, 0xffff_ffff, 4)?;
-            let v = c.config_read(off, 4)?;
-            c.config_write(off, orig, 4)?;
-            Ok((orig, v))
         };
-        let mut index = 0usize;
-        while index < 6 {
-            let off = (regs::BAR0 + index * 4) as u32;
-            let (orig, v) =
-                size_of(&mut client, off).with_context(|| format!("{id}: sizing BAR {index}"))?;
-            let io = orig & 1 != 0;
-            let bar_type = if io {
-                BarType::Io
-            } else if orig & 0x6 == 0x4 {
-                BarType::Memory64
-            } else {
-                BarType::Memory32
-            };
-            let size = match bar_type {
-                BarType::Io => u64::from((!(v & !0x3)).wrapping_add(1) & 0xffff),
-                BarType::Memory32 => u64::from((!(v & !0xf)).wrapping_add(1)),
-                BarType::Memory64 => {
-                    let (_, hi) = size_of(&mut client, off + 4)
-                        .with_context(|| format!("{id}: sizing BAR {}", index + 1))?;
-                    let mask = (u64::from(hi) << 32) | u64::from(v & !0xf);
-                    (!mask).wrapping_add(1)
-                }
-            };
-            let size = if v == 0 { 0 } else { size };
-            if size > 0 {
-                shadow
-                    .add_bar(
-                        index,
-                        BarSpec {
-                            bar_type,
-                            size,
-                            prefetchable: orig & 0x8 != 0 && !io,
-                        },
-                    )
-                    .with_context(|| format!("{id}: BAR {index}"))?;
-            }
-            index += if size > 0 && bar_type == BarType::Memory64 {
-                2
-            } else {
-                1
-            };
-        }
-        let mut intx = None;
-        if cfg[regs::INTERRUPT_PIN] != 0 {
-            let (trigger, resample) = intx_irqfd(vm, gsi)?;
-            client
-                .set_irqfd(borrow(&trigger), borrow(&resample))
-                .context("SET_IRQFD")?;
-            intx = Some((trigger, resample));
-        }
         Ok(ProxyFunction {
             id: id.to_owned(),
-            client: Transport::Mpqemu {
-                client,
-                verified: false,
-            },
-            shadow,
+            transport: setup.transport,
+            shadow: setup.shadow,
             dead: false,
             remote_failed: None,
             on_fail: None,
-            _intx: intx,
-            stats: ProxyStats::default(),
+            _intx: setup.intx,
+            stats: AccessStats::default(),
         })
     }
 
@@ -370,85 +163,33 @@ impl ProxyFunction {
 
     /// The channel's socket (the supervisor polls a duplicate for hang-up).
     pub fn socket_fd(&self) -> std::os::fd::RawFd {
-        match &self.client {
-            Transport::VfioUser(c) => c.socket().as_raw_fd(),
-            Transport::Mpqemu { client, .. } => client.socket().as_raw_fd(),
-        }
+        self.transport.socket_fd()
     }
 
     /// The access counters.
-    pub fn stats(&self) -> ProxyStats {
-        self.stats
+    pub fn access_stats(&self) -> &AccessStats {
+        &self.stats
     }
-}
 
-impl ProxyFunction {
-    /// mpqemu: before the first BAR access, makes sure the remote decodes
-    /// the BARs where the shadow has them (QEMU 7.2's startup reset may
-    /// have wiped the placement). Returns false if the remote failed.
-    fn mpqemu_verify(&mut self) -> bool {
-        let Transport::Mpqemu { client, verified } = &mut self.client else {
-            return true;
-        };
-        if *verified {
-            return true;
+    /// Where an access to BAR `bar` goes, or `None` when the guest may
+    /// not reach the remote (dead, or its BAR placement is lost).
+    fn target(&mut self, bar: usize) -> Option<BarTarget> {
+        if self.unusable() {
+            return None;
         }
-        let shadow = &self.shadow;
-        let want_cmd = shadow.command() & 0x7;
-        let check = |c: &mut MpqemuClient| -> Result<bool, channel::mpqemu::ClientError> {
-            for (index, _) in shadow.bar_specs() {
-                let off = (regs::BAR0 + index * 4) as u32;
-                if c.config_read(off, 4)? != shadow.read_value(off as usize, 4) {
-                    return Ok(false);
-                }
-            }
-            Ok(c.config_read(regs::COMMAND as u32, 2)? & 0x7 == u32::from(want_cmd))
-        };
-        let r = (|| {
-            for attempt in 0..3 {
-                if check(client)? {
-                    return Ok(true);
-                }
-                tracing::warn!(
-                    "{}: the remote lost the BAR placement (attempt {attempt}); writing it again",
-                    self.id
-                );
-                if std::env::var_os("HOST_STATS").is_some() {
-                    eprintln!("host-stats: device={} bar_placement_rewritten=1", self.id);
-                }
-                for (index, spec) in shadow.bar_specs() {
-                    let off = regs::BAR0 + index * 4;
-                    client.config_write(off as u32, shadow.read_value(off, 4), 4)?;
-                    if spec.bar_type == BarType::Memory64 {
-                        client.config_write(off as u32 + 4, shadow.read_value(off + 4, 4), 4)?;
-                    }
-                }
-                let cmd = client.config_read(regs::COMMAND as u32, 2)?;
-                client.config_write(regs::COMMAND as u32, (cmd & !0x7) | u32::from(want_cmd), 2)?;
-            }
-            check(client)
-        })();
-        match r {
-            Ok(true) => {
-                *verified = true;
-                true
-            }
-            Ok(false) => {
-                self.fail("BAR placement", &"the remote does not keep its BARs");
-                false
-            }
-            Err(e) => {
-                self.fail("BAR placement check", &e);
-                false
-            }
+        if let Err(e) = self.transport.before_bar_access(&self.shadow) {
+            self.fail("BAR placement check", &e);
+            return None;
         }
+        Some(BarTarget {
+            index: bar,
+            base: self.shadow.bar_base(bar).unwrap_or(0),
+            memory: self
+                .shadow
+                .bar_spec(bar)
+                .is_some_and(|s| s.bar_type != BarType::Io),
+        })
     }
-}
-
-/// Whether an mpqemu config access may be forwarded: QEMU 7.2's
-/// `x-remote` shuts down on any access with `offset + 4 > 256`.
-fn mpqemu_config_ok(offset: usize, len: usize) -> bool {
-    matches!(len, 1 | 2 | 4) && offset + 4 <= 256
 }
 
 impl PciDevice for ProxyFunction {
@@ -458,23 +199,7 @@ impl PciDevice for ProxyFunction {
             data.fill(0xff);
             return;
         }
-        let r = match &mut self.client {
-            Transport::VfioUser(c) => c
-                .region_read(PCI_CONFIG_REGION_INDEX, offset as u64, data)
-                .map_err(|e| e.to_string()),
-            Transport::Mpqemu { client, .. } => {
-                if mpqemu_config_ok(offset, data.len()) {
-                    client
-                        .config_read(offset as u32, data.len() as u32)
-                        .map(|v| data.copy_from_slice(&v.to_le_bytes()[..data.len()]))
-                        .map_err(|e| e.to_string())
-                } else {
-                    data.fill(0);
-                    Ok(())
-                }
-            }
-        };
-        if let Err(e) = r {
+        if let Err(e) = self.transport.config_read(offset, data) {
             data.fill(0xff);
             self.fail("config read", &e);
         }
@@ -490,53 +215,19 @@ impl PciDevice for ProxyFunction {
         if self.unusable() {
             return;
         }
-        let r = match &mut self.client {
-            Transport::VfioUser(c) => c
-                .region_write(PCI_CONFIG_REGION_INDEX, offset as u64, data)
-                .map_err(|e| e.to_string()),
-            Transport::Mpqemu { client, .. } => {
-                if mpqemu_config_ok(offset, data.len()) {
-                    let mut v = [0u8; 4];
-                    v[..data.len()].copy_from_slice(data);
-                    client
-                        .config_write(offset as u32, u32::from_le_bytes(v), data.len() as u32)
-                        .map_err(|e| e.to_string())
-                } else {
-                    Ok(())
-                }
-            }
-        };
-        if let Err(e) = r {
+        if let Err(e) = self.transport.config_write(offset, data) {
             self.fail("config write", &e);
         }
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
-        if self.unusable() || !self.mpqemu_verify() {
+        let Some(target) = self.target(bar) else {
             data.fill(0xff);
             return;
-        }
-        let t = Instant::now();
-        let r = match &mut self.client {
-            Transport::VfioUser(c) => c
-                .region_read(bar as u32, offset, data)
-                .map_err(|e| e.to_string()),
-            Transport::Mpqemu { client, .. } => {
-                let spec = self.shadow.bar_spec(bar);
-                let base = self.shadow.bar_base(bar).unwrap_or(0);
-                let memory = spec.is_some_and(|s| s.bar_type != BarType::Io);
-                if matches!(data.len(), 1 | 2 | 4 | 8) {
-                    client
-                        .bar_read(base + offset, data.len() as u32, memory)
-                        .map(|v| data.copy_from_slice(&v.to_le_bytes()[..data.len()]))
-                        .map_err(|e| e.to_string())
-                } else {
-                    Err(format!("a {}-byte access", data.len()))
-                }
-            }
         };
-        self.stats.bar_reads += 1;
-        self.stats.bar_read_time += t.elapsed();
+        let t = Instant::now();
+        let r = self.transport.bar_read(target, offset, data);
+        self.stats.read(bar, offset, data.len(), t.elapsed());
         if let Err(e) = r {
             data.fill(0xff);
             self.fail("BAR read", &e);
@@ -544,35 +235,11 @@ impl PciDevice for ProxyFunction {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        if self.unusable() || !self.mpqemu_verify() {
+        let Some(target) = self.target(bar) else {
             return;
-        }
-        self.stats.bar_writes += 1;
-        let r = match &mut self.client {
-            Transport::VfioUser(c) => c
-                .region_write_posted(bar as u32, offset, data)
-                .map_err(|e| e.to_string()),
-            Transport::Mpqemu { client, .. } => {
-                let spec = self.shadow.bar_spec(bar);
-                let base = self.shadow.bar_base(bar).unwrap_or(0);
-                let memory = spec.is_some_and(|s| s.bar_type != BarType::Io);
-                if matches!(data.len(), 1 | 2 | 4 | 8) {
-                    let mut v = [0u8; 8];
-                    v[..data.len()].copy_from_slice(data);
-                    client
-                        .bar_write_posted(
-                            base + offset,
-                            u64::from_le_bytes(v),
-                            data.len() as u32,
-                            memory,
-                        )
-                        .map_err(|e| e.to_string())
-                } else {
-                    Err(format!("a {}-byte access", data.len()))
-                }
-            }
         };
-        if let Err(e) = r {
+        self.stats.write(bar, offset, data.len());
+        if let Err(e) = self.transport.bar_write(target, offset, data) {
             self.fail("BAR write", &e);
         }
     }
@@ -590,82 +257,53 @@ impl PciDevice for ProxyFunction {
         if self.unusable() {
             return None;
         }
-        let r = match &mut self.client {
-            Transport::VfioUser(c) => c.device_info().map(|_| ()).map_err(|e| e.to_string()),
-            Transport::Mpqemu { client, .. } => client
-                .config_read(0, 4)
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-        };
+        let r = self.transport.heartbeat();
         if let Err(e) = &r {
             self.fail("heartbeat", e);
         }
         Some(r)
     }
 
-    /// vfio-user: DEVICE_RESET. mpqemu: DEVICE_RESET too (QEMU's proxy
-    /// sends it on a machine reset since QEMU 6.0, and `x-remote` answers it
-    /// with a cold reset of the device and an empty `RET`); and the BAR
-    /// placement is checked again before the next BAR access, as after
-    /// setup. Either way the shadow forgets the placement: the VMM assigns
-    /// BARs afresh and the writes reach both.
+    /// The transport's device reset; the shadow forgets the placement: the
+    /// VMM assigns BARs afresh and the writes reach both.
     fn reset(&mut self) {
         self.shadow.reset();
         if self.unusable() {
             return;
         }
-        let r = match &mut self.client {
-            Transport::VfioUser(c) => c.reset().map_err(|e| e.to_string()),
-            Transport::Mpqemu { client, verified } => {
-                *verified = false;
-                // Posted writes first: a failure among them belongs to the
-                // old boot.
-                client
-                    .flush()
-                    .and_then(|()| client.reset())
-                    .map_err(|e| e.to_string())
-            }
-        };
-        if let Err(e) = r {
+        if let Err(e) = self.transport.reset() {
             self.fail("device reset", &e);
         }
     }
 
+    fn stats(&self) -> Option<serde_json::Value> {
+        let mut v = self.stats.to_json();
+        v["placement"] = "remote".into();
+        Some(v)
+    }
+
     fn shutdown(&mut self) {
-        let s = self.stats;
-        let avg = if s.bar_reads > 0 {
-            s.bar_read_time.as_secs_f64() * 1e6 / s.bar_reads as f64
-        } else {
-            0.0
-        };
+        let s = &self.stats;
+        let (reads, _, writes) = s.totals();
+        let avg = s.read_mean_us();
         tracing::info!(
-            "{}: {} BAR reads (mean {avg:.1} µs), {} posted BAR writes, {} config reads, {} config writes",
+            "{}: {reads} BAR reads (mean {avg:.1} µs), {writes} posted BAR writes, {} config reads, {} config writes",
             self.id,
-            s.bar_reads,
-            s.bar_writes,
             s.config_reads,
             s.config_writes
         );
-        let mut posted_failures = 0;
         // The remote sees EOF, drops this client and (when spawned for us
-        // on an inherited fd) exits. QEMU's x-remote exits at EOF too.
-        match &mut self.client {
-            Transport::VfioUser(c) => {
-                let _ = c.socket().shutdown(std::net::Shutdown::Both);
-            }
-            Transport::Mpqemu { client, .. } => {
-                if !self.dead {
-                    let _ = client.flush();
-                }
-                posted_failures = client.posted_failures();
-                let _ = client.socket().shutdown(std::net::Shutdown::Both);
-            }
-        }
+        // on an inherited fd) exits.
+        let healthy = !self.dead;
+        let posted_failures = self.transport.close(healthy);
         if std::env::var_os("HOST_STATS").is_some() {
             eprintln!(
-                "host-stats: device={} bar_reads={} bar_read_mean_us={avg:.1} bar_writes={} config_reads={} config_writes={} posted_failures={posted_failures}",
-                self.id, s.bar_reads, s.bar_writes, s.config_reads, s.config_writes
+                "host-stats: device={} bar_reads={reads} bar_read_mean_us={avg:.1} bar_writes={writes} config_reads={} config_writes={} posted_failures={posted_failures}",
+                self.id, s.config_reads, s.config_writes
             );
+            for l in s.register_lines(&self.id) {
+                eprintln!("{l}");
+            }
         }
         self.dead = true;
     }
