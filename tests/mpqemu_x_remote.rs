@@ -11,7 +11,7 @@
 //!
 //! QEMU 7.2 often exits with "Bad address febf0034 for mem read" on the
 //! first BAR access right after the configuration writes that place the
-//! BAR (`/work/shared/docs/protocols.md` §3). The test then starts a fresh
+//! BAR (the shared `protocols.md` §3). The test then starts a fresh
 //! remote and tries again, and says so on its output.
 
 #![allow(clippy::unwrap_used, clippy::panic)]

@@ -15,7 +15,11 @@
 //! `lsi-compare check` runs the shared LSI guest job (write/read/file
 //! system) on each and exits non-zero if any fails. `lsi-compare bench`
 //! runs timed `dd` jobs on each and prints a table with ratios against
-//! `qemu-lsi`.
+//! `qemu-lsi` (and writes it as JSON to `$LSI_COMPARE_JSON` when set).
+//! `lsi-compare profile` runs our VMM with the plugin in a remote and
+//! in-process on three jobs (boot only, 4 KiB direct reads, 4 KiB direct
+//! writes) and prints what one I/O costs: BAR reads and writes per
+//! register, and how long the vCPU waited for each read.
 
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -136,10 +140,15 @@ fn run_host(env: &Env, variant: Variant, image: &Path, job: &str, dir: &Path) ->
             .arg(format!("storage={}", inheritable(&vmm_end)?));
         _vmm_end = Some(vmm_end);
     }
+    let stats = dir.join(format!("{}-host-stats.log", variant.name()));
+    if std::env::var_os("HOST_STATS").is_some() {
+        host.stderr(fs::File::create(&stats)?);
+    } else {
+        host.stderr(Stdio::inherit());
+    }
     let mut child = host
         .stdin(Stdio::null())
         .stdout(fs::File::create(&console)?)
-        .stderr(Stdio::inherit())
         .spawn()
         .context("spawning host")?;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -359,10 +368,13 @@ fn main() -> ExitCode {
 
 fn run() -> Result<ExitCode> {
     let mode = std::env::args().nth(1).unwrap_or_default();
-    if mode != "check" && mode != "bench" {
-        bail!("usage: lsi-compare check|bench");
+    if mode != "check" && mode != "bench" && mode != "profile" {
+        bail!("usage: lsi-compare check|bench|profile");
     }
     let env = Env::load_default().context("test environment (run `testenv prepare`)")?;
+    if mode == "profile" {
+        return profile(&env);
+    }
     // Inside the nested L1, /tmp is a tmpfs: images there avoid 9p (slow
     // under emulation); elsewhere they go under target/.
     let base = if std::env::var_os("TESTENV_L1").is_some() {
@@ -465,6 +477,11 @@ fn run() -> Result<ExitCode> {
             print!("{secs:>12.1}{:>8.2}", secs / base);
         }
         println!();
+        if let Some(path) = std::env::var_os("LSI_COMPARE_JSON") {
+            fs::write(&path, bench_json(&table).to_string())
+                .with_context(|| format!("writing {}", Path::new(&path).display()))?;
+            println!("(table as JSON: {})", Path::new(&path).display());
+        }
     }
     if std::env::var_os("LSI_COMPARE_KEEP").is_some() {
         for v in Variant::ALL {
@@ -478,4 +495,203 @@ fn run() -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The bench table as JSON: the columns, and per row each column's
+/// seconds and its ratio to the first column (QEMU's in-process LSI) and
+/// to our in-process LSI.
+fn bench_json(table: &[BenchRow]) -> serde_json::Value {
+    let columns: Vec<&str> = table.iter().map(|(v, _, _)| v.name()).collect();
+    let mut rows: Vec<(String, Vec<f64>)> = table[0]
+        .2
+        .iter()
+        .map(|(job, _)| {
+            let secs = table
+                .iter()
+                .map(|(_, _, times)| {
+                    times
+                        .iter()
+                        .find(|(n, _)| n == job)
+                        .map_or(f64::NAN, |(_, t)| *t)
+                })
+                .collect();
+            (job.clone(), secs)
+        })
+        .collect();
+    rows.push((
+        "whole boot+job".into(),
+        table.iter().map(|(_, secs, _)| *secs).collect(),
+    ));
+    let inproc = columns.iter().position(|c| *c == "host-inproc");
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|(job, secs)| {
+            let ratio = |base: Option<f64>| -> Vec<Option<f64>> {
+                secs.iter()
+                    .map(|s| base.map(|b| s / b).filter(|r| r.is_finite()))
+                    .collect()
+            };
+            serde_json::json!({
+                "job": job,
+                "seconds": secs.iter().map(|s| s.is_finite().then_some(*s)).collect::<Vec<_>>(),
+                "ratio-to-qemu-lsi": ratio(secs.first().copied()),
+                "ratio-to-host-inproc": ratio(inproc.map(|i| secs[i])),
+            })
+        })
+        .collect();
+    serde_json::json!({"columns": columns, "rows": rows})
+}
+
+/// How many 4 KiB I/Os each profile job does.
+const PROFILE_IOS: u32 = 1000;
+
+/// The profile jobs: boot and probe only, then that plus N reads or N
+/// writes; what an I/O costs is the difference over N.
+fn profile_job(kind: &str) -> String {
+    let io = match kind {
+        "read" => format!("dd if=/dev/sda of=/dev/null bs=4k count={PROFILE_IOS} iflag=direct"),
+        "write" => {
+            format!("dd if=/dev/zero of=/dev/sda bs=4k count={PROFILE_IOS} seek=8192 oflag=direct")
+        }
+        _ => "true".into(),
+    };
+    format!(
+        r#"
+i=0
+while [ ! -b /dev/sda ] && [ $i -lt 600 ]; do
+    [ -e /sys/block/sda/dev ] && mknod /dev/sda b $(cut -d: -f1 /sys/block/sda/dev) $(cut -d: -f2 /sys/block/sda/dev)
+    sleep 0.1; i=$((i+1))
+done
+[ -b /dev/sda ] || {{ echo "no /dev/sda"; exit 1; }}
+s=$(cut -d' ' -f1 /proc/uptime)
+{io} 2>/dev/null || exit 2
+e=$(cut -d' ' -f1 /proc/uptime)
+echo "TIME io $s $e"
+"#
+    )
+}
+
+/// Register counters from `HOST_STATS` lines: (bar, offset, size) →
+/// (reads, mean read µs, writes).
+type RegisterProfile = std::collections::BTreeMap<(u8, u64, u8), (f64, f64, f64)>;
+
+fn parse_register_stats(text: &str) -> RegisterProfile {
+    let mut out = RegisterProfile::new();
+    for l in text.lines().filter(|l| l.contains(" register bar=")) {
+        let field = |k: &str| -> Option<&str> {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+        };
+        let (Some(bar), Some(off), Some(size)) = (field("bar"), field("offset"), field("size"))
+        else {
+            continue;
+        };
+        let off = u64::from_str_radix(off.trim_start_matches("0x"), 16).unwrap_or(0);
+        let num = |k: &str| field(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        out.insert(
+            (bar.parse().unwrap_or(0), off, size.parse().unwrap_or(0)),
+            (num("reads"), num("read_mean_us"), num("writes")),
+        );
+    }
+    out
+}
+
+/// Names of the LSI registers a Linux driver touches on its I/O path
+/// (offsets of BAR 1, the MMIO alias of the registers).
+fn lsi_register_name(offset: u64) -> &'static str {
+    match offset {
+        0x0c => "DSTAT",
+        0x10 => "DSA",
+        0x14 => "ISTAT",
+        0x2c => "DSP",
+        0x30 => "DSPS",
+        0x34 => "SCRATCHA",
+        0x42 => "SIST0",
+        0x43 => "SIST1",
+        0x5c => "SCRATCHB",
+        _ => "",
+    }
+}
+
+fn profile(env: &Env) -> Result<ExitCode> {
+    std::env::set_var("HOST_STATS", "1");
+    let base = if std::env::var_os("TESTENV_L1").is_some() {
+        PathBuf::from("/tmp")
+    } else {
+        testenv::workspace_root().join("target")
+    };
+    let dir = base.join(format!("lsi-profile-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    // (variant, job) → (registers, guest seconds of the I/O phase)
+    let mut runs: Vec<(Variant, &str, RegisterProfile, f64)> = Vec::new();
+    for v in [Variant::HostRemote, Variant::HostInProcess] {
+        for kind in ["idle", "read", "write"] {
+            let image = dir.join(format!("{}-{kind}.img", v.name()));
+            make_lsi_image(&image);
+            let r = run_host(env, v, &image, &profile_job(kind), &dir)?;
+            if r.status != 0 {
+                bail!("{} {kind}: guest job failed:\n{}", v.name(), r.output);
+            }
+            let stats = fs::read_to_string(dir.join(format!("{}-host-stats.log", v.name())))?;
+            let secs = parse_times(&r).first().map_or(f64::NAN, |(_, t)| *t);
+            runs.push((v, kind, parse_register_stats(&stats), secs));
+            println!("RESULT {} {kind} ok", v.name());
+        }
+    }
+    let find = |v: Variant, kind: &str| {
+        runs.iter()
+            .find(|(rv, k, _, _)| *rv == v && *k == kind)
+            .map(|(_, _, p, s)| (p.clone(), *s))
+    };
+    let n = f64::from(PROFILE_IOS);
+    for kind in ["read", "write"] {
+        println!("\nOne 4 KiB direct {kind} at queue depth 1 (over {PROFILE_IOS} I/Os):");
+        let (Some((idle, _)), Some((job, secs_r)), Some((job_in, secs_i))) = (
+            find(Variant::HostRemote, "idle"),
+            find(Variant::HostRemote, kind),
+            find(Variant::HostInProcess, kind),
+        ) else {
+            bail!("a profile run is missing");
+        };
+        println!(
+            "{:<22}{:>10}{:>10}{:>16}{:>16}",
+            "register", "reads/io", "writes/io", "read us remote", "read us inproc"
+        );
+        let (mut total_r, mut total_w, mut wait_r, mut wait_i) = (0.0, 0.0, 0.0, 0.0);
+        for (key, (reads, mean, writes)) in &job {
+            let (r0, _, w0) = idle.get(key).copied().unwrap_or_default();
+            let (reads_io, writes_io) = ((reads - r0) / n, (writes - w0) / n);
+            if reads_io < 0.01 && writes_io < 0.01 {
+                continue;
+            }
+            let mean_in = job_in.get(key).map_or(f64::NAN, |(_, m, _)| *m);
+            total_r += reads_io;
+            total_w += writes_io;
+            wait_r += reads_io * mean;
+            wait_i += reads_io * mean_in;
+            let name = format!(
+                "bar{} {:#04x}/{} {}",
+                key.0,
+                key.1,
+                key.2,
+                lsi_register_name(key.1)
+            );
+            println!(
+                "{name:<22}{reads_io:>10.2}{writes_io:>10.2}{mean:>16.1}{mean_in:>16.1}"
+            );
+        }
+        println!(
+            "{:<22}{total_r:>10.2}{total_w:>10.2}",
+            "all registers"
+        );
+        println!(
+            "time per I/O (guest): remote {:.1} us, in-process {:.1} us; of which the vCPU waited on BAR reads: remote {:.1} us, in-process {:.1} us",
+            secs_r * 1e6 / n,
+            secs_i * 1e6 / n,
+            wait_r,
+            wait_i
+        );
+    }
+    fs::remove_dir_all(&dir).ok();
+    Ok(ExitCode::SUCCESS)
 }
