@@ -9,7 +9,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 
 use anyhow::{bail, Context, Result};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
@@ -74,13 +74,29 @@ impl GuestRam {
         let name = CString::new("guest-ram").context("memfd name")?;
         // SAFETY: memfd_create with a valid NUL-terminated name; the
         // returned fd (checked) is owned by the File below.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if fd < 0 {
             return Err(std::io::Error::last_os_error()).context("memfd_create");
         }
         // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
         let memfd = unsafe { File::from_raw_fd(fd) };
         memfd.set_len(size).context("sizing guest RAM memfd")?;
+        // Remotes map it: none may change its size under the others (a
+        // shrink would turn their DMA into SIGBUS), and the seals are final.
+        // SAFETY: F_ADD_SEALS on the memfd just created; no memory is
+        // touched.
+        let sealed = unsafe {
+            libc::fcntl(
+                memfd.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        };
+        if sealed < 0 {
+            return Err(std::io::Error::last_os_error()).context("sealing the guest RAM memfd");
+        }
         let regions = layout(size);
         let mut mapped = Vec::new();
         for r in &regions {
@@ -115,6 +131,22 @@ impl GuestRam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_ram_cannot_be_resized_by_anyone() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        // SAFETY: F_GET_SEALS reads an integer.
+        let seals = unsafe { libc::fcntl(ram.memfd.as_raw_fd(), libc::F_GET_SEALS) };
+        assert_eq!(
+            seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL),
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL
+        );
+        assert!(ram.memfd.set_len(4096).is_err(), "shrinking a sealed memfd");
+        assert!(
+            ram.memfd.set_len(32 << 20).is_err(),
+            "growing a sealed memfd"
+        );
+    }
 
     #[test]
     fn layout_splits_around_the_hole() {

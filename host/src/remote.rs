@@ -467,8 +467,7 @@ fn connect_inner(
     }
     // No device or several: a private socket directory, one socket per
     // device.
-    let rundir = std::env::temp_dir().join(format!("host-{}-{}", std::process::id(), r.id));
-    std::fs::create_dir_all(&rundir).with_context(|| format!("{}", rundir.display()))?;
+    let rundir = private_dir(&format!("host-{}-", r.id))?;
     cmd.arg("--socket").arg(&rundir);
     // SAFETY: prctl, fcntl and dup2 are async-signal-safe; the fd stays
     // open until the child has exec'd.
@@ -506,4 +505,47 @@ fn connect_inner(
         control: control(startup_timeout(opts.timeout)),
         control_hangup,
     })
+}
+
+/// A new directory only this user can enter, with an unguessable name
+/// (mkdtemp: created atomically with mode 0700, never an existing one), in
+/// the temporary directory: where a remote's device sockets go. A name
+/// another local user could predict and create first would let them
+/// receive the guest's RAM through a socket of their own.
+pub fn private_dir(prefix: &str) -> Result<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let template = std::env::temp_dir().join(format!("{prefix}XXXXXX"));
+    let mut bytes = std::ffi::CString::new(template.into_os_string().into_vec())
+        .context("temporary directory path")?
+        .into_bytes_with_nul();
+    // SAFETY: `bytes` is a NUL-terminated template ending in XXXXXX that
+    // mkdtemp rewrites in place; it lives across the call.
+    let p = unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("creating a private directory for {prefix}"));
+    }
+    bytes.pop();
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+}
+
+#[cfg(test)]
+mod private_dir_tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn private_dirs_are_new_and_only_ours() {
+        let a = private_dir("host-test-").unwrap();
+        let b = private_dir("host-test-").unwrap();
+        assert_ne!(a, b);
+        for d in [&a, &b] {
+            let m = std::fs::metadata(d).unwrap();
+            assert!(m.is_dir());
+            assert_eq!(m.mode() & 0o777, 0o700, "{}", d.display());
+            // SAFETY: geteuid has no preconditions.
+            assert_eq!(m.uid(), unsafe { libc::geteuid() });
+            std::fs::remove_dir(d).unwrap();
+        }
+    }
 }

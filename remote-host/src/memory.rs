@@ -31,6 +31,55 @@ pub enum MemoryError {
     /// No region matches exactly.
     #[error("no mapped region at {gpa:#x} of {size:#x} bytes")]
     NotMapped { gpa: u64, size: u64 },
+    /// The peer claims more of the file than the file has: mapping it would
+    /// turn a DMA past the file's end into SIGBUS for the whole process.
+    #[error("region of {size:#x} bytes at file offset {offset:#x} ends past the end of the file ({file_size:#x} bytes)")]
+    PastEnd {
+        offset: u64,
+        size: u64,
+        file_size: u64,
+    },
+    /// The fd is not a regular file or memfd (its size cannot be checked).
+    #[error("guest memory must be a memfd or a regular file")]
+    NotAFile,
+}
+
+/// Checks that `offset..offset+size` lies inside the file behind `fd`.
+/// A file that is not sealed against shrinking could still be cut short
+/// later by its owner (our VMM seals its memfd; QEMU's memfd backends seal
+/// by default): that is logged, as the one way left for a peer to make a
+/// DMA fault.
+fn check_file_size(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<(), MemoryError> {
+    let file = std::fs::File::from(fd.try_clone_to_owned().map_err(|errno| MemoryError::Map {
+        offset,
+        size,
+        errno,
+    })?);
+    let meta = file.metadata().map_err(|errno| MemoryError::Map {
+        offset,
+        size,
+        errno,
+    })?;
+    if !meta.file_type().is_file() {
+        return Err(MemoryError::NotAFile);
+    }
+    let file_size = meta.len();
+    if offset.checked_add(size).is_none_or(|end| end > file_size) {
+        return Err(MemoryError::PastEnd {
+            offset,
+            size,
+            file_size,
+        });
+    }
+    // SAFETY: F_GET_SEALS on a valid fd reads an integer; nothing else.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        tracing::warn!(
+            "guest memory at file offset {offset:#x} is not sealed against shrinking: \
+             if its owner truncates it, a DMA there faults"
+        );
+    }
+    Ok(())
 }
 
 /// One mmap of guest RAM.
@@ -103,6 +152,7 @@ impl GuestRam {
             size,
             errno: std::io::Error::from_raw_os_error(libc::EINVAL),
         })?;
+        check_file_size(fd, offset, size)?;
         let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
         if regions
             .iter()
@@ -247,6 +297,36 @@ mod tests {
         assert_eq!(&got, b"world");
     }
 
+    /// A peer that claims more of the file than there is gets an error,
+    /// not a mapping whose tail raises SIGBUS on the first DMA there.
+    #[test]
+    fn a_region_past_the_end_of_its_file_is_refused() {
+        let f = memfd(0x2000);
+        let ram = GuestRam::new();
+        let e = ram.map(f.as_fd(), 0x1000, 0x2000, 0x10_0000, true);
+        assert!(
+            matches!(
+                e,
+                Err(MemoryError::PastEnd {
+                    file_size: 0x2000,
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        let e = ram.map(f.as_fd(), u64::MAX - 0xfff, 0x1000, 0x10_0000, true);
+        assert!(e.is_err(), "{e:?}");
+        assert!(ram.regions().is_empty());
+        // What fits is still mapped.
+        ram.map(f.as_fd(), 0x1000, 0x1000, 0x10_0000, true).unwrap();
+        // A pipe is not memory.
+        let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(matches!(
+            ram.map(r.as_fd(), 0, 0x1000, 0x20_0000, true),
+            Err(MemoryError::NotAFile)
+        ));
+    }
+
     #[test]
     fn access_outside_shared_memory_is_an_error() {
         let f = memfd(0x2000);
@@ -296,7 +376,7 @@ mod tests {
 
     #[test]
     fn bad_fd_or_offset_is_an_error() {
-        let f = memfd(0x1000);
+        let f = memfd(0x2000);
         let ram = GuestRam::new();
         // Offset not page aligned.
         assert!(matches!(
