@@ -14,6 +14,7 @@ pub mod devices;
 pub mod irq;
 pub mod logging;
 pub mod memory;
+pub mod new_plugin;
 pub mod sandbox;
 pub mod serve_mpqemu;
 pub mod serve_vfio_user;

@@ -35,6 +35,23 @@ enum Command {
         #[arg(long = "plugin-dir")]
         plugin_dirs: Vec<PathBuf>,
     },
+    /// Writes a new plugin crate to start from, outside any workspace:
+    /// a device with one register BAR, a setting, a control operation,
+    /// and tests run linked and from the .so (docs/plugins.md).
+    NewPlugin {
+        /// The plugin's name, also its crate's (its library is
+        /// lib<NAME with - as _>.so): lowercase letters, digits and `-`.
+        name: String,
+        /// Where to write it (default: ./NAME); must not exist or be empty.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The plugin-api to depend on: the path of its crate directory,
+        /// or a version. Default: the checkout this remote-host was built
+        /// in, when it runs from that checkout's target/, else this
+        /// remote-host's plugin-api version (the ABI it loads).
+        #[arg(long = "plugin-api")]
+        plugin_api: Option<String>,
+    },
     /// Serves the devices of one remote on a socket or an inherited fd.
     Serve {
         #[arg(long)]
@@ -155,6 +172,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::NewPlugin {
+            name,
+            dir,
+            plugin_api,
+        } => {
+            let api = match plugin_api {
+                Some(a) => remote_host::new_plugin::PluginApi::parse(&a)?,
+                None => remote_host::new_plugin::PluginApi::default_for_this_host(),
+            };
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            remote_host::new_plugin::write(&name, &dir, &api)?;
+            println!(
+                "created plugin `{name}` in {} (plugin-api: {api})",
+                dir.display()
+            );
+            println!(
+                "next: cd {} && cargo test && cargo build && remote-host plugins --plugin-dir target/debug",
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Serve {
             config,
