@@ -24,9 +24,10 @@
 //! Settings (the device's table in the VM config, see [`Settings`]):
 //! `max-transfer = 1048576` (bytes).
 //!
-//! Control operation (from the VMM's operator, e.g. QMP's
-//! `device-control`): `set-max-transfer {"bytes": N}` replies
-//! `{"max-transfer": N, "previous": M}`.
+//! Control operation (`Device::control`, asked for by the VMM's operator,
+//! not the guest; the harness's `TestBench::control` calls it):
+//! `set-max-transfer {"bytes": N}` replies `{"max-transfer": N,
+//! "previous": M}`.
 //!
 //! The crate depends on `plugin-api` alone: settings and control arguments
 //! are deserialized for it, the test macro is `plugin_api::plugin_tests!`.
