@@ -53,9 +53,21 @@ pub struct Chip {
     pub(crate) bus: Bus,
     pub(crate) targets: BTreeMap<u8, Arc<ScsiDisk>>,
     pub(crate) worker: Option<WorkerHandle>,
-    /// Instructions the processor may run before it pauses.
+    /// Work units a run may do before it pauses (see
+    /// [`crate::scripts::DEFAULT_BUDGET`]).
     pub(crate) budget: u32,
+    /// A memory move still copying: it goes on in later steps (and runs),
+    /// so one instruction never copies more than a step's share.
+    pub(crate) pending_move: Option<PendingMove>,
     pub(crate) stats: Stats,
+}
+
+/// The rest of a MEMORY MOVE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingMove {
+    pub source: u32,
+    pub dest: u32,
+    pub remaining: u32,
 }
 
 /// Counters for the log at shutdown (and for tuning).
@@ -67,6 +79,13 @@ pub struct Stats {
     pub instructions: u64,
     pub commands: u64,
     pub reselections: u64,
+    /// Bytes SCRIPTS memory moves copied.
+    pub bytes_moved: u64,
+    /// The most work units one run did (the budget bounds it, give or take
+    /// one step): what a BAR access that starts SCRIPTS can cost.
+    pub max_run_work: u64,
+    /// The most bytes one run's memory moves copied.
+    pub max_run_bytes: u64,
 }
 
 impl Chip {
@@ -86,6 +105,7 @@ impl Chip {
             targets,
             worker: None,
             budget: crate::scripts::DEFAULT_BUDGET,
+            pending_move: None,
             stats: Stats::default(),
         };
         chip.soft_reset();
@@ -157,6 +177,7 @@ impl Chip {
         self.regs[GPREG] = 0x0f;
         self.state = RunState::Stopped;
         self.start_pending = false;
+        self.pending_move = None;
         self.carry = false;
         self.cancel_all_requests();
         self.bus.reset();

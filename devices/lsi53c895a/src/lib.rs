@@ -265,6 +265,25 @@ impl Lsi53c895a {
         Ok(json!({"scsi-id": a.scsi_id, "capacity": capacity(&disk)}))
     }
 
+    /// The chip's counters: BAR accesses, SCRIPTS runs and instructions,
+    /// commands, reselections, bytes memory moves copied, and the most work
+    /// one run did (bounded by the SCRIPTS budget).
+    fn stats(&self) -> Value {
+        let s = self.chip().stats;
+        json!({
+            "bar-reads": s.bar_reads,
+            "bar-writes": s.bar_writes,
+            "scripts-runs": s.scripts_runs,
+            "instructions": s.instructions,
+            "commands": s.commands,
+            "reselections": s.reselections,
+            "bytes-moved": s.bytes_moved,
+            "max-run-work": s.max_run_work,
+            "max-run-bytes": s.max_run_bytes,
+            "budget": scripts::DEFAULT_BUDGET,
+        })
+    }
+
     fn drive_list(&self) -> Value {
         let chip = self.chip();
         let list: Vec<Value> = chip
@@ -352,8 +371,9 @@ impl Device for Lsi53c895a {
             "drive-resize" => control::call(op, args, |a| self.drive_resize(a)),
             // Arguments ignored, as before typed arguments.
             "drive-list" => Ok(self.drive_list()),
+            "stats" => Ok(self.stats()),
             _ => Err(format!(
-                "lsi53c895a has no control operation `{op}` (it has drive-add, drive-del, drive-resize, drive-list)"
+                "lsi53c895a has no control operation `{op}` (it has drive-add, drive-del, drive-resize, drive-list, stats)"
             )),
         }
     }

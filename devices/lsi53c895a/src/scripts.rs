@@ -1,15 +1,24 @@
-//! The SCRIPTS processor: fetch, decode, execute, with an instruction
-//! budget so that guest SCRIPTS that never wait cannot hold the caller (a
-//! vCPU inside a BAR write) for long. When the budget runs out the
-//! processor pauses and the I/O worker resumes it a moment later.
+//! The SCRIPTS processor: fetch, decode, execute, with a work budget so
+//! that guest SCRIPTS that never wait cannot hold the caller (a vCPU inside
+//! a BAR write) for long. Work is counted in instructions and in bytes
+//! copied: a MEMORY MOVE of up to 16 MiB is split into steps of
+//! [`MOVE_STEP`] bytes, each costing its share, so neither a loop of small
+//! instructions nor a loop of huge moves runs long. When the budget runs
+//! out the processor pauses and the I/O worker resumes it a moment later.
 
-use crate::chip::{Chip, RunState};
+use crate::chip::{Chip, PendingMove, RunState};
 use crate::instruction::{phase, sext24, AluOp, Condition, Instruction, IoOp, RwOp, TcOp};
 use crate::regs::*;
 use crate::worker::WorkerMsg;
 
-/// Instructions per run before pausing.
+/// Work units per run before pausing: one per instruction, and one per
+/// [`BYTES_PER_UNIT`] bytes a memory move copies (so at most about 2.5 MiB
+/// of copying per run).
 pub const DEFAULT_BUDGET: u32 = 10_000;
+/// Bytes of memory move that cost one work unit.
+pub const BYTES_PER_UNIT: u32 = 256;
+/// The most a memory move copies in one step.
+pub const MOVE_STEP: u32 = 64 << 10;
 
 /// Why a step could not go on: a bus fault on a DMA the chip made.
 struct BusFault;
@@ -26,6 +35,7 @@ impl Chip {
     pub fn kick(&mut self) {
         if self.start_pending && self.state != RunState::Running {
             self.start_pending = false;
+            self.pending_move = None;
             self.run();
         } else if self.state == RunState::WaitReselect && self.reselect_ready() {
             self.run();
@@ -47,8 +57,10 @@ impl Chip {
         self.state = RunState::Running;
         self.stats.scripts_runs += 1;
         let mut executed = 0u32;
+        let mut work = 0u64;
+        let moved_at_start = self.stats.bytes_moved;
         while self.state == RunState::Running {
-            if executed >= self.budget {
+            if work >= u64::from(self.budget) {
                 self.state = RunState::Paused;
                 if let Some(w) = &self.worker {
                     w.send(WorkerMsg::Resume);
@@ -56,13 +68,35 @@ impl Chip {
                 break;
             }
             executed += 1;
-            if self.step().is_err() {
+            let moved_before = self.stats.bytes_moved;
+            let r = match self.pending_move {
+                Some(m) => self.continue_move(m),
+                None => self.step(),
+            };
+            if r.is_err() {
+                self.pending_move = None;
                 self.dma_interrupt(DSTAT_BF);
             }
-            if self.state == RunState::Running && self.regs[DCNTL] & DCNTL_SSM != 0 {
+            work += 1 + (self.stats.bytes_moved - moved_before) / u64::from(BYTES_PER_UNIT);
+            // Single-step mode stops between instructions, not inside a
+            // move's steps.
+            if self.state == RunState::Running
+                && self.pending_move.is_none()
+                && self.regs[DCNTL] & DCNTL_SSM != 0
+            {
                 self.dma_interrupt(DSTAT_SSI);
             }
         }
+        if self.state != RunState::Paused {
+            // Stopped, aborted, reset, or waiting: a move cannot outlive
+            // the run that was copying it.
+            self.pending_move = None;
+        }
+        self.stats.max_run_work = self.stats.max_run_work.max(work);
+        self.stats.max_run_bytes = self
+            .stats
+            .max_run_bytes
+            .max(self.stats.bytes_moved - moved_at_start);
         if self.regs[DSTAT] & (DSTAT_IID | DSTAT_BF) != 0 {
             // Worth a line in the log: the guest's SCRIPTS went wrong.
             self.host.debug(&format!(
@@ -468,21 +502,38 @@ impl Chip {
     fn memory_move(&mut self, count: u32, source: u32, dest: u32) -> Result<(), BusFault> {
         // Snapshot of the length: a move that rewrites DBC through our own
         // registers cannot change how much this instruction copies.
-        let total = count as usize;
+        self.continue_move(PendingMove {
+            source,
+            dest,
+            remaining: count,
+        })
+    }
+
+    /// Copies up to [`MOVE_STEP`] bytes of `m`; what is left stays pending
+    /// for the next step (of this run, or of the run that resumes it).
+    fn continue_move(&mut self, m: PendingMove) -> Result<(), BusFault> {
+        let total = m.remaining.min(MOVE_STEP) as usize;
         let mut done = 0usize;
         let mut buf = vec![0u8; total.min(4096)];
         while done < total {
             let n = (total - done).min(buf.len());
             let chunk = &mut buf[..n];
-            self.dma_read(u64::from(source.wrapping_add(done as u32)), chunk)?;
+            self.dma_read(u64::from(m.source.wrapping_add(done as u32)), chunk)?;
             let data = chunk.to_vec();
-            self.dma_write(u64::from(dest.wrapping_add(done as u32)), &data)?;
+            self.dma_write(u64::from(m.dest.wrapping_add(done as u32)), &data)?;
             done += n;
+            self.stats.bytes_moved += n as u64;
             if self.state != RunState::Running {
                 break; // the copy reset or aborted the chip
             }
         }
-        self.set_dnad(dest.wrapping_add(done as u32));
+        let rest = m.remaining - done as u32;
+        self.pending_move = (rest > 0 && self.state == RunState::Running).then_some(PendingMove {
+            source: m.source.wrapping_add(done as u32),
+            dest: m.dest.wrapping_add(done as u32),
+            remaining: rest,
+        });
+        self.set_dnad(m.dest.wrapping_add(done as u32));
         Ok(())
     }
 

@@ -67,6 +67,92 @@ fn endless_loops_pause_on_the_budget_and_can_be_aborted() {
     assert_eq!(stopped, tb.r8(SCRATCHA), "stopped for good");
 }
 
+/// What one run may cost: the budget, plus the one step that crossed it.
+fn run_work_bound() -> u64 {
+    u64::from(
+        lsi53c895a::scripts::DEFAULT_BUDGET
+            + lsi53c895a::scripts::MOVE_STEP / lsi53c895a::scripts::BYTES_PER_UNIT
+            + 1,
+    )
+}
+
+/// What one run may copy: the budget's worth, plus the step that crossed
+/// it.
+fn run_bytes_bound() -> u64 {
+    u64::from(lsi53c895a::scripts::DEFAULT_BUDGET) * u64::from(lsi53c895a::scripts::BYTES_PER_UNIT)
+        + u64::from(lsi53c895a::scripts::MOVE_STEP)
+}
+
+fn stat(tb: &mut plugin_api::harness::TestBench, name: &str) -> u64 {
+    tb.control("stats", &serde_json::Value::Null).unwrap()[name]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn a_memory_move_of_megabytes_is_split_and_still_right() {
+    let mut tb = linked("");
+    let src = 0x40_0000u64;
+    let dst = 0x80_0000u64;
+    let len = 3 << 20;
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4099) as u8).collect();
+    tb.ram().write_all(src, &data);
+    let mut a = Asm::new();
+    a.mem_move(len as u32, src, dst).int(9);
+    tb.run(&a);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tb.r8(DSTAT) & 0x04 == 0 {
+        assert!(Instant::now() < deadline, "the move never finished");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(tb.r32(DSPS), 9);
+    assert_eq!(
+        tb.ram().read_vec(dst, len),
+        data,
+        "copied across steps and runs"
+    );
+    assert_eq!(stat(&mut tb, "bytes-moved"), len as u64);
+    let most = stat(&mut tb, "max-run-work");
+    assert!(most <= run_work_bound(), "one run did {most} units");
+}
+
+#[test]
+fn a_loop_of_huge_memory_moves_never_holds_a_bar_access() {
+    // The attack of issue 11: 8 MiB moves in an endless loop used to run
+    // inside the DSP write that started them (seconds per access).
+    let mut tb = linked("");
+    tb.w8(DIEN, 0x10);
+    let mut a = Asm::new();
+    a.mem_move(8 << 20, 0x40_0000, 0x80_0000).jump(SCRIPT);
+    tb.run(&a);
+    // It goes on in slices on the worker: wait (bounded) for 32 MiB.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stat(&mut tb, "bytes-moved") < 32 << 20 {
+        assert!(Instant::now() < deadline, "the loop never made progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    tb.w8(ISTAT0, 0x80);
+    assert_eq!(u64::from(tb.r8(DSTAT)) & DSTAT_ABRT, DSTAT_ABRT);
+    tb.w8(ISTAT0, 0);
+    tb.settle();
+    let most = stat(&mut tb, "max-run-work");
+    assert!(
+        most <= run_work_bound(),
+        "one run did {most} work units (bound {})",
+        run_work_bound()
+    );
+    let bytes = stat(&mut tb, "max-run-bytes");
+    assert!(
+        bytes <= run_bytes_bound(),
+        "one run copied {bytes} bytes (bound {})",
+        run_bytes_bound()
+    );
+    // Stopped for good: nothing is copied any more.
+    let moved = stat(&mut tb, "bytes-moved");
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(moved, stat(&mut tb, "bytes-moved"));
+}
+
 #[test]
 fn a_run_of_zero_dwords_is_bounded() {
     let mut tb = linked("");
