@@ -26,6 +26,16 @@ pub const MAX_TRANSFER: usize = 32 << 20;
 
 /// SCSI status BUSY.
 const STATUS_BUSY: u8 = 0x08;
+/// SCSI status TASK SET FULL: the initiator retries later (Linux lowers
+/// the queue depth of the device).
+pub const STATUS_TASK_SET_FULL: u8 = 0x28;
+/// Commands the controller keeps at once (connected or disconnected).
+/// Linux's sym53c8xx queues at most 64 per device by default.
+pub const MAX_OUTSTANDING: usize = 128;
+/// Bytes of transfer buffers all outstanding commands may pin together:
+/// commands that SCRIPTS never reselect keep theirs, so without a cap a
+/// guest could grow this process without bound.
+pub const MAX_QUEUED_BYTES: usize = 64 << 20;
 
 const MSG_COMMAND_COMPLETE: u8 = 0x00;
 const MSG_EXTENDED: u8 = 0x01;
@@ -112,6 +122,15 @@ impl Bus {
 
     pub fn outstanding(&self) -> usize {
         self.queue.len() + usize::from(self.current.is_some())
+    }
+
+    /// Transfer bytes the outstanding commands were planned with.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue
+            .iter()
+            .chain(self.current.as_ref())
+            .map(|r| r.len)
+            .sum()
     }
 }
 
@@ -283,6 +302,16 @@ impl Chip {
                     // The disk planned it, but one command may not pin
                     // more host memory than this.
                     req.status = 2;
+                    self.bus.current = Some(req);
+                    self.set_phase(phase::STATUS);
+                    return Ok(());
+                }
+                if self.bus.outstanding() >= MAX_OUTSTANDING
+                    || self.bus.queued_bytes() + len > MAX_QUEUED_BYTES
+                {
+                    // Nor may all of them together: the initiator gets
+                    // TASK SET FULL and tries again when some are done.
+                    req.status = STATUS_TASK_SET_FULL;
                     self.bus.current = Some(req);
                     self.set_phase(phase::STATUS);
                     return Ok(());

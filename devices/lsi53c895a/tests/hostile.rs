@@ -339,3 +339,79 @@ fn hostile_cdb_lengths_and_transfer_sizes() {
     assert_eq!(tb.r32(DSPS), 5);
     assert_eq!(tb.ram().read_vec(0x9200, 1), [2], "CHECK CONDITION");
 }
+
+/// Commands that SCRIPTS never reselect keep their buffers: together they
+/// may not pin more than `MAX_QUEUED_BYTES`; the command past it gets
+/// TASK SET FULL, and a command fits again once the queue is gone.
+#[test]
+fn queued_commands_cannot_pin_unbounded_memory() {
+    const MSGS: u64 = 0x9000;
+    const CDB: u64 = 0x9100;
+    const STAT: u64 = 0x9200;
+    // 8 MiB each (the disk's largest transfer): eight fit, the ninth not.
+    let blocks: u16 = 16384;
+    let img = Image::new(u64::from(blocks) + 16);
+    let mut tb = linked(&settings_for(&[(&img, 0)]));
+    let [hi, lo] = blocks.to_be_bytes();
+    tb.ram()
+        .write_all(CDB, &[0x28, 0, 0, 0, 0, 0, 0, hi, lo, 0]); // READ(10)
+                                                               // Two commands that disconnect and are never taken back.
+    for tag in 1u8..=8 {
+        tb.ram().write_all(MSGS, &[0xc0, 0x20, tag]);
+        let mut a = Asm::new();
+        a.select_atn(0, 0)
+            .mov(MSG_OUT, 3, MSGS)
+            .mov(COMMAND, 10, CDB)
+            .mov(MSG_IN, 1, MSGS + 0x10) // SAVE DATA POINTER
+            .mov(MSG_IN, 1, MSGS + 0x11) // DISCONNECT
+            .wait_disconnect()
+            .int(0x100 + u32::from(tag));
+        tb.run(&a);
+        tb.settle();
+        let (dstat, sist0, sbcl) = (tb.r8(DSTAT), tb.r8(0x42), tb.r8(SBCL));
+        assert_eq!(
+            tb.r32(DSPS),
+            0x100 + u32::from(tag),
+            "command {tag} queued (DSTAT {dstat:#x} SIST0 {sist0:#x} SBCL {sbcl:#x})"
+        );
+        assert_eq!(tb.ram().read_vec(MSGS + 0x10, 2), [0x02, 0x04]);
+    }
+    // The ninth goes straight to STATUS with TASK SET FULL.
+    tb.ram().write_all(MSGS, &[0xc0, 0x20, 9]);
+    let mut a = Asm::new();
+    a.select_atn(0, 0)
+        .mov(MSG_OUT, 3, MSGS)
+        .mov(COMMAND, 10, CDB)
+        .mov(STATUS, 1, STAT)
+        .mov(MSG_IN, 1, MSGS + 0x10)
+        .wait_disconnect()
+        .int(0x103);
+    tb.run(&a);
+    tb.settle();
+    assert_eq!(tb.r32(DSPS), 0x103);
+    assert_eq!(
+        tb.ram().read_vec(STAT, 1),
+        [lsi53c895a::scsi::STATUS_TASK_SET_FULL],
+        "TASK SET FULL"
+    );
+    assert_eq!(
+        tb.ram().read_vec(MSGS + 0x10, 1),
+        [0x00],
+        "COMMAND COMPLETE"
+    );
+    // A software reset drops the queue; a command fits again.
+    tb.w8(ISTAT0, 0x40);
+    tb.w8(ISTAT0, 0);
+    tb.settle();
+    let mut a = Asm::new();
+    a.select_atn(0, 0)
+        .mov(MSG_OUT, 3, MSGS)
+        .mov(COMMAND, 10, CDB)
+        .mov(MSG_IN, 1, MSGS + 0x10)
+        .mov(MSG_IN, 1, MSGS + 0x11)
+        .wait_disconnect()
+        .int(0x104);
+    tb.run(&a);
+    tb.settle();
+    assert_eq!(tb.r32(DSPS), 0x104, "queued again after the reset");
+}
