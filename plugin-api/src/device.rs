@@ -179,6 +179,9 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 struct Guarded {
     inner: Box<dyn Device>,
     failed: Option<String>,
+    /// A panic in `describe`, which takes `&self` and so cannot set
+    /// `failed`: the device is failed all the same.
+    describe_panic: std::sync::OnceLock<String>,
 }
 
 impl Guarded {
@@ -186,7 +189,13 @@ impl Guarded {
         Guarded {
             inner,
             failed: None,
+            describe_panic: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Why the device failed, if it did.
+    fn failed_message(&self) -> Option<&String> {
+        self.failed.as_ref().or(self.describe_panic.get())
     }
 
     /// Runs `f` on the device unless it has failed; a panic marks it failed.
@@ -195,7 +204,7 @@ impl Guarded {
         what: &str,
         f: impl FnOnce(&mut dyn Device) -> T,
     ) -> Result<T, DeviceError> {
-        if let Some(msg) = &self.failed {
+        if let Some(msg) = self.failed_message() {
             return Err(DeviceError::new(DeviceErrorKind::Failed, msg.clone()));
         }
         let inner = &mut self.inner;
@@ -233,16 +242,23 @@ fn check_width(len: usize) -> Result<(), DeviceError> {
 
 impl FfiDevice for Guarded {
     fn describe(&self) -> DeviceDesc {
-        // `describe` takes `&self` and is called once; a panic here is
-        // reported as a device with no BARs and the failure recorded.
+        // `describe` takes `&self` and is called once; a panic here fails
+        // the device (hosts check `failure` right after and refuse it) and
+        // returns an empty description.
         match catch_unwind(AssertUnwindSafe(|| self.inner.describe())) {
             Ok(d) => d,
-            Err(_) => DeviceDesc {
-                identity: Default::default(),
-                bars: RVec::new(),
-                capabilities: RVec::new(),
-                msi_vectors: 0,
-            },
+            Err(payload) => {
+                let _ = self.describe_panic.set(format!(
+                    "device panicked in describe: {}",
+                    panic_message(payload.as_ref())
+                ));
+                DeviceDesc {
+                    identity: Default::default(),
+                    bars: RVec::new(),
+                    capabilities: RVec::new(),
+                    msi_vectors: 0,
+                }
+            }
         }
     }
 
@@ -314,7 +330,7 @@ impl FfiDevice for Guarded {
     }
 
     fn failure(&self) -> ROption<RString> {
-        self.failed.clone().map(RString::from).into()
+        self.failed_message().cloned().map(RString::from).into()
     }
 
     fn control(&mut self, op: RStr<'_>, args: RStr<'_>) -> RResult<RString, DeviceError> {
@@ -344,6 +360,44 @@ impl FfiDevice for Guarded {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A device whose `describe` panics: failed from the start, never a
+    /// 0000:0000 function that looks fine.
+    struct BadDescribe;
+
+    impl Device for BadDescribe {
+        fn describe(&self) -> DeviceDesc {
+            panic!("no identity today")
+        }
+        fn bar_read(&mut self, _bar: u8, _offset: u64, _data: &mut [u8]) {}
+        fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
+        fn reset(&mut self) {}
+    }
+
+    #[test]
+    fn a_panic_in_describe_fails_the_device() {
+        let mut dev = into_ffi(Box::new(BadDescribe));
+        let _ = dev.describe();
+        let why = dev.failure().into_option().map(|s| s.into_string());
+        assert_eq!(
+            why.as_deref(),
+            Some("device panicked in describe: no identity today")
+        );
+        let mut data = [0u8; 4];
+        let r = dev.bar_read(0, 0, RSliceMut::from_mut_slice(&mut data));
+        assert!(
+            matches!(r, RErr(ref e) if e.kind == DeviceErrorKind::Failed),
+            "later calls are refused"
+        );
+        #[cfg(feature = "host")]
+        {
+            let r = crate::function::PciFunction::new(into_ffi(Box::new(BadDescribe)));
+            match r {
+                Err(e) => assert!(e.contains("panicked in describe"), "{e}"),
+                Ok(_) => panic!("a device whose describe panicked was accepted"),
+            }
+        }
+    }
 
     struct Dev {
         with_control: bool,
