@@ -676,14 +676,9 @@ fn profile(env: &Env) -> Result<ExitCode> {
                 key.2,
                 lsi_register_name(key.1)
             );
-            println!(
-                "{name:<22}{reads_io:>10.2}{writes_io:>10.2}{mean:>16.1}{mean_in:>16.1}"
-            );
+            println!("{name:<22}{reads_io:>10.2}{writes_io:>10.2}{mean:>16.1}{mean_in:>16.1}");
         }
-        println!(
-            "{:<22}{total_r:>10.2}{total_w:>10.2}",
-            "all registers"
-        );
+        println!("{:<22}{total_r:>10.2}{total_w:>10.2}", "all registers");
         println!(
             "time per I/O (guest): remote {:.1} us, in-process {:.1} us; of which the vCPU waited on BAR reads: remote {:.1} us, in-process {:.1} us",
             secs_r * 1e6 / n,
