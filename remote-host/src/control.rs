@@ -29,13 +29,7 @@ use channel::control::{serve_control, str_arg};
 use serde_json::{json, Value};
 
 use crate::devices::{build_one, DeviceSpec, RemoteDevice};
-
-/// How a device's connection is served (the remote's protocol).
-#[derive(Clone)]
-pub enum Protocol {
-    VfioUser(channel::vfio_user::ServerOptions),
-    Mpqemu(channel::mpqemu::ServerOptions),
-}
+use crate::dialect::Dialect;
 
 /// How long `device-del` waits for the connection thread to end.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,7 +51,7 @@ pub struct Control {
     /// Relative paths in added devices' settings are relative to this
     /// (the config file's directory, as for config devices).
     base_dir: PathBuf,
-    protocol: Protocol,
+    dialect: Dialect,
 }
 
 impl Control {
@@ -67,7 +61,7 @@ impl Control {
         config_devices: &[Arc<RemoteDevice>],
         plugin_dirs: Vec<PathBuf>,
         base_dir: PathBuf,
-        protocol: Protocol,
+        dialect: Dialect,
     ) -> Self {
         let devices = config_devices
             .iter()
@@ -85,7 +79,7 @@ impl Control {
             devices,
             plugin_dirs,
             base_dir,
-            protocol,
+            dialect,
         }
     }
 
@@ -175,13 +169,10 @@ impl Control {
         let handle = sock
             .try_clone()
             .map_err(|e| format!("device `{id}`: cannot keep a handle on its socket: {e}"))?;
-        let (thread_dev, protocol) = (dev.clone(), self.protocol.clone());
+        let (thread_dev, dialect) = (dev.clone(), self.dialect.clone());
         let thread = std::thread::Builder::new()
             .name(format!("conn-{id}"))
-            .spawn(move || match protocol {
-                Protocol::VfioUser(o) => crate::serve_vfio_user::serve_stream(thread_dev, sock, &o),
-                Protocol::Mpqemu(o) => crate::serve_mpqemu::serve_stream(thread_dev, sock, &o),
-            })
+            .spawn(move || dialect.serve_stream(thread_dev, sock))
             .map_err(|e| format!("device `{id}`: cannot start its thread: {e}"))?;
         tracing::info!(device = %id, plugin = %dev.plugin_name, "device added");
         self.devices.insert(

@@ -11,6 +11,7 @@
 
 pub mod control;
 pub mod devices;
+pub mod dialect;
 pub mod irq;
 pub mod logging;
 pub mod memory;

@@ -238,31 +238,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (None, None) if control.is_some() && devs.is_empty() => None,
                 (None, None) => anyhow::bail!("serve needs --socket PATH or --fd N"),
             };
-            let poll = std::time::Duration::from_micros(poll_us);
-            let vfio_options = channel::vfio_user::server::ServerOptions {
-                poll,
-                adaptive_poll: poll_us > 0,
-                ..Default::default()
-            };
-            let mpqemu_options = channel::mpqemu::ServerOptions {
-                poll,
-                adaptive_poll: poll_us > 0,
-                ..Default::default()
-            };
+            let dialect = remote_host::dialect::Dialect::new(
+                protocol,
+                std::time::Duration::from_micros(poll_us),
+            );
             let control_thread = match control {
                 None => None,
                 Some(n) => {
                     let sock = remote_host::control::inherited_socket(n)?;
-                    let proto = match protocol {
-                        Protocol::VfioUser => {
-                            remote_host::control::Protocol::VfioUser(vfio_options.clone())
-                        }
-                        Protocol::Mpqemu => {
-                            remote_host::control::Protocol::Mpqemu(mpqemu_options.clone())
-                        }
-                    };
                     let base_dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
-                    let ctl = remote_host::control::Control::new(&devs, dirs, base_dir, proto);
+                    let ctl =
+                        remote_host::control::Control::new(&devs, dirs, base_dir, dialect.clone());
                     let t =
                         std::thread::Builder::new()
                             .name("control".into())
@@ -287,14 +273,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             };
-            match protocol {
-                Protocol::VfioUser => {
-                    remote_host::serve_vfio_user::serve(devs, endpoint, &vfio_options)?;
-                }
-                Protocol::Mpqemu => {
-                    remote_host::serve_mpqemu::serve(devs, endpoint, &mpqemu_options)?;
-                }
-            }
+            dialect.serve(devs, endpoint)?;
             // The config's devices are gone (their client left, e.g. after
             // device_del), but devices added over the control channel may
             // still be served: the control channel decides when to exit.
