@@ -23,6 +23,7 @@
 pub mod control;
 pub mod framing;
 pub mod mpqemu;
+pub mod ring;
 pub mod vfio_user;
 
 pub use framing::{Framed, FramingError};

@@ -1,0 +1,564 @@
+//! The fast path: a shared-memory ring of BAR accesses between our own two
+//! ends, beside the socket (which stays the contract any vfio-user or
+//! mpqemu peer speaks).
+//!
+//! One page of a memfd the VMM creates, and two eventfds: `kick` (VMM to
+//! remote: there is work) and `reply` (remote to VMM: work is done). The
+//! VMM is the only producer (its proxy function is locked per access), a
+//! thread of the remote the only consumer:
+//!
+//! - the VMM writes an access into slot `head % SLOTS` and publishes
+//!   `head + 1` (release); a read then waits until `tail` passes its slot
+//!   and takes the data from the slot; a write is posted (the VMM goes on
+//!   at once);
+//! - the remote takes slots in order, runs each on the device, writes a
+//!   read's data back into its slot and publishes `tail + 1`;
+//! - both sides poll briefly (yielding, adaptive, as the socket does:
+//!   docs/channel.md) and then sleep on their eventfd, saying so in a flag
+//!   the other side checks after publishing (set flag, check again, then
+//!   sleep: no wakeup is lost).
+//!
+//! Order: every BAR access of a device goes through the ring once it is
+//! on, and the VMM drains the ring before anything it still sends on the
+//! socket (configuration accesses, reset, heartbeats), so nothing
+//! overtakes a posted write: the remote applies accesses in the order the
+//! guest made them, as over the socket.
+//!
+//! Trust: the page is shared with the remote. The VMM reads only plain
+//! values from it, checks every index against its own (`tail` may not run
+//! past `head`, a status is one of two values) and bounds every wait; a
+//! remote that writes garbage fails its device, nothing more. The remote
+//! checks every slot it takes (BAR index, length) before it reaches the
+//! device.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Accesses in flight at most (posted writes the remote has not taken yet,
+/// plus one read).
+pub const SLOTS: u32 = 32;
+/// Size of the shared page.
+pub const RING_BYTES: usize = 4096;
+const MAGIC: u32 = 0x474e_4952; // "RING"
+const VERSION: u32 = 1;
+
+const OFF_MAGIC: usize = 0;
+const OFF_VERSION: usize = 4;
+const OFF_HEAD: usize = 64;
+const OFF_TAIL: usize = 128;
+const OFF_SERVER_SLEEPING: usize = 192;
+const OFF_CLIENT_SLEEPING: usize = 256;
+const OFF_SLOTS: usize = 512;
+const SLOT_BYTES: usize = 32;
+const _: () = assert!(OFF_SLOTS + SLOTS as usize * SLOT_BYTES <= RING_BYTES);
+
+const KIND_READ: u32 = 1;
+const KIND_WRITE: u32 = 2;
+const STATUS_OK: u32 = 0;
+const STATUS_ERROR: u32 = 1;
+
+/// What can go wrong on the ring.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// The remote did not take or answer an access in time.
+    #[error("the remote did not answer on the ring within {0:?}")]
+    Timeout(Duration),
+    /// The caller gave up (the remote was reported dead or hung).
+    #[error("the remote was given up while waiting on the ring")]
+    GivenUp,
+    /// The shared page holds values no well-behaved remote writes.
+    #[error("the ring is corrupt: {0}")]
+    Corrupt(&'static str),
+    /// The device refused the access.
+    #[error("the device refused the access")]
+    Device,
+    /// Setting the ring up failed.
+    #[error("ring setup: {0}")]
+    Setup(String),
+}
+
+/// One mapping of the shared page.
+struct Page {
+    ptr: NonNull<u8>,
+}
+
+// SAFETY: the page is plain shared memory accessed only through atomics
+// and volatile copies; the mapping lives as long as the Page.
+unsafe impl Send for Page {}
+// SAFETY: as above: every access is atomic or a volatile copy of plain
+// bytes, so sharing the mapping between threads is sound.
+unsafe impl Sync for Page {}
+
+impl Page {
+    fn map(fd: BorrowedFd<'_>) -> Result<Page, RingError> {
+        let file = File::from(
+            fd.try_clone_to_owned()
+                .map_err(|e| RingError::Setup(format!("dup: {e}")))?,
+        );
+        let len = file
+            .metadata()
+            .map_err(|e| RingError::Setup(format!("fstat: {e}")))?
+            .len();
+        if len < RING_BYTES as u64 {
+            return Err(RingError::Setup(format!(
+                "the ring's memory has {len} bytes, {RING_BYTES} needed"
+            )));
+        }
+        // SAFETY: a fresh shared mapping of RING_BYTES of a file at least
+        // that long (checked above); the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                RING_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(RingError::Setup(format!(
+                "mmap: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(RingError::Setup("mmap: null".into()))?;
+        Ok(Page { ptr })
+    }
+
+    fn word(&self, off: usize) -> &AtomicU32 {
+        debug_assert!(off % 4 == 0 && off + 4 <= RING_BYTES);
+        // SAFETY: `off` is a 4-aligned offset inside the page (all callers
+        // use the constants above or slot offsets bounded by SLOTS), the
+        // mapping is page-aligned and lives as long as `self`.
+        unsafe { &*self.ptr.as_ptr().add(off).cast::<AtomicU32>() }
+    }
+
+    fn slot(&self, index: u32, field: usize) -> &AtomicU32 {
+        self.word(OFF_SLOTS + (index % SLOTS) as usize * SLOT_BYTES + field)
+    }
+}
+
+impl Drop for Page {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), RING_BYTES);
+        }
+    }
+}
+
+// Slot fields (offsets in a slot, all u32 words).
+const F_KIND: usize = 0; // kind | bar << 8 | len << 16
+const F_STATUS: usize = 4;
+const F_OFF_LO: usize = 8;
+const F_OFF_HI: usize = 12;
+const F_DATA_LO: usize = 16;
+const F_DATA_HI: usize = 20;
+
+fn eventfd() -> Result<OwnedFd, RingError> {
+    // SAFETY: eventfd with valid flags; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(RingError::Setup(format!(
+            "eventfd: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn signal(fd: BorrowedFd<'_>) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a local to an eventfd; a full counter
+    // (EAGAIN) already means "signalled".
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+fn drain_eventfd(fd: BorrowedFd<'_>) {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a local from a nonblocking eventfd.
+    unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+}
+
+/// Sleeps until `fd` is readable or `timeout` passes.
+fn sleep_on(fd: BorrowedFd<'_>, timeout: Duration) {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one pollfd on the stack.
+    unsafe { libc::poll(&mut p, 1, ms) };
+}
+
+/// The adaptive poll window of one waiting side (as the socket's).
+struct Window {
+    bound: Duration,
+    current: Duration,
+}
+
+impl Window {
+    fn new(bound: Duration) -> Self {
+        Window {
+            bound,
+            current: bound,
+        }
+    }
+
+    /// After a wait that slept and was satisfied `after` since it began.
+    fn slept(&mut self, after: Duration) {
+        let min = Duration::from_micros(10);
+        if after > self.bound {
+            self.current /= 2;
+            if self.current < min {
+                self.current = Duration::ZERO;
+            }
+        } else {
+            self.current = (self.current * 2).clamp(min, self.bound);
+        }
+    }
+}
+
+/// What the VMM creates and hands the remote (over the control channel).
+pub struct RingFds {
+    pub memory: OwnedFd,
+    pub kick: OwnedFd,
+    pub reply: OwnedFd,
+}
+
+/// The VMM's end.
+pub struct RingClient {
+    page: Page,
+    kick: OwnedFd,
+    reply: OwnedFd,
+    head: u32,
+    timeout: Duration,
+    window: Window,
+}
+
+/// Creates a ring: the VMM's end and the fds for the remote's.
+pub fn create(timeout: Duration, poll: Duration) -> Result<(RingClient, RingFds), RingError> {
+    let name = c"access-ring";
+    // SAFETY: memfd_create with a valid NUL-terminated name; checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(RingError::Setup(format!(
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let memory = unsafe { OwnedFd::from_raw_fd(fd) };
+    File::from(
+        memory
+            .try_clone()
+            .map_err(|e| RingError::Setup(e.to_string()))?,
+    )
+    .set_len(RING_BYTES as u64)
+    .map_err(|e| RingError::Setup(format!("sizing the ring: {e}")))?;
+    let page = Page::map(memory.as_fd())?;
+    page.word(OFF_MAGIC).store(MAGIC, Ordering::Relaxed);
+    page.word(OFF_VERSION).store(VERSION, Ordering::Release);
+    let kick = eventfd()?;
+    let reply = eventfd()?;
+    let fds = RingFds {
+        memory,
+        kick: kick
+            .try_clone()
+            .map_err(|e| RingError::Setup(e.to_string()))?,
+        reply: reply
+            .try_clone()
+            .map_err(|e| RingError::Setup(e.to_string()))?,
+    };
+    Ok((
+        RingClient {
+            page,
+            kick,
+            reply,
+            head: 0,
+            timeout,
+            window: Window::new(poll),
+        },
+        fds,
+    ))
+}
+
+impl RingClient {
+    /// `tail`, checked: it may never run past what was published.
+    fn tail(&self) -> Result<u32, RingError> {
+        let tail = self.page.word(OFF_TAIL).load(Ordering::Acquire);
+        if self.head.wrapping_sub(tail) > SLOTS {
+            return Err(RingError::Corrupt("tail runs past head"));
+        }
+        Ok(tail)
+    }
+
+    /// Waits until `done(tail)`; `give_up` is asked while waiting.
+    fn wait(
+        &mut self,
+        done: impl Fn(u32) -> bool,
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<(), RingError> {
+        if done(self.tail()?) {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let window = self.window.current;
+        while start.elapsed() < window {
+            std::thread::yield_now();
+            if done(self.tail()?) {
+                return Ok(());
+            }
+        }
+        let flag = self.page.word(OFF_CLIENT_SLEEPING);
+        loop {
+            flag.store(1, Ordering::SeqCst);
+            if done(self.tail()?) {
+                flag.store(0, Ordering::Relaxed);
+                self.window.slept(start.elapsed());
+                return Ok(());
+            }
+            if give_up() {
+                flag.store(0, Ordering::Relaxed);
+                return Err(RingError::GivenUp);
+            }
+            let left = self.timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                flag.store(0, Ordering::Relaxed);
+                return Err(RingError::Timeout(self.timeout));
+            }
+            // Wake at least every 50 ms to ask `give_up`.
+            sleep_on(self.reply.as_fd(), left.min(Duration::from_millis(50)));
+            drain_eventfd(self.reply.as_fd());
+        }
+    }
+
+    fn publish(
+        &mut self,
+        kind: u32,
+        bar: u8,
+        offset: u64,
+        data: &[u8],
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<u32, RingError> {
+        if !matches!(data.len(), 1 | 2 | 4 | 8) {
+            return Err(RingError::Device);
+        }
+        // Room for one more.
+        let head = self.head;
+        self.wait(|tail| head.wrapping_sub(tail) < SLOTS, give_up)?;
+        let mut v = [0u8; 8];
+        v[..data.len()].copy_from_slice(data);
+        let p = &self.page;
+        p.slot(head, F_KIND).store(
+            kind | u32::from(bar) << 8 | (data.len() as u32) << 16,
+            Ordering::Relaxed,
+        );
+        p.slot(head, F_STATUS).store(STATUS_OK, Ordering::Relaxed);
+        p.slot(head, F_OFF_LO)
+            .store(offset as u32, Ordering::Relaxed);
+        p.slot(head, F_OFF_HI)
+            .store((offset >> 32) as u32, Ordering::Relaxed);
+        let (lo, hi) = v.split_at(4);
+        p.slot(head, F_DATA_LO).store(
+            u32::from_le_bytes([lo[0], lo[1], lo[2], lo[3]]),
+            Ordering::Relaxed,
+        );
+        p.slot(head, F_DATA_HI).store(
+            u32::from_le_bytes([hi[0], hi[1], hi[2], hi[3]]),
+            Ordering::Relaxed,
+        );
+        self.head = head.wrapping_add(1);
+        p.word(OFF_HEAD).store(self.head, Ordering::SeqCst);
+        if p.word(OFF_SERVER_SLEEPING).load(Ordering::SeqCst) != 0 {
+            signal(self.kick.as_fd());
+        }
+        Ok(head)
+    }
+
+    /// A posted BAR write: returns once published.
+    pub fn write(
+        &mut self,
+        bar: u8,
+        offset: u64,
+        data: &[u8],
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<(), RingError> {
+        self.publish(KIND_WRITE, bar, offset, data, give_up)
+            .map(|_| ())
+    }
+
+    /// A BAR read: waits for the remote's answer.
+    pub fn read(
+        &mut self,
+        bar: u8,
+        offset: u64,
+        data: &mut [u8],
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<(), RingError> {
+        let slot = self.publish(KIND_READ, bar, offset, data, give_up)?;
+        let want = slot.wrapping_add(1);
+        self.wait(|tail| tail.wrapping_sub(want) < SLOTS, give_up)?;
+        let p = &self.page;
+        match p.slot(slot, F_STATUS).load(Ordering::Acquire) {
+            STATUS_OK => {}
+            STATUS_ERROR => return Err(RingError::Device),
+            _ => return Err(RingError::Corrupt("a status no remote writes")),
+        }
+        let mut v = [0u8; 8];
+        v[..4].copy_from_slice(
+            &p.slot(slot, F_DATA_LO)
+                .load(Ordering::Relaxed)
+                .to_le_bytes(),
+        );
+        v[4..].copy_from_slice(
+            &p.slot(slot, F_DATA_HI)
+                .load(Ordering::Relaxed)
+                .to_le_bytes(),
+        );
+        let n = data.len();
+        data.copy_from_slice(&v[..n]);
+        Ok(())
+    }
+
+    /// Waits until the remote has applied every access published so far
+    /// (before anything goes on the socket).
+    pub fn drain(&mut self, give_up: &dyn Fn() -> bool) -> Result<(), RingError> {
+        let head = self.head;
+        self.wait(|tail| tail == head, give_up)
+    }
+}
+
+/// A BAR access the remote runs on its device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// The remote's end.
+pub struct RingServer {
+    page: Page,
+    kick: OwnedFd,
+    reply: OwnedFd,
+    tail: u32,
+    window: Window,
+}
+
+impl RingServer {
+    /// Maps the ring the VMM created.
+    pub fn new(fds: RingFds, poll: Duration) -> Result<RingServer, RingError> {
+        let page = Page::map(fds.memory.as_fd())?;
+        if page.word(OFF_MAGIC).load(Ordering::Acquire) != MAGIC
+            || page.word(OFF_VERSION).load(Ordering::Acquire) != VERSION
+        {
+            return Err(RingError::Setup(
+                "not an access ring of this version".into(),
+            ));
+        }
+        let tail = page.word(OFF_TAIL).load(Ordering::Acquire);
+        Ok(RingServer {
+            page,
+            kick: fds.kick,
+            reply: fds.reply,
+            tail,
+            window: Window::new(poll),
+        })
+    }
+
+    /// Serves accesses until `stop()` says so (asked at least every
+    /// `stop_check`). `device(access, bar, offset, data)` runs one access:
+    /// for a read it fills `data`; `false` means the device refused it.
+    pub fn serve(
+        &mut self,
+        stop: &dyn Fn() -> bool,
+        stop_check: Duration,
+        mut device: impl FnMut(Access, u8, u64, &mut [u8]) -> bool,
+    ) {
+        loop {
+            let head = self.page.word(OFF_HEAD).load(Ordering::Acquire);
+            if head.wrapping_sub(self.tail) > SLOTS {
+                // A VMM that writes this is not ours to serve.
+                tracing::error!("access ring: head {head} runs past tail {}", self.tail);
+                return;
+            }
+            if head != self.tail {
+                self.run_one(&mut device);
+                continue;
+            }
+            if stop() {
+                return;
+            }
+            self.idle(stop_check);
+        }
+    }
+
+    fn run_one(&mut self, device: &mut impl FnMut(Access, u8, u64, &mut [u8]) -> bool) {
+        let p = &self.page;
+        let i = self.tail;
+        let word = p.slot(i, F_KIND).load(Ordering::Relaxed);
+        let (kind, bar, len) = (word & 0xff, (word >> 8) & 0xff, (word >> 16) as usize);
+        let offset = u64::from(p.slot(i, F_OFF_LO).load(Ordering::Relaxed))
+            | u64::from(p.slot(i, F_OFF_HI).load(Ordering::Relaxed)) << 32;
+        let mut v = [0u8; 8];
+        v[..4].copy_from_slice(&p.slot(i, F_DATA_LO).load(Ordering::Relaxed).to_le_bytes());
+        v[4..].copy_from_slice(&p.slot(i, F_DATA_HI).load(Ordering::Relaxed).to_le_bytes());
+        let ok = matches!(len, 1 | 2 | 4 | 8)
+            && bar < 6
+            && match kind {
+                KIND_READ => {
+                    let ok = device(Access::Read, bar as u8, offset, &mut v[..len]);
+                    let (lo, hi) = v.split_at(4);
+                    p.slot(i, F_DATA_LO).store(
+                        u32::from_le_bytes([lo[0], lo[1], lo[2], lo[3]]),
+                        Ordering::Relaxed,
+                    );
+                    p.slot(i, F_DATA_HI).store(
+                        u32::from_le_bytes([hi[0], hi[1], hi[2], hi[3]]),
+                        Ordering::Relaxed,
+                    );
+                    ok
+                }
+                KIND_WRITE => device(Access::Write, bar as u8, offset, &mut v[..len]),
+                _ => false,
+            };
+        p.slot(i, F_STATUS)
+            .store(if ok { STATUS_OK } else { STATUS_ERROR }, Ordering::Relaxed);
+        self.tail = i.wrapping_add(1);
+        p.word(OFF_TAIL).store(self.tail, Ordering::SeqCst);
+        if p.word(OFF_CLIENT_SLEEPING).load(Ordering::SeqCst) != 0 {
+            signal(self.reply.as_fd());
+        }
+    }
+
+    /// Nothing to do: poll for the window, then sleep on `kick`.
+    fn idle(&mut self, stop_check: Duration) {
+        let start = Instant::now();
+        let pending = |s: &Self| s.page.word(OFF_HEAD).load(Ordering::Acquire) != s.tail;
+        while start.elapsed() < self.window.current {
+            std::thread::yield_now();
+            if pending(self) {
+                return;
+            }
+        }
+        let flag = self.page.word(OFF_SERVER_SLEEPING);
+        flag.store(1, Ordering::SeqCst);
+        if !pending(self) {
+            sleep_on(self.kick.as_fd(), stop_check);
+            drain_eventfd(self.kick.as_fd());
+        }
+        flag.store(0, Ordering::Relaxed);
+        if pending(self) {
+            self.window.slept(start.elapsed());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
