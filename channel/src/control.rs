@@ -263,6 +263,24 @@ impl ControlClient {
             .map(|_| ())
     }
 
+    /// Hands the remote the access ring of `device` (its memory and its
+    /// kick and reply eventfds, [`crate::ring`]): from the reply on, the
+    /// remote serves the device's BAR accesses from the ring as well.
+    pub fn ring_setup(
+        &mut self,
+        device: &str,
+        fds: &crate::ring::RingFds,
+    ) -> Result<(), ControlError> {
+        let mut body = Map::new();
+        body.insert("device".into(), json!(device));
+        self.request(
+            "ring-setup",
+            body,
+            &[fds.memory.as_fd(), fds.kick.as_fd(), fds.reply.as_fd()],
+        )
+        .map(|_| ())
+    }
+
     /// Stops serving `device`, shuts it down and forgets it.
     pub fn device_del(&mut self, device: &str) -> Result<(), ControlError> {
         let mut body = Map::new();

@@ -212,6 +212,11 @@ pub struct RemoteConfig {
     /// Whether `remote-host` confines itself with its seccomp filter once
     /// its devices are built (default true; see remote-host's `sandbox`).
     pub sandbox: bool,
+    /// Whether BAR accesses to this remote's devices go through the
+    /// shared-memory access ring (`fast-path`, default true) when the
+    /// remote is ours (spawned, with a control channel); otherwise, and
+    /// for any other peer, over the socket.
+    pub fast_path: bool,
     pub location: Location,
 }
 
@@ -480,6 +485,7 @@ fn parse_remote(
     let heartbeat_ms = t.integer_in("heartbeat-ms", 10..=60_000, Some(250))?.value as u64;
     let timeout_ms = t.integer_in("timeout-ms", 10..=600_000, Some(1000))?.value as u64;
     let sandbox = t.opt_bool("sandbox")?.is_none_or(|b| b.value);
+    let fast_path = t.opt_bool("fast-path")?.is_none_or(|b| b.value);
     t.deny_unknown()?;
     Ok(RemoteConfig {
         id,
@@ -490,6 +496,7 @@ fn parse_remote(
         heartbeat_ms,
         timeout_ms,
         sandbox,
+        fast_path,
         location,
     })
 }

@@ -70,6 +70,8 @@ pub struct Remote {
     pub pid: Option<u32>,
     pub heartbeat: Duration,
     pub timeout: Duration,
+    /// `fast-path`: set up access rings for this remote's devices.
+    pub fast_path: bool,
     /// Set once the remote died or hung; shared with its proxies.
     pub failed: Arc<AtomicBool>,
     status: Mutex<Status>,
@@ -115,6 +117,7 @@ impl Remote {
             pid,
             heartbeat: Duration::from_millis(cfg.heartbeat_ms),
             timeout: Duration::from_millis(cfg.timeout_ms),
+            fast_path: cfg.fast_path,
             failed: Arc::new(AtomicBool::new(false)),
             status: Mutex::new(Status {
                 state: RemoteState::Starting,
@@ -125,6 +128,33 @@ impl Remote {
             devices: Mutex::new(Vec::new()),
             control_fd,
             reported_failures: Mutex::new(Default::default()),
+        }
+    }
+
+    /// Puts `proxy` (device `id`) on the fast path when this remote is ours
+    /// (a control channel) and `fast-path` is on: an access ring created
+    /// here, handed over with the control channel's `ring-setup`. On any
+    /// failure the device stays on the socket, which is said in the log.
+    pub fn attach_fast_path(&self, id: &str, proxy: &mut crate::pci::proxy::ProxyFunction) {
+        if !self.fast_path || !self.has_control() {
+            return;
+        }
+        let (ring, fds) = match channel::ring::create(self.timeout, channel::framing::DEFAULT_POLL)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("{id}: no access ring ({e}); BAR accesses stay on the socket");
+                return;
+            }
+        };
+        match self.with_control(|c| c.ring_setup(id, &fds)) {
+            Ok(()) => {
+                proxy.attach_ring(ring);
+                tracing::info!("{id}: BAR accesses on the access ring");
+            }
+            Err(e) => {
+                tracing::warn!("{id}: no access ring ({e}); BAR accesses stay on the socket")
+            }
         }
     }
 

@@ -191,9 +191,10 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
                     .iter()
                     .find(|s| &s.id == rid)
                     .context("remote without supervision")?;
-                let proxy = ProxyFunction::new(&d.id, client, &ram, &vm, gsi)
+                let mut proxy = ProxyFunction::new(&d.id, client, &ram, &vm, gsi)
                     .with_context(|| format!("{}: device `{}`", d.location, d.id))?
                     .with_supervision(sup.failed.clone(), monitor::fail_hook(&events, Some(rid)));
+                sup.attach_fast_path(&d.id, &mut proxy);
                 sup.add_device(&d.id, Some(proxy.socket_fd()));
                 (Box::new(proxy), Some(rid.clone()))
             }

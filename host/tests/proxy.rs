@@ -90,7 +90,22 @@ fn read_latency_us(root: &PciRoot, bar0: u64, n: usize) -> (f64, f64) {
 
 #[test]
 fn proxy_function_over_spawned_remote_host() {
-    proxy_over_spawned_remote_host("vfio-user");
+    proxy_over_spawned_remote_host("vfio-user", false);
+}
+
+/// The same with the fast path: a spawned remote with its control channel
+/// gets an access ring (`ring-setup`), and every BAR access of the
+/// sequence (registers, DMA, interrupts, timing) goes through it.
+#[test]
+fn proxy_function_on_the_access_ring() {
+    proxy_over_spawned_remote_host("vfio-user", true);
+}
+
+/// The access ring under a remote spoken to over mpqemu: the ring does not
+/// depend on the dialect.
+#[test]
+fn proxy_function_on_the_access_ring_mpqemu() {
+    proxy_over_spawned_remote_host("mpqemu", true);
 }
 
 /// The same over mpqemu: `remote-host serve --protocol mpqemu --fd 3`
@@ -98,16 +113,19 @@ fn proxy_function_over_spawned_remote_host() {
 /// `RET`s are collected later).
 #[test]
 fn proxy_function_over_spawned_remote_host_mpqemu() {
-    proxy_over_spawned_remote_host("mpqemu");
+    proxy_over_spawned_remote_host("mpqemu", false);
 }
 
-fn proxy_over_spawned_remote_host(protocol: &str) {
+fn proxy_over_spawned_remote_host(protocol: &str, fast: bool) {
     let Some(dir) = prerequisites::or_skip() else {
         return;
     };
     let rh = dir.join("remote-host");
     std::env::set_var("REMOTE_HOST", &rh);
-    let work = dir.join(format!("host-proxy-test-{}-{protocol}", std::process::id()));
+    let work = dir.join(format!(
+        "host-proxy-test-{}-{protocol}-{fast}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&work).unwrap();
     // Thousands of round trips on a loaded machine: one slow answer must
     // not fail the device (that is what supervision.rs tests).
@@ -124,11 +142,26 @@ fn proxy_over_spawned_remote_host(protocol: &str) {
     let ram = GuestRam::new(64 << 20).unwrap();
 
     let t = Instant::now();
-    let (proc, mut clients) = host::remote::connect(&cfg, &cfg.remotes[0], None).unwrap();
-    let mut proc = proc.expect("spawned");
+    let s = host::remote::connect_supervised(&cfg, &cfg.remotes[0], None).unwrap();
+    let mut proc = s.process.expect("spawned");
+    let mut clients = s.clients;
     let (id, client) = clients.pop().unwrap();
     assert_eq!(id, "dma0");
-    let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI).unwrap();
+    let mut func = ProxyFunction::new("dma0", client, &ram, &vm, GSI).unwrap();
+    // Kept to the end: a remote we spawned exits when its control channel
+    // closes.
+    let remote = host::supervisor::Remote::new(
+        &cfg.remotes[0],
+        Some(proc.pid()),
+        s.control,
+        s.control_hangup,
+    );
+    if fast {
+        remote.attach_fast_path("dma0", &mut func);
+        assert!(func.has_ring(), "the spawned remote took the access ring");
+    }
+    let label = if fast { "ring" } else { "socket" };
+    let protocol = format!("{protocol} {label}");
     eprintln!("{protocol}: spawn + connect + setup: {:?}", t.elapsed());
 
     let mut root = PciRoot::new();
@@ -213,6 +246,7 @@ fn proxy_over_spawned_remote_host(protocol: &str) {
 
     // The VM ends: the remote sees EOF and leaves by itself.
     root.shutdown();
+    drop(remote);
     let t = Instant::now();
     proc.stop(Duration::from_secs(30));
     eprintln!("remote stopped in {:?}", t.elapsed());

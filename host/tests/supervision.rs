@@ -125,9 +125,13 @@ fn supervised_dma0(
     events: &qmp::EventSender,
     first_heartbeat_within: Duration,
 ) -> (Arc<PciRoot>, u64) {
-    let func = ProxyFunction::new("dma0", client, ram, vm, GSI)
+    let mut func = ProxyFunction::new("dma0", client, ram, vm, GSI)
         .unwrap()
         .with_supervision(remote.failed.clone(), Arc::new(|_: &str, _: &str| {}));
+    // A remote of ours (control channel) puts the device on the access
+    // ring: its faults must be reported the same way.
+    remote.attach_fast_path("dma0", &mut func);
+    assert_eq!(func.has_ring(), remote.has_control());
     remote.add_device("dma0", Some(func.socket_fd()));
     let root = Arc::new(PciRoot::new());
     let label = SlotLabel {
@@ -279,12 +283,35 @@ fn a_spawned_remote_is_supervised_on_its_control_channel() {
         // SAFETY: kill on our own child's pid.
         assert_eq!(unsafe { libc::kill(pid as i32, s) }, 0);
     };
+    // A vCPU spinning on a register of the device (on the access ring)
+    // while the remote stops: its read in flight gives up once the remote
+    // is reported hung, and it reads all-ones from then on.
+    let spinner = {
+        let root = root.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            while read32(&root, bar0) != 0xffff_ffff {
+                assert!(t.elapsed() < Duration::from_secs(60), "never gave up");
+            }
+            Instant::now()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
     sig(libc::SIGSTOP);
     let stopped = Instant::now();
     let (hung, at) = ev.wait("REMOTE_HUNG");
     eprintln!("REMOTE_HUNG {:?} after SIGSTOP: {hung}", at - stopped);
     assert!(at - stopped < Duration::from_secs(10));
     assert_eq!(hung["data"]["pid"], pid);
+    let gave_up = spinner.join().unwrap();
+    eprintln!(
+        "the spinning reader saw all-ones {:?} after SIGSTOP",
+        gave_up - stopped
+    );
+    assert!(
+        gave_up.saturating_duration_since(at) < Duration::from_secs(2),
+        "the reader gave up long after REMOTE_HUNG"
+    );
     reads_all_ones_without_waiting(&root, bar0);
 
     sig(libc::SIGCONT);

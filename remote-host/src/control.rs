@@ -12,6 +12,9 @@
 //!   stopped safely (see docs/channel.md).
 //! - `device-control`: [`PciFunction::control`](plugin_api::function::PciFunction::control)
 //!   under the device's lock, so it never overlaps a guest access.
+//! - `ring-setup` (+ three fds: the ring's memory, its kick and reply
+//!   eventfds): serves the device's BAR accesses from the shared-memory
+//!   access ring too ([`crate::ring`]); a second setup replaces the first.
 //!
 //! When the control socket reaches EOF the VMM is gone, and so is the
 //! reason to run: the caller exits.
@@ -42,6 +45,8 @@ struct Entry {
     /// device down (it gets no call after that, see `PciFunction`) and
     /// whatever still reaches it reads all-ones.
     served: Option<(UnixStream, JoinHandle<()>)>,
+    /// The device's access ring, once the VMM set one up.
+    ring: Option<crate::ring::RingThread>,
 }
 
 /// The devices the control channel knows, and how to make new ones.
@@ -71,6 +76,7 @@ impl Control {
                     Entry {
                         dev: d.clone(),
                         served: None,
+                        ring: None,
                     },
                 )
             })
@@ -97,16 +103,17 @@ impl Control {
     }
 
     fn handle(&mut self, op: &str, req: &Value, fds: Vec<OwnedFd>) -> Result<Value, String> {
-        if op != "device-add" && !fds.is_empty() {
+        if op != "device-add" && op != "ring-setup" && !fds.is_empty() {
             return Err(format!("`{op}` takes no file descriptors"));
         }
         match op {
             "ping" => Ok(self.ping()),
             "device-add" => self.device_add(req, fds),
+            "ring-setup" => self.ring_setup(req, fds),
             "device-del" => self.device_del(str_arg(req, "device")?),
             "device-control" => self.device_control(req),
             _ => Err(format!(
-                "unknown op `{op}` (ping, device-add, device-del, device-control)"
+                "unknown op `{op}` (ping, device-add, device-del, device-control, ring-setup)"
             )),
         }
     }
@@ -180,15 +187,51 @@ impl Control {
             Entry {
                 dev,
                 served: Some((handle, thread)),
+                ring: None,
             },
         );
         Ok(json!({}))
     }
 
+    fn ring_setup(&mut self, req: &Value, fds: Vec<OwnedFd>) -> Result<Value, String> {
+        let id = str_arg(req, "device")?;
+        let [memory, kick, reply] = <[OwnedFd; 3]>::try_from(fds).map_err(|v| {
+            format!(
+                "ring-setup takes three file descriptors (memory, kick, reply), got {}",
+                v.len()
+            )
+        })?;
+        let entry = self
+            .devices
+            .get_mut(id)
+            .ok_or_else(|| format!("no device `{id}`"))?;
+        if let Some(old) = entry.ring.take() {
+            old.stop(JOIN_TIMEOUT);
+        }
+        let fds = channel::ring::RingFds {
+            memory,
+            kick,
+            reply,
+        };
+        entry.ring = Some(crate::ring::start(
+            entry.dev.clone(),
+            fds,
+            self.dialect.poll(),
+        )?);
+        tracing::info!(device = %id, "access ring set up");
+        Ok(json!({}))
+    }
+
     fn device_del(&mut self, id: &str) -> Result<Value, String> {
-        let Some(Entry { dev, served }) = self.devices.remove(id) else {
+        let Some(Entry { dev, served, ring }) = self.devices.remove(id) else {
             return Err(format!("no device `{id}`"));
         };
+        if let Some(r) = ring {
+            if !r.stop(JOIN_TIMEOUT) {
+                tracing::error!(device = %id, "ring thread did not end; device left running");
+                return Ok(json!({}));
+            }
+        }
         if let Some((sock, thread)) = served {
             // The serving thread sees EOF and returns; the client sees EOF.
             let _ = sock.shutdown(Shutdown::Both);

@@ -38,6 +38,14 @@ impl Dialect {
         }
     }
 
+    /// The busy-poll window (also the access ring's).
+    pub fn poll(&self) -> Duration {
+        match self {
+            Dialect::VfioUser(o) => o.poll,
+            Dialect::Mpqemu(o) => o.poll,
+        }
+    }
+
     /// Serves `devices` at `endpoint` until every listener ends, or, for a
     /// connected fd, until its client goes away.
     pub fn serve(&self, devices: Vec<Arc<RemoteDevice>>, endpoint: Endpoint) -> anyhow::Result<()> {

@@ -16,6 +16,7 @@ pub mod irq;
 pub mod logging;
 pub mod memory;
 pub mod new_plugin;
+pub mod ring;
 pub mod sandbox;
 pub mod serve_mpqemu;
 pub mod serve_vfio_user;

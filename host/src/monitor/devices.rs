@@ -142,14 +142,17 @@ impl Monitor {
 
     /// `proxy`, a function of remote `r`, under that remote's supervision:
     /// it fails with the remote and reports its own failure, and the
-    /// supervisor polls its channel.
+    /// supervisor polls its channel; on the fast path when the remote is
+    /// ours.
     pub(super) fn supervised(
         &self,
         r: &Arc<Remote>,
         id: &str,
         proxy: ProxyFunction,
     ) -> ProxyFunction {
-        let proxy = proxy.with_supervision(r.failed.clone(), fail_hook(&self.events, Some(&r.id)));
+        let mut proxy =
+            proxy.with_supervision(r.failed.clone(), fail_hook(&self.events, Some(&r.id)));
+        r.attach_fast_path(id, &mut proxy);
         r.add_device(id, Some(proxy.socket_fd()));
         proxy
     }

@@ -15,6 +15,10 @@
 //!   interrupt and its EOI never pass through the VMM.
 //! - All guest RAM is shared from the memfd (DMA_MAP, or mpqemu
 //!   SYNC_SYSMEM).
+//! - The fast path: with a remote of ours, BAR accesses go through a
+//!   shared-memory access ring ([`channel::ring`], [`ProxyFunction::attach_ring`])
+//!   instead of the socket; everything else still goes on the socket, after
+//!   the ring is drained, so nothing overtakes a posted write.
 //! - After a transport error the function is dead and reads all-ones.
 //! - Every access is counted by register ([`AccessStats`]).
 
@@ -60,6 +64,8 @@ pub struct ProxyFunction {
     on_fail: Option<FailHook>,
     /// Kept alive for the irqfd (trigger, resample).
     _intx: Option<(EventFd, EventFd)>,
+    /// The fast path, once attached.
+    ring: Option<channel::ring::RingClient>,
     stats: AccessStats,
 }
 
@@ -121,8 +127,39 @@ impl ProxyFunction {
             remote_failed: None,
             on_fail: None,
             _intx: setup.intx,
+            ring: None,
             stats: AccessStats::default(),
         })
+    }
+
+    /// From now on BAR accesses go through `ring` (the remote serves it:
+    /// the control channel's `ring-setup` succeeded).
+    pub fn attach_ring(&mut self, ring: channel::ring::RingClient) {
+        self.ring = Some(ring);
+    }
+
+    /// Whether BAR accesses take the fast path.
+    pub fn has_ring(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    /// A `give_up` for ring waits: the supervisor reported the remote.
+    fn give_up(flag: &Option<Arc<AtomicBool>>) -> impl Fn() -> bool + '_ {
+        move || flag.as_ref().is_some_and(|f| f.load(Ordering::Acquire))
+    }
+
+    /// Before anything goes on the socket: every access on the ring is
+    /// applied. False when the function failed (waiting or before).
+    fn drain_ring(&mut self) -> bool {
+        let Some(ring) = self.ring.as_mut() else {
+            return true;
+        };
+        let r = ring.drain(&Self::give_up(&self.remote_failed));
+        if let Err(e) = r {
+            self.fail("access ring", &e);
+            return false;
+        }
+        true
     }
 
     fn fail(&mut self, what: &str, e: &dyn std::fmt::Display) {
@@ -195,7 +232,7 @@ impl ProxyFunction {
 impl PciDevice for ProxyFunction {
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
         self.stats.config_reads += 1;
-        if self.unusable() {
+        if self.unusable() || !self.drain_ring() {
             data.fill(0xff);
             return;
         }
@@ -212,7 +249,7 @@ impl PciDevice for ProxyFunction {
         if touches(regs::BAR0, regs::BAR0 + 24) || touches(regs::COMMAND, regs::COMMAND + 2) {
             self.shadow.write(offset, data);
         }
-        if self.unusable() {
+        if self.unusable() || !self.drain_ring() {
             return;
         }
         if let Err(e) = self.transport.config_write(offset, data) {
@@ -226,7 +263,12 @@ impl PciDevice for ProxyFunction {
             return;
         };
         let t = Instant::now();
-        let r = self.transport.bar_read(target, offset, data);
+        let r = match self.ring.as_mut() {
+            Some(ring) => ring
+                .read(bar as u8, offset, data, &Self::give_up(&self.remote_failed))
+                .map_err(|e| format!("access ring: {e}")),
+            None => self.transport.bar_read(target, offset, data),
+        };
         self.stats.read(bar, offset, data.len(), t.elapsed());
         if let Err(e) = r {
             data.fill(0xff);
@@ -239,7 +281,13 @@ impl PciDevice for ProxyFunction {
             return;
         };
         self.stats.write(bar, offset, data.len());
-        if let Err(e) = self.transport.bar_write(target, offset, data) {
+        let r = match self.ring.as_mut() {
+            Some(ring) => ring
+                .write(bar as u8, offset, data, &Self::give_up(&self.remote_failed))
+                .map_err(|e| format!("access ring: {e}")),
+            None => self.transport.bar_write(target, offset, data),
+        };
+        if let Err(e) = r {
             self.fail("BAR write", &e);
         }
     }
@@ -257,6 +305,9 @@ impl PciDevice for ProxyFunction {
         if self.unusable() {
             return None;
         }
+        if !self.drain_ring() {
+            return Some(Err("access ring".into()));
+        }
         let r = self.transport.heartbeat();
         if let Err(e) = &r {
             self.fail("heartbeat", e);
@@ -268,7 +319,7 @@ impl PciDevice for ProxyFunction {
     /// VMM assigns BARs afresh and the writes reach both.
     fn reset(&mut self) {
         self.shadow.reset();
-        if self.unusable() {
+        if self.unusable() || !self.drain_ring() {
             return;
         }
         if let Err(e) = self.transport.reset() {
@@ -283,8 +334,8 @@ impl PciDevice for ProxyFunction {
     }
 
     fn shutdown(&mut self) {
+        let (reads, _, writes) = self.stats.totals();
         let s = &self.stats;
-        let (reads, _, writes) = s.totals();
         let avg = s.read_mean_us();
         tracing::info!(
             "{}: {reads} BAR reads (mean {avg:.1} µs), {writes} posted BAR writes, {} config reads, {} config writes",
@@ -294,7 +345,8 @@ impl PciDevice for ProxyFunction {
         );
         // The remote sees EOF, drops this client and (when spawned for us
         // on an inherited fd) exits.
-        let healthy = !self.dead;
+        let healthy = !self.dead && self.drain_ring();
+        let s = &self.stats;
         let posted_failures = self.transport.close(healthy);
         if std::env::var_os("HOST_STATS").is_some() {
             eprintln!(

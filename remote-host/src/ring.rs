@@ -1,0 +1,69 @@
+//! Serving a device's access ring (`channel::ring`): the fast path the
+//! VMM sets up over the control channel (`ring-setup`) for a remote it
+//! spawned. A thread per device takes the BAR accesses the VMM publishes
+//! and runs them on the device under its lock, the same calls the socket
+//! path makes; the socket keeps serving everything else (configuration
+//! accesses, DMA maps, interrupts, reset), which the VMM only sends once
+//! the ring is drained.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use channel::ring::{Access, RingFds, RingServer};
+
+use crate::devices::RemoteDevice;
+
+/// How often an idle ring thread looks at its stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// A device's ring thread.
+pub struct RingThread {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+/// Maps the ring and starts serving it for `dev`.
+pub fn start(dev: Arc<RemoteDevice>, fds: RingFds, poll: Duration) -> Result<RingThread, String> {
+    let mut server = RingServer::new(fds, poll).map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let id = dev.id.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("ring-{id}"))
+        .spawn(move || {
+            server.serve(
+                &|| flag.load(Ordering::Relaxed),
+                STOP_CHECK,
+                |access, bar, offset, data| {
+                    let mut f = dev.function();
+                    match access {
+                        Access::Read => f.bar_read(bar, offset, data).is_ok(),
+                        Access::Write => f.bar_write(bar, offset, data).is_ok(),
+                    }
+                },
+            );
+            tracing::debug!(device = %dev.id, "access ring stopped");
+        })
+        .map_err(|e| format!("device `{id}`: cannot start its ring thread: {e}"))?;
+    Ok(RingThread { stop, thread })
+}
+
+impl RingThread {
+    /// Stops the thread and waits for it (bounded: a device call that
+    /// never returns leaves it running).
+    pub fn stop(self, within: Duration) -> bool {
+        self.stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + within;
+        while !self.thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if self.thread.is_finished() {
+            let _ = self.thread.join();
+            true
+        } else {
+            false
+        }
+    }
+}
