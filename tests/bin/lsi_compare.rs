@@ -38,16 +38,18 @@ enum Variant {
     QemuMp,
     OursMp,
     HostRemote,
+    HostRemoteSocket,
     HostInProcess,
     HostXRemote,
 }
 
 impl Variant {
-    const ALL: [Variant; 6] = [
+    const ALL: [Variant; 7] = [
         Variant::QemuLsi,
         Variant::QemuMp,
         Variant::OursMp,
         Variant::HostRemote,
+        Variant::HostRemoteSocket,
         Variant::HostInProcess,
         Variant::HostXRemote,
     ];
@@ -61,6 +63,7 @@ impl Variant {
             Variant::QemuMp => "qemu-mp",
             Variant::OursMp => "ours-mp",
             Variant::HostRemote => "host-remote",
+            Variant::HostRemoteSocket => "host-socket",
             Variant::HostInProcess => "host-inproc",
             Variant::HostXRemote => "host-xremote",
         }
@@ -107,12 +110,14 @@ fn run_host(env: &Env, variant: Variant, image: &Path, job: &str, dir: &Path) ->
     } else {
         "vfio-user"
     };
+    // host-socket: our remote with the access ring turned off.
+    let fast_path = variant != Variant::HostRemoteSocket;
     let config = dir.join(format!("{}.toml", variant.name()));
     fs::write(
         &config,
         format!(
             "[vm]\nmemory = \"512M\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet\"\n\n\
-             [[remote]]\nid = \"storage\"\nprotocol = \"{protocol}\"\nlog = \"{}-device.log\"\n\n\
+             [[remote]]\nid = \"storage\"\nprotocol = \"{protocol}\"\nfast-path = {fast_path}\nlog = \"{}-device.log\"\n\n\
              [[device]]\nid = \"lsi0\"\n{placement}\nplugin = \"lsi53c895a\"\nslot = 4\n\n\
              [[device.drive]]\nfile = \"{}\"\nscsi-id = 0\n",
             env.kernel.display(),
@@ -221,7 +226,10 @@ fn run_variant(
 ) -> Result<JobResult> {
     if matches!(
         variant,
-        Variant::HostRemote | Variant::HostInProcess | Variant::HostXRemote
+        Variant::HostRemote
+            | Variant::HostRemoteSocket
+            | Variant::HostInProcess
+            | Variant::HostXRemote
     ) {
         return run_host(env, variant, image, job, dir);
     }
@@ -247,9 +255,10 @@ fn run_variant(
                 "scsi-hd,drive=disk0,bus=lsi0.0,scsi-id=0".into(),
             ]);
         }
-        Variant::HostRemote | Variant::HostInProcess | Variant::HostXRemote => {
-            bail!("{} runs through run_host", variant.name())
-        }
+        Variant::HostRemote
+        | Variant::HostRemoteSocket
+        | Variant::HostInProcess
+        | Variant::HostXRemote => bail!("{} runs through run_host", variant.name()),
         Variant::QemuMp | Variant::OursMp => {
             let (vmm_end, dev_end) = UnixStream::pair()?;
             let dev_end = OwnedFd::from(dev_end);
@@ -624,7 +633,11 @@ fn profile(env: &Env) -> Result<ExitCode> {
     fs::create_dir_all(&dir)?;
     // (variant, job) → (registers, guest seconds of the I/O phase)
     let mut runs: Vec<(Variant, &str, RegisterProfile, f64)> = Vec::new();
-    for v in [Variant::HostRemote, Variant::HostInProcess] {
+    for v in [
+        Variant::HostRemote,
+        Variant::HostRemoteSocket,
+        Variant::HostInProcess,
+    ] {
         for kind in ["idle", "read", "write"] {
             let image = dir.join(format!("{}-{kind}.img", v.name()));
             make_lsi_image(&image);
@@ -644,31 +657,37 @@ fn profile(env: &Env) -> Result<ExitCode> {
             .map(|(_, _, p, s)| (p.clone(), *s))
     };
     let n = f64::from(PROFILE_IOS);
+    let columns = [
+        Variant::HostRemote,
+        Variant::HostRemoteSocket,
+        Variant::HostInProcess,
+    ];
     for kind in ["read", "write"] {
         println!("\nOne 4 KiB direct {kind} at queue depth 1 (over {PROFILE_IOS} I/Os):");
-        let (Some((idle, _)), Some((job, secs_r)), Some((job_in, secs_i))) = (
+        let (Some((idle, _)), Some((job, _))) = (
             find(Variant::HostRemote, "idle"),
             find(Variant::HostRemote, kind),
-            find(Variant::HostInProcess, kind),
         ) else {
             bail!("a profile run is missing");
         };
-        println!(
-            "{:<22}{:>10}{:>10}{:>16}{:>16}",
-            "register", "reads/io", "writes/io", "read us remote", "read us inproc"
-        );
-        let (mut total_r, mut total_w, mut wait_r, mut wait_i) = (0.0, 0.0, 0.0, 0.0);
-        for (key, (reads, mean, writes)) in &job {
+        print!("{:<22}{:>10}{:>10}", "register", "reads/io", "writes/io");
+        for v in columns {
+            print!(
+                "{:>16}",
+                format!("read us {}", v.name().trim_start_matches("host-"))
+            );
+        }
+        println!();
+        let mut total = (0.0, 0.0);
+        let mut waited = [0.0f64; 3];
+        for (key, (reads, _, writes)) in &job {
             let (r0, _, w0) = idle.get(key).copied().unwrap_or_default();
             let (reads_io, writes_io) = ((reads - r0) / n, (writes - w0) / n);
             if reads_io < 0.01 && writes_io < 0.01 {
                 continue;
             }
-            let mean_in = job_in.get(key).map_or(f64::NAN, |(_, m, _)| *m);
-            total_r += reads_io;
-            total_w += writes_io;
-            wait_r += reads_io * mean;
-            wait_i += reads_io * mean_in;
+            total.0 += reads_io;
+            total.1 += writes_io;
             let name = format!(
                 "bar{} {:#04x}/{} {}",
                 key.0,
@@ -676,16 +695,26 @@ fn profile(env: &Env) -> Result<ExitCode> {
                 key.2,
                 lsi_register_name(key.1)
             );
-            println!("{name:<22}{reads_io:>10.2}{writes_io:>10.2}{mean:>16.1}{mean_in:>16.1}");
+            print!("{name:<22}{reads_io:>10.2}{writes_io:>10.2}");
+            for (i, v) in columns.iter().enumerate() {
+                let mean = find(*v, kind)
+                    .and_then(|(p, _)| p.get(key).map(|(_, m, _)| *m))
+                    .unwrap_or(f64::NAN);
+                waited[i] += reads_io * mean;
+                print!("{mean:>16.1}");
+            }
+            println!();
         }
-        println!("{:<22}{total_r:>10.2}{total_w:>10.2}", "all registers");
-        println!(
-            "time per I/O (guest): remote {:.1} us, in-process {:.1} us; of which the vCPU waited on BAR reads: remote {:.1} us, in-process {:.1} us",
-            secs_r * 1e6 / n,
-            secs_i * 1e6 / n,
-            wait_r,
-            wait_i
-        );
+        println!("{:<22}{:>10.2}{:>10.2}", "all registers", total.0, total.1);
+        for (i, v) in columns.iter().enumerate() {
+            let secs = find(*v, kind).map_or(f64::NAN, |(_, s)| s);
+            println!(
+                "{}: {:.1} us per I/O (guest), of which {:.1} us waiting on BAR reads",
+                v.name(),
+                secs * 1e6 / n,
+                waited[i]
+            );
+        }
     }
     fs::remove_dir_all(&dir).ok();
     Ok(ExitCode::SUCCESS)
