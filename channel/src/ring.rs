@@ -292,7 +292,7 @@ pub fn create(timeout: Duration, poll: Duration) -> Result<(RingClient, RingFds)
 impl RingClient {
     /// `tail`, checked: it may never run past what was published.
     fn tail(&self) -> Result<u32, RingError> {
-        let tail = self.page.word(OFF_TAIL).load(Ordering::Acquire);
+        let tail = self.page.word(OFF_TAIL).load(Ordering::SeqCst);
         if self.head.wrapping_sub(tail) > SLOTS {
             return Err(RingError::Corrupt("tail runs past head"));
         }
@@ -540,7 +540,10 @@ impl RingServer {
     /// Nothing to do: poll for the window, then sleep on `kick`.
     fn idle(&mut self, stop_check: Duration) {
         let start = Instant::now();
-        let pending = |s: &Self| s.page.word(OFF_HEAD).load(Ordering::Acquire) != s.tail;
+        // SeqCst: the look after raising the sleeping flag must not be
+        // ordered before it (the producer publishes, then looks at the
+        // flag: one of the two sees the other).
+        let pending = |s: &Self| s.page.word(OFF_HEAD).load(Ordering::SeqCst) != s.tail;
         while start.elapsed() < self.window.current {
             std::thread::yield_now();
             if pending(self) {
