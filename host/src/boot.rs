@@ -47,7 +47,7 @@ pub struct BootInfo {
 }
 
 fn load_kernel(mem: &GuestMemoryMmap, kernel: &Path) -> Result<(KernelLoaderResult, bool)> {
-    let mut f = File::open(kernel).with_context(|| format!("open kernel {}", kernel.display()))?;
+    let mut f = File::open(kernel).with_context(|| format!("open kernel {} (set `kernel` in [vm] to a bzImage or ELF vmlinux; relative paths are relative to the config file)", kernel.display()))?;
     match BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
         Ok(r) => Ok((r, true)),
         Err(bz) => {
@@ -99,8 +99,12 @@ pub fn setup(
     params.hdr.cmdline_size = cmdline.len() as u32 + 1;
 
     if let Some(initrd) = initrd {
-        let data =
-            std::fs::read(initrd).with_context(|| format!("read initrd {}", initrd.display()))?;
+        let data = std::fs::read(initrd).with_context(|| {
+            format!(
+                "read initrd {} (`initrd` in [vm]; relative to the config file)",
+                initrd.display()
+            )
+        })?;
         let max = if params.hdr.initrd_addr_max != 0 {
             u64::from(params.hdr.initrd_addr_max) + 1
         } else {
