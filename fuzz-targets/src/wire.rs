@@ -1,0 +1,168 @@
+//! A peer on the other end of a socket: sends a fuzz input as messages
+//! (with file descriptors where the input asks for them) while a server
+//! reads them, drains whatever the server answers, and closes its sending
+//! side at the end, so every server loop ends at EOF.
+
+use std::fs::File;
+use std::io::Read;
+use std::net::Shutdown;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use channel::Framed;
+
+/// One message as the peer sends it: bytes, and fds on its first byte.
+pub(crate) struct Chunk {
+    pub data: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// The kinds of fd a fuzz input can attach to a message.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum FdKind {
+    /// Guest RAM as the VMM shares it: a sealed 1 MiB memfd.
+    SealedRam,
+    /// An unsealed 8 KiB memfd (a peer that lies about sizes, or could
+    /// truncate it).
+    SmallRam,
+    /// An eventfd (irqfd, resample or unmask fd).
+    Eventfd,
+    /// A socket: neither memory nor an eventfd.
+    Socket,
+}
+
+impl FdKind {
+    pub(crate) fn from_bits(b: u32) -> FdKind {
+        match b & 3 {
+            0 => FdKind::SealedRam,
+            1 => FdKind::SmallRam,
+            2 => FdKind::Eventfd,
+            _ => FdKind::Socket,
+        }
+    }
+}
+
+/// Size of [`FdKind::SealedRam`].
+pub(crate) const RAM_SIZE: u64 = 1 << 20;
+
+fn memfd(size: u64, seal: bool) -> OwnedFd {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is
+    // checked and then owned by the File.
+    let file = unsafe {
+        let fd = libc::memfd_create(
+            c"fuzz-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        );
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        File::from_raw_fd(fd)
+    };
+    if let Err(e) = file.set_len(size) {
+        panic!("memfd set_len: {e}");
+    }
+    if seal {
+        // SAFETY: F_ADD_SEALS on our own memfd; no memory is involved.
+        let r = unsafe {
+            libc::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        };
+        assert!(r == 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
+    }
+    OwnedFd::from(file)
+}
+
+/// A new fd of `kind`.
+pub(crate) fn make_fd(kind: FdKind) -> OwnedFd {
+    match kind {
+        FdKind::SealedRam => memfd(RAM_SIZE, true),
+        FdKind::SmallRam => memfd(8 << 10, false),
+        FdKind::Eventfd => {
+            // SAFETY: eventfd returns a new fd (checked) that the OwnedFd owns.
+            unsafe {
+                let fd = libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK);
+                assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+                OwnedFd::from_raw_fd(fd)
+            }
+        }
+        FdKind::Socket => match UnixStream::pair() {
+            Ok((a, _b)) => OwnedFd::from(a),
+            Err(e) => panic!("socketpair: {e}"),
+        },
+    }
+}
+
+/// Cuts `data` into messages the way a framed reader would: a header of
+/// `header_len` bytes, whose `size_of` is the whole message; a size below
+/// the header or past the end takes the rest of the input (the server
+/// then refuses it or sees it cut short). `fds` says what the peer
+/// attaches to a message, from its header.
+pub(crate) fn split(
+    data: &[u8],
+    header_len: usize,
+    size_of: fn(&[u8]) -> usize,
+    fds: impl Fn(&[u8]) -> Vec<OwnedFd>,
+) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let n = if rest.len() < header_len {
+            rest.len()
+        } else {
+            let size = size_of(&rest[..header_len]);
+            if size < header_len || size > rest.len() {
+                rest.len()
+            } else {
+                size
+            }
+        };
+        let (msg, tail) = rest.split_at(n);
+        let attached = if msg.len() >= header_len {
+            fds(&msg[..header_len])
+        } else {
+            Vec::new()
+        };
+        chunks.push(Chunk {
+            data: msg.to_vec(),
+            fds: attached,
+        });
+        rest = tail;
+    }
+    chunks
+}
+
+/// Runs `serve` on one end of a socket pair while the other end sends
+/// `chunks` (then shuts its sending side) and reads every reply.
+/// Returns once `serve` has returned and the peer's threads have ended.
+pub(crate) fn exchange(chunks: Vec<Chunk>, serve: impl FnOnce(UnixStream)) {
+    let (ours, theirs) = match UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => panic!("socketpair: {e}"),
+    };
+    let reader = match ours.try_clone() {
+        Ok(r) => r,
+        Err(e) => panic!("dup: {e}"),
+    };
+    let writer = std::thread::spawn(move || {
+        let framed = Framed::new(ours);
+        for c in &chunks {
+            let fds: Vec<BorrowedFd<'_>> = c.fds.iter().map(|f| f.as_fd()).collect();
+            // The server may stop reading at any point (a protocol error
+            // closes its end): then the rest is not sent.
+            if c.data.is_empty() || framed.send(&c.data, &fds, Duration::from_secs(5)).is_err() {
+                break;
+            }
+        }
+        let _ = framed.socket().shutdown(Shutdown::Write);
+    });
+    let drain = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut r = &reader;
+        while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    serve(theirs);
+    let _ = writer.join();
+    let _ = drain.join();
+}
