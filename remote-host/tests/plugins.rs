@@ -152,22 +152,31 @@ fn check_works_on_a_remote_only_config() {
         "[[remote]]\nid = \"r\"\n\n[[device]]\nid = \"d0\"\nremote = \"r\"\nplugin = \"dma-example\"\nslot = 4\n",
     )
     .unwrap();
-    let out = remote_host()
-        .args(["check", "--remote", "r", "--config"])
-        .arg(&path)
-        .arg("--plugin-dir")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (code, stdout, stderr) = check(&path, &dir);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(stdout.starts_with("ok\td0\tdma-example@"), "{stdout}");
     // Piped output carries no colour codes.
     assert!(
         !stderr.contains('\x1b'),
         "colour codes in a pipe: {stderr:?}"
     );
+}
+
+/// `remote-host check` of remote `r` in `config`, plugins from `dir`:
+/// exit code, standard output and error.
+fn check(config: &std::path::Path, dir: &std::path::Path) -> (Option<i32>, String, String) {
+    let out = remote_host()
+        .args(["check", "--remote", "r", "--config"])
+        .arg(config)
+        .arg("--plugin-dir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn write_config(body: &str) -> (tempfile::TempDir, PathBuf) {
@@ -208,16 +217,8 @@ slot = 5
 max-transfer = 4096
 "#,
     );
-    let out = remote_host()
-        .args(["check", "--remote", "r", "--config"])
-        .arg(&cfg)
-        .arg("--plugin-dir")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let (code, stdout, stderr) = check(&cfg, &dir);
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
     assert!(
         stdout.contains("failed\tboom\tplugin `faulty-plugin`: device constructor panicked: constructor exploded"),
         "{stdout}"
@@ -256,14 +257,7 @@ plugin = "no-such-plugin"
 slot = 6
 "#,
     );
-    let out = remote_host()
-        .args(["check", "--remote", "r", "--config"])
-        .arg(&cfg)
-        .arg("--plugin-dir")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (_, stdout, _) = check(&cfg, &dir);
     assert!(
         stdout.contains("failed\ttypo\t") && stdout.contains("max-transfr"),
         "{stdout}"

@@ -384,15 +384,7 @@ fn run() -> Result<ExitCode> {
     if mode == "profile" {
         return profile(&env);
     }
-    // Inside the nested L1, /tmp is a tmpfs: images there avoid 9p (slow
-    // under emulation); elsewhere they go under target/.
-    let base = if std::env::var_os("TESTENV_L1").is_some() {
-        PathBuf::from("/tmp")
-    } else {
-        testenv::workspace_root().join("target")
-    };
-    let dir = base.join(format!("lsi-compare-{}", std::process::id()));
-    fs::create_dir_all(&dir)?;
+    let dir = work_dir("lsi-compare")?;
     let mut failed = 0;
     let mut table: Vec<BenchRow> = Vec::new();
     let only = std::env::var("LSI_COMPARE_ONLY").ok();
@@ -622,15 +614,23 @@ fn lsi_register_name(offset: u64) -> &'static str {
     }
 }
 
-fn profile(env: &Env) -> Result<ExitCode> {
-    std::env::set_var("HOST_STATS", "1");
+/// A fresh directory for images and logs: inside the nested L1 under /tmp
+/// (a tmpfs: images there avoid 9p, slow under emulation), elsewhere under
+/// target/.
+fn work_dir(name: &str) -> Result<PathBuf> {
     let base = if std::env::var_os("TESTENV_L1").is_some() {
         PathBuf::from("/tmp")
     } else {
         testenv::workspace_root().join("target")
     };
-    let dir = base.join(format!("lsi-profile-{}", std::process::id()));
+    let dir = base.join(format!("{name}-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn profile(env: &Env) -> Result<ExitCode> {
+    std::env::set_var("HOST_STATS", "1");
+    let dir = work_dir("lsi-profile")?;
     // (variant, job) → (registers, guest seconds of the I/O phase)
     let mut runs: Vec<(Variant, &str, RegisterProfile, f64)> = Vec::new();
     for v in [
