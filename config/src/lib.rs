@@ -34,7 +34,9 @@
 //! ```
 //!
 //! Every error names the file, line and column of the offending key or
-//! value. Relative paths are relative to the config file's directory.
+//! value. Every relative path, a plugin given as a path included, is
+//! relative to the config file's directory, made absolute when the file
+//! is read ([`base_dir_of`], [`resolve_path`], [`resolve_plugin`]).
 
 mod reader;
 
@@ -118,6 +120,9 @@ impl SourceMap {
 pub struct Config {
     /// The file it came from.
     pub path: PathBuf,
+    /// The directory every relative path in it resolves against: the
+    /// file's, absolute ([`base_dir_of`] when it was read).
+    pub base_dir: PathBuf,
     /// `[vm]`: always there in a config read by [`Config::load`] (the
     /// VMM's); `None` when [`Config::load_devices`] read a file that has
     /// only remotes and devices (what `remote-host` needs).
@@ -234,7 +239,8 @@ pub enum Placement {
 pub struct DeviceConfig {
     pub id: String,
     pub placement: Placement,
-    /// Plugin name (or path to a plugin library).
+    /// Plugin name, or the path of a plugin library (made absolute: see
+    /// [`resolve_plugin`]).
     pub plugin: String,
     /// Device kind inside the plugin; `None` means the plugin's only kind.
     pub kind: Option<String>,
@@ -242,7 +248,8 @@ pub struct DeviceConfig {
     pub slot: u8,
     /// The device's own settings, as TOML text, for its plugin alone.
     pub settings: String,
-    /// Directory relative paths in `settings` are relative to.
+    /// Directory relative paths in `settings` are relative to (the
+    /// config's [`base_dir`](Config::base_dir), absolute).
     pub base_dir: PathBuf,
     pub location: Location,
 }
@@ -277,15 +284,8 @@ impl Config {
         };
         let doc = ImDocument::parse(text.to_owned())
             .map_err(|e| src.error(e.span(), e.message().trim().to_owned()))?;
-        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let resolve = |p: String| -> PathBuf {
-            let p = PathBuf::from(p);
-            if p.is_absolute() {
-                p
-            } else {
-                base_dir.join(p)
-            }
-        };
+        let base_dir = base_dir_of(path);
+        let resolve = |p: String| -> PathBuf { resolve_path(&base_dir, p) };
 
         let mut root = TableReader::new(doc.as_table(), &src, "the config".into());
         let vm = match root.table.get("vm") {
@@ -356,6 +356,7 @@ impl Config {
         root.deny_unknown()?;
         Ok(Config {
             path: path.to_owned(),
+            base_dir,
             vm,
             remotes,
             devices,
@@ -372,6 +373,49 @@ impl Config {
         self.devices
             .iter()
             .filter(move |d| matches!(&d.placement, Placement::Remote(r) if r == id))
+    }
+}
+
+/// The directory relative paths in the config file `path` resolve
+/// against: the file's directory, made absolute against the current
+/// directory now (without touching the file system), so that the paths
+/// mean the same in every process that reads them, whatever its current
+/// directory later (a remote-host, a QMP command long after start).
+pub fn base_dir_of(path: &Path) -> PathBuf {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// `p` if it is absolute, else `p` under `base_dir`: the one rule for every
+/// path a config (or a QMP command of the VM it describes) names.
+pub fn resolve_path(base_dir: &Path, p: impl AsRef<Path>) -> PathBuf {
+    let p = p.as_ref();
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base_dir.join(p)
+    }
+}
+
+/// Whether a `plugin` value names a library file rather than a plugin
+/// to look up by name in the plugin directories: it contains `/` or ends
+/// in `.so` (the rule `plugin_api::loader::find` applies).
+pub fn is_plugin_path(plugin: &str) -> bool {
+    plugin.contains('/') || plugin.ends_with(".so")
+}
+
+/// A `plugin` value as the loader should get it: a path (see
+/// [`is_plugin_path`]) resolved against `base_dir`, a name as it is.
+pub fn resolve_plugin(base_dir: &Path, plugin: &str) -> String {
+    if is_plugin_path(plugin) {
+        resolve_path(base_dir, plugin)
+            .to_string_lossy()
+            .into_owned()
+    } else {
+        plugin.to_owned()
     }
 }
 
@@ -504,7 +548,7 @@ fn parse_remote(
 fn parse_device(mut t: TableReader<'_>, base_dir: &Path) -> Result<DeviceConfig, ConfigError> {
     let location = t.src.location(t.span().map_or(0, |s| s.start));
     let id = parse_id(&mut t)?;
-    let plugin = t.string("plugin")?.value;
+    let plugin = resolve_plugin(base_dir, &t.string("plugin")?.value);
     let kind = t.opt_string("kind")?.map(|s| s.value);
     let slot = t.integer_in("slot", 1..=31, None)?.value as u8;
     let remote = t.opt_string("remote")?;

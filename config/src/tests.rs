@@ -220,3 +220,90 @@ slot = 4
     let bad = format!("[vm]\nmemory = \"1T\"\nkernel = \"k\"\n{text}");
     assert!(Config::parse_devices(&bad, path).is_err());
 }
+
+/// Every relative path of a config resolves against the config file's
+/// directory, made absolute when it is read: `[vm]` and `[[remote]]`
+/// paths, the base of a device's own settings, and a plugin given as a
+/// path (one with a `/` or ending in `.so`), so that a remote-host or an
+/// in-process device finds the same file whatever its current directory.
+#[test]
+fn relative_paths_resolve_against_the_config_directory() {
+    let text = r#"
+[vm]
+memory = "64M"
+kernel = "boot/vmlinuz"
+qmp = "/run/vm/qmp.sock"
+
+[[remote]]
+id = "r"
+log = "r.log"
+plugin-dirs = ["plugins"]
+
+[[device]]
+id = "a"
+remote = "r"
+plugin = "plugins/libdma_example.so"
+slot = 4
+
+[[device]]
+id = "b"
+in-process = true
+plugin = "libdma_example.so"
+slot = 5
+
+[[device]]
+id = "c"
+remote = "r"
+plugin = "/opt/plugins/libdma_example.so"
+slot = 6
+
+[[device]]
+id = "d"
+remote = "r"
+plugin = "dma-example"
+slot = 7
+"#;
+    let cwd = std::env::current_dir().unwrap();
+    let c = Config::parse(text, Path::new("vms/one/vm.toml")).unwrap();
+    let base = cwd.join("vms/one");
+    assert_eq!(c.base_dir, base);
+    let vm = c.vm.as_ref().unwrap();
+    assert_eq!(vm.kernel, base.join("boot/vmlinuz"));
+    assert_eq!(vm.qmp, Some(PathBuf::from("/run/vm/qmp.sock")));
+    assert_eq!(c.remotes[0].log, Some(base.join("r.log")));
+    assert_eq!(c.remotes[0].plugin_dirs, vec![base.join("plugins")]);
+    let plugins: Vec<&str> = c.devices.iter().map(|d| d.plugin.as_str()).collect();
+    let a = base.join("plugins/libdma_example.so");
+    let b = base.join("libdma_example.so");
+    assert_eq!(
+        plugins,
+        [
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+            "/opt/plugins/libdma_example.so",
+            "dma-example"
+        ]
+    );
+    assert!(c.devices.iter().all(|d| d.base_dir == base));
+
+    // A file named without a directory: the current directory, absolute.
+    let c = Config::parse(text, Path::new("vm.toml")).unwrap();
+    assert_eq!(c.base_dir, cwd);
+    assert_eq!(c.vm.unwrap().kernel, cwd.join("boot/vmlinuz"));
+}
+
+#[test]
+fn plugin_path_rule() {
+    assert!(is_plugin_path("./libx.so"));
+    assert!(is_plugin_path("libx.so"));
+    assert!(is_plugin_path("dir/x"));
+    assert!(!is_plugin_path("lsi53c895a"));
+    let base = Path::new("/etc/vm");
+    assert_eq!(resolve_plugin(base, "x/liby.so"), "/etc/vm/x/liby.so");
+    assert_eq!(resolve_plugin(base, "/abs/liby.so"), "/abs/liby.so");
+    assert_eq!(resolve_plugin(base, "dma-example"), "dma-example");
+    assert_eq!(
+        resolve_path(base, "disk.img"),
+        PathBuf::from("/etc/vm/disk.img")
+    );
+}

@@ -33,14 +33,15 @@ pub struct RemoteDevice {
 #[derive(Debug, Clone)]
 pub struct DeviceSpec {
     pub id: String,
-    /// Plugin name (or path to a plugin library).
+    /// Plugin name, or path to a plugin library (relative to `base_dir`).
     pub plugin: String,
     /// Device kind inside the plugin; `None`: the plugin's only kind.
     pub kind: Option<String>,
     pub slot: u8,
     /// The plugin's own settings, as TOML text.
     pub settings: String,
-    /// Directory relative paths in `settings` are relative to.
+    /// Directory relative paths (in `settings`, and the plugin's) are
+    /// relative to: the config file's.
     pub base_dir: PathBuf,
 }
 
@@ -184,10 +185,12 @@ pub fn create_from(spec: &DeviceSpec, plugin: &LoadedPlugin) -> Result<RemoteDev
     })
 }
 
-/// Finds the spec's plugin in `dirs` and creates the device: the one path
-/// for config devices and `device-add`.
+/// Finds the spec's plugin in `dirs` (a plugin given as a path: relative
+/// to the spec's base directory, the config file's) and creates the
+/// device: the one path for config devices and `device-add`.
 pub fn build_one(spec: &DeviceSpec, dirs: &[PathBuf]) -> Result<RemoteDevice, String> {
-    let plugin = loader::find(&spec.plugin, dirs).map_err(|e| e.to_string())?;
+    let plugin = config::resolve_plugin(&spec.base_dir, &spec.plugin);
+    let plugin = loader::find(&plugin, dirs).map_err(|e| e.to_string())?;
     create_from(spec, &plugin)
 }
 

@@ -246,7 +246,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => None,
                 Some(n) => {
                     let sock = remote_host::control::inherited_socket(n)?;
-                    let base_dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+                    // Paths in device-add are relative to the config's directory.
+                    let base_dir = cfg.base_dir.clone();
                     let ctl =
                         remote_host::control::Control::new(&devs, dirs, base_dir, dialect.clone());
                     let t =

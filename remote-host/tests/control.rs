@@ -346,3 +346,29 @@ fn device_del_of_a_config_device_shuts_it_down() {
     assert!(remote_error(ctl.device_del("dma0")).contains("no device `dma0`"));
     ctl.ping().unwrap();
 }
+
+/// A plugin given as a path in `device-add` is relative to the config
+/// file's directory, as in the config itself, not to the remote's current
+/// directory (which is this test's, elsewhere) nor to the C library's
+/// search path (a bare `lib*.so`).
+#[test]
+fn device_add_resolves_a_plugin_path_against_the_config_directory() {
+    let (remote, mut ctl) = Remote::start(&[]);
+    let sub = remote.path().join("mine");
+    std::fs::create_dir(&sub).unwrap();
+    let lib = plugin_dir().join("libdma_example.so");
+    std::fs::copy(&lib, sub.join("libdma_example.so")).unwrap();
+    std::fs::copy(&lib, remote.path().join("libdma_example.so")).unwrap();
+    for (id, plugin) in [
+        ("p1", "mine/libdma_example.so"),
+        ("p2", "libdma_example.so"),
+    ] {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ctl.device_add(id, plugin, None, 9, "", OwnedFd::from(theirs))
+            .unwrap_or_else(|e| panic!("{plugin}: {e}\n{}", remote.log()));
+        let mut c = vfio_client(ours);
+        let mut id_bytes = [0u8; 2];
+        c.region_read(7, 0, &mut id_bytes).unwrap();
+        assert_eq!(u16::from_le_bytes(id_bytes), 0x1234, "{plugin}");
+    }
+}

@@ -293,3 +293,36 @@ fn config_errors_name_file_line_and_column() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A plugin given as a path in the config is relative to the config's
+/// directory, whatever the current directory of the remote-host that
+/// reads it (here `/`), with or without a `/` in it.
+#[test]
+fn a_plugin_given_as_a_path_is_relative_to_the_config() {
+    let dir = require_plugins();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("sub")).unwrap();
+    let lib = dir.join("libdma_example.so");
+    std::fs::copy(&lib, tmp.path().join("sub/libdma_example.so")).unwrap();
+    std::fs::copy(&lib, tmp.path().join("libdma_example.so")).unwrap();
+    let path = tmp.path().join("remote.toml");
+    std::fs::write(
+        &path,
+        "[[remote]]\nid = \"r\"\n\n\
+         [[device]]\nid = \"d0\"\nremote = \"r\"\nplugin = \"sub/libdma_example.so\"\nslot = 4\n\n\
+         [[device]]\nid = \"d1\"\nremote = \"r\"\nplugin = \"libdma_example.so\"\nslot = 5\n",
+    )
+    .unwrap();
+    let out = remote_host()
+        .current_dir("/")
+        .env_remove("PLUGIN_PATH")
+        .args(["check", "--remote", "r", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("ok\td0\tdma-example@"), "{stdout}");
+    assert!(stdout.contains("ok\td1\tdma-example@"), "{stdout}");
+}

@@ -58,11 +58,11 @@ impl Monitor {
                 let d = DeviceConfig {
                     id: id.into(),
                     placement: Placement::InProcess,
-                    plugin: driver.into(),
+                    plugin: config::resolve_plugin(&self.config.base_dir, driver),
                     kind: kind.map(str::to_owned),
                     slot,
                     settings,
-                    base_dir: std::env::current_dir().unwrap_or_default(),
+                    base_dir: self.config.base_dir.clone(),
                     location: config::Location {
                         file: PathBuf::from("<qmp device_add>"),
                         line: 1,

@@ -40,7 +40,8 @@ impl Monitor {
                 "Duplicate nodes with node-name='{name}'"
             )));
         }
-        let path = std::path::absolute(&filename).unwrap_or_else(|_| PathBuf::from(&filename));
+        // Relative to the config file, as every path of the VM.
+        let path = config::resolve_path(&self.config.base_dir, &filename);
         let open = std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)
