@@ -24,7 +24,9 @@
 //! overtakes a posted write: the remote applies accesses in the order the
 //! guest made them, as over the socket.
 //!
-//! Trust: the page is shared with the remote. The VMM reads only plain
+//! Trust: the page is shared with the remote. Its memfd is sealed against
+//! shrinking and growing (a remote that truncated it would turn the VMM's
+//! next look at the ring into SIGBUS). The VMM reads only plain
 //! values from it, checks every index against its own (`tail` may not run
 //! past `head`, a status is one of two values) and bounds every wait; a
 //! remote that writes garbage fails its device, nothing more. The remote
@@ -246,7 +248,8 @@ pub struct RingClient {
 pub fn create(timeout: Duration, poll: Duration) -> Result<(RingClient, RingFds), RingError> {
     let name = c"access-ring";
     // SAFETY: memfd_create with a valid NUL-terminated name; checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(RingError::Setup(format!(
             "memfd_create: {}",
@@ -262,6 +265,23 @@ pub fn create(timeout: Duration, poll: Duration) -> Result<(RingClient, RingFds)
     )
     .set_len(RING_BYTES as u64)
     .map_err(|e| RingError::Setup(format!("sizing the ring: {e}")))?;
+    // The remote gets this fd: sealed, it can neither shrink the page
+    // under our mapping (SIGBUS for the whole VMM on our next look at the
+    // ring) nor lift the seals.
+    // SAFETY: F_ADD_SEALS on the memfd just created; no memory involved.
+    let sealed = unsafe {
+        libc::fcntl(
+            memory.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )
+    };
+    if sealed != 0 {
+        return Err(RingError::Setup(format!(
+            "sealing the ring: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
     let page = Page::map(memory.as_fd())?;
     page.word(OFF_MAGIC).store(MAGIC, Ordering::Relaxed);
     page.word(OFF_VERSION).store(VERSION, Ordering::Release);

@@ -201,3 +201,29 @@ fn ring_latency() {
     stop.store(true, Ordering::Relaxed);
     t.join().unwrap();
 }
+
+/// The remote holds the ring's memfd: it must not be able to shrink it
+/// under the VMM's mapping (the VMM's next look at the ring would be
+/// SIGBUS for the whole VMM), grow it, or lift the seals.
+#[test]
+fn the_remote_cannot_resize_the_ring() {
+    let (mut client, fds) = create(Duration::from_secs(5), Duration::ZERO).unwrap();
+    let file = File::from(fds.memory.try_clone().unwrap());
+    for len in [0, 1, RING_BYTES as u64 * 2] {
+        let e = file.set_len(len).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "set_len({len})");
+    }
+    // SAFETY: F_GET_SEALS reads an integer.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    assert_eq!(seals & libc::F_SEAL_SEAL, libc::F_SEAL_SEAL);
+    // The ring still works.
+    let regs = Arc::new(Mutex::new(Regs::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = serve(fds, regs.clone(), stop.clone());
+    client.write(1, 4, &7u32.to_le_bytes(), &never).unwrap();
+    let mut b = [0u8; 4];
+    client.read(1, 4, &mut b, &never).unwrap();
+    assert_eq!(u32::from_le_bytes(b), 7);
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+}
