@@ -42,10 +42,12 @@ pub trait Device: Send + 'static {
     /// it to the standard header.
     fn config_write(&mut self, _offset: u16, _data: &[u8]) {}
 
-    /// A guest read in BAR `bar`. `data.len()` is 1, 2, 4 or 8.
+    /// A guest read in BAR `bar`. `data.len()` is 1, 2, 4 or 8, and the
+    /// access lies inside a BAR the device declared (hosts refuse others
+    /// before the device sees them: `PciFunction`).
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]);
 
-    /// A guest write in BAR `bar`.
+    /// A guest write in BAR `bar` (same guarantees as `bar_read`).
     fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]);
 
     /// Function-level reset.

@@ -195,6 +195,35 @@ impl PciFunction {
         })
     }
 
+    /// Refuses an access to a BAR the device did not declare, or one that
+    /// reaches past the BAR's end, before the device sees it: the
+    /// device's contract ([`crate::Device::bar_read`]) whichever way the
+    /// access came (a protocol server, the VMM's BAR decoding, the access
+    /// ring, the harness).
+    fn check_bar(&self, bar: u8, offset: u64, len: usize) -> Result<(), DeviceError> {
+        let size = self
+            .desc
+            .bars
+            .iter()
+            .find(|b| b.index == bar)
+            .map(|b| b.size);
+        match size {
+            Some(size)
+                if offset
+                    .checked_add(len as u64)
+                    .is_some_and(|end| end <= size) =>
+            {
+                Ok(())
+            }
+            _ => Err(DeviceError::new(
+                DeviceErrorKind::InvalidAccess,
+                format!(
+                    "BAR{bar} access of {len} bytes at {offset:#x} is outside the device's BARs"
+                ),
+            )),
+        }
+    }
+
     /// What the device described itself as.
     pub fn description(&self) -> &DeviceDesc {
         &self.desc
@@ -250,6 +279,10 @@ impl PciFunction {
             data.fill(0xff);
             return Err(shut_down_error());
         }
+        if let Err(e) = self.check_bar(bar, offset, data.len()) {
+            data.fill(0xff);
+            return Err(e);
+        }
         let r = self
             .device
             .bar_read(bar, offset, RSliceMut::from_mut_slice(data))
@@ -265,6 +298,7 @@ impl PciFunction {
         if self.shut_down {
             return Err(shut_down_error());
         }
+        self.check_bar(bar, offset, data.len())?;
         self.device
             .bar_write(bar, offset, RSlice::from_slice(data))
             .into_result()
@@ -335,5 +369,63 @@ impl PciFunction {
         if !std::mem::replace(&mut self.shut_down, true) {
             self.device.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{into_ffi, BarDesc, Device, PciIdentity};
+
+    /// Sixteen bytes of registers in BAR 0, indexed without a check, as a
+    /// device may when the host promises in-bounds accesses.
+    struct Sixteen([u8; 16]);
+
+    impl Device for Sixteen {
+        fn describe(&self) -> DeviceDesc {
+            DeviceDesc::new(PciIdentity::new(0x1234, 0x5678, 0)).with_bars([BarDesc::mmio32(0, 16)])
+        }
+        fn bar_read(&mut self, _bar: u8, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = self.0[offset as usize + i];
+            }
+        }
+        fn bar_write(&mut self, _bar: u8, offset: u64, data: &[u8]) {
+            for (i, b) in data.iter().enumerate() {
+                self.0[offset as usize + i] = *b;
+            }
+        }
+        fn reset(&mut self) {}
+    }
+
+    /// An access to a BAR the device does not have, or past the end of
+    /// one it has, is refused before the device sees it, whatever path
+    /// it came by (the access ring does not check offsets itself).
+    #[test]
+    fn accesses_outside_the_declared_bars_never_reach_the_device() {
+        let mut f = PciFunction::new(into_ffi(Box::new(Sixteen([7; 16])))).unwrap();
+        let mut b = [0u8; 4];
+        f.bar_read(0, 12, &mut b).unwrap();
+        assert_eq!(b, [7; 4]);
+        for (bar, offset) in [(0, 13), (0, 16), (0, u64::MAX - 1), (1, 0), (5, 0)] {
+            let e = f.bar_read(bar, offset, &mut b).unwrap_err();
+            assert_eq!(
+                e.kind,
+                DeviceErrorKind::InvalidAccess,
+                "BAR{bar} {offset:#x}"
+            );
+            assert_eq!(b, [0xff; 4], "a refused read is all-ones");
+            let e = f.bar_write(bar, offset, &[1, 2, 3, 4]).unwrap_err();
+            assert_eq!(
+                e.kind,
+                DeviceErrorKind::InvalidAccess,
+                "BAR{bar} {offset:#x}"
+            );
+        }
+        assert_eq!(f.failure(), None, "the device never panicked");
+        f.bar_write(0, 0, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        let mut b = [0u8; 8];
+        f.bar_read(0, 8, &mut b).unwrap();
+        assert_eq!(b, [7; 8]);
     }
 }
