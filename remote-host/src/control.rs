@@ -97,6 +97,10 @@ impl Control {
         for id in ids {
             if self.devices.get(&id).is_some_and(|e| e.served.is_some()) {
                 let _ = self.device_del(&id);
+            } else if let Some(ring) = self.devices.get_mut(&id).and_then(|e| e.ring.take()) {
+                // A config device keeps its socket, but its ring thread
+                // was ours.
+                ring.stop(JOIN_TIMEOUT);
             }
         }
         r

@@ -18,10 +18,11 @@ use crate::devices::RemoteDevice;
 /// How often an idle ring thread looks at its stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
-/// A device's ring thread.
+/// A device's ring thread. Dropping it asks the thread to stop (within
+/// [`STOP_CHECK`]) without waiting; [`RingThread::stop`] waits.
 pub struct RingThread {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
+    thread: Option<JoinHandle<()>>,
 }
 
 /// Maps the ring and starts serving it for `dev`.
@@ -47,23 +48,37 @@ pub fn start(dev: Arc<RemoteDevice>, fds: RingFds, poll: Duration) -> Result<Rin
             tracing::debug!(device = %dev.id, "access ring stopped");
         })
         .map_err(|e| format!("device `{id}`: cannot start its ring thread: {e}"))?;
-    Ok(RingThread { stop, thread })
+    Ok(RingThread {
+        stop,
+        thread: Some(thread),
+    })
 }
 
 impl RingThread {
     /// Stops the thread and waits for it (bounded: a device call that
     /// never returns leaves it running).
-    pub fn stop(self, within: Duration) -> bool {
+    pub fn stop(mut self, within: Duration) -> bool {
         self.stop.store(true, Ordering::Relaxed);
+        let Some(thread) = self.thread.take() else {
+            return true;
+        };
         let deadline = Instant::now() + within;
-        while !self.thread.is_finished() && Instant::now() < deadline {
+        while !thread.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        if self.thread.is_finished() {
-            let _ = self.thread.join();
+        if thread.is_finished() {
+            let _ = thread.join();
             true
         } else {
             false
         }
+    }
+}
+
+impl Drop for RingThread {
+    /// A ring thread nobody stopped (its entry dropped) would otherwise
+    /// serve the device forever.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }

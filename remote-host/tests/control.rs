@@ -372,3 +372,66 @@ fn device_add_resolves_a_plugin_path_against_the_config_directory() {
         assert_eq!(u16::from_le_bytes(id_bytes), 0x1234, "{plugin}");
     }
 }
+
+/// Threads of this process called `name` (as `/proc` shows them).
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == name)
+        .count()
+}
+
+/// When the control channel ends, the ring threads it started for config
+/// devices end too (they used to serve on, with the device, forever).
+#[test]
+fn the_end_of_the_control_channel_stops_its_ring_threads() {
+    use remote_host::control::Control;
+    use remote_host::devices::{create_from, DeviceSpec};
+    use std::os::fd::AsFd;
+    use std::sync::Arc;
+
+    let plugin = plugin_api::loader::LoadedPlugin::linked(dma_example::plugin_module());
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = DeviceSpec {
+        id: "rngdev".into(),
+        plugin: "dma-example".into(),
+        kind: None,
+        slot: 4,
+        settings: String::new(),
+        base_dir: tmp.path().to_path_buf(),
+    };
+    let dev = Arc::new(create_from(&spec, &plugin).unwrap());
+    let control = Control::new(
+        std::slice::from_ref(&dev),
+        Vec::new(),
+        tmp.path().to_path_buf(),
+        remote_host::dialect::Dialect::new(config::Protocol::VfioUser, Duration::ZERO),
+    );
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let served = std::thread::spawn(move || control.run(theirs));
+    let mut ctl = ControlClient::new(ours, Duration::from_secs(10));
+    let (_vmm_end, fds) = channel::ring::create(Duration::from_secs(5), Duration::ZERO).unwrap();
+    let mut body = serde_json::Map::new();
+    body.insert("device".into(), json!("rngdev"));
+    ctl.request(
+        "ring-setup",
+        body,
+        &[fds.memory.as_fd(), fds.kick.as_fd(), fds.reply.as_fd()],
+    )
+    .unwrap();
+    // A thread names itself once it runs: wait for it (bounded).
+    let start = Instant::now();
+    while threads_named("ring-rngdev") != 1 {
+        assert!(start.elapsed() < Duration::from_secs(5), "no ring thread");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(ctl);
+    served.join().unwrap().unwrap();
+    assert_eq!(
+        threads_named("ring-rngdev"),
+        0,
+        "the ring thread outlived its control channel"
+    );
+    dev.shutdown();
+}
