@@ -53,16 +53,26 @@ fn confine(data: &[u8]) -> Vec<u8> {
         .collect()
 }
 
+/// The three fds of an access ring as the VMM makes them (`ring-setup`).
+fn ring_fds() -> Vec<OwnedFd> {
+    match channel::ring::create(Duration::from_secs(1), Duration::ZERO) {
+        Ok((_vmm_end, fds)) => vec![fds.memory, fds.kick, fds.reply],
+        Err(e) => panic!("ring: {e}"),
+    }
+}
+
 /// Cuts the input into lines; a line that starts with a space carries a
 /// socket (what `device-add` wants), one that starts with a tab an
-/// eventfd (JSON ignores leading white space, so the request is the
-/// same).
+/// eventfd, one that starts with a carriage return an access ring's
+/// memory and eventfds (JSON ignores leading white space, so the request
+/// is the same).
 fn lines(data: &[u8]) -> Vec<Chunk> {
     data.split_inclusive(|&b| b == b'\n')
         .map(|line| {
             let fds: Vec<OwnedFd> = match line.first() {
                 Some(b' ') => vec![make_fd(FdKind::Socket)],
                 Some(b'\t') => vec![make_fd(FdKind::Eventfd)],
+                Some(b'\r') => ring_fds(),
                 _ => Vec::new(),
             };
             Chunk {

@@ -521,6 +521,9 @@ fn control_seeds() -> Vec<(&'static str, String)> {
                 "\t{\"id\": 3, \"op\": \"device-add\", \"device\": \"d3\", \"plugin\": \"x\", \"slot\": 9}",
                 r#" {"id": 4, "op": "device-add", "device": "lsi0", "plugin": "lsi53c895a", "slot": 300}"#,
                 r#" {"id": 5, "op": "ping"}"#,
+                "\r{\"id\": 6, \"op\": \"ring-setup\", \"device\": \"lsi0\"}",
+                "\r{\"id\": 7, \"op\": \"ring-setup\", \"device\": \"lsi0\"}",
+                "{\"id\": 8, \"op\": \"ring-setup\", \"device\": \"lsi0\"}",
                 "",
             ]
             .join("\n"),
