@@ -43,8 +43,10 @@ pub use vfio_user_target::vfio_user;
 /// The longest one guest-facing call (a BAR access, a message served)
 /// may take before the target reports it as a stall. Generous: the
 /// bound is about runaway work (a SCRIPTS loop inside one access), not
-/// speed, and the replay runs in CI on a loaded machine.
-pub const ACCESS_LIMIT: Duration = Duration::from_secs(2);
+/// speed, and the replay and the short fuzz run happen in CI on a loaded
+/// 2-core machine (a budgeted SCRIPTS run takes milliseconds; runaway work
+/// takes seconds per access, as issue 11 measured: 11 s).
+pub const ACCESS_LIMIT: Duration = Duration::from_secs(8);
 
 /// A target's entry point.
 pub type Target = fn(&[u8]);
