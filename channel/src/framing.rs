@@ -134,20 +134,8 @@ impl Framed {
         if !self.adaptive {
             return;
         }
-        let cur = self.window.get();
-        let next = if waited > self.poll {
-            // Halve, so one late message (a scheduler hiccup) does not
-            // throw away a window that keeps paying off.
-            let half = cur / 2;
-            if half < MIN_WINDOW {
-                Duration::ZERO
-            } else {
-                half
-            }
-        } else {
-            (cur * 2).max(MIN_WINDOW).min(self.poll)
-        };
-        self.window.set(next);
+        self.window
+            .set(adapted_window(self.window.get(), self.poll, waited));
     }
 
     /// Most fds one received message may carry (at most [`MAX_FDS`]).
@@ -537,7 +525,27 @@ fn recvmsg_once(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usi
 
 /// Sleeps in `poll(2)` until `fd` is ready for `events` (or hung up), or
 /// until `deadline` (`None`: forever). `timeout` is what the error reports.
-fn wait_fd(
+/// The next adaptive poll window, after a wait that slept and got what it
+/// waited for `waited` after it began; `bound` is the largest window. Too
+/// late (past `bound`): halve, so one late message (a scheduler hiccup)
+/// does not throw away a window that keeps paying off, and stop polling
+/// below [`MIN_WINDOW`]. Within `bound`: double, from [`MIN_WINDOW`], up to
+/// `bound`. The socket ([`Framed`]) and the access ring
+/// ([`crate::ring`]) adapt the same way.
+pub(crate) fn adapted_window(cur: Duration, bound: Duration, waited: Duration) -> Duration {
+    if waited > bound {
+        let half = cur / 2;
+        if half < MIN_WINDOW {
+            Duration::ZERO
+        } else {
+            half
+        }
+    } else {
+        (cur * 2).max(MIN_WINDOW).min(bound)
+    }
+}
+
+pub(crate) fn wait_fd(
     fd: BorrowedFd<'_>,
     events: libc::c_short,
     deadline: Option<Instant>,

@@ -142,6 +142,33 @@ impl Page {
     fn slot(&self, index: u32, field: usize) -> &AtomicU32 {
         self.word(OFF_SLOTS + (index % SLOTS) as usize * SLOT_BYTES + field)
     }
+
+    /// A slot's 8 data bytes (two little-endian words).
+    fn load_data(&self, index: u32) -> [u8; 8] {
+        let mut v = [0u8; 8];
+        v[..4].copy_from_slice(
+            &self
+                .slot(index, F_DATA_LO)
+                .load(Ordering::Relaxed)
+                .to_le_bytes(),
+        );
+        v[4..].copy_from_slice(
+            &self
+                .slot(index, F_DATA_HI)
+                .load(Ordering::Relaxed)
+                .to_le_bytes(),
+        );
+        v
+    }
+
+    /// Writes a slot's 8 data bytes.
+    fn store_data(&self, index: u32, v: &[u8; 8]) {
+        let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        self.slot(index, F_DATA_LO)
+            .store(word(&v[..4]), Ordering::Relaxed);
+        self.slot(index, F_DATA_HI)
+            .store(word(&v[4..]), Ordering::Relaxed);
+    }
 }
 
 impl Drop for Page {
@@ -187,19 +214,14 @@ fn drain_eventfd(fd: BorrowedFd<'_>) {
     unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
 }
 
-/// Sleeps until `fd` is readable or `timeout` passes.
+/// Sleeps until `fd` is readable or `timeout` passes (a timeout or an
+/// error is only the end of the nap: the caller looks again).
 fn sleep_on(fd: BorrowedFd<'_>, timeout: Duration) {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
-    // SAFETY: one pollfd on the stack.
-    unsafe { libc::poll(&mut p, 1, ms) };
+    let _ = crate::framing::wait_fd(fd, libc::POLLIN, Some(Instant::now() + timeout), timeout);
 }
 
-/// The adaptive poll window of one waiting side (as the socket's).
+/// The adaptive poll window of one waiting side, adapted as the socket's
+/// ([`crate::framing::adapted_window`]).
 struct Window {
     bound: Duration,
     current: Duration,
@@ -215,15 +237,7 @@ impl Window {
 
     /// After a wait that slept and was satisfied `after` since it began.
     fn slept(&mut self, after: Duration) {
-        let min = Duration::from_micros(10);
-        if after > self.bound {
-            self.current /= 2;
-            if self.current < min {
-                self.current = Duration::ZERO;
-            }
-        } else {
-            self.current = (self.current * 2).clamp(min, self.bound);
-        }
+        self.current = crate::framing::adapted_window(self.current, self.bound, after);
     }
 }
 
@@ -385,15 +399,7 @@ impl RingClient {
             .store(offset as u32, Ordering::Relaxed);
         p.slot(head, F_OFF_HI)
             .store((offset >> 32) as u32, Ordering::Relaxed);
-        let (lo, hi) = v.split_at(4);
-        p.slot(head, F_DATA_LO).store(
-            u32::from_le_bytes([lo[0], lo[1], lo[2], lo[3]]),
-            Ordering::Relaxed,
-        );
-        p.slot(head, F_DATA_HI).store(
-            u32::from_le_bytes([hi[0], hi[1], hi[2], hi[3]]),
-            Ordering::Relaxed,
-        );
+        p.store_data(head, &v);
         self.head = head.wrapping_add(1);
         p.word(OFF_HEAD).store(self.head, Ordering::SeqCst);
         if p.word(OFF_SERVER_SLEEPING).load(Ordering::SeqCst) != 0 {
@@ -431,17 +437,7 @@ impl RingClient {
             STATUS_ERROR => return Err(RingError::Device),
             _ => return Err(RingError::Corrupt("a status no remote writes")),
         }
-        let mut v = [0u8; 8];
-        v[..4].copy_from_slice(
-            &p.slot(slot, F_DATA_LO)
-                .load(Ordering::Relaxed)
-                .to_le_bytes(),
-        );
-        v[4..].copy_from_slice(
-            &p.slot(slot, F_DATA_HI)
-                .load(Ordering::Relaxed)
-                .to_le_bytes(),
-        );
+        let v = p.load_data(slot);
         let n = data.len();
         data.copy_from_slice(&v[..n]);
         Ok(())
@@ -526,23 +522,13 @@ impl RingServer {
         let (kind, bar, len) = (word & 0xff, (word >> 8) & 0xff, (word >> 16) as usize);
         let offset = u64::from(p.slot(i, F_OFF_LO).load(Ordering::Relaxed))
             | u64::from(p.slot(i, F_OFF_HI).load(Ordering::Relaxed)) << 32;
-        let mut v = [0u8; 8];
-        v[..4].copy_from_slice(&p.slot(i, F_DATA_LO).load(Ordering::Relaxed).to_le_bytes());
-        v[4..].copy_from_slice(&p.slot(i, F_DATA_HI).load(Ordering::Relaxed).to_le_bytes());
+        let mut v = p.load_data(i);
         let ok = matches!(len, 1 | 2 | 4 | 8)
             && bar < 6
             && match kind {
                 KIND_READ => {
                     let ok = device(Access::Read, bar as u8, offset, &mut v[..len]);
-                    let (lo, hi) = v.split_at(4);
-                    p.slot(i, F_DATA_LO).store(
-                        u32::from_le_bytes([lo[0], lo[1], lo[2], lo[3]]),
-                        Ordering::Relaxed,
-                    );
-                    p.slot(i, F_DATA_HI).store(
-                        u32::from_le_bytes([hi[0], hi[1], hi[2], hi[3]]),
-                        Ordering::Relaxed,
-                    );
+                    p.store_data(i, &v);
                     ok
                 }
                 KIND_WRITE => device(Access::Write, bar as u8, offset, &mut v[..len]),

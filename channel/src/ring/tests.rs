@@ -227,3 +227,17 @@ fn the_remote_cannot_resize_the_ring() {
     stop.store(true, Ordering::Relaxed);
     t.join().unwrap();
 }
+
+/// A poll bound under the smallest window (`--poll-us 5`) adapts without
+/// a panic (it used to clamp with min > max).
+#[test]
+fn a_tiny_poll_bound_adapts() {
+    let mut w = Window::new(Duration::from_micros(5));
+    w.slept(Duration::from_micros(1));
+    assert_eq!(w.current, Duration::from_micros(5));
+    w.slept(Duration::from_millis(1));
+    assert_eq!(w.current, Duration::ZERO);
+    let mut w = Window::new(Duration::ZERO);
+    w.slept(Duration::ZERO);
+    assert_eq!(w.current, Duration::ZERO);
+}
