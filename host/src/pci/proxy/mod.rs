@@ -143,9 +143,15 @@ impl ProxyFunction {
         self.ring.is_some()
     }
 
-    /// A `give_up` for ring waits: the supervisor reported the remote.
+    /// Whether the supervisor reported the remote dead or hung (also the
+    /// `give_up` of ring waits).
+    fn reported(flag: &Option<Arc<AtomicBool>>) -> bool {
+        flag.as_ref().is_some_and(|f| f.load(Ordering::Acquire))
+    }
+
+    /// A `give_up` for ring waits.
     fn give_up(flag: &Option<Arc<AtomicBool>>) -> impl Fn() -> bool + '_ {
-        move || flag.as_ref().is_some_and(|f| f.load(Ordering::Acquire))
+        move || Self::reported(flag)
     }
 
     /// Before anything goes on the socket: every access on the ring is
@@ -186,12 +192,7 @@ impl ProxyFunction {
 
     /// Whether accesses must not reach the remote any more.
     fn unusable(&mut self) -> bool {
-        if !self.dead
-            && self
-                .remote_failed
-                .as_ref()
-                .is_some_and(|f| f.load(Ordering::Acquire))
-        {
+        if !self.dead && Self::reported(&self.remote_failed) {
             // Quietly: the supervisor already reported the remote.
             self.dead = true;
         }
@@ -334,8 +335,11 @@ impl PciDevice for ProxyFunction {
     }
 
     fn shutdown(&mut self) {
-        let (reads, _, writes) = self.stats.totals();
+        // The remote sees EOF, drops this client and (when spawned for us
+        // on an inherited fd) exits.
+        let healthy = !self.dead && self.drain_ring();
         let s = &self.stats;
+        let (reads, _, writes) = s.totals();
         let avg = s.read_mean_us();
         tracing::info!(
             "{}: {reads} BAR reads (mean {avg:.1} µs), {writes} posted BAR writes, {} config reads, {} config writes",
@@ -343,10 +347,6 @@ impl PciDevice for ProxyFunction {
             s.config_reads,
             s.config_writes
         );
-        // The remote sees EOF, drops this client and (when spawned for us
-        // on an inherited fd) exits.
-        let healthy = !self.dead && self.drain_ring();
-        let s = &self.stats;
         let posted_failures = self.transport.close(healthy);
         if std::env::var_os("HOST_STATS").is_some() {
             eprintln!(
