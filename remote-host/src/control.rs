@@ -26,7 +26,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use channel::control::{serve_control, str_arg};
 use serde_json::{json, Value};
@@ -239,13 +239,7 @@ impl Control {
         if let Some((sock, thread)) = served {
             // The serving thread sees EOF and returns; the client sees EOF.
             let _ = sock.shutdown(Shutdown::Both);
-            let deadline = Instant::now() + JOIN_TIMEOUT;
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            } else {
+            if !crate::join_within(thread, JOIN_TIMEOUT) {
                 // A device call that does not return: shutting the device
                 // down under it would break the plugin's contract.
                 tracing::error!(device = %id, "connection thread did not end; device left running");

@@ -21,3 +21,23 @@ pub mod sandbox;
 pub mod serve_mpqemu;
 pub mod serve_vfio_user;
 pub mod sockets;
+
+/// Waits up to `within` for `thread` to end and joins it; `false` (the
+/// thread left running) when it did not: a device call that never returns
+/// must not hold the control channel, and shutting the device down under
+/// it would break the plugin's contract.
+pub(crate) fn join_within(
+    thread: std::thread::JoinHandle<()>,
+    within: std::time::Duration,
+) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while !thread.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    if thread.is_finished() {
+        let _ = thread.join();
+        true
+    } else {
+        false
+    }
+}

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use channel::ring::{Access, RingFds, RingServer};
 
@@ -62,16 +62,7 @@ impl RingThread {
         let Some(thread) = self.thread.take() else {
             return true;
         };
-        let deadline = Instant::now() + within;
-        while !thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if thread.is_finished() {
-            let _ = thread.join();
-            true
-        } else {
-            false
-        }
+        crate::join_within(thread, within)
     }
 }
 
