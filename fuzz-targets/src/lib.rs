@@ -150,3 +150,19 @@ pub(crate) fn assert_not_failed(dev: &remote_host::devices::RemoteDevice) {
         panic!("device `{}` failed: {why}", dev.id);
     }
 }
+
+/// A protocol adapter of remote-host, with every call timed ([`timed`])
+/// and the device checked after it ([`assert_not_failed`]): what the
+/// protocol targets serve instead of the bare adapter.
+pub(crate) struct Checked<A> {
+    pub(crate) inner: A,
+    pub(crate) dev: std::sync::Arc<remote_host::devices::RemoteDevice>,
+}
+
+impl<A> Checked<A> {
+    pub(crate) fn call<T>(&mut self, what: &str, f: impl FnOnce(&mut A) -> T) -> T {
+        let r = timed(what, || f(&mut self.inner));
+        assert_not_failed(&self.dev);
+        r
+    }
+}

@@ -2,16 +2,15 @@
 //! `channel::mpqemu::serve_connection` over remote-host's adapter.
 
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use channel::mpqemu::messages::SysmemSlot;
 use channel::mpqemu::{self, serve_connection, DeviceError, MpqemuDevice, ServerOptions};
-use remote_host::devices::RemoteDevice;
 use remote_host::serve_mpqemu::Adapter;
 
 use crate::wire::{exchange, make_fd, split, FdKind};
-use crate::{assert_not_failed, lsi_device, timed};
+use crate::{assert_not_failed, lsi_device, timed, Checked};
 
 /// Fds the peer attaches to a message: the header's padding (bytes 4..8,
 /// which nothing reads) chooses them (bits 0..=3: how many, up to 9, so
@@ -23,21 +22,7 @@ fn fds_for_header(header: &[u8]) -> Vec<OwnedFd> {
     (0..count).map(|_| make_fd(kind)).collect()
 }
 
-/// The adapter, with every call timed and the device checked after it.
-struct Checked {
-    inner: Adapter,
-    dev: Arc<RemoteDevice>,
-}
-
-impl Checked {
-    fn call<T>(&mut self, what: &str, f: impl FnOnce(&mut Adapter) -> T) -> T {
-        let r = timed(what, || f(&mut self.inner));
-        assert_not_failed(&self.dev);
-        r
-    }
-}
-
-impl MpqemuDevice for Checked {
+impl MpqemuDevice for Checked<Adapter> {
     fn sync_sysmem(&mut self, regions: Vec<(SysmemSlot, OwnedFd)>) -> Result<(), DeviceError> {
         self.call("SYNC_SYSMEM", |a| a.sync_sysmem(regions))
     }

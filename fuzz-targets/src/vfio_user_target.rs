@@ -2,18 +2,17 @@
 //! `channel::vfio_user::serve_connection` over remote-host's adapter.
 
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use channel::vfio_user::{
     self, serve_connection, DeviceError, DeviceInfo, DmaMap, DmaUnmap, IrqInfo, RegionInfo,
     ServerOptions, SetIrqs, VfioUserDevice,
 };
-use remote_host::devices::RemoteDevice;
 use remote_host::serve_vfio_user::Adapter;
 
 use crate::wire::{exchange, make_fd, split, FdKind};
-use crate::{assert_not_failed, lsi_device, timed};
+use crate::{assert_not_failed, lsi_device, timed, Checked};
 
 /// Fds the peer attaches to a message: the header's `error` field, which
 /// a command does not use, chooses them (bits 0..=2: how many, bits 3..=4:
@@ -27,21 +26,7 @@ pub(crate) fn fds_for_header(header: &[u8]) -> Vec<OwnedFd> {
     (0..count).map(|_| make_fd(kind)).collect()
 }
 
-/// The adapter, with every call timed and the device checked after it.
-struct Checked {
-    inner: Adapter,
-    dev: Arc<RemoteDevice>,
-}
-
-impl Checked {
-    fn call<T>(&mut self, what: &str, f: impl FnOnce(&mut Adapter) -> T) -> T {
-        let r = timed(what, || f(&mut self.inner));
-        assert_not_failed(&self.dev);
-        r
-    }
-}
-
-impl VfioUserDevice for Checked {
+impl VfioUserDevice for Checked<Adapter> {
     fn device_info(&self) -> DeviceInfo {
         self.inner.device_info()
     }
