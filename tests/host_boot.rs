@@ -65,10 +65,13 @@ console-log = "{name}-console.log"
     };
     write_config("vm", &env.kernel, "initrd.cpio", 2);
     for (name, job) in [
-        ("reboot", "echo rebooting; reboot -f; sleep 60"),
+        (
+            "reboot",
+            "echo rebooting; console-drain; reboot -f; sleep 60",
+        ),
         (
             "panic",
-            "echo crashing; echo c > /proc/sysrq-trigger; sleep 60",
+            "echo crashing; console-drain; echo c > /proc/sysrq-trigger; sleep 60",
         ),
     ] {
         env.build_initramfs(

@@ -80,7 +80,7 @@ echo "STEP ask"
 read -r -t 120 cmd || cmd=none
 echo "cmd=$cmd"
 case "$cmd" in
-    reboot) reboot -f; sleep 60 ;;
+    reboot) console-drain; reboot -f; sleep 60 ;;
     poweroff) exit 0 ;;
     *) exit 9 ;;
 esac

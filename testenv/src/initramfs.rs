@@ -80,10 +80,24 @@ printf '\n===TESTENV-JOB-START===\n'
 sh /etc/testenv/job.sh
 st=$?
 printf '\n===TESTENV-JOB-END status=%s===\n' "$st"
+console-drain
 sync
 poweroff -f
 sleep 5
 echo o > /proc/sysrq-trigger
+"#;
+
+/// `console-drain`: waits (at most 30 s) until the console's tty has sent
+/// everything written to it. `poweroff -f` and `reboot -f` do not wait for
+/// the serial driver's transmit buffer (up to a page), so on a slow or
+/// loaded host the end of the job's output, end marker included, was lost.
+/// Setting the console's own settings back with `tcsetattr(TCSADRAIN)`
+/// (what busybox `stty` uses for any setting) waits for the drain without
+/// changing anything. Jobs that reboot call it themselves.
+const CONSOLE_DRAIN: &str = r#"#!/bin/sh
+mode=$(stty -F /dev/console -g 2>/dev/null) || exit 0
+timeout 30 stty -F /dev/console "$mode" 2>/dev/null
+exit 0
 "#;
 
 /// The applets of a busybox binary as paths (`bin/sh`, `sbin/insmod`, ...),
@@ -166,6 +180,7 @@ pub fn build(env: &Env, spec: &InitramfsSpec, out: &Path) -> Result<Vec<PathBuf>
     for f in &spec.files {
         w.file(&f.guest_path, f.mode, &f.data)?;
     }
+    w.file("bin/console-drain", 0o755, CONSOLE_DRAIN.as_bytes())?;
     w.file("init", 0o755, INIT.as_bytes())?;
     w.finish()?;
     Ok(mods)
