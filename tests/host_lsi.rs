@@ -139,6 +139,27 @@ fn lsi_plugin_remote_and_in_process_behind_our_vmm() {
             l1.output
         );
     }
+    // The spawned remote serves the fast path: the driver's ISTAT reads
+    // (BAR 1 at 0x14, a byte) are answered from the mirror in the ring's
+    // page, most of them without a round trip.
+    let remote_run = l1.output.split("remote-EXIT=").next().unwrap_or_default();
+    let istat = remote_run
+        .lines()
+        .find(|l| l.contains("host-stats: device=lsi0 register bar=1 offset=0x14 size=1 "))
+        .unwrap_or_else(|| panic!("no ISTAT counters in the remote run:\n{remote_run}"));
+    let field = |k: &str| -> u64 {
+        istat
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {istat}"))
+    };
+    let (reads, mirrored) = (field("reads="), field("mirrored_reads="));
+    eprintln!("host_lsi: ISTAT reads {reads}, from the mirror {mirrored}");
+    assert!(
+        mirrored > 0 && mirrored <= reads,
+        "ISTAT reads not answered from the mirror: {istat}"
+    );
     eprintln!(
         "host_lsi: passed in {:.1} s (host run in L1: remote {} ms, in-process {} ms, orchestrated remote {} ms)",
         t0.elapsed().as_secs_f64(),

@@ -24,6 +24,21 @@
 //! overtakes a posted write: the remote applies accesses in the order the
 //! guest made them, as over the socket.
 //!
+//! Mirrors: a device may declare registers whose reads have no side effect
+//! (`plugin_api::Device::mirrored_reads`); the remote keeps their values in
+//! the page, and the VMM answers such a read from the page, with no round
+//! trip, when the mirror is current. Current means: every access the VMM
+//! published has been applied (`tail == head`: the remote refreshes the
+//! mirrors after each access, before it publishes `tail`), and no change
+//! the device made on its own since the last refresh (`valid == changes`:
+//! the remote bumps `changes` when the device raises or lowers its
+//! interrupt or says its registers changed, before the interrupt reaches
+//! the guest; the ring thread then refreshes and sets `valid`). Otherwise
+//! the read goes through the ring as any other. `changes` is always odd
+//! and `valid` is 0 while a refresh writes the values, so a VMM read that
+//! sees `valid == changes` before and after taking a value took a value
+//! of that refresh.
+//!
 //! Trust: the page is shared with the remote. Its memfd is sealed against
 //! shrinking and growing (a remote that truncated it would turn the VMM's
 //! next look at the ring into SIGBUS). The VMM reads only plain
@@ -45,7 +60,9 @@ pub const SLOTS: u32 = 32;
 /// Size of the shared page.
 pub const RING_BYTES: usize = 4096;
 const MAGIC: u32 = 0x474e_4952; // "RING"
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// Registers mirrored per ring at most (as `plugin_api::function::MAX_MIRRORS`).
+pub const MAX_MIRRORS: usize = 16;
 
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 4;
@@ -53,9 +70,19 @@ const OFF_HEAD: usize = 64;
 const OFF_TAIL: usize = 128;
 const OFF_SERVER_SLEEPING: usize = 192;
 const OFF_CLIENT_SLEEPING: usize = 256;
+const OFF_CHANGES: usize = 320;
+const OFF_VALID: usize = 384;
+const OFF_MIRROR_COUNT: usize = 448;
 const OFF_SLOTS: usize = 512;
 const SLOT_BYTES: usize = 32;
-const _: () = assert!(OFF_SLOTS + SLOTS as usize * SLOT_BYTES <= RING_BYTES);
+const OFF_MIRRORS: usize = OFF_SLOTS + SLOTS as usize * SLOT_BYTES;
+const MIRROR_BYTES: usize = 16;
+const _: () = assert!(OFF_MIRRORS + MAX_MIRRORS * MIRROR_BYTES <= RING_BYTES);
+// Mirror fields (offsets in an entry).
+const M_KEY: usize = 0; // bar | len << 8
+const M_OFF_LO: usize = 4;
+const M_OFF_HI: usize = 8;
+const M_VALUE: usize = 12;
 
 const KIND_READ: u32 = 1;
 const KIND_WRITE: u32 = 2;
@@ -137,6 +164,11 @@ impl Page {
         // use the constants above or slot offsets bounded by SLOTS), the
         // mapping is page-aligned and lives as long as `self`.
         unsafe { &*self.ptr.as_ptr().add(off).cast::<AtomicU32>() }
+    }
+
+    fn mirror(&self, index: usize, field: usize) -> &AtomicU32 {
+        debug_assert!(index < MAX_MIRRORS);
+        self.word(OFF_MIRRORS + index * MIRROR_BYTES + field)
     }
 
     fn slot(&self, index: u32, field: usize) -> &AtomicU32 {
@@ -256,6 +288,18 @@ pub struct RingClient {
     head: u32,
     timeout: Duration,
     window: Window,
+    /// The mirrored registers, as the remote declared them at setup
+    /// ([`RingClient::load_mirrors`]); read once, so a remote that
+    /// rewrites the table later changes nothing.
+    mirrors: Vec<MirrorKey>,
+}
+
+/// A mirrored register: BAR, offset, width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MirrorKey {
+    pub bar: u8,
+    pub offset: u64,
+    pub len: u8,
 }
 
 /// Creates a ring: the VMM's end and the fds for the remote's.
@@ -298,6 +342,7 @@ pub fn create(timeout: Duration, poll: Duration) -> Result<(RingClient, RingFds)
     }
     let page = Page::map(memory.as_fd())?;
     page.word(OFF_MAGIC).store(MAGIC, Ordering::Relaxed);
+    page.word(OFF_CHANGES).store(1, Ordering::Relaxed);
     page.word(OFF_VERSION).store(VERSION, Ordering::Release);
     let kick = eventfd()?;
     let reply = eventfd()?;
@@ -318,6 +363,7 @@ pub fn create(timeout: Duration, poll: Duration) -> Result<(RingClient, RingFds)
             head: 0,
             timeout,
             window: Window::new(poll),
+            mirrors: Vec::new(),
         },
         fds,
     ))
@@ -443,6 +489,62 @@ impl RingClient {
         Ok(())
     }
 
+    /// Takes the table of mirrored registers the remote wrote when it set
+    /// the ring up (call once the remote said the ring is served). Entries
+    /// no well-behaved remote writes (a count past [`MAX_MIRRORS`], a
+    /// width other than 1, 2 or 4, a BAR past 5) are refused as a whole.
+    pub fn load_mirrors(&mut self) -> Result<&[MirrorKey], RingError> {
+        let p = &self.page;
+        let count = p.word(OFF_MIRROR_COUNT).load(Ordering::Acquire) as usize;
+        if count > MAX_MIRRORS {
+            return Err(RingError::Corrupt("more mirrors than the page holds"));
+        }
+        let mut keys = Vec::with_capacity(count);
+        for i in 0..count {
+            let key = p.mirror(i, M_KEY).load(Ordering::Relaxed);
+            let (bar, len) = ((key & 0xff) as u8, ((key >> 8) & 0xff) as u8);
+            if bar > 5 || !matches!(len, 1 | 2 | 4) || key >> 16 != 0 {
+                return Err(RingError::Corrupt("a mirror no remote declares"));
+            }
+            let offset = u64::from(p.mirror(i, M_OFF_LO).load(Ordering::Relaxed))
+                | u64::from(p.mirror(i, M_OFF_HI).load(Ordering::Relaxed)) << 32;
+            keys.push(MirrorKey { bar, offset, len });
+        }
+        self.mirrors = keys;
+        Ok(&self.mirrors)
+    }
+
+    /// Answers a read from its mirror when there is one and it is current
+    /// (see the module docs); `false`: the read must go through the ring.
+    pub fn read_mirror(&self, bar: u8, offset: u64, data: &mut [u8]) -> bool {
+        let Some(i) = self
+            .mirrors
+            .iter()
+            .position(|k| k.bar == bar && k.offset == offset && usize::from(k.len) == data.len())
+        else {
+            return false;
+        };
+        // Every published access applied (and its refresh with it).
+        if !matches!(self.tail(), Ok(t) if t == self.head) {
+            return false;
+        }
+        let p = &self.page;
+        let changes = p.word(OFF_CHANGES).load(Ordering::SeqCst);
+        let valid = p.word(OFF_VALID).load(Ordering::Acquire);
+        if valid != changes {
+            return false;
+        }
+        let value = p.mirror(i, M_VALUE).load(Ordering::Acquire);
+        if p.word(OFF_VALID).load(Ordering::Acquire) != valid
+            || p.word(OFF_CHANGES).load(Ordering::SeqCst) != changes
+        {
+            return false;
+        }
+        let n = data.len();
+        data.copy_from_slice(&value.to_le_bytes()[..n]);
+        true
+    }
+
     /// Waits until the remote has applied every access published so far
     /// (before anything goes on the socket).
     pub fn drain(&mut self, give_up: &dyn Fn() -> bool) -> Result<(), RingError> {
@@ -460,11 +562,34 @@ pub enum Access {
 
 /// The remote's end.
 pub struct RingServer {
-    page: Page,
-    kick: OwnedFd,
+    page: std::sync::Arc<Page>,
+    kick: std::sync::Arc<OwnedFd>,
     reply: OwnedFd,
     tail: u32,
     window: Window,
+    mirrors: Vec<MirrorKey>,
+}
+
+/// Tells the VMM that the device changed a mirrored register on its own:
+/// bumps `changes` and wakes the ring thread to refresh. Any thread of the
+/// remote may hold one; call it before the interrupt that announces the
+/// change.
+#[derive(Clone)]
+pub struct MirrorInvalidator {
+    page: std::sync::Arc<Page>,
+    kick: std::sync::Arc<OwnedFd>,
+}
+
+impl MirrorInvalidator {
+    /// The device changed state a mirror shows.
+    pub fn invalidate(&self) {
+        // +2: `changes` stays odd, never equal to the 0 of a refresh in
+        // progress.
+        self.page.word(OFF_CHANGES).fetch_add(2, Ordering::SeqCst);
+        if self.page.word(OFF_SERVER_SLEEPING).load(Ordering::SeqCst) != 0 {
+            signal(self.kick.as_fd());
+        }
+    }
 }
 
 impl RingServer {
@@ -480,12 +605,74 @@ impl RingServer {
         }
         let tail = page.word(OFF_TAIL).load(Ordering::Acquire);
         Ok(RingServer {
-            page,
-            kick: fds.kick,
+            page: std::sync::Arc::new(page),
+            kick: std::sync::Arc::new(fds.kick),
             reply: fds.reply,
             tail,
             window: Window::new(poll),
+            mirrors: Vec::new(),
         })
+    }
+
+    /// Declares the mirrored registers (before the VMM is told the ring is
+    /// served: it reads the table once, then). At most [`MAX_MIRRORS`];
+    /// the rest are left out.
+    pub fn set_mirrors(&mut self, keys: &[MirrorKey]) {
+        let keys = &keys[..keys.len().min(MAX_MIRRORS)];
+        let p = &self.page;
+        p.word(OFF_VALID).store(0, Ordering::SeqCst);
+        for (i, k) in keys.iter().enumerate() {
+            p.mirror(i, M_KEY)
+                .store(u32::from(k.bar) | u32::from(k.len) << 8, Ordering::Relaxed);
+            p.mirror(i, M_OFF_LO)
+                .store(k.offset as u32, Ordering::Relaxed);
+            p.mirror(i, M_OFF_HI)
+                .store((k.offset >> 32) as u32, Ordering::Relaxed);
+        }
+        p.word(OFF_MIRROR_COUNT)
+            .store(keys.len() as u32, Ordering::Release);
+        self.mirrors = keys.to_vec();
+    }
+
+    /// A handle other threads use to say a mirrored register changed.
+    pub fn invalidator(&self) -> MirrorInvalidator {
+        MirrorInvalidator {
+            page: self.page.clone(),
+            kick: self.kick.clone(),
+        }
+    }
+
+    /// Reads every mirrored register from the device into the page and
+    /// marks the mirrors current as of the `changes` seen before reading.
+    /// A register the device refuses (a failed device) ends the mirrors
+    /// for good: they stay invalid and every read reaches the device.
+    fn refresh(&mut self, device: &mut impl FnMut(Access, u8, u64, &mut [u8]) -> bool) {
+        if self.mirrors.is_empty() {
+            return;
+        }
+        let p = &self.page;
+        let changes = p.word(OFF_CHANGES).load(Ordering::SeqCst);
+        p.word(OFF_VALID).store(0, Ordering::SeqCst);
+        for (i, k) in self.mirrors.iter().enumerate() {
+            let mut v = [0u8; 4];
+            let n = usize::from(k.len);
+            if !device(Access::Read, k.bar, k.offset, &mut v[..n]) {
+                tracing::warn!("access ring: the device refused a mirrored read; mirrors off");
+                self.mirrors.clear();
+                return;
+            }
+            p.mirror(i, M_VALUE)
+                .store(u32::from_le_bytes(v), Ordering::Release);
+        }
+        p.word(OFF_VALID).store(changes, Ordering::SeqCst);
+    }
+
+    /// Whether the device changed a mirrored register since the last
+    /// refresh.
+    fn stale(&self) -> bool {
+        !self.mirrors.is_empty()
+            && self.page.word(OFF_VALID).load(Ordering::SeqCst)
+                != self.page.word(OFF_CHANGES).load(Ordering::SeqCst)
     }
 
     /// Serves accesses until `stop()` says so (asked at least every
@@ -506,6 +693,10 @@ impl RingServer {
             }
             if head != self.tail {
                 self.run_one(&mut device);
+                continue;
+            }
+            if self.stale() {
+                self.refresh(&mut device);
                 continue;
             }
             if stop() {
@@ -536,6 +727,10 @@ impl RingServer {
             };
         p.slot(i, F_STATUS)
             .store(if ok { STATUS_OK } else { STATUS_ERROR }, Ordering::Relaxed);
+        // Before `tail`: once the VMM sees this access applied, the
+        // mirrors show its effect.
+        self.refresh(device);
+        let p = &self.page;
         self.tail = i.wrapping_add(1);
         p.word(OFF_TAIL).store(self.tail, Ordering::SeqCst);
         if p.word(OFF_CLIENT_SLEEPING).load(Ordering::SeqCst) != 0 {
@@ -549,7 +744,8 @@ impl RingServer {
         // SeqCst: the look after raising the sleeping flag must not be
         // ordered before it (the producer publishes, then looks at the
         // flag: one of the two sees the other).
-        let pending = |s: &Self| s.page.word(OFF_HEAD).load(Ordering::SeqCst) != s.tail;
+        let pending =
+            |s: &Self| s.page.word(OFF_HEAD).load(Ordering::SeqCst) != s.tail || s.stale();
         while start.elapsed() < self.window.current {
             std::thread::yield_now();
             if pending(self) {

@@ -75,6 +75,28 @@ pub struct CapabilityDesc {
     pub writable: RVec<u8>,
 }
 
+/// A register whose reads the host may answer from a mirror the device
+/// keeps current, without calling the device (see
+/// [`crate::Device::mirrored_reads`]). Added in plugin-api 0.1.2.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MirroredRead {
+    /// The BAR.
+    pub bar: u8,
+    /// Offset in the BAR.
+    pub offset: u64,
+    /// Access width the mirror answers: 1, 2 or 4 bytes (a read of another
+    /// width or offset still reaches the device).
+    pub len: u8,
+}
+
+impl MirroredRead {
+    /// The `len`-byte register at `offset` in BAR `bar`.
+    pub fn new(bar: u8, offset: u64, len: u8) -> Self {
+        MirroredRead { bar, offset, len }
+    }
+}
+
 /// Everything the host needs to present a function to the guest.
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
@@ -199,6 +221,12 @@ pub trait FfiDevice: Send {
             format!("this device has no control operation `{op}` (its plugin predates control operations)"),
         ))
     }
+    /// Registers whose reads may be answered from a mirror (plugin-api
+    /// 0.1.2, after the last prefix field: older plugins get this default
+    /// body, an empty list, and every read reaches them as before).
+    fn mirrored_reads(&self) -> RVec<MirroredRead> {
+        RVec::new()
+    }
 }
 
 /// A device object across the ABI.
@@ -222,6 +250,11 @@ pub trait FfiHost: Send + Sync + Clone {
     /// Writes a log record into the host's log.
     #[sabi(last_prefix_field)]
     fn log(&self, level: LogLevel, message: RStr<'_>);
+    /// The device changed, outside a BAR access, state that a register it
+    /// declared in `mirrored_reads` shows (plugin-api 0.1.2, after the last
+    /// prefix field: a host that predates it runs this default body, which
+    /// does nothing, and such a host keeps no mirrors).
+    fn registers_changed(&self) {}
 }
 
 /// Host services across the ABI.

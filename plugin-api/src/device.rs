@@ -14,7 +14,9 @@ use abi_stable::{
     std_types::{RErr, ROk, ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec},
 };
 
-use crate::abi::{DeviceBox, DeviceDesc, DeviceError, DeviceErrorKind, FfiDevice, FfiDevice_TO};
+use crate::abi::{
+    DeviceBox, DeviceDesc, DeviceError, DeviceErrorKind, FfiDevice, FfiDevice_TO, MirroredRead,
+};
 use crate::host::Host;
 
 /// A PCI function implemented by a plugin. A plain struct with no knowledge
@@ -84,6 +86,30 @@ pub trait Device: Send + 'static {
         _args: &serde_json::Value,
     ) -> Result<serde_json::Value, String> {
         Err(crate::control::unknown(op))
+    }
+
+    /// Registers the host may answer guest reads of from a mirror, without
+    /// a call into the device: in a remote, such a read never leaves the
+    /// VMM (no round trip to the device process). Called once, after
+    /// [`describe`](Self::describe). Default: none.
+    ///
+    /// Declare a register only if both hold:
+    /// - reading it has no side effect (LSI's ISTAT: yes; DSTAT and SIST,
+    ///   which clear on read: no);
+    /// - its value changes only during a call into the device (an access,
+    ///   a reset, a control operation), or else the device calls
+    ///   [`Host::registers_changed`](crate::Host::registers_changed)
+    ///   right after changing it from a thread of its own. Raising or
+    ///   lowering the interrupt line counts as such a notice already.
+    ///
+    /// The host refreshes its mirrors by reading the registers through
+    /// [`bar_read`](Self::bar_read) after every call and every notice,
+    /// and answers from a mirror only while no access or notice is still
+    /// unapplied; otherwise the read reaches the device as usual. At most
+    /// [`crate::function::MAX_MIRRORS`] registers, each 1, 2 or 4 bytes
+    /// inside a declared BAR; hosts ignore the rest, saying so.
+    fn mirrored_reads(&self) -> Vec<MirroredRead> {
+        Vec::new()
     }
 }
 
@@ -333,6 +359,15 @@ impl FfiDevice for Guarded {
 
     fn failure(&self) -> ROption<RString> {
         self.failed_message().cloned().map(RString::from).into()
+    }
+
+    fn mirrored_reads(&self) -> RVec<MirroredRead> {
+        if self.failed_message().is_some() {
+            return RVec::new();
+        }
+        catch_unwind(AssertUnwindSafe(|| self.inner.mirrored_reads()))
+            .map(RVec::from)
+            .unwrap_or_default()
     }
 
     fn control(&mut self, op: RStr<'_>, args: RStr<'_>) -> RResult<RString, DeviceError> {

@@ -16,9 +16,12 @@ use pci::{BarSpec, BarType, ConfigSpace, ConfigWriteEffect, Identity};
 
 use crate::abi::{
     BarKind, DeviceBox, DeviceDesc, DeviceError, DeviceErrorKind, FfiHost, FfiHost_TO, HostBox,
-    LogLevel,
+    LogLevel, MirroredRead,
 };
 use crate::loader::LoadedPlugin;
+
+/// Registers a host mirrors per device at most.
+pub const MAX_MIRRORS: usize = 16;
 
 /// Guest memory as a host exposes it to DMA.
 pub trait GuestMemory: Send + Sync + 'static {
@@ -35,6 +38,10 @@ pub trait IrqSink: Send + Sync + 'static {
     fn set_level(&self, irq: u32, asserted: bool);
 }
 
+/// Where a device's [`Host::registers_changed`](crate::Host::registers_changed)
+/// notices go (a host that keeps mirrors invalidates them).
+pub type ChangeNotice = Arc<dyn Fn() + Send + Sync>;
+
 /// The host services object handed to a device.
 #[derive(Clone)]
 pub struct Services {
@@ -42,6 +49,7 @@ pub struct Services {
     irq: Arc<dyn IrqSink>,
     device_id: Arc<str>,
     base_dir: Arc<Path>,
+    changed: Option<ChangeNotice>,
 }
 
 impl Services {
@@ -54,7 +62,14 @@ impl Services {
             irq,
             device_id: Arc::from(device_id),
             base_dir: Arc::from(Path::new(".")),
+            changed: None,
         }
+    }
+
+    /// Sends the device's `registers_changed` notices to `notice`.
+    pub fn with_change_notice(mut self, notice: ChangeNotice) -> Self {
+        self.changed = Some(notice);
+        self
     }
 
     /// Sets the directory relative paths in the settings are relative to.
@@ -90,6 +105,12 @@ impl FfiHost for Services {
 
     fn base_dir(&self) -> RString {
         RString::from(self.base_dir.to_string_lossy().into_owned())
+    }
+
+    fn registers_changed(&self) {
+        if let Some(n) = &self.changed {
+            n();
+        }
     }
 
     fn log(&self, level: LogLevel, message: RStr<'_>) {
@@ -222,6 +243,39 @@ impl PciFunction {
                 ),
             )),
         }
+    }
+
+    /// The registers the device lets a host mirror
+    /// ([`crate::Device::mirrored_reads`]), checked: each 1, 2 or 4 bytes
+    /// inside a declared BAR, no duplicates, at most [`MAX_MIRRORS`]. The
+    /// rest are left out, with the reason for each.
+    pub fn mirrored_reads(&self) -> (Vec<MirroredRead>, Vec<String>) {
+        if self.shut_down {
+            return (Vec::new(), Vec::new());
+        }
+        let mut kept: Vec<MirroredRead> = Vec::new();
+        let mut refused = Vec::new();
+        for m in self.device.mirrored_reads() {
+            let why = if !matches!(m.len, 1 | 2 | 4) {
+                Some("its width is not 1, 2 or 4 bytes".to_string())
+            } else if let Err(e) = self.check_bar(m.bar, m.offset, usize::from(m.len)) {
+                Some(e.message.to_string())
+            } else if kept.contains(&m) {
+                Some("it is declared twice".to_string())
+            } else if kept.len() >= MAX_MIRRORS {
+                Some(format!("at most {MAX_MIRRORS} registers are mirrored"))
+            } else {
+                None
+            };
+            match why {
+                Some(why) => refused.push(format!(
+                    "mirrored read of BAR{} {:#x} ({} bytes) left out: {why}",
+                    m.bar, m.offset, m.len
+                )),
+                None => kept.push(m),
+            }
+        }
+        (kept, refused)
     }
 
     /// What the device described itself as.

@@ -84,6 +84,18 @@ impl Host {
         self.inner.set_irq_level(0, asserted);
     }
 
+    /// Tells the host that the device changed, from a thread of its own
+    /// (not inside a call from the host), state that a register declared
+    /// in [`Device::mirrored_reads`](crate::Device::mirrored_reads) shows:
+    /// the host stops answering from its mirrors until it has read them
+    /// again. Call it after the change and before any interrupt that
+    /// announces it ([`set_intx`](Self::set_intx) itself also counts as
+    /// a notice). Cheap; harmless when nothing is mirrored, and a no-op
+    /// on a host that predates mirrors.
+    pub fn registers_changed(&self) {
+        self.inner.registers_changed();
+    }
+
     /// Resolves a path from the device's settings: relative paths are
     /// relative to the config file's directory.
     pub fn resolve_path(&self, path: &str) -> std::path::PathBuf {

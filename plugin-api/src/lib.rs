@@ -153,7 +153,7 @@ pub mod loader;
 
 pub use abi::{
     BarDesc, BarKind, CapabilityDesc, DeviceBox, DeviceDesc, DeviceError, DeviceErrorKind, HostBox,
-    LogLevel, PciIdentity, PluginModule, PluginModuleRef, ABI_VERSION,
+    LogLevel, MirroredRead, PciIdentity, PluginModule, PluginModuleRef, ABI_VERSION,
 };
 pub use device::{create_guarded, into_ffi, panic_message, Device, DeviceConstructor};
 pub use host::{DmaError, Host};

@@ -261,6 +261,7 @@ impl Control {
             .map(|e| e.dev.clone())
             .ok_or_else(|| format!("no device `{id}`"))?;
         let r = dev.function().control(control, &args);
+        dev.mirrors.notify();
         r
     }
 }

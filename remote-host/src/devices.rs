@@ -26,6 +26,53 @@ pub struct RemoteDevice {
     function: Mutex<PciFunction>,
     /// `shutdown` ran (the device is told once, whoever asks first).
     shut_down: AtomicBool,
+    /// Where "a mirrored register changed" goes once an access ring
+    /// mirrors the device's registers.
+    pub mirrors: Arc<MirrorNotice>,
+}
+
+/// The device's notices that registers it lets the VMM mirror changed
+/// outside an access on the ring: its own `registers_changed`, any change
+/// of its interrupt level (sent before the interrupt itself), and calls
+/// that reach it by the socket or the control channel. Nothing to do
+/// until a ring with mirrors is served.
+#[derive(Default)]
+pub struct MirrorNotice {
+    invalidator: Mutex<Option<channel::ring::MirrorInvalidator>>,
+}
+
+impl MirrorNotice {
+    /// The mirrors are out of date.
+    pub fn notify(&self) {
+        if let Some(i) = self
+            .invalidator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            i.invalidate();
+        }
+    }
+
+    /// Sends later notices to `invalidator` (`None`: nowhere).
+    pub fn attach(&self, invalidator: Option<channel::ring::MirrorInvalidator>) {
+        *self.invalidator.lock().unwrap_or_else(|e| e.into_inner()) = invalidator;
+    }
+}
+
+/// The device's interrupt line as the plugin drives it: a level change is
+/// a mirror notice first (the guest's handler must not read a register
+/// from a mirror that predates the interrupt), then the line.
+struct NoticedIrq {
+    notice: Arc<MirrorNotice>,
+    line: Arc<IntxLine>,
+}
+
+impl plugin_api::function::IrqSink for NoticedIrq {
+    fn set_level(&self, irq: u32, asserted: bool) {
+        self.notice.notify();
+        self.line.set_level(irq, asserted);
+    }
 }
 
 /// What a device is made from: a config `[[device]]` entry, or the
@@ -102,6 +149,7 @@ impl RemoteDevice {
         if effect.command_changed {
             self.intx.set_disabled(command & COMMAND_INTX_DISABLE != 0);
         }
+        self.mirrors.notify();
         effect
     }
 
@@ -110,6 +158,7 @@ impl RemoteDevice {
     pub fn reset(&self) -> Result<(), plugin_api::DeviceError> {
         let r = self.function().reset();
         self.intx.set_disabled(false);
+        self.mirrors.notify();
         r
     }
 }
@@ -169,8 +218,15 @@ pub fn create(cfg: &DeviceConfig, plugin: &LoadedPlugin) -> Result<RemoteDevice,
 pub fn create_from(spec: &DeviceSpec, plugin: &LoadedPlugin) -> Result<RemoteDevice, String> {
     let memory = Arc::new(GuestRam::new());
     let intx = Arc::new(IntxLine::new());
-    let services =
-        Services::new(&spec.id, memory.clone(), intx.clone()).with_base_dir(&spec.base_dir);
+    let mirrors = Arc::new(MirrorNotice::default());
+    let irq = Arc::new(NoticedIrq {
+        notice: mirrors.clone(),
+        line: intx.clone(),
+    });
+    let notice = mirrors.clone();
+    let services = Services::new(&spec.id, memory.clone(), irq)
+        .with_base_dir(&spec.base_dir)
+        .with_change_notice(Arc::new(move || notice.notify()));
     let device = create_device(plugin, spec.kind.as_deref(), &spec.settings, services)?;
     let function = PciFunction::new(device)?;
     Ok(RemoteDevice {
@@ -182,6 +238,7 @@ pub fn create_from(spec: &DeviceSpec, plugin: &LoadedPlugin) -> Result<RemoteDev
         intx,
         function: Mutex::new(function),
         shut_down: AtomicBool::new(false),
+        mirrors,
     })
 }
 

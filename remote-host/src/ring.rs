@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use channel::ring::{Access, RingFds, RingServer};
+use channel::ring::{Access, MirrorKey, RingFds, RingServer};
 
 use crate::devices::RemoteDevice;
 
@@ -23,14 +23,34 @@ const STOP_CHECK: Duration = Duration::from_millis(100);
 pub struct RingThread {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    dev: Arc<RemoteDevice>,
 }
 
-/// Maps the ring and starts serving it for `dev`.
+/// Maps the ring and starts serving it for `dev`, with the registers the
+/// device lets the VMM mirror (`Device::mirrored_reads`) kept in the page.
 pub fn start(dev: Arc<RemoteDevice>, fds: RingFds, poll: Duration) -> Result<RingThread, String> {
     let mut server = RingServer::new(fds, poll).map_err(|e| e.to_string())?;
+    let (mirrors, refused) = dev.function().mirrored_reads();
+    for why in refused {
+        tracing::warn!(device = %dev.id, "{why}");
+    }
+    let keys: Vec<MirrorKey> = mirrors
+        .iter()
+        .map(|m| MirrorKey {
+            bar: m.bar,
+            offset: m.offset,
+            len: m.len,
+        })
+        .collect();
+    server.set_mirrors(&keys);
+    if !keys.is_empty() {
+        dev.mirrors.attach(Some(server.invalidator()));
+        tracing::info!(device = %dev.id, mirrors = keys.len(), "mirrored registers on the ring");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let id = dev.id.clone();
+    let served = dev.clone();
     let thread = std::thread::Builder::new()
         .name(format!("ring-{id}"))
         .spawn(move || {
@@ -51,6 +71,7 @@ pub fn start(dev: Arc<RemoteDevice>, fds: RingFds, poll: Duration) -> Result<Rin
     Ok(RingThread {
         stop,
         thread: Some(thread),
+        dev: served,
     })
 }
 
@@ -59,6 +80,7 @@ impl RingThread {
     /// never returns leaves it running).
     pub fn stop(mut self, within: Duration) -> bool {
         self.stop.store(true, Ordering::Relaxed);
+        self.dev.mirrors.attach(None);
         let Some(thread) = self.thread.take() else {
             return true;
         };
@@ -71,5 +93,6 @@ impl Drop for RingThread {
     /// serve the device forever.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.dev.mirrors.attach(None);
     }
 }

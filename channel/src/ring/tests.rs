@@ -14,8 +14,16 @@ fn serve(
     regs: Arc<Mutex<Regs>>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
+    let server = RingServer::new(fds, Duration::from_micros(50)).unwrap();
+    serve_with(server, regs, stop)
+}
+
+fn serve_with(
+    mut server: RingServer,
+    regs: Arc<Mutex<Regs>>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut server = RingServer::new(fds, Duration::from_micros(50)).unwrap();
         server.serve(
             &|| stop.load(Ordering::Relaxed),
             Duration::from_millis(20),
@@ -240,4 +248,158 @@ fn a_tiny_poll_bound_adapts() {
     let mut w = Window::new(Duration::ZERO);
     w.slept(Duration::ZERO);
     assert_eq!(w.current, Duration::ZERO);
+}
+
+const REG2: MirrorKey = MirrorKey {
+    bar: 1,
+    offset: 8,
+    len: 4,
+};
+
+/// A served ring whose register 2 is mirrored.
+fn mirrored() -> (
+    RingClient,
+    Arc<Mutex<Regs>>,
+    Arc<AtomicBool>,
+    MirrorInvalidator,
+    std::thread::JoinHandle<()>,
+) {
+    let (mut client, fds) = create(Duration::from_secs(10), Duration::from_micros(50)).unwrap();
+    let mut server = RingServer::new(fds, Duration::from_micros(50)).unwrap();
+    server.set_mirrors(&[REG2]);
+    let inv = server.invalidator();
+    assert_eq!(client.load_mirrors().unwrap(), &[REG2]);
+    let regs = Arc::new(Mutex::new(Regs::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = serve_with(server, regs.clone(), stop.clone());
+    (client, regs, stop, inv, t)
+}
+
+fn mirror_value(client: &RingClient) -> Option<u32> {
+    let mut b = [0u8; 4];
+    client
+        .read_mirror(REG2.bar, REG2.offset, &mut b)
+        .then(|| u32::from_le_bytes(b))
+}
+
+/// Polls `f` until it gives a value, for at most 10 s.
+fn within_10s<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not within 10 s");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_mirror_answers_only_when_current_and_never_before_a_posted_write() {
+    let (mut client, regs, stop, _inv, t) = mirrored();
+    // Nothing else mirrored: another register, or another width, is not.
+    let mut b = [0u8; 4];
+    assert!(!client.read_mirror(1, 4, &mut b));
+    assert!(!client.read_mirror(1, 8, &mut b[..2]));
+    // The server's first refresh makes it current.
+    assert_eq!(within_10s(|| mirror_value(&client)), 0);
+    let reads_before = regs.lock().unwrap().log.len();
+    let mut hits = 0;
+    for i in 1..=500u32 {
+        client.write(1, 8, &i.to_le_bytes(), &never).unwrap();
+        // Right after a posted write the mirror is either not used (the
+        // write is not applied yet) or already shows it; never the value
+        // before it.
+        match mirror_value(&client) {
+            Some(v) => {
+                assert_eq!(v, i, "the mirror overtook a posted write");
+                hits += 1;
+            }
+            None => {
+                client.read(1, 8, &mut b, &never).unwrap();
+                assert_eq!(u32::from_le_bytes(b), i);
+            }
+        }
+        // Once every access is applied, the mirror answers with its effect.
+        client.drain(&never).unwrap();
+        assert_eq!(mirror_value(&client), Some(i));
+    }
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+    // 500 answers after a drain came from the page, not the device: the
+    // device saw the 500 writes, the refresh reads and the misses only.
+    let log = regs.lock().unwrap().log.clone();
+    let writes = log.iter().filter(|(a, _, _)| *a == Access::Write).count();
+    assert_eq!(writes, 500);
+    eprintln!("{hits} of 500 reads right after a posted write hit the mirror");
+    assert!(log.len() > reads_before);
+}
+
+#[test]
+fn a_change_the_device_announces_is_never_hidden_by_the_mirror() {
+    let (client, regs, stop, inv, t) = mirrored();
+    assert_eq!(within_10s(|| mirror_value(&client)), 0);
+    for i in 1..=50u32 {
+        // Long enough for the ring thread to go to sleep: the notice
+        // must wake it.
+        std::thread::sleep(Duration::from_millis(2));
+        // The device's own thread changes the register, then says so
+        // (before it would raise the interrupt that tells the guest).
+        regs.lock().unwrap().values[2] = i;
+        inv.invalidate();
+        // From now on the old value is never answered.
+        match mirror_value(&client) {
+            None => {}
+            Some(v) => assert_eq!(v, i, "a stale mirror answered after the notice"),
+        }
+        assert_eq!(within_10s(|| mirror_value(&client)), i);
+    }
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_mirror_table_no_remote_writes_is_refused() {
+    for (count, key) in [(99u32, 0x0401u32), (1, 0x0301), (1, 0x0406), (1, 0x1_0401)] {
+        let (mut client, fds) = create(Duration::from_secs(5), Duration::from_micros(50)).unwrap();
+        let hostile = Page::map(fds.memory.as_fd()).unwrap();
+        hostile.mirror(0, M_KEY).store(key, Ordering::SeqCst);
+        hostile
+            .word(OFF_MIRROR_COUNT)
+            .store(count, Ordering::SeqCst);
+        assert!(
+            matches!(client.load_mirrors(), Err(RingError::Corrupt(_))),
+            "count {count} key {key:#x}"
+        );
+        let mut b = [0u8; 4];
+        assert!(!client.read_mirror(1, 4, &mut b));
+    }
+}
+
+#[test]
+fn a_device_that_refuses_a_mirrored_read_ends_the_mirrors() {
+    let (mut client, fds) = create(Duration::from_secs(10), Duration::from_micros(50)).unwrap();
+    let mut server = RingServer::new(fds, Duration::from_micros(50)).unwrap();
+    // Register 99 does not exist: the refresh is refused.
+    let bad = MirrorKey {
+        bar: 1,
+        offset: 4 * 99,
+        len: 4,
+    };
+    server.set_mirrors(&[bad]);
+    assert_eq!(client.load_mirrors().unwrap(), &[bad]);
+    let regs = Arc::new(Mutex::new(Regs::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = serve_with(server, regs.clone(), stop.clone());
+    let mut b = [0u8; 4];
+    for i in 0..20u32 {
+        client.write(1, 0, &i.to_le_bytes(), &never).unwrap();
+        client.read(1, 0, &mut b, &never).unwrap();
+        assert_eq!(u32::from_le_bytes(b), i);
+        assert!(!client.read_mirror(1, 4 * 99, &mut b));
+    }
+    // The server did not spin refreshing: one refused refresh, then none.
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
 }

@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 
 use block::{DriveConfig, ScsiDisk};
 use plugin_api::control::{self, json, Value};
-use plugin_api::{BarDesc, Device, DeviceDesc, Host, PciIdentity};
+use plugin_api::{BarDesc, Device, DeviceDesc, Host, MirroredRead, PciIdentity};
 
 use chip::{Chip, SCRIPT_RAM_SIZE};
 use worker::{Pending, WorkerHandle};
@@ -321,6 +321,18 @@ impl Device for Lsi53c895a {
 
     fn config_write(&mut self, offset: u16, data: &[u8]) {
         self.chip().note_config_write(offset, data);
+    }
+
+    /// ISTAT, the register the Linux driver reads twice per command (in
+    /// its interrupt handler and to check for pending work): reading it
+    /// has no side effect, and it changes only in an access or in the
+    /// worker, which says so (`Host::registers_changed`). DSTAT and SIST,
+    /// which clear on read, are never mirrored.
+    fn mirrored_reads(&self) -> Vec<MirroredRead> {
+        vec![
+            MirroredRead::new(0, regs::ISTAT0 as u64, 1),
+            MirroredRead::new(1, regs::ISTAT0 as u64, 1),
+        ]
     }
 
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {

@@ -80,6 +80,10 @@ pub fn run(chip: Arc<Mutex<Chip>>, rx: Receiver<WorkerMsg>, pending: Arc<Pending
                 let mut c = chip.lock().unwrap_or_else(|e| e.into_inner());
                 c.complete_request(seq, completion);
                 c.kick();
+                // ISTAT is mirrored (Device::mirrored_reads): a change
+                // made here, outside an access, must be announced even
+                // when the interrupt level stays as it was.
+                c.host.registers_changed();
                 drop(c);
                 pending.done();
             }
@@ -87,6 +91,7 @@ pub fn run(chip: Arc<Mutex<Chip>>, rx: Receiver<WorkerMsg>, pending: Arc<Pending
                 std::thread::sleep(RESUME_DELAY);
                 let mut c = chip.lock().unwrap_or_else(|e| e.into_inner());
                 c.resume();
+                c.host.registers_changed();
                 drop(c);
                 pending.done();
             }

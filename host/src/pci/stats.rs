@@ -20,6 +20,9 @@ pub struct RegisterCounts {
     pub read_time: Duration,
     pub read_max: Duration,
     pub writes: u64,
+    /// Reads answered from the register's mirror in the access ring's
+    /// page, without a round trip (counted in `reads` too).
+    pub mirrored: u64,
 }
 
 /// Counters of one function.
@@ -53,6 +56,14 @@ impl AccessStats {
         c.reads += 1;
         c.read_time += took;
         c.read_max = c.read_max.max(took);
+    }
+
+    /// A BAR read answered from its mirror, taking `took`.
+    pub fn mirrored_read(&mut self, bar: usize, offset: u64, len: usize, took: Duration) {
+        self.read(bar, offset, len, took);
+        if let Some(c) = self.registers.get_mut(&key(bar, offset, len)) {
+            c.mirrored += 1;
+        }
     }
 
     /// A BAR write.
@@ -98,6 +109,7 @@ impl AccessStats {
                     "read-mean-us": (mean_us(c.read_time, c.reads) * 10.0).round() / 10.0,
                     "read-max-us": c.read_max.as_micros() as u64,
                     "writes": c.writes,
+                    "mirrored-reads": c.mirrored,
                 })
             })
             .collect();
@@ -118,11 +130,12 @@ impl AccessStats {
         regs.iter()
             .map(|(&(bar, offset, size), c)| {
                 format!(
-                    "host-stats: device={id} register bar={bar} offset={offset:#x} size={size} reads={} read_mean_us={:.1} read_max_us={} writes={}",
+                    "host-stats: device={id} register bar={bar} offset={offset:#x} size={size} reads={} read_mean_us={:.1} read_max_us={} writes={} mirrored_reads={}",
                     c.reads,
                     mean_us(c.read_time, c.reads),
                     c.read_max.as_micros(),
-                    c.writes
+                    c.writes,
+                    c.mirrored
                 )
             })
             .collect()

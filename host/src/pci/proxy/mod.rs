@@ -134,7 +134,18 @@ impl ProxyFunction {
 
     /// From now on BAR accesses go through `ring` (the remote serves it:
     /// the control channel's `ring-setup` succeeded).
-    pub fn attach_ring(&mut self, ring: channel::ring::RingClient) {
+    pub fn attach_ring(&mut self, mut ring: channel::ring::RingClient) {
+        match ring.load_mirrors() {
+            Ok(m) if !m.is_empty() => {
+                tracing::info!("{}: {} register(s) read from mirrors", self.id, m.len())
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // A table no remote of ours writes: every read goes to
+                // the device, as without mirrors.
+                tracing::warn!("{}: mirrors refused ({e}); reads reach the device", self.id);
+            }
+        }
         self.ring = Some(ring);
     }
 
@@ -264,6 +275,13 @@ impl PciDevice for ProxyFunction {
             return;
         };
         let t = Instant::now();
+        if let Some(ring) = self.ring.as_ref() {
+            if ring.read_mirror(bar as u8, offset, data) {
+                self.stats
+                    .mirrored_read(bar, offset, data.len(), t.elapsed());
+                return;
+            }
+        }
         let r = match self.ring.as_mut() {
             Some(ring) => ring
                 .read(bar as u8, offset, data, &Self::give_up(&self.remote_failed))
