@@ -58,6 +58,7 @@ use std::time::{Duration, Instant};
 
 use pci::{command, regs, BarType};
 
+use crate::abi::MirroredRead;
 use crate::abi::PluginModuleRef;
 use crate::function::{create_device, GuestMemory, IrqSink, PciFunction, Services};
 use crate::loader::{load_path, LoadedPlugin};
@@ -224,12 +225,83 @@ impl IrqLine {
     }
 }
 
+/// Counts the device's mirror notices ([`Host::registers_changed`] and
+/// interrupt level changes), as a VMM's ring does.
+///
+/// [`Host::registers_changed`]: crate::Host::registers_changed
+#[derive(Default)]
+struct Notices {
+    count: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Notices {
+    fn notify(&self) {
+        *lock(&self.count) += 1;
+        self.changed.notify_all();
+    }
+
+    fn now(&self) -> u64 {
+        *lock(&self.count)
+    }
+
+    /// Whether a notice after `seen` arrives within `timeout`.
+    fn wait_past(&self, seen: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut n = lock(&self.count);
+        while *n == seen {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            n = match self.changed.wait_timeout(n, deadline - now) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        true
+    }
+}
+
+/// The interrupt line with each level change counted as a notice first.
+struct NoticedIrq {
+    notices: Arc<Notices>,
+    line: Arc<IrqLine>,
+}
+
+impl IrqSink for NoticedIrq {
+    fn set_level(&self, irq: u32, asserted: bool) {
+        self.notices.notify();
+        self.line.set_level(irq, asserted);
+    }
+}
+
+/// One mirrored register as the bench keeps it: its value after the last
+/// call and the notice count then.
+struct Mirror {
+    key: MirroredRead,
+    value: u32,
+    notices: u64,
+}
+
+/// How long a bench waits for the notice that must follow a change of a
+/// mirrored register made outside an access.
+const NOTICE_GRACE: Duration = Duration::from_secs(2);
+
 /// A device under test.
+///
+/// It checks the device's [`Device::mirrored_reads`](crate::Device::mirrored_reads)
+/// declaration on every read of a mirrored register: where a VMM would
+/// answer from its mirror (no notice since the last call), the device
+/// must read the same value, or announce the change within 2 s; a test
+/// that reads such a register panics otherwise, naming it.
 pub struct TestBench {
     function: PciFunction,
     ram: Arc<Ram>,
     irq: Arc<IrqLine>,
     plugin: LoadedPlugin,
+    notices: Arc<Notices>,
+    mirrors: Vec<Mirror>,
 }
 
 /// Guest RAM size of a bench.
@@ -247,15 +319,91 @@ impl TestBench {
             bytes: Mutex::new(vec![0; BENCH_RAM_SIZE]),
         });
         let irq = Arc::new(IrqLine::default());
-        let services = Services::new("bench", ram.clone(), irq.clone());
+        let notices = Arc::new(Notices::default());
+        let noticed = Arc::new(NoticedIrq {
+            notices: notices.clone(),
+            line: irq.clone(),
+        });
+        let n = notices.clone();
+        let services = Services::new("bench", ram.clone(), noticed)
+            .with_change_notice(Arc::new(move || n.notify()));
         let device = create_device(&plugin, kind, settings, services)?;
         let function = PciFunction::new(device)?;
-        Ok(TestBench {
+        // A declaration a VMM would cut short is an error here, not a
+        // warning in some log.
+        let (keys, refused) = function.mirrored_reads();
+        if !refused.is_empty() {
+            return Err(refused.join("; "));
+        }
+        let mut bench = TestBench {
             function,
             ram,
             irq,
             plugin,
-        })
+            notices,
+            mirrors: keys
+                .into_iter()
+                .map(|key| Mirror {
+                    key,
+                    value: 0,
+                    notices: u64::MAX,
+                })
+                .collect(),
+        };
+        bench.refresh_mirrors();
+        Ok(bench)
+    }
+
+    /// Reads every mirrored register into the bench's mirror, as a VMM's
+    /// ring does after each call.
+    fn refresh_mirrors(&mut self) {
+        let seen = self.notices.now();
+        for m in &mut self.mirrors {
+            let mut b = [0u8; 4];
+            let n = usize::from(m.key.len);
+            if self
+                .function
+                .bar_read(m.key.bar, m.key.offset, &mut b[..n])
+                .is_ok()
+            {
+                m.value = u32::from_le_bytes(b);
+                m.notices = seen;
+            } else {
+                m.notices = u64::MAX;
+            }
+        }
+    }
+
+    /// Until the next refresh no read is checked against the mirrors.
+    fn forget_mirrors(&mut self) {
+        for m in &mut self.mirrors {
+            m.notices = u64::MAX;
+        }
+    }
+
+    /// A read of `value` from a mirrored register that a VMM would have
+    /// answered from its mirror must agree with it (or the device must
+    /// announce the change soon).
+    fn check_mirror(&self, bar: u8, offset: u64, data: &[u8]) {
+        let Some(m) = self.mirrors.iter().find(|m| {
+            m.key.bar == bar && m.key.offset == offset && usize::from(m.key.len) == data.len()
+        }) else {
+            return;
+        };
+        let mut b = [0u8; 4];
+        b[..data.len()].copy_from_slice(data);
+        let live = u32::from_le_bytes(b);
+        if m.notices != u64::MAX
+            && live != m.value
+            && !self.notices.wait_past(m.notices, NOTICE_GRACE)
+        {
+            panic!(
+                "mirrored register BAR{bar} {offset:#x} ({} bytes) changed from {:#x} to {live:#x} outside an access, and the device did not call Host::registers_changed: a VMM would still answer {:#x} (Device::mirrored_reads)",
+                data.len(),
+                m.value,
+                m.value
+            );
+        }
     }
 
     /// The plugin as loaded (name, version, kinds, path).
@@ -277,6 +425,9 @@ impl TestBench {
     /// The function as a host drives it (reset, save/restore, direct BAR
     /// accesses by index and offset).
     pub fn function(&mut self) -> &mut PciFunction {
+        // Whatever the test does with it (a reset, a restore) is a call a
+        // VMM would refresh its mirrors after: the next access does.
+        self.forget_mirrors();
         &mut self.function
     }
 
@@ -293,6 +444,7 @@ impl TestBench {
     pub fn cfg_write(&mut self, offset: usize, len: usize, value: u32) {
         let b = value.to_le_bytes();
         self.function.config_write(offset, &b[..len.min(4)]);
+        self.forget_mirrors();
     }
 
     /// Sizes every BAR as firmware does (write all-ones, read back,
@@ -377,8 +529,11 @@ impl TestBench {
         // Errors (a failed device) read as all-ones, as the VMM serves them.
         if write {
             let _ = self.function.bar_write(bar, region.offset, data);
-        } else {
-            let _ = self.function.bar_read(bar, region.offset, data);
+        } else if self.function.bar_read(bar, region.offset, data).is_ok() {
+            self.check_mirror(bar, region.offset, data);
+        }
+        if !self.mirrors.is_empty() {
+            self.refresh_mirrors();
         }
     }
 
@@ -433,6 +588,7 @@ impl TestBench {
         op: &str,
         args: &serde_json::Value,
     ) -> Result<serde_json::Value, String> {
+        self.forget_mirrors();
         self.function.control(op, args)
     }
 
