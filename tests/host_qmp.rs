@@ -20,7 +20,12 @@
 //!    all-ones instead of freezing;
 //! 7. SIGKILL of `misc`: REMOTE_DIED; the guest keeps using its disk;
 //! 8. `remote-restart misc`: a new process serves dma0 in the same slot at
-//!    the same BAR, and the guest reads its ID register again; then the
+//!    the same BAR, and the guest reads its ID register again;
+//! 9. SIGKILL of `auto` (`restart = "on-failure"`, `restart-limit = 2`):
+//!    it comes back by itself (REMOTE_RESTARTED, reason "automatic", with
+//!    the recovery time) and the guest reads dma3's ID register again;
+//!    killed twice more within the minute, it restarts once more and then
+//!    stays failed (REMOTE_FAILED naming the limit; all-ones); then the
 //!    guest powers off normally.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
@@ -82,6 +87,18 @@ id = "dma0"
 remote = "misc"
 plugin = "dma-example"
 slot = 6
+
+[[remote]]
+id = "auto"
+log = "auto.log"
+restart = "on-failure"
+restart-limit = 2
+
+[[device]]
+id = "dma3"
+remote = "auto"
+plugin = "dma-example"
+slot = 7
 "#,
         kernel = kernel.display()
     )
@@ -147,6 +164,11 @@ step dead-read
 echo "dma0_after_restart=$(devmem $(bar0 0000:00:06.0) 32)"
 dd if=/dev/sda of=/dev/null bs=64k count=64 iflag=direct 2>/dev/null && echo "sda-still-works"
 echo "dma1_id_end=$(devmem $(bar0 0000:00:09.0) 32)"
+echo "dma3_before=$(devmem $(bar0 0000:00:07.0) 32)"
+step auto-kill
+echo "dma3_after_auto_restart=$(devmem $(bar0 0000:00:07.0) 32)"
+step auto-limit
+echo "dma3_after_limit=$(devmem $(bar0 0000:00:07.0) 32)"
 echo "STEP done"
 "#,
         gseek = SDB_GUEST_OFF / BLOCK as u64,
@@ -200,7 +222,7 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     assert_eq!(rep["query-status"]["status"], "running");
     let remotes = rep["query-remote"].as_array().unwrap();
     let ids: Vec<&str> = remotes.iter().map(|x| x["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["storage", "misc"]);
+    assert_eq!(ids, ["storage", "misc", "auto"]);
     for x in remotes {
         assert_eq!(x["state"], "running", "{x}");
         assert!(x["pid"].as_u64().unwrap() > 1, "{x}");
@@ -386,6 +408,31 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     assert_eq!(value(out, "dma0_after_restart="), "0xD3A00001", "{diag}");
     assert!(out.contains("sda-still-works"), "{diag}");
     assert_eq!(value(out, "dma1_id_end="), "0xD3A00001");
+
+    // 9. Automatic restart, within its limit and past it.
+    assert_eq!(value(out, "dma3_before="), "0xD3A00001", "{diag}");
+    let auto = &rep["auto-restarted"]["data"];
+    assert_eq!(auto["reason"], "automatic", "{auto}");
+    assert_eq!(auto["devices"], serde_json::json!(["dma3"]));
+    assert_eq!(auto["problems"], serde_json::json!([]));
+    let recovery_ms = auto["recovery-ms"].as_u64().unwrap();
+    assert_ne!(rep["auto-pid-after"], rep["auto-pid-before"]);
+    assert_eq!(
+        value(out, "dma3_after_auto_restart="),
+        "0xD3A00001",
+        "{diag}"
+    );
+    assert_eq!(rep["auto-second-restart"]["data"]["reason"], "automatic");
+    let failed = &rep["auto-failed"]["data"];
+    assert!(
+        failed["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("restart-limit")),
+        "{failed}"
+    );
+    assert_eq!(value(out, "dma3_after_limit="), "0xFFFFFFFF", "{diag}");
+    eprintln!("host_qmp: automatic restart of `auto` took {recovery_ms} ms");
+
     assert_eq!(r["host-exit"], 0, "{diag}");
     assert_eq!(rep["shutdown"]["event"], "SHUTDOWN", "{diag}");
 

@@ -153,6 +153,36 @@ async def main():
     r["query-remote-restarted"] = remotes
     go()
 
+    # `auto` restarts by itself (restart = "on-failure", restart-limit = 2).
+    async def auto_pid():
+        return next(x for x in await qmp.execute("query-remote") if x["id"] == "auto")["pid"]
+
+    async def auto_running(old_pid):
+        for _ in range(600):
+            auto = next(x for x in await qmp.execute("query-remote") if x["id"] == "auto")
+            if auto["state"] == "running" and auto["pid"] != old_pid:
+                return auto["pid"]
+            await asyncio.sleep(0.1)
+        return None
+
+    await con.wait_step("auto-kill")
+    pid = await auto_pid()
+    r["auto-pid-before"] = pid
+    os.kill(pid, signal.SIGKILL)
+    r["auto-died"] = await ev.wait("REMOTE_DIED", id="auto", timeout=30)
+    r["auto-restarted"] = await ev.wait("REMOTE_RESTARTED", id="auto", timeout=30)
+    r["auto-pid-after"] = await auto_running(pid)
+    go()
+
+    await con.wait_step("auto-limit")
+    pid = r["auto-pid-after"]
+    os.kill(pid, signal.SIGKILL)
+    r["auto-second-restart"] = await ev.wait("REMOTE_RESTARTED", id="auto", timeout=30)
+    pid = await auto_running(pid)
+    os.kill(pid, signal.SIGKILL)
+    r["auto-failed"] = await ev.wait("REMOTE_FAILED", id="auto", timeout=30)
+    go()
+
     await con.wait_step("done")
     await finish(host, qmp, ev)
 

@@ -170,6 +170,45 @@ impl std::str::FromStr for OnReboot {
     }
 }
 
+/// `[[remote]] restart`: what the VMM does when the remote dies or hangs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// Leave it failed (its devices read all-ones) until the operator's
+    /// `remote-restart`. The default while a restart still shows the guest
+    /// reset devices (their state does not survive the process yet).
+    #[default]
+    Never,
+    /// Replace it when it dies other than by exiting 0, or hangs.
+    OnFailure,
+    /// Replace it whenever it ends or hangs while the VM runs.
+    Always,
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "never" => Ok(RestartPolicy::Never),
+            "on-failure" => Ok(RestartPolicy::OnFailure),
+            "always" => Ok(RestartPolicy::Always),
+            other => Err(format!(
+                "`restart` must be \"never\", \"on-failure\" or \"always\", found \"{other}\""
+            )),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            RestartPolicy::Never => "never",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Always => "always",
+        }
+    }
+}
+
 /// The wire protocol spoken on a remote's channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -222,6 +261,11 @@ pub struct RemoteConfig {
     /// remote is ours (spawned, with a control channel); otherwise, and
     /// for any other peer, over the socket.
     pub fast_path: bool,
+    /// `restart`: automatic replacement of a remote that died or hung.
+    pub restart: RestartPolicy,
+    /// `restart-limit`: automatic restarts allowed within a minute; one
+    /// more failure in that minute leaves the remote failed.
+    pub restart_limit: u32,
     pub location: Location,
 }
 
@@ -530,6 +574,11 @@ fn parse_remote(
     let timeout_ms = t.integer_in("timeout-ms", 10..=600_000, Some(1000))?.value as u64;
     let sandbox = t.opt_bool("sandbox")?.is_none_or(|b| b.value);
     let fast_path = t.opt_bool("fast-path")?.is_none_or(|b| b.value);
+    let restart = match t.opt_string("restart")? {
+        None => RestartPolicy::default(),
+        Some(v) => v.value.parse().map_err(|m| t.error(v.span.clone(), m))?,
+    };
+    let restart_limit = t.integer_in("restart-limit", 1..=100, Some(5))?.value as u32;
     t.deny_unknown()?;
     Ok(RemoteConfig {
         id,
@@ -541,6 +590,8 @@ fn parse_remote(
         timeout_ms,
         sandbox,
         fast_path,
+        restart,
+        restart_limit,
         location,
     })
 }

@@ -307,3 +307,47 @@ fn plugin_path_rule() {
         PathBuf::from("/etc/vm/disk.img")
     );
 }
+
+#[test]
+fn restart_policy_defaults_to_never_and_parses_each_value() {
+    let remote = |text: &str| parse(text).unwrap().remotes[0].clone();
+    let r = remote(GOOD);
+    assert_eq!(
+        (r.restart, r.restart_limit),
+        (crate::RestartPolicy::Never, 5)
+    );
+    for (v, want) in [
+        ("never", crate::RestartPolicy::Never),
+        ("on-failure", crate::RestartPolicy::OnFailure),
+        ("always", crate::RestartPolicy::Always),
+    ] {
+        let text = GOOD.replace(
+            "id = \"storage\"\n",
+            &format!("id = \"storage\"\nrestart = \"{v}\"\nrestart-limit = 3\n"),
+        );
+        let r = remote(&text);
+        assert_eq!((r.restart, r.restart_limit), (want, 3));
+        assert_eq!(r.restart.name(), v);
+    }
+}
+
+#[test]
+fn bad_restart_policy_is_reported_at_the_value() {
+    let text = GOOD.replace(
+        "id = \"storage\"\n",
+        "id = \"storage\"\nrestart = \"sometimes\"\n",
+    );
+    let (line, col, msg) = err(&text);
+    assert_eq!((line, col), (10, 11));
+    assert!(
+        msg.contains("sometimes") && msg.contains("on-failure"),
+        "{msg}"
+    );
+    let text = GOOD.replace(
+        "id = \"storage\"\n",
+        "id = \"storage\"\nrestart-limit = 0\n",
+    );
+    let (line, _, msg) = err(&text);
+    assert_eq!(line, 10);
+    assert!(msg.contains("restart-limit"), "{msg}");
+}

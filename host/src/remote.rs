@@ -437,9 +437,8 @@ fn connect_inner(
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawning remote-host for `{}`", r.id))?;
+        let child =
+            spawn_child(cmd).with_context(|| format!("spawning remote-host for `{}`", r.id))?;
         drop(theirs);
         drop(control_theirs);
         let mut proc = RemoteProcess {
@@ -484,9 +483,7 @@ fn connect_inner(
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("spawning remote-host for `{}`", r.id))?;
+    let child = spawn_child(cmd).with_context(|| format!("spawning remote-host for `{}`", r.id))?;
     drop(control_theirs);
     let mut proc = RemoteProcess {
         id: r.id.clone(),
@@ -527,6 +524,43 @@ pub fn private_dir(prefix: &str) -> Result<PathBuf> {
     }
     bytes.pop();
     Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+}
+
+/// Spawns `cmd` from a thread that lives as long as the VMM. A spawned
+/// remote has `PR_SET_PDEATHSIG`, which the kernel fires when the *thread*
+/// that forked it ends, not the process: a remote spawned by a thread
+/// that ends soon after (an automatic restart's, a QMP client's) was
+/// killed with it. Should that thread not start, the caller's thread
+/// spawns, as before.
+fn spawn_child(cmd: Command) -> std::io::Result<Child> {
+    use std::sync::mpsc::{channel, SendError, Sender};
+    type Job = (Command, Sender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<Sender<Job>>> = std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = channel::<Job>();
+        let started = std::thread::Builder::new()
+            .name("remote-spawner".into())
+            .spawn(move || {
+                while let Ok((mut cmd, reply)) = rx.recv() {
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!("no spawner thread ({e}); remotes are spawned by the asking thread");
+        }
+        std::sync::Mutex::new(tx)
+    });
+    let (reply, answer) = channel();
+    let sent = spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, reply));
+    match sent {
+        Ok(()) => answer
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the spawner thread ended"))),
+        Err(SendError((mut cmd, _))) => cmd.spawn(),
+    }
 }
 
 #[cfg(test)]

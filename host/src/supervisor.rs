@@ -83,7 +83,33 @@ pub struct Remote {
     control_fd: Option<OwnedFd>,
     /// Devices already reported failed.
     reported_failures: Mutex<std::collections::HashSet<String>>,
+    /// Told once the remote died or hung (automatic restart).
+    failure_hook: Mutex<Option<FailureHook>>,
 }
+
+/// How a remote failed, as its failure hook hears it.
+#[derive(Clone, Copy, Debug)]
+pub enum Failure {
+    /// Its process ended or its channels hung up.
+    Died(DeathCause),
+    /// It stopped answering heartbeats within its timeout.
+    Hung,
+}
+
+impl Failure {
+    /// Whether the remote ended of its own accord with success (`exit(0)`):
+    /// `restart = "on-failure"` leaves that alone.
+    pub fn clean_exit(self) -> bool {
+        matches!(
+            self,
+            Failure::Died(DeathCause::Process(ProcessEnd::Exited(0)))
+        )
+    }
+}
+
+/// What runs when a remote fails, after its event went out: the monitor's
+/// automatic restart (`[[remote]] restart`).
+pub type FailureHook = Arc<dyn Fn(Failure) + Send + Sync>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -128,6 +154,7 @@ impl Remote {
             devices: Mutex::new(Vec::new()),
             control_fd,
             reported_failures: Mutex::new(Default::default()),
+            failure_hook: Mutex::new(None),
         }
     }
 
@@ -272,6 +299,21 @@ impl Remote {
             json!({"id": self.id, "pid": self.pid, "silent-ms": silent.as_millis() as u64,
                    "devices": self.device_ids()}),
         );
+        self.failed_now(Failure::Hung);
+    }
+
+    /// Hands the failure to the hook, if one is set.
+    fn failed_now(&self, failure: Failure) {
+        let hook = lock(&self.failure_hook).clone();
+        if let Some(hook) = hook {
+            hook(failure);
+        }
+    }
+
+    /// Runs `hook` once this remote dies or hangs (not when it is
+    /// stopped or retired).
+    pub fn on_failure(&self, hook: FailureHook) {
+        *lock(&self.failure_hook) = Some(hook);
     }
 
     /// Marks the remote dead (once) and reports why. A remote already
@@ -302,6 +344,7 @@ impl Remote {
             self.id, data["reason"]
         );
         events.emit("REMOTE_DIED", data);
+        self.failed_now(Failure::Died(why));
     }
 
     /// Marks the remote stopped (the VM ends, or it is being replaced)

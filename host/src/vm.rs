@@ -323,6 +323,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         events.clone(),
         plugin_dirs.clone(),
     ));
+    monitor.arm_recovery();
     drop(supervised);
     let server = match &qmp_path {
         Some(path) => {

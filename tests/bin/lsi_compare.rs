@@ -545,6 +545,16 @@ fn bench_json(table: &[BenchRow]) -> serde_json::Value {
 
 /// How many 4 KiB I/Os each profile job does.
 const PROFILE_IOS: u32 = 1000;
+/// How many 64 KiB writes the `write64` profile job does (the bench's
+/// outlier row, issue 10).
+const PROFILE_IOS_64K: u32 = 256;
+
+/// The profile jobs besides `idle`: (kind, I/Os, what the table calls it).
+const PROFILE_KINDS: [(&str, u32, &str); 3] = [
+    ("read", PROFILE_IOS, "4 KiB direct read"),
+    ("write", PROFILE_IOS, "4 KiB direct write"),
+    ("write64", PROFILE_IOS_64K, "64 KiB direct write"),
+];
 
 /// The profile jobs: boot and probe only, then that plus N reads or N
 /// writes; what an I/O costs is the difference over N.
@@ -554,6 +564,9 @@ fn profile_job(kind: &str) -> String {
         "write" => {
             format!("dd if=/dev/zero of=/dev/sda bs=4k count={PROFILE_IOS} seek=8192 oflag=direct")
         }
+        "write64" => format!(
+            "dd if=/dev/zero of=/dev/sda bs=64k count={PROFILE_IOS_64K} seek=512 oflag=direct"
+        ),
         _ => "true".into(),
     };
     format!(
@@ -638,7 +651,10 @@ fn profile(env: &Env) -> Result<ExitCode> {
         Variant::HostRemoteSocket,
         Variant::HostInProcess,
     ] {
-        for kind in ["idle", "read", "write"] {
+        for kind in ["idle"]
+            .into_iter()
+            .chain(PROFILE_KINDS.iter().map(|k| k.0))
+        {
             let image = dir.join(format!("{}-{kind}.img", v.name()));
             make_lsi_image(&image);
             let r = run_host(env, v, &image, &profile_job(kind), &dir)?;
@@ -656,14 +672,14 @@ fn profile(env: &Env) -> Result<ExitCode> {
             .find(|(rv, k, _, _)| *rv == v && *k == kind)
             .map(|(_, _, p, s)| (p.clone(), *s))
     };
-    let n = f64::from(PROFILE_IOS);
     let columns = [
         Variant::HostRemote,
         Variant::HostRemoteSocket,
         Variant::HostInProcess,
     ];
-    for kind in ["read", "write"] {
-        println!("\nOne 4 KiB direct {kind} at queue depth 1 (over {PROFILE_IOS} I/Os):");
+    for (kind, ios, what) in PROFILE_KINDS {
+        let n = f64::from(ios);
+        println!("\nOne {what} at queue depth 1 (over {ios} I/Os):");
         let (Some((idle, _)), Some((job, _))) = (
             find(Variant::HostRemote, "idle"),
             find(Variant::HostRemote, kind),

@@ -21,6 +21,12 @@
 //! The copy runs on the device's own worker thread, never inside the BAR
 //! write that starts it: that is how a plugin keeps slow work off the vCPU.
 //!
+//! ID, STATUS, IRQ_STATUS, DMA_CMD and DMA_RESULT are declared mirrored
+//! (`Device::mirrored_reads`): reading them has no side effect, so in a
+//! remote the VMM answers a guest polling them without a round trip. The
+//! worker changes three of them outside any access, and says so with
+//! `Host::registers_changed` when the copy ends.
+//!
 //! Settings (the device's table in the VM config, see [`Settings`]):
 //! `max-transfer = 1048576` (bytes).
 //!
@@ -38,7 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use plugin_api::control::{self, Value};
-use plugin_api::{BarDesc, Device, DeviceDesc, Host, PciIdentity};
+use plugin_api::{BarDesc, Device, DeviceDesc, Host, MirroredRead, PciIdentity};
 
 pub const VENDOR_ID: u16 = 0x1234;
 pub const DEVICE_ID: u16 = 0x11e9;
@@ -254,9 +260,31 @@ fn run_dma(shared: &Shared, job: DmaJob) {
         r.irq_status |= IRQ_DMA_DONE;
         shared.update_irq(&r);
     }
+    // STATUS, DMA_CMD and DMA_RESULT are mirrored (`mirrored_reads`) and
+    // changed here, on the worker, outside any access: say so, even when
+    // no interrupt was asked for (a guest may poll STATUS instead).
+    shared.host.registers_changed();
 }
 
 impl Device for DmaExample {
+    /// Registers a guest polls, whose reads have no side effect: in a
+    /// remote the VMM answers them from its mirror, without a round trip.
+    /// Those the worker changes (STATUS, DMA_CMD, DMA_RESULT) are
+    /// announced by `run_dma`; IRQ_STATUS changes with the interrupt line,
+    /// which is a notice by itself.
+    fn mirrored_reads(&self) -> Vec<MirroredRead> {
+        [
+            REG_ID,
+            REG_STATUS,
+            REG_IRQ_STATUS,
+            REG_DMA_CMD,
+            REG_DMA_RESULT,
+        ]
+        .into_iter()
+        .map(|offset| MirroredRead::new(0, offset, 4))
+        .collect()
+    }
+
     fn describe(&self) -> DeviceDesc {
         let identity = PciIdentity::new(VENDOR_ID, DEVICE_ID, 0x00ff00)
             .with_revision(1)

@@ -13,6 +13,7 @@
 
 mod devices;
 mod drives;
+mod recovery;
 mod restart;
 
 use std::collections::BTreeMap;
@@ -85,6 +86,11 @@ pub struct Monitor {
     nodes: Mutex<BTreeMap<String, Node>>,
     /// Serialises hotplug commands.
     hotplug: Mutex<()>,
+    /// This monitor, for the failure hooks of the remotes it restarts
+    /// (set by [`Monitor::arm_recovery`]).
+    this: std::sync::OnceLock<std::sync::Weak<Monitor>>,
+    /// When each remote was restarted automatically (the last minute).
+    restarts: Mutex<BTreeMap<String, Vec<std::time::Instant>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -146,6 +152,8 @@ impl Monitor {
             plugin_dirs,
             nodes: Mutex::new(nodes),
             hotplug: Mutex::new(()),
+            this: std::sync::OnceLock::new(),
+            restarts: Mutex::new(BTreeMap::new()),
         }
     }
 

@@ -14,9 +14,30 @@ impl Monitor {
     /// the guest the devices look reset (fault recovery that the guest
     /// does not notice is a later step). Event `REMOTE_RESTARTED`.
     pub(super) fn remote_restart(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        let _one = lock(&self.hotplug);
         args.allow_only(&["id"])?;
         let id = args.str("id")?;
+        let problems = self.restart_remote(id, None)?;
+        if problems.is_empty() {
+            Ok(json!({}))
+        } else {
+            Err(QmpError::generic(format!(
+                "Remote '{id}' restarted, but: {}",
+                problems.join("; ")
+            )))
+        }
+    }
+
+    /// Replaces remote `id` (see [`remote_restart`](Self::remote_restart))
+    /// and returns what could not be set up again. `automatic`: the time
+    /// its failure was noticed, for a restart the failure hook asked for
+    /// (`REMOTE_RESTARTED` then says `"reason": "automatic"` and the
+    /// recovery time).
+    pub(super) fn restart_remote(
+        &self,
+        id: &str,
+        automatic: Option<std::time::Instant>,
+    ) -> Result<Vec<String>, QmpError> {
+        let _one = lock(&self.hotplug);
         let old = self.remote(id)?;
         let rcfg = self
             .config
@@ -116,19 +137,15 @@ impl Monitor {
                 *slot = new.clone();
             }
         }
+        self.arm_one(&new);
         supervisor::spawn(new.clone(), self.bus.pci.clone(), self.events.clone());
-        self.events.emit(
-            "REMOTE_RESTARTED",
-            json!({"id": id, "pid": pid, "devices": new.device_ids(), "problems": problems}),
-        );
-        if problems.is_empty() {
-            Ok(json!({}))
-        } else {
-            Err(QmpError::generic(format!(
-                "Remote '{id}' restarted, but: {}",
-                problems.join("; ")
-            )))
+        let mut data = json!({"id": id, "pid": pid, "devices": new.device_ids(), "problems": problems,
+                   "reason": if automatic.is_some() { "automatic" } else { "operator" }});
+        if let Some(t) = automatic {
+            data["recovery-ms"] = (t.elapsed().as_millis() as u64).into();
         }
+        self.events.emit("REMOTE_RESTARTED", data);
+        Ok(problems)
     }
 
     /// The VM ends: every remote stops being supervised, and those we

@@ -1,0 +1,176 @@
+//! Automatic restart of a remote that died or hung (`[[remote]] restart`,
+//! `restart-limit`): the remote's failure hook hands the failure to a
+//! thread of its own, which waits out the back-off and runs the same
+//! replacement as the operator's `remote-restart` (devices back in their
+//! slots with the guest's BARs, drives attached again). Device state does
+//! not survive yet: the guest sees the devices reset.
+//!
+//! Back-off: the first restart within a minute runs at once, each further
+//! one waits twice as long as the one before (200 ms, 400 ms, ... at most
+//! 5 s). More than `restart-limit` failures within a minute leave the
+//! remote failed (its devices read all-ones), with `REMOTE_FAILED`.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use config::RestartPolicy;
+
+use super::*;
+use crate::supervisor::{Failure, RemoteState};
+
+/// Automatic restarts are counted over this window.
+const WINDOW: Duration = Duration::from_secs(60);
+/// The longest wait before a restart.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The wait before the restart that follows `earlier` restarts within the
+/// window: none for the first, then 200 ms doubling up to [`MAX_BACKOFF`].
+pub(super) fn backoff(earlier: usize) -> Duration {
+    if earlier == 0 {
+        return Duration::ZERO;
+    }
+    let shift = u32::try_from(earlier).unwrap_or(u32::MAX).min(16);
+    (Duration::from_millis(100) * (1u32 << shift)).min(MAX_BACKOFF)
+}
+
+/// Whether `policy` restarts a remote that failed so.
+pub(super) fn wanted(policy: RestartPolicy, failure: Failure) -> bool {
+    match policy {
+        RestartPolicy::Never => false,
+        RestartPolicy::OnFailure => !failure.clean_exit(),
+        RestartPolicy::Always => true,
+    }
+}
+
+impl Monitor {
+    /// Arms automatic restart for every remote (once the monitor is in an
+    /// `Arc`; remotes restarted later are armed as they are made).
+    pub fn arm_recovery(self: &Arc<Self>) {
+        let _ = self.this.set(Arc::downgrade(self));
+        let remotes: Vec<Arc<Remote>> = lock(&self.remotes).clone();
+        for r in &remotes {
+            self.arm_one(r);
+        }
+    }
+
+    /// Sets `remote`'s failure hook per its `restart` policy. A remote
+    /// that already failed before it was armed is handled at once.
+    pub(super) fn arm_one(&self, remote: &Arc<Remote>) {
+        let Some(this) = self.this.get().cloned() else {
+            return;
+        };
+        let Some(policy) = self.config.remote(&remote.id).map(|r| r.restart) else {
+            return;
+        };
+        if policy == RestartPolicy::Never {
+            return;
+        }
+        let failed: Weak<Remote> = Arc::downgrade(remote);
+        let hook: crate::supervisor::FailureHook = Arc::new(move |failure: Failure| {
+            if !wanted(policy, failure) {
+                return;
+            }
+            let (Some(monitor), Some(remote)) = (this.upgrade(), failed.upgrade()) else {
+                return;
+            };
+            let noticed = Instant::now();
+            let name = format!("recover-{}", remote.id);
+            let spawned = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || monitor.recover(&remote, failure, noticed));
+            if let Err(e) = spawned {
+                tracing::error!("no automatic restart: {e}");
+            }
+        });
+        remote.on_failure(hook.clone());
+        match remote.state() {
+            RemoteState::Dead => hook(Failure::Died(crate::supervisor::DeathCause::HangUp)),
+            RemoteState::Hung => hook(Failure::Hung),
+            _ => {}
+        }
+    }
+
+    /// Restarts `failed` after its back-off, unless it failed too often,
+    /// was replaced meanwhile, or the VM is ending.
+    fn recover(&self, failed: &Arc<Remote>, failure: Failure, noticed: Instant) {
+        let id = failed.id.clone();
+        let limit = self.config.remote(&id).map_or(0, |r| r.restart_limit) as usize;
+        let wait = {
+            let mut all = lock(&self.restarts);
+            let recent = all.entry(id.clone()).or_default();
+            recent.retain(|t| t.elapsed() < WINDOW);
+            if recent.len() >= limit {
+                drop(all);
+                let why = format!(
+                    "{} automatic restarts within {} s (restart-limit)",
+                    limit,
+                    WINDOW.as_secs()
+                );
+                eprintln!("host: remote `{id}` failed again ({failure:?}): {why}; left failed");
+                self.events
+                    .emit("REMOTE_FAILED", json!({"id": id, "reason": why}));
+                return;
+            }
+            let wait = backoff(recent.len());
+            recent.push(Instant::now());
+            wait
+        };
+        std::thread::sleep(wait);
+        // Still the failed remote, and not stopped (the VM ends) or
+        // replaced by the operator meanwhile?
+        let current = match self.remote(&id) {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        if !Arc::ptr_eq(&current, failed) || current.state() == RemoteState::Stopped {
+            return;
+        }
+        eprintln!("host: remote `{id}` failed ({failure:?}); restarting it");
+        match self.restart_remote(&id, Some(noticed)) {
+            Ok(problems) if problems.is_empty() => {}
+            Ok(problems) => eprintln!(
+                "host: remote `{id}` restarted, but: {}",
+                problems.join("; ")
+            ),
+            Err(e) => {
+                eprintln!(
+                    "host: automatic restart of remote `{id}` failed: {}",
+                    e.desc
+                );
+                self.events.emit(
+                    "REMOTE_FAILED",
+                    json!({"id": id, "reason": format!("restart failed: {}", e.desc)}),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::ProcessEnd;
+    use crate::supervisor::DeathCause;
+
+    #[test]
+    fn backoff_starts_at_zero_and_doubles_to_five_seconds() {
+        let waits: Vec<u128> = (0..8).map(|n| backoff(n).as_millis()).collect();
+        assert_eq!(waits, [0, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(backoff(usize::MAX), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn policies_decide_by_how_the_remote_ended() {
+        let clean = Failure::Died(DeathCause::Process(ProcessEnd::Exited(0)));
+        let crash = Failure::Died(DeathCause::Process(ProcessEnd::Signaled(9)));
+        let eof = Failure::Died(DeathCause::HangUp);
+        for f in [clean, crash, eof, Failure::Hung] {
+            assert!(!wanted(RestartPolicy::Never, f));
+            assert!(wanted(RestartPolicy::Always, f));
+        }
+        assert!(!wanted(RestartPolicy::OnFailure, clean));
+        for f in [crash, eof, Failure::Hung] {
+            assert!(wanted(RestartPolicy::OnFailure, f));
+        }
+    }
+}
