@@ -302,6 +302,10 @@ pub struct TestBench {
     plugin: LoadedPlugin,
     notices: Arc<Notices>,
     mirrors: Vec<Mirror>,
+    /// What the device was made from, to make it again
+    /// ([`TestBench::restart_device`]).
+    kind: Option<String>,
+    settings: String,
 }
 
 /// Guest RAM size of a bench.
@@ -320,15 +324,7 @@ impl TestBench {
         });
         let irq = Arc::new(IrqLine::default());
         let notices = Arc::new(Notices::default());
-        let noticed = Arc::new(NoticedIrq {
-            notices: notices.clone(),
-            line: irq.clone(),
-        });
-        let n = notices.clone();
-        let services = Services::new("bench", ram.clone(), noticed)
-            .with_change_notice(Arc::new(move || n.notify()));
-        let device = create_device(&plugin, kind, settings, services)?;
-        let function = PciFunction::new(device)?;
+        let function = Self::make(&plugin, kind, settings, &ram, &irq, &notices)?;
         // A declaration a VMM would cut short is an error here, not a
         // warning in some log.
         let (keys, refused) = function.mirrored_reads();
@@ -341,6 +337,8 @@ impl TestBench {
             irq,
             plugin,
             notices,
+            kind: kind.map(str::to_owned),
+            settings: settings.to_owned(),
             mirrors: keys
                 .into_iter()
                 .map(|key| Mirror {
@@ -352,6 +350,66 @@ impl TestBench {
         };
         bench.refresh_mirrors();
         Ok(bench)
+    }
+
+    /// A device of the plugin on this bench's RAM and interrupt line.
+    fn make(
+        plugin: &LoadedPlugin,
+        kind: Option<&str>,
+        settings: &str,
+        ram: &Arc<Ram>,
+        irq: &Arc<IrqLine>,
+        notices: &Arc<Notices>,
+    ) -> Result<PciFunction, String> {
+        let noticed = Arc::new(NoticedIrq {
+            notices: notices.clone(),
+            line: irq.clone(),
+        });
+        let n = notices.clone();
+        let services = Services::new("bench", ram.clone(), noticed)
+            .with_change_notice(Arc::new(move || n.notify()));
+        let device = create_device(plugin, kind, settings, services)?;
+        PciFunction::new(device)
+    }
+
+    /// Simulates a restart of the device's process that carries its
+    /// state, as a VMM restarting a remote does: the device's state is
+    /// saved (`Device::save_state`), the device shut down, a new one made
+    /// from the same plugin and settings on the same guest RAM and
+    /// interrupt line, with the configuration the guest gave the old one
+    /// (BARs where it put them, command register), and the state restored
+    /// into it (`Device::restore_state`). Errors: the device cannot save,
+    /// or its new instance cannot be made or refuses the state.
+    pub fn restart_device(&mut self) -> Result<(), String> {
+        let state = self
+            .function
+            .save_state()
+            .map_err(|e| format!("save_state: {}", e.message))?;
+        // The guest's view of the configuration header: command and BARs.
+        let command = self.cfg_read(regs::COMMAND, 2);
+        let bars: Vec<u32> = (0..6)
+            .map(|i| self.cfg_read(regs::BAR0 + 4 * i, 4))
+            .collect();
+        self.function.shutdown();
+        let mut function = Self::make(
+            &self.plugin,
+            self.kind.as_deref(),
+            &self.settings,
+            &self.ram,
+            &self.irq,
+            &self.notices,
+        )?;
+        for (i, v) in bars.iter().enumerate() {
+            function.config_write(regs::BAR0 + 4 * i, &v.to_le_bytes());
+        }
+        function.config_write(regs::COMMAND, &(command as u16).to_le_bytes());
+        function
+            .restore_state(&state)
+            .map_err(|e| format!("restore_state: {}", e.message))?;
+        self.function = function;
+        self.forget_mirrors();
+        self.refresh_mirrors();
+        Ok(())
     }
 
     /// Reads every mirrored register into the bench's mirror, as a VMM's

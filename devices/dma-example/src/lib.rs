@@ -324,10 +324,11 @@ impl Device for DmaExample {
         self.shared.update_irq(&r);
     }
 
+    /// The registers (40 bytes). A copy in progress is saved as started
+    /// (DMA_CMD's start bit still set), and the restored device runs it
+    /// again: copying the same bytes twice gives the same result, unless
+    /// the guest made the ranges overlap.
     fn save_state(&mut self) -> Result<Vec<u8>, String> {
-        if self.is_busy() {
-            return Err("cannot save while a DMA is running".into());
-        }
         let r = *self.shared.regs();
         let mut out = Vec::with_capacity(48);
         for v in [r.liveness, r.scratch, r.irq_status] {
@@ -351,18 +352,47 @@ impl Device for DmaExample {
             u32::from_le_bytes(b)
         };
         let u64_at = |o: usize| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
-        let mut r = self.shared.regs();
-        *r = Regs {
+        let restored = Regs {
             liveness: u32_at(0),
             scratch: u32_at(4),
             irq_status: u32_at(8),
             dma_src: u64_at(12),
             dma_dst: u64_at(20),
             dma_len: u32_at(28),
-            dma_cmd: u32_at(32) & !DMA_CMD_START,
+            dma_cmd: u32_at(32),
             dma_result: u32_at(36),
         };
+        let copying = restored.dma_cmd & DMA_CMD_START != 0;
+        if copying && restored.dma_len > self.max_transfer {
+            return Err(format!(
+                "state has a copy of {} bytes in progress, more than max-transfer ({})",
+                restored.dma_len, self.max_transfer
+            ));
+        }
+        if self.is_busy() {
+            return Err("cannot restore over a copy in progress".into());
+        }
+        let mut r = self.shared.regs();
+        *r = restored;
         self.shared.update_irq(&r);
+        if copying {
+            // The copy the old device had not finished: run it again.
+            let job = DmaJob {
+                src: r.dma_src,
+                dst: r.dma_dst,
+                len: r.dma_len,
+                raise_irq: r.dma_cmd & DMA_CMD_IRQ != 0,
+            };
+            self.shared.busy.store(true, Ordering::Release);
+            drop(r);
+            let sent = self.jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+            if !sent {
+                self.shared.busy.store(false, Ordering::Release);
+                let mut r = self.shared.regs();
+                r.dma_cmd &= !DMA_CMD_START;
+                r.dma_result = DMA_FAULT;
+            }
+        }
         Ok(())
     }
 

@@ -20,6 +20,7 @@ plugin_api::plugin_tests! {
         dma_fault_is_reported_not_fatal,
         too_long_dma_is_refused,
         save_restore_round_trip,
+        a_restart_mid_copy_finishes_the_copy,
         reset_clears_state,
         control_sets_the_limit,
     ],
@@ -141,6 +142,36 @@ fn save_restore_round_trip(mut tb: TestBench) {
     assert_eq!(tb.mmio_read(base + REG_SCRATCH, 4), 0x55aa);
     assert_eq!(tb.mmio_read(base + REG_DMA_DST, 8), 0xabc_d000);
     assert!(tb.function().restore_state(&state[..3]).is_err());
+}
+
+/// The device process dies while its copy runs (or just after): the new
+/// device, given the old one's state, finishes the copy and interrupts.
+fn a_restart_mid_copy_finishes_the_copy(mut tb: TestBench) {
+    let base = bar0(&mut tb);
+    let len = 1 << 20; // max-transfer: the longest copy there is
+    let pattern: Vec<u8> = (0..len as u32).map(|i| (i % 251) as u8).collect();
+    tb.ram().write_all(0x10_0000, &pattern);
+    tb.mmio_write(base + REG_DMA_SRC, 8, 0x10_0000);
+    tb.mmio_write(base + REG_DMA_DST, 8, 0x40_0000);
+    tb.mmio_write(base + REG_DMA_LEN, 4, len as u64);
+    tb.mmio_write(
+        base + REG_DMA_CMD,
+        4,
+        u64::from(DMA_CMD_START | DMA_CMD_IRQ),
+    );
+    tb.restart_device().unwrap();
+    assert!(
+        tb.irq().wait_for(true, Duration::from_secs(5)),
+        "DMA interrupt from the new device"
+    );
+    tb.wait_idle(Duration::from_secs(5)).unwrap();
+    assert_eq!(tb.ram().read_vec(0x40_0000, len), pattern);
+    assert_eq!(tb.mmio_read(base + REG_DMA_RESULT, 4), u64::from(DMA_OK));
+    assert_eq!(tb.mmio_read(base + REG_STATUS, 4), 0);
+    assert_eq!(
+        tb.mmio_read(base + REG_IRQ_STATUS, 4),
+        u64::from(IRQ_DMA_DONE)
+    );
 }
 
 fn reset_clears_state(mut tb: TestBench) {

@@ -40,6 +40,7 @@ pub mod instruction;
 pub mod regs;
 pub mod scripts;
 pub mod scsi;
+pub mod state;
 pub mod worker;
 
 use std::collections::BTreeMap;
@@ -374,6 +375,18 @@ impl Device for Lsi53c895a {
 
     fn is_busy(&self) -> bool {
         self.pending.busy()
+    }
+
+    /// Registers, SCRIPTS RAM, the SCRIPTS processor and the bus with its
+    /// commands (`state.rs`).
+    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+        Ok(self.chip().save_state())
+    }
+
+    /// Refuses a blob that is too large, truncated, of another version or
+    /// inconsistent, leaving the controller as it was (`state.rs`).
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        self.chip().restore_state(state)
     }
 
     fn control(&mut self, op: &str, args: &Value) -> Result<Value, String> {

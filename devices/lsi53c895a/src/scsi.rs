@@ -108,7 +108,7 @@ pub struct Bus {
     pub queue: Vec<Request>,
     pub msg_in: VecDeque<u8>,
     pub msg_action: MsgAction,
-    next_seq: u64,
+    pub(crate) next_seq: u64,
 }
 
 impl Bus {
