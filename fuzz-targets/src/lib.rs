@@ -11,6 +11,7 @@
 //! | [`control`] | `remote_host::control::Control::run` (and so `channel::control::serve_control`) with an LSI controller |
 //! | [`config`] | `config::Config::parse` and `parse_devices` |
 //! | [`lsi`] | the LSI53C895A plugin in `plugin_api::harness::TestBench`: register and configuration accesses, guest RAM the SCRIPTS run from, SCSI commands to a disk |
+//! | [`lsi_state`] | the LSI53C895A plugin's `restore_state` (a state blob another process wrote), then the restored controller |
 //!
 //! A target panics (the fuzzer's crash) when the code under test panics,
 //! including a panic the plugin guard caught (a device that reports
@@ -30,12 +31,14 @@ mod wire;
 
 mod config_target;
 mod control_target;
+mod lsi_state_target;
 mod lsi_target;
 mod mpqemu_target;
 mod vfio_user_target;
 
 pub use config_target::config;
 pub use control_target::control;
+pub use lsi_state_target::{lsi_state, lsi_state_verdict};
 pub use lsi_target::lsi;
 pub use mpqemu_target::mpqemu;
 pub use vfio_user_target::vfio_user;
@@ -58,6 +61,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("control", control),
     ("config", config),
     ("lsi", lsi),
+    ("lsi_state", lsi_state),
 ];
 
 /// The target called `name`.

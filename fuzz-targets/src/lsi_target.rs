@@ -53,7 +53,7 @@ fn image_dir() -> &'static Path {
 
 /// Two fresh images (zeros; an input may have written or resized them)
 /// and the controller settings that attach them at SCSI IDs 0 and 1.
-fn settings() -> String {
+pub(crate) fn settings() -> String {
     let dir = image_dir();
     let mut s = String::new();
     for (id, ro) in [(0, false), (1, true)] {
@@ -82,7 +82,7 @@ fn port_width(b: u8) -> usize {
 /// glibc otherwise raises its mmap threshold after the first free and
 /// serves the next one from the heap, zeroing 16 MiB by hand per input
 /// (0.6 ms, most of an input's time).
-fn fresh_zero_pages() {
+pub(crate) fn fresh_zero_pages() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // SAFETY: mallopt only changes a malloc tunable; it is called

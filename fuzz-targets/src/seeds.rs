@@ -61,6 +61,13 @@ pub fn all() -> Vec<Seed> {
             data,
         });
     }
+    for (name, data) in lsi_state_seeds() {
+        v.push(Seed {
+            target: "lsi_state",
+            name,
+            data,
+        });
+    }
     v
 }
 
@@ -837,5 +844,64 @@ fn lsi_seeds() -> Vec<(&'static str, Vec<u8>)> {
         .status()
         .host(3, 0x10_0000);
     seeds.push(("single-step-absent-target", p.0));
+    seeds
+}
+
+// ---- LSI state blobs -------------------------------------------------------
+
+/// A fresh controller's state, and the same with commands on its bus in
+/// each state a restore treats differently (edited as JSON: a state saved
+/// from a running controller would depend on its worker's timing).
+fn lsi_state_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let mut tb = crate::lsi_state_target::controller();
+    let fresh = match tb.function().save_state() {
+        Ok(s) => s,
+        Err(e) => panic!("save_state: {}", e.message),
+    };
+    drop(tb);
+    let base: serde_json::Value = match serde_json::from_slice(&fresh) {
+        Ok(v) => v,
+        Err(e) => panic!("the LSI state is not JSON: {e}"),
+    };
+    let request = |seq: u64, cdb: &str, dir: &str, len: usize, data: &str, state: &str| {
+        serde_json::json!({
+            "seq": seq, "target": 0, "lun": 0, "tag": 3, "cdb": cdb, "dir": dir,
+            "len": len, "data": data, "pos": 0, "status": 0, "state": state,
+        })
+    };
+    let read10 = "28000000000400000100";
+    let write10 = "2a000000000800000100";
+    let with = |run: &str, queue: Vec<serde_json::Value>| {
+        let mut v = base.clone();
+        v["run-state"] = run.into();
+        v["bus"]["next-seq"] = (queue.len() as u64).into();
+        v["bus"]["queue"] = queue.into();
+        v.to_string().into_bytes()
+    };
+    let mut seeds = vec![
+        ("fresh", fresh.clone()),
+        (
+            "read-ready",
+            with(
+                "wait-reselect",
+                vec![request(1, read10, "in", 512, &"5a".repeat(512), "ready")],
+            ),
+        ),
+        (
+            "read-executing",
+            with(
+                "wait-reselect",
+                vec![request(1, read10, "in", 512, "", "executing")],
+            ),
+        ),
+        (
+            "write-executing",
+            with(
+                "paused",
+                vec![request(1, write10, "out", 512, "", "executing")],
+            ),
+        ),
+    ];
+    seeds.push(("truncated", fresh[..fresh.len() / 2].to_vec()));
     seeds
 }

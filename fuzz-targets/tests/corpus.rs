@@ -86,6 +86,29 @@ fn lsi() {
     replay("lsi");
 }
 
+#[test]
+fn lsi_state() {
+    replay("lsi_state");
+}
+
+/// The state seeds start the fuzzer past the parser: each but the
+/// truncated one is a state the controller takes.
+#[test]
+fn lsi_state_seeds_restore() {
+    for s in fuzz_targets::seeds::all() {
+        if s.target != "lsi_state" {
+            continue;
+        }
+        let verdict = fuzz_targets::lsi_state_verdict(&s.data);
+        assert_eq!(
+            verdict.is_ok(),
+            s.name != "truncated",
+            "{}: {verdict:?}",
+            s.name
+        );
+    }
+}
+
 /// The seeds in the source are the ones committed.
 #[test]
 fn committed_seeds_are_current() {
