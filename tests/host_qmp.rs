@@ -25,8 +25,10 @@
 //!    it comes back by itself (REMOTE_RESTARTED, reason "automatic", with
 //!    the recovery time) and the guest reads dma3's ID register again;
 //!    killed twice more within the minute, it restarts once more and then
-//!    stays failed (REMOTE_FAILED naming the limit; all-ones); then the
-//!    guest powers off normally.
+//!    stays failed (REMOTE_FAILED naming the limit; all-ones);
+//! 10. `remote-restart storage` while it still answers: its devices' state
+//!    is carried to the new process, the guest's disk and dma1 go on as
+//!    before (no SCSI error or reset); then the guest powers off normally.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -169,6 +171,15 @@ step auto-kill
 echo "dma3_after_auto_restart=$(devmem $(bar0 0000:00:07.0) 32)"
 step auto-limit
 echo "dma3_after_limit=$(devmem $(bar0 0000:00:07.0) 32)"
+errs() {{ dmesg | grep -ciE "abort|reset|timeout|timed out|I/O error"; }}
+e0=$(errs)
+devmem $(( $(bar0 0000:00:09.0) + 4 )) 32 0x1234
+sum0=$(dd if=/dev/sda bs=64k count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+step storage-restart
+sum1=$(dd if=/dev/sda bs=64k count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+[ -n "$sum1" ] && [ "$sum0" = "$sum1" ] && echo "sda-same-after-restart"
+echo "dma1_liveness_after_restart=$(devmem $(( $(bar0 0000:00:09.0) + 4 )) 32)"
+echo "scsi_errors_added=$(( $(errs) - e0 ))"
 echo "STEP done"
 "#,
         gseek = SDB_GUEST_OFF / BLOCK as u64,
@@ -432,6 +443,32 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     );
     assert_eq!(value(out, "dma3_after_limit="), "0xFFFFFFFF", "{diag}");
     eprintln!("host_qmp: automatic restart of `auto` took {recovery_ms} ms");
+
+    // 10. An operator's restart of `storage`, which still answers: its
+    // devices keep their state, so the guest's disk goes on as if nothing
+    // happened (no SCSI error or reset in its log) and dma1 keeps its
+    // register. bad1 (failed) comes back reset, and the command says so.
+    let st = &rep["storage-restarted"]["data"];
+    let kept: Vec<&str> = st["state-kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        kept.contains(&"lsi0") && kept.contains(&"dma1"),
+        "{st}"
+    );
+    for p in st["problems"].as_array().unwrap() {
+        assert!(p.as_str().unwrap().starts_with("bad1"), "{st}");
+    }
+    assert!(out.contains("sda-same-after-restart"), "{diag}");
+    assert_eq!(
+        value(out, "dma1_liveness_after_restart="),
+        "0xFFFFEDCB",
+        "{diag}"
+    );
+    assert_eq!(value(out, "scsi_errors_added="), "0", "{diag}");
 
     assert_eq!(r["host-exit"], 0, "{diag}");
     assert_eq!(rep["shutdown"]["event"], "SHUTDOWN", "{diag}");

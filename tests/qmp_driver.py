@@ -183,6 +183,22 @@ async def main():
     r["auto-failed"] = await ev.wait("REMOTE_FAILED", id="auto", timeout=30)
     go()
 
+    # An operator's restart of a remote that still answers: state kept.
+    await con.wait_step("storage-restart")
+    old = next(x for x in await qmp.execute("query-remote") if x["id"] == "storage")["pid"]
+    try:
+        await qmp.execute("remote-restart", {"id": "storage"})
+        r["storage-restart-error"] = None
+    except ExecuteError as e:
+        r["storage-restart-error"] = str(e)
+    r["storage-restarted"] = await ev.wait("REMOTE_RESTARTED", id="storage", timeout=60)
+    for _ in range(600):
+        st = next(x for x in await qmp.execute("query-remote") if x["id"] == "storage")
+        if st["state"] == "running" and st["pid"] != old:
+            break
+        await asyncio.sleep(0.1)
+    go()
+
     await con.wait_step("done")
     await finish(host, qmp, ev)
 

@@ -63,6 +63,30 @@ pub enum ControlError {
     Protocol(String),
 }
 
+/// Bytes as lowercase hex (device states on the control channel).
+pub fn encode_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// The bytes of [`encode_hex`]'s text; a message names what is wrong.
+pub fn decode_hex(s: &str) -> Result<Vec<u8>, String> {
+    if s.len() % 2 != 0 {
+        return Err("state: an odd number of hex digits".into());
+    }
+    (0..s.len() / 2)
+        .map(|i| {
+            s.get(2 * i..2 * i + 2)
+                .and_then(|d| u8::from_str_radix(d, 16).ok())
+                .ok_or_else(|| format!("state: not hex at byte {i}"))
+        })
+        .collect()
+}
+
 /// One line read from the socket.
 enum Line {
     Complete(Vec<u8>),
@@ -300,6 +324,27 @@ impl ControlClient {
         body.insert("control".into(), json!(control));
         body.insert("args".into(), args);
         self.request("device-control", body, &[])
+    }
+
+    /// The device's state (`device-save`): its `save_state`, taken once
+    /// its ring is drained.
+    pub fn device_save(&mut self, device: &str) -> Result<Vec<u8>, ControlError> {
+        let mut body = Map::new();
+        body.insert("device".into(), json!(device));
+        let reply = self.request("device-save", body, &[])?;
+        let text = reply
+            .get("state")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ControlError::Protocol("device-save: no `state` in the reply".into()))?;
+        decode_hex(text).map_err(ControlError::Protocol)
+    }
+
+    /// Restores the device's state (`device-restore`).
+    pub fn device_restore(&mut self, device: &str, state: &[u8]) -> Result<(), ControlError> {
+        let mut body = Map::new();
+        body.insert("device".into(), json!(device));
+        body.insert("state".into(), json!(encode_hex(state)));
+        self.request("device-restore", body, &[]).map(|_| ())
     }
 
     fn framing_error(&mut self, e: FramingError) -> ControlError {

@@ -570,6 +570,22 @@ pub struct RingServer {
     mirrors: Vec<MirrorKey>,
 }
 
+/// Whether the VMM's published accesses have all been applied (for the
+/// remote's other threads: a state saved while a posted write still waits
+/// would miss it).
+#[derive(Clone)]
+pub struct RingWatch {
+    page: std::sync::Arc<Page>,
+}
+
+impl RingWatch {
+    /// Every access published so far has been applied.
+    pub fn drained(&self) -> bool {
+        self.page.word(OFF_HEAD).load(Ordering::SeqCst)
+            == self.page.word(OFF_TAIL).load(Ordering::SeqCst)
+    }
+}
+
 /// Tells the VMM that the device changed a mirrored register on its own:
 /// bumps `changes` and wakes the ring thread to refresh. Any thread of the
 /// remote may hold one; call it before the interrupt that announces the
@@ -632,6 +648,13 @@ impl RingServer {
         p.word(OFF_MIRROR_COUNT)
             .store(keys.len() as u32, Ordering::Release);
         self.mirrors = keys.to_vec();
+    }
+
+    /// A handle other threads use to see whether accesses wait on the ring.
+    pub fn watch(&self) -> RingWatch {
+        RingWatch {
+            page: self.page.clone(),
+        }
     }
 
     /// A handle other threads use to say a mirrored register changed.

@@ -116,8 +116,10 @@ impl Control {
             "ring-setup" => self.ring_setup(req, fds),
             "device-del" => self.device_del(str_arg(req, "device")?),
             "device-control" => self.device_control(req),
+            "device-save" => self.device_save(req),
+            "device-restore" => self.device_restore(req),
             _ => Err(format!(
-                "unknown op `{op}` (ping, device-add, device-del, device-control, ring-setup)"
+                "unknown op `{op}` (ping, device-add, device-del, device-control, device-save, device-restore, ring-setup)"
             )),
         }
     }
@@ -251,6 +253,61 @@ impl Control {
         Ok(json!({}))
     }
 
+    /// `device-save {"device"}` → `{"state": HEX}`: the device's
+    /// `save_state`, once every access the VMM published on its ring has
+    /// been applied (at most [`SAVE_DRAIN`]; a posted write still waiting
+    /// would be missing from the state). A state too large for one
+    /// control line is refused: the caller restarts the device reset.
+    fn device_save(&mut self, req: &Value) -> Result<Value, String> {
+        let id = str_arg(req, "device")?;
+        let entry = self
+            .devices
+            .get(id)
+            .ok_or_else(|| format!("no device `{id}`"))?;
+        if let Some(ring) = &entry.ring {
+            let deadline = std::time::Instant::now() + SAVE_DRAIN;
+            while !ring.watch.drained() {
+                if std::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "device `{id}`: accesses still wait on its ring after {SAVE_DRAIN:?}"
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+        let state = entry
+            .dev
+            .function()
+            .save_state()
+            .map_err(|e| format!("device `{id}`: {}", e.message))?;
+        // Hex doubles it; the line also holds the reply's other fields.
+        if 2 * state.len() + 256 > channel::control::MAX_LINE {
+            return Err(format!(
+                "device `{id}`: its state ({} bytes) does not fit a control line",
+                state.len()
+            ));
+        }
+        Ok(json!({"state": channel::control::encode_hex(&state)}))
+    }
+
+    /// `device-restore {"device", "state": HEX}`: the device's
+    /// `restore_state` (which refuses a state it cannot take, unchanged).
+    fn device_restore(&mut self, req: &Value) -> Result<Value, String> {
+        let id = str_arg(req, "device")?;
+        let state = channel::control::decode_hex(str_arg(req, "state")?)?;
+        let entry = self
+            .devices
+            .get(id)
+            .ok_or_else(|| format!("no device `{id}`"))?;
+        let r = entry
+            .dev
+            .function()
+            .restore_state(&state)
+            .map_err(|e| format!("device `{id}`: {}", e.message));
+        entry.dev.mirrors.notify();
+        r.map(|()| json!({}))
+    }
+
     fn device_control(&mut self, req: &Value) -> Result<Value, String> {
         let id = str_arg(req, "device")?;
         let control = str_arg(req, "control")?;
@@ -265,6 +322,9 @@ impl Control {
         r
     }
 }
+
+/// How long `device-save` waits for the device's ring to drain.
+const SAVE_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Takes ownership of the inherited control socket `--control N`.
 pub fn inherited_socket(n: std::os::fd::RawFd) -> anyhow::Result<UnixStream> {

@@ -24,6 +24,8 @@ pub struct RingThread {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     dev: Arc<RemoteDevice>,
+    /// Whether the VMM's accesses are all applied.
+    pub watch: channel::ring::RingWatch,
 }
 
 /// Maps the ring and starts serving it for `dev`, with the registers the
@@ -43,6 +45,7 @@ pub fn start(dev: Arc<RemoteDevice>, fds: RingFds, poll: Duration) -> Result<Rin
         })
         .collect();
     server.set_mirrors(&keys);
+    let watch = server.watch();
     if !keys.is_empty() {
         dev.mirrors.attach(Some(server.invalidator()));
         tracing::info!(device = %dev.id, mirrors = keys.len(), "mirrored registers on the ring");
@@ -72,6 +75,7 @@ pub fn start(dev: Arc<RemoteDevice>, fds: RingFds, poll: Duration) -> Result<Rin
         stop,
         thread: Some(thread),
         dev: served,
+        watch,
     })
 }
 

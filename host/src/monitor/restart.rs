@@ -1,6 +1,7 @@
 //! `remote-restart`, and stopping the remotes when the VM ends.
 
 use super::*;
+use crate::supervisor::RemoteState;
 
 impl Monitor {
     /// `remote-restart {"id": REMOTE}`: replaces a dead, hung or healthy
@@ -14,9 +15,14 @@ impl Monitor {
     /// the guest the devices look reset (fault recovery that the guest
     /// does not notice is a later step). Event `REMOTE_RESTARTED`.
     pub(super) fn remote_restart(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        args.allow_only(&["id"])?;
+        args.allow_only(&["id", "keep-state"])?;
         let id = args.str("id")?;
-        let problems = self.restart_remote(id, None)?;
+        let keep_state = match args.get("keep-state") {
+            None => true,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(QmpError::invalid_parameter_type("keep-state", "bool")),
+        };
+        let problems = self.restart_remote(id, None, keep_state)?;
         if problems.is_empty() {
             Ok(json!({}))
         } else {
@@ -36,6 +42,7 @@ impl Monitor {
         &self,
         id: &str,
         automatic: Option<std::time::Instant>,
+        keep_state: bool,
     ) -> Result<Vec<String>, QmpError> {
         let _one = lock(&self.hotplug);
         let old = self.remote(id)?;
@@ -47,6 +54,23 @@ impl Monitor {
             return Err(QmpError::generic(format!(
                 "Remote '{id}' was handed to this VMM as a connected socket (--remote-fd): it cannot be restarted from here"
             )));
+        }
+        let mut problems = Vec::new();
+        // A remote that still answers keeps its devices' state across the
+        // restart: the guest's accesses stop reaching it first (they read
+        // all-ones until the devices are back), each device saves once its
+        // ring is drained, and the new process restores it below.
+        let mut states: Vec<(String, Vec<u8>)> = Vec::new();
+        if keep_state && old.state() == RemoteState::Running && old.has_control() {
+            old.failed.store(true, std::sync::atomic::Ordering::Release);
+            for dev in old.device_ids() {
+                match old.with_control(|c| c.device_save(&dev)) {
+                    Ok(state) => states.push((dev, state)),
+                    Err(e) => problems.push(format!(
+                        "{dev}: its state was not kept ({e}); it comes back reset"
+                    )),
+                }
+            }
         }
         // The old remote goes first: its devices fail now, its supervisor
         // stops reporting, its process is killed and reaped.
@@ -67,7 +91,6 @@ impl Monitor {
             p.watch(move |end| sup.died(DeathCause::Process(end), &events));
             lock(&self.processes).push(p);
         }
-        let mut problems = Vec::new();
         // Devices of the config: a fresh connection each.
         for (dev_id, client) in s.clients {
             // Removed with device_del (its id maybe reused elsewhere since):
@@ -131,6 +154,19 @@ impl Monitor {
                 problems.push(format!("drive {name}: {e}"));
             }
         }
+        // The saved states, now that the devices have their drives again.
+        let mut kept = Vec::new();
+        for (dev, state) in states {
+            if !devices.contains(&dev) {
+                continue;
+            }
+            match new.with_control(|c| c.device_restore(&dev, &state)) {
+                Ok(()) => kept.push(dev),
+                Err(e) => problems.push(format!(
+                    "{dev}: its state was not restored ({e}); it comes back reset"
+                )),
+            }
+        }
         {
             let mut remotes = lock(&self.remotes);
             if let Some(slot) = remotes.iter_mut().find(|r| r.id == id) {
@@ -140,7 +176,8 @@ impl Monitor {
         self.arm_one(&new);
         supervisor::spawn(new.clone(), self.bus.pci.clone(), self.events.clone());
         let mut data = json!({"id": id, "pid": pid, "devices": new.device_ids(), "problems": problems,
-                   "reason": if automatic.is_some() { "automatic" } else { "operator" }});
+                   "reason": if automatic.is_some() { "automatic" } else { "operator" },
+                   "state-kept": kept});
         if let Some(t) = automatic {
             data["recovery-ms"] = (t.elapsed().as_millis() as u64).into();
         }
