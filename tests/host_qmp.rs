@@ -455,10 +455,7 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
         .iter()
         .filter_map(|v| v.as_str())
         .collect();
-    assert!(
-        kept.contains(&"lsi0") && kept.contains(&"dma1"),
-        "{st}"
-    );
+    assert!(kept.contains(&"lsi0") && kept.contains(&"dma1"), "{st}");
     for p in st["problems"].as_array().unwrap() {
         assert!(p.as_str().unwrap().starts_with("bad1"), "{st}");
     }
