@@ -21,14 +21,15 @@
 //! 7. SIGKILL of `misc`: REMOTE_DIED; the guest keeps using its disk;
 //! 8. `remote-restart misc`: a new process serves dma0 in the same slot at
 //!    the same BAR, and the guest reads its ID register again;
-//! 9. SIGKILL of `auto` (`restart = "on-failure"`, `restart-limit = 2`):
-//!    it comes back by itself (REMOTE_RESTARTED, reason "automatic", with
-//!    the recovery time) and the guest reads dma3's ID register again;
+//! 9. SIGKILL of `auto` (`restart = "on-failure"`, `restart-limit = 2`)
+//!    once dma3's state was saved while idle: it comes back by itself
+//!    (REMOTE_RESTARTED, reason "automatic", with the recovery time and
+//!    dma3's state) and the guest reads dma3's registers as it left them;
 //!    killed twice more within the minute, it restarts once more and then
 //!    stays failed (REMOTE_FAILED naming the limit; all-ones);
 //! 10. `remote-restart storage` while it still answers: its devices' state
-//!    is carried to the new process, the guest's disk and dma1 go on as
-//!    before (no SCSI error or reset); then the guest powers off normally.
+//!     is carried to the new process, the guest's disk and dma1 go on as
+//!     before (no SCSI error or reset); then the guest powers off normally.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -167,8 +168,10 @@ echo "dma0_after_restart=$(devmem $(bar0 0000:00:06.0) 32)"
 dd if=/dev/sda of=/dev/null bs=64k count=64 iflag=direct 2>/dev/null && echo "sda-still-works"
 echo "dma1_id_end=$(devmem $(bar0 0000:00:09.0) 32)"
 echo "dma3_before=$(devmem $(bar0 0000:00:07.0) 32)"
+devmem $(( $(bar0 0000:00:07.0) + 4 )) 32 0x4321
 step auto-kill
 echo "dma3_after_auto_restart=$(devmem $(bar0 0000:00:07.0) 32)"
+echo "dma3_liveness_after_auto_restart=$(devmem $(( $(bar0 0000:00:07.0) + 4 )) 32)"
 step auto-limit
 echo "dma3_after_limit=$(devmem $(bar0 0000:00:07.0) 32)"
 errs() {{ dmesg | grep -ciE "abort|reset|timeout|timed out|I/O error"; }}
@@ -431,6 +434,15 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     assert_eq!(
         value(out, "dma3_after_auto_restart="),
         "0xD3A00001",
+        "{diag}"
+    );
+    // It crashed while the guest left dma3 alone: its state was saved
+    // then, and the new process has it (the register the guest wrote).
+    assert_eq!(rep["auto-state-saved"], serde_json::json!(["dma3"]));
+    assert_eq!(auto["state-kept"], serde_json::json!(["dma3"]), "{auto}");
+    assert_eq!(
+        value(out, "dma3_liveness_after_auto_restart="),
+        "0xFFFFBCDE",
         "{diag}"
     );
     assert_eq!(rep["auto-second-restart"]["data"]["reason"], "automatic");

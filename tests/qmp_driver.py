@@ -166,7 +166,14 @@ async def main():
         return None
 
     await con.wait_step("auto-kill")
-    pid = await auto_pid()
+    # Until dma3, idle since the guest's write, has had its state saved.
+    for _ in range(300):
+        auto = next(x for x in await qmp.execute("query-remote") if x["id"] == "auto")
+        if "dma3" in (auto.get("state-saved") or []):
+            break
+        await asyncio.sleep(0.1)
+    r["auto-state-saved"] = auto.get("state-saved")
+    pid = auto["pid"]
     r["auto-pid-before"] = pid
     os.kill(pid, signal.SIGKILL)
     r["auto-died"] = await ev.wait("REMOTE_DIED", id="auto", timeout=30)

@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod bus;
+pub mod checkpoint;
 pub mod cpu;
 pub mod crash;
 pub mod exit;

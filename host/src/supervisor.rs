@@ -85,6 +85,9 @@ pub struct Remote {
     reported_failures: Mutex<std::collections::HashSet<String>>,
     /// Told once the remote died or hung (automatic restart).
     failure_hook: Mutex<Option<FailureHook>>,
+    /// The devices' last saved states, kept while they are idle, for a
+    /// restart after a crash (`restart` other than "never").
+    pub checkpoints: Option<crate::checkpoint::Checkpoints>,
 }
 
 /// How a remote failed, as its failure hook hears it.
@@ -155,6 +158,8 @@ impl Remote {
             control_fd,
             reported_failures: Mutex::new(Default::default()),
             failure_hook: Mutex::new(None),
+            checkpoints: (cfg.restart != config::RestartPolicy::Never)
+                .then(crate::checkpoint::Checkpoints::default),
         }
     }
 
@@ -185,8 +190,17 @@ impl Remote {
         }
     }
 
-    /// Records a device served by this remote; `socket_fd`: its channel.
-    pub fn add_device(&self, id: &str, socket_fd: Option<std::os::fd::RawFd>) {
+    /// Records a device served by this remote; `socket_fd`: its channel;
+    /// `activity`: its proxy's count of accesses that reached it.
+    pub fn add_device(
+        &self,
+        id: &str,
+        socket_fd: Option<std::os::fd::RawFd>,
+        activity: Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        if let Some(cp) = &self.checkpoints {
+            cp.track(id, activity);
+        }
         let dup = socket_fd.and_then(|fd| {
             // SAFETY: F_DUPFD_CLOEXEC on an fd the caller keeps open for
             // the call; the result is a new fd we own.
@@ -199,6 +213,9 @@ impl Remote {
 
     /// Forgets a device (after `device_del`).
     pub fn remove_device(&self, id: &str) {
+        if let Some(cp) = &self.checkpoints {
+            cp.forget(id);
+        }
         lock(&self.devices).retain(|(d, _)| d != id);
     }
 
@@ -259,6 +276,7 @@ impl Remote {
             "devices": self.device_ids(),
             "devices-failed": self.failed.load(Ordering::Acquire),
             "control": self.has_control(),
+            "state-saved": self.checkpoints.as_ref().map(|c| c.current_ids()),
             "last-heartbeat": st.last_heartbeat.map(timestamp),
             "heartbeat-age-ms": st.last_heartbeat.map(|_| st.last_answer.elapsed().as_millis() as u64),
         })
@@ -300,6 +318,25 @@ impl Remote {
                    "devices": self.device_ids()}),
         );
         self.failed_now(Failure::Hung);
+    }
+
+    /// Saves the state of each device that went idle since its last save
+    /// (see [`crate::checkpoint`]); a device that cannot save is not
+    /// asked again until the guest has used it.
+    pub fn checkpoint_idle(&self) {
+        let Some(cp) = &self.checkpoints else {
+            return;
+        };
+        if !self.has_control() {
+            return;
+        }
+        for (id, count) in cp.due() {
+            let state = self.with_control(|c| c.device_save(&id));
+            if let Err(e) = &state {
+                tracing::debug!("remote {}: device {id} not saved: {e}", self.id);
+            }
+            cp.record(&id, count, state.ok());
+        }
     }
 
     /// Hands the failure to the hook, if one is set.
@@ -507,7 +544,10 @@ pub fn spawn(remote: Arc<Remote>, pci: Arc<PciRoot>, events: qmp::EventSender) {
             return;
         }
         match remote.beat(&pci, &events) {
-            Ok(true) => remote.answered(&events),
+            Ok(true) => {
+                remote.answered(&events);
+                remote.checkpoint_idle();
+            }
             Ok(false) => {}
             Err(Silence::Timeout) => remote.hung(&events),
             Err(Silence::Closed(why)) => {

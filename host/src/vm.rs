@@ -195,7 +195,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
                     .with_context(|| format!("{}: device `{}`", d.location, d.id))?
                     .with_supervision(sup.failed.clone(), monitor::fail_hook(&events, Some(rid)));
                 sup.attach_fast_path(&d.id, &mut proxy);
-                sup.add_device(&d.id, Some(proxy.socket_fd()));
+                sup.add_device(&d.id, Some(proxy.socket_fd()), proxy.activity());
                 (Box::new(proxy), Some(rid.clone()))
             }
             Placement::InProcess => (

@@ -132,7 +132,7 @@ fn supervised_dma0(
     // ring: its faults must be reported the same way.
     remote.attach_fast_path("dma0", &mut func);
     assert_eq!(func.has_ring(), remote.has_control());
-    remote.add_device("dma0", Some(func.socket_fd()));
+    remote.add_device("dma0", Some(func.socket_fd()), func.activity());
     let root = Arc::new(PciRoot::new());
     let label = SlotLabel {
         id: "dma0".into(),

@@ -153,7 +153,7 @@ impl Monitor {
         let mut proxy =
             proxy.with_supervision(r.failed.clone(), fail_hook(&self.events, Some(&r.id)));
         r.attach_fast_path(id, &mut proxy);
-        r.add_device(id, Some(proxy.socket_fd()));
+        r.add_device(id, Some(proxy.socket_fd()), proxy.activity());
         proxy
     }
 

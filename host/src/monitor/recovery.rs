@@ -126,7 +126,7 @@ impl Monitor {
             return;
         }
         eprintln!("host: remote `{id}` failed ({failure:?}); restarting it");
-        match self.restart_remote(&id, Some(noticed), false) {
+        match self.restart_remote(&id, Some(noticed), true) {
             Ok(problems) if problems.is_empty() => {}
             Ok(problems) => eprintln!(
                 "host: remote `{id}` restarted, but: {}",

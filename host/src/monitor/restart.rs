@@ -71,6 +71,16 @@ impl Monitor {
                     )),
                 }
             }
+        } else if keep_state {
+            // Dead or hung: what was saved while the guest left each
+            // device alone (`crate::checkpoint`), where still current.
+            if let Some(cp) = &old.checkpoints {
+                for dev in old.device_ids() {
+                    if let Some(state) = cp.current(&dev) {
+                        states.push((dev, state));
+                    }
+                }
+            }
         }
         // The old remote goes first: its devices fail now, its supervisor
         // stops reporting, its process is killed and reaped.
@@ -161,7 +171,12 @@ impl Monitor {
                 continue;
             }
             match new.with_control(|c| c.device_restore(&dev, &state)) {
-                Ok(()) => kept.push(dev),
+                Ok(()) => {
+                    if let Some(cp) = &new.checkpoints {
+                        cp.seed(&dev, state);
+                    }
+                    kept.push(dev)
+                }
                 Err(e) => problems.push(format!(
                     "{dev}: its state was not restored ({e}); it comes back reset"
                 )),

@@ -66,6 +66,9 @@ pub struct ProxyFunction {
     _intx: Option<(EventFd, EventFd)>,
     /// The fast path, once attached.
     ring: Option<channel::ring::RingClient>,
+    /// Accesses that reached the device (`checkpoint`: a saved state is
+    /// current while this has not moved).
+    activity: Arc<std::sync::atomic::AtomicU64>,
     stats: AccessStats,
 }
 
@@ -128,6 +131,7 @@ impl ProxyFunction {
             on_fail: None,
             _intx: setup.intx,
             ring: None,
+            activity: Arc::default(),
             stats: AccessStats::default(),
         })
     }
@@ -147,6 +151,16 @@ impl ProxyFunction {
             }
         }
         self.ring = Some(ring);
+    }
+
+    /// The count of accesses that reached the device.
+    pub fn activity(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.activity.clone()
+    }
+
+    fn reached(&self) {
+        self.activity
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Whether BAR accesses take the fast path.
@@ -264,6 +278,7 @@ impl PciDevice for ProxyFunction {
         if self.unusable() || !self.drain_ring() {
             return;
         }
+        self.reached();
         if let Err(e) = self.transport.config_write(offset, data) {
             self.fail("config write", &e);
         }
@@ -282,6 +297,7 @@ impl PciDevice for ProxyFunction {
                 return;
             }
         }
+        self.reached();
         let r = match self.ring.as_mut() {
             Some(ring) => ring
                 .read(bar as u8, offset, data, &Self::give_up(&self.remote_failed))
@@ -300,6 +316,7 @@ impl PciDevice for ProxyFunction {
             return;
         };
         self.stats.write(bar, offset, data.len());
+        self.reached();
         let r = match self.ring.as_mut() {
             Some(ring) => ring
                 .write(bar as u8, offset, data, &Self::give_up(&self.remote_failed))

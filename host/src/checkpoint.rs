@@ -1,0 +1,157 @@
+//! The last saved state of each device of a remote, for bringing the
+//! device back as it was after its process died.
+//!
+//! A state is saved only when the device has gone a whole heartbeat
+//! period without the guest reaching it (an access on the socket or the
+//! ring, a configuration write: the proxy's activity counter), after
+//! activity since the last save; and it is used only while the counter
+//! still shows the count it was saved at. So a restored device has seen
+//! every access the guest made: a crash while the guest left the device
+//! alone is invisible to it. Work the device did on its own since (an I/O
+//! its worker completed) is redone by the restored device, as its
+//! `restore_state` promises (the LSI runs reads again and answers writes
+//! with BUSY; dma-example copies again). A device the guest touched after
+//! its last save comes back reset.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+struct Entry {
+    /// The proxy's count of accesses that reached the device.
+    activity: Arc<AtomicU64>,
+    /// The count at the previous look (a heartbeat ago).
+    seen: u64,
+    /// The count a save was made (or tried) at, and the state (`None`:
+    /// the device could not save then).
+    saved: Option<(u64, Option<Vec<u8>>)>,
+}
+
+/// Saved states of one remote's devices.
+#[derive(Default)]
+pub struct Checkpoints {
+    devices: Mutex<BTreeMap<String, Entry>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Checkpoints {
+    /// Follows device `id`, whose proxy counts its accesses in `activity`.
+    pub fn track(&self, id: &str, activity: Arc<AtomicU64>) {
+        let seen = activity.load(Ordering::Acquire).wrapping_sub(1);
+        lock(&self.devices).insert(
+            id.to_owned(),
+            Entry {
+                activity,
+                seen,
+                saved: None,
+            },
+        );
+    }
+
+    /// Stops following device `id`.
+    pub fn forget(&self, id: &str) {
+        lock(&self.devices).remove(id);
+    }
+
+    /// The devices to save now, with the count to save them at: idle for
+    /// a whole period, and not saved at this count yet.
+    pub fn due(&self) -> Vec<(String, u64)> {
+        let mut due = Vec::new();
+        for (id, e) in lock(&self.devices).iter_mut() {
+            let now = e.activity.load(Ordering::Acquire);
+            let idle = now == e.seen;
+            e.seen = now;
+            let saved_here = e.saved.as_ref().is_some_and(|(at, _)| *at == now);
+            if idle && !saved_here {
+                due.push((id.clone(), now));
+            }
+        }
+        due
+    }
+
+    /// Keeps `state` (or the failure to save) as device `id`'s save at
+    /// `count`, unless the guest reached the device meanwhile.
+    pub fn record(&self, id: &str, count: u64, state: Option<Vec<u8>>) {
+        if let Some(e) = lock(&self.devices).get_mut(id) {
+            if e.activity.load(Ordering::Acquire) == count {
+                e.saved = Some((count, state));
+            }
+        }
+    }
+
+    /// Device `id`'s saved state, if the guest has not reached the device
+    /// since it was saved.
+    pub fn current(&self, id: &str) -> Option<Vec<u8>> {
+        let devices = lock(&self.devices);
+        let e = devices.get(id)?;
+        match &e.saved {
+            Some((at, Some(state))) if *at == e.activity.load(Ordering::Acquire) => {
+                Some(state.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// The devices with a current saved state.
+    pub fn current_ids(&self) -> Vec<String> {
+        let devices = lock(&self.devices);
+        devices
+            .iter()
+            .filter(|(_, e)| {
+                matches!(&e.saved, Some((at, Some(_))) if *at == e.activity.load(Ordering::Acquire))
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// A device just restored with `state`: that is its save, as of now.
+    pub fn seed(&self, id: &str, state: Vec<u8>) {
+        if let Some(e) = lock(&self.devices).get_mut(id) {
+            let now = e.activity.load(Ordering::Acquire);
+            e.seen = now;
+            e.saved = Some((now, Some(state)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_save_is_due_after_an_idle_period_and_current_until_the_next_access() {
+        let cp = Checkpoints::default();
+        let a = Arc::new(AtomicU64::new(0));
+        cp.track("d", a.clone());
+        // First look: not idle yet (nothing seen before).
+        assert!(cp.due().is_empty());
+        // A period without accesses: due at count 0.
+        assert_eq!(cp.due(), [("d".to_string(), 0)]);
+        cp.record("d", 0, Some(vec![1]));
+        assert_eq!(cp.current("d"), Some(vec![1]));
+        assert!(cp.due().is_empty(), "saved at this count already");
+        // The guest reaches the device: the save is stale at once.
+        a.fetch_add(1, Ordering::AcqRel);
+        assert_eq!(cp.current("d"), None);
+        assert!(cp.due().is_empty(), "active during this period");
+        assert_eq!(cp.due(), [("d".to_string(), 1)]);
+        // A save the guest overtook is dropped.
+        a.fetch_add(1, Ordering::AcqRel);
+        cp.record("d", 1, Some(vec![2]));
+        assert_eq!(cp.current("d"), None);
+        // A device that cannot save is not asked again at the same count.
+        assert!(cp.due().is_empty());
+        assert_eq!(cp.due(), [("d".to_string(), 2)]);
+        cp.record("d", 2, None);
+        assert!(cp.due().is_empty());
+        assert_eq!(cp.current("d"), None);
+        assert!(cp.current_ids().is_empty());
+        cp.seed("d", vec![3]);
+        assert_eq!(cp.current_ids(), ["d"]);
+        cp.forget("d");
+        assert_eq!(cp.current("d"), None);
+    }
+}
