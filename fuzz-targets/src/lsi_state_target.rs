@@ -7,22 +7,10 @@
 
 use std::time::Duration;
 
-use plugin_api::harness::{PluginSource, TestBench};
+use plugin_api::harness::TestBench;
 
-use crate::lsi_target::{fresh_zero_pages, settings};
+pub(crate) use crate::lsi_target::controller;
 use crate::timed;
-
-/// A controller with two disks (SCSI IDs 0 and 1), BARs placed.
-pub(crate) fn controller() -> TestBench {
-    fresh_zero_pages();
-    let source = PluginSource::Linked(lsi53c895a::plugin_module());
-    let mut tb = match TestBench::new(source, None, &settings()) {
-        Ok(tb) => tb,
-        Err(e) => panic!("cannot make the LSI bench: {e}"),
-    };
-    tb.map_bars();
-    tb
-}
 
 fn save(tb: &mut TestBench) -> Vec<u8> {
     match tb.function().save_state() {

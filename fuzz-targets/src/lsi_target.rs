@@ -53,7 +53,7 @@ fn image_dir() -> &'static Path {
 
 /// Two fresh images (zeros; an input may have written or resized them)
 /// and the controller settings that attach them at SCSI IDs 0 and 1.
-pub(crate) fn settings() -> String {
+fn settings() -> String {
     let dir = image_dir();
     let mut s = String::new();
     for (id, ro) in [(0, false), (1, true)] {
@@ -82,7 +82,7 @@ fn port_width(b: u8) -> usize {
 /// glibc otherwise raises its mmap threshold after the first free and
 /// serves the next one from the heap, zeroing 16 MiB by hand per input
 /// (0.6 ms, most of an input's time).
-pub(crate) fn fresh_zero_pages() {
+fn fresh_zero_pages() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // SAFETY: mallopt only changes a malloc tunable; it is called
@@ -93,8 +93,9 @@ pub(crate) fn fresh_zero_pages() {
     });
 }
 
-/// Runs `data` as a guest program against a fresh controller.
-pub fn lsi(data: &[u8]) {
+/// A controller with two disks (SCSI IDs 0 and 1, the second read-only),
+/// BARs placed: what both LSI targets start from.
+pub(crate) fn controller() -> TestBench {
     fresh_zero_pages();
     let source = PluginSource::Linked(lsi53c895a::plugin_module());
     let mut tb = match TestBench::new(source, None, &settings()) {
@@ -102,6 +103,12 @@ pub fn lsi(data: &[u8]) {
         Err(e) => panic!("cannot make the LSI bench: {e}"),
     };
     tb.map_bars();
+    tb
+}
+
+/// Runs `data` as a guest program against a fresh controller.
+pub fn lsi(data: &[u8]) {
+    let mut tb = controller();
     let io = tb.bar_address(0);
     let regs = tb.bar_address(1);
     let sram = tb.bar_address(2);

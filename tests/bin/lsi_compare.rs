@@ -157,10 +157,12 @@ fn run_host(env: &Env, variant: Variant, image: &Path, job: &str, dir: &Path) ->
         .spawn()
         .context("spawning host")?;
     let deadline = Instant::now() + Duration::from_secs(600);
+    let mut idle = IdleWatch::default();
     loop {
         if child.try_wait()?.is_some() {
             break;
         }
+        idle.look(&console, child.id());
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
@@ -171,6 +173,76 @@ fn run_host(env: &Env, variant: Variant, image: &Path, job: &str, dir: &Path) ->
     let text = fs::read_to_string(&console)?;
     testenv::parse_console(&text)
         .with_context(|| format!("no job result on the console:\n{}", tail(&text, 30)))
+}
+
+/// CPU time (user + system) of process `pid`, from /proc; 0 when gone.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat: 12 and 13 here.
+    // SAFETY: sysconf with a valid name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// The remote-host processes `host` (pid `vmm`) spawned.
+fn remotes_of(vmm: u32) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            stat.contains("(remote-host)")
+                && after.split_whitespace().nth(1) == Some(&vmm.to_string())
+        })
+        .collect()
+}
+
+/// CPU the VMM and its remote used between the guest's `IDLE-BEGIN` and
+/// `IDLE-END` console lines (the `sleep` profile job), sampled from /proc.
+#[derive(Default)]
+struct IdleWatch {
+    begin: Option<(Instant, f64, f64)>,
+    seen: u64,
+}
+
+/// Wall seconds, VMM CPU seconds, remote CPU seconds.
+type IdleSample = (f64, f64, f64);
+
+/// The last sample.
+static IDLE_CPU: std::sync::Mutex<Option<IdleSample>> = std::sync::Mutex::new(None);
+
+impl IdleWatch {
+    fn look(&mut self, console: &Path, vmm: u32) {
+        let len = fs::metadata(console).map_or(0, |m| m.len());
+        if len == self.seen {
+            return;
+        }
+        self.seen = len;
+        let text = fs::read_to_string(console).unwrap_or_default();
+        let sample = || {
+            let remote: f64 = remotes_of(vmm).into_iter().map(cpu_seconds).sum();
+            (Instant::now(), cpu_seconds(vmm), remote)
+        };
+        if self.begin.is_none() && text.contains("IDLE-BEGIN") {
+            self.begin = Some(sample());
+        } else if let Some((t0, v0, r0)) = self.begin {
+            if text.contains("IDLE-END") {
+                let (t1, v1, r1) = sample();
+                let mut last = IDLE_CPU.lock().unwrap_or_else(|e| e.into_inner());
+                *last = Some(((t1 - t0).as_secs_f64(), v1 - v0, r1 - r0));
+                self.begin = None;
+                self.seen = u64::MAX;
+            }
+        }
+    }
 }
 
 fn tail(text: &str, n: usize) -> String {
@@ -549,6 +621,9 @@ const PROFILE_IOS: u32 = 1000;
 /// outlier row, issue 10).
 const PROFILE_IOS_64K: u32 = 256;
 
+/// How long the `sleep` profile job leaves the disk alone.
+const IDLE_SECONDS: u32 = 10;
+
 /// The profile jobs besides `idle`: (kind, I/Os, what the table calls it).
 const PROFILE_KINDS: [(&str, u32, &str); 3] = [
     ("read", PROFILE_IOS, "4 KiB direct read"),
@@ -567,6 +642,7 @@ fn profile_job(kind: &str) -> String {
         "write64" => format!(
             "dd if=/dev/zero of=/dev/sda bs=64k count={PROFILE_IOS_64K} seek=512 oflag=direct"
         ),
+        "sleep" => format!("echo IDLE-BEGIN; sleep {IDLE_SECONDS}; echo IDLE-END"),
         _ => "true".into(),
     };
     format!(
@@ -646,6 +722,7 @@ fn profile(env: &Env) -> Result<ExitCode> {
     let dir = work_dir("lsi-profile")?;
     // (variant, job) → (registers, guest seconds of the I/O phase)
     let mut runs: Vec<(Variant, &str, RegisterProfile, f64)> = Vec::new();
+    let mut idle_cpu: Vec<(Variant, Option<IdleSample>)> = Vec::new();
     for v in [
         Variant::HostRemote,
         Variant::HostRemoteSocket,
@@ -666,6 +743,17 @@ fn profile(env: &Env) -> Result<ExitCode> {
             runs.push((v, kind, parse_register_stats(&stats), secs));
             println!("RESULT {} {kind} ok", v.name());
         }
+        // The guest asleep, its disk idle: what do the VMM and the remote
+        // burn meanwhile? (Issue 10: an idle remote costs no CPU.)
+        let image = dir.join(format!("{}-sleep.img", v.name()));
+        make_lsi_image(&image);
+        *IDLE_CPU.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let r = run_host(env, v, &image, &profile_job("sleep"), &dir)?;
+        if r.status != 0 {
+            bail!("{} sleep: guest job failed:\n{}", v.name(), r.output);
+        }
+        let sample = *IDLE_CPU.lock().unwrap_or_else(|e| e.into_inner());
+        idle_cpu.push((v, sample));
     }
     let find = |v: Variant, kind: &str| {
         runs.iter()
@@ -730,6 +818,20 @@ fn profile(env: &Env) -> Result<ExitCode> {
                 secs * 1e6 / n,
                 waited[i]
             );
+        }
+    }
+    println!("\nThe guest asleep for {IDLE_SECONDS} s (its disk idle): CPU used meanwhile");
+    for (v, sample) in &idle_cpu {
+        match sample {
+            Some((wall, vmm, remote)) => println!(
+                "{}: VMM {:.0} ms ({:.2}% of a core), remote-host {:.0} ms ({:.2}% of a core), over {wall:.1} s",
+                v.name(),
+                vmm * 1e3,
+                vmm / wall * 100.0,
+                remote * 1e3,
+                remote / wall * 100.0
+            ),
+            None => println!("{}: not measured (markers not seen)", v.name()),
         }
     }
     fs::remove_dir_all(&dir).ok();
