@@ -66,7 +66,10 @@ impl Services {
         }
     }
 
-    /// Sends the device's `registers_changed` notices to `notice`.
+    /// Sends the device's `registers_changed` notices to `notice`, and a
+    /// notice before each interrupt level the device sets: the guest's
+    /// handler must not read a register from a mirror that predates the
+    /// interrupt (`Device::mirrored_reads`).
     pub fn with_change_notice(mut self, notice: ChangeNotice) -> Self {
         self.changed = Some(notice);
         self
@@ -100,6 +103,7 @@ impl FfiHost for Services {
     }
 
     fn set_irq_level(&self, irq: u32, asserted: bool) {
+        self.registers_changed();
         self.irq.set_level(irq, asserted);
     }
 

@@ -263,19 +263,6 @@ impl Notices {
     }
 }
 
-/// The interrupt line with each level change counted as a notice first.
-struct NoticedIrq {
-    notices: Arc<Notices>,
-    line: Arc<IrqLine>,
-}
-
-impl IrqSink for NoticedIrq {
-    fn set_level(&self, irq: u32, asserted: bool) {
-        self.notices.notify();
-        self.line.set_level(irq, asserted);
-    }
-}
-
 /// One mirrored register as the bench keeps it: its value after the last
 /// call and the notice count then.
 struct Mirror {
@@ -361,12 +348,8 @@ impl TestBench {
         irq: &Arc<IrqLine>,
         notices: &Arc<Notices>,
     ) -> Result<PciFunction, String> {
-        let noticed = Arc::new(NoticedIrq {
-            notices: notices.clone(),
-            line: irq.clone(),
-        });
         let n = notices.clone();
-        let services = Services::new("bench", ram.clone(), noticed)
+        let services = Services::new("bench", ram.clone(), irq.clone())
             .with_change_notice(Arc::new(move || n.notify()));
         let device = create_device(plugin, kind, settings, services)?;
         PciFunction::new(device)

@@ -60,21 +60,6 @@ impl MirrorNotice {
     }
 }
 
-/// The device's interrupt line as the plugin drives it: a level change is
-/// a mirror notice first (the guest's handler must not read a register
-/// from a mirror that predates the interrupt), then the line.
-struct NoticedIrq {
-    notice: Arc<MirrorNotice>,
-    line: Arc<IntxLine>,
-}
-
-impl plugin_api::function::IrqSink for NoticedIrq {
-    fn set_level(&self, irq: u32, asserted: bool) {
-        self.notice.notify();
-        self.line.set_level(irq, asserted);
-    }
-}
-
 /// What a device is made from: a config `[[device]]` entry, or the
 /// control channel's `device-add` with the same keys.
 #[derive(Debug, Clone)]
@@ -219,12 +204,8 @@ pub fn create_from(spec: &DeviceSpec, plugin: &LoadedPlugin) -> Result<RemoteDev
     let memory = Arc::new(GuestRam::new());
     let intx = Arc::new(IntxLine::new());
     let mirrors = Arc::new(MirrorNotice::default());
-    let irq = Arc::new(NoticedIrq {
-        notice: mirrors.clone(),
-        line: intx.clone(),
-    });
     let notice = mirrors.clone();
-    let services = Services::new(&spec.id, memory.clone(), irq)
+    let services = Services::new(&spec.id, memory.clone(), intx.clone())
         .with_base_dir(&spec.base_dir)
         .with_change_notice(Arc::new(move || notice.notify()));
     let device = create_device(plugin, spec.kind.as_deref(), &spec.settings, services)?;
