@@ -1,10 +1,13 @@
 //! `host run` (our VMM) boots Debian's stock kernel with a busybox
 //! initramfs to its job, under the real KVM of the nested environment,
-//! with 2 vCPUs, and exits when the guest powers off. In the same L1 boot,
-//! a guest that runs `reboot -f` (i8042 reset) with `on-reboot = "exit"`
-//! and a guest whose kernel panics end the VMM too, each with its exit
-//! code. The reboot guest boots the same kernel as an ELF `vmlinux`
-//! (unpacked from the bzImage): the VMM's other boot path.
+//! with 2 vCPUs and ACPI, and exits 0 when the guest powers off (ACPI S5);
+//! a line "Kernel panic" that a user program prints changes nothing. In
+//! the same L1 boot, a guest that runs `reboot -f` (ACPI reset register)
+//! with `on-reboot = "exit"` and a guest whose kernel panics (pvpanic) end
+//! the VMM too, each with its exit code, and a guest without ACPI (the MP
+//! table only) still powers off. The reboot guest boots the same kernel as
+//! an ELF `vmlinux` (unpacked from the bzImage): the VMM's other boot
+//! path.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -29,6 +32,8 @@ echo "cpus=$(grep -c ^processor /proc/cpuinfo)"
 echo "mem_kb=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)"
 echo "cmdline=$(cat /proc/cmdline)"
 echo "hostbridge=$(cat /sys/bus/pci/devices/0000:00:00.0/vendor):$(cat /sys/bus/pci/devices/0000:00:00.0/device)"
+echo "acpi_tables=$(ls /sys/firmware/acpi/tables | grep -v -e data -e dynamic | tr '\n' ,)"
+echo "Kernel panic - not syncing: only a line a user program printed"
 read -t 60 line && echo "input=$line"
 exit 7
 "#;
@@ -49,8 +54,13 @@ kernel = "{}"
 initrd = "{initrd}"
 cmdline = "console=ttyS0 quiet"
 console-log = "{name}-console.log"
-{on_reboot}"#,
+{on_reboot}{acpi}"#,
                 kernel.display(),
+                acpi = if name == "noacpi" {
+                    "acpi = false\n"
+                } else {
+                    ""
+                },
                 // The reboot guest checks QEMU's -no-reboot behaviour (the
                 // restart itself is tests/host_reset.rs).
                 on_reboot = if name == "reboot" {
@@ -64,18 +74,26 @@ console-log = "{name}-console.log"
         config
     };
     write_config("vm", &env.kernel, "initrd.cpio", 2);
-    for (name, job) in [
+    for (name, modules, job) in [
         (
             "reboot",
+            &[][..],
             "echo rebooting; console-drain; reboot -f; sleep 60",
         ),
         (
+            // Linux's pvpanic driver binds the DSDT's QEMU0001 device.
             "panic",
+            &["pvpanic-mmio"][..],
             "echo crashing; console-drain; echo c > /proc/sysrq-trigger; sleep 60",
+        ),
+        (
+            "noacpi",
+            &[][..],
+            "echo \"noacpi_tables=$(ls /sys/firmware/acpi/tables 2>/dev/null | wc -l)\"",
         ),
     ] {
         env.build_initramfs(
-            &InitramfsSpec::new::<&str>(&[], job),
+            &InitramfsSpec::new(modules, job),
             &dir.join(format!("{name}.cpio")),
         )
         .unwrap();
@@ -95,10 +113,11 @@ console-log = "{name}-console.log"
     };
     // The first VM also gets console input (stdin -> COM1).
     let cmd = format!(
-        "t0=$(date +%s%N); (while :; do echo console-input-ok; sleep 1; done) | {}; echo HOST-MS=$(( ($(date +%s%N) - t0) / 1000000 )); {}; {}",
+        "t0=$(date +%s%N); (while :; do echo console-input-ok; sleep 1; done) | {}; echo HOST-MS=$(( ($(date +%s%N) - t0) / 1000000 )); {}; {}; {}",
         run("vm", "HOST"),
         run("reboot", "REBOOT"),
         run("panic", "PANIC"),
+        run("noacpi", "NOACPI"),
     );
     let opts = NestedOptions {
         name: "host_boot".into(),
@@ -113,11 +132,12 @@ console-log = "{name}-console.log"
     let job = parse_console(&console)
         .unwrap_or_else(|| panic!("no job markers in the guest console:\n{console}"));
     eprintln!("--- guest job output ---\n{}", job.output);
-    // The VMM exits 0 because the guest powered off, and the job's own
-    // status is what the guest reported.
+    // The VMM exits 0 because the guest powered off through ACPI (the
+    // "Kernel panic" line its job printed ended nothing), and the job's
+    // own status is what the guest reported.
     assert!(
-        l1.output.contains("HOST-EXIT=0"),
-        "host did not exit 0:\n{}",
+        l1.output.contains("HOST-EXIT=0") && l1.output.contains("exit=PowerOff code=0"),
+        "host did not exit 0 on the guest's power-off:\n{}",
         l1.output
     );
     assert_eq!(job.status, 7);
@@ -127,7 +147,16 @@ console-log = "{name}-console.log"
         "{}",
         job.output
     );
-    assert!(job.output.contains("reboot=k"), "{}", job.output);
+    assert!(
+        job.output.contains("acpi_tables=APIC,DSDT,FACP,FACS,"),
+        "{}",
+        job.output
+    );
+    assert!(job
+        .output
+        .contains("Kernel panic - not syncing: only a line"));
+    // With ACPI the kernel reboots through the FADT's reset register.
+    assert!(!job.output.contains("reboot=k"), "{}", job.output);
     assert!(
         // Lines sent before the guest opened its console may be cut.
         job.output
@@ -136,10 +165,10 @@ console-log = "{name}-console.log"
         "console input did not reach the guest:\n{}",
         job.output
     );
-    // reboot -f: the kernel restarts through the i8042 (reboot=k), which
+    // reboot -f: the kernel restarts through ACPI's reset register, which
     // ends the VM with on-reboot = "exit"; exit code 0. A panic ends the VM
-    // as soon as the console shows it (before panic=-1 reboots); exit 2.
-    // That guest's kernel was the ELF vmlinux: it reached its job.
+    // as soon as pvpanic reports it (before panic=-1 reboots); exit 2.
+    // The reboot guest's kernel was the ELF vmlinux: it reached its job.
     let reboot = fs::read_to_string(dir.join("reboot-console.log")).unwrap_or_default();
     assert!(reboot.contains("rebooting"), "ELF vmlinux guest:\n{reboot}");
     assert!(
@@ -147,12 +176,20 @@ console-log = "{name}-console.log"
         "reboot: host did not exit 0:\n{}\n{reboot}",
         l1.output
     );
-    assert!(l1.output.contains("exit=Reset code=0"), "{}", l1.output);
+    assert!(l1.output.contains("exit=Reboot code=0"), "{}", l1.output);
     let panic = fs::read_to_string(dir.join("panic-console.log")).unwrap_or_default();
     assert!(panic.contains("Kernel panic"), "{panic}");
     assert!(
         l1.output.contains("PANIC-EXIT=2") && l1.output.contains("exit=Panic code=2"),
         "panic: host did not exit 2:\n{}\n{panic}",
+        l1.output
+    );
+    // Without ACPI: no tables, and the power-off is seen on the console.
+    let noacpi = fs::read_to_string(dir.join("noacpi-console.log")).unwrap_or_default();
+    assert!(noacpi.contains("noacpi_tables=0"), "{noacpi}");
+    assert!(
+        l1.output.contains("NOACPI-EXIT=0") && l1.output.contains("exit=Halt code=0"),
+        "noacpi: host did not exit 0:\n{}\n{noacpi}",
         l1.output
     );
     let ms = l1

@@ -29,7 +29,11 @@
 //!    stays failed (REMOTE_FAILED naming the limit; all-ones);
 //! 10. `remote-restart storage` while it still answers: its devices' state
 //!     is carried to the new process, the guest's disk and dma1 go on as
-//!     before (no SCSI error or reset); then the guest powers off normally.
+//!     before (no SCSI error or reset);
+//! 11. `system_powerdown`: the guest's ACPI power button reports the press
+//!     (the job waits for it on the button's input device), the guest
+//!     powers off through ACPI, and the VM ends with SHUTDOWN
+//!     "guest-shutdown" and exit status 0.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -183,7 +187,12 @@ sum1=$(dd if=/dev/sda bs=64k count=16 iflag=direct 2>/dev/null | md5sum | cut -d
 [ -n "$sum1" ] && [ "$sum0" = "$sum1" ] && echo "sda-same-after-restart"
 echo "dma1_liveness_after_restart=$(devmem $(( $(bar0 0000:00:09.0) + 4 )) 32)"
 echo "scsi_errors_added=$(( $(errs) - e0 ))"
-echo "STEP done"
+pb=""
+for d in /sys/class/input/input*; do [ "$(cat $d/name)" = "Power Button" ] && pb=$(ls $d | grep '^event'); done
+[ -n "$pb" ] || {{ echo "no power button input device"; exit 30; }}
+[ -c /dev/input/$pb ] || {{ mkdir -p /dev/input; mknod /dev/input/$pb c $(cut -d: -f1 /sys/class/input/$pb/dev) $(cut -d: -f2 /sys/class/input/$pb/dev); }}
+echo "STEP power-button"
+dd if=/dev/input/$pb of=/dev/null bs=24 count=1 2>/dev/null && echo "power-button-pressed"
 "#,
         gseek = SDB_GUEST_OFF / BLOCK as u64,
         hskip = SDB_HOST_OFF / BLOCK as u64,
@@ -479,8 +488,15 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     );
     assert_eq!(value(out, "scsi_errors_added="), "0", "{diag}");
 
+    // 11. The power button.
+    assert_eq!(rep["system_powerdown"], serde_json::json!({}), "{diag}");
+    assert!(out.contains("power-button-pressed"), "{diag}");
     assert_eq!(r["host-exit"], 0, "{diag}");
     assert_eq!(rep["shutdown"]["event"], "SHUTDOWN", "{diag}");
+    assert_eq!(
+        rep["shutdown"]["data"]["reason"], "guest-shutdown",
+        "{diag}"
+    );
 
     eprintln!(
         "host_qmp: passed in {:.1} s; REMOTE_HUNG {:.2} s after SIGSTOP, REMOTE_DIED {:.2} s after SIGKILL; guest read of the hung BAR took {} ms",

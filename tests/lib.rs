@@ -49,10 +49,14 @@ pub fn parse_hex(text: &str, start: &str, end: &str) -> Vec<u8> {
 }
 
 /// Kernel modules of the LSI disk job, in load order: testenv's LSI/SCSI
-/// set followed by what mounting ext2 (through the ext4 driver) needs.
+/// set, what mounting ext2 (through the ext4 driver) needs, and the ACPI
+/// power button and pvpanic drivers.
 pub fn lsi_job_modules() -> Vec<&'static str> {
     let mut m = testenv::LSI_MODULES.to_vec();
     m.extend(["crc16", "mbcache", "jbd2", "crc32c_generic", "ext4"]);
+    // The ACPI power button and its input device (QMP system_powerdown),
+    // and pvpanic (a panic ends the VM with its own exit code).
+    m.extend(["button", "evdev", "pvpanic-mmio"]);
     m
 }
 

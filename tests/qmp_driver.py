@@ -206,7 +206,9 @@ async def main():
         await asyncio.sleep(0.1)
     go()
 
-    await con.wait_step("done")
+    # The power button: the guest waits for it, then powers off.
+    await con.wait_step("power-button")
+    r["system_powerdown"] = await qmp.execute("system_powerdown")
     await finish(host, qmp, ev)
 
 

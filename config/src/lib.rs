@@ -11,6 +11,8 @@
 //! # console-log = "console.log"   # else the console goes to stdout
 //! # qmp = "qmp.sock"              # QMP monitor socket (or host run --qmp)
 //! # on-reboot = "restart"         # or "exit" (QEMU's -no-reboot)
+//! # acpi = true                   # ACPI tables and PM registers (power
+//! #                               # off, power button, reset, pvpanic)
 //!
 //! [[remote]]
 //! id = "storage"
@@ -145,6 +147,10 @@ pub struct VmConfig {
     pub qmp: Option<PathBuf>,
     /// What a guest reboot or a QMP `system_reset` does (`on-reboot`).
     pub on_reboot: OnReboot,
+    /// ACPI (`acpi`, default true): tables, PM registers, pvpanic. Off,
+    /// the guest has the MP table only and the VM ends on what its
+    /// console says ("reboot: Power down", "Kernel panic").
+    pub acpi: bool,
 }
 
 /// `[vm] on-reboot`: what a reset of the machine does.
@@ -520,6 +526,7 @@ fn parse_vm(
         None => OnReboot::default(),
         Some(v) => v.value.parse().map_err(|m| t.error(v.span.clone(), m))?,
     };
+    let acpi = t.opt_bool("acpi")?.is_none_or(|b| b.value);
     t.deny_unknown()?;
     Ok(VmConfig {
         memory_bytes,
@@ -530,6 +537,7 @@ fn parse_vm(
         console_log,
         qmp,
         on_reboot,
+        acpi,
     })
 }
 

@@ -72,6 +72,7 @@ pub fn setup(
     cmdline: &str,
     vcpus: u8,
     pci_irqs: &[mptable::PciIrq],
+    acpi: bool,
 ) -> Result<BootInfo> {
     let mem = &ram.mem;
     let (kr, bzimage) = load_kernel(mem, kernel)?;
@@ -148,6 +149,12 @@ pub fn setup(
         };
     }
     params.e820_entries = e820.len() as u8;
+    // ACPI tables in the reserved hole below 1 MiB, beside the MP table
+    // (which a guest booted with `acpi=off` still uses).
+    if acpi {
+        params.acpi_rsdp_addr =
+            crate::acpi::tables::write(mem, vcpus, pci_irqs).context("writing the ACPI tables")?;
+    }
     mem.write_obj(params, GuestAddress(ZERO_PAGE))
         .context("writing boot_params")?;
 

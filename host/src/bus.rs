@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use vm_superio::{I8042Device, Serial};
 
+use crate::acpi::pm::PowerManagement;
 use crate::exit::ExitSignal;
 use crate::legacy::{Cmos, Ps2Controller, CMOS_PORT};
 use crate::pci::root::PciRoot;
@@ -15,6 +16,8 @@ pub struct Bus {
     pub serial: Mutex<Com1>,
     pub i8042: Mutex<Ps2Controller>,
     pub cmos: Mutex<Cmos>,
+    /// ACPI's fixed hardware; `None` on a machine without ACPI.
+    pub pm: Option<Mutex<PowerManagement>>,
     /// Shared with the supervisors (device-channel heartbeats).
     pub pci: std::sync::Arc<PciRoot>,
 }
@@ -46,6 +49,9 @@ impl Bus {
         *self.i8042.lock().unwrap_or_else(|e| e.into_inner()) =
             Ps2Controller::new(I8042Device::new(ResetTrigger(exit.clone())));
         *self.cmos.lock().unwrap_or_else(|e| e.into_inner()) = Cmos::default();
+        if let Some(pm) = &self.pm {
+            pm.lock().unwrap_or_else(|e| e.into_inner()).reset();
+        }
         Ok(())
     }
 
@@ -61,6 +67,11 @@ impl Bus {
             }
             p if (p == CMOS_PORT || p == CMOS_PORT + 1) && data.len() == 1 => {
                 data[0] = self.cmos.lock().unwrap_or_else(|e| e.into_inner()).read(p);
+            }
+            p if PowerManagement::handles(p) && self.pm.is_some() => {
+                if let Some(pm) = &self.pm {
+                    pm.lock().unwrap_or_else(|e| e.into_inner()).read(p, data);
+                }
             }
             p => {
                 if !self.pci.pio_read(p, data) {
@@ -87,6 +98,11 @@ impl Bus {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .write(p, data[0]);
+            }
+            p if PowerManagement::handles(p) && self.pm.is_some() => {
+                if let Some(pm) = &self.pm {
+                    pm.lock().unwrap_or_else(|e| e.into_inner()).write(p, data);
+                }
             }
             p => {
                 self.pci.pio_write(p, data);

@@ -1,5 +1,6 @@
 //! How the VM ends, and the exit code `host run` returns for it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
 /// Why the VM stopped.
@@ -9,14 +10,20 @@ pub enum ExitReason {
     /// also how `poweroff -f` ends without ACPI: the kernel powers off,
     /// init exits, the panic reboots).
     Reset,
+    /// The guest powered off through ACPI (S5 in PM1_CNT).
+    PowerOff,
+    /// The guest reset the machine through a register (the ACPI reset
+    /// register, or the i8042 when the machine has ACPI): a reboot.
+    Reboot,
     /// The guest halted or powered off: without ACPI, Linux's `poweroff`
     /// ends in `machine_halt` (all CPUs stopped, nothing left to exit to
     /// user space), so the console line the kernel prints just before
     /// ("reboot: System halted" / "reboot: Power down") ends the VM.
     Halt,
-    /// The console showed "Kernel panic" (not after a power down). The VM
-    /// ends at once, before the reboot that `panic=-1` asks for, so that a
-    /// panicking guest never restarts in a loop.
+    /// The guest panicked: its pvpanic driver said so (with ACPI), or
+    /// (without ACPI) the console showed "Kernel panic", not after a power
+    /// down. The VM ends at once, before the reboot that `panic=-1` asks
+    /// for, so that a panicking guest never restarts in a loop.
     Panic,
     /// The vCPU triple-faulted (KVM_EXIT_SHUTDOWN). Never restarted: a
     /// triple fault usually means a broken guest.
@@ -46,6 +53,8 @@ impl ExitReason {
             ExitReason::Quit => "host-qmp-quit",
             ExitReason::HostReset => "host-qmp-system-reset",
             ExitReason::Error(_) => "host-error",
+            ExitReason::PowerOff => "guest-shutdown",
+            ExitReason::Reboot => "guest-reset",
             _ if seen.power_down => "guest-shutdown",
             ExitReason::Panic => "guest-panic",
             _ if seen.panic => "guest-panic",
@@ -106,6 +115,7 @@ impl ResetCause {
 pub fn restart_cause(reason: &ExitReason, seen: ConsoleSeen) -> Option<ResetCause> {
     match reason {
         ExitReason::HostReset => Some(ResetCause::HostQmp),
+        ExitReason::Reboot => Some(ResetCause::Guest),
         ExitReason::Reset if seen.restart && !seen.panic && !seen.power_down => {
             Some(ResetCause::Guest)
         }
@@ -123,6 +133,9 @@ pub struct ExitSignal {
     console: Mutex<ConsoleSeen>,
     /// The last console lines, for the crash report.
     tail: Mutex<std::collections::VecDeque<String>>,
+    /// The machine has ACPI: the guest ends the VM through registers, and
+    /// what it prints never does.
+    acpi: AtomicBool,
 }
 
 /// Console lines kept for the crash report.
@@ -137,6 +150,21 @@ struct Reasons {
 }
 
 impl ExitSignal {
+    /// Says whether the machine has ACPI (see the field).
+    pub fn set_acpi(&self, on: bool) {
+        self.acpi.store(on, Ordering::Relaxed);
+    }
+
+    /// A reset the guest asked for through a register: with ACPI a
+    /// reboot; without, a reset that the console must explain.
+    pub fn guest_reset(&self) {
+        if self.acpi.load(Ordering::Relaxed) {
+            self.set(ExitReason::Reboot);
+        } else {
+            self.set(ExitReason::Reset);
+        }
+    }
+
     pub fn set(&self, r: ExitReason) {
         let mut g = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         if g.current.is_none() {
@@ -184,7 +212,8 @@ impl ExitSignal {
         }
     }
 
-    /// Records a console line of interest.
+    /// Records a console line (for the crash report) and, on a machine
+    /// without ACPI, what it says about the guest's end.
     pub fn console_line(&self, line: &str) {
         {
             let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
@@ -192,6 +221,9 @@ impl ExitSignal {
                 tail.pop_front();
             }
             tail.push_back(line.trim_end().to_owned());
+        }
+        if self.acpi.load(Ordering::Relaxed) {
+            return;
         }
         let mut c = self.console.lock().unwrap_or_else(|e| e.into_inner());
         if line.contains("reboot: Power down") || line.contains("reboot: System halted") {
@@ -225,6 +257,8 @@ pub fn exit_code(reason: &ExitReason, seen: ConsoleSeen) -> i32 {
         ExitReason::Quit => code::POWEROFF,
         ExitReason::HostReset => code::REBOOT,
         ExitReason::Panic => code::PANIC,
+        ExitReason::PowerOff => code::POWEROFF,
+        ExitReason::Reboot => code::REBOOT,
         _ if seen.power_down => code::POWEROFF,
         _ if seen.panic => code::PANIC,
         _ if seen.restart => code::REBOOT,

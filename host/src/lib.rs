@@ -3,6 +3,7 @@
 //! functions over vfio-user) or in-process from the same plugins.
 //! See `docs/host.md`.
 
+pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod checkpoint;

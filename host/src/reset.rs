@@ -128,6 +128,7 @@ impl Machine {
             &self.cmdline,
             n,
             &self.pci_irqs,
+            self.bus.pm.is_some(),
         )
         .context("loading the kernel again")?;
         self.irqchip.restore(&self.vm)?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::exit::{ExitReason, ExitSignal};
+use crate::exit::ExitSignal;
 
 /// COM1.
 pub const SERIAL_PORT: u16 = 0x3f8;
@@ -27,14 +27,14 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-/// The i8042's CPU reset ends the VM.
+/// The i8042's CPU reset: a guest reset (see [`ExitSignal::guest_reset`]).
 #[derive(Debug)]
 pub struct ResetTrigger(pub Arc<ExitSignal>);
 
 impl Trigger for ResetTrigger {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
-        self.0.set(ExitReason::Reset);
+        self.0.guest_reset();
         Ok(())
     }
 }
@@ -146,6 +146,20 @@ mod tests {
             s.write(0, *b).unwrap();
         }
         assert!(exit.is_set());
-        assert_eq!(exit.wait(), ExitReason::Halt);
+        assert_eq!(exit.wait(), crate::exit::ExitReason::Halt);
+    }
+
+    #[test]
+    fn with_acpi_console_lines_end_nothing() {
+        let exit = Arc::new(ExitSignal::default());
+        exit.set_acpi(true);
+        let out = ConsoleOut::new(Box::new(Vec::new()), exit.clone());
+        let mut s: Com1 = Serial::new(EventFdTrigger(EventFd::new(0).unwrap()), out);
+        for b in b"Kernel panic - not syncing: printed by a user program\r\nreboot: Power down\r\n"
+        {
+            s.write(0, *b).unwrap();
+        }
+        assert!(!exit.is_set(), "a guest's text never ends an ACPI machine");
+        assert_eq!(exit.console_tail().len(), 2, "kept for the crash report");
     }
 }

@@ -14,6 +14,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi::{pm::PowerManagement, SCI_GSI};
 use crate::bus::Bus;
 use crate::crash::CrashRecord;
 use crate::exit::{exit_code, restart_cause, ExitReason, ExitSignal};
@@ -40,7 +41,7 @@ pub fn pci_gsi(slot: u8) -> u32 {
 }
 
 /// Appends what our machine needs unless the user already chose.
-pub fn kernel_cmdline(user: &str) -> String {
+pub fn kernel_cmdline(user: &str, acpi: bool) -> String {
     let mut s = user.trim().to_owned();
     let mut add = |key: &str, opt: &str| {
         if !s.split_whitespace().any(|w| w.starts_with(key)) {
@@ -48,10 +49,13 @@ pub fn kernel_cmdline(user: &str) -> String {
             s.push_str(opt);
         }
     };
-    // Reset through the i8042 (the VMM restarts the guest or ends the VM,
-    // `on-reboot`); reboot at once on panic (the VMM ends the VM when the
-    // console shows the panic, before that reboot).
-    add("reboot=", "reboot=k");
+    // Reboot through ACPI's reset register, or without ACPI through the
+    // i8042 (the VMM restarts the guest or ends the VM, `on-reboot`);
+    // reboot at once on panic (the VMM ends the VM when pvpanic, or
+    // without ACPI the console, reports the panic, before that reboot).
+    if !acpi {
+        add("reboot=", "reboot=k");
+    }
     add("panic=", "panic=-1");
     add("pci=", "pci=conf1");
     // Our i8042 only resets: do not probe for a mouse or a mux.
@@ -234,7 +238,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
     let used: Vec<u8> = cfg.devices.iter().map(|d| d.slot).collect();
     root.assign_resources(&|slot| used.contains(&slot).then(|| pci_gsi(slot) as u8))?;
 
-    let cmdline = kernel_cmdline(&vm_cfg.cmdline);
+    let cmdline = kernel_cmdline(&vm_cfg.cmdline, vm_cfg.acpi);
     tracing::info!("kernel command line: {cmdline}");
     let boot = boot::setup(
         &ram,
@@ -243,12 +247,26 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         &cmdline,
         vcpus,
         &pci_irqs,
+        vm_cfg.acpi,
     )?;
+    exit.set_acpi(vm_cfg.acpi);
+    let pm = vm_cfg.acpi.then(|| {
+        let vm = vm.clone();
+        Mutex::new(PowerManagement::new(
+            exit.clone(),
+            Box::new(move |level| {
+                if let Err(e) = vm.set_irq_line(SCI_GSI, level) {
+                    tracing::warn!("ACPI SCI: KVM_IRQ_LINE: {e}");
+                }
+            }),
+        ))
+    });
 
     let bus = Arc::new(Bus {
         serial: Mutex::new(serial),
         i8042: Mutex::new(Ps2Controller::new(i8042)),
         cmos: Mutex::new(Cmos::default()),
+        pm,
         pci: Arc::new(root),
     });
     let base_cpuid = cpu::supported_cpuid(&kvm)?;

@@ -102,6 +102,7 @@ const COMMANDS: &[&str] = &[
     "query-pci",
     "quit",
     "system_reset",
+    "system_powerdown",
     "query-remote",
     "device_add",
     "device_del",
@@ -310,6 +311,20 @@ impl Commands for Monitor {
                     );
                 }
                 self.exit.set(ExitReason::HostReset);
+                Ok(json!({}))
+            }
+            "system_powerdown" => {
+                args.allow_only(&[])?;
+                // QEMU's: the power button is pressed; whether the guest
+                // shuts down is up to it (its ACPI button driver and
+                // whatever listens to that key). The VM ends when it
+                // writes S5, with SHUTDOWN "guest-shutdown".
+                let Some(pm) = &self.bus.pm else {
+                    return Err(QmpError::generic(
+                        "this machine has no ACPI (acpi = false): it has no power button",
+                    ));
+                };
+                lock(pm).press_power_button();
                 Ok(json!({}))
             }
             "device_add" => self.device_add(args),
