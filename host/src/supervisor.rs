@@ -406,16 +406,20 @@ impl Remote {
     /// Waits up to `period` for a hang-up on any of the remote's channels.
     fn hung_up_within(&self, period: Duration) -> bool {
         let devices = lock(&self.devices);
-        let mut fds: Vec<libc::pollfd> = devices
+        // Whose each fd is: a device's id, or `None` for the control channel.
+        let (owners, mut fds): (Vec<Option<String>>, Vec<libc::pollfd>) = devices
             .iter()
-            .filter_map(|(_, fd)| fd.as_ref())
-            .chain(self.control_fd.as_ref())
-            .map(|fd| libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLRDHUP,
-                revents: 0,
+            .filter_map(|(id, fd)| fd.as_ref().map(|fd| (Some(id.clone()), fd)))
+            .chain(self.control_fd.as_ref().map(|fd| (None, fd)))
+            .map(|(owner, fd)| {
+                let p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLRDHUP,
+                    revents: 0,
+                };
+                (owner, p)
             })
-            .collect();
+            .unzip();
         drop(devices);
         if fds.is_empty() {
             std::thread::sleep(period);
@@ -429,8 +433,22 @@ impl Remote {
             return false;
         }
         // A pending reply is POLLIN, not a hang-up: the clients read it.
-        fds.iter()
-            .any(|p| p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+        let hung: Vec<&Option<String>> = fds
+            .iter()
+            .zip(&owners)
+            .filter(|(p, _)| p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+            .map(|(_, o)| o)
+            .collect();
+        if hung.is_empty() {
+            return false;
+        }
+        // A device removed while we polled (device_del closes its
+        // channel) is no hang-up of the remote.
+        let devices = lock(&self.devices);
+        hung.iter().any(|o| match o {
+            None => true,
+            Some(id) => devices.iter().any(|(d, _)| d == id),
+        })
     }
 
     /// `DEVICE_FAILED` once for each device the remote says has failed

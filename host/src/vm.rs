@@ -342,6 +342,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         plugin_dirs.clone(),
     ));
     monitor.arm_recovery();
+    monitor.arm_hotplug();
     drop(supervised);
     let server = match &qmp_path {
         Some(path) => {

@@ -17,6 +17,14 @@ pub const PM_TMR: u16 = 0x608;
 /// The FADT's reset register (1 byte): writing [`RESET_VALUE`] resets.
 pub const RESET_PORT: u16 = 0x60c;
 pub const RESET_VALUE: u8 = 0x01;
+/// GPE0 block: GPE0_STS (2 bytes), GPE0_EN (2 bytes).
+pub const GPE0_BLK: u16 = 0x620;
+/// The GPE that announces PCI hotplug events (`\_GPE._E01`).
+pub const GPE_PCI_HOTPLUG: u16 = 1 << 1;
+/// PCI hotplug registers (QEMU PIIX4's scheme): PCIU (slots to check,
+/// cleared when read), PCID (slots to eject), then B0EJ (the guest writes
+/// the slots it released).
+pub const PCI_HOTPLUG: u16 = 0x640;
 /// QEMU's ISA pvpanic port (the DSDT's `QEMU0001` device).
 pub const PVPANIC_PORT: u16 = 0x505;
 /// The SCI: ISA IRQ 9, level-triggered, active high (MADT override).

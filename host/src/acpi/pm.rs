@@ -7,17 +7,26 @@
 //! | 0x602 | PM1_EN: PWRBTN_EN (bit 8) |
 //! | 0x604 | PM1_CNT: SCI_EN (bit 0, always 1: no SMI to switch modes), SLP_TYP (10–12), SLP_EN (13, write-only) |
 //! | 0x608 | PM_TMR: 32-bit, 3.579545 MHz |
+//! | 0x620 | GPE0_STS (W1C): bit 1, a PCI hotplug event |
+//! | 0x622 | GPE0_EN |
+//! | 0x640 | PCIU: slots with a new function to check (cleared when read) |
+//! | 0x644 | PCID: slots whose function the host asks the guest to release |
+//! | 0x648 | B0EJ: the guest writes the slots it released (`_EJ0`) |
 //! | 0x60c | reset register: writing 1 resets the machine |
 //! | 0x505 | pvpanic: reads its capabilities, a write of bit 0 says the guest panicked |
 //!
-//! The SCI is a level: high while an enabled event is pending. Only the
-//! power button raises events (QMP `system_powerdown`); the timer's
-//! overflow event is not implemented (Linux never enables it).
+//! The SCI is a level: high while an enabled event is pending: the power
+//! button (QMP `system_powerdown`) or a PCI hotplug event (`device_add`,
+//! `device_del`). The timer's overflow event is not implemented (Linux
+//! never enables it).
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{PM1A_CNT, PM1A_EVT, PM_TMR, PVPANIC_PORT, RESET_PORT, RESET_VALUE, S5_SLP_TYP};
+use super::{
+    GPE0_BLK, GPE_PCI_HOTPLUG, PCI_HOTPLUG, PM1A_CNT, PM1A_EVT, PM_TMR, PVPANIC_PORT, RESET_PORT,
+    RESET_VALUE, S5_SLP_TYP,
+};
 use crate::exit::{ExitReason, ExitSignal};
 
 /// PM1_STS / PM1_EN: the power button.
@@ -34,6 +43,8 @@ const PM_TIMER_HZ: u128 = 3_579_545;
 
 /// Sets the SCI's level.
 pub type SciLine = Box<dyn Fn(bool) + Send>;
+/// Told the slots (a bitmap) whose functions the guest released.
+pub type EjectSink = Box<dyn Fn(u32) + Send>;
 
 /// PM1 registers, PM timer, reset register and pvpanic.
 pub struct PowerManagement {
@@ -42,6 +53,12 @@ pub struct PowerManagement {
     /// SLP_TYP and the other read/write bits of PM1_CNT.
     cnt: u16,
     start: Instant,
+    gpe_sts: u16,
+    gpe_en: u16,
+    /// PCIU and PCID.
+    pci_up: u32,
+    pci_down: u32,
+    on_eject: Option<EjectSink>,
     sci: SciLine,
     sci_level: bool,
     exit: Arc<ExitSignal>,
@@ -54,6 +71,11 @@ impl PowerManagement {
             en: 0,
             cnt: 0,
             start: Instant::now(),
+            gpe_sts: 0,
+            gpe_en: 0,
+            pci_up: 0,
+            pci_down: 0,
+            on_eject: None,
             sci,
             sci_level: false,
             exit,
@@ -65,13 +87,27 @@ impl PowerManagement {
         (PM1A_EVT..PM1A_EVT + 4).contains(&port)
             || (PM1A_CNT..PM1A_CNT + 2).contains(&port)
             || (PM_TMR..PM_TMR + 4).contains(&port)
+            || (GPE0_BLK..GPE0_BLK + 4).contains(&port)
+            || (PCI_HOTPLUG..PCI_HOTPLUG + 12).contains(&port)
             || port == RESET_PORT
             || port == PVPANIC_PORT
+    }
+
+    /// Where ejected slots are reported (the monitor completes the
+    /// `device_del` there).
+    pub fn set_eject_sink(&mut self, sink: EjectSink) {
+        self.on_eject = Some(sink);
     }
 
     /// A read of `data.len()` bytes at `port` (each byte from its register).
     pub fn read(&mut self, port: u16, data: &mut [u8]) {
         let timer = self.timer();
+        let (up, down) = (self.pci_up, self.pci_down);
+        // PCIU is cleared by a read of any of its bytes (ACPI reads it
+        // whole, as a DWord field).
+        if (PCI_HOTPLUG..PCI_HOTPLUG + 4).contains(&port) {
+            self.pci_up = 0;
+        }
         for (i, b) in data.iter_mut().enumerate() {
             let p = port.wrapping_add(i as u16);
             *b = match p {
@@ -81,6 +117,16 @@ impl PowerManagement {
                     byte((self.cnt & !SLP_EN) | SCI_EN, p - PM1A_CNT)
                 }
                 _ if (PM_TMR..PM_TMR + 4).contains(&p) => (timer >> (8 * (p - PM_TMR))) as u8,
+                _ if (GPE0_BLK..GPE0_BLK + 2).contains(&p) => byte(self.gpe_sts, p - GPE0_BLK),
+                _ if (GPE0_BLK + 2..GPE0_BLK + 4).contains(&p) => {
+                    byte(self.gpe_en, p - GPE0_BLK - 2)
+                }
+                _ if (PCI_HOTPLUG..PCI_HOTPLUG + 4).contains(&p) => {
+                    (up >> (8 * (p - PCI_HOTPLUG))) as u8
+                }
+                _ if (PCI_HOTPLUG + 4..PCI_HOTPLUG + 8).contains(&p) => {
+                    (down >> (8 * (p - PCI_HOTPLUG - 4))) as u8
+                }
                 PVPANIC_PORT => PVPANIC_PANICKED | PVPANIC_CRASH_LOADED,
                 _ => 0xff,
             };
@@ -90,6 +136,7 @@ impl PowerManagement {
     /// A write of `data` at `port`, byte by byte (a 16-bit write to PM1_CNT
     /// acts once its high byte, which holds SLP_EN, is in).
     pub fn write(&mut self, port: u16, data: &[u8]) {
+        let mut ejected = 0u32;
         for (i, &b) in data.iter().enumerate() {
             let p = port.wrapping_add(i as u16);
             match p {
@@ -106,6 +153,15 @@ impl PowerManagement {
                         self.sleep_request();
                     }
                 }
+                _ if (GPE0_BLK..GPE0_BLK + 2).contains(&p) => {
+                    self.gpe_sts &= !(u16::from(b) << (8 * (p - GPE0_BLK)));
+                }
+                _ if (GPE0_BLK + 2..GPE0_BLK + 4).contains(&p) => {
+                    set_byte(&mut self.gpe_en, p - GPE0_BLK - 2, b);
+                }
+                _ if (PCI_HOTPLUG + 8..PCI_HOTPLUG + 12).contains(&p) => {
+                    ejected |= u32::from(b) << (8 * (p - PCI_HOTPLUG - 8));
+                }
                 RESET_PORT if b == RESET_VALUE => self.exit.guest_reset(),
                 PVPANIC_PORT => {
                     if b & PVPANIC_PANICKED != 0 {
@@ -117,6 +173,32 @@ impl PowerManagement {
                 _ => {}
             }
         }
+        // Slot 0 is the host bridge: never ejected.
+        let ejected = ejected & !1;
+        if ejected != 0 {
+            self.pci_down &= !ejected;
+            match &self.on_eject {
+                Some(sink) => sink(ejected),
+                None => {
+                    tracing::warn!("ACPI: the guest ejected slots {ejected:#x}; nobody listens")
+                }
+            }
+        }
+        self.update_sci();
+    }
+
+    /// A function was added in `slot`: the guest is told to check it.
+    pub fn plug(&mut self, slot: u8) {
+        self.pci_up |= 1 << (slot & 31);
+        self.gpe_sts |= GPE_PCI_HOTPLUG;
+        self.update_sci();
+    }
+
+    /// Asks the guest to release the function in `slot`; it answers by
+    /// ejecting it (B0EJ), or not at all.
+    pub fn request_unplug(&mut self, slot: u8) {
+        self.pci_down |= 1 << (slot & 31);
+        self.gpe_sts |= GPE_PCI_HOTPLUG;
         self.update_sci();
     }
 
@@ -137,6 +219,10 @@ impl PowerManagement {
         self.sts = 0;
         self.en = 0;
         self.cnt = 0;
+        self.gpe_sts = 0;
+        self.gpe_en = 0;
+        self.pci_up = 0;
+        self.pci_down = 0;
         self.update_sci();
     }
 
@@ -158,7 +244,7 @@ impl PowerManagement {
     }
 
     fn update_sci(&mut self) {
-        let level = self.sts & self.en & PWRBTN != 0;
+        let level = self.sts & self.en & PWRBTN != 0 || self.gpe_sts & self.gpe_en != 0;
         if level != self.sci_level {
             self.sci_level = level;
             (self.sci)(level);
@@ -246,6 +332,36 @@ mod tests {
         exit.set_acpi(true);
         pm.write(RESET_PORT, &[RESET_VALUE]);
         assert_eq!(exit.current(), Some(ExitReason::Reboot));
+    }
+
+    #[test]
+    fn hotplug_events_and_ejects() {
+        let (mut pm, _, levels) = pm();
+        let ejected = Arc::new(Mutex::new(Vec::new()));
+        let e = ejected.clone();
+        pm.set_eject_sink(Box::new(move |slots| e.lock().unwrap().push(slots)));
+        pm.write(GPE0_BLK + 2, &GPE_PCI_HOTPLUG.to_le_bytes());
+        pm.plug(5);
+        assert_eq!(*levels.lock().unwrap(), vec![true]);
+        let mut up = [0u8; 4];
+        pm.read(PCI_HOTPLUG, &mut up);
+        assert_eq!(u32::from_le_bytes(up), 1 << 5);
+        pm.read(PCI_HOTPLUG, &mut up);
+        assert_eq!(u32::from_le_bytes(up), 0, "PCIU clears when read");
+        pm.write(GPE0_BLK, &GPE_PCI_HOTPLUG.to_le_bytes());
+        assert_eq!(*levels.lock().unwrap(), vec![true, false]);
+        pm.request_unplug(6);
+        let mut down = [0u8; 4];
+        pm.read(PCI_HOTPLUG + 4, &mut down);
+        assert_eq!(u32::from_le_bytes(down), 1 << 6, "PCID stays until ejected");
+        pm.write(PCI_HOTPLUG + 8, &(1u32 << 6 | 1).to_le_bytes());
+        assert_eq!(
+            *ejected.lock().unwrap(),
+            vec![1 << 6],
+            "slot 0 never ejected"
+        );
+        pm.read(PCI_HOTPLUG + 4, &mut down);
+        assert_eq!(u32::from_le_bytes(down), 0);
     }
 
     #[test]

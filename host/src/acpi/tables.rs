@@ -8,8 +8,9 @@
 //! (`acpi_rsdp_addr`), and the RSDP also sits where a legacy scan looks.
 
 use acpi_tables::aml::{
-    self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Name, Package, ResourceTemplate,
-    Scope, IO,
+    self, AddressSpace, AddressSpaceCacheable, And, Arg, Device, EISAName, Field, FieldAccessType,
+    FieldEntry, FieldLockRule, FieldUpdateRule, If, Local, Method, MethodCall, Name, Notify,
+    OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Scope, ShiftLeft, Store, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
@@ -19,7 +20,8 @@ use anyhow::{ensure, Context, Result};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{
-    PM1A_CNT, PM1A_EVT, PM_TMR, PVPANIC_PORT, RESET_PORT, RESET_VALUE, S5_SLP_TYP, SCI_GSI,
+    GPE0_BLK, PCI_HOTPLUG, PM1A_CNT, PM1A_EVT, PM_TMR, PVPANIC_PORT, RESET_PORT, RESET_VALUE,
+    S5_SLP_TYP, SCI_GSI,
 };
 use crate::memory::{PCI_MMIO_END, PCI_MMIO_START};
 use crate::mptable::{PciIrq, APIC_DEFAULT_BASE, IOAPIC_DEFAULT_BASE};
@@ -75,6 +77,9 @@ fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
     f.pm1_evt_len = 4;
     f.pm1_cnt_len = 2;
     f.pm_tmr_len = 4;
+    f.gpe0_blk = u32::from(GPE0_BLK).into();
+    f.gpe0_blk_len = 4;
+    f.x_gpe0_blk = io_gas(32, GPE0_BLK);
     f.x_pm1a_evt_blk = io_gas(32, PM1A_EVT);
     f.x_pm1a_cnt_blk = io_gas(16, PM1A_CNT);
     f.x_pm_tmr_blk = io_gas(32, PM_TMR);
@@ -114,10 +119,89 @@ fn madt(vcpus: u8) -> Vec<u8> {
     t.as_slice().to_vec()
 }
 
+/// The hotplug part of the PCI root (QEMU PIIX4's ACPI PCI hotplug): the
+/// PCIU/PCID/B0EJ registers, a device with `_EJ0` for every slot, and
+/// `PCNT`, which `\_GPE._E01` runs: Notify(Sxx, 1) (check) for each slot
+/// in PCIU, Notify(Sxx, 3) (eject request) for each slot in PCID.
+fn pci_hotplug_aml() -> Vec<u8> {
+    let mut out = Vec::new();
+    let (pcst_at, pcst_len) = (PCI_HOTPLUG, 8u8);
+    let pcst = OpRegion::new("PCST".into(), OpRegionSpace::SystemIO, &pcst_at, &pcst_len);
+    let pcst_fields = Field::new(
+        "PCST".into(),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![
+            FieldEntry::Named(*b"PCIU", 32),
+            FieldEntry::Named(*b"PCID", 32),
+        ],
+    );
+    let (sej_at, sej_len) = (PCI_HOTPLUG + 8, 4u8);
+    let sej = OpRegion::new("SEJ_".into(), OpRegionSpace::SystemIO, &sej_at, &sej_len);
+    let sej_fields = Field::new(
+        "SEJ_".into(),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![FieldEntry::Named(*b"B0EJ", 32)],
+    );
+    // PCEJ(slot): B0EJ = 1 << slot.
+    let b0ej = Path::new("B0EJ");
+    let shift = ShiftLeft::new(&b0ej, &aml::ONE, &Arg(0));
+    let pcej = Method::new("PCEJ".into(), 1, false, vec![&shift]);
+    for part in [&pcst as &dyn Aml, &pcst_fields, &sej, &sej_fields, &pcej] {
+        part.to_aml_bytes(&mut out);
+    }
+
+    let slots: Vec<u8> = (1..=31).collect();
+    let names: Vec<String> = slots.iter().map(|s| format!("S{s:02X}_")).collect();
+    for (slot, name) in slots.iter().zip(&names) {
+        let adr = Name::new("_ADR".into(), &(u32::from(*slot) << 16));
+        let sun = Name::new("_SUN".into(), slot);
+        let call = MethodCall::new("PCEJ".into(), vec![slot]);
+        let ej0 = Method::new("_EJ0".into(), 1, false, vec![&call]);
+        Device::new(name.as_str().into(), vec![&adr, &sun, &ej0]).to_aml_bytes(&mut out);
+    }
+
+    // PCNT: Local0 = PCIU, Local1 = PCID, then one If per slot and kind.
+    let (l0, l1) = (Local(0), Local(1));
+    let pciu = Path::new("PCIU");
+    let pcid = Path::new("PCID");
+    let load_up = Store::new(&l0, &pciu);
+    let load_down = Store::new(&l1, &pcid);
+    let masks: Vec<u32> = slots.iter().map(|s| 1u32 << s).collect();
+    let paths: Vec<Path> = names.iter().map(|n| Path::new(n)).collect();
+    let (check, eject) = (1u8, 3u8);
+    let checks: Vec<Notify> = paths.iter().map(|p| Notify::new(p, &check)).collect();
+    let ejects: Vec<Notify> = paths.iter().map(|p| Notify::new(p, &eject)).collect();
+    let up_tests: Vec<And> = masks.iter().map(|m| And::new(&aml::ZERO, &l0, m)).collect();
+    let down_tests: Vec<And> = masks.iter().map(|m| And::new(&aml::ZERO, &l1, m)).collect();
+    let mut ifs: Vec<If> = Vec::new();
+    for i in 0..slots.len() {
+        ifs.push(If::new(&up_tests[i], vec![&checks[i]]));
+        ifs.push(If::new(&down_tests[i], vec![&ejects[i]]));
+    }
+    let mut body: Vec<&dyn Aml> = vec![&load_up, &load_down];
+    body.extend(ifs.iter().map(|i| i as &dyn Aml));
+    Method::new("PCNT".into(), 0, true, body).to_aml_bytes(&mut out);
+    out
+}
+
+/// Raw AML bytes as an object (for parts built apart).
+struct Raw(Vec<u8>);
+
+impl Aml for Raw {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
 /// DSDT: `\_S5_` (the S5 sleep type the PM1 control register takes), the
-/// PCI root bridge with the windows the VMM places BARs in and an
-/// interrupt route for every pin of every slot (the GSI the VMM wires
-/// that slot to, whatever the pin), and the pvpanic device.
+/// PCI root bridge with the windows the VMM places BARs in, an interrupt
+/// route for every pin of every slot (the GSI the VMM wires that slot to,
+/// whatever the pin) and ACPI PCI hotplug, `\_GPE._E01` for hotplug
+/// events, and the pvpanic device.
 fn dsdt(pci_irqs: &[PciIrq]) -> Vec<u8> {
     let s5 = Name::new(
         "_S5_".into(),
@@ -161,10 +245,14 @@ fn dsdt(pci_irqs: &[PciIrq]) -> Vec<u8> {
         Name::new("_BBN".into(), &aml::ZERO),
         Name::new("_SEG".into(), &aml::ZERO),
     );
+    let hotplug = Raw(pci_hotplug_aml());
     let pci0 = Device::new(
         "PCI0".into(),
-        vec![&hid, &adr, &uid, &bbn, &seg, &crs, &prt],
+        vec![&hid, &adr, &uid, &bbn, &seg, &crs, &prt, &hotplug],
     );
+    let pcnt = MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    let e01 = Method::new("_E01".into(), 0, false, vec![&pcnt]);
+    let gpe = Scope::new("\\_GPE".into(), vec![&e01]);
 
     // QEMU's ISA pvpanic: Linux's pvpanic driver binds "QEMU0001" and
     // writes 1 to its port when the kernel panics.
@@ -179,6 +267,7 @@ fn dsdt(pci_irqs: &[PciIrq]) -> Vec<u8> {
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, table_id(b"DSDT"), OEM_REVISION);
     t.append_slice(&bytes(&s5));
     t.append_slice(&bytes(&sb));
+    t.append_slice(&bytes(&gpe));
     t.update_checksum();
     t.as_slice().to_vec()
 }
@@ -276,7 +365,17 @@ mod tests {
         // MADT: two local APICs, one IOAPIC, the SCI override, the NMI.
         assert_eq!(m.len(), 44 + 2 * 8 + 12 + 10 + 6);
         // DSDT: the names a guest looks up are in the AML.
-        for name in [&b"_S5_"[..], b"PCI0", b"_PRT", b"_CRS", b"QEMU0001"] {
+        for name in [
+            &b"_S5_"[..],
+            b"PCI0",
+            b"_PRT",
+            b"_CRS",
+            b"QEMU0001",
+            b"PCNT",
+            b"_E01",
+            b"S1F_",
+            b"B0EJ",
+        ] {
             assert!(d.windows(name.len()).any(|w| w == name), "{name:?}");
         }
     }

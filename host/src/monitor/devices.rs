@@ -98,6 +98,7 @@ impl Monitor {
         }
         lock(&self.added).push(spec);
         tracing::info!("device_add: {id} ({driver}) at slot {slot}");
+        self.announce_plug(slot);
         Ok(json!({}))
     }
 
@@ -190,11 +191,33 @@ impl Monitor {
                 in_use.join(", ")
             )));
         }
+        if let Some(posted) = self.request_unplug(id, slot) {
+            return posted;
+        }
+        self.remove_function(id, slot);
+        Ok(json!({}))
+    }
+
+    /// Takes the function `id` out of `slot` (and out of its remote), then
+    /// `DEVICE_DELETED`.
+    pub(super) fn remove_function(&self, id: &str, slot: u8) {
+        // Out of supervision first: closing its channel (the proxy's drop)
+        // must not look like the remote hanging up.
+        let remote = self
+            .bus
+            .pci
+            .functions()
+            .into_iter()
+            .find(|f| f.slot == slot)
+            .and_then(|f| f.label.remote)
+            .and_then(|rid| self.remote(&rid).ok());
+        if let Some(r) = &remote {
+            r.remove_device(id);
+        }
         let label = self.bus.pci.remove(slot);
         lock(&self.added).retain(|a| a.id != id);
         if let Some(rid) = label.and_then(|l| l.remote) {
             if let Ok(r) = self.remote(&rid) {
-                r.remove_device(id);
                 if r.has_control() {
                     if let Err(e) = r.with_control(|c| c.device_del(id)) {
                         tracing::warn!("device_del {id}: remote {rid}: {e}");
@@ -206,7 +229,6 @@ impl Monitor {
             "DEVICE_DELETED",
             json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
         );
-        Ok(json!({}))
     }
 }
 

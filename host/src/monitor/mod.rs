@@ -13,6 +13,7 @@
 
 mod devices;
 mod drives;
+mod pcihp;
 mod recovery;
 mod restart;
 
@@ -91,6 +92,8 @@ pub struct Monitor {
     this: std::sync::OnceLock<std::sync::Weak<Monitor>>,
     /// When each remote was restarted automatically (the last minute).
     restarts: Mutex<BTreeMap<String, Vec<std::time::Instant>>>,
+    /// `device_del` requests the guest has not answered yet: slot -> id.
+    unplugging: Mutex<BTreeMap<u8, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -155,6 +158,7 @@ impl Monitor {
             hotplug: Mutex::new(()),
             this: std::sync::OnceLock::new(),
             restarts: Mutex::new(BTreeMap::new()),
+            unplugging: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -228,6 +232,7 @@ impl Monitor {
                     "qdev_id": f.label.id,
                     "remote": f.label.remote,
                     "regions": regions,
+                    "unplug-pending": self.unplug_pending(&f.label.id),
                 })
             })
             .collect();
