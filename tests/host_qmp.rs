@@ -24,7 +24,9 @@
 //! 9. SIGKILL of `auto` (`restart = "on-failure"`, `restart-limit = 2`)
 //!    once dma3's state was saved while idle: it comes back by itself
 //!    (REMOTE_RESTARTED, reason "automatic", with the recovery time and
-//!    dma3's state) and the guest reads dma3's registers as it left them;
+//!    dma3's state) and the guest, which reads dma3 right after the kill
+//!    (its read waits for the restart instead of reading all-ones), finds
+//!    its registers as it left them;
 //!    killed twice more within the minute, it restarts once more and then
 //!    stays failed (REMOTE_FAILED naming the limit; all-ones);
 //! 10. `remote-restart storage` while it still answers: its devices' state
@@ -174,7 +176,9 @@ echo "dma1_id_end=$(devmem $(bar0 0000:00:09.0) 32)"
 echo "dma3_before=$(devmem $(bar0 0000:00:07.0) 32)"
 devmem $(( $(bar0 0000:00:07.0) + 4 )) 32 0x4321
 step auto-kill
-echo "dma3_after_auto_restart=$(devmem $(bar0 0000:00:07.0) 32)"
+t0=$(cs)
+v=$(devmem $(bar0 0000:00:07.0) 32)
+echo "dma3_after_auto_restart=$v ms=$(( ($(cs) - t0) * 10 ))"
 echo "dma3_liveness_after_auto_restart=$(devmem $(( $(bar0 0000:00:07.0) + 4 )) 32)"
 step auto-limit
 echo "dma3_after_limit=$(devmem $(bar0 0000:00:07.0) 32)"

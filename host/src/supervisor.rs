@@ -306,7 +306,6 @@ impl Remote {
         st.state = RemoteState::Hung;
         let silent = st.last_answer.elapsed();
         drop(st);
-        self.failed.store(true, Ordering::Release);
         eprintln!(
             "host: remote `{}` does not answer ({} ms); its devices now read all-ones",
             self.id,
@@ -317,7 +316,10 @@ impl Remote {
             json!({"id": self.id, "pid": self.pid, "silent-ms": silent.as_millis() as u64,
                    "devices": self.device_ids()}),
         );
+        // The hook first (it holds the guest's accesses when a restart
+        // follows), then the devices fail: no access sees the gap.
         self.failed_now(Failure::Hung);
+        self.failed.store(true, Ordering::Release);
     }
 
     /// Saves the state of each device that went idle since its last save
@@ -363,7 +365,6 @@ impl Remote {
         }
         st.state = RemoteState::Dead;
         drop(st);
-        self.failed.store(true, Ordering::Release);
         let mut data = json!({"id": self.id, "pid": self.pid, "devices": self.device_ids()});
         match why {
             DeathCause::HangUp => data["reason"] = "eof".into(),
@@ -381,7 +382,9 @@ impl Remote {
             self.id, data["reason"]
         );
         events.emit("REMOTE_DIED", data);
+        // The hook first (see `hung`).
         self.failed_now(Failure::Died(why));
+        self.failed.store(true, Ordering::Release);
     }
 
     /// Marks the remote stopped (the VM ends, or it is being replaced)

@@ -22,6 +22,10 @@ use crate::supervisor::{Failure, RemoteState};
 const WINDOW: Duration = Duration::from_secs(60);
 /// The longest wait before a restart.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a vCPU waits for a restarting remote's function beyond the
+/// back-off, before it gets all-ones (a failed restart ends the wait at
+/// once).
+pub(super) const RECOVERY_HOLD: Duration = Duration::from_secs(5);
 
 /// The wait before the restart that follows `earlier` restarts within the
 /// window: none for the first, then 200 ms doubling up to [`MAX_BACKOFF`].
@@ -73,6 +77,12 @@ impl Monitor {
             let (Some(monitor), Some(remote)) = (this.upgrade(), failed.upgrade()) else {
                 return;
             };
+            // From now until the restart (or its refusal) the guest's
+            // accesses to these functions wait instead of reading all-ones.
+            monitor
+                .bus
+                .pci
+                .hold(&monitor.slots_of(&remote.id), RECOVERY_HOLD);
             let noticed = Instant::now();
             let name = format!("recover-{}", remote.id);
             let spawned = std::thread::Builder::new()
@@ -101,6 +111,7 @@ impl Monitor {
             recent.retain(|t| t.elapsed() < WINDOW);
             if recent.len() >= limit {
                 drop(all);
+                self.bus.pci.release(&self.slots_of(&id));
                 let why = format!(
                     "{} automatic restarts within {} s (restart-limit)",
                     limit,
@@ -115,6 +126,9 @@ impl Monitor {
             recent.push(Instant::now());
             wait
         };
+        let held = self.slots_of(&id);
+        self.bus.pci.hold(&held, wait + RECOVERY_HOLD);
+        let _release = Released(&self.bus.pci, held);
         std::thread::sleep(wait);
         // Still the failed remote, and not stopped (the VM ends) or
         // replaced by the operator meanwhile?
@@ -143,6 +157,28 @@ impl Monitor {
                 );
             }
         }
+    }
+}
+
+/// Ends a hold on slots when dropped (however the restart went).
+pub(super) struct Released<'a>(pub &'a crate::pci::root::PciRoot, pub Vec<u8>);
+
+impl Drop for Released<'_> {
+    fn drop(&mut self) {
+        self.0.release(&self.1);
+    }
+}
+
+impl Monitor {
+    /// The slots of the functions remote `id` serves.
+    pub(super) fn slots_of(&self, id: &str) -> Vec<u8> {
+        self.bus
+            .pci
+            .functions()
+            .into_iter()
+            .filter(|f| f.label.remote.as_deref() == Some(id))
+            .map(|f| f.slot)
+            .collect()
     }
 }
 

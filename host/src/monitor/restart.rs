@@ -56,9 +56,14 @@ impl Monitor {
             )));
         }
         let mut problems = Vec::new();
+        // The guest's accesses to its functions wait until they are back
+        // (bounded), instead of reading all-ones.
+        let held = self.slots_of(id);
+        self.bus.pci.hold(&held, super::recovery::RECOVERY_HOLD);
+        let _release = super::recovery::Released(&self.bus.pci, held);
         // A remote that still answers keeps its devices' state across the
         // restart: the guest's accesses stop reaching it first (they read
-        // all-ones until the devices are back), each device saves once its
+        // until the devices are back), each device saves once its
         // ring is drained, and the new process restores it below.
         let mut states: Vec<(String, Vec<u8>)> = Vec::new();
         if keep_state && old.state() == RemoteState::Running && old.has_control() {

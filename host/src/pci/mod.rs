@@ -51,4 +51,11 @@ pub trait PciDevice: Send {
     }
     /// Called once when the VM ends or the function is removed.
     fn shutdown(&mut self) {}
+    /// Whether the function failed (its remote died or hung, its channel
+    /// broke) and now answers all-ones. The bus uses it to retry an access
+    /// that failed while the function is being brought back
+    /// ([`root::PciRoot::hold`]).
+    fn failed(&mut self) -> bool {
+        false
+    }
 }

@@ -2,7 +2,9 @@
 //! 0xCFC data window), a host bridge at 00:00.0, BAR assignment the way
 //! firmware would do it, and BAR access dispatch.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use pci::{command, regs, BarAddress, BarType, ConfigSpace, Identity};
@@ -86,8 +88,7 @@ impl Slot {
         }
     }
 
-    fn config_write(&self, reg: usize, data: &[u8]) {
-        let mut dev = lock(&self.dev);
+    fn config_write(&self, dev: &mut Box<dyn PciDevice>, reg: usize, data: &[u8]) {
         dev.config_write(reg, data);
         *self.bars.write().unwrap_or_else(|e| e.into_inner()) = dev.config_space().active_bars();
     }
@@ -115,6 +116,12 @@ pub struct PciRoot {
     /// bump allocation; hot-added functions continue after the boot ones,
     /// and freed space is not reused).
     cursor: Mutex<(u64, u64)>,
+    /// Slots whose function is being brought back (its remote restarts),
+    /// each until a deadline: accesses to them wait ([`Self::hold`]).
+    held: Mutex<std::collections::BTreeMap<u8, Instant>>,
+    held_changed: Condvar,
+    /// Whether any slot is held (the one check an access pays otherwise).
+    any_held: AtomicBool,
 }
 
 impl std::fmt::Debug for PciRoot {
@@ -144,6 +151,87 @@ impl PciRoot {
                 Box::new(HostBridge::new()),
             ))]),
             cursor: Mutex::new((PCI_MMIO_START, PCI_IO_START)),
+            held: Mutex::new(std::collections::BTreeMap::new()),
+            held_changed: Condvar::new(),
+            any_held: AtomicBool::new(false),
+        }
+    }
+
+    /// Holds the accesses to `slots` for at most `limit`: a vCPU that
+    /// touches one of them waits until [`release`](Self::release) (the
+    /// function is back, restored) or the limit (then it gets what the
+    /// failed function answers: all-ones). An access that fails while
+    /// held is made again once released, on the function then in the
+    /// slot. This is how a remote's restart is a pause to the guest, not
+    /// an error.
+    pub fn hold(&self, slots: &[u8], limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        for &s in slots {
+            h.insert(s, deadline);
+        }
+        self.any_held.store(!h.is_empty(), Ordering::Release);
+    }
+
+    /// Ends the hold on `slots`; waiting accesses go on.
+    pub fn release(&self, slots: &[u8]) {
+        let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        for s in slots {
+            h.remove(s);
+        }
+        self.any_held.store(!h.is_empty(), Ordering::Release);
+        drop(h);
+        self.held_changed.notify_all();
+    }
+
+    /// Whether `slot` is held now (a hold past its deadline is dropped).
+    fn is_held(&self, slot: u8) -> bool {
+        if !self.any_held.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        match h.get(&slot) {
+            Some(&d) if Instant::now() < d => true,
+            Some(_) => {
+                h.remove(&slot);
+                self.any_held.store(!h.is_empty(), Ordering::Release);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Waits while `slot` is held (up to its deadline).
+    fn wait_while_held(&self, slot: u8) {
+        if !self.any_held.load(Ordering::Acquire) {
+            return;
+        }
+        let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(&deadline) = h.get(&slot) {
+            let now = Instant::now();
+            if now >= deadline {
+                h.remove(&slot);
+                self.any_held.store(!h.is_empty(), Ordering::Release);
+                break;
+            }
+            h = self
+                .held_changed
+                .wait_timeout(h, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Runs one access on the function of `s`: after any hold, and again
+    /// if the function failed under it while held.
+    fn access(&self, s: &Slot, mut f: impl FnMut(&mut Box<dyn PciDevice>)) {
+        loop {
+            self.wait_while_held(s.slot);
+            let mut dev = lock(&s.dev);
+            f(&mut dev);
+            if !self.any_held.load(Ordering::Acquire) || !dev.failed() || !self.is_held(s.slot) {
+                return;
+            }
         }
     }
 
@@ -380,14 +468,16 @@ impl PciRoot {
         }
         if (CONFIG_DATA..CONFIG_DATA + 4).contains(&port) {
             match self.target(port) {
-                Some((s, reg)) if reg + data.len() <= 256 => lock(&s.dev).config_read(reg, data),
+                Some((s, reg)) if reg + data.len() <= 256 => {
+                    self.access(&s, |d| d.config_read(reg, data))
+                }
                 _ => data.fill(0xff),
             }
             return true;
         }
         match self.decode(true, u64::from(port), data.len() as u64) {
             Some((s, bar, off)) => {
-                lock(&s.dev).bar_read(bar, off, data);
+                self.access(&s, |d| d.bar_read(bar, off, data));
                 true
             }
             None => false,
@@ -405,14 +495,14 @@ impl PciRoot {
         if (CONFIG_DATA..CONFIG_DATA + 4).contains(&port) {
             if let Some((s, reg)) = self.target(port) {
                 if reg + data.len() <= 256 {
-                    s.config_write(reg, data);
+                    self.access(&s, |d| s.config_write(d, reg, data));
                 }
             }
             return true;
         }
         match self.decode(true, u64::from(port), data.len() as u64) {
             Some((s, bar, off)) => {
-                lock(&s.dev).bar_write(bar, off, data);
+                self.access(&s, |d| d.bar_write(bar, off, data));
                 true
             }
             None => false,
@@ -423,7 +513,7 @@ impl PciRoot {
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.decode(false, addr, data.len() as u64) {
             Some((s, bar, off)) => {
-                lock(&s.dev).bar_read(bar, off, data);
+                self.access(&s, |d| d.bar_read(bar, off, data));
                 true
             }
             None => false,
@@ -434,7 +524,7 @@ impl PciRoot {
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
         match self.decode(false, addr, data.len() as u64) {
             Some((s, bar, off)) => {
-                lock(&s.dev).bar_write(bar, off, data);
+                self.access(&s, |d| d.bar_write(bar, off, data));
                 true
             }
             None => false,
@@ -483,6 +573,101 @@ mod tests {
         let mut d = [0u8; 4];
         root.pio_read(CONFIG_DATA, &mut d);
         u32::from_le_bytes(d)
+    }
+
+    /// A function with one 16-byte I/O BAR reading `value`, or failed.
+    struct Answers {
+        config: ConfigSpace,
+        value: u8,
+        failed: bool,
+    }
+
+    impl Answers {
+        fn new(value: u8, failed: bool) -> Box<Self> {
+            let mut config = ConfigSpace::new(Identity {
+                vendor_id: 0x1234,
+                device_id: 0x5678,
+                ..Default::default()
+            });
+            let spec = pci::BarSpec {
+                bar_type: BarType::Io,
+                size: 16,
+                prefetchable: false,
+            };
+            config.add_bar(0, spec).unwrap();
+            Box::new(Answers {
+                config,
+                value,
+                failed,
+            })
+        }
+    }
+
+    impl PciDevice for Answers {
+        fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+            self.config.read(offset, data);
+        }
+        fn config_write(&mut self, offset: usize, data: &[u8]) {
+            self.config.write(offset, data);
+        }
+        fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+            data.fill(if self.failed { 0xff } else { self.value });
+        }
+        fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+        fn config_space(&self) -> &ConfigSpace {
+            &self.config
+        }
+        fn failed(&mut self) -> bool {
+            self.failed
+        }
+    }
+
+    fn read_port(root: &PciRoot, port: u16) -> u8 {
+        let mut d = [0u8];
+        assert!(root.pio_read(port, &mut d));
+        d[0]
+    }
+
+    #[test]
+    fn a_held_slot_waits_for_the_function_that_comes_back() {
+        let root = Arc::new(PciRoot::new());
+        root.insert(3, SlotLabel::default(), Answers::new(0x11, false))
+            .unwrap();
+        root.assign_resources(&|_| Some(20)).unwrap();
+        let port = root.functions()[1].bars[0].base as u16;
+        assert_eq!(read_port(&root, port), 0x11);
+        // Its remote dies: the function fails, and a restart is coming.
+        root.hold(&[3], Duration::from_secs(30));
+        root.replace(3, Answers::new(0x11, true)).unwrap();
+        let reader = {
+            let root = root.clone();
+            std::thread::spawn(move || read_port(&root, port))
+        };
+        // The reader waits (bounded by the test's own deadline).
+        let t0 = Instant::now();
+        while !reader.is_finished() && t0.elapsed() < Duration::from_millis(200) {
+            std::thread::yield_now();
+        }
+        assert!(!reader.is_finished(), "a held access must wait");
+        root.replace(3, Answers::new(0x22, false)).unwrap();
+        root.release(&[3]);
+        assert_eq!(reader.join().unwrap(), 0x22, "served by the new function");
+    }
+
+    #[test]
+    fn a_hold_ends_at_its_limit_with_all_ones() {
+        let root = PciRoot::new();
+        root.insert(3, SlotLabel::default(), Answers::new(0x11, true))
+            .unwrap();
+        root.assign_resources(&|_| Some(20)).unwrap();
+        let port = root.functions()[1].bars[0].base as u16;
+        root.hold(&[3], Duration::from_millis(50));
+        let t0 = Instant::now();
+        assert_eq!(read_port(&root, port), 0xff);
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        // Without a hold a failed function answers at once.
+        assert!(!root.is_held(3));
+        assert_eq!(read_port(&root, port), 0xff);
     }
 
     #[test]

@@ -256,6 +256,10 @@ impl ProxyFunction {
 }
 
 impl PciDevice for ProxyFunction {
+    fn failed(&mut self) -> bool {
+        self.unusable()
+    }
+
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
         self.stats.config_reads += 1;
         if self.unusable() || !self.drain_ring() {
