@@ -16,7 +16,11 @@
 //!    request and nothing more: no `DEVICE_DELETED`, `query-pci` shows
 //!    the unplug pending; once the guest enables the GPE again, a second
 //!    `device_del` says the unplug is pending and sends the request again:
-//!    the guest releases the function and `DEVICE_DELETED` comes.
+//!    the guest releases the function and `DEVICE_DELETED` comes;
+//! 5. in a remote with `restart = "on-failure"`, a plugin that panics on
+//!    one bad request comes back by itself (`DEVICE_RESTARTED`) with the
+//!    state it had before that request, while its neighbour in the same
+//!    remote (dma5) answers throughout.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -59,6 +63,26 @@ slot = 4
 [[device.drive]]
 file = "disk0.img"
 scsi-id = 0
+
+# A remote whose devices come back by themselves.
+[[remote]]
+id = "plugins"
+log = "plugins.log"
+restart = "on-failure"
+timeout-ms = 30000
+
+[[device]]
+id = "magic"
+remote = "plugins"
+plugin = "faulty-plugin"
+kind = "panics-on-magic"
+slot = 8
+
+[[device]]
+id = "dma5"
+remote = "plugins"
+plugin = "dma-example"
+slot = 9
 "#,
         kernel = kernel.display()
     )
@@ -100,6 +124,16 @@ step dma9-found
 echo enable > /sys/firmware/acpi/interrupts/gpe01
 step dma9-listening
 waitfor '[ ! -e /sys/bus/pci/devices/0000:00:07.0 ]' && echo "dma9-released"
+
+m=$(bar0 0000:00:08.0); d=$(bar0 0000:00:09.0)
+echo "magic_id=$(devmem $m 32)"
+devmem $((m + 4)) 32 0x55
+step magic-ready
+devmem $((m + 8)) 32 0xdead
+echo "dma5_during=$(devmem $d 32)"
+step magic-panicked
+echo "magic_after=$(devmem $m 32) scratch_after=$(devmem $((m + 4)) 32)"
+echo "dma5_after=$(devmem $d 32)"
 echo "STEP done"
 "#,
         gseek = SDB_GUEST_OFF / BLOCK as u64,
@@ -123,6 +157,7 @@ fn acpi_pci_hotplug_without_a_rescan() {
         f.write_all(&host_data()).unwrap();
     }
     fs::write(dir.join("vm.toml"), config(&env.kernel)).unwrap();
+    target_bin("libfaulty_plugin.so").unwrap();
     let run = run_qmp_driver(
         &env,
         "host_hotplug",
@@ -130,7 +165,7 @@ fn acpi_pci_hotplug_without_a_rescan() {
         &dir,
         QMP_SOCKET,
         Duration::from_secs(600),
-        &["storage.log"],
+        &["storage.log", "plugins.log"],
     );
     let job = run.check();
     let (r, diag) = (&run.results, &run.diag);
@@ -193,6 +228,32 @@ fn acpi_pci_hotplug_without_a_rescan() {
     );
     assert!(out.contains("dma9-released"), "{diag}");
     assert_eq!(rep["dma9-deleted"]["data"]["device"], "dma9", "{diag}");
+
+    // 5. The panicking plugin restarted alone, its state kept.
+    assert!(out.contains("magic_id=0xFA170001"), "{diag}");
+    assert!(out.contains("dma5_during=0xD3A00001"), "{diag}");
+    let restarted = &rep["magic-restarted"]["data"];
+    assert_eq!(restarted["remote"], "plugins", "{diag}");
+    assert_eq!(restarted["state-kept"], true, "{diag}");
+    assert!(
+        out.contains("magic_after=0xFA170001 scratch_after=0x00000055"),
+        "{diag}"
+    );
+    assert!(out.contains("dma5_after=0xD3A00001"), "{diag}");
+    let plugins = rep["remotes-at-end"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == "plugins")
+        .unwrap();
+    assert_eq!(
+        plugins["pid"], rep["plugins-pid-before"],
+        "the remote went on"
+    );
+    eprintln!(
+        "host_hotplug: device restart in {} ms",
+        restarted["recovery-ms"]
+    );
 
     assert_eq!(r["host-exit"], 0, "{diag}");
     eprintln!(

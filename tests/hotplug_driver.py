@@ -69,6 +69,20 @@ async def main():
     r["dma9-deleted"] = await ev.wait("DEVICE_DELETED", timeout=120, device="dma9")
     say("go")
 
+    # A plugin that panics on one request, in a remote that restarts.
+    await con.wait_step("magic-ready")
+    for _ in range(300):
+        plugins = next(x for x in await qmp.execute("query-remote") if x["id"] == "plugins")
+        if "magic" in (plugins.get("state-saved") or []):
+            break
+        await asyncio.sleep(0.1)
+    r["plugins-pid-before"] = plugins["pid"]
+    say("go")
+    await con.wait_step("magic-panicked")
+    r["magic-restarted"] = await ev.wait("DEVICE_RESTARTED", timeout=60, device="magic")
+    r["remotes-at-end"] = await qmp.execute("query-remote")
+    say("go")
+
     await con.wait_step("done")
     await finish(host, qmp, ev)
 

@@ -292,6 +292,11 @@ pub struct RingClient {
     /// ([`RingClient::load_mirrors`]); read once, so a remote that
     /// rewrites the table later changes nothing.
     mirrors: Vec<MirrorKey>,
+    /// Slots before this one have had their status looked at.
+    checked: u32,
+    /// Posted writes the device refused, not yet taken
+    /// ([`RingClient::take_refused_writes`]).
+    refused_writes: u64,
 }
 
 /// A mirrored register: BAR, offset, width.
@@ -364,6 +369,8 @@ pub fn create(timeout: Duration, poll: Duration) -> Result<(RingClient, RingFds)
             timeout,
             window: Window::new(poll),
             mirrors: Vec::new(),
+            checked: 0,
+            refused_writes: 0,
         },
         fds,
     ))
@@ -379,29 +386,58 @@ impl RingClient {
         Ok(tail)
     }
 
+    /// Counts the posted writes the device refused among the accesses
+    /// applied up to `tail` (each slot is looked at once, before it can be
+    /// used again: a slot is reused only after `tail` passed it).
+    fn check_applied(&mut self, tail: u32) {
+        while self.checked != tail {
+            let i = self.checked;
+            let kind = self.page.slot(i, F_KIND).load(Ordering::Relaxed) & 0xff;
+            if kind == KIND_WRITE
+                && self.page.slot(i, F_STATUS).load(Ordering::Acquire) == STATUS_ERROR
+            {
+                self.refused_writes += 1;
+            }
+            self.checked = i.wrapping_add(1);
+        }
+    }
+
+    /// How many posted writes the device refused since the last call
+    /// (known once they were applied: after any later wait, or
+    /// [`drain`](Self::drain)).
+    pub fn take_refused_writes(&mut self) -> u64 {
+        std::mem::take(&mut self.refused_writes)
+    }
+
     /// Waits until `done(tail)`; `give_up` is asked while waiting.
     fn wait(
         &mut self,
         done: impl Fn(u32) -> bool,
         give_up: &dyn Fn() -> bool,
     ) -> Result<(), RingError> {
-        if done(self.tail()?) {
+        let t = self.tail()?;
+        if done(t) {
+            self.check_applied(t);
             return Ok(());
         }
         let start = Instant::now();
         let window = self.window.current;
         while start.elapsed() < window {
             std::thread::yield_now();
-            if done(self.tail()?) {
+            let t = self.tail()?;
+            if done(t) {
+                self.check_applied(t);
                 return Ok(());
             }
         }
         let flag = self.page.word(OFF_CLIENT_SLEEPING);
         loop {
             flag.store(1, Ordering::SeqCst);
-            if done(self.tail()?) {
+            let t = self.tail()?;
+            if done(t) {
                 flag.store(0, Ordering::Relaxed);
                 self.window.slept(start.elapsed());
+                self.check_applied(t);
                 return Ok(());
             }
             if give_up() {
@@ -568,6 +604,22 @@ pub struct RingServer {
     tail: u32,
     window: Window,
     mirrors: Vec<MirrorKey>,
+    /// The last sleep ended with nothing to do: the next goes straight
+    /// back to sleep, without the poll window (an idle ring costs one
+    /// wakeup per stop check, not a spin each time).
+    dozing: bool,
+}
+
+/// Wakes a ring's server out of its sleep (to look at its stop flag).
+#[derive(Clone)]
+pub struct RingWaker {
+    kick: std::sync::Arc<OwnedFd>,
+}
+
+impl RingWaker {
+    pub fn wake(&self) {
+        signal(self.kick.as_fd());
+    }
 }
 
 /// Whether the VMM's published accesses have all been applied (for the
@@ -627,7 +679,15 @@ impl RingServer {
             tail,
             window: Window::new(poll),
             mirrors: Vec::new(),
+            dozing: false,
         })
+    }
+
+    /// What wakes this server from another thread.
+    pub fn waker(&self) -> RingWaker {
+        RingWaker {
+            kick: self.kick.clone(),
+        }
     }
 
     /// Declares the mirrored registers (before the VMM is told the ring is
@@ -769,10 +829,12 @@ impl RingServer {
         // flag: one of the two sees the other).
         let pending =
             |s: &Self| s.page.word(OFF_HEAD).load(Ordering::SeqCst) != s.tail || s.stale();
-        while start.elapsed() < self.window.current {
-            std::thread::yield_now();
-            if pending(self) {
-                return;
+        if !self.dozing {
+            while start.elapsed() < self.window.current {
+                std::thread::yield_now();
+                if pending(self) {
+                    return;
+                }
             }
         }
         let flag = self.page.word(OFF_SERVER_SLEEPING);
@@ -784,6 +846,9 @@ impl RingServer {
         flag.store(0, Ordering::Relaxed);
         if pending(self) {
             self.window.slept(start.elapsed());
+            self.dozing = false;
+        } else {
+            self.dozing = true;
         }
     }
 }

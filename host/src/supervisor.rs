@@ -456,6 +456,12 @@ impl Remote {
 
     /// `DEVICE_FAILED` once for each device the remote says has failed
     /// (its plugin panicked; the remote keeps serving the others).
+    /// Forgets that `device` was reported failed (it was restarted: a
+    /// failure of the new instance is news).
+    pub fn forget_failure(&self, device: &str) {
+        lock(&self.reported_failures).remove(device);
+    }
+
     fn report_failures(&self, status: &Value, events: &qmp::EventSender) {
         let Some(failed) = status.get("failed").and_then(Value::as_array) else {
             return;

@@ -343,6 +343,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
     ));
     monitor.arm_recovery();
     monitor.arm_hotplug();
+    monitor.arm_device_recovery();
     drop(supervised);
     let server = match &qmp_path {
         Some(path) => {

@@ -99,11 +99,15 @@ struct ClientSlot {
     stream: UnixStream,
 }
 
+/// Hears every event emitted, in the emitting thread (keep it short).
+pub type EventListener = Arc<dyn Fn(&str, &Value) + Send + Sync>;
+
 #[derive(Default)]
 struct Hub {
     clients: Mutex<HashMap<u64, ClientSlot>>,
     next_client: AtomicU64,
     next_server: AtomicU64,
+    listeners: Mutex<Vec<EventListener>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -151,7 +155,18 @@ impl EventSender {
     /// was. `data` should be an object; `Value::Null` leaves `data` out (as
     /// QEMU does for events without data, e.g. `STOP`). Never blocks on a
     /// client: one that is too far behind is disconnected instead.
+    /// Adds a listener inside this process: it hears every event before
+    /// the clients do (the VMM reacts to its own events this way, e.g. a
+    /// device's failure).
+    pub fn listen(&self, f: EventListener) {
+        lock(&self.hub.listeners).push(f);
+    }
+
     pub fn emit(&self, name: &str, data: Value) -> usize {
+        let listeners = lock(&self.hub.listeners).clone();
+        for l in &listeners {
+            l(name, &data);
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();

@@ -15,13 +15,15 @@ use channel::ring::{Access, MirrorKey, RingFds, RingServer};
 
 use crate::devices::RemoteDevice;
 
-/// How often an idle ring thread looks at its stop flag.
-const STOP_CHECK: Duration = Duration::from_millis(100);
+/// How often an idle ring thread wakes by itself (stopping it wakes it at
+/// once): once a second is all an idle device costs.
+const STOP_CHECK: Duration = Duration::from_secs(1);
 
-/// A device's ring thread. Dropping it asks the thread to stop (within
-/// [`STOP_CHECK`]) without waiting; [`RingThread::stop`] waits.
+/// A device's ring thread. Dropping it asks the thread to stop (and wakes
+/// it) without waiting; [`RingThread::stop`] waits.
 pub struct RingThread {
     stop: Arc<AtomicBool>,
+    waker: channel::ring::RingWaker,
     thread: Option<JoinHandle<()>>,
     dev: Arc<RemoteDevice>,
     /// Whether the VMM's accesses are all applied.
@@ -46,6 +48,7 @@ pub fn start(dev: Arc<RemoteDevice>, fds: RingFds, poll: Duration) -> Result<Rin
         .collect();
     server.set_mirrors(&keys);
     let watch = server.watch();
+    let waker = server.waker();
     if !keys.is_empty() {
         dev.mirrors.attach(Some(server.invalidator()));
         tracing::info!(device = %dev.id, mirrors = keys.len(), "mirrored registers on the ring");
@@ -73,6 +76,7 @@ pub fn start(dev: Arc<RemoteDevice>, fds: RingFds, poll: Duration) -> Result<Rin
         .map_err(|e| format!("device `{id}`: cannot start its ring thread: {e}"))?;
     Ok(RingThread {
         stop,
+        waker,
         thread: Some(thread),
         dev: served,
         watch,
@@ -84,6 +88,7 @@ impl RingThread {
     /// never returns leaves it running).
     pub fn stop(mut self, within: Duration) -> bool {
         self.stop.store(true, Ordering::Relaxed);
+        self.waker.wake();
         self.dev.mirrors.attach(None);
         let Some(thread) = self.thread.take() else {
             return true;
@@ -97,6 +102,7 @@ impl Drop for RingThread {
     /// serve the device forever.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.waker.wake();
         self.dev.mirrors.attach(None);
     }
 }

@@ -54,9 +54,9 @@ fn plugins_lists_good_and_reports_incompatible() {
         "{stdout}"
     );
     assert!(
-        stdout
-            .lines()
-            .any(|l| l.starts_with("faulty-plugin\t0.1.0\tfails,panics,panics-on-read,escapes\t")),
+        stdout.lines().any(|l| l.starts_with(
+            "faulty-plugin\t0.1.0\tfails,panics,panics-on-read,panics-on-magic,escapes\t"
+        )),
         "{stdout}"
     );
     let bad = stdout

@@ -403,3 +403,60 @@ fn a_device_that_refuses_a_mirrored_read_ends_the_mirrors() {
     stop.store(true, Ordering::Relaxed);
     t.join().unwrap();
 }
+
+#[test]
+fn refused_posted_writes_are_counted_once_applied() {
+    let (mut client, fds) = create(Duration::from_secs(10), Duration::from_micros(50)).unwrap();
+    let regs = Arc::new(Mutex::new(Regs::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = serve(fds, regs, stop.clone());
+    // Offsets past the 16 registers are refused by the device.
+    for off in [0u64, 0x100, 4, 0x104, 8] {
+        client.write(1, off, &1u32.to_le_bytes(), &never).unwrap();
+    }
+    client.drain(&never).unwrap();
+    assert_eq!(client.take_refused_writes(), 2);
+    assert_eq!(client.take_refused_writes(), 0, "taken once");
+    // A refused read is the read's own error, not a refused write.
+    let mut b = [0u8; 4];
+    assert!(client.read(1, 0x100, &mut b, &never).is_err());
+    client.drain(&never).unwrap();
+    assert_eq!(client.take_refused_writes(), 0);
+    // Many more than the ring holds: each slot is looked at before reuse.
+    for i in 0..(3 * SLOTS as u64) {
+        let off = if i % 7 == 0 { 0x200 } else { 0 };
+        client.write(1, off, &1u32.to_le_bytes(), &never).unwrap();
+    }
+    client.drain(&never).unwrap();
+    assert_eq!(
+        client.take_refused_writes(),
+        (0..3 * SLOTS as u64).filter(|i| i % 7 == 0).count() as u64
+    );
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_sleeping_server_is_woken_to_stop() {
+    let (_client, fds) = create(Duration::from_secs(10), Duration::from_micros(50)).unwrap();
+    let mut server = RingServer::new(fds, Duration::from_micros(50)).unwrap();
+    let waker = server.waker();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let t = std::thread::spawn(move || {
+        // A stop check far longer than the test's patience.
+        server.serve(
+            &|| flag.load(Ordering::Relaxed),
+            Duration::from_secs(600),
+            |_, _, _, _| true,
+        );
+    });
+    stop.store(true, Ordering::Relaxed);
+    waker.wake();
+    let t0 = Instant::now();
+    while !t.is_finished() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "not woken");
+        std::thread::yield_now();
+    }
+    t.join().unwrap();
+}

@@ -11,6 +11,7 @@
 //!   `block_resize`;
 //! - `restart.rs`, `remote-restart`.
 
+mod device_recovery;
 mod devices;
 mod drives;
 mod pcihp;

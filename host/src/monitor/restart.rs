@@ -142,33 +142,8 @@ impl Monitor {
                 problems.push(format!("{}: {e}", a.id));
             }
         }
-        // Drives: the restarted controller has its config drives again;
-        // make its targets what the operator left them.
         let devices = new.device_ids();
-        let nodes: Vec<(String, Node)> = lock(&self.nodes)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for (name, node) in nodes {
-            let op = match (&node.attached, &node.from_config) {
-                // Attached with device_add scsi-hd: attach it again.
-                (Some(a), None) if devices.contains(&a.controller) => (
-                    a.controller.clone(),
-                    "drive-add",
-                    json!({"id": name, "file": node.file, "scsi-id": a.scsi_id, "lun": 0,
-                           "read-only": node.read_only}),
-                ),
-                // A config drive the operator removed: remove it again.
-                (None, Some((controller, scsi_id))) if devices.contains(controller) => {
-                    (controller.clone(), "drive-del", json!({"scsi-id": scsi_id}))
-                }
-                _ => continue,
-            };
-            let (controller, control, args) = op;
-            if let Err(e) = new.with_control(|c| c.device_control(&controller, control, args)) {
-                problems.push(format!("drive {name}: {e}"));
-            }
-        }
+        problems.extend(self.reattach_drives(&new, &devices));
         // The saved states, now that the devices have their drives again.
         let mut kept = Vec::new();
         for (dev, state) in states {
@@ -211,6 +186,42 @@ impl Monitor {
         for r in lock(&self.remotes).iter() {
             r.stopped();
         }
+    }
+
+    /// Drives of remade `controllers` (in `remote`): each has its config
+    /// drives again; make its targets what the operator left them. Returns
+    /// what could not be done.
+    pub(super) fn reattach_drives(
+        &self,
+        remote: &Arc<Remote>,
+        controllers: &[String],
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        let nodes: Vec<(String, Node)> = lock(&self.nodes)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, node) in nodes {
+            let op = match (&node.attached, &node.from_config) {
+                // Attached with device_add scsi-hd: attach it again.
+                (Some(a), None) if controllers.contains(&a.controller) => (
+                    a.controller.clone(),
+                    "drive-add",
+                    json!({"id": name, "file": node.file, "scsi-id": a.scsi_id, "lun": 0,
+                           "read-only": node.read_only}),
+                ),
+                // A config drive the operator removed: remove it again.
+                (None, Some((controller, scsi_id))) if controllers.contains(controller) => {
+                    (controller.clone(), "drive-del", json!({"scsi-id": scsi_id}))
+                }
+                _ => continue,
+            };
+            let (controller, control, args) = op;
+            if let Err(e) = remote.with_control(|c| c.device_control(&controller, control, args)) {
+                problems.push(format!("drive {name}: {e}"));
+            }
+        }
+        problems
     }
 
     /// Puts a restarted remote's proxy in the slot its predecessor had.

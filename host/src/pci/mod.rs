@@ -58,4 +58,8 @@ pub trait PciDevice: Send {
     fn failed(&mut self) -> bool {
         false
     }
+    /// Waits until every access the function took is applied and counts
+    /// those the device refused as never having reached it (before its
+    /// saved state is judged current: a device restart).
+    fn settle(&mut self) {}
 }

@@ -117,8 +117,9 @@ pub struct PciRoot {
     /// and freed space is not reused).
     cursor: Mutex<(u64, u64)>,
     /// Slots whose function is being brought back (its remote restarts),
-    /// each until a deadline: accesses to them wait ([`Self::hold`]).
-    held: Mutex<std::collections::BTreeMap<u8, Instant>>,
+    /// each until a deadline, and whether a failed access is made again:
+    /// accesses to them wait ([`Self::hold`]).
+    held: Mutex<std::collections::BTreeMap<u8, (Instant, bool)>>,
     held_changed: Condvar,
     /// Whether any slot is held (the one check an access pays otherwise).
     any_held: AtomicBool,
@@ -165,10 +166,21 @@ impl PciRoot {
     /// slot. This is how a remote's restart is a pause to the guest, not
     /// an error.
     pub fn hold(&self, slots: &[u8], limit: Duration) {
+        self.hold_with(slots, limit, true);
+    }
+
+    /// [`hold`](Self::hold), except that an access that failed is not made
+    /// again: for a device whose plugin failed on a request, which must not
+    /// be sent to its new instance.
+    pub fn hold_without_retry(&self, slots: &[u8], limit: Duration) {
+        self.hold_with(slots, limit, false);
+    }
+
+    fn hold_with(&self, slots: &[u8], limit: Duration, retry: bool) {
         let deadline = Instant::now() + limit;
         let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
         for &s in slots {
-            h.insert(s, deadline);
+            h.insert(s, (deadline, retry));
         }
         self.any_held.store(!h.is_empty(), Ordering::Release);
     }
@@ -184,14 +196,15 @@ impl PciRoot {
         self.held_changed.notify_all();
     }
 
-    /// Whether `slot` is held now (a hold past its deadline is dropped).
+    /// Whether `slot` is held now so that a failed access is made again
+    /// (a hold past its deadline is dropped).
     fn is_held(&self, slot: u8) -> bool {
         if !self.any_held.load(Ordering::Acquire) {
             return false;
         }
         let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
         match h.get(&slot) {
-            Some(&d) if Instant::now() < d => true,
+            Some(&(d, retry)) if Instant::now() < d => retry,
             Some(_) => {
                 h.remove(&slot);
                 self.any_held.store(!h.is_empty(), Ordering::Release);
@@ -207,7 +220,7 @@ impl PciRoot {
             return;
         }
         let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(&deadline) = h.get(&slot) {
+        while let Some(&(deadline, _)) = h.get(&slot) {
             let now = Instant::now();
             if now >= deadline {
                 h.remove(&slot);

@@ -3,6 +3,10 @@
 //! - `fails`: the constructor returns an error.
 //! - `panics`: the constructor panics.
 //! - `panics-on-read`: a working device whose BAR reads panic.
+//! - `panics-on-magic`: a working device (offset 0: an ID, 0xfa17_0001;
+//!   offset 4: a scratch register) whose plugin panics when 0xdead is
+//!   written at offset 8: one bad request, as a guest could send a buggy
+//!   plugin.
 //! - `escapes`: a device whose BAR reads try what a subverted device would
 //!   (run a program, open a network socket), and a UNIX socketpair as a
 //!   control: each read returns 1 if the attempt worked, 2 if refused.
@@ -54,6 +58,62 @@ impl Device for PanicsOnRead {
     fn reset(&mut self) {}
 }
 
+fn panics_on_magic(_settings: &str, _host: Host) -> Result<Box<dyn Device>, String> {
+    Ok(Box::new(PanicsOnMagic { scratch: 0 }))
+}
+
+/// `panics-on-magic`'s ID register.
+pub const MAGIC_ID: u32 = 0xfa17_0001;
+
+struct PanicsOnMagic {
+    scratch: u32,
+}
+
+impl Device for PanicsOnMagic {
+    fn describe(&self) -> DeviceDesc {
+        one_bar_device(0xfa17, 0)
+    }
+
+    fn bar_read(&mut self, _bar: u8, offset: u64, data: &mut [u8]) {
+        let v = match offset {
+            0 => MAGIC_ID,
+            4 => self.scratch,
+            _ => 0,
+        };
+        let b = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&b[..n]);
+    }
+
+    fn bar_write(&mut self, _bar: u8, offset: u64, data: &[u8]) {
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(b);
+        match offset {
+            4 => self.scratch = v,
+            8 if v == 0xdead => panic!("magic write: the plugin's bug"),
+            _ => {}
+        }
+    }
+
+    fn reset(&mut self) {
+        self.scratch = 0;
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+        Ok(self.scratch.to_le_bytes().to_vec())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let b: [u8; 4] = state
+            .try_into()
+            .map_err(|_| format!("state is {} bytes, expected 4", state.len()))?;
+        self.scratch = u32::from_le_bytes(b);
+        Ok(())
+    }
+}
+
 fn escapes(_settings: &str, _host: Host) -> Result<Box<dyn Device>, String> {
     Ok(Box::new(Escapes))
 }
@@ -98,6 +158,7 @@ plugin_api::export_plugin! {
         "fails" => fails,
         "panics" => panics,
         "panics-on-read" => panics_on_read,
+        "panics-on-magic" => panics_on_magic,
         "escapes" => escapes,
     },
 }

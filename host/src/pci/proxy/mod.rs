@@ -163,6 +163,15 @@ impl ProxyFunction {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
+    /// The access just counted by [`reached`](Self::reached) failed: to
+    /// the device's saved state it never happened (a restart restores the
+    /// state from before it; whole-remote restarts make it again, device
+    /// restarts drop it as the request that broke the plugin).
+    fn not_reached(&self) {
+        self.activity
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// Whether BAR accesses take the fast path.
     pub fn has_ring(&self) -> bool {
         self.ring.is_some()
@@ -187,6 +196,8 @@ impl ProxyFunction {
         };
         let r = ring.drain(&Self::give_up(&self.remote_failed));
         if let Err(e) = r {
+            // A posted access failed (see `not_reached`).
+            self.not_reached();
             self.fail("access ring", &e);
             return false;
         }
@@ -260,6 +271,18 @@ impl PciDevice for ProxyFunction {
         self.unusable()
     }
 
+    fn settle(&mut self) {
+        let Some(ring) = self.ring.as_mut() else {
+            return;
+        };
+        // The remote still runs (only the device failed): its ring thread
+        // applies, or refuses, what is published.
+        let _ = ring.drain(&Self::give_up(&self.remote_failed));
+        for _ in 0..ring.take_refused_writes() {
+            self.not_reached();
+        }
+    }
+
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
         self.stats.config_reads += 1;
         if self.unusable() || !self.drain_ring() {
@@ -311,6 +334,7 @@ impl PciDevice for ProxyFunction {
         self.stats.read(bar, offset, data.len(), t.elapsed());
         if let Err(e) = r {
             data.fill(0xff);
+            self.not_reached();
             self.fail("BAR read", &e);
         }
     }
@@ -328,6 +352,7 @@ impl PciDevice for ProxyFunction {
             None => self.transport.bar_write(target, offset, data),
         };
         if let Err(e) = r {
+            self.not_reached();
             self.fail("BAR write", &e);
         }
     }
