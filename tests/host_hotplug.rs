@@ -25,19 +25,17 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::fs;
-use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use system_tests::{
-    guest_pattern, host_data, make_lsi_image, parse_hex, prepare_lsi_vm, run_qmp_driver, BLOCK,
+    guest_pattern, host_data, make_lsi_image, make_second_disk, parse_hex, prepare_lsi_vm,
+    run_qmp_driver, sdb_write_and_read_job, BLOCK, SDB_GUEST_OFF,
 };
 use testenv::{require_env, target_bin};
 
 const QMP_SOCKET: &str = "/tmp/host-hotplug/qmp.sock";
 const DISK1_SIZE: u64 = 32 << 20;
-const SDB_GUEST_OFF: u64 = 1 << 20;
-const SDB_HOST_OFF: u64 = 2 << 20;
 
 fn config(kernel: &Path) -> String {
     format!(
@@ -102,12 +100,7 @@ step ready
 waitfor '[ -e /sys/block/sdb ]' || {{ echo "no sdb without a rescan"; ls /sys/bus/pci/devices; exit 2; }}
 dev sdb
 echo "sdb_sectors=$(cat /sys/block/sdb/size)"
-j=0; while [ $j -lt 128 ]; do printf 'TESTENV-GUEST-PATTERN-%09d\n' $j; j=$((j+1)); done > /tmp/pat
-dd if=/tmp/pat of=/dev/sdb bs={BLOCK} seek={gseek} count=1 oflag=direct conv=notrunc 2>/dev/null || exit 3
-echo "SDB-HOST-BEGIN"
-dd if=/dev/sdb bs={BLOCK} skip={hskip} count=1 iflag=direct 2>/dev/null | od -A n -t x1 -v || exit 4
-echo "SDB-HOST-END"
-step sdb-used
+{sdb}step sdb-used
 
 waitfor '[ ! -e /sys/bus/pci/devices/0000:00:06.0 ]' && echo "lsi1-released"
 [ -e /sys/block/sdb ] && echo "sdb-still-there" || echo "sdb-gone"
@@ -136,8 +129,7 @@ echo "magic_after=$(devmem $m 32) scratch_after=$(devmem $((m + 4)) 32)"
 echo "dma5_after=$(devmem $d 32)"
 echo "STEP done"
 "#,
-        gseek = SDB_GUEST_OFF / BLOCK as u64,
-        hskip = SDB_HOST_OFF / BLOCK as u64,
+        sdb = sdb_write_and_read_job(),
     )
 }
 
@@ -151,10 +143,7 @@ fn acpi_pci_hotplug_without_a_rescan() {
     target_bin("libdma_example.so").unwrap();
     make_lsi_image(&dir.join("disk0.img"));
     {
-        let mut f = fs::File::create(dir.join("disk1.img")).unwrap();
-        f.set_len(DISK1_SIZE).unwrap();
-        f.seek(SeekFrom::Start(SDB_HOST_OFF)).unwrap();
-        f.write_all(&host_data()).unwrap();
+        make_second_disk(&dir.join("disk1.img"), DISK1_SIZE);
     }
     fs::write(dir.join("vm.toml"), config(&env.kernel)).unwrap();
     target_bin("libfaulty_plugin.so").unwrap();

@@ -40,12 +40,12 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::fs;
-use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use system_tests::{
-    guest_pattern, host_data, make_lsi_image, parse_hex, prepare_lsi_vm, run_qmp_driver, BLOCK,
+    guest_pattern, host_data, make_lsi_image, make_second_disk, parse_hex, prepare_lsi_vm,
+    run_qmp_driver, sdb_write_and_read_job, BLOCK, SDB_GUEST_OFF,
 };
 use testenv::{require_env, target_bin};
 
@@ -53,9 +53,6 @@ use testenv::{require_env, target_bin};
 const QMP_SOCKET: &str = "/tmp/host-qmp/qmp.sock";
 const DISK1_SIZE: u64 = 32 << 20;
 const DISK1_RESIZED: u64 = 48 << 20;
-/// Where the guest writes on sdb, and where the host put data for it.
-const SDB_GUEST_OFF: u64 = 1 << 20;
-const SDB_HOST_OFF: u64 = 2 << 20;
 
 fn config(kernel: &Path) -> String {
     format!(
@@ -132,12 +129,7 @@ i=0; while [ ! -e /sys/block/sdb ] && [ $i -lt 300 ]; do scan; sleep 0.2; i=$((i
 [ -e /sys/block/sdb ] || {{ echo "no sdb"; exit 2; }}
 dev sdb
 echo "sdb_sectors=$(cat /sys/block/sdb/size)"
-j=0; while [ $j -lt 128 ]; do printf 'TESTENV-GUEST-PATTERN-%09d\n' $j; j=$((j+1)); done > /tmp/pat
-dd if=/tmp/pat of=/dev/sdb bs={BLOCK} seek={gseek} count=1 oflag=direct conv=notrunc 2>/dev/null || exit 3
-echo "SDB-HOST-BEGIN"
-dd if=/dev/sdb bs={BLOCK} skip={hskip} count=1 iflag=direct 2>/dev/null | od -A n -t x1 -v || exit 4
-echo "SDB-HOST-END"
-step sdb-written
+{sdb}step sdb-written
 
 t=$(ls -d /sys/class/scsi_device/*:0:1:0)
 old=$(cat /sys/block/sdb/size)
@@ -198,8 +190,7 @@ for d in /sys/class/input/input*; do [ "$(cat $d/name)" = "Power Button" ] && pb
 echo "STEP power-button"
 dd if=/dev/input/$pb of=/dev/null bs=24 count=1 2>/dev/null && echo "power-button-pressed"
 "#,
-        gseek = SDB_GUEST_OFF / BLOCK as u64,
-        hskip = SDB_HOST_OFF / BLOCK as u64,
+        sdb = sdb_write_and_read_job(),
     )
 }
 
@@ -223,10 +214,7 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
     target_bin("libdma_example.so").unwrap();
     make_lsi_image(&dir.join("disk0.img"));
     {
-        let mut f = fs::File::create(dir.join("disk1.img")).unwrap();
-        f.set_len(DISK1_SIZE).unwrap();
-        f.seek(SeekFrom::Start(SDB_HOST_OFF)).unwrap();
-        f.write_all(&host_data()).unwrap();
+        make_second_disk(&dir.join("disk1.img"), DISK1_SIZE);
     }
     let cfg = dir.join("vm.toml");
     fs::write(&cfg, config(&env.kernel)).unwrap();

@@ -60,6 +60,37 @@ pub fn lsi_job_modules() -> Vec<&'static str> {
     m
 }
 
+/// Where the second-disk jobs (tests/host_qmp.rs, tests/host_hotplug.rs)
+/// write the guest pattern on sdb, and where the host put its data.
+pub const SDB_GUEST_OFF: u64 = 1 << 20;
+pub const SDB_HOST_OFF: u64 = 2 << 20;
+
+/// A second raw image of `size` bytes with the host's data at
+/// [`SDB_HOST_OFF`].
+pub fn make_second_disk(image: &Path, size: u64) {
+    let mut f = fs::File::create(image).unwrap();
+    f.set_len(size).unwrap();
+    f.seek(SeekFrom::Start(SDB_HOST_OFF)).unwrap();
+    f.write_all(&host_data()).unwrap();
+}
+
+/// Guest shell lines: write the guest pattern on /dev/sdb at
+/// [`SDB_GUEST_OFF`] (direct I/O, exit 3 on failure), then print the
+/// host's block at [`SDB_HOST_OFF`] in hex between `SDB-HOST-BEGIN` and
+/// `SDB-HOST-END` (exit 4).
+pub fn sdb_write_and_read_job() -> String {
+    format!(
+        r#"j=0; while [ $j -lt 128 ]; do printf 'TESTENV-GUEST-PATTERN-%09d\n' $j; j=$((j+1)); done > /tmp/pat
+dd if=/tmp/pat of=/dev/sdb bs={BLOCK} seek={gseek} count=1 oflag=direct conv=notrunc 2>/dev/null || exit 3
+echo "SDB-HOST-BEGIN"
+dd if=/dev/sdb bs={BLOCK} skip={hskip} count=1 iflag=direct 2>/dev/null | od -A n -t x1 -v || exit 4
+echo "SDB-HOST-END"
+"#,
+        gseek = SDB_GUEST_OFF / BLOCK as u64,
+        hskip = SDB_HOST_OFF / BLOCK as u64,
+    )
+}
+
 /// Creates the raw image with host-written data at HOST_OFF.
 pub fn make_lsi_image(image: &Path) {
     let mut f = fs::File::create(image).unwrap();

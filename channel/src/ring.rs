@@ -550,6 +550,14 @@ impl RingClient {
         Ok(&self.mirrors)
     }
 
+    /// Whether the remote declared this register mirrored: a read of it
+    /// has no side effect on the device.
+    pub fn is_mirrored(&self, bar: u8, offset: u64, len: usize) -> bool {
+        self.mirrors
+            .iter()
+            .any(|k| k.bar == bar && k.offset == offset && usize::from(k.len) == len)
+    }
+
     /// Answers a read from its mirror when there is one and it is current
     /// (see the module docs); `false`: the read must go through the ring.
     pub fn read_mirror(&self, bar: u8, offset: u64, data: &mut [u8]) -> bool {

@@ -74,6 +74,8 @@ pub struct Remote {
     pub fast_path: bool,
     /// Set once the remote died or hung; shared with its proxies.
     pub failed: Arc<AtomicBool>,
+    /// When this process (or connection) was set up.
+    pub started: Instant,
     status: Mutex<Status>,
     control: Mutex<Option<ControlClient>>,
     /// Device ids it serves (PCI functions), with a duplicate of each
@@ -148,6 +150,7 @@ impl Remote {
             timeout: Duration::from_millis(cfg.timeout_ms),
             fast_path: cfg.fast_path,
             failed: Arc::new(AtomicBool::new(false)),
+            started: Instant::now(),
             status: Mutex::new(Status {
                 state: RemoteState::Starting,
                 last_heartbeat: None,

@@ -449,12 +449,12 @@ fn main() -> ExitCode {
 
 fn run() -> Result<ExitCode> {
     let mode = std::env::args().nth(1).unwrap_or_default();
-    if mode != "check" && mode != "bench" && mode != "profile" {
-        bail!("usage: lsi-compare check|bench|profile");
+    if !["check", "bench", "profile", "idle"].contains(&mode.as_str()) {
+        bail!("usage: lsi-compare check|bench|profile|idle");
     }
     let env = Env::load_default().context("test environment (run `testenv prepare`)")?;
-    if mode == "profile" {
-        return profile(&env);
+    if mode == "profile" || mode == "idle" {
+        return profile(&env, mode == "idle");
     }
     let dir = work_dir("lsi-compare")?;
     let mut failed = 0;
@@ -717,7 +717,8 @@ fn work_dir(name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn profile(env: &Env) -> Result<ExitCode> {
+/// `idle_only`: only the idle table (`scripts/bench-lsi idle`).
+fn profile(env: &Env, idle_only: bool) -> Result<ExitCode> {
     std::env::set_var("HOST_STATS", "1");
     let dir = work_dir("lsi-profile")?;
     // (variant, job) → (registers, guest seconds of the I/O phase)
@@ -728,10 +729,15 @@ fn profile(env: &Env) -> Result<ExitCode> {
         Variant::HostRemoteSocket,
         Variant::HostInProcess,
     ] {
-        for kind in ["idle"]
-            .into_iter()
-            .chain(PROFILE_KINDS.iter().map(|k| k.0))
-        {
+        let kinds = if idle_only {
+            &[][..]
+        } else {
+            &PROFILE_KINDS[..]
+        };
+        for kind in ["idle"].into_iter().chain(kinds.iter().map(|k| k.0)) {
+            if idle_only {
+                break;
+            }
             let image = dir.join(format!("{}-{kind}.img", v.name()));
             make_lsi_image(&image);
             let r = run_host(env, v, &image, &profile_job(kind), &dir)?;
@@ -765,7 +771,12 @@ fn profile(env: &Env) -> Result<ExitCode> {
         Variant::HostRemoteSocket,
         Variant::HostInProcess,
     ];
-    for (kind, ios, what) in PROFILE_KINDS {
+    let kinds = if idle_only {
+        &[][..]
+    } else {
+        &PROFILE_KINDS[..]
+    };
+    for &(kind, ios, what) in kinds {
         let n = f64::from(ios);
         println!("\nOne {what} at queue depth 1 (over {ios} I/Os):");
         let (Some((idle, _)), Some((job, _))) = (

@@ -206,10 +206,8 @@ impl Monitor {
         let remote = self
             .bus
             .pci
-            .functions()
-            .into_iter()
-            .find(|f| f.slot == slot)
-            .and_then(|f| f.label.remote)
+            .label_of(slot)
+            .and_then(|l| l.remote)
             .and_then(|rid| self.remote(&rid).ok());
         if let Some(r) = &remote {
             r.remove_device(id);

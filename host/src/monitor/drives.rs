@@ -91,13 +91,7 @@ impl Monitor {
         let Some(slot) = self.bus.pci.slot_of(controller) else {
             return Err(QmpError::device_not_found(controller));
         };
-        let remote = self
-            .bus
-            .pci
-            .functions()
-            .into_iter()
-            .find(|f| f.slot == slot)
-            .and_then(|f| f.label.remote);
+        let remote = self.bus.pci.label_of(slot).and_then(|l| l.remote);
         match remote {
             Some(rid) => {
                 let r = self.remote(&rid)?;

@@ -78,14 +78,7 @@ impl Monitor {
     fn ejected(&self, slot: u8) {
         let _one = lock(&self.hotplug);
         let asked = lock(&self.unplugging).remove(&slot);
-        let Some(id) = self
-            .bus
-            .pci
-            .functions()
-            .into_iter()
-            .find(|f| f.slot == slot)
-            .map(|f| f.label.id)
-        else {
+        let Some(id) = self.bus.pci.label_of(slot).map(|l| l.id) else {
             return;
         };
         if asked.is_none() {

@@ -22,6 +22,9 @@ use crate::supervisor::{Failure, RemoteState};
 const WINDOW: Duration = Duration::from_secs(60);
 /// The longest wait before a restart.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A remote that ran this long before it failed is restarted at once: the
+/// back-off is for one that fails again as soon as it starts.
+const STABLE_RUN: Duration = Duration::from_secs(1);
 /// How long a vCPU waits for a restarting remote's function beyond the
 /// back-off, before it gets all-ones (a failed restart ends the wait at
 /// once).
@@ -122,7 +125,11 @@ impl Monitor {
                     .emit("REMOTE_FAILED", json!({"id": id, "reason": why}));
                 return;
             }
-            let wait = backoff(recent.len());
+            let wait = if failed.started.elapsed() >= STABLE_RUN {
+                Duration::ZERO
+            } else {
+                backoff(recent.len())
+            };
             recent.push(Instant::now());
             wait
         };
@@ -170,14 +177,16 @@ impl Drop for Released<'_> {
 }
 
 impl Monitor {
-    /// The slots of the functions remote `id` serves.
+    /// The slots of the functions remote `id` serves. Never waits on a
+    /// function: it runs in the failure hook, while a vCPU may still wait
+    /// on the failed remote holding its function.
     pub(super) fn slots_of(&self, id: &str) -> Vec<u8> {
         self.bus
             .pci
-            .functions()
+            .labels()
             .into_iter()
-            .filter(|f| f.label.remote.as_deref() == Some(id))
-            .map(|f| f.slot)
+            .filter(|(_, l)| l.remote.as_deref() == Some(id))
+            .map(|(slot, _)| slot)
             .collect()
     }
 }

@@ -279,6 +279,24 @@ impl PciRoot {
         Ok(())
     }
 
+    /// Every function's slot and label, without touching the functions
+    /// (a vCPU may hold one, waiting on its remote).
+    pub fn labels(&self) -> Vec<(u8, SlotLabel)> {
+        self.slots()
+            .iter()
+            .filter(|s| s.slot != 0)
+            .map(|s| (s.slot, s.label.clone()))
+            .collect()
+    }
+
+    /// The label (id, remote) of the function at `slot`.
+    pub fn label_of(&self, slot: u8) -> Option<SlotLabel> {
+        self.slots()
+            .iter()
+            .find(|s| s.slot == slot && slot != 0)
+            .map(|s| s.label.clone())
+    }
+
     /// The slot of the function named `id`.
     pub fn slot_of(&self, id: &str) -> Option<u8> {
         self.slots()

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Drives the VM of tests/host_chaos.rs: while the guest reads a register
+of a device in a remote over and over, the remote is killed (SIGKILL) at
+random moments, CHAOS_KILLS times (default 3), and comes back by itself
+(`restart = "on-failure"`). Records each recovery time.
+
+Usage: chaos_driver.py HOST CONFIG QMP_SOCKET CONSOLE_LOG RESULTS_JSON
+"""
+
+import asyncio
+import os
+import random
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qmp_common import Console, Events, finish, results, run, save, start_vm  # noqa: E402
+
+
+async def running_pid(qmp, old):
+    """The `svc` remote's pid once a new process serves it (bounded)."""
+    for _ in range(300):
+        st = next(x for x in await qmp.execute("query-remote") if x["id"] == "svc")
+        if st["state"] == "running" and st["pid"] not in (None, old):
+            return st["pid"]
+        await asyncio.sleep(0.1)
+    raise TimeoutError("svc never ran again")
+
+
+async def main():
+    kills = int(os.environ.get("CHAOS_KILLS", "3"))
+    host, qmp, say = await start_vm("host-chaos-test")
+    ev = Events(qmp)
+    con = Console()
+    r = results["replies"]
+    await con.wait_step("reading")
+    st = next(x for x in await qmp.execute("query-remote") if x["id"] == "svc")
+    pid = st["pid"]
+    r["recovery-ms"] = []
+    rng = random.Random(1234)
+    for i in range(kills):
+        # 1-3 s apart, as issue 13's chaos test asks.
+        await asyncio.sleep(rng.uniform(1.0, 3.0))
+        os.kill(pid, signal.SIGKILL)
+        e = await ev.wait("REMOTE_RESTARTED", id="svc", timeout=60)
+        r["recovery-ms"].append(e["data"].get("recovery-ms"))
+        pid = await running_pid(qmp, pid)
+        save()
+    say("go")
+    await con.wait_step("done")
+    await finish(host, qmp, ev)
+
+
+run(main, "chaos_driver")
