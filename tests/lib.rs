@@ -245,12 +245,44 @@ pub fn run_qmp_driver(
     limit: std::time::Duration,
     logs: &[&str],
 ) -> DriverRun {
+    run_qmp_driver_with(env, name, driver, dir, qmp_socket, limit, logs, false)
+}
+
+/// [`run_qmp_driver`], optionally (`local_bins`) with `host`,
+/// `remote-host` and the plugins copied into L1's tmpfs first: L1 reaches
+/// this machine's files over 9p without a page cache, so every exec of a
+/// binary there (a remote restarted) pages it in over 9p again, which
+/// costs about a second in the nested environment and nothing on a real
+/// machine. Timing tests of restarts use it.
+#[allow(clippy::too_many_arguments)]
+pub fn run_qmp_driver_with(
+    env: &testenv::Env,
+    name: &str,
+    driver: &str,
+    dir: &Path,
+    qmp_socket: &str,
+    limit: std::time::Duration,
+    logs: &[&str],
+    local_bins: bool,
+) -> DriverRun {
     let python = python_with_qemu_qmp();
-    let host = testenv::target_bin("host").unwrap();
+    let built = testenv::target_bin("host").unwrap();
+    let (prelude, host) = if local_bins {
+        let from = built.parent().unwrap_or(Path::new("."));
+        (
+            format!(
+                "mkdir -p /tmp/bins && cp {f}/host {f}/remote-host {f}/lib*.so /tmp/bins/ && ",
+                f = from.display()
+            ),
+            std::path::PathBuf::from("/tmp/bins/host"),
+        )
+    } else {
+        (String::new(), built)
+    };
     let driver = testenv::workspace_root().join("tests").join(driver);
     let socket_dir = Path::new(qmp_socket).parent().unwrap_or(Path::new("/tmp"));
     let cmd = format!(
-        "mkdir -p {sd}; timeout {secs} {python} {driver} {host} {cfg} {qmp_socket} {console} {results}; echo DRIVER-EXIT=$?",
+        "{prelude}mkdir -p {sd}; timeout {secs} {python} {driver} {host} {cfg} {qmp_socket} {console} {results}; echo DRIVER-EXIT=$?",
         sd = socket_dir.display(),
         secs = limit.as_secs(),
         driver = driver.display(),
