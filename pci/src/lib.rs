@@ -6,6 +6,7 @@
 //! same everywhere.
 
 mod config_space;
+pub mod msix;
 
 pub use config_space::{
     BarAddress, BarRegion, BarSpec, BarType, ConfigSpace, ConfigWriteEffect, Identity, LayoutError,
