@@ -70,22 +70,13 @@ impl Monitor {
         {
             return;
         }
-        let key = format!("{remote_id}/{device}");
-        let limit = self.config.remote(remote_id).map_or(0, |r| r.restart_limit) as usize;
-        {
-            let mut all = lock(&self.restarts);
-            let recent = all.entry(key).or_default();
-            recent.retain(|t| t.elapsed() < std::time::Duration::from_secs(60));
-            if recent.len() >= limit {
-                let why = format!("{limit} restarts of the device within 60 s (restart-limit)");
-                eprintln!("host: device `{device}` failed again: {why}; left failed");
-                self.events.emit(
-                    "DEVICE_FAILED",
-                    json!({"device": device, "remote": remote_id, "reason": why}),
-                );
-                return;
-            }
-            recent.push(Instant::now());
+        if let Err(why) = self.count_restart(&format!("{remote_id}/{device}"), remote_id) {
+            eprintln!("host: device `{device}` failed again: {why}; left failed");
+            self.events.emit(
+                "DEVICE_FAILED",
+                json!({"device": device, "remote": remote_id, "reason": why}),
+            );
+            return;
         }
         match self.restart_device(remote_id, device, noticed) {
             Ok(kept) => {
@@ -145,21 +136,12 @@ impl Monitor {
         for problem in self.reattach_drives(&r, &[device.to_owned()]) {
             tracing::warn!("device {device}: {problem}");
         }
-        let kept = match state {
-            Some(state) => match r.with_control(|c| c.device_restore(device, &state)) {
-                Ok(()) => {
-                    if let Some(cp) = &r.checkpoints {
-                        cp.seed(device, state);
-                    }
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "device {device}: state not restored ({e}); it comes back reset"
-                    );
-                    false
-                }
-            },
+        let kept = match state.map(|s| self.restore_into(&r, device, s)) {
+            Some(Ok(())) => true,
+            Some(Err(e)) => {
+                tracing::warn!("device {device}: state not restored ({e}); it comes back reset");
+                false
+            }
             None => false,
         };
         tracing::info!(

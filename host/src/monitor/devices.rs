@@ -212,15 +212,11 @@ impl Monitor {
         if let Some(r) = &remote {
             r.remove_device(id);
         }
-        let label = self.bus.pci.remove(slot);
+        self.bus.pci.remove(slot);
         lock(&self.added).retain(|a| a.id != id);
-        if let Some(rid) = label.and_then(|l| l.remote) {
-            if let Ok(r) = self.remote(&rid) {
-                if r.has_control() {
-                    if let Err(e) = r.with_control(|c| c.device_del(id)) {
-                        tracing::warn!("device_del {id}: remote {rid}: {e}");
-                    }
-                }
+        if let Some(r) = remote.filter(|r| r.has_control()) {
+            if let Err(e) = r.with_control(|c| c.device_del(id)) {
+                tracing::warn!("device_del {id}: remote {}: {e}", r.id);
             }
         }
         self.events.emit(

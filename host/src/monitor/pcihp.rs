@@ -23,9 +23,8 @@ impl Monitor {
             return;
         };
         let (tx, rx) = mpsc::channel::<u32>();
-        let tx = std::sync::Mutex::new(tx);
         lock(pm).set_eject_sink(Box::new(move |slots| {
-            let _ = lock(&tx).send(slots);
+            let _ = tx.send(slots);
         }));
         let this = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()

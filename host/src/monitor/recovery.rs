@@ -107,31 +107,20 @@ impl Monitor {
     /// was replaced meanwhile, or the VM is ending.
     fn recover(&self, failed: &Arc<Remote>, failure: Failure, noticed: Instant) {
         let id = failed.id.clone();
-        let limit = self.config.remote(&id).map_or(0, |r| r.restart_limit) as usize;
-        let wait = {
-            let mut all = lock(&self.restarts);
-            let recent = all.entry(id.clone()).or_default();
-            recent.retain(|t| t.elapsed() < WINDOW);
-            if recent.len() >= limit {
-                drop(all);
+        let earlier = match self.count_restart(&id, &id) {
+            Ok(n) => n,
+            Err(why) => {
                 self.bus.pci.release(&self.slots_of(&id));
-                let why = format!(
-                    "{} automatic restarts within {} s (restart-limit)",
-                    limit,
-                    WINDOW.as_secs()
-                );
                 eprintln!("host: remote `{id}` failed again ({failure:?}): {why}; left failed");
                 self.events
                     .emit("REMOTE_FAILED", json!({"id": id, "reason": why}));
                 return;
             }
-            let wait = if failed.started.elapsed() >= STABLE_RUN {
-                Duration::ZERO
-            } else {
-                backoff(recent.len())
-            };
-            recent.push(Instant::now());
-            wait
+        };
+        let wait = if failed.started.elapsed() >= STABLE_RUN {
+            Duration::ZERO
+        } else {
+            backoff(earlier)
         };
         let held = self.slots_of(&id);
         self.bus.pci.hold(&held, wait + RECOVERY_HOLD);
@@ -177,6 +166,41 @@ impl Drop for Released<'_> {
 }
 
 impl Monitor {
+    /// Counts one more automatic restart of `key` (a remote, or a device
+    /// `remote/device`), under remote `remote`'s `restart-limit` per
+    /// [`WINDOW`]: how many came before within the window, or why it is
+    /// refused (the limit is reached; nothing is counted then).
+    pub(super) fn count_restart(&self, key: &str, remote: &str) -> Result<usize, String> {
+        let limit = self.config.remote(remote).map_or(0, |r| r.restart_limit) as usize;
+        let mut all = lock(&self.restarts);
+        let recent = all.entry(key.to_owned()).or_default();
+        recent.retain(|t| t.elapsed() < WINDOW);
+        if recent.len() >= limit {
+            return Err(format!(
+                "{limit} automatic restarts within {} s (restart-limit)",
+                WINDOW.as_secs()
+            ));
+        }
+        let earlier = recent.len();
+        recent.push(Instant::now());
+        Ok(earlier)
+    }
+
+    /// Restores a saved `state` into `dev`, a device just made again in
+    /// `remote`, and makes it that device's current save there.
+    pub(super) fn restore_into(
+        &self,
+        remote: &Remote,
+        dev: &str,
+        state: Vec<u8>,
+    ) -> Result<(), String> {
+        remote.with_control(|c| c.device_restore(dev, &state))?;
+        if let Some(cp) = &remote.checkpoints {
+            cp.seed(dev, state);
+        }
+        Ok(())
+    }
+
     /// The slots of the functions remote `id` serves. Never waits on a
     /// function: it runs in the failure hook, while a vCPU may still wait
     /// on the failed remote holding its function.

@@ -150,13 +150,8 @@ impl Monitor {
             if !devices.contains(&dev) {
                 continue;
             }
-            match new.with_control(|c| c.device_restore(&dev, &state)) {
-                Ok(()) => {
-                    if let Some(cp) = &new.checkpoints {
-                        cp.seed(&dev, state);
-                    }
-                    kept.push(dev)
-                }
+            match self.restore_into(&new, &dev, state) {
+                Ok(()) => kept.push(dev),
                 Err(e) => problems.push(format!(
                     "{dev}: its state was not restored ({e}); it comes back reset"
                 )),

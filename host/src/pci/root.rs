@@ -105,6 +105,9 @@ pub struct FunctionInfo {
     pub bars: Vec<BarAddress>,
 }
 
+/// Held slots: deadline, and whether a failed access is made again.
+type Held = std::collections::BTreeMap<u8, (Instant, bool)>;
+
 /// Bus 0. Functions may be added and removed while vCPUs run (hotplug):
 /// an exit takes a reference to its slot and releases the bus at once, so
 /// a function busy with its remote never delays another's exits, nor a
@@ -119,7 +122,7 @@ pub struct PciRoot {
     /// Slots whose function is being brought back (its remote restarts),
     /// each until a deadline, and whether a failed access is made again:
     /// accesses to them wait ([`Self::hold`]).
-    held: Mutex<std::collections::BTreeMap<u8, (Instant, bool)>>,
+    held: Mutex<Held>,
     held_changed: Condvar,
     /// Whether any slot is held (the one check an access pays otherwise).
     any_held: AtomicBool,
@@ -196,22 +199,25 @@ impl PciRoot {
         self.held_changed.notify_all();
     }
 
-    /// Whether `slot` is held now so that a failed access is made again
-    /// (a hold past its deadline is dropped).
+    /// `slot`'s hold (deadline, retry) if it has one that has not
+    /// expired; an expired one is dropped.
+    fn live_hold(&self, h: &mut Held, slot: u8) -> Option<(Instant, bool)> {
+        let (deadline, retry) = *h.get(&slot)?;
+        if Instant::now() < deadline {
+            return Some((deadline, retry));
+        }
+        h.remove(&slot);
+        self.any_held.store(!h.is_empty(), Ordering::Release);
+        None
+    }
+
+    /// Whether `slot` is held now so that a failed access is made again.
     fn is_held(&self, slot: u8) -> bool {
         if !self.any_held.load(Ordering::Acquire) {
             return false;
         }
         let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        match h.get(&slot) {
-            Some(&(d, retry)) if Instant::now() < d => retry,
-            Some(_) => {
-                h.remove(&slot);
-                self.any_held.store(!h.is_empty(), Ordering::Release);
-                false
-            }
-            None => false,
-        }
+        self.live_hold(&mut h, slot).is_some_and(|(_, retry)| retry)
     }
 
     /// Waits while `slot` is held (up to its deadline).
@@ -220,16 +226,11 @@ impl PciRoot {
             return;
         }
         let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(&(deadline, _)) = h.get(&slot) {
-            let now = Instant::now();
-            if now >= deadline {
-                h.remove(&slot);
-                self.any_held.store(!h.is_empty(), Ordering::Release);
-                break;
-            }
+        while let Some((deadline, _)) = self.live_hold(&mut h, slot) {
+            let left = deadline.saturating_duration_since(Instant::now());
             h = self
                 .held_changed
-                .wait_timeout(h, deadline - now)
+                .wait_timeout(h, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
