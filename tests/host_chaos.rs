@@ -17,7 +17,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use system_tests::run_qmp_driver_with;
+use system_tests::{prepare_vm, run_qmp_driver_with};
 use testenv::{require_env, target_bin};
 
 const QMP_SOCKET: &str = "/tmp/host-chaos/qmp.sock";
@@ -91,13 +91,8 @@ fn a_remote_killed_again_and_again_is_never_seen_by_the_guest() {
     for bin in ["host", "remote-host", "libdma_example.so"] {
         target_bin(bin).unwrap();
     }
-    let dir = testenv::workspace_root()
-        .join("target")
-        .join(format!("host-chaos-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
     let spec = testenv::InitramfsSpec::new(&[] as &[&str], guest_job());
-    env.build_initramfs(&spec, &dir.join("initrd.cpio"))
-        .unwrap();
+    let dir = prepare_vm(&env, "host-chaos", &spec);
     fs::write(dir.join("vm.toml"), config(&env.kernel)).unwrap();
     let kills: u64 = std::env::var("CHAOS_KILLS")
         .ok()

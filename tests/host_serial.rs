@@ -14,7 +14,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use system_tests::run_qmp_driver;
+use system_tests::{prepare_vm, run_qmp_driver};
 use testenv::{require_env, target_bin};
 
 /// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p); the driver puts
@@ -105,13 +105,8 @@ fn pci_serial_in_a_remote_answers_through_its_socket() {
     for bin in ["host", "remote-host", "libpci_serial.so"] {
         target_bin(bin).unwrap();
     }
-    let dir = testenv::workspace_root()
-        .join("target")
-        .join(format!("host-serial-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
     let spec = testenv::InitramfsSpec::new(&[] as &[&str], guest_job());
-    env.build_initramfs(&spec, &dir.join("initrd.cpio"))
-        .unwrap();
+    let dir = prepare_vm(&env, "host-serial", &spec);
     fs::write(dir.join("vm.toml"), config(&env.kernel)).unwrap();
 
     let run = run_qmp_driver(

@@ -325,13 +325,22 @@ pub fn prepare_lsi_vm(env: &testenv::Env, name: &str, job: &str) -> std::path::P
     for bin in ["host", "remote-host", "liblsi53c895a.so"] {
         testenv::target_bin(bin).unwrap();
     }
+    let mut spec = testenv::InitramfsSpec::new(&lsi_job_modules(), job);
+    spec.order = testenv::ModuleOrder::Exact;
+    prepare_vm(env, name, &spec)
+}
+
+/// A fresh work directory `target/<name>-<pid>` holding `initrd.cpio`
+/// built from `spec`.
+pub fn prepare_vm(
+    env: &testenv::Env,
+    name: &str,
+    spec: &testenv::InitramfsSpec,
+) -> std::path::PathBuf {
     let dir = testenv::workspace_root()
         .join("target")
         .join(format!("{name}-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
-    let mut spec = testenv::InitramfsSpec::new(&lsi_job_modules(), job);
-    spec.order = testenv::ModuleOrder::Exact;
-    env.build_initramfs(&spec, &dir.join("initrd.cpio"))
-        .unwrap();
+    env.build_initramfs(spec, &dir.join("initrd.cpio")).unwrap();
     dir
 }
