@@ -219,7 +219,7 @@ fn x_remote_lsi_behind_our_vmm() {
             fs::read_to_string(dir.join(format!("{name}-console.log"))).unwrap_or_default();
         let log = fs::read_to_string(dir.join(format!("{name}-remote.log"))).unwrap_or_default();
         parse_console(&console).unwrap_or_else(|| {
-            panic!("{name}: no job markers in the guest console:\n{console}\n--- remote log ---\n{log}")
+            panic!("{name}: no job markers in the guest console, which ends:\n{}\n--- console ---\n{console}\n--- remote log ---\n{log}", system_tests::tail_lines(&console, 12))
         })
     };
     let mut attached = Vec::new();

@@ -56,7 +56,7 @@ pub fn lsi_job_modules() -> Vec<&'static str> {
     m.extend(["crc16", "mbcache", "jbd2", "crc32c_generic", "ext4"]);
     // The ACPI power button and its input device (QMP system_powerdown),
     // and pvpanic (a panic ends the VM with its own exit code).
-    m.extend(["button", "evdev", "pvpanic-mmio"]);
+    m.extend(["button", "evdev", "pvpanic", "pvpanic-mmio"]);
     m
 }
 
@@ -301,21 +301,39 @@ pub fn run_qmp_driver_with(
         .unwrap();
     let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
     let console = read("console.log").replace("\r\n", "\n");
+    let results = read("results.json");
+    // The verdict first: a log shortened in the middle keeps it.
     let mut diag = format!(
+        "--- summary ---\nL1: {}\nresults: {}\nconsole ends:\n{}\n",
+        l1.output
+            .lines()
+            .filter(|l| l.contains("DRIVER-EXIT") || l.contains("testenv: nested"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        tail_lines(&results, 3),
+        tail_lines(&console, 12),
+    );
+    diag.push_str(&format!(
         "--- L1 ---\n{}\n--- console ---\n{console}\n--- host stderr ---\n{}\n",
         l1.output,
         read("vm.toml.host-stderr")
-    );
+    ));
     for log in logs {
         diag.push_str(&format!("--- {log} ---\n{}\n", read(log)));
     }
-    diag.push_str(&format!("--- results ---\n{}", read("results.json")));
+    diag.push_str(&format!("--- results ---\n{results}"));
     DriverRun {
         l1_output: l1.output,
-        results: serde_json::from_str(&read("results.json")).unwrap_or(serde_json::Value::Null),
+        results: serde_json::from_str(&results).unwrap_or(serde_json::Value::Null),
         console,
         diag,
     }
+}
+
+/// The last `n` lines of `text` (a verdict's context in a failure message).
+pub fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// A fresh work directory `target/<name>-<pid>` for a VM of our `host`
