@@ -186,4 +186,5 @@ fn system_reset_and_guest_reboot_restart_the_guest() {
         r["seconds"],
         t0.elapsed().as_secs_f64()
     );
+    fs::remove_dir_all(&dir).ok();
 }

@@ -166,4 +166,5 @@ fn pci_serial_in_a_remote_answers_through_its_socket() {
         "host_serial: first answer after {} s; whole run {} s",
         rep["ser0-seconds"], r["seconds"]
     );
+    fs::remove_dir_all(&dir).ok();
 }
