@@ -3,7 +3,9 @@
 of a device in a remote over and over, the remote is killed (SIGKILL) at
 random moments, as many times as the file `chaos-kills` beside the
 config says (tests/host_chaos.rs writes it), and comes back by itself
-(`restart = "on-failure"`). Records each recovery time.
+(`restart = "on-failure"`). Records each recovery time. Then the remote
+hangs once (SIGSTOP): the VMM notices the silence, kills the stopped
+process and starts another, while the guest's reads wait.
 
 Usage: chaos_driver.py HOST CONFIG QMP_SOCKET CONSOLE_LOG RESULTS_JSON
 """
@@ -50,6 +52,21 @@ async def main():
         r["recovery-ms"].append(e["data"].get("recovery-ms"))
         pid = await running_pid(qmp, pid)
         save()
+    await asyncio.sleep(rng.uniform(1.0, 2.0))
+    os.kill(pid, signal.SIGSTOP)
+    hung = await ev.wait("REMOTE_HUNG", id="svc", timeout=60)
+    e = await ev.wait("REMOTE_RESTARTED", id="svc", timeout=60)
+    r["hang"] = {"silent-ms": hung["data"].get("silent-ms"),
+                 "recovery-ms": e["data"].get("recovery-ms")}
+    new_pid = await running_pid(qmp, pid)
+    # The stopped process is killed and reaped by the VMM (bounded wait).
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        await asyncio.sleep(0.1)
+    r["hang"]["stopped-process-gone"] = not os.path.exists(f"/proc/{pid}")
+    r["hang"]["new-pid"] = new_pid != pid
+    save()
     say("go")
     await con.wait_step("done")
     await finish(host, qmp, ev)

@@ -7,6 +7,11 @@
 //! reading all-ones: not one wrong value may be read; and the register
 //! the guest wrote before the first kill holds its value after the last.
 //!
+//! Then the remote hangs once (SIGSTOP): the VMM sees it silent past its
+//! timeout, kills the stopped process and starts another, the guest's
+//! reads waiting meanwhile, and says so ("wait for its automatic
+//! restart", not "read all-ones").
+//!
 //! The device is dma-example (its registers are what the guest checks);
 //! the LSI's disk I/O across a crash is not transparent yet (a device in
 //! use at the crash comes back reset: issue 13).
@@ -136,12 +141,27 @@ fn a_remote_killed_again_and_again_is_never_seen_by_the_guest() {
         "the device's state did not survive:\n{diag}"
     );
     assert!(reads > 10, "{diag}");
+    let hang = &r["replies"]["hang"];
+    assert_eq!(
+        hang["new-pid"], true,
+        "a hung remote was not replaced:\n{diag}"
+    );
+    assert_eq!(
+        hang["stopped-process-gone"], true,
+        "the hung process was left behind:\n{diag}"
+    );
+    assert!(
+        diag.contains("does not answer") && diag.contains("wait for its automatic restart"),
+        "the hang's message does not say a restart follows:\n{diag}"
+    );
     assert_eq!(r["host-exit"], 0, "{diag}");
     ms.sort_unstable();
     eprintln!(
-        "host_chaos: {kills} kills, recovery p50 {} ms max {} ms; the guest made {reads} reads, 0 wrong, the longest {longest} ms",
+        "host_chaos: {kills} kills, recovery p50 {} ms max {} ms; a hang noticed after {} ms, recovered in {} ms; the guest made {reads} reads, 0 wrong, the longest {longest} ms",
         ms[ms.len() / 2],
-        ms[ms.len() - 1]
+        ms[ms.len() - 1],
+        hang["silent-ms"],
+        hang["recovery-ms"]
     );
     fs::remove_dir_all(&dir).ok();
 }

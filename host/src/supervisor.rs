@@ -113,8 +113,18 @@ impl Failure {
 }
 
 /// What runs when a remote fails, after its event went out: the monitor's
-/// automatic restart (`[[remote]] restart`).
-pub type FailureHook = Arc<dyn Fn(Failure) + Send + Sync>;
+/// automatic restart (`[[remote]] restart`). Returns whether a restart
+/// follows (the failure message says what the devices do meanwhile).
+pub type FailureHook = Arc<dyn Fn(Failure) -> bool + Send + Sync>;
+
+/// What a failed remote's devices do next, for its failure message.
+fn what_follows(restarting: bool) -> &'static str {
+    if restarting {
+        "its devices wait for its automatic restart"
+    } else {
+        "its devices now read all-ones"
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -309,11 +319,6 @@ impl Remote {
         st.state = RemoteState::Hung;
         let silent = st.last_answer.elapsed();
         drop(st);
-        eprintln!(
-            "host: remote `{}` does not answer ({} ms); its devices now read all-ones",
-            self.id,
-            silent.as_millis()
-        );
         events.emit(
             "REMOTE_HUNG",
             json!({"id": self.id, "pid": self.pid, "silent-ms": silent.as_millis() as u64,
@@ -321,7 +326,13 @@ impl Remote {
         );
         // The hook first (it holds the guest's accesses when a restart
         // follows), then the devices fail: no access sees the gap.
-        self.failed_now(Failure::Hung);
+        let restarting = self.failed_now(Failure::Hung);
+        eprintln!(
+            "host: remote `{}` does not answer ({} ms); {}",
+            self.id,
+            silent.as_millis(),
+            what_follows(restarting)
+        );
         self.failed.store(true, Ordering::Release);
     }
 
@@ -344,12 +355,11 @@ impl Remote {
         }
     }
 
-    /// Hands the failure to the hook, if one is set.
-    fn failed_now(&self, failure: Failure) {
+    /// Hands the failure to the hook, if one is set; whether a restart
+    /// follows.
+    fn failed_now(&self, failure: Failure) -> bool {
         let hook = lock(&self.failure_hook).clone();
-        if let Some(hook) = hook {
-            hook(failure);
-        }
+        hook.is_some_and(|hook| hook(failure))
     }
 
     /// Runs `hook` once this remote dies or hangs (not when it is
@@ -380,13 +390,15 @@ impl Remote {
                 data["signal"] = s.into();
             }
         }
-        eprintln!(
-            "host: remote `{}` died while the VM runs ({}); its devices now read all-ones",
-            self.id, data["reason"]
-        );
+        let reason = data["reason"].clone();
         events.emit("REMOTE_DIED", data);
         // The hook first (see `hung`).
-        self.failed_now(Failure::Died(why));
+        let restarting = self.failed_now(Failure::Died(why));
+        eprintln!(
+            "host: remote `{}` died while the VM runs ({reason}); {}",
+            self.id,
+            what_follows(restarting)
+        );
         self.failed.store(true, Ordering::Release);
     }
 

@@ -75,10 +75,10 @@ impl Monitor {
         let failed: Weak<Remote> = Arc::downgrade(remote);
         let hook: crate::supervisor::FailureHook = Arc::new(move |failure: Failure| {
             if !wanted(policy, failure) {
-                return;
+                return false;
             }
             let (Some(monitor), Some(remote)) = (this.upgrade(), failed.upgrade()) else {
-                return;
+                return false;
             };
             // From now until the restart (or its refusal) the guest's
             // accesses to these functions wait instead of reading all-ones.
@@ -91,14 +91,22 @@ impl Monitor {
             let spawned = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || monitor.recover(&remote, failure, noticed));
-            if let Err(e) = spawned {
-                tracing::error!("no automatic restart: {e}");
+            match spawned {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::error!("no automatic restart: {e}");
+                    false
+                }
             }
         });
         remote.on_failure(hook.clone());
         match remote.state() {
-            RemoteState::Dead => hook(Failure::Died(crate::supervisor::DeathCause::HangUp)),
-            RemoteState::Hung => hook(Failure::Hung),
+            RemoteState::Dead => {
+                hook(Failure::Died(crate::supervisor::DeathCause::HangUp));
+            }
+            RemoteState::Hung => {
+                hook(Failure::Hung);
+            }
             _ => {}
         }
     }
