@@ -102,41 +102,48 @@ pub fn make_lsi_image(image: &Path) {
 /// The guest job: wait for sda, report its size, write the pattern with
 /// O_DIRECT, read the host's data back.
 pub fn lsi_disk_job() -> String {
+    disk_job("sda", "sym53c8xx", "sym[0-9]|scsi host|sd 0:")
+}
+
+/// The shared disk job on `/dev/<dev>`, driven by the PCI driver
+/// `driver`; it ends with the kernel's lines matching `dmesg_pattern`
+/// (an extended regular expression).
+pub fn disk_job(dev: &str, driver: &str, dmesg_pattern: &str) -> String {
     format!(
         r#"
 i=0
-while [ ! -b /dev/sda ] && [ $i -lt 600 ]; do
-    if [ -e /sys/block/sda/dev ]; then
-        mknod /dev/sda b $(cut -d: -f1 /sys/block/sda/dev) $(cut -d: -f2 /sys/block/sda/dev)
+while [ ! -b /dev/{dev} ] && [ $i -lt 600 ]; do
+    if [ -e /sys/block/{dev}/dev ]; then
+        mknod /dev/{dev} b $(cut -d: -f1 /sys/block/{dev}/dev) $(cut -d: -f2 /sys/block/{dev}/dev)
     fi
     sleep 0.1; i=$((i+1))
 done
-[ -b /dev/sda ] || {{ echo "no /dev/sda"; dmesg | tail -30; exit 1; }}
+[ -b /dev/{dev} ] || {{ echo "no /dev/{dev}"; dmesg | tail -30; exit 1; }}
 echo "waited_ds=$i"
-echo "pci_driver: $(ls /sys/bus/pci/drivers/sym53c8xx/ | grep 0000: | tr '\n' ' ')"
-echo "sectors=$(cat /sys/block/sda/size)"
+echo "pci_driver: $(ls /sys/bus/pci/drivers/{driver}/ | grep 0000: | tr '\n' ' ')"
+echo "sectors=$(cat /sys/block/{dev}/size)"
 j=0
 while [ $j -lt 128 ]; do printf 'TESTENV-GUEST-PATTERN-%09d\n' $j; j=$((j+1)); done > /tmp/pat
-dd if=/tmp/pat of=/dev/sda bs={BLOCK} seek={gseek} count=1 oflag=direct conv=notrunc 2>/dev/null || exit 2
+dd if=/tmp/pat of=/dev/{dev} bs={BLOCK} seek={gseek} count=1 oflag=direct conv=notrunc 2>/dev/null || exit 2
 echo "guest-write-ok"
 echo "HOST-DATA-BEGIN"
-dd if=/dev/sda bs={BLOCK} skip={hskip} count=1 iflag=direct 2>/dev/null | od -A n -t x1 -v || exit 3
+dd if=/dev/{dev} bs={BLOCK} skip={hskip} count=1 iflag=direct 2>/dev/null | od -A n -t x1 -v || exit 3
 echo "HOST-DATA-END"
 # A file system in the first 4 MiB (the raw areas above stay untouched):
 # write a file, unmount, drop caches, mount again, compare checksums.
-mke2fs -q -F /dev/sda 4096 || exit 4
+mke2fs -q -F /dev/{dev} 4096 || exit 4
 mkdir -p /mnt
-mount -t ext2 /dev/sda /mnt || exit 5
+mount -t ext2 /dev/{dev} /mnt || exit 5
 dd if=/dev/urandom of=/mnt/data bs=64k count=16 2>/dev/null || exit 6
 before=$(md5sum /mnt/data | cut -d' ' -f1)
 umount /mnt || exit 7
 echo 3 > /proc/sys/vm/drop_caches
-mount -t ext2 -o ro /dev/sda /mnt || exit 8
+mount -t ext2 -o ro /dev/{dev} /mnt || exit 8
 after=$(md5sum /mnt/data | cut -d' ' -f1)
 umount /mnt
 [ "$before" = "$after" ] && echo "fs-ok $before" || {{ echo "fs-mismatch $before $after"; exit 9; }}
 sync
-dmesg | grep -e 'sym[0-9]' -e 'scsi host' -e 'sd 0:'
+dmesg | grep -E '{dmesg_pattern}'
 "#,
         gseek = GUEST_OFF / BLOCK as u64,
         hskip = HOST_OFF / BLOCK as u64,
@@ -147,21 +154,26 @@ dmesg | grep -e 'sym[0-9]' -e 'scsi host' -e 'sd 0:'
 /// the guest's write is in the image byte for byte, and the guest read the
 /// host's data.
 pub fn check_lsi_disk_job(r: &JobResult, image: &Path) {
+    check_disk_job(r, image, "sym53c8xx");
+    assert!(
+        r.console.contains("sym0:"),
+        "no sym0 messages on the console"
+    );
+}
+
+/// [`check_lsi_disk_job`] for the job of [`disk_job`] with any driver.
+pub fn check_disk_job(r: &JobResult, image: &Path, driver: &str) {
     assert_eq!(r.status, 0, "guest job failed:\n{}", r.output);
     assert!(
         r.output.lines().any(|l| l.starts_with("fs-ok ")),
         "the file system did not survive a write/read cycle:\n{}",
         r.output
     );
-    // sym53c8xx bound the controller and found the disk.
+    // The driver bound the function and found the disk.
     assert!(
         r.output.contains("pci_driver: 0000:"),
-        "sym53c8xx did not bind:\n{}",
+        "{driver} did not bind:\n{}",
         r.output
-    );
-    assert!(
-        r.console.contains("sym0:"),
-        "no sym0 messages on the console"
     );
     let sectors: u64 = r
         .output
@@ -171,7 +183,11 @@ pub fn check_lsi_disk_job(r: &JobResult, image: &Path) {
         .trim()
         .parse()
         .unwrap();
-    assert_eq!(sectors * 512, IMAGE_SIZE, "sda size differs from the image");
+    assert_eq!(
+        sectors * 512,
+        IMAGE_SIZE,
+        "the disk's size differs from the image"
+    );
 
     // The guest's write is in the image, byte for byte.
     let img = fs::read(image).unwrap();

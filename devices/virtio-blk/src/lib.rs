@@ -1,0 +1,460 @@
+//! `virtio-blk`: a modern (virtio 1.x) virtio-blk PCI device as a plugin,
+//! on the same block backends as the LSI's SCSI disks (`devices/block`).
+//! Linux's `virtio_pci` and `virtio_blk` drive it unmodified.
+//!
+//! | PCI | value |
+//! |-----|-------|
+//! | vendor, device | 0x1af4, 0x1042 (virtio, modern block device) |
+//! | class | 0x018000 (mass storage, other) |
+//! | subsystem | 0x1af4, 0x0002 |
+//! | BAR0 | 32-bit memory, 16 KiB: the virtio structures ([`transport`]) |
+//! | interrupt | INTA, level: high while the ISR has a bit set |
+//!
+//! Interrupts are INTx until MSI-X reaches the plugin API: the device
+//! answers every MSI-X vector request with "no vector", which is how a
+//! driver learns to use INTx.
+//!
+//! Features offered: `VERSION_1`, `SEG_MAX`, `BLK_SIZE`, `FLUSH`, `MQ`
+//! (with `queues` > 1), `RO` (a read-only drive), `WRITE_ZEROES` (a
+//! writable drive) and `DISCARD` (a backend that can deallocate).
+//!
+//! Settings (the device's table in the VM config, see [`Settings`]):
+//! `file` (relative paths resolve against the config's directory),
+//! `read-only`, `direct`, `serial`, `queues`, `queue-size`, `delay-us`.
+//!
+//! Requests are served on one worker thread per device: a notification
+//! (the hottest write of the guest) only wakes it, and reading the ISR
+//! never waits for disk I/O. A reset waits for the request in flight, so
+//! the device never touches the rings of a driver that reset it.
+
+pub mod queue;
+pub mod request;
+pub mod transport;
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use block::{delayed::Delayed, Backend, RawFile};
+use plugin_api::{BarDesc, Device, DeviceDesc, Host, PciIdentity};
+
+use queue::SplitQueue;
+use transport::{status, Effect, Transport, ISR_CONFIG, ISR_QUEUE};
+use virtio_bindings::virtio_blk as vb;
+
+pub const VENDOR_ID: u16 = 0x1af4;
+/// 0x1040 + the virtio device ID of a block device (2).
+pub const DEVICE_ID: u16 = 0x1042;
+/// Mass storage, other.
+pub const CLASS: u32 = 0x01_80_00;
+
+/// Feature bits of a block device (§5.2.3).
+pub const F_SEG_MAX: u64 = 1 << vb::VIRTIO_BLK_F_SEG_MAX;
+pub const F_RO: u64 = 1 << vb::VIRTIO_BLK_F_RO;
+pub const F_BLK_SIZE: u64 = 1 << vb::VIRTIO_BLK_F_BLK_SIZE;
+pub const F_FLUSH: u64 = 1 << vb::VIRTIO_BLK_F_FLUSH;
+pub const F_MQ: u64 = 1 << vb::VIRTIO_BLK_F_MQ;
+pub const F_DISCARD: u64 = 1 << vb::VIRTIO_BLK_F_DISCARD;
+pub const F_WRITE_ZEROES: u64 = 1 << vb::VIRTIO_BLK_F_WRITE_ZEROES;
+
+/// Segments one DISCARD or WRITE_ZEROES request may carry.
+pub const MAX_DISCARD_SEGMENTS: u32 = 1;
+/// Sectors one DISCARD or WRITE_ZEROES segment may cover (2 GiB).
+pub const MAX_ZERO_SECTORS: u32 = 1 << 22;
+
+fn one() -> u16 {
+    1
+}
+
+fn default_queue_size() -> u16 {
+    256
+}
+
+/// The device's settings: its `[[device]]` table less the placement keys.
+///
+/// ```toml
+/// [[device]]
+/// id = "vd0"
+/// remote = "storage"
+/// plugin = "virtio-blk"
+/// slot = 5
+/// file = "disk.img"   # raw image (or block device)
+/// read-only = false
+/// direct = false      # O_DIRECT
+/// serial = "VD0"      # what GET_ID returns (at most 20 bytes)
+/// queues = 1          # 1..=16
+/// queue-size = 256    # a power of two, 2..=1024
+/// delay-us = 0        # testing: each read, write and flush waits this long
+/// ```
+#[derive(plugin_api::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(
+    crate = "plugin_api::serde",
+    deny_unknown_fields,
+    rename_all = "kebab-case"
+)]
+pub struct Settings {
+    pub file: String,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub direct: bool,
+    pub serial: Option<String>,
+    #[serde(default = "one")]
+    pub queues: u16,
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    #[serde(default)]
+    pub delay_us: u64,
+}
+
+/// The registers and what the line shows.
+struct Regs {
+    t: Transport,
+    /// Bumped by every reset (the worker drops work of an older one).
+    generation: u64,
+    /// The INTx level last given to the host.
+    line: bool,
+}
+
+/// The device's side of the rings, held by the worker while it serves
+/// them (and by a reset, which so waits for the request in flight).
+struct Rings {
+    generation: u64,
+    /// Set up from the queues' configuration at DRIVER_OK.
+    queues: Vec<SplitQueue>,
+}
+
+#[derive(Default)]
+struct Kick {
+    pending: bool,
+    stop: bool,
+}
+
+struct Shared {
+    regs: Mutex<Regs>,
+    rings: Mutex<Rings>,
+    kick: Mutex<Kick>,
+    kicked: Condvar,
+    host: Host,
+    backend: Box<dyn Backend>,
+    serial: Vec<u8>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// Gives the host the level the ISR implies.
+    fn update_line(&self, r: &mut Regs, force: bool) {
+        let level = r.t.isr != 0;
+        if level != r.line || force {
+            r.line = level;
+            self.host.set_intx(level);
+        }
+    }
+
+    fn kick(&self) {
+        lock(&self.kick).pending = true;
+        self.kicked.notify_one();
+    }
+
+    /// Resets the device (the caller holds the registers): waits for the
+    /// batch in flight, forgets the rings, clears the registers.
+    fn reset(&self, r: &mut Regs) {
+        let mut rings = lock(&self.rings);
+        rings.queues.clear();
+        rings.generation += 1;
+        r.generation = rings.generation;
+        drop(rings);
+        r.t.reset();
+        self.update_line(r, true);
+    }
+
+    /// The device configuration structure (`virtio_blk_config`).
+    fn device_config(&self, queues: u16, queue_size: u16) -> [u8; transport::DEVICE_LEN as usize] {
+        let mut b = [0u8; transport::DEVICE_LEN as usize];
+        let mut put = |off: usize, v: &[u8]| b[off..off + v.len()].copy_from_slice(v);
+        put(0, &(self.backend.size() / request::SECTOR).to_le_bytes());
+        // seg_max: the chain also carries the header and the status.
+        put(12, &u32::from(queue_size.saturating_sub(2)).to_le_bytes());
+        put(20, &512u32.to_le_bytes());
+        put(34, &queues.to_le_bytes());
+        put(36, &MAX_ZERO_SECTORS.to_le_bytes());
+        put(40, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        put(44, &1u32.to_le_bytes());
+        put(48, &MAX_ZERO_SECTORS.to_le_bytes());
+        put(52, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        put(56, &[u8::from(self.backend.supports_discard())]);
+        b
+    }
+
+    /// Serves every ready queue until it is empty; then one interrupt.
+    fn serve(&self) {
+        let (generation, configs, discard, write_zeroes) = {
+            let r = lock(&self.regs);
+            if !r.t.driver_ok() {
+                return;
+            }
+            (
+                r.generation,
+                r.t.queues.clone(),
+                r.t.negotiated(F_DISCARD),
+                r.t.negotiated(F_WRITE_ZEROES),
+            )
+        };
+        let disk = request::Disk {
+            backend: self.backend.as_ref(),
+            serial: &self.serial,
+            discard,
+            write_zeroes,
+        };
+        let mut completed = false;
+        let mut broken: Option<String> = None;
+        {
+            let mut rings = lock(&self.rings);
+            if rings.generation != generation {
+                return;
+            }
+            if rings.queues.is_empty() {
+                rings.queues = configs.iter().map(|c| SplitQueue::new(*c)).collect();
+            }
+            'queues: for (i, q) in rings.queues.iter_mut().enumerate() {
+                if !q.cfg.ready {
+                    continue;
+                }
+                loop {
+                    let chain = match q.pop(&self.host) {
+                        Ok(Some(c)) => c,
+                        Ok(None) => break,
+                        Err(e) => {
+                            broken = Some(format!("queue {i}: {e}"));
+                            break 'queues;
+                        }
+                    };
+                    let Some((_, len)) = request::execute(&self.host, &disk, &chain) else {
+                        broken = Some(format!(
+                            "queue {i}: request {} has no room for its status",
+                            chain.head
+                        ));
+                        break 'queues;
+                    };
+                    if let Err(e) = q.push_used(&self.host, chain.head, len) {
+                        broken = Some(format!("queue {i}: {e}"));
+                        break 'queues;
+                    }
+                    completed = true;
+                }
+            }
+        }
+        let mut r = lock(&self.regs);
+        if r.generation != generation {
+            return;
+        }
+        if let Some(why) = broken {
+            // The driver broke a ring: stop serving until it resets us,
+            // and say so through a configuration interrupt (§2.1.2).
+            self.host
+                .warn(&format!("virtio-blk: {why}; the device needs a reset"));
+            r.t.status |= status::NEEDS_RESET;
+            r.t.isr |= ISR_CONFIG;
+        }
+        if completed {
+            r.t.isr |= ISR_QUEUE;
+        }
+        self.update_line(&mut r, false);
+    }
+}
+
+/// The device.
+pub struct VirtioBlk {
+    shared: Arc<Shared>,
+    worker: Option<JoinHandle<()>>,
+    queue_size: u16,
+}
+
+impl VirtioBlk {
+    /// The constructor `export_plugin!` registers.
+    pub fn create(s: Settings, host: Host) -> Result<Box<dyn Device>, String> {
+        if !(1..=transport::MAX_QUEUES).contains(&s.queues) {
+            return Err(format!(
+                "queues = {}: a device has 1 to {} queues",
+                s.queues,
+                transport::MAX_QUEUES
+            ));
+        }
+        if !(2..=1024).contains(&s.queue_size) || !s.queue_size.is_power_of_two() {
+            return Err(format!(
+                "queue-size = {}: a power of two from 2 to 1024",
+                s.queue_size
+            ));
+        }
+        let path = host.resolve_path(&s.file);
+        let file = RawFile::open(&path, s.read_only, s.direct)
+            .map_err(|e| format!("cannot open disk image {}: {e}", path.display()))?;
+        if file.size() < request::SECTOR {
+            return Err(format!(
+                "disk image {} is smaller than one 512-byte sector",
+                path.display()
+            ));
+        }
+        let backend: Box<dyn Backend> = if s.delay_us > 0 {
+            Box::new(Delayed::new(
+                Box::new(file),
+                Duration::from_micros(s.delay_us.min(10_000_000)),
+            ))
+        } else {
+            Box::new(file)
+        };
+        let mut features = F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        if s.queues > 1 {
+            features |= F_MQ;
+        }
+        if backend.is_read_only() {
+            features |= F_RO;
+        } else {
+            features |= F_WRITE_ZEROES;
+            if backend.supports_discard() {
+                features |= F_DISCARD;
+            }
+        }
+        let serial = s
+            .serial
+            .clone()
+            .unwrap_or_else(|| path.display().to_string())
+            .into_bytes();
+        let shared = Arc::new(Shared {
+            regs: Mutex::new(Regs {
+                t: Transport::new(features, s.queues, s.queue_size),
+                generation: 0,
+                line: false,
+            }),
+            rings: Mutex::new(Rings {
+                generation: 0,
+                queues: Vec::new(),
+            }),
+            kick: Mutex::new(Kick::default()),
+            kicked: Condvar::new(),
+            host,
+            backend,
+            serial: serial[serial.len().saturating_sub(request::ID_BYTES)..].to_vec(),
+        });
+        let w = shared.clone();
+        let worker = std::thread::Builder::new()
+            .name("virtio-blk".into())
+            .spawn(move || loop {
+                {
+                    let mut k = lock(&w.kick);
+                    while !k.pending && !k.stop {
+                        k = w
+                            .kicked
+                            .wait_timeout(k, Duration::from_secs(1))
+                            .map(|(g, _)| g)
+                            .unwrap_or_else(|e| e.into_inner().0);
+                    }
+                    if k.stop {
+                        return;
+                    }
+                    k.pending = false;
+                }
+                w.serve();
+            })
+            .map_err(|e| format!("cannot start the worker thread: {e}"))?;
+        Ok(Box::new(VirtioBlk {
+            shared,
+            worker: Some(worker),
+            queue_size: s.queue_size,
+        }))
+    }
+
+    fn queues(&self) -> u16 {
+        lock(&self.shared.regs).t.queues.len() as u16
+    }
+}
+
+impl Device for VirtioBlk {
+    fn describe(&self) -> DeviceDesc {
+        let identity = PciIdentity::new(VENDOR_ID, DEVICE_ID, CLASS)
+            .with_revision(1)
+            .with_subsystem(VENDOR_ID, 0x0002)
+            .with_intx();
+        let mut d = DeviceDesc::new(identity)
+            .with_bar(BarDesc::mmio32(transport::BAR, transport::BAR_SIZE));
+        for cap in transport::capabilities() {
+            d = d.with_capability(cap);
+        }
+        d
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if bar != transport::BAR {
+            return;
+        }
+        use transport::{COMMON_LEN, COMMON_OFF, DEVICE_LEN, DEVICE_OFF, ISR_OFF};
+        if (COMMON_OFF..COMMON_OFF + COMMON_LEN).contains(&offset) {
+            lock(&self.shared.regs).t.read(offset - COMMON_OFF, data);
+        } else if offset == ISR_OFF {
+            let mut r = lock(&self.shared.regs);
+            data[0] = r.t.take_isr();
+            self.shared.update_line(&mut r, false);
+        } else if (DEVICE_OFF..DEVICE_OFF + DEVICE_LEN).contains(&offset) {
+            let cfg = self.shared.device_config(self.queues(), self.queue_size);
+            for (i, d) in data.iter_mut().enumerate() {
+                *d = cfg
+                    .get((offset - DEVICE_OFF) as usize + i)
+                    .copied()
+                    .unwrap_or(0);
+            }
+        }
+    }
+
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        if bar != transport::BAR {
+            return;
+        }
+        use transport::{COMMON_LEN, COMMON_OFF, NOTIFY_OFF};
+        if (COMMON_OFF..COMMON_OFF + COMMON_LEN).contains(&offset) {
+            let mut r = lock(&self.shared.regs);
+            match r.t.write(offset - COMMON_OFF, data) {
+                Effect::Reset => self.shared.reset(&mut r),
+                Effect::DriverOk => {
+                    drop(r);
+                    // Buffers made available before DRIVER_OK.
+                    self.shared.kick();
+                }
+                Effect::None => {}
+            }
+        } else if offset >= NOTIFY_OFF {
+            // Any queue's notification: the worker looks at them all.
+            self.shared.kick();
+        }
+    }
+
+    fn reset(&mut self) {
+        let mut r = lock(&self.shared.regs);
+        self.shared.reset(&mut r);
+    }
+
+    fn shutdown(&mut self) {
+        {
+            let mut k = lock(&self.shared.kick);
+            k.stop = true;
+        }
+        self.shared.kicked.notify_all();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for VirtioBlk {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+plugin_api::export_plugin! {
+    name: "virtio-blk",
+    devices: { "virtio-blk" => VirtioBlk::create },
+}

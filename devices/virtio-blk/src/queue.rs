@@ -1,0 +1,170 @@
+//! A split virtqueue (§2.7) read and written through the host's DMA
+//! calls: the descriptor table, the driver's available ring and the
+//! device's used ring all live in guest RAM.
+//!
+//! Why not rust-vmm's `virtio-queue`: it walks rings through a
+//! `vm-memory` `GuestMemory`, and a plugin sees guest RAM only through
+//! [`Host::dma_read`]/[`Host::dma_write`] (checked copies across the
+//! plugin ABI, the same in a remote and in the VMM), so its queue would
+//! need an adapter of `GuestMemory` over copies; the split ring is small
+//! and every value the guest controls is checked here.
+
+use std::sync::atomic::{fence, Ordering};
+
+use plugin_api::Host;
+use virtio_bindings::virtio_ring as vr;
+
+use crate::transport::QueueConfig;
+
+/// Descriptor flags.
+pub const DESC_F_NEXT: u16 = vr::VRING_DESC_F_NEXT as u16;
+pub const DESC_F_WRITE: u16 = vr::VRING_DESC_F_WRITE as u16;
+pub const DESC_F_INDIRECT: u16 = vr::VRING_DESC_F_INDIRECT as u16;
+
+/// A guest mistake in a ring; the device then needs a reset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueError {
+    /// A ring or descriptor outside guest RAM.
+    Dma(String),
+    /// A chain longer than the queue (a loop).
+    ChainTooLong,
+    /// A descriptor index past the table.
+    BadIndex(u16),
+    /// An indirect descriptor (the feature is not offered).
+    Indirect,
+    /// The driver made more buffers available than the queue holds.
+    TooManyAvailable(u16),
+}
+
+impl std::fmt::Display for QueueError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueueError::Dma(e) => write!(f, "ring access outside guest RAM: {e}"),
+            QueueError::ChainTooLong => f.write_str("a descriptor chain longer than its queue"),
+            QueueError::BadIndex(i) => write!(f, "descriptor index {i} past the table"),
+            QueueError::Indirect => f.write_str("an indirect descriptor (not offered)"),
+            QueueError::TooManyAvailable(n) => {
+                write!(f, "{n} buffers made available in a smaller queue")
+            }
+        }
+    }
+}
+
+/// One descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+}
+
+impl Desc {
+    pub fn device_writable(&self) -> bool {
+        self.flags & DESC_F_WRITE != 0
+    }
+}
+
+/// A chain the driver made available: its head index and descriptors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    pub head: u16,
+    pub descs: Vec<Desc>,
+}
+
+/// The device's side of one queue: where it is in each ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitQueue {
+    pub cfg: QueueConfig,
+    /// The next available-ring entry to take.
+    pub next_avail: u16,
+    /// The next used-ring entry to fill.
+    pub next_used: u16,
+}
+
+fn dma(e: plugin_api::DmaError) -> QueueError {
+    QueueError::Dma(e.0)
+}
+
+impl SplitQueue {
+    pub fn new(cfg: QueueConfig) -> Self {
+        SplitQueue {
+            cfg,
+            next_avail: 0,
+            next_used: 0,
+        }
+    }
+
+    fn u16_at(host: &Host, gpa: u64) -> Result<u16, QueueError> {
+        let mut b = [0u8; 2];
+        host.dma_read(gpa, &mut b).map_err(dma)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// The next chain the driver made available, if any.
+    pub fn pop(&mut self, host: &Host) -> Result<Option<Chain>, QueueError> {
+        let size = self.cfg.size;
+        if size == 0 {
+            return Ok(None);
+        }
+        let avail_idx = Self::u16_at(host, self.cfg.avail + 2)?;
+        let pending = avail_idx.wrapping_sub(self.next_avail);
+        if pending == 0 {
+            return Ok(None);
+        }
+        if pending > size {
+            return Err(QueueError::TooManyAvailable(pending));
+        }
+        // The ring entry and the descriptors are read after the index
+        // that published them.
+        fence(Ordering::Acquire);
+        let slot = u64::from(self.next_avail % size);
+        let head = Self::u16_at(host, self.cfg.avail + 4 + 2 * slot)?;
+        let mut descs = Vec::new();
+        let mut index = head;
+        loop {
+            if index >= size {
+                return Err(QueueError::BadIndex(index));
+            }
+            if descs.len() >= usize::from(size) {
+                return Err(QueueError::ChainTooLong);
+            }
+            let mut raw = [0u8; 16];
+            host.dma_read(self.cfg.desc + 16 * u64::from(index), &mut raw)
+                .map_err(dma)?;
+            let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default());
+            let len = u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default());
+            let flags = u16::from_le_bytes([raw[12], raw[13]]);
+            let next = u16::from_le_bytes([raw[14], raw[15]]);
+            if flags & DESC_F_INDIRECT != 0 {
+                return Err(QueueError::Indirect);
+            }
+            descs.push(Desc { addr, len, flags });
+            if flags & DESC_F_NEXT == 0 {
+                break;
+            }
+            index = next;
+        }
+        self.next_avail = self.next_avail.wrapping_add(1);
+        Ok(Some(Chain { head, descs }))
+    }
+
+    /// Returns chain `head` to the driver with `len` bytes written into
+    /// its device-writable buffers.
+    pub fn push_used(&mut self, host: &Host, head: u16, len: u32) -> Result<(), QueueError> {
+        let size = self.cfg.size;
+        if size == 0 {
+            return Ok(());
+        }
+        let slot = u64::from(self.next_used % size);
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        host.dma_write(self.cfg.used + 4 + 8 * slot, &elem)
+            .map_err(dma)?;
+        self.next_used = self.next_used.wrapping_add(1);
+        // The element is visible before the index that publishes it.
+        fence(Ordering::Release);
+        host.dma_write(self.cfg.used + 2, &self.next_used.to_le_bytes())
+            .map_err(dma)
+    }
+}
