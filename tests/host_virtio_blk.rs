@@ -4,7 +4,9 @@
 //! and the shared disk job (a direct write and read at known offsets, a
 //! file system made, written, remounted and checked) passes in both; the
 //! guest's write is on the host image byte for byte. Both VMs run in one
-//! L1 boot.
+//! L1 boot. Then, under QEMU's own QMP client, `block_resize` of the
+//! device grows its image and the guest sees the new capacity by itself
+//! (a configuration change interrupt) and writes at its new end.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -12,7 +14,9 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use system_tests::{check_disk_job, disk_job, make_lsi_image, prepare_vm, tail_lines};
+use system_tests::{
+    check_disk_job, disk_job, make_lsi_image, prepare_vm, run_qmp_driver, tail_lines, IMAGE_SIZE,
+};
 use testenv::{parse_console, require_env, target_bin, NestedOptions};
 
 /// The guest's modules: the virtio PCI transport and block driver, and
@@ -30,6 +34,9 @@ const MODULES: &[&str] = &[
     "crc32c_generic",
     "ext4",
 ];
+
+/// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p).
+const QMP_SOCKET: &str = "/tmp/host-virtio-blk/qmp.sock";
 
 fn config(kernel: &Path, name: &str, placement: &str) -> String {
     format!(
@@ -126,9 +133,86 @@ fn virtio_blk_plugin_remote_and_in_process_behind_our_vmm() {
             l1.output
         );
     }
+    fs::remove_dir_all(&dir).ok();
+    resize_reaches_the_guest(&env);
     eprintln!(
         "host_virtio_blk: passed in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// The guest's side of `block_resize`: it notes the capacity, waits for
+/// the driver's go, waits for the capacity to change by itself, writes a
+/// marker at the new last sector.
+const RESIZE_JOB: &str = r#"
+i=0; while [ ! -e /sys/block/vda/dev ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+[ -b /dev/vda ] || mknod /dev/vda b $(cut -d: -f1 /sys/block/vda/dev) $(cut -d: -f2 /sys/block/vda/dev)
+before=$(cat /sys/block/vda/size)
+echo "before=$before"
+echo "STEP ready"
+read -r -t 300 line || { echo "no go"; exit 20; }
+i=0; while [ "$(cat /sys/block/vda/size)" = "$before" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+after=$(cat /sys/block/vda/size)
+echo "after=$after"
+printf 'VIRTIO-BLK-GREW' | dd of=/dev/vda bs=512 seek=$((after - 1)) conv=sync,notrunc oflag=direct 2>/dev/null || exit 3
+dmesg | grep -i 'capacity change'
+echo "STEP done"
+"#;
+
+fn resize_reaches_the_guest(env: &testenv::Env) {
+    let spec = testenv::InitramfsSpec::new(MODULES, RESIZE_JOB);
+    let dir = prepare_vm(env, "host-virtio-blk-qmp", &spec);
+    make_lsi_image(&dir.join("vd.img"));
+    let cfg = config(&env.kernel, "vm", "remote = \"storage\"")
+        .replace(
+            "console-log = \"vm-console.log\"",
+            "console-log = \"console.log\"",
+        )
+        .replace("file = \"vm.img\"", "file = \"vd.img\"");
+    fs::write(dir.join("vm.toml"), cfg).unwrap();
+    let run = run_qmp_driver(
+        env,
+        "host_virtio_blk_resize",
+        "virtio_driver.py",
+        &dir,
+        QMP_SOCKET,
+        Duration::from_secs(300),
+        &["vm-remote.log"],
+    );
+    let job = run.check();
+    let (r, diag) = (&run.results, &run.diag);
+    assert_eq!(job.status, 0, "guest job failed:\n{diag}");
+    let rep = &r["replies"];
+    assert!(
+        rep["shrink"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("shrinking"),
+        "a shrink was not refused:\n{diag}"
+    );
+    assert_eq!(rep["resize"], serde_json::json!({}), "{diag}");
+    let sectors = |key: &str| -> u64 {
+        job.output
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in the guest output:\n{diag}"))
+    };
+    assert_eq!(sectors("before=") * 512, IMAGE_SIZE, "{diag}");
+    assert_eq!(
+        sectors("after=") * 512,
+        2 * IMAGE_SIZE,
+        "the guest did not see the new size:\n{diag}"
+    );
+    assert!(job.output.contains("capacity change"), "{diag}");
+    let img = fs::read(dir.join("vd.img")).unwrap();
+    assert_eq!(img.len() as u64, 2 * IMAGE_SIZE);
+    let last = &img[img.len() - 512..];
+    assert_eq!(
+        &last[..15],
+        b"VIRTIO-BLK-GREW",
+        "the guest's write at its new end"
+    );
+    assert_eq!(r["host-exit"], 0, "{diag}");
     fs::remove_dir_all(&dir).ok();
 }

@@ -18,6 +18,10 @@
 //! (with `queues` > 1), `RO` (a read-only drive), `WRITE_ZEROES` (a
 //! writable drive) and `DISCARD` (a backend that can deallocate).
 //!
+//! Control operation: `resize {"size": BYTES}` (QMP `block_resize` with
+//! the device's id) grows the image and raises a configuration change
+//! interrupt; the driver reads the new capacity.
+//!
 //! Settings (the device's table in the VM config, see [`Settings`]):
 //! `file` (relative paths resolve against the config's directory),
 //! `read-only`, `direct`, `serial`, `queues`, `queue-size`, `delay-us`.
@@ -36,6 +40,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use block::{delayed::Delayed, Backend, RawFile};
+use plugin_api::control::{self, Value};
 use plugin_api::{BarDesc, Device, DeviceDesc, Host, PciIdentity};
 
 use queue::SplitQueue;
@@ -105,6 +110,20 @@ pub struct Settings {
     pub queue_size: u16,
     #[serde(default)]
     pub delay_us: u64,
+}
+
+/// `resize`'s arguments.
+#[derive(plugin_api::Deserialize)]
+#[serde(crate = "plugin_api::serde", deny_unknown_fields)]
+struct ResizeArgs {
+    size: u64,
+}
+
+/// `resize`'s reply: the new capacity.
+#[derive(plugin_api::Serialize)]
+#[serde(crate = "plugin_api::serde")]
+struct Resized {
+    sectors: u64,
 }
 
 /// The registers and what the line shows.
@@ -367,6 +386,34 @@ impl VirtioBlk {
         }))
     }
 
+    fn resize(&self, size: u64) -> Result<Resized, String> {
+        let backend = &self.shared.backend;
+        if backend.is_read_only() {
+            return Err("the drive is read-only".into());
+        }
+        if size == 0 || size % request::SECTOR != 0 {
+            return Err(format!("size {size} is not a positive multiple of 512"));
+        }
+        let current = backend.size();
+        if size < current {
+            return Err(format!(
+                "the drive is {current} bytes: shrinking it to {size} would lose data, and is refused"
+            ));
+        }
+        backend
+            .resize(size)
+            .map_err(|e| format!("cannot resize the image: {e}"))?;
+        let mut r = lock(&self.shared.regs);
+        r.t.config_generation = r.t.config_generation.wrapping_add(1);
+        if r.t.driver_ok() {
+            r.t.isr |= ISR_CONFIG;
+            self.shared.update_line(&mut r, false);
+        }
+        Ok(Resized {
+            sectors: size / request::SECTOR,
+        })
+    }
+
     fn queues(&self) -> u16 {
         lock(&self.shared.regs).t.queues.len() as u16
     }
@@ -434,6 +481,17 @@ impl Device for VirtioBlk {
     fn reset(&mut self) {
         let mut r = lock(&self.shared.regs);
         self.shared.reset(&mut r);
+    }
+
+    /// `resize {"size": BYTES}` (QMP `block_resize` of this device): grows
+    /// the image and tells the driver with a configuration change
+    /// interrupt. Shrinking (data the guest keeps at the end of its disk)
+    /// and read-only drives are refused.
+    fn control(&mut self, op: &str, args: &Value) -> Result<Value, String> {
+        match op {
+            "resize" => control::call(op, args, |a: ResizeArgs| self.resize(a.size)),
+            _ => Err(control::unknown(op)),
+        }
     }
 
     fn shutdown(&mut self) {

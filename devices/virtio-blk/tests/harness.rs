@@ -65,6 +65,7 @@ plugin_api::plugin_tests! {
         out_of_range_and_unknown_requests_fail_cleanly,
         a_broken_ring_needs_a_reset_and_a_reset_recovers,
         features_the_device_did_not_offer_are_refused,
+        resize_grows_the_disk_with_a_configuration_interrupt,
     ],
 }
 
@@ -383,4 +384,35 @@ fn settings_errors_are_clear() {
         .err()
         .unwrap();
     assert!(e.contains("/nonexistent/disk.img"), "{e}");
+}
+
+fn resize_grows_the_disk_with_a_configuration_interrupt(mut tb: TestBench) {
+    let (mut d, _) = Driver::init(&mut tb, VERSION_1);
+    let gen_before = d.common_r(&mut tb, 0x15, 1);
+    let grow = |tb: &mut TestBench, size: u64| {
+        tb.control("resize", &plugin_api::serde_json::json!({ "size": size }))
+    };
+    let e = grow(&mut tb, IMAGE_SIZE / 2).unwrap_err();
+    assert!(e.contains("shrinking"), "{e}");
+    assert!(grow(&mut tb, 1000).unwrap_err().contains("multiple of 512"));
+    assert!(!tb.irq().level(), "a refused resize says nothing");
+    let reply = grow(&mut tb, 2 * IMAGE_SIZE).unwrap();
+    assert_eq!(reply["sectors"], 2 * IMAGE_SIZE / 512);
+    assert!(tb.irq().wait_for(true, WAIT), "configuration interrupt");
+    assert_eq!(
+        tb.mmio_read(d.base + d.l.isr, 1),
+        2,
+        "ISR: configuration only"
+    );
+    assert_ne!(
+        d.common_r(&mut tb, 0x15, 1),
+        gen_before,
+        "config_generation moved"
+    );
+    assert_eq!(tb.mmio_read(d.base + d.l.device, 8), 2 * IMAGE_SIZE / 512);
+    assert_eq!(std::fs::metadata(image()).unwrap().len(), 2 * IMAGE_SIZE);
+    // The new space is usable.
+    let data = pattern(512, 9);
+    let last = 2 * IMAGE_SIZE / 512 - 1;
+    assert_eq!(d.request(&mut tb, 1, last, &data, 0).0, 0);
 }

@@ -212,6 +212,22 @@ impl Monitor {
                 (None, None) => return Err(QmpError::missing_parameter("node-name")),
             };
             let Some((name, node)) = found else {
+                // A device that is a disk itself (virtio-blk) resizes
+                // through its `resize` control operation, which also
+                // tells the guest (a configuration change interrupt).
+                if let (None, Some(d)) = (args.opt_str("node-name")?, args.opt_str("device")?) {
+                    if self.bus.pci.slot_of(d).is_some() {
+                        drop(nodes);
+                        if size == 0 || size % 512 != 0 {
+                            return Err(QmpError::generic(
+                                "Parameter 'size' expects a multiple of 512",
+                            ));
+                        }
+                        return self
+                            .device_control(d, "resize", json!({ "size": size }))
+                            .map(|_| json!({}));
+                    }
+                }
                 let what = args
                     .opt_str("node-name")?
                     .or(args.opt_str("device")?)
