@@ -33,6 +33,7 @@
 
 pub mod queue;
 pub mod request;
+pub mod state;
 pub mod transport;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -481,6 +482,33 @@ impl Device for VirtioBlk {
     fn reset(&mut self) {
         let mut r = lock(&self.shared.regs);
         self.shared.reset(&mut r);
+    }
+
+    /// The transport and where the device is in each ring, taken between
+    /// requests (it waits for the batch in flight): a restarted device
+    /// goes on serving the driver's rings where this one stopped.
+    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+        let r = lock(&self.shared.regs);
+        let rings = lock(&self.shared.rings);
+        Ok(state::encode(&r.t, &rings.queues))
+    }
+
+    /// A blob of another version or queue count, or a truncated or
+    /// inconsistent one, is refused and the device stays as it was.
+    fn restore_state(&mut self, blob: &[u8]) -> Result<(), String> {
+        let mut r = lock(&self.shared.regs);
+        let saved = state::decode(blob, &r.t)?;
+        let mut rings = lock(&self.shared.rings);
+        rings.generation += 1;
+        rings.queues = saved.rings;
+        r.generation = rings.generation;
+        drop(rings);
+        r.t = saved.transport;
+        self.shared.update_line(&mut r, true);
+        drop(r);
+        // Buffers the driver made available meanwhile.
+        self.shared.kick();
+        Ok(())
     }
 
     /// `resize {"size": BYTES}` (QMP `block_resize` of this device): grows

@@ -66,6 +66,8 @@ plugin_api::plugin_tests! {
         a_broken_ring_needs_a_reset_and_a_reset_recovers,
         features_the_device_did_not_offer_are_refused,
         resize_grows_the_disk_with_a_configuration_interrupt,
+        the_rings_survive_a_restart,
+        hostile_state_is_refused,
     ],
 }
 
@@ -415,4 +417,38 @@ fn resize_grows_the_disk_with_a_configuration_interrupt(mut tb: TestBench) {
     let data = pattern(512, 9);
     let last = 2 * IMAGE_SIZE / 512 - 1;
     assert_eq!(d.request(&mut tb, 1, last, &data, 0).0, 0);
+}
+
+fn the_rings_survive_a_restart(mut tb: TestBench) {
+    let (mut d, _) = Driver::init(&mut tb, VERSION_1 | F_FLUSH);
+    let data = pattern(4096, 5);
+    assert_eq!(d.request(&mut tb, 1, 8, &data, 0).0, 0);
+    assert_eq!(d.request(&mut tb, 4, 0, &[], 0).0, 0);
+    // A new device from the saved state: the driver goes on with the
+    // same rings, indexes and all, without setting anything up again.
+    tb.restart_device().unwrap();
+    tb.ram().write_all(DATA, &[0u8; 4096]);
+    let (status, used) = d.request(&mut tb, 0, 8, &[], 4096);
+    assert_eq!((status, used), (0, 4097));
+    assert_eq!(tb.ram().read_vec(DATA, 4096), data);
+    assert_ne!(d.common_r(&mut tb, 0x14, 1) & 4, 0, "still DRIVER_OK");
+}
+
+fn hostile_state_is_refused(mut tb: TestBench) {
+    let (mut d, _) = Driver::init(&mut tb, VERSION_1);
+    let good = tb.function().save_state().unwrap();
+    for bad in [
+        good[..good.len() - 1].to_vec(),
+        [good.clone(), vec![0]].concat(),
+        b"not a state".to_vec(),
+        {
+            let mut v = good.clone();
+            v[4] = 200;
+            v
+        },
+    ] {
+        assert!(tb.function().restore_state(&bad).is_err());
+    }
+    // The device is as it was.
+    assert_eq!(d.request(&mut tb, 4, 0, &[], 0).0, 0);
 }
