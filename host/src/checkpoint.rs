@@ -22,9 +22,14 @@ struct Entry {
     activity: Arc<AtomicU64>,
     /// The count at the previous look (a heartbeat ago).
     seen: u64,
-    /// The count a save was made (or tried) at, and the state (`None`:
-    /// the device could not save then).
-    saved: Option<(u64, Option<Vec<u8>>)>,
+    /// The last state saved, and the count it was saved at.
+    saved: Option<(u64, Vec<u8>)>,
+    /// The count a save was last tried at and failed (not asked again at
+    /// that count). A failed try never replaces a good save: a device
+    /// that fails (a plugin's panic) cannot save, but the access that
+    /// broke it may yet prove not to have reached it, and its save
+    /// before is then still current.
+    refused_at: Option<u64>,
 }
 
 /// Saved states of one remote's devices.
@@ -47,6 +52,7 @@ impl Checkpoints {
                 activity,
                 seen,
                 saved: None,
+                refused_at: None,
             },
         );
     }
@@ -64,7 +70,8 @@ impl Checkpoints {
             let now = e.activity.load(Ordering::Acquire);
             let idle = now == e.seen;
             e.seen = now;
-            let saved_here = e.saved.as_ref().is_some_and(|(at, _)| *at == now);
+            let saved_here =
+                e.saved.as_ref().is_some_and(|(at, _)| *at == now) || e.refused_at == Some(now);
             if idle && !saved_here {
                 due.push((id.clone(), now));
             }
@@ -77,7 +84,10 @@ impl Checkpoints {
     pub fn record(&self, id: &str, count: u64, state: Option<Vec<u8>>) {
         if let Some(e) = lock(&self.devices).get_mut(id) {
             if e.activity.load(Ordering::Acquire) == count {
-                e.saved = Some((count, state));
+                match state {
+                    Some(state) => e.saved = Some((count, state)),
+                    None => e.refused_at = Some(count),
+                }
             }
         }
     }
@@ -88,9 +98,7 @@ impl Checkpoints {
         let devices = lock(&self.devices);
         let e = devices.get(id)?;
         match &e.saved {
-            Some((at, Some(state))) if *at == e.activity.load(Ordering::Acquire) => {
-                Some(state.clone())
-            }
+            Some((at, state)) if *at == e.activity.load(Ordering::Acquire) => Some(state.clone()),
             _ => None,
         }
     }
@@ -101,7 +109,7 @@ impl Checkpoints {
         devices
             .iter()
             .filter(|(_, e)| {
-                matches!(&e.saved, Some((at, Some(_))) if *at == e.activity.load(Ordering::Acquire))
+                matches!(&e.saved, Some((at, _)) if *at == e.activity.load(Ordering::Acquire))
             })
             .map(|(id, _)| id.clone())
             .collect()
@@ -112,7 +120,7 @@ impl Checkpoints {
         if let Some(e) = lock(&self.devices).get_mut(id) {
             let now = e.activity.load(Ordering::Acquire);
             e.seen = now;
-            e.saved = Some((now, Some(state)));
+            e.saved = Some((now, state));
         }
     }
 }
@@ -153,5 +161,27 @@ mod tests {
         assert_eq!(cp.current_ids(), ["d"]);
         cp.forget("d");
         assert_eq!(cp.current("d"), None);
+    }
+
+    #[test]
+    fn a_failed_save_keeps_the_good_one_before_it() {
+        let cp = Checkpoints::default();
+        let a = Arc::new(AtomicU64::new(0));
+        cp.track("d", a.clone());
+        assert!(cp.due().is_empty());
+        assert_eq!(cp.due(), [("d".to_string(), 0)]);
+        cp.record("d", 0, Some(vec![7]));
+        // The write that breaks the plugin is counted; a save tried then
+        // fails (the device has failed).
+        a.fetch_add(1, Ordering::AcqRel);
+        assert!(cp.due().is_empty());
+        assert_eq!(cp.due(), [("d".to_string(), 1)]);
+        cp.record("d", 1, None);
+        assert!(cp.due().is_empty(), "not asked again at that count");
+        // The write proves never to have reached the device (refused):
+        // the save from before it is current again.
+        a.fetch_sub(1, Ordering::AcqRel);
+        assert_eq!(cp.current("d"), Some(vec![7]));
+        assert_eq!(cp.current_ids(), ["d"]);
     }
 }
