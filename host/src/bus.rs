@@ -20,6 +20,9 @@ pub struct Bus {
     pub pm: Option<Mutex<PowerManagement>>,
     /// Shared with the supervisors (device-channel heartbeats).
     pub pci: std::sync::Arc<PciRoot>,
+    /// The VM's GSI routing (MSI-X vectors' routes), shared by every
+    /// function with MSI-X, those added later included.
+    pub msi_routes: std::sync::Arc<crate::pci::msix::GsiRoutes>,
 }
 
 impl std::fmt::Debug for Bus {

@@ -177,6 +177,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         clients.extend(s.clients);
     }
     let root = PciRoot::new();
+    let msi_routes = crate::pci::msix::GsiRoutes::new();
     let mut configured_pins = Vec::new();
     let plugin_dirs = plugin_api::loader::default_dirs();
     for d in &cfg.devices {
@@ -205,6 +206,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
             Placement::InProcess => (
                 Box::new(
                     InProcessFunction::new(d, &plugin_dirs, ram.mem.clone(), vm.clone(), gsi)
+                        .and_then(|f| f.with_msix(&msi_routes))
                         .with_context(|| format!("{}: device `{}`", d.location, d.id))?
                         .with_fail_hook(monitor::fail_hook(&events, None)),
                 ),
@@ -268,6 +270,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         cmos: Mutex::new(Cmos::default()),
         pm,
         pci: Arc::new(root),
+        msi_routes,
     });
     let base_cpuid = cpu::supported_cpuid(&kvm)?;
     let msr_indices = kvm

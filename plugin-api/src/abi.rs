@@ -107,7 +107,10 @@ pub struct DeviceDesc {
     pub bars: RVec<BarDesc>,
     /// Its capabilities, in list order.
     pub capabilities: RVec<CapabilityDesc>,
-    /// Number of MSI vectors the device can use (0 today: INTx only).
+    /// MSI-X vectors the device raises ([`DeviceDesc::with_msix`]); 0:
+    /// INTx only. The host adds the MSI-X capability and a BAR of its own
+    /// for the table and the pending bits, and emulates both: the device
+    /// only raises vector numbers ([`crate::Host::msix_notify`]).
     pub msi_vectors: u16,
 }
 

@@ -136,6 +136,20 @@ impl DeviceDesc {
         self
     }
 
+    /// With `vectors` MSI-X vectors (1 to 2048). The host adds the MSI-X
+    /// capability after the device's own, and the table and pending-bit
+    /// array in the first BAR index the device leaves free (32-bit
+    /// memory); it emulates both as the PCI specification says (masking,
+    /// pending bits), so the device never sees those accesses. The device
+    /// raises vector `n` with [`Host::msix_notify`](crate::Host::msix_notify);
+    /// while the guest has not enabled MSI-X it keeps using INTx. A host
+    /// that predates MSI-X ignores this (no capability: the guest uses
+    /// INTx).
+    pub fn with_msix(mut self, vectors: u16) -> Self {
+        self.msi_vectors = vectors;
+        self
+    }
+
     /// With one more capability (placed by the host in the order given).
     pub fn with_capability(mut self, capability: CapabilityDesc) -> Self {
         self.capabilities.push(capability);

@@ -170,6 +170,67 @@ pub struct PciFunction {
     config: ConfigSpace,
     desc: DeviceDesc,
     shut_down: bool,
+    /// The MSI-X the host added for the device's `msi_vectors`.
+    msix: Option<Msix>,
+}
+
+/// Where a function's MSI-X lives: the capability's offset in
+/// configuration space and the table and PBA (in a BAR the host added,
+/// which the device never sees: the host emulates it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Msix {
+    /// The capability's offset in configuration space.
+    pub cap: usize,
+    /// Vectors, and where the table and the pending bits are.
+    pub layout: pci::msix::MsixLayout,
+    /// Bytes of the table's BAR.
+    pub bar_size: u64,
+}
+
+/// Adds the MSI-X capability and its BAR for `vectors` to `config`: the
+/// table at the start of the first BAR index `bars` leave free, the PBA
+/// on the next page.
+fn add_msix(
+    config: &mut ConfigSpace,
+    bars: &[crate::abi::BarDesc],
+    vectors: u16,
+) -> Result<Msix, String> {
+    let used = |i: u8| {
+        bars.iter().any(|b| {
+            b.index == i || (b.kind == BarKind::Memory64 && b.index.checked_add(1) == Some(i))
+        })
+    };
+    let bar = (0..6u8)
+        .find(|&i| !used(i))
+        .ok_or("MSI-X: every BAR index is taken; the table needs one")?;
+    let mut layout = pci::msix::MsixLayout {
+        vectors,
+        table_bar: bar,
+        table_offset: 0,
+        pba_bar: bar,
+        pba_offset: 0,
+    };
+    let page = 4096u64;
+    let pba_offset = layout.table_size().div_ceil(page) * page;
+    layout.pba_offset = u32::try_from(pba_offset).map_err(|_| "MSI-X: table too large")?;
+    layout.check()?;
+    let bar_size = (pba_offset + layout.pba_size().div_ceil(page) * page).next_power_of_two();
+    config
+        .add_bar(
+            usize::from(bar),
+            BarSpec {
+                bar_type: BarType::Memory32,
+                size: bar_size,
+                prefetchable: false,
+            },
+        )
+        .map_err(|e| format!("MSI-X BAR: {e}"))?;
+    let cap = pci::msix::add_capability(config, &layout).map_err(|e| format!("MSI-X: {e}"))?;
+    Ok(Msix {
+        cap,
+        layout,
+        bar_size,
+    })
 }
 
 fn shut_down_error() -> DeviceError {
@@ -212,12 +273,35 @@ impl PciFunction {
                 .add_capability(cap.id, &cap.body, &cap.writable)
                 .map_err(|e| format!("device description: {e}"))?;
         }
+        let msix = match desc.msi_vectors {
+            0 => None,
+            n => Some(
+                add_msix(&mut config, &desc.bars, n)
+                    .map_err(|e| format!("device description: {e}"))?,
+            ),
+        };
         Ok(PciFunction {
             device,
             config,
             desc,
             shut_down: false,
+            msix,
         })
+    }
+
+    /// The function's MSI-X, if the device declared vectors. Its BAR is
+    /// the host's to emulate (with [`pci::msix::MsixTable`]): accesses to
+    /// it are refused here like any BAR the device did not declare.
+    pub fn msix(&self) -> Option<Msix> {
+        self.msix
+    }
+
+    /// Whether the guest enabled MSI-X and whether it masked the whole
+    /// function, from Message Control: `(enabled, function masked)`;
+    /// `(false, false)` without MSI-X.
+    pub fn msix_control(&self) -> (bool, bool) {
+        self.msix
+            .map_or((false, false), |m| pci::msix::control(&self.config, m.cap))
     }
 
     /// Refuses an access to a BAR the device did not declare, or one that

@@ -152,16 +152,40 @@ struct IrqState {
     deliveries: usize,
 }
 
-/// The INTx line as KVM's irqfd + resample would present it.
+/// The MSI-X a VMM would emulate for the device: its table and pending
+/// bits (the one model, [`pci::msix::MsixTable`]), Message Control as the
+/// guest set it, and every message sent.
+struct BenchMsix {
+    table: pci::msix::MsixTable,
+    enabled: bool,
+    function_masked: bool,
+    sent: Vec<(u16, pci::msix::MsiMessage)>,
+}
+
+/// The INTx line as KVM's irqfd + resample would present it, and the
+/// MSI-X messages the device sent.
 #[derive(Default)]
 pub struct IrqLine {
     state: Mutex<IrqState>,
     changed: Condvar,
+    msix: Mutex<Option<BenchMsix>>,
 }
 
 impl IrqSink for IrqLine {
     fn set_level(&self, irq: u32, asserted: bool) {
+        if irq >= crate::MSIX_IRQ_BASE {
+            if asserted {
+                let vector = u16::try_from(irq - crate::MSIX_IRQ_BASE).unwrap_or(u16::MAX);
+                self.msix_signal(vector);
+            }
+            return;
+        }
         if irq != 0 {
+            return;
+        }
+        // While MSI-X is enabled the function does not use INTx (PCI 3.0,
+        // 6.8.3.3): hosts hold the line low whatever the device says.
+        if asserted && lock(&self.msix).as_ref().is_some_and(|m| m.enabled) {
             return;
         }
         let mut s = lock(&self.state);
@@ -175,6 +199,95 @@ impl IrqSink for IrqLine {
 }
 
 impl IrqLine {
+    fn msix_signal(&self, vector: u16) {
+        let mut m = lock(&self.msix);
+        let Some(m) = m.as_mut() else { return };
+        if let Some(msg) = m.table.signal(vector, m.enabled, m.function_masked) {
+            m.sent.push((vector, msg));
+        }
+        self.changed.notify_all();
+    }
+
+    /// Every MSI-X message sent so far: (vector, address and data as the
+    /// guest programmed them), in order.
+    pub fn msix_messages(&self) -> Vec<(u16, pci::msix::MsiMessage)> {
+        lock(&self.msix)
+            .as_ref()
+            .map_or(Vec::new(), |m| m.sent.clone())
+    }
+
+    /// MSI-X messages sent for `vector` so far.
+    pub fn msix_count(&self, vector: u16) -> usize {
+        lock(&self.msix)
+            .as_ref()
+            .map_or(0, |m| m.sent.iter().filter(|(v, _)| *v == vector).count())
+    }
+
+    /// Whether `vector` is pending (raised while masked).
+    pub fn msix_pending(&self, vector: u16) -> bool {
+        lock(&self.msix)
+            .as_ref()
+            .is_some_and(|m| m.table.is_pending(vector))
+    }
+
+    /// Waits until `vector` sent at least `n` messages, at most `timeout`.
+    pub fn wait_msix(&self, vector: u16, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = lock(&self.state);
+        loop {
+            if self.msix_count(vector) >= n {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = match self
+                .changed
+                .wait_timeout(s, (deadline - now).min(Duration::from_millis(10)))
+            {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+
+    /// Message Control changed: pending vectors now due are sent.
+    fn msix_control(&self, enabled: bool, function_masked: bool) {
+        let mut m = lock(&self.msix);
+        let Some(m) = m.as_mut() else { return };
+        m.enabled = enabled;
+        m.function_masked = function_masked;
+        let due = m.table.due(enabled, function_masked);
+        m.sent.extend(due);
+        self.changed.notify_all();
+    }
+
+    /// A table write: unmasked pending vectors are sent.
+    fn msix_table_write(&self, offset: u64, data: &[u8]) {
+        let mut m = lock(&self.msix);
+        let Some(m) = m.as_mut() else { return };
+        let due = m
+            .table
+            .write_table(offset, data, m.enabled, m.function_masked);
+        m.sent.extend(due);
+        self.changed.notify_all();
+    }
+
+    /// A read of the MSI-X BAR at `offset`.
+    fn msix_read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let m = lock(&self.msix);
+        let Some(m) = m.as_ref() else { return };
+        let l = *m.table.layout();
+        let (t, p) = (u64::from(l.table_offset), u64::from(l.pba_offset));
+        if (t..t + l.table_size()).contains(&offset) {
+            m.table.read_table(offset - t, data);
+        } else if (p..p + l.pba_size()).contains(&offset) {
+            m.table.read_pba(offset - p, data);
+        }
+    }
+
     /// Current level.
     pub fn level(&self) -> bool {
         lock(&self.state).level
@@ -317,6 +430,14 @@ impl TestBench {
         let (keys, refused) = function.mirrored_reads();
         if !refused.is_empty() {
             return Err(refused.join("; "));
+        }
+        if let Some(m) = function.msix() {
+            *lock(&irq.msix) = Some(BenchMsix {
+                table: pci::msix::MsixTable::new(m.layout),
+                enabled: false,
+                function_masked: false,
+                sent: Vec::new(),
+            });
         }
         let mut bench = TestBench {
             function,
@@ -486,6 +607,33 @@ impl TestBench {
         let b = value.to_le_bytes();
         self.function.config_write(offset, &b[..len.min(4)]);
         self.forget_mirrors();
+        let (enabled, masked) = self.function.msix_control();
+        self.irq.msix_control(enabled, masked);
+    }
+
+    /// The function's MSI-X (capability offset, table and PBA), if the
+    /// device declared vectors.
+    pub fn msix(&self) -> Option<crate::function::Msix> {
+        self.function.msix()
+    }
+
+    /// Sets MSI-X up as a driver does: vector `v` of `vectors` gets
+    /// address `0xfee0_0000` and data `0x4000 + v`, unmasked, and MSI-X
+    /// is enabled. Needs [`map_bars`](Self::map_bars) first. An error if
+    /// the device has no MSI-X.
+    pub fn enable_msix(&mut self, vectors: &[u16]) -> Result<(), String> {
+        let m = self.msix().ok_or("the device declared no MSI-X vectors")?;
+        let base = self.bar_address(usize::from(m.layout.table_bar));
+        for &v in vectors {
+            let e = base + u64::from(m.layout.table_offset) + 16 * u64::from(v);
+            self.mmio_write(e, 4, 0xfee0_0000);
+            self.mmio_write(e + 4, 4, 0);
+            self.mmio_write(e + 8, 4, 0x4000 + u64::from(v));
+            self.mmio_write(e + 12, 4, 0);
+        }
+        let ctrl = self.cfg_read(m.cap + 2, 2);
+        self.cfg_write(m.cap + 2, 2, ctrl | 0x8000);
+        Ok(())
     }
 
     /// Sizes every BAR as firmware does (write all-ones, read back,
@@ -567,6 +715,21 @@ impl TestBench {
             return;
         };
         let bar = region.index as u8;
+        // The MSI-X BAR is the host's, not the device's.
+        if let Some(m) = self.function.msix() {
+            if bar == m.layout.table_bar {
+                let l = m.layout;
+                let t = u64::from(l.table_offset);
+                if write {
+                    if (t..t + l.table_size()).contains(&region.offset) {
+                        self.irq.msix_table_write(region.offset - t, data);
+                    }
+                } else {
+                    self.irq.msix_read(region.offset, data);
+                }
+                return;
+            }
+        }
         // Errors (a failed device) read as all-ones, as the VMM serves them.
         if write {
             let _ = self.function.bar_write(bar, region.offset, data);

@@ -23,6 +23,11 @@ pub struct Host {
     inner: HostBox,
 }
 
+/// `set_irq_level`'s interrupt numbers: 0 is INTx, `MSIX_IRQ_BASE + n`
+/// is MSI-X vector `n` (an edge: only `true` counts). Hosts that predate
+/// MSI-X ignore numbers other than 0.
+pub const MSIX_IRQ_BASE: u32 = 1;
+
 /// A DMA access the host refused (outside the memory the VMM shared).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DmaError(pub String);
@@ -82,6 +87,19 @@ impl Host {
     /// the same level is harmless. Any thread may call it.
     pub fn set_intx(&self, asserted: bool) {
         self.inner.set_irq_level(0, asserted);
+    }
+
+    /// Raises MSI-X vector `vector` (declared with
+    /// [`DeviceDesc::with_msix`](crate::DeviceDesc::with_msix)): one
+    /// message, an edge. The host sends it if the guest enabled MSI-X and
+    /// left the vector unmasked, or keeps it pending until it unmasks it;
+    /// with MSI-X disabled it is dropped (the device then uses INTx). A
+    /// vector the device did not declare is ignored. Any thread may call
+    /// it; in a remote the signal goes to the VMM's interrupt routing
+    /// without a round trip.
+    pub fn msix_notify(&self, vector: u16) {
+        self.inner
+            .set_irq_level(MSIX_IRQ_BASE + u32::from(vector), true);
     }
 
     /// Tells the host that the device changed, from a thread of its own

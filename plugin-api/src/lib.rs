@@ -156,7 +156,7 @@ pub use abi::{
     LogLevel, MirroredRead, PciIdentity, PluginModule, PluginModuleRef, ABI_VERSION,
 };
 pub use device::{create_guarded, into_ffi, panic_message, Device, DeviceConstructor};
-pub use host::{DmaError, Host};
+pub use host::{DmaError, Host, MSIX_IRQ_BASE};
 pub use settings::settings;
 
 /// serde, for `#[serde(crate = "plugin_api::serde")]` on a plugin's

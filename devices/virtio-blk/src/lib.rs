@@ -8,11 +8,12 @@
 //! | class | 0x018000 (mass storage, other) |
 //! | subsystem | 0x1af4, 0x0002 |
 //! | BAR0 | 32-bit memory, 16 KiB: the virtio structures ([`transport`]) |
-//! | interrupt | INTA, level: high while the ISR has a bit set |
+//! | BAR1 | the MSI-X table and pending bits (the host's) |
+//! | interrupt | MSI-X (queues + 1 vectors); INTA, level: high while the ISR has a bit set |
 //!
-//! Interrupts are INTx until MSI-X reaches the plugin API: the device
-//! answers every MSI-X vector request with "no vector", which is how a
-//! driver learns to use INTx.
+//! Interrupts: MSI-X with one vector for configuration changes and one
+//! per queue (the host emulates the table; the device raises vector
+//! numbers), or INTx with the ISR for a source the driver gave no vector.
 //!
 //! Features offered: `VERSION_1`, `SEG_MAX`, `BLK_SIZE`, `FLUSH`, `MQ`
 //! (with `queues` > 1), `RO` (a read-only drive), `WRITE_ZEROES` (a
@@ -229,7 +230,7 @@ impl Shared {
             discard,
             write_zeroes,
         };
-        let mut completed = false;
+        let mut completed = vec![false; configs.len()];
         let mut broken: Option<String> = None;
         {
             let mut rings = lock(&self.rings);
@@ -263,7 +264,7 @@ impl Shared {
                         broken = Some(format!("queue {i}: {e}"));
                         break 'queues;
                     }
-                    completed = true;
+                    completed[i] = true;
                 }
             }
         }
@@ -277,12 +278,29 @@ impl Shared {
             self.host
                 .warn(&format!("virtio-blk: {why}; the device needs a reset"));
             r.t.status |= status::NEEDS_RESET;
-            r.t.isr |= ISR_CONFIG;
+            self.config_interrupt(&mut r);
         }
-        if completed {
-            r.t.isr |= ISR_QUEUE;
+        for (i, done) in completed.into_iter().enumerate() {
+            if !done {
+                continue;
+            }
+            match r.t.queues.get(i).map(|q| q.msix_vector) {
+                Some(v) if v != transport::NO_VECTOR => self.host.msix_notify(v),
+                _ => r.t.isr |= ISR_QUEUE,
+            }
         }
         self.update_line(&mut r, false);
+    }
+
+    /// A configuration change: its MSI-X vector, or the ISR's bit and
+    /// INTx when the driver gave it none.
+    fn config_interrupt(&self, r: &mut Regs) {
+        if r.t.msix_config != transport::NO_VECTOR {
+            self.host.msix_notify(r.t.msix_config);
+        } else {
+            r.t.isr |= ISR_CONFIG;
+            self.update_line(r, false);
+        }
     }
 }
 
@@ -345,7 +363,7 @@ impl VirtioBlk {
             .into_bytes();
         let shared = Arc::new(Shared {
             regs: Mutex::new(Regs {
-                t: Transport::new(features, s.queues, s.queue_size),
+                t: Transport::new(features, s.queues, s.queue_size, s.queues + 1),
                 generation: 0,
                 line: false,
             }),
@@ -407,8 +425,7 @@ impl VirtioBlk {
         let mut r = lock(&self.shared.regs);
         r.t.config_generation = r.t.config_generation.wrapping_add(1);
         if r.t.driver_ok() {
-            r.t.isr |= ISR_CONFIG;
-            self.shared.update_line(&mut r, false);
+            self.shared.config_interrupt(&mut r);
         }
         Ok(Resized {
             sectors: size / request::SECTOR,
@@ -426,8 +443,11 @@ impl Device for VirtioBlk {
             .with_revision(1)
             .with_subsystem(VENDOR_ID, 0x0002)
             .with_intx();
+        // One vector for configuration changes, one per queue.
+        let vectors = lock(&self.shared.regs).t.msix_vectors;
         let mut d = DeviceDesc::new(identity)
-            .with_bar(BarDesc::mmio32(transport::BAR, transport::BAR_SIZE));
+            .with_bar(BarDesc::mmio32(transport::BAR, transport::BAR_SIZE))
+            .with_msix(vectors);
         for cap in transport::capabilities() {
             d = d.with_capability(cap);
         }

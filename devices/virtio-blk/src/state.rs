@@ -5,9 +5,9 @@
 //!
 //! ```text
 //! magic "VBLK" | version u8 | driver_features u64 | status u8 |
-//! config_generation u8 | isr u8 | queue count u16 |
+//! config_generation u8 | isr u8 | msix_config u16 | queue count u16 |
 //! per queue: size u16, ready u8, desc u64, avail u64, used u64,
-//!            next_avail u16, next_used u16
+//!            msix_vector u16, next_avail u16, next_used u16
 //! ```
 //!
 //! The device's own features and queue count come from its settings, not
@@ -18,8 +18,8 @@ use crate::transport::{status, QueueConfig, Transport, NO_VECTOR};
 
 const MAGIC: &[u8; 4] = b"VBLK";
 pub const VERSION: u8 = 1;
-const QUEUE_BYTES: usize = 2 + 1 + 8 * 3 + 2 + 2;
-const HEAD_BYTES: usize = 4 + 1 + 8 + 1 + 1 + 1 + 2;
+const QUEUE_BYTES: usize = 2 + 1 + 8 * 3 + 2 + 2 + 2;
+const HEAD_BYTES: usize = 4 + 1 + 8 + 1 + 1 + 1 + 2 + 2;
 
 /// What [`decode`] found.
 #[derive(Debug)]
@@ -36,6 +36,7 @@ pub fn encode(t: &Transport, rings: &[SplitQueue]) -> Vec<u8> {
     b.push(VERSION);
     b.extend_from_slice(&t.driver_features.to_le_bytes());
     b.extend_from_slice(&[t.status, t.config_generation, t.isr]);
+    b.extend_from_slice(&t.msix_config.to_le_bytes());
     b.extend_from_slice(&(t.queues.len() as u16).to_le_bytes());
     for (i, q) in t.queues.iter().enumerate() {
         let (next_avail, next_used) = rings.get(i).map_or((0, 0), |r| (r.next_avail, r.next_used));
@@ -44,6 +45,7 @@ pub fn encode(t: &Transport, rings: &[SplitQueue]) -> Vec<u8> {
         b.extend_from_slice(&q.desc.to_le_bytes());
         b.extend_from_slice(&q.avail.to_le_bytes());
         b.extend_from_slice(&q.used.to_le_bytes());
+        b.extend_from_slice(&q.msix_vector.to_le_bytes());
         b.extend_from_slice(&next_avail.to_le_bytes());
         b.extend_from_slice(&next_used.to_le_bytes());
     }
@@ -98,6 +100,17 @@ pub fn decode(blob: &[u8], now: &Transport) -> Result<Saved, String> {
     t.status = r.u8()?;
     t.config_generation = r.u8()?;
     t.isr = r.u8()? & 3;
+    let vector = |v: u16| -> Result<u16, String> {
+        if v == NO_VECTOR || v < now.msix_vectors {
+            Ok(v)
+        } else {
+            Err(format!(
+                "MSI-X vector {v}; this device has {}",
+                now.msix_vectors
+            ))
+        }
+    };
+    t.msix_config = vector(r.u16()?)?;
     let n = usize::from(r.u16()?);
     if n != t.queues.len() {
         return Err(format!(
@@ -117,7 +130,7 @@ pub fn decode(blob: &[u8], now: &Transport) -> Result<Saved, String> {
             desc: r.u64()?,
             avail: r.u64()?,
             used: r.u64()?,
-            msix_vector: NO_VECTOR,
+            msix_vector: vector(r.u16()?)?,
         };
         let mut ring = SplitQueue::new(*q);
         ring.next_avail = r.u16()?;
@@ -141,7 +154,7 @@ mod tests {
     use super::*;
 
     fn device() -> Transport {
-        Transport::new(1 << 9, 2, 256)
+        Transport::new(1 << 9, 2, 256, 3)
     }
 
     #[test]
@@ -156,7 +169,7 @@ mod tests {
             desc: 0x1000,
             avail: 0x2000,
             used: 0x3000,
-            msix_vector: NO_VECTOR,
+            msix_vector: 2,
         };
         let mut rings: Vec<SplitQueue> = t.queues.iter().map(|q| SplitQueue::new(*q)).collect();
         rings[1].next_avail = 7;
@@ -173,9 +186,9 @@ mod tests {
         let mut other = blob.clone();
         other[4] = 9;
         assert!(decode(&other, &device()).unwrap_err().contains("version 9"));
-        let one_queue = Transport::new(1 << 9, 1, 256);
+        let one_queue = Transport::new(1 << 9, 1, 256, 3);
         assert!(decode(&blob, &one_queue).unwrap_err().contains("2 queues"));
-        let fewer_features = Transport::new(0, 2, 256);
+        let fewer_features = Transport::new(0, 2, 256, 3);
         assert!(decode(&blob, &fewer_features)
             .unwrap_err()
             .contains("features"));

@@ -43,7 +43,7 @@ pub mod status {
 pub const ISR_QUEUE: u8 = 1;
 pub const ISR_CONFIG: u8 = 2;
 
-/// "No MSI-X vector" (the device has no MSI-X capability yet: INTx).
+/// "No MSI-X vector": the driver uses INTx and the ISR for this source.
 pub const NO_VECTOR: u16 = 0xffff;
 
 /// Feature bit 32: the device is a virtio 1.x device (required of modern
@@ -108,6 +108,8 @@ pub struct Transport {
     /// The largest queue the device takes.
     pub max_queue_size: u16,
     pub isr: u8,
+    /// MSI-X vectors the function has (0: INTx only).
+    pub msix_vectors: u16,
 }
 
 /// What a write to the common configuration asks of the device.
@@ -121,7 +123,7 @@ pub enum Effect {
 }
 
 impl Transport {
-    pub fn new(device_features: u64, queues: u16, max_queue_size: u16) -> Self {
+    pub fn new(device_features: u64, queues: u16, max_queue_size: u16, msix_vectors: u16) -> Self {
         let q = QueueConfig {
             size: max_queue_size,
             ready: false,
@@ -142,6 +144,17 @@ impl Transport {
             queues: vec![q; usize::from(queues.clamp(1, MAX_QUEUES))],
             max_queue_size,
             isr: 0,
+            msix_vectors,
+        }
+    }
+
+    /// A vector the driver asked for: kept if the function has it, else
+    /// "no vector" (the driver reads that back and falls back).
+    fn vector(&self, v: u16) -> u16 {
+        if v < self.msix_vectors {
+            v
+        } else {
+            NO_VECTOR
         }
     }
 
@@ -152,6 +165,7 @@ impl Transport {
             self.device_features,
             self.queues.len() as u16,
             self.max_queue_size,
+            self.msix_vectors,
         );
         let generation = self.config_generation;
         *self = fresh;
@@ -245,7 +259,7 @@ impl Transport {
             }
         }
         if touched(0x10, 2) {
-            self.msix_config = NO_VECTOR;
+            self.msix_config = self.vector(u16_at(0x10));
         }
         if touched(0x14, 1) {
             effect = self.write_status(img[0x14]);
@@ -255,6 +269,7 @@ impl Transport {
         }
         let max = self.max_queue_size;
         let sel = usize::from(self.queue_select);
+        let vector = self.vector(u16_at(0x1a));
         if let Some(q) = self.queues.get_mut(sel) {
             // A queue's configuration is fixed once it is enabled.
             if !q.ready {
@@ -275,9 +290,7 @@ impl Transport {
                 }
             }
             if touched(0x1a, 2) {
-                // No MSI-X: every vector request answers "none", which
-                // tells the driver to use INTx.
-                q.msix_vector = NO_VECTOR;
+                q.msix_vector = vector;
             }
         }
         effect
@@ -329,7 +342,7 @@ mod tests {
 
     #[test]
     fn features_are_negotiated_per_select_and_checked() {
-        let mut t = Transport::new(1 << 9, 1, 256);
+        let mut t = Transport::new(1 << 9, 1, 256, 0);
         assert_eq!(read32(&t, 0x04), 1 << 9);
         write32(&mut t, 0x00, 1);
         assert_eq!(read32(&t, 0x04), 1, "VERSION_1 is bit 32");
@@ -358,7 +371,7 @@ mod tests {
 
     #[test]
     fn queue_addresses_in_halves_and_fixed_once_enabled() {
-        let mut t = Transport::new(0, 2, 256);
+        let mut t = Transport::new(0, 2, 256, 0);
         t.write(0x16, &1u16.to_le_bytes());
         t.write(0x18, &128u16.to_le_bytes());
         write32(&mut t, 0x20, 0x1000);
@@ -382,7 +395,7 @@ mod tests {
 
     #[test]
     fn status_zero_resets_and_msix_requests_answer_no_vector() {
-        let mut t = Transport::new(0, 1, 256);
+        let mut t = Transport::new(0, 1, 256, 0);
         assert_eq!(t.write(0x14, &[status::DRIVER_OK]), Effect::DriverOk);
         assert_eq!(t.write(0x14, &[0]), Effect::Reset);
         t.write(0x1a, &0u16.to_le_bytes());
@@ -390,5 +403,20 @@ mod tests {
         t.isr = ISR_QUEUE;
         assert_eq!(t.take_isr(), ISR_QUEUE);
         assert_eq!(t.take_isr(), 0);
+    }
+
+    #[test]
+    fn vectors_the_function_has_are_kept() {
+        let mut t = Transport::new(0, 1, 256, 2);
+        t.write(0x10, &1u16.to_le_bytes());
+        t.write(0x1a, &0u16.to_le_bytes());
+        assert_eq!((t.msix_config, t.queues[0].msix_vector), (1, 0));
+        t.write(0x1a, &2u16.to_le_bytes());
+        assert_eq!(t.queues[0].msix_vector, NO_VECTOR, "past the last vector");
+        t.reset();
+        assert_eq!(
+            (t.msix_config, t.queues[0].msix_vector),
+            (NO_VECTOR, NO_VECTOR)
+        );
     }
 }

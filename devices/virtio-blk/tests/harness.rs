@@ -68,6 +68,7 @@ plugin_api::plugin_tests! {
         resize_grows_the_disk_with_a_configuration_interrupt,
         the_rings_survive_a_restart,
         hostile_state_is_refused,
+        msix_vectors_carry_completions_and_masking_holds_them,
     ],
 }
 
@@ -451,4 +452,67 @@ fn hostile_state_is_refused(mut tb: TestBench) {
     }
     // The device is as it was.
     assert_eq!(d.request(&mut tb, 4, 0, &[], 0).0, 0);
+}
+
+fn used_idx(tb: &TestBench) -> u16 {
+    u16::from_le_bytes(tb.ram().read_vec(USED + 2, 2).try_into().unwrap())
+}
+
+fn msix_vectors_carry_completions_and_masking_holds_them(mut tb: TestBench) {
+    let m = tb.msix().expect("an MSI-X capability");
+    assert_eq!(m.layout.vectors, 2, "configuration + one queue");
+    assert_ne!(m.layout.table_bar, 0, "in a BAR of its own");
+    let (mut d, _) = Driver::init(&mut tb, VERSION_1 | F_FLUSH);
+    tb.enable_msix(&[0, 1]).unwrap();
+    // Vector 0 for configuration changes, 1 for queue 0, as Linux does.
+    d.common_w(&mut tb, 0x10, 2, 0);
+    d.common_w(&mut tb, 0x16, 2, 0);
+    d.common_w(&mut tb, 0x1a, 2, 1);
+    assert_eq!(d.common_r(&mut tb, 0x10, 2), 0);
+    assert_eq!(d.common_r(&mut tb, 0x1a, 2), 1);
+    // A vector past the function's is refused ("no vector").
+    d.common_w(&mut tb, 0x1a, 2, 7);
+    assert_eq!(d.common_r(&mut tb, 0x1a, 2), 0xffff);
+    d.common_w(&mut tb, 0x1a, 2, 1);
+
+    let flush = |d: &mut Driver, tb: &mut TestBench| {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&4u32.to_le_bytes());
+        tb.ram().write_all(HEADER, &h);
+        d.submit(tb, &[(HEADER, 16, false), (STATUS, 1, true)]);
+    };
+    flush(&mut d, &mut tb);
+    assert!(tb.irq().wait_msix(1, 1, WAIT), "the queue's vector");
+    let msgs = tb.irq().msix_messages();
+    assert_eq!(msgs[0].0, 1);
+    assert_eq!((msgs[0].1.address, msgs[0].1.data), (0xfee0_0000, 0x4001));
+    assert_eq!(used_idx(&tb), 1);
+    assert!(!tb.irq().level(), "no INTx with MSI-X enabled");
+    assert_eq!(tb.mmio_read(d.base + d.l.isr, 1), 0, "and no ISR bit");
+
+    // Vector 1 masked: the completion leaves it pending, in the PBA.
+    let table = tb.bar_address(usize::from(m.layout.table_bar));
+    tb.mmio_write(table + 16 + 12, 4, 1);
+    flush(&mut d, &mut tb);
+    let t0 = std::time::Instant::now();
+    while used_idx(&tb) != 2 && t0.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(used_idx(&tb), 2);
+    assert!(tb.irq().msix_pending(1));
+    assert_eq!(tb.irq().msix_count(1), 1, "held while masked");
+    let pba = tb.mmio_read(table + u64::from(m.layout.pba_offset), 8);
+    assert_eq!(pba, 0b10, "the PBA shows vector 1 pending");
+    // Unmasked: sent at once, no longer pending.
+    tb.mmio_write(table + 16 + 12, 4, 0);
+    assert_eq!(tb.irq().msix_count(1), 2);
+    assert!(!tb.irq().msix_pending(1));
+
+    // A configuration change goes to vector 0.
+    tb.control(
+        "resize",
+        &plugin_api::serde_json::json!({ "size": 2 * IMAGE_SIZE }),
+    )
+    .unwrap();
+    assert!(tb.irq().wait_msix(0, 1, WAIT), "the configuration vector");
 }

@@ -76,6 +76,7 @@ impl Monitor {
                     self.vm.clone(),
                     gsi,
                 )
+                .and_then(|f| f.with_msix(&self.bus.msi_routes))
                 .map_err(|e| QmpError::generic(format!("{e:#}")))?
                 .with_fail_hook(fail_hook(&self.events, None));
                 (

@@ -3,7 +3,7 @@
 //! `plugin_api::function::PciFunction`. DMA goes straight to guest RAM;
 //! INTx drives the IOAPIC pin with KVM_IRQ_LINE. No IPC at all.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
@@ -14,6 +14,7 @@ use plugin_api::function::{create_device, GuestMemory, IrqSink, PciFunction, Ser
 use plugin_api::loader;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::msix::{GsiRoutes, MsixRouter};
 use super::proxy::FailHook;
 use super::stats::AccessStats;
 use super::PciDevice;
@@ -36,11 +37,31 @@ impl GuestMemory for Ram {
 struct Line {
     vm: Arc<VmFd>,
     gsi: u32,
+    /// The function's MSI-X, once made (after the device described
+    /// itself): vector signals go to its eventfds, and INTx is held low
+    /// while the guest has MSI-X enabled.
+    msix: Arc<std::sync::OnceLock<Arc<Mutex<MsixRouter>>>>,
 }
 
 impl IrqSink for Line {
     fn set_level(&self, irq: u32, asserted: bool) {
+        if irq >= plugin_api::MSIX_IRQ_BASE {
+            if let (true, Some(m)) = (asserted, self.msix.get()) {
+                let v = u16::try_from(irq - plugin_api::MSIX_IRQ_BASE).unwrap_or(u16::MAX);
+                m.lock().unwrap_or_else(|e| e.into_inner()).signal(v);
+            }
+            return;
+        }
         if irq != 0 {
+            return;
+        }
+        // While MSI-X is enabled the function does not use INTx.
+        if asserted
+            && self
+                .msix
+                .get()
+                .is_some_and(|m| m.lock().unwrap_or_else(|e| e.into_inner()).enabled())
+        {
             return;
         }
         if let Err(e) = self.vm.set_irq_line(self.gsi, asserted) {
@@ -53,6 +74,9 @@ impl IrqSink for Line {
 pub struct InProcessFunction {
     id: String,
     func: PciFunction,
+    /// Shared with the device's interrupt sink.
+    msix_slot: Arc<std::sync::OnceLock<Arc<Mutex<MsixRouter>>>>,
+    vm: Arc<VmFd>,
     stats: AccessStats,
     on_fail: Option<FailHook>,
     failed: bool,
@@ -69,18 +93,44 @@ impl InProcessFunction {
     ) -> Result<Self> {
         let plugin = loader::find(&cfg.plugin, plugin_dirs)
             .map_err(|e| anyhow!("device {}: {e}", cfg.id))?;
-        let services = Services::new(&cfg.id, Arc::new(Ram(mem)), Arc::new(Line { vm, gsi }))
-            .with_base_dir(&cfg.base_dir);
+        let msix_slot = Arc::new(std::sync::OnceLock::new());
+        let line = Line {
+            vm: vm.clone(),
+            gsi,
+            msix: msix_slot.clone(),
+        };
+        let services =
+            Services::new(&cfg.id, Arc::new(Ram(mem)), Arc::new(line)).with_base_dir(&cfg.base_dir);
         let device = create_device(&plugin, cfg.kind.as_deref(), &cfg.settings, services)
             .map_err(|e| anyhow!("device {}: {e}", cfg.id))?;
         let func = PciFunction::new(device).map_err(|e| anyhow!("device {}: {e}", cfg.id))?;
         Ok(InProcessFunction {
             id: cfg.id.clone(),
             func,
+            msix_slot,
+            vm,
             stats: AccessStats::default(),
             on_fail: None,
             failed: false,
         })
+    }
+
+    /// Serves the device's MSI-X (if it declared vectors) with KVM routes
+    /// from `routes`. Without this call its MSI-X BAR reads as zeros and
+    /// its vectors go nowhere (the guest then uses INTx).
+    pub fn with_msix(self, routes: &Arc<GsiRoutes>) -> Result<Self> {
+        if let Some(m) = self.func.msix() {
+            let router = MsixRouter::new(self.vm.clone(), routes.clone(), m)
+                .map_err(|e| anyhow!("device {}: {e:#}", self.id))?;
+            let _ = self.msix_slot.set(Arc::new(Mutex::new(router)));
+        }
+        Ok(self)
+    }
+
+    fn msix(&self) -> Option<std::sync::MutexGuard<'_, MsixRouter>> {
+        self.msix_slot
+            .get()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Reports the plugin's failure (a panic) once through `hook`.
@@ -122,6 +172,10 @@ impl PciDevice for InProcessFunction {
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.stats.config_writes += 1;
         self.func.config_write(offset, data);
+        let (enabled, masked) = self.func.msix_control();
+        if let Some(mut m) = self.msix() {
+            m.set_control(enabled, masked);
+        }
     }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         let t = Instant::now();
@@ -129,6 +183,10 @@ impl PciDevice for InProcessFunction {
             data.fill(0xff);
             return;
         };
+        if let Some(m) = self.msix().filter(|m| m.bar() == index) {
+            m.read(offset, data);
+            return;
+        }
         if let Err(e) = self.func.bar_read(index, offset, data) {
             tracing::warn!("{}: BAR read: {e:?}", self.id);
             self.check_failure();
@@ -140,6 +198,10 @@ impl PciDevice for InProcessFunction {
         let Ok(bar) = u8::try_from(bar) else {
             return;
         };
+        if let Some(mut m) = self.msix().filter(|m| m.bar() == bar) {
+            m.write(offset, data);
+            return;
+        }
         if let Err(e) = self.func.bar_write(bar, offset, data) {
             tracing::warn!("{}: BAR write: {e:?}", self.id);
             self.check_failure();
@@ -157,6 +219,9 @@ impl PciDevice for InProcessFunction {
         if let Err(e) = self.func.reset() {
             tracing::warn!("{}: reset: {e:?}", self.id);
             self.check_failure();
+        }
+        if let Some(mut m) = self.msix() {
+            m.reset();
         }
     }
 

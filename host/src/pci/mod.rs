@@ -4,6 +4,7 @@
 //! ([`inprocess`]).
 
 pub mod inprocess;
+pub mod msix;
 pub mod proxy;
 pub mod root;
 pub mod stats;
