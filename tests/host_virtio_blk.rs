@@ -75,9 +75,10 @@ fn virtio_blk_plugin_remote_and_in_process_behind_our_vmm() {
     for bin in ["host", "remote-host", "libvirtio_blk.so"] {
         target_bin(bin).unwrap();
     }
-    // The serial number through the driver's sysfs attribute (GET_ID).
+    // The serial number through the driver's sysfs attribute (GET_ID),
+    // and the interrupts each MSI-X vector took.
     let job = format!(
-        "{}\necho \"serial=$(cat /sys/block/vda/serial)\"\n",
+        "{}\necho \"serial=$(cat /sys/block/vda/serial)\"\ngrep virtio /proc/interrupts\n",
         disk_job("vda", "virtio-pci", "virtio_blk|vda")
     );
     let spec = testenv::InitramfsSpec::new(MODULES, &job);
@@ -127,6 +128,25 @@ fn virtio_blk_plugin_remote_and_in_process_behind_our_vmm() {
             "{name}: the serial number (GET_ID) did not reach the guest:\n{}",
             r.output
         );
+        // The driver took MSI-X: the queue's vector carried the
+        // completions (no INTx line for virtio at all).
+        let req = msix_count(&r.output, "virtio0-req.0");
+        assert!(
+            req.is_some_and(|n| n > 10),
+            "{name}: no MSI-X interrupts on the queue's vector:\n{}",
+            r.output
+        );
+        assert!(
+            r.output
+                .lines()
+                .any(|l| l.contains("virtio0-config") && l.contains("PCI-MSI")),
+            "{name}: no configuration vector:\n{}",
+            r.output
+        );
+        eprintln!(
+            "host_virtio_blk: {name}: {} interrupts on virtio0-req.0",
+            req.unwrap_or(0)
+        );
         assert!(
             l1.output.contains(&format!("{name}-EXIT=0")),
             "{name}: host did not exit 0:\n{}",
@@ -139,6 +159,21 @@ fn virtio_blk_plugin_remote_and_in_process_behind_our_vmm() {
         "host_virtio_blk: passed in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// The interrupts a `/proc/interrupts` line named `name` counts (all
+/// CPUs), if it is an MSI line.
+fn msix_count(output: &str, name: &str) -> Option<u64> {
+    let line = output
+        .lines()
+        .find(|l| l.trim_end().ends_with(name) && l.contains("PCI-MSI"))?;
+    let counts = line.split_once(':')?.1;
+    Some(
+        counts
+            .split_whitespace()
+            .map_while(|w| w.parse::<u64>().ok())
+            .sum(),
+    )
 }
 
 /// The guest's side of `block_resize`: it notes the capacity, waits for
@@ -156,6 +191,7 @@ after=$(cat /sys/block/vda/size)
 echo "after=$after"
 printf 'VIRTIO-BLK-GREW' | dd of=/dev/vda bs=512 seek=$((after - 1)) conv=sync,notrunc oflag=direct 2>/dev/null || exit 3
 dmesg | grep -i 'capacity change'
+grep virtio /proc/interrupts
 echo "STEP done"
 "#;
 
@@ -205,6 +241,10 @@ fn resize_reaches_the_guest(env: &testenv::Env) {
         "the guest did not see the new size:\n{diag}"
     );
     assert!(job.output.contains("capacity change"), "{diag}");
+    assert!(
+        msix_count(&job.output, "virtio0-config").is_some_and(|n| n >= 1),
+        "the configuration change did not come on its MSI-X vector:\n{diag}"
+    );
     let img = fs::read(dir.join("vd.img")).unwrap();
     assert_eq!(img.len() as u64, 2 * IMAGE_SIZE);
     let last = &img[img.len() - 512..];

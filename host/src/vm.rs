@@ -197,6 +197,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
                     .find(|s| &s.id == rid)
                     .context("remote without supervision")?;
                 let mut proxy = ProxyFunction::new(&d.id, client, &ram, &vm, gsi)
+                    .and_then(|p| p.with_msix(&vm, &msi_routes))
                     .with_context(|| format!("{}: device `{}`", d.location, d.id))?
                     .with_supervision(sup.failed.clone(), monitor::fail_hook(&events, Some(rid)));
                 sup.attach_fast_path(&d.id, &mut proxy);

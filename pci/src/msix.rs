@@ -94,6 +94,40 @@ pub fn add_capability(cs: &mut ConfigSpace, layout: &MsixLayout) -> Result<usize
     cs.add_capability(CAP_ID_MSIX, &body, &writable)
 }
 
+/// Finds the MSI-X capability in the first 256 bytes of a function's
+/// configuration space as another process serves it: its offset and
+/// layout. `None` without one, or with a list that loops or leaves the
+/// space (bounded: at most 48 capabilities).
+pub fn find(cfg: &[u8; 256]) -> Option<(usize, MsixLayout)> {
+    if cfg[crate::regs::STATUS] & 0x10 == 0 {
+        return None;
+    }
+    let mut ptr = usize::from(cfg[0x34] & 0xfc);
+    for _ in 0..48 {
+        if ptr < 0x40 || ptr + 12 > cfg.len() {
+            return None;
+        }
+        if cfg[ptr] == CAP_ID_MSIX {
+            let ctrl = u16::from_le_bytes([cfg[ptr + 2], cfg[ptr + 3]]);
+            let word = |o: usize| u32::from_le_bytes([cfg[o], cfg[o + 1], cfg[o + 2], cfg[o + 3]]);
+            let (table, pba) = (word(ptr + 4), word(ptr + 8));
+            let layout = MsixLayout {
+                vectors: (ctrl & 0x7ff) + 1,
+                table_bar: (table & 7) as u8,
+                table_offset: table & !7,
+                pba_bar: (pba & 7) as u8,
+                pba_offset: pba & !7,
+            };
+            return layout.check().is_ok().then_some((ptr, layout));
+        }
+        ptr = usize::from(cfg[ptr + 1] & 0xfc);
+        if ptr == 0 {
+            return None;
+        }
+    }
+    None
+}
+
 /// MSI-X's state in Message Control as the guest set it: `(enabled,
 /// function masked)`; `cap` is [`add_capability`]'s offset.
 pub fn control(cs: &ConfigSpace, cap: usize) -> (bool, bool) {
@@ -405,5 +439,35 @@ mod tests {
                 data: 0
             }
         );
+    }
+
+    #[test]
+    fn find_reads_back_what_add_capability_wrote() {
+        let mut cs = ConfigSpace::new(crate::Identity {
+            vendor_id: 0x1af4,
+            device_id: 0x1042,
+            class_code: 0x018000,
+            revision: 1,
+            subsystem_vendor_id: 0x1af4,
+            subsystem_id: 2,
+            interrupt_pin: 1,
+        });
+        let layout = MsixLayout {
+            vectors: 3,
+            table_bar: 1,
+            table_offset: 0,
+            pba_bar: 1,
+            pba_offset: 0x1000,
+        };
+        let cap = add_capability(&mut cs, &layout).unwrap();
+        let mut cfg = [0u8; 256];
+        for (i, b) in cfg.iter_mut().enumerate() {
+            *b = cs.read_value(i, 1) as u8;
+        }
+        assert_eq!(find(&cfg), Some((cap, layout)));
+        // A list that loops is no capability.
+        cfg[cap] = 0x09;
+        cfg[cap + 1] = cap as u8;
+        assert_eq!(find(&cfg), None);
     }
 }

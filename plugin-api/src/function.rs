@@ -240,6 +240,13 @@ fn shut_down_error() -> DeviceError {
 impl PciFunction {
     /// Builds the configuration space from the device's description.
     pub fn new(device: DeviceBox) -> Result<Self, String> {
+        Self::new_with_msix(device, true)
+    }
+
+    /// [`new`](Self::new); with `msix` false the function is presented
+    /// without the MSI-X the device declared (a host whose wire carries
+    /// none, such as mpqemu): the guest then uses INTx.
+    pub fn new_with_msix(device: DeviceBox, msix: bool) -> Result<Self, String> {
         let desc = device.describe();
         if let Some(msg) = device.failure().into_option() {
             return Err(msg.into_string());
@@ -275,6 +282,7 @@ impl PciFunction {
         }
         let msix = match desc.msi_vectors {
             0 => None,
+            _ if !msix => None,
             n => Some(
                 add_msix(&mut config, &desc.bars, n)
                     .map_err(|e| format!("device description: {e}"))?,

@@ -194,6 +194,15 @@ pub fn plugin_dirs(config: &Config, remote_id: &str, extra: &[PathBuf]) -> Vec<P
     dirs
 }
 
+/// Whether devices get the MSI-X they declare: not when the process
+/// serves mpqemu, which carries no MSI-X (its devices use INTx).
+static MSIX: AtomicBool = AtomicBool::new(true);
+
+/// Set once at start, before any device is made, from the protocol.
+pub fn set_msix(allowed: bool) {
+    MSIX.store(allowed, Ordering::Relaxed);
+}
+
 /// Creates one device from its config entry.
 pub fn create(cfg: &DeviceConfig, plugin: &LoadedPlugin) -> Result<RemoteDevice, String> {
     create_from(&DeviceSpec::from(cfg), plugin)
@@ -209,7 +218,7 @@ pub fn create_from(spec: &DeviceSpec, plugin: &LoadedPlugin) -> Result<RemoteDev
         .with_base_dir(&spec.base_dir)
         .with_change_notice(Arc::new(move || notice.notify()));
     let device = create_device(plugin, spec.kind.as_deref(), &spec.settings, services)?;
-    let function = PciFunction::new(device)?;
+    let function = PciFunction::new_with_msix(device, MSIX.load(Ordering::Relaxed))?;
     Ok(RemoteDevice {
         id: spec.id.clone(),
         slot: spec.slot,

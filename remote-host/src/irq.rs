@@ -32,6 +32,11 @@ pub struct IntxLine {
     fds: Mutex<Option<IntxFds>>,
     /// Times the irqfd was signalled (for tests and statistics).
     signals: AtomicU64,
+    /// MSI-X: each vector's eventfd, as the VMM gave them (vfio-user
+    /// SET_IRQS of the MSI-X index). The VMM routes them to KVM.
+    msix: Mutex<Vec<Option<EventFd>>>,
+    /// The guest enabled MSI-X: INTx stays quiet meanwhile.
+    msix_enabled: AtomicBool,
 }
 
 impl IntxLine {
@@ -76,12 +81,46 @@ impl IntxLine {
         }
     }
 
+    /// Installs the eventfds of vectors `start..` (vfio-user SET_IRQS of
+    /// the MSI-X index); with `fds` empty and `start` 0, removes them all.
+    pub fn set_msix_fds(&self, start: usize, fds: Vec<EventFd>) {
+        let mut m = self.msix.lock().unwrap_or_else(|e| e.into_inner());
+        if fds.is_empty() && start == 0 {
+            m.clear();
+            return;
+        }
+        if m.len() < start + fds.len() {
+            m.resize_with(start + fds.len(), || None);
+        }
+        for (i, fd) in fds.into_iter().enumerate() {
+            m[start + i] = Some(fd);
+        }
+    }
+
+    /// Message Control's enable bit, after a configuration write.
+    pub fn set_msix_enabled(&self, enabled: bool) {
+        let was = self.msix_enabled.swap(enabled, Ordering::AcqRel);
+        if was && !enabled && self.level() {
+            self.signal();
+        }
+    }
+
+    fn signal_msix(&self, vector: u32) {
+        let m = self.msix.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Some(fd)) = usize::try_from(vector).ok().and_then(|v| m.get(v)) {
+            let _ = fd.write(1);
+        }
+    }
+
     pub fn signals(&self) -> u64 {
         self.signals.load(Ordering::Relaxed)
     }
 
     fn signal(&self) {
-        if self.masked.load(Ordering::Acquire) || self.disabled.load(Ordering::Acquire) {
+        if self.masked.load(Ordering::Acquire)
+            || self.disabled.load(Ordering::Acquire)
+            || self.msix_enabled.load(Ordering::Acquire)
+        {
             return;
         }
         let fds = self.fds.lock().unwrap_or_else(|e| e.into_inner());
@@ -102,6 +141,12 @@ impl IntxLine {
 
 impl IrqSink for IntxLine {
     fn set_level(&self, irq: u32, asserted: bool) {
+        if irq >= plugin_api::MSIX_IRQ_BASE {
+            if asserted {
+                self.signal_msix(irq - plugin_api::MSIX_IRQ_BASE);
+            }
+            return;
+        }
         if irq != 0 {
             return;
         }

@@ -213,6 +213,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let protocol = protocol
                 .or_else(|| rcfg.as_ref().map(|r| r.protocol))
                 .unwrap_or(Protocol::VfioUser);
+            // mpqemu carries no MSI-X: its devices are presented without.
+            devices::set_msix(protocol != Protocol::Mpqemu);
             let dirs = devices::plugin_dirs(&cfg, &remote, &plugin_dirs);
             let (devs, failed) = devices::build(&cfg, &remote, &dirs);
             tracing::info!(

@@ -91,6 +91,8 @@ pub struct Adapter {
     bar_sizes: [u64; 6],
     /// The device has an interrupt pin.
     has_intx: bool,
+    /// MSI-X vectors (0: none).
+    msix_vectors: u32,
     trigger: Option<EventFd>,
     unmask: Option<EventFd>,
     watcher: Option<EventfdWatcher>,
@@ -100,6 +102,7 @@ impl Adapter {
     pub fn new(dev: Arc<RemoteDevice>, max_dma_maps: u32) -> Self {
         let mut bar_sizes = [0u64; 6];
         let has_intx;
+        let msix_vectors;
         {
             let f = dev.function();
             let desc = f.description();
@@ -109,12 +112,23 @@ impl Adapter {
                 }
             }
             has_intx = desc.identity.interrupt_pin != 0;
+            // The MSI-X BAR is a region too (the VMM emulates it: an
+            // access that reaches us is refused like any undeclared BAR).
+            if let Some(m) = f.msix() {
+                if let Some(s) = bar_sizes.get_mut(usize::from(m.layout.table_bar)) {
+                    *s = m.bar_size;
+                }
+                msix_vectors = u32::from(m.layout.vectors);
+            } else {
+                msix_vectors = 0;
+            }
         }
         Adapter {
             dev,
             max_dma_maps,
             bar_sizes,
             has_intx,
+            msix_vectors,
             trigger: None,
             unmask: None,
             watcher: None,
@@ -214,6 +228,12 @@ impl VfioUserDevice for Adapter {
                     | vfio_user::IRQ_INFO_AUTOMASKED,
                 u32::from(self.has_intx),
             )
+        } else if index == vfio_user::PCI_MSIX_IRQ_INDEX {
+            // Masking is the VMM's (it emulates the table).
+            (
+                vfio_user::IRQ_INFO_EVENTFD | vfio_user::IRQ_INFO_NORESIZE,
+                self.msix_vectors,
+            )
         } else {
             (
                 vfio_user::IRQ_INFO_EVENTFD | vfio_user::IRQ_INFO_NORESIZE,
@@ -250,6 +270,8 @@ impl VfioUserDevice for Adapter {
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         if region == vfio_user::PCI_CONFIG_REGION_INDEX {
             self.dev.config_write(offset as usize, data);
+            let (enabled, _) = self.dev.function().msix_control();
+            self.dev.intx.set_msix_enabled(enabled);
             return Ok(());
         }
         let mut f = self.dev.function();
@@ -313,6 +335,28 @@ impl VfioUserDevice for Adapter {
             set.count,
             fds.len()
         );
+        if set.index == vfio_user::PCI_MSIX_IRQ_INDEX {
+            return match (action, data_type) {
+                (vfio_user::IRQ_SET_ACTION_TRIGGER, vfio_user::IRQ_SET_DATA_EVENTFD) => {
+                    let fds = fds
+                        .into_iter()
+                        .map(eventfd_from)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    self.dev.intx.set_msix_fds(set.start as usize, fds);
+                    Ok(())
+                }
+                (vfio_user::IRQ_SET_ACTION_TRIGGER, vfio_user::IRQ_SET_DATA_NONE)
+                    if set.count == 0 =>
+                {
+                    self.dev.intx.set_msix_fds(0, Vec::new());
+                    Ok(())
+                }
+                _ => Err(DeviceError::unsupported(format!(
+                    "SET_IRQS of MSI-X with flags {:#x} (the VMM masks vectors itself)",
+                    set.flags
+                ))),
+            };
+        }
         if set.index != vfio_user::PCI_INTX_IRQ_INDEX {
             // No other index has vectors; only "release all" gets here.
             return Ok(());
@@ -376,6 +420,7 @@ impl VfioUserDevice for Adapter {
 
     fn client_disconnected(&mut self) {
         self.dev.memory.clear();
+        self.dev.intx.set_msix_fds(0, Vec::new());
         self.trigger = None;
         self.unmask = None;
         self.watcher = None;

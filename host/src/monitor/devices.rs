@@ -135,7 +135,8 @@ impl Monitor {
                 }
             })?;
         let setup = crate::remote::client_over(rcfg, ours)
-            .and_then(|client| ProxyFunction::new(id, client, &self.ram, &self.vm, gsi));
+            .and_then(|client| ProxyFunction::new(id, client, &self.ram, &self.vm, gsi))
+            .and_then(|p| p.with_msix(&self.vm, &self.bus.msi_routes));
         setup.map_err(|e| {
             let _ = r.with_control(|c| c.device_del(id));
             QmpError::generic(format!("{e:#}"))

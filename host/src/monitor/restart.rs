@@ -121,6 +121,7 @@ impl Monitor {
                 continue;
             };
             let r = ProxyFunction::new(&dev_id, client, &self.ram, &self.vm, pci_gsi(slot))
+                .and_then(|p| p.with_msix(&self.vm, &self.bus.msi_routes))
                 .map_err(|e| format!("{e:#}"))
                 .and_then(|p| self.put_back(&new, &dev_id, slot, p));
             if let Err(e) = r {

@@ -36,6 +36,7 @@ use kvm_ioctls::VmFd;
 use pci::{regs, BarType, ConfigSpace, Identity};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::msix::{GsiRoutes, MsixRouter};
 use super::stats::AccessStats;
 use super::PciDevice;
 use crate::memory::GuestRam;
@@ -50,6 +51,8 @@ pub(crate) struct Setup {
     shadow: ConfigSpace,
     /// INTx (trigger, resample), when the function has a pin.
     intx: Option<(EventFd, EventFd)>,
+    /// The function's MSI-X, found in its configuration space.
+    msix: Option<plugin_api::function::Msix>,
 }
 
 /// One remote function.
@@ -70,6 +73,10 @@ pub struct ProxyFunction {
     /// current while this has not moved).
     activity: Arc<std::sync::atomic::AtomicU64>,
     stats: AccessStats,
+    /// Where the function's MSI-X is, and (after `with_msix`) the table
+    /// the VMM emulates for it.
+    msix_found: Option<plugin_api::function::Msix>,
+    msix: Option<MsixRouter>,
 }
 
 fn borrow(e: &EventFd) -> BorrowedFd<'_> {
@@ -133,7 +140,33 @@ impl ProxyFunction {
             ring: None,
             activity: Arc::default(),
             stats: AccessStats::default(),
+            msix_found: setup.msix,
+            msix: None,
         })
+    }
+
+    /// Serves the function's MSI-X, if it has one: the VMM emulates its
+    /// table (KVM routes from `routes`) and hands the remote one eventfd
+    /// per vector, which the remote signals straight to KVM. An error when
+    /// the remote does not take them.
+    pub fn with_msix(mut self, vm: &Arc<VmFd>, routes: &Arc<GsiRoutes>) -> Result<Self> {
+        let Some(m) = self.msix_found else {
+            return Ok(self);
+        };
+        let router = MsixRouter::new(vm.clone(), routes.clone(), m)
+            .with_context(|| format!("{}: MSI-X", self.id))?;
+        let fds: Vec<BorrowedFd<'_>> = router.eventfds().into_iter().map(borrow).collect();
+        self.transport
+            .set_msix_eventfds(&fds)
+            .map_err(|e| anyhow::anyhow!("{}: MSI-X eventfds: {e}", self.id))?;
+        drop(fds);
+        self.msix = Some(router);
+        Ok(self)
+    }
+
+    /// The MSI-X BAR is the VMM's: `Some(router)` when `bar` is it.
+    fn msix_bar(&mut self, bar: usize) -> Option<&mut MsixRouter> {
+        self.msix.as_mut().filter(|m| usize::from(m.bar()) == bar)
     }
 
     /// From now on BAR accesses go through `ring` (the remote serves it:
@@ -308,10 +341,28 @@ impl PciDevice for ProxyFunction {
         self.reached();
         if let Err(e) = self.transport.config_write(offset, data) {
             self.fail("config write", &e);
+            return;
+        }
+        // Message Control (enable, function mask) lives in the remote's
+        // configuration space; the routes follow it.
+        if let Some(cap) = self.msix.as_ref().map(MsixRouter::cap) {
+            if touches(cap + 2, cap + 4) {
+                let mut ctrl = [0u8; 2];
+                if self.transport.config_read(cap + 2, &mut ctrl).is_ok() {
+                    let c = u16::from_le_bytes(ctrl);
+                    if let Some(m) = self.msix.as_mut() {
+                        m.set_control(c & 0x8000 != 0, c & 0x4000 != 0);
+                    }
+                }
+            }
         }
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if let Some(m) = self.msix_bar(bar) {
+            m.read(offset, data);
+            return;
+        }
         let Some(target) = self.target(bar) else {
             data.fill(0xff);
             return;
@@ -351,6 +402,10 @@ impl PciDevice for ProxyFunction {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if let Some(m) = self.msix_bar(bar) {
+            m.write(offset, data);
+            return;
+        }
         let Some(target) = self.target(bar) else {
             return;
         };
@@ -395,6 +450,9 @@ impl PciDevice for ProxyFunction {
     /// VMM assigns BARs afresh and the writes reach both.
     fn reset(&mut self) {
         self.shadow.reset();
+        if let Some(m) = self.msix.as_mut() {
+            m.reset();
+        }
         if self.unusable() || !self.drain_ring() {
             return;
         }

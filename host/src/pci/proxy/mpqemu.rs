@@ -128,6 +128,11 @@ pub fn setup(
             .context("SET_IRQFD")?;
         intx = Some((trigger, resample));
     }
+    if pci::msix::find(&cfg).is_some() {
+        bail!(
+            "{id}: the device has MSI-X, which mpqemu cannot carry; serve it over vfio-user (the remote's protocol)"
+        );
+    }
     Ok(Setup {
         transport: Box::new(MpqemuTransport {
             client,
@@ -135,6 +140,7 @@ pub fn setup(
         }),
         shadow,
         intx,
+        msix: None,
     })
 }
 

@@ -49,6 +49,15 @@ pub trait Transport: Send {
     fn bar_write(&mut self, bar: BarTarget, offset: u64, data: &[u8])
         -> Result<(), TransportError>;
 
+    /// Hands the remote the eventfd of each MSI-X vector (vfio-user
+    /// SET_IRQS of the MSI-X index). A dialect without MSI-X refuses.
+    fn set_msix_eventfds(
+        &mut self,
+        _fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), TransportError> {
+        Err("this protocol carries no MSI-X".into())
+    }
+
     /// A cheap request that proves the remote answers (supervision of
     /// remotes without a control channel).
     fn heartbeat(&mut self) -> Result<(), TransportError>;

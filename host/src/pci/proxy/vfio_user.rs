@@ -96,10 +96,19 @@ pub fn setup(
             intx = Some((trigger, resample));
         }
     }
+    // MSI-X: the table's BAR is the VMM's to emulate (`with_msix`).
+    let msix = pci::msix::find(&cfg).map(|(cap, layout)| plugin_api::function::Msix {
+        cap,
+        layout,
+        bar_size: shadow
+            .bar_spec(usize::from(layout.table_bar))
+            .map_or(0, |b| b.size),
+    });
     Ok(Setup {
         transport: Box::new(VfioUserTransport(client)),
         shadow,
         intx,
+        msix,
     })
 }
 
@@ -135,6 +144,15 @@ impl Transport for VfioUserTransport {
     ) -> Result<(), TransportError> {
         self.0
             .region_write_posted(bar.index as u32, offset, data)
+            .map_err(|e| e.to_string())
+    }
+
+    fn set_msix_eventfds(
+        &mut self,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), TransportError> {
+        self.0
+            .set_irq_eventfds(channel::vfio_user::PCI_MSIX_IRQ_INDEX, 0, fds)
             .map_err(|e| e.to_string())
     }
 
