@@ -185,14 +185,20 @@ fn read(host: &Host, disk: &Disk<'_>, writable: &[Desc], sector: u64, len: u64) 
     let Some(start) = in_range(disk, sector, len) else {
         return S_IOERR;
     };
-    let mut buf = vec![0u8; (len as usize).min(CHUNK)];
+    in_chunks(len, |done, b| {
+        disk.backend.read_at(b, start + done).is_ok() && copy_in(host, writable, done, b).is_ok()
+    })
+}
+
+/// Moves `len` bytes in pieces of at most [`CHUNK`] through one buffer
+/// (zeros at first): `step(done, piece)` for each; a `false` ends the
+/// request with IOERR.
+fn in_chunks(len: u64, mut step: impl FnMut(u64, &mut [u8]) -> bool) -> u8 {
+    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(CHUNK).min(CHUNK)];
     let mut done = 0u64;
     while done < len {
-        let n = ((len - done) as usize).min(CHUNK);
-        let b = &mut buf[..n];
-        if disk.backend.read_at(b, start + done).is_err()
-            || copy_in(host, writable, done, b).is_err()
-        {
+        let n = usize::try_from(len - done).unwrap_or(CHUNK).min(CHUNK);
+        if !step(done, &mut buf[..n]) {
             return S_IOERR;
         }
         done += n as u64;
@@ -207,19 +213,10 @@ fn write(host: &Host, disk: &Disk<'_>, readable: &[Desc], sector: u64, len: u64)
     let Some(start) = in_range(disk, sector, len) else {
         return S_IOERR;
     };
-    let mut buf = vec![0u8; (len as usize).min(CHUNK)];
-    let mut done = 0u64;
-    while done < len {
-        let n = ((len - done) as usize).min(CHUNK);
-        let b = &mut buf[..n];
-        if copy_out(host, readable, 16 + done, b).is_err()
-            || disk.backend.write_at(b, start + done).is_err()
-        {
-            return S_IOERR;
-        }
-        done += n as u64;
-    }
-    S_OK
+    in_chunks(len, |done, b| {
+        copy_out(host, readable, 16 + done, b).is_ok()
+            && disk.backend.write_at(b, start + done).is_ok()
+    })
 }
 
 /// DISCARD and WRITE_ZEROES: segments of (sector u64, sectors u32, flags
@@ -253,14 +250,11 @@ fn zero_ranges(host: &Host, disk: &Disk<'_>, readable: &[Desc], len: u64, discar
         if freed || discard {
             continue;
         }
-        let zeros = vec![0u8; (bytes as usize).min(CHUNK)];
-        let mut done = 0u64;
-        while done < bytes {
-            let n = ((bytes - done) as usize).min(CHUNK);
-            if disk.backend.write_at(&zeros[..n], start + done).is_err() {
-                return S_IOERR;
-            }
-            done += n as u64;
+        // The buffer is never written: zeros.
+        if in_chunks(bytes, |done, zeros| disk.backend.write_at(zeros, start + done).is_ok())
+            != S_OK
+        {
+            return S_IOERR;
         }
     }
     S_OK
