@@ -251,8 +251,9 @@ fn zero_ranges(host: &Host, disk: &Disk<'_>, readable: &[Desc], len: u64, discar
             continue;
         }
         // The buffer is never written: zeros.
-        if in_chunks(bytes, |done, zeros| disk.backend.write_at(zeros, start + done).is_ok())
-            != S_OK
+        if in_chunks(bytes, |done, zeros| {
+            disk.backend.write_at(zeros, start + done).is_ok()
+        }) != S_OK
         {
             return S_IOERR;
         }
