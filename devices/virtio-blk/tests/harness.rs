@@ -516,3 +516,63 @@ fn msix_vectors_carry_completions_and_masking_holds_them(mut tb: TestBench) {
     .unwrap();
     assert!(tb.irq().wait_msix(0, 1, WAIT), "the configuration vector");
 }
+
+#[test]
+fn a_second_queue_serves_its_own_ring() {
+    let mut tb = make_bench(
+        PluginSource::Linked(virtio_blk::plugin_module()),
+        "queues = 2\n",
+    )
+    .unwrap();
+    let (d, offered) = Driver::init(&mut tb, VERSION_1 | (1 << 12));
+    assert_ne!(offered & (1 << 12), 0, "VIRTIO_BLK_F_MQ");
+    assert_eq!(d.common_r(&mut tb, 0x12, 2), 2, "num_queues");
+    assert_eq!(
+        tb.mmio_read(d.base + d.l.device + 34, 2),
+        2,
+        "config num_queues"
+    );
+    // Queue 1 on rings of its own (set up after DRIVER_OK, as allowed).
+    let (desc, avail, used) = (0x50000u64, 0x51000u64, 0x52000u64);
+    d.common_w(&mut tb, 0x16, 2, 1);
+    d.common_w(&mut tb, 0x18, 2, u64::from(QSIZE));
+    d.common_w(&mut tb, 0x20, 4, desc);
+    d.common_w(&mut tb, 0x28, 4, avail);
+    d.common_w(&mut tb, 0x30, 4, used);
+    d.common_w(&mut tb, 0x1c, 2, 1);
+    assert_eq!(d.common_r(&mut tb, 0x1e, 2), 1, "queue_notify_off");
+    // One FLUSH: header, status.
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&4u32.to_le_bytes());
+    tb.ram().write_all(HEADER, &h);
+    let mut chain = Vec::new();
+    for (i, (addr, len, flags)) in [(HEADER, 16u32, 1u16), (STATUS, 1, 2)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut e = [0u8; 16];
+        e[0..8].copy_from_slice(&addr.to_le_bytes());
+        e[8..12].copy_from_slice(&len.to_le_bytes());
+        e[12..14].copy_from_slice(&flags.to_le_bytes());
+        e[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
+        chain.extend_from_slice(&e);
+    }
+    tb.ram().write_all(desc, &chain);
+    tb.ram().write_all(avail + 4, &0u16.to_le_bytes());
+    tb.ram().write_all(avail + 2, &1u16.to_le_bytes());
+    tb.ram().write_all(STATUS, &[0xee]);
+    tb.mmio_write(d.base + d.l.notify + d.l.multiplier, 2, 1);
+    assert!(tb.irq().wait_for(true, WAIT), "interrupt");
+    assert_eq!(tb.mmio_read(d.base + d.l.isr, 1) & 1, 1);
+    assert_eq!(
+        tb.ram().read_vec(used + 2, 2),
+        vec![1, 0],
+        "queue 1's used ring"
+    );
+    assert_eq!(
+        tb.ram().read_vec(USED + 2, 2),
+        vec![0, 0],
+        "queue 0's untouched"
+    );
+    assert_eq!(tb.ram().read_vec(STATUS, 1), vec![0]);
+}
