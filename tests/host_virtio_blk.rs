@@ -6,7 +6,9 @@
 //! guest's write is on the host image byte for byte. Both VMs run in one
 //! L1 boot. Then, under QEMU's own QMP client, `block_resize` of the
 //! device grows its image and the guest sees the new capacity by itself
-//! (a configuration change interrupt) and writes at its new end.
+//! (a configuration change interrupt); the remote is restarted, and the
+//! guest's write at its new end goes through the new process, completed
+//! on the MSI-X vector it programmed before.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -236,6 +238,10 @@ fn resize_reaches_the_guest(env: &testenv::Env) {
         "a shrink was not refused:\n{diag}"
     );
     assert_eq!(rep["resize"], serde_json::json!({}), "{diag}");
+    // The write after the remote's restart completed through the new
+    // process, on the vector the guest programmed before it.
+    assert_eq!(rep["restarted"]["data"]["id"], "storage", "{diag}");
+    assert_eq!(rep["restarted"]["data"]["state-kept"], true, "{diag}");
     let sectors = |key: &str| -> u64 {
         job.output
             .lines()

@@ -2,8 +2,9 @@
 """Drives the resize part of tests/host_virtio_blk.rs: once the guest has
 its virtio-blk disk, `block_resize` of the device (by its id) to twice the
 image's size, after a shrink that must be refused; the guest sees the new
-capacity by itself (a configuration change interrupt) and writes at its
-new last sector.
+capacity by itself (a configuration change interrupt); the remote is
+then restarted, and the guest writes at its new last sector through the
+new process.
 
 Usage: virtio_driver.py HOST CONFIG QMP_SOCKET CONSOLE_LOG RESULTS_JSON
 """
@@ -31,6 +32,11 @@ async def main():
         r["shrink"] = str(e)
     r["resize"] = await qmp.execute("block_resize", {"device": "vd0", "size": 2 * size})
     r["new-size"] = 2 * size
+    # The remote is replaced while the guest's driver is set up: the new
+    # process gets the device's state and the MSI-X vectors as the guest
+    # programmed them, so the guest's next I/O completes as before.
+    await qmp.execute("remote-restart", {"id": "storage"})
+    r["restarted"] = await ev.wait("REMOTE_RESTARTED", id="storage", timeout=60)
     say("go")
     await con.wait_step("done")
     await finish(host, qmp, ev)

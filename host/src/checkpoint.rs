@@ -85,7 +85,10 @@ impl Checkpoints {
         if let Some(e) = lock(&self.devices).get_mut(id) {
             if e.activity.load(Ordering::Acquire) == count {
                 match state {
-                    Some(state) => e.saved = Some((count, state)),
+                    Some(state) => {
+                        e.saved = Some((count, state));
+                        e.refused_at = None;
+                    }
                     None => e.refused_at = Some(count),
                 }
             }

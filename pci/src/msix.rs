@@ -104,10 +104,13 @@ pub fn find(cfg: &[u8; 256]) -> Option<(usize, MsixLayout)> {
     }
     let mut ptr = usize::from(cfg[0x34] & 0xfc);
     for _ in 0..48 {
-        if ptr < 0x40 || ptr + 12 > cfg.len() {
+        if ptr < 0x40 || ptr + 2 > cfg.len() {
             return None;
         }
         if cfg[ptr] == CAP_ID_MSIX {
+            if ptr + 12 > cfg.len() {
+                return None;
+            }
             let ctrl = u16::from_le_bytes([cfg[ptr + 2], cfg[ptr + 3]]);
             let word = |o: usize| u32::from_le_bytes([cfg[o], cfg[o + 1], cfg[o + 2], cfg[o + 3]]);
             let (table, pba) = (word(ptr + 4), word(ptr + 8));

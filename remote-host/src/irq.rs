@@ -106,6 +106,10 @@ impl IntxLine {
     }
 
     fn signal_msix(&self, vector: u32) {
+        // While MSI-X is disabled a vector is dropped, not kept pending.
+        if !self.msix_enabled.load(Ordering::Acquire) {
+            return;
+        }
         let m = self.msix.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(Some(fd)) = usize::try_from(vector).ok().and_then(|v| m.get(v)) {
             let _ = fd.write(1);

@@ -413,6 +413,8 @@ impl VfioUserDevice for Adapter {
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
+        // Configuration space back to power-on: MSI-X disabled.
+        self.dev.intx.set_msix_enabled(false);
         self.dev
             .reset()
             .map_err(|e| DeviceError::new(libc::EIO, format!("reset: {e:?}")))

@@ -237,6 +237,10 @@ fn zero_ranges(host: &Host, disk: &Disk<'_>, readable: &[Desc], len: u64, discar
         }
         let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
         let sectors = u64::from(u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]));
+        // At most what the configuration advertises (2 GiB a segment).
+        if sectors > u64::from(crate::MAX_ZERO_SECTORS) {
+            return S_IOERR;
+        }
         let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
         // Bit 0 is "unmap" for write zeroes; a discard has no flags.
         if flags & !1 != 0 || (discard && flags != 0) {

@@ -273,8 +273,11 @@ impl Transport {
         if let Some(q) = self.queues.get_mut(sel) {
             // A queue's configuration is fixed once it is enabled.
             if !q.ready {
-                if touched(0x18, 2) {
-                    q.size = u16_at(0x18).min(max);
+                // A split queue's size is a power of two (§2.7); another
+                // value leaves the size as it was.
+                let size = u16_at(0x18);
+                if touched(0x18, 2) && size.is_power_of_two() && size <= max {
+                    q.size = size;
                 }
                 if touched(0x20, 8) {
                     q.desc = u64_at(0x20);

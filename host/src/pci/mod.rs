@@ -63,4 +63,13 @@ pub trait PciDevice: Send {
     /// those the device refused as never having reached it (before its
     /// saved state is judged current: a device restart).
     fn settle(&mut self) {}
+    /// Hands over the MSI-X the VMM emulates for this function (its table
+    /// as the guest programmed it, its routes and eventfds), when it is
+    /// being replaced ([`root::PciRoot::replace`]).
+    fn take_msix(&mut self) -> Option<msix::MsixRouter> {
+        None
+    }
+    /// Takes over the MSI-X of the function this one replaces: the guest
+    /// sees no change to its table, its enable or its masks.
+    fn adopt_msix(&mut self, _msix: msix::MsixRouter) {}
 }

@@ -29,8 +29,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// The first GSI MSI routes take (0-23 are the IOAPIC's pins).
 const FIRST_MSI_GSI: u32 = 24;
-/// KVM's limit on routes (KVM_MAX_IRQ_ROUTES).
-const MAX_GSI: u32 = 4096;
+/// KVM takes at most 4096 routes (KVM_MAX_IRQ_ROUTES); the default ones
+/// (40) come first.
+const MAX_GSI: u32 = 4096 - 64;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -83,11 +84,19 @@ impl GsiRoutes {
     /// Routes `gsi` to `msg` and updates KVM's table.
     fn route(&self, vm: &VmFd, gsi: u32, msg: MsiMessage) -> Result<()> {
         let mut g = lock(&self.inner);
-        if g.msi.get(&gsi) == Some(&msg) {
+        let before = g.msi.insert(gsi, msg);
+        if before == Some(msg) {
             return Ok(());
         }
-        g.msi.insert(gsi, msg);
-        Self::commit(vm, &g)
+        let r = Self::commit(vm, &g);
+        if r.is_err() {
+            // KVM kept its table: so does this one.
+            match before {
+                Some(m) => g.msi.insert(gsi, m),
+                None => g.msi.remove(&gsi),
+            };
+        }
+        r
     }
 
     fn commit(vm: &VmFd, g: &RoutesInner) -> Result<()> {
@@ -152,12 +161,18 @@ impl MsixRouter {
         let n = usize::from(msix.layout.vectors);
         let gsis = routes.allocate(n)?;
         let mut vectors = Vec::with_capacity(n);
-        for gsi in gsis {
-            vectors.push(Vector {
-                evt: EventFd::new(EFD_NONBLOCK).context("eventfd for an MSI-X vector")?,
-                gsi,
-                attached: false,
-            });
+        for &gsi in &gsis {
+            match EventFd::new(EFD_NONBLOCK) {
+                Ok(evt) => vectors.push(Vector {
+                    evt,
+                    gsi,
+                    attached: false,
+                }),
+                Err(e) => {
+                    routes.free(&vm, &gsis);
+                    return Err(e).context("eventfd for an MSI-X vector");
+                }
+            }
         }
         Ok(MsixRouter {
             vm,
@@ -185,8 +200,12 @@ impl MsixRouter {
         self.vectors.iter().map(|v| &v.evt).collect()
     }
 
-    /// Vector `v`'s eventfd (an in-process device signals it directly).
+    /// Vector `v`'s eventfd (an in-process device signals it directly);
+    /// dropped while MSI-X is disabled.
     pub fn signal(&self, v: u16) {
+        if !self.enabled {
+            return;
+        }
         if let Some(vec) = self.vectors.get(usize::from(v)) {
             let _ = vec.evt.write(1);
         }
@@ -237,6 +256,12 @@ impl MsixRouter {
         if (enabled, function_masked) == (self.enabled, self.function_masked) {
             return;
         }
+        if enabled && !self.enabled {
+            // What was raised while disabled was dropped, not pending.
+            for v in &self.vectors {
+                let _ = v.evt.read();
+            }
+        }
         self.enabled = enabled;
         self.function_masked = function_masked;
         for v in 0..self.msix.layout.vectors {
@@ -246,6 +271,16 @@ impl MsixRouter {
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    pub fn function_masked(&self) -> bool {
+        self.function_masked
+    }
+
+    /// Whether this router serves the same layout as `other` (a replaced
+    /// function's is taken over only then).
+    pub fn same_layout(&self, other: &plugin_api::function::Msix) -> bool {
+        self.msix.layout == other.layout && self.msix.cap == other.cap
     }
 
     /// A function reset: every vector masked, MSI-X disabled.

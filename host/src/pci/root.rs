@@ -320,7 +320,8 @@ impl PciRoot {
 
     /// Puts `dev` in place of the function at `slot` (a restarted remote's
     /// new connection), giving it the placement the guest sees: BARs,
-    /// interrupt line and command register, as the old function had them.
+    /// interrupt line and command register, as the old function had them,
+    /// and its MSI-X as the guest set it up.
     /// The old function is shut down. Accesses in flight finish on the old
     /// one first (they hold its lock).
     pub fn replace(&self, slot: u8, mut dev: Box<dyn PciDevice>) -> Result<()> {
@@ -342,6 +343,10 @@ impl PciRoot {
         let command = cs.command();
         dev.config_write(regs::INTERRUPT_LINE, &[line]);
         dev.config_write(regs::COMMAND, &command.to_le_bytes());
+        // The guest's MSI-X set-up (table, enable, masks) stays as it was.
+        if let Some(m) = old.take_msix() {
+            dev.adopt_msix(m);
+        }
         let mut previous = std::mem::replace(&mut *old, dev);
         *s.bars.write().unwrap_or_else(|e| e.into_inner()) = old.config_space().active_bars();
         drop(old);

@@ -164,6 +164,27 @@ impl ProxyFunction {
         Ok(self)
     }
 
+    /// Takes over `router` (a replaced function's): the new remote gets
+    /// its eventfds, and Message Control as the guest left it.
+    fn adopt(&mut self, router: MsixRouter) -> std::result::Result<(), String> {
+        let fds: Vec<BorrowedFd<'_>> = router.eventfds().into_iter().map(borrow).collect();
+        self.transport.set_msix_eventfds(&fds)?;
+        drop(fds);
+        let cap = router.cap();
+        let mut ctrl = [0u8; 2];
+        self.transport.config_read(cap + 2, &mut ctrl)?;
+        let mut c = u16::from_le_bytes(ctrl) & !0xc000;
+        if router.enabled() {
+            c |= 0x8000;
+        }
+        if router.function_masked() {
+            c |= 0x4000;
+        }
+        self.transport.config_write(cap + 2, &c.to_le_bytes())?;
+        self.msix = Some(router);
+        Ok(())
+    }
+
     /// The MSI-X BAR is the VMM's: `Some(router)` when `bar` is it.
     fn msix_bar(&mut self, bar: usize) -> Option<&mut MsixRouter> {
         self.msix.as_mut().filter(|m| usize::from(m.bar()) == bar)
@@ -425,6 +446,27 @@ impl PciDevice for ProxyFunction {
 
     fn config_space(&self) -> &ConfigSpace {
         &self.shadow
+    }
+
+    fn take_msix(&mut self) -> Option<MsixRouter> {
+        self.msix.take()
+    }
+
+    fn adopt_msix(&mut self, router: MsixRouter) {
+        let same = self.msix_found.is_some_and(|m| router.same_layout(&m));
+        if !same {
+            tracing::warn!(
+                "{}: the new function's MSI-X differs; the guest sets it up again",
+                self.id
+            );
+            return;
+        }
+        if self.unusable() {
+            return;
+        }
+        if let Err(e) = self.adopt(router) {
+            self.fail("MSI-X hand-over", &e);
+        }
     }
 
     /// A cheap request on the device's own channel (vfio-user

@@ -96,7 +96,17 @@ pub fn setup(
             intx = Some((trigger, resample));
         }
     }
-    // MSI-X: the table's BAR is the VMM's to emulate (`with_msix`).
+    // MSI-X: the table's BAR is the VMM's to emulate (`with_msix`), all
+    // of it, so the PBA must be there too (remote-host's layout).
+    if let Some((_, l)) = pci::msix::find(&cfg) {
+        if l.pba_bar != l.table_bar {
+            bail!(
+                "{id}: MSI-X with its table in BAR {} and its PBA in BAR {}: the VMM emulates one BAR holding both",
+                l.table_bar,
+                l.pba_bar
+            );
+        }
+    }
     let msix = pci::msix::find(&cfg).map(|(cap, layout)| plugin_api::function::Msix {
         cap,
         layout,
@@ -151,9 +161,15 @@ impl Transport for VfioUserTransport {
         &mut self,
         fds: &[std::os::fd::BorrowedFd<'_>],
     ) -> Result<(), TransportError> {
-        self.0
-            .set_irq_eventfds(channel::vfio_user::PCI_MSIX_IRQ_INDEX, 0, fds)
-            .map_err(|e| e.to_string())
+        // At most as many fds per message as the server takes.
+        let per = (self.0.server_capabilities().max_msg_fds() as usize).max(1);
+        for (i, chunk) in fds.chunks(per).enumerate() {
+            let start = u32::try_from(i * per).map_err(|e| e.to_string())?;
+            self.0
+                .set_irq_eventfds(channel::vfio_user::PCI_MSIX_IRQ_INDEX, start, chunk)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// DEVICE_GET_INFO.
