@@ -95,6 +95,66 @@ pub type Com1 = Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleOut>
 /// The i8042 model.
 pub type I8042 = I8042Device<ResetTrigger>;
 
+/// How often [`LostIrqGuard`] looks at COM1.
+pub const GUARD_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Interrupts [`LostIrqGuard`] raised again (`HOST_STATS`' `com1_reraised`).
+pub static COM1_RERAISED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Raises COM1's interrupt again when a cause has stayed pending.
+///
+/// IRQ 4 is an ISA edge, which reaches KVM as an irqfd pulse; KVM drops a
+/// pulse that arrives while the guest has the IOAPIC pin masked, and
+/// `vm-superio` raises an edge only when a cause appears in IIR, not while
+/// one stays there. A real 16550's interrupt output is a level the guest
+/// would still see once it unmasked the pin; here the guest's driver would
+/// wait for an interrupt that never comes, with its output stuck in the
+/// transmit buffer until something else writes to the port (seen as
+/// console lines arriving seconds late, and consoles cut at power-off).
+/// So a cause still pending (IIR unread) at two looks in a row is raised
+/// again: an extra edge costs a guest whose handler was only slow one
+/// interrupt that finds nothing to do.
+#[derive(Debug, Default)]
+pub struct LostIrqGuard {
+    pending_before: bool,
+}
+
+impl LostIrqGuard {
+    /// One look (every [`GUARD_PERIOD`]); whether it raised the interrupt.
+    pub fn look(&mut self, serial: &Com1) -> bool {
+        let pending = serial.state().interrupt_identification & 1 == 0;
+        if pending && self.pending_before {
+            self.pending_before = false;
+            if serial.interrupt_evt().trigger().is_ok() {
+                COM1_RERAISED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return true;
+            }
+            return false;
+        }
+        self.pending_before = pending;
+        false
+    }
+}
+
+/// Runs [`LostIrqGuard`] on COM1 for the life of the process.
+pub fn spawn_lost_irq_guard(bus: Arc<crate::bus::Bus>) {
+    let spawned = std::thread::Builder::new()
+        .name("com1-guard".into())
+        .spawn(move || {
+            let mut guard = LostIrqGuard::default();
+            loop {
+                std::thread::sleep(GUARD_PERIOD);
+                let s = bus.serial.lock().unwrap_or_else(|e| e.into_inner());
+                if guard.look(&s) {
+                    tracing::debug!("COM1: an interrupt stayed pending; raised again");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no COM1 interrupt guard: {e}");
+    }
+}
+
 /// Feeds standard input to COM1 (when `stdin` is not a terminal in raw
 /// mode, the guest sees whole lines). Ends at EOF; bytes wait while the
 /// guest's receive FIFO is full.
@@ -147,6 +207,28 @@ mod tests {
         }
         assert!(exit.is_set());
         assert_eq!(exit.wait(), crate::exit::ExitReason::Halt);
+    }
+
+    #[test]
+    fn a_pending_interrupt_is_raised_again_until_the_guest_reads_iir() {
+        let exit = Arc::new(ExitSignal::default());
+        let out = ConsoleOut::new(Box::new(Vec::new()), exit);
+        let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let mut s: Com1 = Serial::new(EventFdTrigger(evt.try_clone().unwrap()), out);
+        let mut g = LostIrqGuard::default();
+        assert!(!g.look(&s), "nothing pending");
+        // The driver enables THRE: one edge, and IIR shows the cause. Say
+        // the edge was lost (the guest had the pin masked).
+        s.write(1, 0x02).unwrap();
+        assert_eq!(evt.read().unwrap(), 1);
+        assert!(!g.look(&s), "pending once: maybe only slow");
+        assert!(g.look(&s), "pending twice: raised again");
+        assert_eq!(evt.read().unwrap(), 1);
+        // The guest's handler reads IIR: nothing pending, nothing raised.
+        assert_eq!(s.read(2) & 0x0f, 0x02);
+        assert!(!g.look(&s));
+        assert!(!g.look(&s));
+        assert!(evt.read().is_err(), "no further edge");
     }
 
     #[test]

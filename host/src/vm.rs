@@ -323,6 +323,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
     };
 
     crate::serial::spawn_stdin_forwarder(bus.clone());
+    crate::serial::spawn_lost_irq_guard(bus.clone());
     for p in &remotes {
         let Some(sup) = supervised.iter().find(|s| s.id == p.id).cloned() else {
             continue;
@@ -433,9 +434,10 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
     let code = exit_code(&reason, exit.console());
     if std::env::var_os("HOST_STATS").is_some() {
         eprintln!(
-            "host-stats: setup_ms={:.1} run_ms={:.1} resets={resets} exit={reason:?} code={code}",
+            "host-stats: setup_ms={:.1} run_ms={:.1} resets={resets} exit={reason:?} code={code} com1_reraised={}",
             timing.setup.as_secs_f64() * 1e3,
-            timing.run.as_secs_f64() * 1e3
+            timing.run.as_secs_f64() * 1e3,
+            crate::serial::COM1_RERAISED.load(std::sync::atomic::Ordering::Relaxed)
         );
     }
     if let ExitReason::Error(e) = &reason {

@@ -339,11 +339,16 @@ fn a_broken_ring_needs_a_reset_and_a_reset_recovers(mut tb: TestBench) {
     assert!(tb.irq().wait_for(true, WAIT), "configuration interrupt");
     assert_eq!(tb.mmio_read(d.base + d.l.isr, 1) & 2, 2, "ISR config bit");
     assert_ne!(d.common_r(&mut tb, 0x14, 1) & 0x40, 0, "NEEDS_RESET");
-    // A reset and a new set-up: requests work again.
-    let (mut d, _) = Driver::init(&mut tb, VERSION_1);
-    d.avail_idx = 0;
+    // A reset and a new set-up on fresh rings (the driver clears them
+    // before it enables the queue again): requests work again.
     tb.ram().write_all(AVAIL + 2, &0u16.to_le_bytes());
     tb.ram().write_all(USED + 2, &0u16.to_le_bytes());
+    let (mut d, _) = Driver::init(&mut tb, VERSION_1);
+    assert_eq!(
+        d.common_r(&mut tb, 0x14, 1) & 0x40,
+        0,
+        "NEEDS_RESET cleared"
+    );
     assert_eq!(d.request(&mut tb, 4, 0, &[], 0).0, 0);
 }
 
