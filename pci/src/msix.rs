@@ -134,8 +134,25 @@ pub fn find(cfg: &[u8; 256]) -> Option<(usize, MsixLayout)> {
 /// MSI-X's state in Message Control as the guest set it: `(enabled,
 /// function masked)`; `cap` is [`add_capability`]'s offset.
 pub fn control(cs: &ConfigSpace, cap: usize) -> (bool, bool) {
-    let ctrl = cs.read_value(cap + 2, 2) as u16;
+    decode_control(cs.read_value(cap + 2, 2) as u16)
+}
+
+/// Message Control's `(enabled, function masked)` bits.
+pub fn decode_control(ctrl: u16) -> (bool, bool) {
     (ctrl & CTRL_ENABLE != 0, ctrl & CTRL_FUNCTION_MASK != 0)
+}
+
+/// `ctrl` (Message Control as read) with its enable and function mask
+/// bits set to `enabled` and `function_masked`, the rest kept.
+pub fn encode_control(ctrl: u16, enabled: bool, function_masked: bool) -> u16 {
+    let mut c = ctrl & !(CTRL_ENABLE | CTRL_FUNCTION_MASK);
+    if enabled {
+        c |= CTRL_ENABLE;
+    }
+    if function_masked {
+        c |= CTRL_FUNCTION_MASK;
+    }
+    c
 }
 
 /// One message: the address and the data a vector writes.

@@ -631,8 +631,10 @@ impl TestBench {
             self.mmio_write(e + 8, 4, 0x4000 + u64::from(v));
             self.mmio_write(e + 12, 4, 0);
         }
-        let ctrl = self.cfg_read(m.cap + 2, 2);
-        self.cfg_write(m.cap + 2, 2, ctrl | 0x8000);
+        let ctrl = self.cfg_read(m.cap + 2, 2) as u16;
+        let (_, masked) = pci::msix::decode_control(ctrl);
+        let ctrl = pci::msix::encode_control(ctrl, true, masked);
+        self.cfg_write(m.cap + 2, 2, u32::from(ctrl));
         Ok(())
     }
 

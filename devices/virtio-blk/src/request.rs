@@ -142,36 +142,43 @@ pub fn execute(host: &Host, disk: &Disk<'_>, chain: &Chain) -> Outcome {
     put_status(status)
 }
 
-/// Reads `buf.len()` bytes of the driver-readable part at `at`.
-fn copy_out(host: &Host, descs: &[Desc], at: u64, buf: &mut [u8]) -> Result<(), ()> {
+/// Walks `len` bytes of the chain part `descs` from byte `at`:
+/// `step(guest address, range of the caller's buffer)` for each piece. An
+/// error when a step fails or the descriptors end first.
+fn walk(
+    descs: &[Desc],
+    at: u64,
+    len: usize,
+    mut step: impl FnMut(u64, std::ops::Range<usize>) -> bool,
+) -> Result<(), ()> {
     let mut pos = 0usize;
-    for (d, off, len) in spans(descs, at, buf.len() as u64) {
-        let n = len as usize;
-        host.dma_read(d.addr.wrapping_add(off), &mut buf[pos..pos + n])
-            .map_err(|_| ())?;
+    for (d, off, n) in spans(descs, at, len as u64) {
+        let n = n as usize;
+        if !step(d.addr.wrapping_add(off), pos..pos + n) {
+            return Err(());
+        }
         pos += n;
     }
-    if pos == buf.len() {
+    if pos == len {
         Ok(())
     } else {
         Err(())
     }
 }
 
+/// Reads `buf.len()` bytes of the driver-readable part at `at`.
+fn copy_out(host: &Host, descs: &[Desc], at: u64, buf: &mut [u8]) -> Result<(), ()> {
+    let len = buf.len();
+    walk(descs, at, len, |gpa, r| {
+        host.dma_read(gpa, &mut buf[r]).is_ok()
+    })
+}
+
 /// Writes `buf` into the device-writable part at `at`.
 fn copy_in(host: &Host, descs: &[Desc], at: u64, buf: &[u8]) -> Result<(), ()> {
-    let mut pos = 0usize;
-    for (d, off, len) in spans(descs, at, buf.len() as u64) {
-        let n = len as usize;
-        host.dma_write(d.addr.wrapping_add(off), &buf[pos..pos + n])
-            .map_err(|_| ())?;
-        pos += n;
-    }
-    if pos == buf.len() {
-        Ok(())
-    } else {
-        Err(())
-    }
+    walk(descs, at, buf.len(), |gpa, r| {
+        host.dma_write(gpa, &buf[r]).is_ok()
+    })
 }
 
 /// Whether `len` bytes at `sector` are whole sectors inside the disk.

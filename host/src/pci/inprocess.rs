@@ -172,8 +172,8 @@ impl PciDevice for InProcessFunction {
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.stats.config_writes += 1;
         self.func.config_write(offset, data);
-        let (enabled, masked) = self.func.msix_control();
         if let Some(mut m) = self.msix() {
+            let (enabled, masked) = self.func.msix_control();
             m.set_control(enabled, masked);
         }
     }

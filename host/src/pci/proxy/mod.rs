@@ -155,31 +155,30 @@ impl ProxyFunction {
         };
         let router = MsixRouter::new(vm.clone(), routes.clone(), m)
             .with_context(|| format!("{}: MSI-X", self.id))?;
-        let fds: Vec<BorrowedFd<'_>> = router.eventfds().into_iter().map(borrow).collect();
-        self.transport
-            .set_msix_eventfds(&fds)
+        self.hand_eventfds(&router)
             .map_err(|e| anyhow::anyhow!("{}: MSI-X eventfds: {e}", self.id))?;
-        drop(fds);
         self.msix = Some(router);
         Ok(self)
+    }
+
+    /// Gives the remote `router`'s eventfd for each vector.
+    fn hand_eventfds(&mut self, router: &MsixRouter) -> std::result::Result<(), String> {
+        let fds: Vec<BorrowedFd<'_>> = router.eventfds().into_iter().map(borrow).collect();
+        self.transport.set_msix_eventfds(&fds)
     }
 
     /// Takes over `router` (a replaced function's): the new remote gets
     /// its eventfds, and Message Control as the guest left it.
     fn adopt(&mut self, router: MsixRouter) -> std::result::Result<(), String> {
-        let fds: Vec<BorrowedFd<'_>> = router.eventfds().into_iter().map(borrow).collect();
-        self.transport.set_msix_eventfds(&fds)?;
-        drop(fds);
+        self.hand_eventfds(&router)?;
         let cap = router.cap();
         let mut ctrl = [0u8; 2];
         self.transport.config_read(cap + 2, &mut ctrl)?;
-        let mut c = u16::from_le_bytes(ctrl) & !0xc000;
-        if router.enabled() {
-            c |= 0x8000;
-        }
-        if router.function_masked() {
-            c |= 0x4000;
-        }
+        let c = pci::msix::encode_control(
+            u16::from_le_bytes(ctrl),
+            router.enabled(),
+            router.function_masked(),
+        );
         self.transport.config_write(cap + 2, &c.to_le_bytes())?;
         self.msix = Some(router);
         Ok(())
@@ -370,9 +369,9 @@ impl PciDevice for ProxyFunction {
             if touches(cap + 2, cap + 4) {
                 let mut ctrl = [0u8; 2];
                 if self.transport.config_read(cap + 2, &mut ctrl).is_ok() {
-                    let c = u16::from_le_bytes(ctrl);
+                    let (enabled, masked) = pci::msix::decode_control(u16::from_le_bytes(ctrl));
                     if let Some(m) = self.msix.as_mut() {
-                        m.set_control(c & 0x8000 != 0, c & 0x4000 != 0);
+                        m.set_control(enabled, masked);
                     }
                 }
             }
