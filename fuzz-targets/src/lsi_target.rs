@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -54,10 +55,18 @@ fn image_dir() -> &'static Path {
 /// Two fresh images (zeros; an input may have written or resized them)
 /// and the controller settings that attach them at SCSI IDs 0 and 1.
 fn settings() -> String {
+    // Each thread has its own images: tests run in parallel in one
+    // process, and one test truncating an image while another's bench
+    // opens it made that bench see a 0-byte disk.
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    let slot = SLOT.with(|s| *s);
     let dir = image_dir();
     let mut s = String::new();
     for (id, ro) in [(0, false), (1, true)] {
-        let path: PathBuf = dir.join(format!("disk{id}"));
+        let path: PathBuf = dir.join(format!("disk{id}-{slot}"));
         let r = File::create(&path).and_then(|f| f.set_len(DISK_SIZE));
         if let Err(e) = r {
             panic!("disk image: {e}");

@@ -33,6 +33,13 @@ pub struct RunOptions {
     pub timeout: Duration,
     /// Console log file; default `<work dir>/console.log`.
     pub log: Option<PathBuf>,
+    /// How many times a guest that ends before its job starts (no start
+    /// marker, QEMU exited on its own) is booted again. Only for guests
+    /// that run none of the project's code before that marker: the nested
+    /// L1 (a TCG guest whose kernel, under load, was seen to end during its
+    /// own boot with nothing on the console). Each early end is reported on
+    /// stderr and its console kept beside the log.
+    pub early_end_retries: u32,
 }
 
 impl Default for RunOptions {
@@ -48,6 +55,7 @@ impl Default for RunOptions {
             extra_args: Vec::new(),
             timeout: Duration::from_secs(300),
             log: None,
+            early_end_retries: 0,
         }
     }
 }
@@ -97,11 +105,47 @@ pub fn run_job(env: &Env, spec: &InitramfsSpec, opts: &RunOptions) -> Result<Job
     if opts.log.is_none() {
         opts.log = Some(dir.join("console.log"));
     }
-    let r = run_initramfs(env, &initramfs, &opts)?;
+    let mut attempt = 0;
+    let r = loop {
+        let r = run_initramfs(env, &initramfs, &opts);
+        if r.is_ok() || attempt >= opts.early_end_retries {
+            break r;
+        }
+        let log = opts.log.clone().unwrap_or_default();
+        let console = fs::read(&log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        if !ended_before_job(&console, &r) {
+            break r;
+        }
+        attempt += 1;
+        let kept = log.with_extension(format!("early-end-{attempt}.log"));
+        fs::rename(&log, &kept).ok();
+        eprintln!(
+            "testenv: guest `{}` ended before its job started (its console is kept in {}); booting it again ({attempt} of {})",
+            opts.name,
+            kept.display(),
+            opts.early_end_retries
+        );
+    };
     // Keep the console log; the image can be rebuilt.
     fs::remove_file(&initramfs).ok();
-    Ok(r)
+    r
 }
+
+/// Whether a failed run ended on its own before the job's start marker: a
+/// time-out is not such an end (it is reported as it is).
+fn ended_before_job(console: &str, r: &Result<JobResult>) -> bool {
+    let Err(e) = r else { return false };
+    let started = console
+        .replace('\r', "")
+        .lines()
+        .any(|l| l.trim_end() == crate::initramfs::JOB_START);
+    !started && !e.to_string().contains(TIMED_OUT)
+}
+
+/// Words of the time-out error that tell it from an early end.
+const TIMED_OUT: &str = "timed out after";
 
 /// Boots `env.kernel` with `initramfs`, `-nographic -no-reboot`, console
 /// into the log file; waits for QEMU to exit (or kills it at the time
@@ -164,7 +208,7 @@ pub fn run_initramfs(env: &Env, initramfs: &Path, opts: &RunOptions) -> Result<J
         child.kill().ok();
         child.wait().ok();
         bail!(
-            "guest `{}` timed out after {} s and was killed\ncommand: {line}\nlog: {}\n--- last {TAIL_LINES} console lines ---\n{}",
+            "guest `{}` {TIMED_OUT} {} s and was killed\ncommand: {line}\nlog: {}\n--- last {TAIL_LINES} console lines ---\n{}",
             opts.name,
             opts.timeout.as_secs(),
             log.display(),
@@ -181,5 +225,20 @@ pub fn run_initramfs(env: &Env, initramfs: &Path, opts: &RunOptions) -> Result<J
             tail(&qemu_err, 20),
             tail(&console, TAIL_LINES)
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_end_before_the_start_marker_is_early() {
+        let failed = || -> Result<JobResult> { bail!("guest `g` ended (exit status: 0)") };
+        let timed_out = || -> Result<JobResult> { bail!("guest `g` {TIMED_OUT} 9 s") };
+        assert!(ended_before_job("[ 1.8] evm: HMAC attrs\n", &failed()));
+        assert!(!ended_before_job("[ 1.8] evm: HMAC attrs\n", &timed_out()));
+        let started = format!("boot\r\n{}\r\nstep 1\r\n", crate::initramfs::JOB_START);
+        assert!(!ended_before_job(&started, &failed()));
     }
 }
