@@ -166,6 +166,24 @@ fn virtio_blk_plugin_remote_and_in_process_behind_our_vmm() {
             "{name}: host did not exit 0:\n{}",
             l1.output
         );
+        // Queue notifications: in a remote they are doorbells (KVM
+        // ioeventfds the remote's ring thread waits on) and never exit to
+        // the VMM; in-process every one is a VM exit the VMM counts.
+        let notifies = notify_writes(&l1.output, name);
+        eprintln!("host_virtio_blk: {name}: queue notify writes seen by the VMM: {notifies}");
+        if name == "remote" {
+            assert_eq!(
+                notifies, 0,
+                "{name}: queue notifications exited to the VMM instead of ringing the remote's doorbells:\n{}",
+                l1.output
+            );
+        } else {
+            assert!(
+                notifies > 10,
+                "{name}: the VMM counted too few queue notifications:\n{}",
+                l1.output
+            );
+        }
     }
     fs::remove_dir_all(&dir).ok();
     resize_reaches_the_guest(&env);
@@ -173,6 +191,26 @@ fn virtio_blk_plugin_remote_and_in_process_behind_our_vmm() {
         "host_virtio_blk: passed in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// Writes to the queues' notify area (BAR 0 from 0x3000) that the VMM
+/// counted for the run `name` (its `HOST_STATS` lines come before its
+/// `name-EXIT=` line in L1's output).
+fn notify_writes(l1_output: &str, name: &str) -> u64 {
+    let end = l1_output
+        .find(&format!("{name}-EXIT="))
+        .unwrap_or(l1_output.len());
+    let start = l1_output[..end].rfind("-EXIT=").unwrap_or(0);
+    l1_output[start..end]
+        .lines()
+        .filter(|l| l.contains("device=vd0 register bar=0 "))
+        .filter_map(|l| {
+            let field = |k: &str| l.split_whitespace().find_map(|w| w.strip_prefix(k));
+            let offset = u64::from_str_radix(field("offset=0x")?, 16).ok()?;
+            let writes = field("writes=")?.parse::<u64>().ok()?;
+            (0x3000..0x3040).contains(&offset).then_some(writes)
+        })
+        .sum()
 }
 
 /// The interrupts a `/proc/interrupts` line named `name` counts (all

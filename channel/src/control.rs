@@ -288,21 +288,46 @@ impl ControlClient {
     }
 
     /// Hands the remote the access ring of `device` (its memory and its
-    /// kick and reply eventfds, [`crate::ring`]): from the reply on, the
-    /// remote serves the device's BAR accesses from the ring as well.
+    /// kick and reply eventfds, [`crate::ring`]) and the eventfds of the
+    /// doorbells it delivers (each with the key [`Self::device_doorbells`]
+    /// gave): from the reply on, the remote serves the device's BAR
+    /// accesses from the ring as well.
     pub fn ring_setup(
         &mut self,
         device: &str,
         fds: &crate::ring::RingFds,
+        doorbells: &[(crate::ring::DoorbellKey, BorrowedFd<'_>)],
     ) -> Result<(), ControlError> {
+        if 3 + doorbells.len() > crate::framing::MAX_FDS {
+            return Err(ControlError::Protocol(format!(
+                "ring-setup carries at most {} doorbells",
+                crate::framing::MAX_FDS - 3
+            )));
+        }
         let mut body = Map::new();
         body.insert("device".into(), json!(device));
-        self.request(
-            "ring-setup",
-            body,
-            &[fds.memory.as_fd(), fds.kick.as_fd(), fds.reply.as_fd()],
-        )
-        .map(|_| ())
+        let keys: Vec<Value> = doorbells.iter().map(|(k, _)| doorbell_json(k)).collect();
+        if !keys.is_empty() {
+            body.insert("doorbells".into(), Value::Array(keys));
+        }
+        let mut all = vec![fds.memory.as_fd(), fds.kick.as_fd(), fds.reply.as_fd()];
+        all.extend(doorbells.iter().map(|(_, f)| *f));
+        self.request("ring-setup", body, &all).map(|_| ())
+    }
+
+    /// The doorbells `device` lets the VMM deliver through KVM
+    /// (`device-doorbells`), as the remote checked them. A remote that
+    /// predates doorbells answers "unknown op": an error the caller takes
+    /// as none.
+    pub fn device_doorbells(
+        &mut self,
+        device: &str,
+    ) -> Result<Vec<crate::ring::DoorbellKey>, ControlError> {
+        let mut body = Map::new();
+        body.insert("device".into(), json!(device));
+        let reply = self.request("device-doorbells", body, &[])?;
+        parse_doorbells(reply.get("doorbells").unwrap_or(&Value::Null))
+            .map_err(|e| ControlError::Protocol(format!("device-doorbells: {e}")))
     }
 
     /// Stops serving `device`, shuts it down and forgets it.
@@ -436,6 +461,54 @@ fn truncate(s: &str) -> &str {
         Some((i, _)) => &s[..i],
         None => s,
     }
+}
+
+/// A doorbell as the control channel carries it.
+pub fn doorbell_json(k: &crate::ring::DoorbellKey) -> Value {
+    json!({"bar": k.bar, "offset": k.offset, "len": k.len, "value": k.value})
+}
+
+/// A list of doorbells from the other end, checked: at most
+/// [`crate::framing::MAX_FDS`] entries, each in BAR 0–5, 1, 2, 4 or 8
+/// bytes, its value within its width.
+pub fn parse_doorbells(v: &Value) -> Result<Vec<crate::ring::DoorbellKey>, String> {
+    let Some(list) = v.as_array() else {
+        return Err("`doorbells` is not a list".into());
+    };
+    if list.len() > crate::framing::MAX_FDS {
+        return Err(format!("{} doorbells is too many", list.len()));
+    }
+    list.iter()
+        .map(|d| {
+            let field = |n: &str| {
+                d.get(n)
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| format!("a doorbell without a number `{n}`"))
+            };
+            let (bar, offset, len, value) = (
+                field("bar")?,
+                field("offset")?,
+                field("len")?,
+                field("value")?,
+            );
+            if bar > 5 || !matches!(len, 1 | 2 | 4 | 8) {
+                return Err(format!(
+                    "doorbell BAR{bar} of {len} bytes is not a BAR access"
+                ));
+            }
+            if len < 8 && value >> (len * 8) != 0 {
+                return Err(format!(
+                    "doorbell value {value:#x} does not fit {len} bytes"
+                ));
+            }
+            Ok(crate::ring::DoorbellKey {
+                bar: bar as u8,
+                offset,
+                len: len as u8,
+                value,
+            })
+        })
+        .collect()
 }
 
 fn parse_reply(reply: &Value) -> Result<Value, ControlError> {

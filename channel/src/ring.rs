@@ -616,6 +616,48 @@ pub struct RingServer {
     /// back to sleep, without the poll window (an idle ring costs one
     /// wakeup per stop check, not a spin each time).
     dozing: bool,
+    /// Doorbells: eventfds KVM signals when the guest writes their value
+    /// ([`RingServer::set_doorbells`]).
+    doorbells: Vec<(OwnedFd, DoorbellKey)>,
+    /// Doorbells delivered to the device.
+    rung: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A doorbell: the guest writing `value` (`len` bytes) at `offset` of BAR
+/// `bar`, delivered without the VMM (KVM signals an eventfd the server
+/// waits on beside `kick`) as a write of that value.
+///
+/// Order: a doorbell found rung is delivered after every access published
+/// on the ring by then, so after every access the guest made before it
+/// (the VMM publishes an access before the vCPU resumes). Accesses
+/// published after it may overtake it, and several rings before the
+/// server looks are one delivery: what `plugin_api::Device::doorbells`
+/// asks of the writes a device declares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DoorbellKey {
+    pub bar: u8,
+    pub offset: u64,
+    pub len: u8,
+    pub value: u64,
+}
+
+/// Whether any of `fds` is readable within `timeout` (`None`: now).
+fn any_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> bool {
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.map_or(0, |t| {
+        i32::try_from(t.as_millis()).unwrap_or(i32::MAX).max(1)
+    });
+    // SAFETY: `polls` is a live array of `polls.len()` pollfds; poll only
+    // writes their `revents`.
+    let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, ms) };
+    n > 0
 }
 
 /// Wakes a ring's server out of its sleep (to look at its stop flag).
@@ -688,7 +730,69 @@ impl RingServer {
             window: Window::new(poll),
             mirrors: Vec::new(),
             dozing: false,
+            doorbells: Vec::new(),
+            rung: Default::default(),
         })
+    }
+
+    /// Delivers the guest's writes of each key's value to the device when
+    /// its eventfd (registered by the VMM as a KVM ioeventfd) is signalled
+    /// (see [`DoorbellKey`] for the order).
+    pub fn set_doorbells(&mut self, doorbells: Vec<(OwnedFd, DoorbellKey)>) {
+        self.doorbells = doorbells;
+    }
+
+    /// The count of doorbells delivered to the device.
+    pub fn doorbells_rung(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.rung.clone()
+    }
+
+    /// Whether a doorbell's eventfd is signalled (one `poll`).
+    fn doorbell_pending(&self) -> bool {
+        if self.doorbells.is_empty() {
+            return false;
+        }
+        let fds: Vec<BorrowedFd<'_>> = self.doorbells.iter().map(|(f, _)| f.as_fd()).collect();
+        any_readable(&fds, None)
+    }
+
+    /// Delivers the doorbells rung since the last look, each after every
+    /// access published by then. False when none was rung (or the ring
+    /// is corrupt: the caller's next look at `head` says so).
+    fn ring_doorbells(
+        &mut self,
+        device: &mut impl FnMut(Access, u8, u64, &mut [u8]) -> bool,
+    ) -> bool {
+        if !self.doorbell_pending() {
+            return false;
+        }
+        let mut rung = Vec::new();
+        for (fd, key) in &self.doorbells {
+            let mut v: u64 = 0;
+            // SAFETY: reads 8 bytes into a local from a nonblocking
+            // eventfd; EAGAIN (not rung) leaves it 0.
+            let n = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            if n == 8 && v > 0 {
+                rung.push(*key);
+            }
+        }
+        // Everything the guest did before ringing is published by now.
+        let head = self.page.word(OFF_HEAD).load(Ordering::Acquire);
+        if head.wrapping_sub(self.tail) > SLOTS {
+            return false;
+        }
+        while self.tail != head {
+            self.run_one(device);
+        }
+        for k in &rung {
+            let mut v = k.value.to_le_bytes();
+            if !device(Access::Write, k.bar, k.offset, &mut v[..usize::from(k.len)]) {
+                tracing::debug!("access ring: the device refused a doorbell");
+            }
+            self.rung.fetch_add(1, Ordering::Relaxed);
+        }
+        self.refresh(device);
+        !rung.is_empty()
     }
 
     /// What wakes this server from another thread.
@@ -790,6 +894,9 @@ impl RingServer {
                 self.refresh(&mut device);
                 continue;
             }
+            if self.ring_doorbells(&mut device) {
+                continue;
+            }
             if stop() {
                 return;
             }
@@ -835,8 +942,11 @@ impl RingServer {
         // SeqCst: the look after raising the sleeping flag must not be
         // ordered before it (the producer publishes, then looks at the
         // flag: one of the two sees the other).
-        let pending =
-            |s: &Self| s.page.word(OFF_HEAD).load(Ordering::SeqCst) != s.tail || s.stale();
+        let pending = |s: &Self| {
+            s.page.word(OFF_HEAD).load(Ordering::SeqCst) != s.tail
+                || s.stale()
+                || s.doorbell_pending()
+        };
         if !self.dozing {
             while start.elapsed() < self.window.current {
                 std::thread::yield_now();
@@ -848,7 +958,13 @@ impl RingServer {
         let flag = self.page.word(OFF_SERVER_SLEEPING);
         flag.store(1, Ordering::SeqCst);
         if !pending(self) {
-            sleep_on(self.kick.as_fd(), stop_check);
+            if self.doorbells.is_empty() {
+                sleep_on(self.kick.as_fd(), stop_check);
+            } else {
+                let mut fds = vec![self.kick.as_fd()];
+                fds.extend(self.doorbells.iter().map(|(f, _)| f.as_fd()));
+                any_readable(&fds, Some(stop_check));
+            }
             drain_eventfd(self.kick.as_fd());
         }
         flag.store(0, Ordering::Relaxed);

@@ -267,6 +267,10 @@ pub struct RemoteConfig {
     /// remote is ours (spawned, with a control channel); otherwise, and
     /// for any other peer, over the socket.
     pub fast_path: bool,
+    /// Whether the writes a device declares as doorbells (a virtio queue
+    /// notify) reach the remote through KVM ioeventfds, with no exit to
+    /// the VMM (`doorbells`, default true; needs the fast path).
+    pub doorbells: bool,
     /// `restart`: automatic replacement of a remote that died or hung.
     pub restart: RestartPolicy,
     /// `restart-limit`: automatic restarts allowed within a minute; one
@@ -582,6 +586,7 @@ fn parse_remote(
     let timeout_ms = t.integer_in("timeout-ms", 10..=600_000, Some(1000))?.value as u64;
     let sandbox = t.opt_bool("sandbox")?.is_none_or(|b| b.value);
     let fast_path = t.opt_bool("fast-path")?.is_none_or(|b| b.value);
+    let doorbells = t.opt_bool("doorbells")?.is_none_or(|b| b.value);
     let restart = match t.opt_string("restart")? {
         None => RestartPolicy::default(),
         Some(v) => v.value.parse().map_err(|m| t.error(v.span.clone(), m))?,
@@ -598,6 +603,7 @@ fn parse_remote(
         timeout_ms,
         sandbox,
         fast_path,
+        doorbells,
         restart,
         restart_limit,
         location,

@@ -72,6 +72,8 @@ pub struct Remote {
     pub timeout: Duration,
     /// `fast-path`: set up access rings for this remote's devices.
     pub fast_path: bool,
+    /// `[[remote]] doorbells`.
+    pub doorbells: bool,
     /// Set once the remote died or hung; shared with its proxies.
     pub failed: Arc<AtomicBool>,
     /// When this process (or connection) was set up.
@@ -159,6 +161,7 @@ impl Remote {
             heartbeat: Duration::from_millis(cfg.heartbeat_ms),
             timeout: Duration::from_millis(cfg.timeout_ms),
             fast_path: cfg.fast_path,
+            doorbells: cfg.doorbells,
             failed: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
             status: Mutex::new(Status {
@@ -180,7 +183,12 @@ impl Remote {
     /// (a control channel) and `fast-path` is on: an access ring created
     /// here, handed over with the control channel's `ring-setup`. On any
     /// failure the device stays on the socket, which is said in the log.
-    pub fn attach_fast_path(&self, id: &str, proxy: &mut crate::pci::proxy::ProxyFunction) {
+    pub fn attach_fast_path(
+        &self,
+        vm: &Arc<kvm_ioctls::VmFd>,
+        id: &str,
+        proxy: &mut crate::pci::proxy::ProxyFunction,
+    ) {
         if !self.fast_path || !self.has_control() {
             return;
         }
@@ -192,15 +200,68 @@ impl Remote {
                 return;
             }
         };
-        match self.with_control(|c| c.ring_setup(id, &fds)) {
+        let bells = self.doorbell_eventfds(id);
+        let keyed: Vec<(channel::ring::DoorbellKey, std::os::fd::BorrowedFd<'_>)> = bells
+            .iter()
+            .map(|(k, e)| {
+                // SAFETY: `bells` owns the eventfd and outlives `keyed`.
+                (*k, unsafe {
+                    std::os::fd::BorrowedFd::borrow_raw(e.as_raw_fd())
+                })
+            })
+            .collect();
+        match self.with_control(|c| c.ring_setup(id, &fds, &keyed)) {
             Ok(()) => {
                 proxy.attach_ring(ring);
+                if !bells.is_empty() {
+                    proxy.attach_doorbells(crate::pci::proxy::doorbells::Doorbells::new(
+                        vm.clone(),
+                        bells,
+                    ));
+                }
                 tracing::info!("{id}: BAR accesses on the access ring");
             }
             Err(e) => {
                 tracing::warn!("{id}: no access ring ({e}); BAR accesses stay on the socket")
             }
         }
+    }
+
+    /// The doorbells device `id` declares, each with a fresh eventfd (none
+    /// when the remote predates them or `doorbells = false`).
+    fn doorbell_eventfds(
+        &self,
+        id: &str,
+    ) -> Vec<(channel::ring::DoorbellKey, vmm_sys_util::eventfd::EventFd)> {
+        if !self.doorbells {
+            return Vec::new();
+        }
+        let keys = match self.with_control(|c| c.device_doorbells(id)) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::info!("{id}: no doorbells ({e}); every write takes the ring");
+                return Vec::new();
+            }
+        };
+        let room = channel::framing::MAX_FDS - 3;
+        if keys.len() > room {
+            tracing::warn!(
+                "{id}: {} doorbells declared, {room} delivered through KVM; the rest take the ring",
+                keys.len()
+            );
+        }
+        keys.into_iter()
+            .take(room)
+            .filter_map(|k| {
+                match vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK) {
+                    Ok(e) => Some((k, e)),
+                    Err(e) => {
+                        tracing::warn!("{id}: doorbell eventfd: {e}; that write takes the ring");
+                        None
+                    }
+                }
+            })
+            .collect()
     }
 
     /// Records a device served by this remote; `socket_fd`: its channel;

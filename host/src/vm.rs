@@ -200,7 +200,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
                     .and_then(|p| p.with_msix(&vm, &msi_routes))
                     .with_context(|| format!("{}: device `{}`", d.location, d.id))?
                     .with_supervision(sup.failed.clone(), monitor::fail_hook(&events, Some(rid)));
-                sup.attach_fast_path(&d.id, &mut proxy);
+                sup.attach_fast_path(&vm, &d.id, &mut proxy);
                 sup.add_device(&d.id, Some(proxy.socket_fd()), proxy.activity());
                 (Box::new(proxy), Some(rid.clone()))
             }

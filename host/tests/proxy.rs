@@ -137,7 +137,7 @@ fn proxy_over_spawned_remote_host(protocol: &str, fast: bool) {
     );
 
     let kvm = Kvm::new().unwrap();
-    let vm = kvm.create_vm().unwrap();
+    let vm = std::sync::Arc::new(kvm.create_vm().unwrap());
     vm.create_irq_chip().unwrap();
     let ram = GuestRam::new(64 << 20).unwrap();
 
@@ -157,7 +157,7 @@ fn proxy_over_spawned_remote_host(protocol: &str, fast: bool) {
         s.control_hangup,
     );
     if fast {
-        remote.attach_fast_path("dma0", &mut func);
+        remote.attach_fast_path(&vm, "dma0", &mut func);
         assert!(func.has_ring(), "the spawned remote took the access ring");
     }
     let label = if fast { "ring" } else { "socket" };

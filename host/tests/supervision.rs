@@ -121,7 +121,7 @@ fn supervised_dma0(
     remote: &Arc<Remote>,
     client: host::remote::RemoteClient,
     ram: &GuestRam,
-    vm: &kvm_ioctls::VmFd,
+    vm: &Arc<kvm_ioctls::VmFd>,
     events: &qmp::EventSender,
     first_heartbeat_within: Duration,
 ) -> (Arc<PciRoot>, u64) {
@@ -130,7 +130,7 @@ fn supervised_dma0(
         .with_supervision(remote.failed.clone(), Arc::new(|_: &str, _: &str| {}));
     // A remote of ours (control channel) puts the device on the access
     // ring: its faults must be reported the same way.
-    remote.attach_fast_path("dma0", &mut func);
+    remote.attach_fast_path(vm, "dma0", &mut func);
     assert_eq!(func.has_ring(), remote.has_control());
     remote.add_device("dma0", Some(func.socket_fd()), func.activity());
     let root = Arc::new(PciRoot::new());
@@ -187,7 +187,7 @@ fn a_remote_without_control_channel_is_supervised_on_its_device_channel() {
     }
 
     let kvm = Kvm::new().unwrap();
-    let vm = kvm.create_vm().unwrap();
+    let vm = Arc::new(kvm.create_vm().unwrap());
     vm.create_irq_chip().unwrap();
     let ram = GuestRam::new(64 << 20).unwrap();
     let s = host::remote::connect_supervised(&cfg, &cfg.remotes[0], None).unwrap();
@@ -256,7 +256,7 @@ fn a_spawned_remote_is_supervised_on_its_control_channel() {
         SLOT,
     );
     let kvm = Kvm::new().unwrap();
-    let vm = kvm.create_vm().unwrap();
+    let vm = Arc::new(kvm.create_vm().unwrap());
     vm.create_irq_chip().unwrap();
     let ram = GuestRam::new(64 << 20).unwrap();
     let s = host::remote::connect_supervised(&cfg, &cfg.remotes[0], None).unwrap();

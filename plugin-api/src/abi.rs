@@ -97,6 +97,36 @@ impl MirroredRead {
     }
 }
 
+/// A doorbell: a BAR write that only asks the device to look for work
+/// (a virtio queue notify), which a VMM may deliver without a VM exit to
+/// itself: KVM signals an eventfd the device's process waits on (see
+/// [`crate::Device::doorbells`]). Added in plugin-api 0.1.3.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Doorbell {
+    /// The BAR.
+    pub bar: u8,
+    /// Offset in the BAR.
+    pub offset: u64,
+    /// Width of the guest's write: 1, 2, 4 or 8 bytes.
+    pub len: u8,
+    /// The value the guest writes; a write of another value or width
+    /// reaches the device as any other access.
+    pub value: u64,
+}
+
+impl Doorbell {
+    /// The guest writing `value` (`len` bytes) at `offset` in BAR `bar`.
+    pub fn new(bar: u8, offset: u64, len: u8, value: u64) -> Self {
+        Doorbell {
+            bar,
+            offset,
+            len,
+            value,
+        }
+    }
+}
+
 /// Everything the host needs to present a function to the guest.
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
@@ -228,6 +258,12 @@ pub trait FfiDevice: Send {
     /// 0.1.2, after the last prefix field: older plugins get this default
     /// body, an empty list, and every read reaches them as before).
     fn mirrored_reads(&self) -> RVec<MirroredRead> {
+        RVec::new()
+    }
+    /// Writes a host may deliver as doorbells (plugin-api 0.1.3, after
+    /// the last prefix field: older plugins get this default body, an
+    /// empty list, and every write reaches them as before).
+    fn doorbells(&self) -> RVec<Doorbell> {
         RVec::new()
     }
 }

@@ -15,7 +15,8 @@ use abi_stable::{
 };
 
 use crate::abi::{
-    DeviceBox, DeviceDesc, DeviceError, DeviceErrorKind, FfiDevice, FfiDevice_TO, MirroredRead,
+    DeviceBox, DeviceDesc, DeviceError, DeviceErrorKind, Doorbell, FfiDevice, FfiDevice_TO,
+    MirroredRead,
 };
 use crate::host::Host;
 
@@ -109,6 +110,30 @@ pub trait Device: Send + 'static {
     /// [`crate::function::MAX_MIRRORS`] registers, each 1, 2 or 4 bytes
     /// inside a declared BAR; hosts ignore the rest, saying so.
     fn mirrored_reads(&self) -> Vec<MirroredRead> {
+        Vec::new()
+    }
+
+    /// Writes that only ask the device to look for work (a queue notify):
+    /// a VMM may deliver them without an exit to itself (KVM ioeventfd),
+    /// straight to the device's process, as [`bar_write`](Self::bar_write)
+    /// calls of exactly that value and width.
+    ///
+    /// Declare a write only if all hold:
+    /// - its effect is work the device does on its own afterwards, never
+    ///   a value the guest reads back at once;
+    /// - several of them may be delivered as one (the host coalesces
+    ///   doorbells rung before the device took the first);
+    /// - it may be applied after later accesses of the guest (each
+    ///   doorbell is applied after every access the guest made before it,
+    ///   but an access made after it may overtake it).
+    ///
+    /// A virtio queue notify (write the queue's index at its notify
+    /// address) is the model case. At most [`crate::function::MAX_DOORBELLS`],
+    /// each 1, 2, 4 or 8 bytes inside a declared BAR, not overlapping
+    /// each other; hosts ignore the rest, saying so. Without a host that
+    /// supports them (the test bench, mpqemu, an in-process function) the
+    /// writes reach the device as any other access.
+    fn doorbells(&self) -> Vec<Doorbell> {
         Vec::new()
     }
 }
@@ -366,6 +391,15 @@ impl FfiDevice for Guarded {
             return RVec::new();
         }
         catch_unwind(AssertUnwindSafe(|| self.inner.mirrored_reads()))
+            .map(RVec::from)
+            .unwrap_or_default()
+    }
+
+    fn doorbells(&self) -> RVec<Doorbell> {
+        if self.failed_message().is_some() {
+            return RVec::new();
+        }
+        catch_unwind(AssertUnwindSafe(|| self.inner.doorbells()))
             .map(RVec::from)
             .unwrap_or_default()
     }

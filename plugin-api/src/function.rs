@@ -15,13 +15,15 @@ use abi_stable::{
 use pci::{BarSpec, BarType, ConfigSpace, ConfigWriteEffect, Identity};
 
 use crate::abi::{
-    BarKind, DeviceBox, DeviceDesc, DeviceError, DeviceErrorKind, FfiHost, FfiHost_TO, HostBox,
-    LogLevel, MirroredRead,
+    BarKind, DeviceBox, DeviceDesc, DeviceError, DeviceErrorKind, Doorbell, FfiHost, FfiHost_TO,
+    HostBox, LogLevel, MirroredRead,
 };
 use crate::loader::LoadedPlugin;
 
 /// Registers a host mirrors per device at most.
 pub const MAX_MIRRORS: usize = 16;
+/// Doorbells a host delivers per device at most ([`crate::Device::doorbells`]).
+pub const MAX_DOORBELLS: usize = 12;
 
 /// Guest memory as a host exposes it to DMA.
 pub trait GuestMemory: Send + Sync + 'static {
@@ -369,6 +371,47 @@ impl PciFunction {
                     m.bar, m.offset, m.len
                 )),
                 None => kept.push(m),
+            }
+        }
+        (kept, refused)
+    }
+
+    /// The writes the device lets a host deliver as doorbells
+    /// ([`crate::Device::doorbells`]), checked: each 1, 2, 4 or 8 bytes
+    /// inside a BAR the device declared, no two overlapping, at
+    /// most [`MAX_DOORBELLS`]. The rest are left out, with the reason for
+    /// each.
+    pub fn doorbells(&self) -> (Vec<Doorbell>, Vec<String>) {
+        if self.shut_down {
+            return (Vec::new(), Vec::new());
+        }
+        let mut kept: Vec<Doorbell> = Vec::new();
+        let mut refused = Vec::new();
+        let overlaps = |a: &Doorbell, b: &Doorbell| {
+            a.bar == b.bar
+                && a.offset < b.offset.saturating_add(u64::from(b.len))
+                && b.offset < a.offset.saturating_add(u64::from(a.len))
+        };
+        for d in self.device.doorbells() {
+            let why = if !matches!(d.len, 1 | 2 | 4 | 8) {
+                Some("its width is not 1, 2, 4 or 8 bytes".to_string())
+            } else if d.len < 8 && d.value >> (u32::from(d.len) * 8) != 0 {
+                Some("its value does not fit its width".to_string())
+            } else if let Err(e) = self.check_bar(d.bar, d.offset, usize::from(d.len)) {
+                Some(e.message.to_string())
+            } else if kept.iter().any(|k| overlaps(k, &d)) {
+                Some("it overlaps another doorbell".to_string())
+            } else if kept.len() >= MAX_DOORBELLS {
+                Some(format!("at most {MAX_DOORBELLS} doorbells are delivered"))
+            } else {
+                None
+            };
+            match why {
+                Some(why) => refused.push(format!(
+                    "doorbell BAR{} {:#x} ({} bytes, value {:#x}) left out: {why}",
+                    d.bar, d.offset, d.len, d.value
+                )),
+                None => kept.push(d),
             }
         }
         (kept, refused)

@@ -431,6 +431,10 @@ impl TestBench {
         if !refused.is_empty() {
             return Err(refused.join("; "));
         }
+        let (_, refused) = function.doorbells();
+        if !refused.is_empty() {
+            return Err(refused.join("; "));
+        }
         if let Some(m) = function.msix() {
             *lock(&irq.msix) = Some(BenchMsix {
                 table: pci::msix::MsixTable::new(m.layout),
@@ -582,6 +586,30 @@ impl TestBench {
     /// The function's INTx line.
     pub fn irq(&self) -> &IrqLine {
         &self.irq
+    }
+
+    /// The device's doorbells (`Device::doorbells`), as a VMM would take
+    /// them.
+    pub fn doorbells(&self) -> Vec<crate::Doorbell> {
+        self.function.doorbells().0
+    }
+
+    /// Rings doorbell `index` as KVM delivers it (the guest wrote its
+    /// value at its address, with the BAR placed and decoding on): the
+    /// device sees that write. Panics when the device has no such
+    /// doorbell.
+    pub fn ring_doorbell(&mut self, index: usize) {
+        let Some(d) = self.doorbells().get(index).copied() else {
+            panic!("the device declares no doorbell {index}");
+        };
+        let io = self
+            .function
+            .config()
+            .bar_spec(usize::from(d.bar))
+            .is_some_and(|s| s.bar_type == BarType::Io);
+        let addr = self.bar_address(usize::from(d.bar)) + d.offset;
+        let mut b = d.value.to_le_bytes();
+        self.access(io, addr, &mut b[..usize::from(d.len)], true);
     }
 
     /// The function as a host drives it (reset, save/restore, direct BAR

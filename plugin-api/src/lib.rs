@@ -152,8 +152,9 @@ pub mod harness;
 pub mod loader;
 
 pub use abi::{
-    BarDesc, BarKind, CapabilityDesc, DeviceBox, DeviceDesc, DeviceError, DeviceErrorKind, HostBox,
-    LogLevel, MirroredRead, PciIdentity, PluginModule, PluginModuleRef, ABI_VERSION,
+    BarDesc, BarKind, CapabilityDesc, DeviceBox, DeviceDesc, DeviceError, DeviceErrorKind,
+    Doorbell, HostBox, LogLevel, MirroredRead, PciIdentity, PluginModule, PluginModuleRef,
+    ABI_VERSION,
 };
 pub use device::{create_guarded, into_ffi, panic_message, Device, DeviceConstructor};
 pub use host::{DmaError, Host, MSIX_IRQ_BASE};

@@ -12,9 +12,13 @@
 //!   stopped safely (see docs/channel.md).
 //! - `device-control`: [`PciFunction::control`](plugin_api::function::PciFunction::control)
 //!   under the device's lock, so it never overlaps a guest access.
+//! - `device-doorbells`: the writes the device lets the VMM deliver
+//!   through KVM ioeventfds (`Device::doorbells`, checked).
 //! - `ring-setup` (+ three fds: the ring's memory, its kick and reply
-//!   eventfds): serves the device's BAR accesses from the shared-memory
-//!   access ring too ([`crate::ring`]); a second setup replaces the first.
+//!   eventfds, then one eventfd per doorbell listed in `doorbells`):
+//!   serves the device's BAR accesses from the shared-memory access ring
+//!   too, and its doorbells ([`crate::ring`]); a second setup replaces
+//!   the first.
 //!
 //! When the control socket reaches EOF the VMM is gone, and so is the
 //! reason to run: the caller exits.
@@ -114,12 +118,13 @@ impl Control {
             "ping" => Ok(self.ping()),
             "device-add" => self.device_add(req, fds),
             "ring-setup" => self.ring_setup(req, fds),
+            "device-doorbells" => self.device_doorbells(str_arg(req, "device")?),
             "device-del" => self.device_del(str_arg(req, "device")?),
             "device-control" => self.device_control(req),
             "device-save" => self.device_save(req),
             "device-restore" => self.device_restore(req),
             _ => Err(format!(
-                "unknown op `{op}` (ping, device-add, device-del, device-control, device-save, device-restore, ring-setup)"
+                "unknown op `{op}` (ping, device-add, device-del, device-control, device-save, device-restore, device-doorbells, ring-setup)"
             )),
         }
     }
@@ -199,14 +204,60 @@ impl Control {
         Ok(json!({}))
     }
 
-    fn ring_setup(&mut self, req: &Value, fds: Vec<OwnedFd>) -> Result<Value, String> {
+    /// The device's doorbells as its function checked them (the reasons
+    /// for any left out go to the log).
+    fn declared_doorbells(&self, id: &str) -> Result<Vec<channel::ring::DoorbellKey>, String> {
+        let entry = self
+            .devices
+            .get(id)
+            .ok_or_else(|| format!("no device `{id}`"))?;
+        let (kept, refused) = entry.dev.function().doorbells();
+        for why in refused {
+            tracing::warn!(device = %id, "{why}");
+        }
+        Ok(kept
+            .iter()
+            .map(|d| channel::ring::DoorbellKey {
+                bar: d.bar,
+                offset: d.offset,
+                len: d.len,
+                value: d.value,
+            })
+            .collect())
+    }
+
+    fn device_doorbells(&mut self, id: &str) -> Result<Value, String> {
+        let keys = self.declared_doorbells(id)?;
+        let list: Vec<Value> = keys.iter().map(channel::control::doorbell_json).collect();
+        Ok(json!({ "doorbells": list }))
+    }
+
+    fn ring_setup(&mut self, req: &Value, mut fds: Vec<OwnedFd>) -> Result<Value, String> {
         let id = str_arg(req, "device")?;
-        let [memory, kick, reply] = <[OwnedFd; 3]>::try_from(fds).map_err(|v| {
-            format!(
-                "ring-setup takes three file descriptors (memory, kick, reply), got {}",
-                v.len()
-            )
-        })?;
+        let asked = match req.get("doorbells") {
+            None => Vec::new(),
+            Some(v) => channel::control::parse_doorbells(v)?,
+        };
+        if fds.len() != 3 + asked.len() {
+            return Err(format!(
+                "ring-setup takes three file descriptors (memory, kick, reply) and one per doorbell ({}), got {}",
+                asked.len(),
+                fds.len()
+            ));
+        }
+        // Only doorbells the device declared: a VMM's list is checked
+        // against it, so a write the device did not offer is never
+        // delivered behind its back.
+        let declared = self.declared_doorbells(id)?;
+        if let Some(k) = asked.iter().find(|k| !declared.contains(k)) {
+            return Err(format!(
+                "doorbell BAR{} {:#x} ({} bytes, value {:#x}) is not one the device declared",
+                k.bar, k.offset, k.len, k.value
+            ));
+        }
+        let bells: Vec<OwnedFd> = fds.split_off(3);
+        let [memory, kick, reply] = <[OwnedFd; 3]>::try_from(fds)
+            .map_err(|_| "ring-setup: three ring file descriptors expected".to_string())?;
         let entry = self
             .devices
             .get_mut(id)
@@ -219,12 +270,16 @@ impl Control {
             kick,
             reply,
         };
+        let doorbells: Vec<(OwnedFd, channel::ring::DoorbellKey)> =
+            bells.into_iter().zip(asked).collect();
+        let n = doorbells.len();
         entry.ring = Some(crate::ring::start(
             entry.dev.clone(),
             fds,
+            doorbells,
             self.dialect.poll(),
         )?);
-        tracing::info!(device = %id, "access ring set up");
+        tracing::info!(device = %id, doorbells = n, "access ring set up");
         Ok(json!({}))
     }
 

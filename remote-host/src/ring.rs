@@ -32,8 +32,15 @@ pub struct RingThread {
 
 /// Maps the ring and starts serving it for `dev`, with the registers the
 /// device lets the VMM mirror (`Device::mirrored_reads`) kept in the page.
-pub fn start(dev: Arc<RemoteDevice>, fds: RingFds, poll: Duration) -> Result<RingThread, String> {
+pub fn start(
+    dev: Arc<RemoteDevice>,
+    fds: RingFds,
+    doorbells: Vec<(std::os::fd::OwnedFd, channel::ring::DoorbellKey)>,
+    poll: Duration,
+) -> Result<RingThread, String> {
     let mut server = RingServer::new(fds, poll).map_err(|e| e.to_string())?;
+    server.set_doorbells(doorbells);
+    let rung = server.doorbells_rung();
     let (mirrors, refused) = dev.function().mirrored_reads();
     for why in refused {
         tracing::warn!(device = %dev.id, "{why}");
@@ -71,7 +78,11 @@ pub fn start(dev: Arc<RemoteDevice>, fds: RingFds, poll: Duration) -> Result<Rin
                     }
                 },
             );
-            tracing::debug!(device = %dev.id, "access ring stopped");
+            tracing::info!(
+                device = %dev.id,
+                doorbells_rung = rung.load(Ordering::Relaxed),
+                "access ring stopped"
+            );
         })
         .map_err(|e| format!("device `{id}`: cannot start its ring thread: {e}"))?;
     Ok(RingThread {

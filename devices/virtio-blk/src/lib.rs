@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use block::{delayed::Delayed, Backend, RawFile};
 use plugin_api::control::{self, Value};
-use plugin_api::{BarDesc, Device, DeviceDesc, Host, PciIdentity};
+use plugin_api::{BarDesc, Device, DeviceDesc, Doorbell, Host, PciIdentity};
 
 use queue::SplitQueue;
 use transport::{status, Effect, Transport, ISR_CONFIG, ISR_QUEUE};
@@ -502,6 +502,20 @@ impl Device for VirtioBlk {
     fn reset(&mut self) {
         let mut r = lock(&self.shared.regs);
         self.shared.reset(&mut r);
+    }
+
+    /// Each queue's notification (the driver writes the queue's index, 16
+    /// bits, at index × multiplier): it only wakes the worker, which looks
+    /// at every queue, so notifications coalesce and may be overtaken by
+    /// later accesses, as doorbells may.
+    fn doorbells(&self) -> Vec<Doorbell> {
+        (0..self.queues())
+            .map(|q| {
+                let offset =
+                    transport::NOTIFY_OFF + u64::from(q) * u64::from(transport::NOTIFY_MULTIPLIER);
+                Doorbell::new(transport::BAR, offset, 2, u64::from(q))
+            })
+            .collect()
     }
 
     /// The transport and where the device is in each ring, taken between

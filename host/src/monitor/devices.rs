@@ -155,7 +155,7 @@ impl Monitor {
     ) -> ProxyFunction {
         let mut proxy =
             proxy.with_supervision(r.failed.clone(), fail_hook(&self.events, Some(&r.id)));
-        r.attach_fast_path(id, &mut proxy);
+        r.attach_fast_path(&self.vm, id, &mut proxy);
         r.add_device(id, Some(proxy.socket_fd()), proxy.activity());
         proxy
     }

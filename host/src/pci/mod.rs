@@ -72,4 +72,7 @@ pub trait PciDevice: Send {
     /// Takes over the MSI-X of the function this one replaces: the guest
     /// sees no change to its table, its enable or its masks.
     fn adopt_msix(&mut self, _msix: msix::MsixRouter) {}
+    /// Drops the function's KVM ioeventfds (it is being replaced, and its
+    /// successor registers the same addresses).
+    fn release_doorbells(&mut self) {}
 }

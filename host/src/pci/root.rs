@@ -331,6 +331,7 @@ impl PciRoot {
             .find(|s| s.slot == slot && slot != 0)
             .ok_or_else(|| anyhow::anyhow!("PCI slot {slot} is empty"))?;
         let mut old = lock(&s.dev);
+        old.release_doorbells();
         let cs = old.config_space();
         for (index, spec) in cs.bar_specs() {
             let off = regs::BAR0 + index * 4;

@@ -19,9 +19,13 @@
 //!   shared-memory access ring ([`channel::ring`], [`ProxyFunction::attach_ring`])
 //!   instead of the socket; everything else still goes on the socket, after
 //!   the ring is drained, so nothing overtakes a posted write.
+//! - Doorbells: writes the device declared as such (a virtio queue
+//!   notify) are KVM ioeventfds on the ring's remote end
+//!   ([`doorbells`]): they never exit to the VMM.
 //! - After a transport error the function is dead and reads all-ones.
 //! - Every access is counted by register ([`AccessStats`]).
 
+pub mod doorbells;
 mod mpqemu;
 pub mod transport;
 mod vfio_user;
@@ -77,6 +81,8 @@ pub struct ProxyFunction {
     /// the VMM emulates for it.
     msix_found: Option<plugin_api::function::Msix>,
     msix: Option<MsixRouter>,
+    /// Writes KVM delivers to the remote by itself (with the ring).
+    doorbells: Option<doorbells::Doorbells>,
 }
 
 fn borrow(e: &EventFd) -> BorrowedFd<'_> {
@@ -142,6 +148,7 @@ impl ProxyFunction {
             stats: AccessStats::default(),
             msix_found: setup.msix,
             msix: None,
+            doorbells: None,
         })
     }
 
@@ -204,6 +211,51 @@ impl ProxyFunction {
             }
         }
         self.ring = Some(ring);
+    }
+
+    /// From now on the guest's writes of `d` reach the remote through KVM
+    /// (the remote took their eventfds with `ring-setup`), wherever the
+    /// guest places the BAR.
+    pub fn attach_doorbells(&mut self, mut d: doorbells::Doorbells) {
+        // The remote's word is checked against the function's own BARs: a
+        // doorbell past its BAR's end (another device's registers, or
+        // RAM) or in the MSI-X table the VMM emulates would swallow the
+        // guest's writes meant for something else.
+        let msix_bar = self.msix.as_ref().map(|m| m.bar());
+        let shadow = &self.shadow;
+        let id = &self.id;
+        d.retain(|k| {
+            let fits = shadow.bar_spec(usize::from(k.bar)).is_some_and(|s| {
+                k.offset
+                    .checked_add(u64::from(k.len))
+                    .is_some_and(|end| end <= s.size)
+            });
+            let ok = fits && msix_bar != Some(k.bar);
+            if !ok {
+                tracing::warn!(
+                    "{id}: the remote's doorbell BAR{} {:#x} ({} bytes) is not inside one of the device's BARs; refused",
+                    k.bar,
+                    k.offset,
+                    k.len
+                );
+            }
+            ok
+        });
+        d.sync(&self.shadow);
+        tracing::info!("{}: {} doorbell(s) through KVM", self.id, d.len());
+        self.doorbells = Some(d);
+    }
+
+    /// How many doorbells KVM delivers for this function.
+    pub fn doorbell_count(&self) -> usize {
+        self.doorbells.as_ref().map_or(0, doorbells::Doorbells::len)
+    }
+
+    /// The doorbells follow the shadow's BAR placement.
+    fn sync_doorbells(&mut self) {
+        if let Some(d) = self.doorbells.as_mut() {
+            d.sync(&self.shadow);
+        }
     }
 
     /// The count of accesses that reached the device.
@@ -354,6 +406,7 @@ impl PciDevice for ProxyFunction {
         let touches = |a: usize, b: usize| offset < b && end > a;
         if touches(regs::BAR0, regs::BAR0 + 24) || touches(regs::COMMAND, regs::COMMAND + 2) {
             self.shadow.write(offset, data);
+            self.sync_doorbells();
         }
         if self.unusable() || !self.drain_ring() {
             return;
@@ -451,6 +504,12 @@ impl PciDevice for ProxyFunction {
         self.msix.take()
     }
 
+    fn release_doorbells(&mut self) {
+        if let Some(d) = self.doorbells.as_mut() {
+            d.release();
+        }
+    }
+
     fn adopt_msix(&mut self, router: MsixRouter) {
         let same = self.msix_found.is_some_and(|m| router.same_layout(&m));
         if !same {
@@ -491,6 +550,7 @@ impl PciDevice for ProxyFunction {
     /// VMM assigns BARs afresh and the writes reach both.
     fn reset(&mut self) {
         self.shadow.reset();
+        self.sync_doorbells();
         if let Some(m) = self.msix.as_mut() {
             m.reset();
         }
@@ -511,6 +571,7 @@ impl PciDevice for ProxyFunction {
     fn shutdown(&mut self) {
         // The remote sees EOF, drops this client and (when spawned for us
         // on an inherited fd) exits.
+        self.release_doorbells();
         let healthy = !self.dead && self.drain_ring();
         let s = &self.stats;
         let (reads, _, writes) = s.totals();
