@@ -5,6 +5,8 @@
 //! guest job and are checked the same way.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+pub mod bench;
+
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;

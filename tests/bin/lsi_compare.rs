@@ -22,13 +22,16 @@
 //! register, and how long the vCPU waited for each read.
 
 use std::fs;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use system_tests::bench::{
+    cpu_seconds, inheritable, parse_times, remotes_of, sibling_bin, spawn_with_fd3, Reaped,
+};
 use system_tests::{lsi_disk_job, lsi_job_modules, make_lsi_image, IMAGE_SIZE};
 use testenv::{Env, InitramfsSpec, JobResult, ModuleOrder, QemuKind, RunOptions};
 
@@ -175,36 +178,6 @@ fn run_host(env: &Env, variant: Variant, image: &Path, job: &str, dir: &Path) ->
         .with_context(|| format!("no job result on the console:\n{}", tail(&text, 30)))
 }
 
-/// CPU time (user + system) of process `pid`, from /proc; 0 when gone.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat: 12 and 13 here.
-    // SAFETY: sysconf with a valid name.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) / hz
-}
-
-/// The remote-host processes `host` (pid `vmm`) spawned.
-fn remotes_of(vmm: u32) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-            stat.contains("(remote-host)")
-                && after.split_whitespace().nth(1) == Some(&vmm.to_string())
-        })
-        .collect()
-}
-
 /// CPU the VMM and its remote used between the guest's `IDLE-BEGIN` and
 /// `IDLE-END` console lines (the `sleep` profile job), sampled from /proc.
 #[derive(Default)]
@@ -248,44 +221,6 @@ impl IdleWatch {
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Kills a helper process when dropped.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Makes `fd` inheritable by the next exec (clears CLOEXEC).
-fn inheritable(fd: &OwnedFd) -> Result<i32> {
-    let n = fd.as_raw_fd();
-    // SAFETY: F_SETFD on an fd this process owns.
-    if unsafe { libc::fcntl(n, libc::F_SETFD, 0) } < 0 {
-        bail!("fcntl: {}", std::io::Error::last_os_error());
-    }
-    Ok(n)
-}
-
-/// Spawns `cmd` with `fd` inherited as fd 3.
-fn spawn_with_fd3(cmd: &mut Command, fd: OwnedFd) -> Result<Child> {
-    testenv::inherit_as_fd3(cmd, fd.as_raw_fd());
-    let child = cmd.spawn().context("spawning the device process")?;
-    drop(fd);
-    Ok(child)
-}
-
-/// A binary built beside this one (target/<profile>/NAME).
-fn sibling_bin(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let p = exe.with_file_name(name);
-    if !p.is_file() {
-        bail!("{} not found: build the workspace first", p.display());
-    }
-    Ok(p)
 }
 
 /// Boots the guest with `job` on `image` behind `variant`'s controller.
@@ -415,19 +350,6 @@ run read-64k-qd4 par4
 /// A variant, its whole run time, and its timed jobs.
 type BenchRow = (Variant, f64, Vec<(String, f64)>);
 
-fn parse_times(r: &JobResult) -> Vec<(String, f64)> {
-    r.output
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.strip_prefix("TIME ")?.split_whitespace();
-            let name = w.next()?.to_string();
-            let s: f64 = w.next()?.parse().ok()?;
-            let e: f64 = w.next()?.parse().ok()?;
-            Some((name, e - s))
-        })
-        .collect()
-}
-
 fn print_device_log(dir: &Path, v: Variant) {
     let log = fs::read_to_string(dir.join(format!("{}-device.log", v.name()))).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(30).collect();
@@ -501,7 +423,7 @@ fn run() -> Result<ExitCode> {
                         v.name()
                     );
                 } else {
-                    table.push((v, secs, parse_times(&r)));
+                    table.push((v, secs, parse_times(&r.output)));
                     println!("RESULT {} ok ({secs:.1} s)", v.name());
                 }
             }
@@ -745,7 +667,7 @@ fn profile(env: &Env, idle_only: bool) -> Result<ExitCode> {
                 bail!("{} {kind}: guest job failed:\n{}", v.name(), r.output);
             }
             let stats = fs::read_to_string(dir.join(format!("{}-host-stats.log", v.name())))?;
-            let secs = parse_times(&r).first().map_or(f64::NAN, |(_, t)| *t);
+            let secs = parse_times(&r.output).first().map_or(f64::NAN, |(_, t)| *t);
             runs.push((v, kind, parse_register_stats(&stats), secs));
             println!("RESULT {} {kind} ok", v.name());
         }

@@ -1,0 +1,97 @@
+//! What the benchmark binaries (`lsi-compare`, `virtio-compare`) share:
+//! the processes they start and the CPU those use, read from /proc.
+
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command};
+
+use anyhow::{bail, Context, Result};
+
+/// CPU time (user + system) of process `pid`, from /proc; 0 when gone.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat: 12 and 13 here.
+    // SAFETY: sysconf with a valid name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// The processes named `comm` whose parent is `parent`.
+pub fn children_named(parent: u32, comm: &str) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let tag = format!("({comm})");
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            stat.contains(&tag) && after.split_whitespace().nth(1) == Some(&parent.to_string())
+        })
+        .collect()
+}
+
+/// The remote-host processes `host` (pid `vmm`) spawned.
+pub fn remotes_of(vmm: u32) -> Vec<u32> {
+    children_named(vmm, "remote-host")
+}
+
+/// Kills a helper process when dropped.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Makes `fd` inheritable by the next exec (clears CLOEXEC).
+pub fn inheritable(fd: &OwnedFd) -> Result<i32> {
+    let n = fd.as_raw_fd();
+    // SAFETY: F_SETFD on an fd this process owns.
+    if unsafe { libc::fcntl(n, libc::F_SETFD, 0) } < 0 {
+        bail!("fcntl: {}", std::io::Error::last_os_error());
+    }
+    Ok(n)
+}
+
+/// Spawns `cmd` with `fd` inherited as fd 3.
+pub fn spawn_with_fd3(cmd: &mut Command, fd: OwnedFd) -> Result<Child> {
+    testenv::inherit_as_fd3(cmd, fd.as_raw_fd());
+    let child = cmd.spawn().context("spawning the device process")?;
+    drop(fd);
+    Ok(child)
+}
+
+/// A binary built beside the running one (target/<profile>/NAME).
+pub fn sibling_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe.with_file_name(name);
+    if !p.is_file() {
+        bail!("{} not found: build the workspace first", p.display());
+    }
+    Ok(p)
+}
+
+/// `TIME name start end` lines (guest uptime seconds) of a job's output:
+/// each name with its duration.
+pub fn parse_times(output: &str) -> Vec<(String, f64)> {
+    output
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("TIME ")?.split_whitespace();
+            let name = w.next()?.to_string();
+            let s: f64 = w.next()?.parse().ok()?;
+            let e: f64 = w.next()?.parse().ok()?;
+            Some((name, e - s))
+        })
+        .collect()
+}
