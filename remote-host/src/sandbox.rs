@@ -245,14 +245,7 @@ fn filtered() -> Result<Vec<(i64, Vec<SeccompRule>)>, seccompiler::BackendError>
         // refused (isatty then says no).
         (
             libc::SYS_ioctl,
-            one_of(
-                1,
-                &[
-                    libc::FIONBIO as u64,
-                    libc::FIOCLEX as u64,
-                    libc::FIONCLEX as u64,
-                ],
-            )?,
+            one_of(1, &[libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX])?,
         ),
     ])
 }
