@@ -18,24 +18,17 @@ use std::time::{Duration, Instant};
 
 use system_tests::{
     check_disk_job, disk_job, make_lsi_image, prepare_vm, run_qmp_driver, tail_lines, IMAGE_SIZE,
+    VIRTIO_BLK_MODULES,
 };
 use testenv::{parse_console, require_env, target_bin, NestedOptions};
 
 /// The guest's modules: the virtio PCI transport and block driver, and
 /// what mounting ext2 through the ext4 driver needs.
-const MODULES: &[&str] = &[
-    "virtio",
-    "virtio_ring",
-    "virtio_pci_legacy_dev",
-    "virtio_pci_modern_dev",
-    "virtio_pci",
-    "virtio_blk",
-    "crc16",
-    "mbcache",
-    "jbd2",
-    "crc32c_generic",
-    "ext4",
-];
+fn modules() -> Vec<&'static str> {
+    let mut m = VIRTIO_BLK_MODULES.to_vec();
+    m.extend(["crc16", "mbcache", "jbd2", "crc32c_generic", "ext4"]);
+    m
+}
 
 /// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p).
 const QMP_SOCKET: &str = "/tmp/host-virtio-blk/qmp.sock";
@@ -85,7 +78,7 @@ fn virtio_blk_plugin_remote_and_in_process_behind_our_vmm() {
         "{}\necho \"serial=$(cat /sys/block/vda/serial)\"\ngrep virtio /proc/interrupts\n",
         disk_job("vda", "virtio-pci", "virtio_blk|vda")
     );
-    let spec = testenv::InitramfsSpec::new(MODULES, &job);
+    let spec = testenv::InitramfsSpec::new(&modules(), &job);
     let dir = prepare_vm(&env, "host-virtio-blk", &spec);
     let host = target_bin("host").unwrap();
     let runs = [
@@ -248,7 +241,7 @@ echo "STEP done"
 "#;
 
 fn resize_reaches_the_guest(env: &testenv::Env) {
-    let spec = testenv::InitramfsSpec::new(MODULES, RESIZE_JOB);
+    let spec = testenv::InitramfsSpec::new(&modules(), RESIZE_JOB);
     let dir = prepare_vm(env, "host-virtio-blk-qmp", &spec);
     make_lsi_image(&dir.join("vd.img"));
     let cfg = config(&env.kernel, "vm", "remote = \"storage\"")

@@ -50,6 +50,17 @@ pub fn parse_hex(text: &str, start: &str, end: &str) -> Vec<u8> {
         .collect()
 }
 
+/// The modules a guest needs to find a virtio-blk disk: the virtio PCI
+/// transport and the block driver.
+pub const VIRTIO_BLK_MODULES: &[&str] = &[
+    "virtio",
+    "virtio_ring",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+];
+
 /// Kernel modules of the LSI disk job, in load order: testenv's LSI/SCSI
 /// set, what mounting ext2 (through the ext4 driver) needs, and the ACPI
 /// power button and pvpanic drivers.

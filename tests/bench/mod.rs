@@ -95,3 +95,34 @@ pub fn parse_times(output: &str) -> Vec<(String, f64)> {
         })
         .collect()
 }
+
+/// The start of a timed guest job on block device `dev` (`sda`, `vda`):
+/// waits up to a minute for the device (making its node if devtmpfs did
+/// not), and defines `now` (guest uptime) and `run NAME CMD...`, which
+/// runs CMD and prints `TIME NAME START END` ([`parse_times`]); a failed
+/// command ends the job with status 2.
+pub fn timed_job_prologue(dev: &str) -> String {
+    format!(
+        r#"
+i=0
+while [ ! -b /dev/{dev} ] && [ $i -lt 600 ]; do
+    [ -e /sys/block/{dev}/dev ] && mknod /dev/{dev} b $(cut -d: -f1 /sys/block/{dev}/dev) $(cut -d: -f2 /sys/block/{dev}/dev)
+    sleep 0.1; i=$((i+1))
+done
+[ -b /dev/{dev} ] || {{ echo "no /dev/{dev}"; exit 1; }}
+now() {{ cut -d' ' -f1 /proc/uptime; }}
+run() {{ name=$1; shift; s=$(now); "$@" 2>/dev/null || exit 2; e=$(now); echo "TIME $name $s $e"; }}
+"#
+    )
+}
+
+/// QEMU arguments that put a guest's `mib` MiB of RAM in a shared memfd,
+/// which vhost-user and multi-process devices need.
+pub fn shared_ram_args(mib: u32) -> Vec<String> {
+    vec![
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mib}M,share=on"),
+        "-machine".into(),
+        "memory-backend=mem".into(),
+    ]
+}

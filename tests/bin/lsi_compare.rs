@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use system_tests::bench::{
-    cpu_seconds, inheritable, parse_times, remotes_of, sibling_bin, spawn_with_fd3, Reaped,
+    cpu_seconds, inheritable, parse_times, remotes_of, shared_ram_args, sibling_bin,
+    spawn_with_fd3, timed_job_prologue, Reaped,
 };
 use system_tests::{lsi_disk_job, lsi_job_modules, make_lsi_image, IMAGE_SIZE};
 use testenv::{Env, InitramfsSpec, JobResult, ModuleOrder, QemuKind, RunOptions};
@@ -242,12 +243,7 @@ fn run_variant(
     }
     let mut spec = InitramfsSpec::new(&lsi_job_modules(), job);
     spec.order = ModuleOrder::Exact;
-    let mut extra: Vec<String> = vec![
-        "-object".into(),
-        "memory-backend-memfd,id=mem,size=512M,share=on".into(),
-        "-machine".into(),
-        "memory-backend=mem".into(),
-    ];
+    let mut extra: Vec<String> = shared_ram_args(512);
     let mut _helper: Option<Reaped> = None;
     let mut _vmm_end: Option<OwnedFd> = None;
     let drive = format!("file={},format=raw,if=none,id=disk0", image.display());
@@ -327,24 +323,18 @@ fn run_variant(
 /// Timed `dd` jobs: 64 KiB and 4 KiB direct reads and writes at queue
 /// depth 1, and a sequential read with four commands outstanding.
 fn bench_job() -> String {
-    r#"
-i=0
-while [ ! -b /dev/sda ] && [ $i -lt 600 ]; do
-    [ -e /sys/block/sda/dev ] && mknod /dev/sda b $(cut -d: -f1 /sys/block/sda/dev) $(cut -d: -f2 /sys/block/sda/dev)
-    sleep 0.1; i=$((i+1))
-done
-[ -b /dev/sda ] || { echo "no /dev/sda"; exit 1; }
-now() { cut -d' ' -f1 /proc/uptime; }
-run() { name=$1; shift; s=$(now); "$@" 2>/dev/null || exit 2; e=$(now); echo "TIME $name $s $e"; }
-echo "TIME sda-ready 0 $(now)"   # guest uptime when the disk appeared
+    let mut s = timed_job_prologue("sda");
+    s.push_str(
+        r#"echo "TIME sda-ready 0 $(now)"   # guest uptime when the disk appeared
 par4() { for k in 0 1 2 3; do dd if=/dev/sda of=/dev/null bs=64k count=128 skip=$((k*128)) iflag=direct & done; wait; }
 run read-64k-qd1 dd if=/dev/sda of=/dev/null bs=64k count=512 iflag=direct
 run write-64k-qd1 dd if=/dev/zero of=/dev/sda bs=64k count=512 seek=512 oflag=direct
 run read-4k-qd1 dd if=/dev/sda of=/dev/null bs=4k count=2048 iflag=direct
 run write-4k-qd1 dd if=/dev/zero of=/dev/sda bs=4k count=2048 seek=8192 oflag=direct
 run read-64k-qd4 par4
-"#
-    .to_string()
+"#,
+    );
+    s
 }
 
 /// A variant, its whole run time, and its timed jobs.

@@ -28,19 +28,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use system_tests::bench::{
-    children_named, cpu_seconds, parse_times, remotes_of, sibling_bin, Reaped,
+    children_named, cpu_seconds, parse_times, remotes_of, shared_ram_args, sibling_bin,
+    timed_job_prologue, Reaped,
 };
-use system_tests::make_lsi_image;
+use system_tests::{make_lsi_image, VIRTIO_BLK_MODULES};
 use testenv::{Env, InitramfsSpec, JobResult, QemuKind, RunOptions};
-
-const MODULES: &[&str] = &[
-    "virtio",
-    "virtio_ring",
-    "virtio_pci_legacy_dev",
-    "virtio_pci_modern_dev",
-    "virtio_pci",
-    "virtio_blk",
-];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Variant {
@@ -114,17 +106,9 @@ const JOBS: &[Job] = &[
 /// The guest's job: waits for vda, then runs [`JOBS`] between the lines
 /// the host side samples CPU at.
 fn bench_job() -> String {
-    let mut s = String::from(
-        r#"
-i=0
-while [ ! -b /dev/vda ] && [ $i -lt 600 ]; do
-    [ -e /sys/block/vda/dev ] && mknod /dev/vda b $(cut -d: -f1 /sys/block/vda/dev) $(cut -d: -f2 /sys/block/vda/dev)
-    sleep 0.1; i=$((i+1))
-done
-[ -b /dev/vda ] || { echo "no /dev/vda"; exit 1; }
-now() { cut -d' ' -f1 /proc/uptime; }
-run() { name=$1; shift; s=$(now); "$@" 2>/dev/null || exit 2; e=$(now); echo "TIME $name $s $e"; }
-# 32 dd's of 128 x 4 KiB at once, on distinct ranges.
+    let mut s = timed_job_prologue("vda");
+    s.push_str(
+        r#"# 32 dd's of 128 x 4 KiB at once, on distinct ranges.
 par() {
     k=0
     while [ $k -lt 32 ]; do
@@ -227,7 +211,7 @@ fn run_host(
     image: &Path,
     dir: &Path,
 ) -> Result<(JobResult, Option<(f64, f64)>)> {
-    let spec = InitramfsSpec::new(MODULES, &bench_job());
+    let spec = InitramfsSpec::new(VIRTIO_BLK_MODULES, &bench_job());
     let initrd = dir.join(format!("{}-initrd.cpio", v.name()));
     env.build_initramfs(&spec, &initrd)?;
     let config = dir.join(format!("{}.toml", v.name()));
@@ -281,13 +265,8 @@ fn run_qemu(
     image: &Path,
     dir: &Path,
 ) -> Result<(JobResult, Option<(f64, f64)>)> {
-    let spec = InitramfsSpec::new(MODULES, &bench_job());
-    let mut extra: Vec<String> = vec![
-        "-object".into(),
-        "memory-backend-memfd,id=mem,size=512M,share=on".into(),
-        "-machine".into(),
-        "memory-backend=mem".into(),
-    ];
+    let spec = InitramfsSpec::new(VIRTIO_BLK_MODULES, &bench_job());
+    let mut extra: Vec<String> = shared_ram_args(512);
     let mut daemon: Option<Reaped> = None;
     if v == Variant::QemuVhost {
         // A UNIX socket needs a file system that has them: L1's /tmp.
