@@ -169,7 +169,7 @@ pub fn run_nested(env: &Env, cmd: &[String], opts: &NestedOptions) -> Result<Job
         extra_args: extra,
         timeout: opts.timeout,
         log: None,
-        early_end_retries: 1,
+        lost_guest_retries: 1,
     };
     run_job(env, &spec, &ropts)
 }
