@@ -254,6 +254,9 @@ mod tests {
                 console: String::new(),
             })
         };
-        assert!(!lost(&done()), "a job that ended (even failing) is not lost");
+        assert!(
+            !lost(&done()),
+            "a job that ended (even failing) is not lost"
+        );
     }
 }
