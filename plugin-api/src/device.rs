@@ -122,7 +122,9 @@ pub trait Device: Send + 'static {
     /// - its effect is work the device does on its own afterwards, never
     ///   a value the guest reads back at once;
     /// - several of them may be delivered as one (the host coalesces
-    ///   doorbells rung before the device took the first);
+    ///   doorbells rung before the device took the first), and one may be
+    ///   delivered that the guest did not ring (hosts ring each once when
+    ///   they place it, so that none is lost across a restart);
     /// - it may be applied after later accesses of the guest (each
     ///   doorbell is applied after every access the guest made before it,
     ///   but an access made after it may overtake it).

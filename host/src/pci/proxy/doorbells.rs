@@ -3,6 +3,10 @@
 //! thread, with no exit to the VMM (`channel::ring::DoorbellKey`,
 //! `plugin_api::Device::doorbells`).
 //!
+//! A doorbell is rung once whenever it is registered, so that a guest
+//! write swallowed by a registration that went away (a remote that died
+//! and was replaced) still reaches the device.
+//!
 //! Each doorbell is registered at its BAR's current guest address while
 //! the guest has the BAR placed and decoding on, and moved or dropped at
 //! once when a configuration write changes that: an ioeventfd left at an
@@ -93,7 +97,17 @@ impl Doorbells {
             unregister(&self.vm, b);
             if let Some(addr) = want {
                 match register(&self.vm, &b.fd, &addr, &b.key) {
-                    Ok(()) => b.at = Some(addr),
+                    Ok(()) => {
+                        b.at = Some(addr);
+                        // Rung once now: a ring the guest made while this
+                        // doorbell was nowhere (a restarted remote's old
+                        // eventfd swallowed it) is not lost. A doorbell
+                        // only asks the device to look for work, so an
+                        // extra one costs a look.
+                        if let Err(e) = b.fd.write(1) {
+                            tracing::warn!("doorbell eventfd: {e}");
+                        }
+                    }
                     // The write then exits to the VMM and goes through the
                     // ring as any other: slower, never lost.
                     Err(e) => tracing::warn!(
