@@ -77,7 +77,10 @@ const OFF_SLOTS: usize = 512;
 const SLOT_BYTES: usize = 32;
 const OFF_MIRRORS: usize = OFF_SLOTS + SLOTS as usize * SLOT_BYTES;
 const MIRROR_BYTES: usize = 16;
-const _: () = assert!(OFF_MIRRORS + MAX_MIRRORS * MIRROR_BYTES <= RING_BYTES);
+const _: () = assert!(OFF_MIRRORS + MAX_MIRRORS * MIRROR_BYTES <= OFF_RUNG);
+/// Doorbells the device took (written by the remote, read by the VMM's
+/// checkpoints as device activity the VMM never sees).
+const OFF_RUNG: usize = 2048;
 // Mirror fields (offsets in an entry).
 const M_KEY: usize = 0; // bar | len << 8
 const M_OFF_LO: usize = 4;
@@ -282,7 +285,7 @@ pub struct RingFds {
 
 /// The VMM's end.
 pub struct RingClient {
-    page: Page,
+    page: std::sync::Arc<Page>,
     kick: OwnedFd,
     reply: OwnedFd,
     head: u32,
@@ -362,7 +365,7 @@ pub fn create(timeout: Duration, poll: Duration) -> Result<(RingClient, RingFds)
     };
     Ok((
         RingClient {
-            page,
+            page: std::sync::Arc::new(page),
             kick,
             reply,
             head: 0,
@@ -376,7 +379,29 @@ pub fn create(timeout: Duration, poll: Duration) -> Result<(RingClient, RingFds)
     ))
 }
 
+/// The count of doorbells the remote's device took, readable from any
+/// thread of the VMM ([`RingClient::doorbells_taken`]).
+#[derive(Clone)]
+pub struct DoorbellsTaken {
+    page: std::sync::Arc<Page>,
+}
+
+impl DoorbellsTaken {
+    /// The count (the remote's word: a value only, never trusted for more
+    /// than its own device's checkpoints).
+    pub fn load(&self) -> u64 {
+        u64::from(self.page.word(OFF_RUNG).load(Ordering::SeqCst))
+    }
+}
+
 impl RingClient {
+    /// The count of doorbells the device took, as the remote keeps it.
+    pub fn doorbells_taken(&self) -> DoorbellsTaken {
+        DoorbellsTaken {
+            page: self.page.clone(),
+        }
+    }
+
     /// `tail`, checked: it may never run past what was published.
     fn tail(&self) -> Result<u32, RingError> {
         let tail = self.page.word(OFF_TAIL).load(Ordering::SeqCst);
@@ -786,10 +811,17 @@ impl RingServer {
         }
         for k in &rung {
             let mut v = k.value.to_le_bytes();
-            if !device(Access::Write, k.bar, k.offset, &mut v[..usize::from(k.len)]) {
+            // Counted before it reaches the device (as the VMM counts an
+            // access), taken back if the device refuses it: a save the
+            // VMM asked for at the old count is then not current.
+            let count = self.page.word(OFF_RUNG);
+            count.fetch_add(1, Ordering::SeqCst);
+            if device(Access::Write, k.bar, k.offset, &mut v[..usize::from(k.len)]) {
+                self.rung.fetch_add(1, Ordering::Relaxed);
+            } else {
+                count.fetch_sub(1, Ordering::SeqCst);
                 tracing::debug!("access ring: the device refused a doorbell");
             }
-            self.rung.fetch_add(1, Ordering::Relaxed);
         }
         self.refresh(device);
         !rung.is_empty()

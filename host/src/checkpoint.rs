@@ -3,7 +3,8 @@
 //!
 //! A state is saved only when the device has gone a whole heartbeat
 //! period without the guest reaching it (an access on the socket or the
-//! ring, a configuration write: the proxy's activity counter), after
+//! ring, a configuration write: the proxy's activity counter; a doorbell
+//! the remote's device took: the ring's count), after
 //! activity since the last save; and it is used only while the counter
 //! still shows the count it was saved at. So a restored device has seen
 //! every access the guest made: a crash while the guest left the device
@@ -17,9 +18,34 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// How much the guest has done to a device: the accesses its proxy let
+/// through, plus the doorbells its remote took (writes KVM delivers
+/// without the VMM, counted by the remote in the ring's page).
+#[derive(Clone)]
+pub struct Activity {
+    pub accesses: Arc<AtomicU64>,
+    pub doorbells: Option<channel::ring::DoorbellsTaken>,
+}
+
+impl Activity {
+    fn load(&self) -> u64 {
+        let d = self.doorbells.as_ref().map_or(0, |d| d.load());
+        self.accesses.load(Ordering::Acquire).wrapping_add(d)
+    }
+}
+
+impl From<Arc<AtomicU64>> for Activity {
+    fn from(accesses: Arc<AtomicU64>) -> Self {
+        Activity {
+            accesses,
+            doorbells: None,
+        }
+    }
+}
+
 struct Entry {
-    /// The proxy's count of accesses that reached the device.
-    activity: Arc<AtomicU64>,
+    /// What the guest has done to the device.
+    activity: Activity,
     /// The count at the previous look (a heartbeat ago).
     seen: u64,
     /// The last state saved, and the count it was saved at.
@@ -44,8 +70,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Checkpoints {
     /// Follows device `id`, whose proxy counts its accesses in `activity`.
-    pub fn track(&self, id: &str, activity: Arc<AtomicU64>) {
-        let seen = activity.load(Ordering::Acquire).wrapping_sub(1);
+    pub fn track(&self, id: &str, activity: impl Into<Activity>) {
+        let activity = activity.into();
+        let seen = activity.load().wrapping_sub(1);
         lock(&self.devices).insert(
             id.to_owned(),
             Entry {
@@ -67,7 +94,7 @@ impl Checkpoints {
     pub fn due(&self) -> Vec<(String, u64)> {
         let mut due = Vec::new();
         for (id, e) in lock(&self.devices).iter_mut() {
-            let now = e.activity.load(Ordering::Acquire);
+            let now = e.activity.load();
             let idle = now == e.seen;
             e.seen = now;
             let saved_here =
@@ -83,7 +110,7 @@ impl Checkpoints {
     /// `count`, unless the guest reached the device meanwhile.
     pub fn record(&self, id: &str, count: u64, state: Option<Vec<u8>>) {
         if let Some(e) = lock(&self.devices).get_mut(id) {
-            if e.activity.load(Ordering::Acquire) == count {
+            if e.activity.load() == count {
                 match state {
                     Some(state) => {
                         e.saved = Some((count, state));
@@ -101,7 +128,7 @@ impl Checkpoints {
         let devices = lock(&self.devices);
         let e = devices.get(id)?;
         match &e.saved {
-            Some((at, state)) if *at == e.activity.load(Ordering::Acquire) => Some(state.clone()),
+            Some((at, state)) if *at == e.activity.load() => Some(state.clone()),
             _ => None,
         }
     }
@@ -111,9 +138,7 @@ impl Checkpoints {
         let devices = lock(&self.devices);
         devices
             .iter()
-            .filter(|(_, e)| {
-                matches!(&e.saved, Some((at, _)) if *at == e.activity.load(Ordering::Acquire))
-            })
+            .filter(|(_, e)| matches!(&e.saved, Some((at, _)) if *at == e.activity.load()))
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -121,7 +146,7 @@ impl Checkpoints {
     /// A device just restored with `state`: that is its save, as of now.
     pub fn seed(&self, id: &str, state: Vec<u8>) {
         if let Some(e) = lock(&self.devices).get_mut(id) {
-            let now = e.activity.load(Ordering::Acquire);
+            let now = e.activity.load();
             e.seen = now;
             e.saved = Some((now, state));
         }

@@ -270,7 +270,7 @@ impl Remote {
         &self,
         id: &str,
         socket_fd: Option<std::os::fd::RawFd>,
-        activity: Arc<std::sync::atomic::AtomicU64>,
+        activity: impl Into<crate::checkpoint::Activity>,
     ) {
         if let Some(cp) = &self.checkpoints {
             cp.track(id, activity);

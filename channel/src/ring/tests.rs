@@ -476,8 +476,14 @@ fn a_doorbell_is_delivered_after_the_accesses_before_it() {
         len: 2,
         value: 0x5a,
     };
-    server.set_doorbells(vec![(bell, key)]);
+    // A second doorbell the device refuses (BAR 2): never counted.
+    let refused = eventfd().unwrap();
+    // SAFETY: dup of an eventfd this test owns; the copy is owned here.
+    let refused_ours = unsafe { OwnedFd::from_raw_fd(libc::dup(refused.as_raw_fd())) };
+    let refused_key = DoorbellKey { bar: 2, ..key };
+    server.set_doorbells(vec![(bell, key), (refused, refused_key)]);
     let rung = server.doorbells_rung();
+    let taken = client.doorbells_taken();
     let t = serve_with(server, regs.clone(), stop.clone());
     for round in 0..50u32 {
         // A posted write, then the doorbell as KVM rings it: the write is
@@ -492,6 +498,7 @@ fn a_doorbell_is_delivered_after_the_accesses_before_it() {
     }
     // Rings before the server looks may be one delivery; never fewer
     // than one after the last.
+    signal(refused_ours.as_fd());
     signal(ours.as_fd());
     signal(ours.as_fd());
     let mut b = [0u8; 4];
@@ -510,4 +517,9 @@ fn a_doorbell_is_delivered_after_the_accesses_before_it() {
         assert_eq!(writes[w + 1], (12, 0x5a), "round {round}: {writes:?}");
     }
     assert!(rung.load(Ordering::Relaxed) >= 51);
+    assert_eq!(
+        taken.load(),
+        rung.load(Ordering::Relaxed),
+        "the VMM sees the doorbells the device took, not the one it refused"
+    );
 }

@@ -119,6 +119,9 @@ impl Monitor {
             .ok_or_else(|| format!("`{device}` is no longer on the bus"))?;
         let spec = self.spec_of(device, remote_id, slot)?;
         self.bus.pci.hold_without_retry(&[slot], RECOVERY_HOLD);
+        // Its doorbells stop reaching the failed instance: the guest's
+        // notifies exit and wait for the new one.
+        self.bus.pci.with_function(slot, |d| d.release_doorbells());
         let _release = Released(&self.bus.pci, vec![slot]);
         // Posted writes the failed device refused (the one that broke it
         // among them) never reached it: its idle save may still be current.

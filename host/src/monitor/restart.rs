@@ -60,6 +60,12 @@ impl Monitor {
         // (bounded), instead of reading all-ones.
         let held = self.slots_of(id);
         self.bus.pci.hold(&held, super::recovery::RECOVERY_HOLD);
+        // Doorbells too: from here on a queue notify exits to the VMM and
+        // waits with the other accesses, instead of reaching the old
+        // process after its state was saved.
+        for slot in &held {
+            self.bus.pci.with_function(*slot, |d| d.release_doorbells());
+        }
         let _release = super::recovery::Released(&self.bus.pci, held);
         // A remote that still answers keeps its devices' state across the
         // restart: the guest's accesses stop reaching it first (they read

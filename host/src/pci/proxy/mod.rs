@@ -258,9 +258,17 @@ impl ProxyFunction {
         }
     }
 
-    /// The count of accesses that reached the device.
-    pub fn activity(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        self.activity.clone()
+    /// What the guest has done to the device: the accesses that reached
+    /// it, and (on the ring) the doorbells it took.
+    pub fn activity(&self) -> crate::checkpoint::Activity {
+        crate::checkpoint::Activity {
+            accesses: self.activity.clone(),
+            doorbells: self
+                .ring
+                .as_ref()
+                .filter(|_| self.doorbells.is_some())
+                .map(channel::ring::RingClient::doorbells_taken),
+        }
     }
 
     fn reached(&self) {
