@@ -170,6 +170,13 @@ fn virtio_blk_plugin_remote_and_in_process_behind_our_vmm() {
                 "{name}: queue notifications exited to the VMM instead of ringing the remote's doorbells:\n{}",
                 l1.output
             );
+            let rung = doorbells_taken(&l1.output, name);
+            eprintln!("host_virtio_blk: {name}: doorbells the device took: {rung}");
+            assert!(
+                rung > 10,
+                "{name}: the remote's device took too few doorbells ({rung}):\n{}",
+                l1.output
+            );
         } else {
             assert!(
                 notifies > 10,
@@ -204,6 +211,24 @@ fn notify_writes(l1_output: &str, name: &str) -> u64 {
             (0x3000..0x3040).contains(&offset).then_some(writes)
         })
         .sum()
+}
+
+/// The doorbells vd0's remote counted for the run `name` (its
+/// `host-stats` device line, before `name-EXIT=`).
+fn doorbells_taken(l1_output: &str, name: &str) -> u64 {
+    let end = l1_output
+        .find(&format!("{name}-EXIT="))
+        .unwrap_or(l1_output.len());
+    l1_output[..end]
+        .lines()
+        .filter(|l| l.contains("host-stats: device=vd0 bar_reads="))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("doorbells="))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .next_back()
+        .unwrap_or(0)
 }
 
 /// The interrupts a `/proc/interrupts` line named `name` counts (all

@@ -246,6 +246,11 @@ impl ProxyFunction {
         self.doorbells = Some(d);
     }
 
+    /// Doorbells the device took, as its remote counts them (0 without).
+    fn doorbells_taken(&self) -> u64 {
+        self.activity().doorbells.map_or(0, |d| d.load())
+    }
+
     /// How many doorbells KVM delivers for this function.
     pub fn doorbell_count(&self) -> usize {
         self.doorbells.as_ref().map_or(0, doorbells::Doorbells::len)
@@ -573,6 +578,9 @@ impl PciDevice for ProxyFunction {
     fn stats(&self) -> Option<serde_json::Value> {
         let mut v = self.stats.to_json();
         v["placement"] = "remote".into();
+        // Writes KVM delivered to the remote without the VMM, as the
+        // remote counts them.
+        v["doorbells"] = self.doorbells_taken().into();
         Some(v)
     }
 
@@ -593,8 +601,8 @@ impl PciDevice for ProxyFunction {
         let posted_failures = self.transport.close(healthy);
         if std::env::var_os("HOST_STATS").is_some() {
             eprintln!(
-                "host-stats: device={} bar_reads={reads} bar_read_mean_us={avg:.1} bar_writes={writes} config_reads={} config_writes={} posted_failures={posted_failures}",
-                self.id, s.config_reads, s.config_writes
+                "host-stats: device={} bar_reads={reads} bar_read_mean_us={avg:.1} bar_writes={writes} config_reads={} config_writes={} posted_failures={posted_failures} doorbells={}",
+                self.id, s.config_reads, s.config_writes, self.doorbells_taken()
             );
             for l in s.register_lines(&self.id) {
                 eprintln!("{l}");
