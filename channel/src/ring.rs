@@ -379,8 +379,9 @@ pub fn create(timeout: Duration, poll: Duration) -> Result<(RingClient, RingFds)
     ))
 }
 
-/// The count of doorbells the remote's device took, readable from any
-/// thread of the VMM ([`RingClient::doorbells_taken`]).
+/// The count of doorbells the remote's device took, kept in the ring's
+/// page: readable from any thread of either end
+/// ([`RingClient::doorbells_taken`], [`RingServer::doorbells_taken`]).
 #[derive(Clone)]
 pub struct DoorbellsTaken {
     page: std::sync::Arc<Page>,
@@ -644,8 +645,6 @@ pub struct RingServer {
     /// Doorbells: eventfds KVM signals when the guest writes their value
     /// ([`RingServer::set_doorbells`]).
     doorbells: Vec<(OwnedFd, DoorbellKey)>,
-    /// Doorbells delivered to the device.
-    rung: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A doorbell: the guest writing `value` (`len` bytes) at `offset` of BAR
@@ -756,7 +755,6 @@ impl RingServer {
             mirrors: Vec::new(),
             dozing: false,
             doorbells: Vec::new(),
-            rung: Default::default(),
         })
     }
 
@@ -767,9 +765,12 @@ impl RingServer {
         self.doorbells = doorbells;
     }
 
-    /// The count of doorbells delivered to the device.
-    pub fn doorbells_rung(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
-        self.rung.clone()
+    /// The count of doorbells the device took: the page's word the VMM
+    /// reads too ([`RingClient::doorbells_taken`]).
+    pub fn doorbells_taken(&self) -> DoorbellsTaken {
+        DoorbellsTaken {
+            page: self.page.clone(),
+        }
     }
 
     /// Whether a doorbell's eventfd is signalled (one `poll`).
@@ -816,9 +817,7 @@ impl RingServer {
             // VMM asked for at the old count is then not current.
             let count = self.page.word(OFF_RUNG);
             count.fetch_add(1, Ordering::SeqCst);
-            if device(Access::Write, k.bar, k.offset, &mut v[..usize::from(k.len)]) {
-                self.rung.fetch_add(1, Ordering::Relaxed);
-            } else {
+            if !device(Access::Write, k.bar, k.offset, &mut v[..usize::from(k.len)]) {
                 count.fetch_sub(1, Ordering::SeqCst);
                 tracing::debug!("access ring: the device refused a doorbell");
             }

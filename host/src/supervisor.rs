@@ -203,12 +203,7 @@ impl Remote {
         let bells = self.doorbell_eventfds(id);
         let keyed: Vec<(channel::ring::DoorbellKey, std::os::fd::BorrowedFd<'_>)> = bells
             .iter()
-            .map(|(k, e)| {
-                // SAFETY: `bells` owns the eventfd and outlives `keyed`.
-                (*k, unsafe {
-                    std::os::fd::BorrowedFd::borrow_raw(e.as_raw_fd())
-                })
-            })
+            .map(|(k, e)| (*k, crate::pci::proxy::borrow(e)))
             .collect();
         match self.with_control(|c| c.ring_setup(id, &fds, &keyed)) {
             Ok(()) => {

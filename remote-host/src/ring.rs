@@ -40,7 +40,7 @@ pub fn start(
 ) -> Result<RingThread, String> {
     let mut server = RingServer::new(fds, poll).map_err(|e| e.to_string())?;
     server.set_doorbells(doorbells);
-    let rung = server.doorbells_rung();
+    let taken = server.doorbells_taken();
     let (mirrors, refused) = dev.function().mirrored_reads();
     for why in refused {
         tracing::warn!(device = %dev.id, "{why}");
@@ -80,7 +80,7 @@ pub fn start(
             );
             tracing::info!(
                 device = %dev.id,
-                doorbells_rung = rung.load(Ordering::Relaxed),
+                doorbells_taken = taken.load(),
                 "access ring stopped"
             );
         })

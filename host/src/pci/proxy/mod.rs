@@ -85,7 +85,8 @@ pub struct ProxyFunction {
     doorbells: Option<doorbells::Doorbells>,
 }
 
-fn borrow(e: &EventFd) -> BorrowedFd<'_> {
+/// An eventfd as the borrowed fd the channels take.
+pub(crate) fn borrow(e: &EventFd) -> BorrowedFd<'_> {
     // SAFETY: the eventfd is open for as long as `e`, which the borrow
     // cannot outlive.
     unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
