@@ -91,15 +91,16 @@ class Events:
             self.seen.append(ev)
 
 
-async def start_vm(client_name):
-    """Starts `host run CONFIG --qmp SOCK` and connects to its monitor.
-    Returns (host process, QMP client, say) where say(line) types a line
-    on the guest's console input."""
+async def start_vm(client_name, config=CONFIG, extra=()):
+    """Starts `host run CONFIG --qmp SOCK` (`config` and `extra` arguments
+    if given) and connects to its monitor. Returns (host process, QMP
+    client, say) where say(line) types a line on the guest's console
+    input."""
     host = subprocess.Popen(
-        [HOST, "run", CONFIG, "--qmp", SOCK],
+        [HOST, "run", config, "--qmp", SOCK, *extra],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
-        stderr=open(CONFIG + ".host-stderr", "w"),
+        stderr=open(config + ".host-stderr", "w"),
         env=dict(os.environ, HOST_STATS="1"),
     )
     _host_procs.append(host)

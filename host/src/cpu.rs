@@ -104,11 +104,20 @@ pub struct PowerOn {
 const MSRS_NOT_RESET: [u32; 3] = [0x10, 0x11, 0x4b56_4d00];
 
 fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Vec<kvm_msr_entry> {
+    read_msrs_except(vcpu, indices, &MSRS_NOT_RESET)
+}
+
+/// Every MSR of `indices` but `except` that KVM lets us read.
+pub(crate) fn read_msrs_except(
+    vcpu: &VcpuFd,
+    indices: &[u32],
+    except: &[u32],
+) -> Vec<kvm_msr_entry> {
     let mut out = Vec::new();
     let mut rest: Vec<u32> = indices
         .iter()
         .copied()
-        .filter(|i| !MSRS_NOT_RESET.contains(i))
+        .filter(|i| !except.contains(i))
         .collect();
     while !rest.is_empty() {
         let chunk: Vec<kvm_msr_entry> = rest
@@ -133,7 +142,7 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Vec<kvm_msr_entry> {
 }
 
 /// Writes `entries`, skipping any KVM refuses; returns how many it refused.
-fn write_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> usize {
+pub(crate) fn write_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> usize {
     let mut refused = 0;
     let mut rest = entries;
     while !rest.is_empty() {

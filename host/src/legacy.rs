@@ -36,6 +36,16 @@ fn civil(days: i64) -> (i64, u64, u64) {
 }
 
 impl Cmos {
+    /// The index register (the clock itself is the host's).
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Sets the index register (a restored snapshot).
+    pub fn set_index(&mut self, index: u8) {
+        self.index = index;
+    }
+
     pub fn read(&mut self, port: u16) -> u8 {
         if port == CMOS_PORT {
             return self.index;
@@ -90,7 +100,31 @@ impl std::fmt::Debug for Ps2Controller {
     }
 }
 
+/// What a snapshot keeps of the i8042.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Ps2State {
+    out: Vec<u8>,
+    ctr: u8,
+    write_ctr: bool,
+}
+
 impl Ps2Controller {
+    /// Its registers and queued bytes.
+    pub fn state(&self) -> Ps2State {
+        Ps2State {
+            out: self.out.iter().copied().collect(),
+            ctr: self.ctr,
+            write_ctr: self.write_ctr,
+        }
+    }
+
+    /// Puts `s` back (at most 16 queued bytes are kept).
+    pub fn set_state(&mut self, s: &Ps2State) {
+        self.out = s.out.iter().copied().take(16).collect();
+        self.ctr = s.ctr;
+        self.write_ctr = s.write_ctr;
+    }
+
     pub fn new(reset: I8042) -> Self {
         Ps2Controller {
             reset,

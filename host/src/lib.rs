@@ -18,5 +18,6 @@ pub mod pci;
 pub mod remote;
 pub mod reset;
 pub mod serial;
+pub mod snapshot;
 pub mod supervisor;
 pub mod vm;

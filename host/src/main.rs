@@ -34,6 +34,11 @@ enum Cmd {
         /// config's `[vm] qmp`); see docs/qmp.md.
         #[arg(long, value_name = "PATH")]
         qmp: Option<PathBuf>,
+        /// Start from a migration stream instead of booting: `file:PATH`,
+        /// a snapshot QMP `migrate` wrote from a VM of the same config
+        /// (docs/migration.md).
+        #[arg(long, value_name = "URI", value_parser = host::monitor::migration::MigrationUri::parse)]
+        incoming: Option<host::monitor::migration::MigrationUri>,
     },
 }
 
@@ -66,7 +71,8 @@ fn main() {
             config,
             remote_fd,
             qmp,
-        } => match host::vm::run(&config, &remote_fd, qmp.as_deref()) {
+            incoming,
+        } => match host::vm::run(&config, &remote_fd, qmp.as_deref(), incoming.as_ref()) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("host: {e:#}");

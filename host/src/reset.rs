@@ -59,16 +59,18 @@ pub struct Vcpu {
     pub thread: Option<JoinHandle<()>>,
 }
 
-/// The PIC, IOAPIC and PIT as KVM created them.
-pub struct IrqchipPowerOn {
+/// The PIC, IOAPIC and PIT: as KVM created them (the machine's power-on
+/// state, read right after KVM_CREATE_IRQCHIP and KVM_CREATE_PIT2, before
+/// anything ran: all IOAPIC entries masked, the PICs uninitialized, the
+/// PIT counters idle), or as a snapshot found them.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct IrqchipState {
     chips: Vec<kvm_irqchip>,
     pit: kvm_pit_state2,
 }
 
-impl IrqchipPowerOn {
-    /// Reads the power-on state; call right after KVM_CREATE_IRQCHIP and
-    /// KVM_CREATE_PIT2, before anything ran (all IOAPIC entries masked, the
-    /// PICs uninitialized, the PIT counters idle).
+impl IrqchipState {
+    /// Reads the state KVM holds now.
     pub fn read(vm: &VmFd) -> Result<Self> {
         let mut chips = Vec::new();
         for id in [
@@ -84,10 +86,11 @@ impl IrqchipPowerOn {
             chips.push(c);
         }
         let pit = vm.get_pit2().context("KVM_GET_PIT2")?;
-        Ok(IrqchipPowerOn { chips, pit })
+        Ok(IrqchipState { chips, pit })
     }
 
-    fn restore(&self, vm: &VmFd) -> Result<()> {
+    /// Puts this state into KVM.
+    pub fn restore(&self, vm: &VmFd) -> Result<()> {
         for c in &self.chips {
             vm.set_irqchip(c).context("KVM_SET_IRQCHIP")?;
         }
@@ -104,17 +107,23 @@ pub struct Machine {
     pub exit: Arc<ExitSignal>,
     pub gate: Arc<Gate>,
     pub vcpus: Vec<Vcpu>,
-    pub irqchip: IrqchipPowerOn,
+    pub irqchip: IrqchipState,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub pci_irqs: Vec<PciIrq>,
+    /// The operator stopped the vCPUs (QMP `stop`, a migration): a reset
+    /// meanwhile leaves them stopped.
+    pub held: std::sync::atomic::AtomicBool,
+    /// Serialises resets, stops and resumes.
+    pub control: Mutex<()>,
 }
 
 impl Machine {
     /// Resets the machine and lets the guest boot again. On an error the
     /// vCPUs stay held (the caller ends the VM).
     pub fn reset(&self) -> Result<()> {
+        let _one = self.control.lock().unwrap_or_else(|e| e.into_inner());
         self.pause(PAUSE_TIMEOUT)?;
         self.bus
             .pci
@@ -141,8 +150,56 @@ impl Machine {
         // The reason that caused this reset is gone; one that came
         // meanwhile (quit, a dead remote) stays and ends the VM at once.
         self.exit.rearm();
-        self.gate.open();
+        if !self.held.load(std::sync::atomic::Ordering::SeqCst) {
+            self.gate.open();
+        }
         Ok(())
+    }
+
+    /// Stops the vCPUs until [`resume`](Self::resume) (QMP `stop`).
+    /// Returns whether they were running.
+    pub fn hold(&self) -> Result<bool> {
+        let _one = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let was = !self.held.swap(true, std::sync::atomic::Ordering::SeqCst);
+        if let Err(e) = self.pause(PAUSE_TIMEOUT) {
+            if was {
+                self.held.store(false, std::sync::atomic::Ordering::SeqCst);
+                self.gate.open();
+            }
+            return Err(e);
+        }
+        Ok(was)
+    }
+
+    /// Lets stopped vCPUs run again (QMP `cont`); returns whether they
+    /// were stopped.
+    pub fn resume(&self) -> bool {
+        let _one = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let was = self.held.swap(false, std::sync::atomic::Ordering::SeqCst);
+        if was {
+            self.gate.open();
+        }
+        was
+    }
+
+    /// Whether the operator holds the vCPUs.
+    pub fn is_held(&self) -> bool {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The parts a snapshot reads (call with the vCPUs held).
+    pub fn parts(
+        &self,
+        remotes: Vec<Arc<crate::supervisor::Remote>>,
+    ) -> crate::snapshot::Parts<'_> {
+        crate::snapshot::Parts {
+            vm: &self.vm,
+            ram: &self.ram,
+            bus: &self.bus,
+            exit: &self.exit,
+            vcpus: self.vcpus.iter().map(|v| v.fd.clone()).collect(),
+            remotes,
+        }
     }
 
     /// Holds every vCPU out of KVM_RUN: asks them to park and kicks the

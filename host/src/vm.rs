@@ -20,6 +20,7 @@ use crate::crash::CrashRecord;
 use crate::exit::{exit_code, restart_cause, ExitReason, ExitSignal};
 use crate::legacy::{Cmos, Ps2Controller};
 use crate::memory::GuestRam;
+use crate::monitor::migration::MigrationUri;
 use crate::monitor::{self, Monitor};
 use crate::mptable::PciIrq;
 use crate::pci::inprocess::InProcessFunction;
@@ -70,6 +71,16 @@ fn lock_processes(p: &remote::Processes) -> std::sync::MutexGuard<'_, Vec<Remote
     p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Reads the machine from a migration stream (the vCPUs not started).
+fn incoming_restore(parts: &crate::snapshot::Parts, uri: &MigrationUri) -> Result<()> {
+    match uri {
+        MigrationUri::File(path) => {
+            let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            crate::snapshot::restore(parts, &mut std::io::BufReader::with_capacity(1 << 20, f))
+        }
+    }
+}
+
 /// Boot timing, printed with `HOST_STATS`.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -86,7 +97,14 @@ const CRASH_PAUSE: Duration = Duration::from_secs(3);
 /// to use for those remotes instead of spawning or connecting
 /// (`--remote-fd`).
 /// `qmp`: the monitor socket (`--qmp`), overriding `[vm] qmp`.
-pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>) -> Result<i32> {
+/// `incoming`: a migration stream to start from (`--incoming`) instead
+/// of booting the kernel.
+pub fn run(
+    config_path: &Path,
+    remote_fds: &[(String, i32)],
+    qmp: Option<&Path>,
+    incoming: Option<&MigrationUri>,
+) -> Result<i32> {
     let t0 = Instant::now();
     // The config error already names file, line and column (and its cause).
     let cfg = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -142,7 +160,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         ..Default::default()
     })
     .context("KVM_CREATE_PIT2")?;
-    let irqchip = reset::IrqchipPowerOn::read(&vm)?;
+    let irqchip = reset::IrqchipState::read(&vm)?;
 
     let exit = Arc::new(ExitSignal::default());
     let sink: Box<dyn Write + Send> = match &vm_cfg.console_log {
@@ -288,6 +306,20 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
             thread: None,
         });
     }
+    if let Some(uri) = incoming {
+        let t = Instant::now();
+        let parts = crate::snapshot::Parts {
+            vm: &vm,
+            ram: &ram,
+            bus: &bus,
+            exit: &exit,
+            vcpus: vcpu_list.iter().map(|v| v.fd.clone()).collect(),
+            remotes: supervised.clone(),
+        };
+        incoming_restore(&parts, uri).with_context(|| format!("--incoming {uri}"))?;
+        tracing::info!("restored from {uri} in {:?}", t.elapsed());
+        events.emit("RESUME", serde_json::json!({}));
+    }
     reset::install_kick_handler()?;
     let gate = Arc::new(cpu::Gate::default());
     let crash = Arc::new(CrashRecord::new(usize::from(vcpus)));
@@ -320,7 +352,10 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         initrd: vm_cfg.initrd.clone(),
         cmdline,
         pci_irqs,
+        held: std::sync::atomic::AtomicBool::new(false),
+        control: Mutex::new(()),
     };
+    let machine = Arc::new(machine);
 
     crate::serial::spawn_stdin_forwarder(bus.clone());
     crate::serial::spawn_lost_irq_guard(bus.clone());
@@ -346,6 +381,7 @@ pub fn run(config_path: &Path, remote_fds: &[(String, i32)], qmp: Option<&Path>)
         events.clone(),
         plugin_dirs.clone(),
     ));
+    monitor.set_machine(machine.clone());
     monitor.arm_recovery();
     monitor.arm_hotplug();
     monitor.arm_device_recovery();

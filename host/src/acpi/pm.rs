@@ -64,7 +64,45 @@ pub struct PowerManagement {
     exit: Arc<ExitSignal>,
 }
 
+/// What a snapshot keeps of the fixed hardware: the guest's enables and
+/// the events not yet taken. The PM timer starts again from the restore.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PmState {
+    sts: u16,
+    en: u16,
+    cnt: u16,
+    gpe_sts: u16,
+    gpe_en: u16,
+    pci_up: u32,
+    pci_down: u32,
+}
+
 impl PowerManagement {
+    /// The registers.
+    pub fn state(&self) -> PmState {
+        PmState {
+            sts: self.sts,
+            en: self.en,
+            cnt: self.cnt,
+            gpe_sts: self.gpe_sts,
+            gpe_en: self.gpe_en,
+            pci_up: self.pci_up,
+            pci_down: self.pci_down,
+        }
+    }
+
+    /// Puts the registers back, and the SCI level they imply.
+    pub fn set_state(&mut self, s: &PmState) {
+        self.sts = s.sts;
+        self.en = s.en;
+        self.cnt = s.cnt;
+        self.gpe_sts = s.gpe_sts;
+        self.gpe_en = s.gpe_en;
+        self.pci_up = s.pci_up;
+        self.pci_down = s.pci_down;
+        self.update_sci();
+    }
+
     pub fn new(exit: Arc<ExitSignal>, sci: SciLine) -> Self {
         PowerManagement {
             sts: 0,

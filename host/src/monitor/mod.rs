@@ -14,6 +14,7 @@
 mod device_recovery;
 mod devices;
 mod drives;
+pub mod migration;
 mod pcihp;
 mod recovery;
 mod restart;
@@ -95,6 +96,10 @@ pub struct Monitor {
     restarts: Mutex<BTreeMap<String, Vec<std::time::Instant>>>,
     /// `device_del` requests the guest has not answered yet: slot -> id.
     unplugging: Mutex<BTreeMap<u8, String>>,
+    /// The vCPUs and the rest a snapshot reads (`stop`, `migrate`), set
+    /// once the machine is built ([`Monitor::set_machine`]).
+    machine: std::sync::OnceLock<Arc<crate::reset::Machine>>,
+    migration: migration::Migration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -116,6 +121,11 @@ const COMMANDS: &[&str] = &[
     "query-block",
     "remote-restart",
     "query-device-stats",
+    "stop",
+    "cont",
+    "migrate",
+    "migrate_cancel",
+    "query-migrate",
 ];
 
 /// The hook that turns a function failure into a `DEVICE_FAILED` event.
@@ -160,7 +170,15 @@ impl Monitor {
             this: std::sync::OnceLock::new(),
             restarts: Mutex::new(BTreeMap::new()),
             unplugging: Mutex::new(BTreeMap::new()),
+            machine: std::sync::OnceLock::new(),
+            migration: migration::Migration::default(),
         }
+    }
+
+    /// Hands the monitor the machine (its vCPUs), for `stop`, `cont` and
+    /// `migrate`.
+    pub fn set_machine(&self, m: Arc<crate::reset::Machine>) {
+        let _ = self.machine.set(m);
     }
 
     fn remote(&self, id: &str) -> Result<Arc<Remote>, QmpError> {
@@ -177,8 +195,19 @@ impl Monitor {
     }
 
     fn query_status(&self) -> Value {
-        let running = !self.exit.is_set();
-        json!({"status": if running { "running" } else { "shutdown" }, "running": running})
+        if self.exit.is_set() {
+            return json!({"status": "shutdown", "running": false});
+        }
+        if self.machine.get().is_some_and(|m| m.is_held()) {
+            // QEMU's names: stopped after a completed migration, or by `stop`.
+            let status = if self.migration_completed() {
+                "postmigrate"
+            } else {
+                "paused"
+            };
+            return json!({"status": status, "running": false});
+        }
+        json!({"status": "running", "running": true})
     }
 
     /// Each function's access counters by register (all functions, or
@@ -343,6 +372,11 @@ impl Commands for Monitor {
                 args.allow_only(&["id"])?;
                 self.query_device_stats(args.opt_str("id")?)
             }
+            "stop" => self.stop(args),
+            "cont" => self.cont(args),
+            "migrate" => self.migrate(args),
+            "migrate_cancel" => self.migrate_cancel(args),
+            "query-migrate" => self.query_migrate(args),
             _ => Err(QmpError::command_not_found(name)),
         }
     }

@@ -231,6 +231,18 @@ impl PciDevice for InProcessFunction {
         Some(v)
     }
 
+    fn save_state(&mut self) -> Option<std::result::Result<Vec<u8>, String>> {
+        Some(self.func.save_state().map_err(|e| e.message.into_string()))
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Option<std::result::Result<(), String>> {
+        Some(
+            self.func
+                .restore_state(state)
+                .map_err(|e| e.message.into_string()),
+        )
+    }
+
     fn shutdown(&mut self) {
         if std::env::var_os("HOST_STATS").is_some() {
             let (reads, _, writes) = self.stats.totals();

@@ -75,4 +75,15 @@ pub trait PciDevice: Send {
     /// Drops the function's KVM ioeventfds (it is being replaced, and its
     /// successor registers the same addresses).
     fn release_doorbells(&mut self) {}
+    /// The device's state for a snapshot, when its device runs in this
+    /// process (`None`: a remote's devices are saved over its control
+    /// channel). Called with the vCPUs held.
+    fn save_state(&mut self) -> Option<std::result::Result<Vec<u8>, String>> {
+        None
+    }
+    /// Restores a state from [`save_state`](Self::save_state) (`None`:
+    /// not a function that saves here).
+    fn restore_state(&mut self, _state: &[u8]) -> Option<std::result::Result<(), String>> {
+        None
+    }
 }

@@ -362,6 +362,25 @@ impl PciRoot {
         Some(f(dev.as_mut()))
     }
 
+    /// Writes `writes` (offset, bytes) into the configuration space of the
+    /// function at `slot` as the guest would, then lets the bus decode its
+    /// BARs where they now are (a restored snapshot).
+    pub fn restore_config(
+        &self,
+        slot: u8,
+        f: impl FnOnce(&mut dyn PciDevice) -> Result<()>,
+    ) -> Result<()> {
+        let s = self
+            .slots()
+            .into_iter()
+            .find(|s| s.slot == slot)
+            .ok_or_else(|| anyhow::anyhow!("PCI slot {slot} is empty"))?;
+        let mut dev = lock(&s.dev);
+        f(dev.as_mut())?;
+        *s.bars.write().unwrap_or_else(|e| e.into_inner()) = dev.config_space().active_bars();
+        Ok(())
+    }
+
     /// What `query-pci` shows, by slot.
     pub fn functions(&self) -> Vec<FunctionInfo> {
         let mut v: Vec<FunctionInfo> = self

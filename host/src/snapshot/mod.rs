@@ -1,0 +1,292 @@
+//! Snapshots: the whole machine, paused, as one stream (docs/migration.md).
+//!
+//! A snapshot holds every vCPU (registers, FPU/XSAVE, MSRs, LAPIC,
+//! events), the in-kernel PIC, IOAPIC and PIT, the KVM clock, the VMM's
+//! legacy devices, each PCI function's configuration and MSI-X table as
+//! the guest set them up, each device's own state (its plugin's
+//! `save_state`, taken in this process or over its remote's control
+//! channel), and guest RAM. It is restored into a VMM started from the
+//! same config (`host run CONFIG --incoming file:PATH`), with new
+//! remotes: nothing of the old processes is needed.
+//!
+//! The stream ([`stream`]) is the same on a file and on a socket; the
+//! reader applies RAM as it comes and the rest at the end record, so a
+//! stream cut short changes nothing but RAM that is overwritten anyway.
+//!
+//! Device state before RAM: a device's DMA that lands after its state
+//! was taken is in the RAM copy and also redone by the restored device
+//! (a read runs again with the same data; the LSI answers a write that
+//! was in flight with BUSY and the guest's driver retries it).
+
+pub mod legacy;
+pub mod pci;
+pub mod ram;
+pub mod stream;
+pub mod vcpu;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use config::Protocol;
+use kvm_bindings::kvm_clock_data;
+use kvm_ioctls::{VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+use crate::bus::Bus;
+use crate::exit::ExitSignal;
+use crate::memory::GuestRam;
+use crate::reset::IrqchipState;
+use crate::supervisor::Remote;
+use legacy::LegacyState;
+use pci::FunctionImage;
+use stream::Record;
+use vcpu::VcpuState;
+
+/// The machine's parts a snapshot reads or writes. The vCPUs must be
+/// out of KVM_RUN (held at their gate, or not started yet).
+pub struct Parts<'a> {
+    pub vm: &'a VmFd,
+    pub ram: &'a GuestRam,
+    pub bus: &'a Bus,
+    pub exit: &'a Arc<ExitSignal>,
+    pub vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    pub remotes: Vec<Arc<Remote>>,
+}
+
+/// Everything but RAM and the devices' own states.
+#[derive(Serialize, Deserialize)]
+struct MachineImage {
+    memory: u64,
+    vcpus: Vec<VcpuState>,
+    irqchip: IrqchipState,
+    clock: kvm_clock_data,
+    legacy: LegacyState,
+    functions: Vec<FunctionImage>,
+}
+
+/// What a save wrote.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Saved {
+    pub ram: ram::Sent,
+    pub device_bytes: u64,
+    pub devices: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ram_size(ram: &GuestRam) -> u64 {
+    ram.regions.iter().map(|r| r.size).sum()
+}
+
+/// Why this machine cannot be saved, if it cannot: a device in an mpqemu
+/// remote (that dialect has no migration), or in a remote we cannot ask
+/// for its state (one an orchestrator started, without our control
+/// channel).
+pub fn check_savable(p: &Parts) -> Result<()> {
+    for (_, label) in p.bus.pci.labels() {
+        let Some(rid) = &label.remote else { continue };
+        let Some(r) = p.remotes.iter().find(|r| &r.id == rid) else {
+            bail!("device `{}`: its remote `{rid}` is unknown", label.id);
+        };
+        if r.protocol == Protocol::Mpqemu {
+            bail!(
+                "device `{}` is served over mpqemu (remote `{rid}`), which has no migration: this VM cannot be saved or migrated",
+                label.id
+            );
+        }
+        if !r.has_control() {
+            bail!(
+                "device `{}`: remote `{rid}` has no control channel of ours to save its state through",
+                label.id
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Each device's state, in this process or from its remote.
+fn device_states(p: &Parts) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for (slot, label) in p.bus.pci.labels() {
+        let state = match &label.remote {
+            None => p
+                .bus
+                .pci
+                .with_function(slot, |d| d.save_state())
+                .flatten()
+                .unwrap_or_else(|| Err("the function keeps no state here".into())),
+            Some(rid) => {
+                let r = p
+                    .remotes
+                    .iter()
+                    .find(|r| &r.id == rid)
+                    .with_context(|| format!("remote `{rid}` is unknown"))?;
+                r.with_control(|c| c.device_save(&label.id))
+            }
+        };
+        let state = state.map_err(|e| anyhow::anyhow!("saving device `{}`: {e}", label.id))?;
+        out.push((label.id, state));
+    }
+    Ok(out)
+}
+
+/// The machine's registers and set-up (no RAM, no device state).
+fn machine_image(p: &Parts) -> Result<MachineImage> {
+    let kvm = kvm_ioctls::Kvm::new().context("opening /dev/kvm")?;
+    let msr_indices = kvm
+        .get_msr_index_list()
+        .context("KVM_GET_MSR_INDEX_LIST")?
+        .as_slice()
+        .to_vec();
+    let mut vcpus = Vec::new();
+    for (id, v) in p.vcpus.iter().enumerate() {
+        let fd = lock(v);
+        vcpus.push(VcpuState::read(&fd, &msr_indices).with_context(|| format!("vCPU {id}"))?);
+    }
+    let mut functions = Vec::new();
+    for (slot, label) in p.bus.pci.labels() {
+        if let Some(f) = p
+            .bus
+            .pci
+            .with_function(slot, |d| FunctionImage::read(slot, &label, d))
+        {
+            functions.push(f);
+        }
+    }
+    Ok(MachineImage {
+        memory: ram_size(p.ram),
+        vcpus,
+        irqchip: IrqchipState::read(p.vm)?,
+        clock: p.vm.get_clock().context("KVM_GET_CLOCK")?,
+        legacy: LegacyState::read(p.bus),
+        functions,
+    })
+}
+
+/// Writes the paused machine to `w`: the devices' states, the machine,
+/// then RAM.
+pub fn save(p: &Parts, w: &mut impl Write) -> Result<Saved> {
+    check_savable(p)?;
+    let mut saved = Saved::default();
+    stream::write_header(w)?;
+    for (id, state) in device_states(p)? {
+        saved.device_bytes += state.len() as u64;
+        saved.devices += 1;
+        stream::write_section(w, &format!("device/{id}"), &state)?;
+    }
+    let image = serde_json::to_vec(&machine_image(p)?).context("encoding the machine")?;
+    stream::write_section(w, "machine", &image)?;
+    saved.ram = ram::send_all(p.ram, w)?;
+    stream::write_end(w)?;
+    w.flush()?;
+    Ok(saved)
+}
+
+/// How many device sections a stream may carry (one per PCI slot).
+const MAX_DEVICES: usize = 32;
+
+/// Reads a snapshot from `r` into a machine just built from the same
+/// config, whose vCPUs have not run yet (or are held). RAM is written as
+/// it comes; everything else once the whole stream is in.
+pub fn restore(p: &Parts, r: &mut impl Read) -> Result<()> {
+    stream::read_header(r)?;
+    let mut image: Option<MachineImage> = None;
+    let mut states: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    loop {
+        match stream::read_record(r)? {
+            Record::Ram { gpa, bytes } => ram::receive(p.ram, gpa, &bytes)?,
+            Record::RamZero { gpa, len } => ram::receive_zero(p.ram, gpa, len)?,
+            Record::Section { name, bytes } if name == "machine" => {
+                image = Some(
+                    serde_json::from_slice(&bytes)
+                        .context("the snapshot's machine section is not this VMM's")?,
+                );
+            }
+            Record::Section { name, bytes } => {
+                let Some(id) = name.strip_prefix("device/") else {
+                    bail!("unknown section `{name}` in the snapshot");
+                };
+                if states.len() >= MAX_DEVICES {
+                    bail!("the snapshot holds more than {MAX_DEVICES} device states");
+                }
+                states.insert(id.to_owned(), bytes);
+            }
+            Record::End => break,
+        }
+    }
+    let image = image.context("the snapshot has no machine section")?;
+    apply(p, image, states)
+}
+
+fn apply(p: &Parts, image: MachineImage, mut states: BTreeMap<String, Vec<u8>>) -> Result<()> {
+    if image.memory != ram_size(p.ram) {
+        bail!(
+            "the snapshot's guest has {} MiB of RAM, this VM {} MiB",
+            image.memory >> 20,
+            ram_size(p.ram) >> 20
+        );
+    }
+    if image.vcpus.len() != p.vcpus.len() {
+        bail!(
+            "the snapshot's guest has {} vCPUs, this VM {}",
+            image.vcpus.len(),
+            p.vcpus.len()
+        );
+    }
+    let here: Vec<(u8, String)> = p
+        .bus
+        .pci
+        .labels()
+        .into_iter()
+        .map(|(s, l)| (s, l.id))
+        .collect();
+    let there: Vec<(u8, String)> = image
+        .functions
+        .iter()
+        .map(|f| (f.slot, f.id.clone()))
+        .collect();
+    if here != there {
+        bail!("the snapshot's PCI functions (slot, id) are {there:?}, this VM's {here:?}");
+    }
+    for f in &image.functions {
+        f.write(&p.bus.pci)?;
+        let state = states
+            .remove(&f.id)
+            .with_context(|| format!("the snapshot has no state for device `{}`", f.id))?;
+        let done = match &f.remote {
+            None => p
+                .bus
+                .pci
+                .with_function(f.slot, |d| d.restore_state(&state))
+                .flatten()
+                .unwrap_or_else(|| Err("the function keeps no state here".into())),
+            Some(rid) => {
+                let r = p
+                    .remotes
+                    .iter()
+                    .find(|r| &r.id == rid)
+                    .with_context(|| format!("remote `{rid}` is unknown"))?;
+                r.with_control(|c| c.device_restore(&f.id, &state))
+            }
+        };
+        done.map_err(|e| anyhow::anyhow!("restoring device `{}`: {e}", f.id))?;
+    }
+    if let Some(id) = states.keys().next() {
+        bail!("the snapshot has a state for device `{id}`, which this VM does not have");
+    }
+    image.legacy.write(p.bus, p.exit)?;
+    image.irqchip.restore(p.vm)?;
+    let mut clock = image.clock;
+    // The guest's clock goes on from where it stopped (no jump by the
+    // time the snapshot spent on disk).
+    clock.flags = 0;
+    p.vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
+    for (id, (v, s)) in p.vcpus.iter().zip(&image.vcpus).enumerate() {
+        s.write(&lock(v)).with_context(|| format!("vCPU {id}"))?;
+    }
+    Ok(())
+}
