@@ -1,14 +1,16 @@
-//! Snapshot and restore with a real guest in the middle of its disk I/O
-//! (issue 15): the guest writes 64 KiB blocks of a known pattern through
-//! the LSI controller in a remote with direct I/O, reading each back and
-//! comparing it. Meanwhile the QMP driver (PyPI's `qemu.qmp`,
-//! tests/migrate_driver.py) stops and continues the VM once, then saves
-//! it with `migrate file:` and kills the VMM (its remote ends with it);
-//! a new VMM started with `--incoming file:` and a new remote takes the
-//! guest over, and the job goes on to its end. Checked as a user would:
-//! every block the guest read back matched, the job ran on both sides of
-//! the snapshot, the host image holds exactly the guest's blocks, no
-//! SCSI error, and the source's processes are gone.
+//! Live migration, snapshot and restore with a real guest in the middle
+//! of its disk I/O (issue 15). The guest writes 64 KiB blocks of a known
+//! pattern through the LSI controller in a remote with direct I/O,
+//! reading each back and comparing it, without pause, while the QMP
+//! driver (PyPI's `qemu.qmp`, tests/migrate_driver.py) moves it: a live
+//! migration over tcp: cancelled during pre-copy (the source runs on),
+//! then live migrations A -> B over tcp: and B -> C over unix: (each
+//! source quit after), then a snapshot of C to a file, C and its remote
+//! killed, and D started from the file, where the guest finishes. Each
+//! VM runs its own remote process. Checked as a user would: every block
+//! read back matched, the guest made progress on every VM, the host
+//! image holds exactly the guest's last blocks, no SCSI error, every
+//! source and its remote gone, and the migrations' own numbers.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -21,10 +23,14 @@ use testenv::require_env;
 
 /// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p).
 const QMP_SOCKET: &str = "/tmp/host-migrate/qmp.sock";
-const ROUNDS: u64 = 400;
 const BLOCK: u64 = 64 << 10;
+/// Block slots the guest cycles through (32 MiB from GUEST_OFF).
+const SLOTS: u64 = 512;
+/// The VMs the guest passes through, in order.
+const VMS: [&str; 4] = ["a", "b", "c", "d"];
 
-fn config(kernel: &Path, console: &str) -> String {
+/// VM `vm`'s config: the same machine, its own console log and remote log.
+fn config(kernel: &Path, vm: &str) -> String {
     format!(
         r#"[vm]
 memory = "256M"
@@ -32,11 +38,11 @@ vcpus = 2
 kernel = "{kernel}"
 initrd = "initrd.cpio"
 cmdline = "console=ttyS0 quiet"
-console-log = "{console}"
+console-log = "console-{vm}.log"
 
 [[remote]]
 id = "storage"
-log = "storage.log"
+log = "storage-{vm}.log"
 timeout-ms = 30000
 
 [[device]]
@@ -63,6 +69,8 @@ fn block(i: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Rounds until the driver's `go` (at most 100000): round `i` writes
+/// slot `i % SLOTS`, reads it back and compares.
 fn guest_job() -> String {
     format!(
         r#"
@@ -74,17 +82,24 @@ done
 [ -b /dev/sda ] || {{ echo "no /dev/sda"; exit 1; }}
 errs() {{ dmesg | grep -ciE "abort|reset|timeout|timed out|I/O error"; }}
 e0=$(errs)
-i=0; bad=0
-while [ $i -lt {ROUNDS} ]; do
+(
+  i=0; bad=0
+  while [ ! -e /tmp/stop ] && [ $i -lt 100000 ]; do
     yes "migrate-round-$i" | head -c {BLOCK} > /tmp/b
-    dd if=/tmp/b of=/dev/sda bs={BLOCK} seek=$(( {first} + i )) count=1 oflag=direct conv=notrunc 2>/dev/null || {{ echo "write $i failed"; exit 3; }}
-    dd if=/dev/sda of=/tmp/r bs={BLOCK} skip=$(( {first} + i )) count=1 iflag=direct 2>/dev/null || {{ echo "read $i failed"; exit 4; }}
+    at=$(( {first} + i % {SLOTS} ))
+    dd if=/tmp/b of=/dev/sda bs={BLOCK} seek=$at count=1 oflag=direct conv=notrunc 2>/dev/null || {{ echo "write $i failed"; break; }}
+    dd if=/dev/sda of=/tmp/r bs={BLOCK} skip=$at count=1 iflag=direct 2>/dev/null || {{ echo "read $i failed"; break; }}
     cmp -s /tmp/b /tmp/r || {{ bad=$((bad + 1)); echo "round $i: read back differs"; }}
     echo "round $i"
     [ $i -eq 8 ] && echo "STEP writing"
     i=$((i + 1))
-done
-echo "rounds=$i bad=$bad"
+  done
+  echo "rounds=$i bad=$bad" > /tmp/result
+) &
+read -r -t 1800 line || {{ echo "no go"; exit 20; }}
+touch /tmp/stop
+wait
+cat /tmp/result
 echo "scsi_errors_added=$(( $(errs) - e0 ))"
 echo "STEP done"
 "#,
@@ -93,75 +108,135 @@ echo "STEP done"
 }
 
 #[test]
-fn a_guest_in_the_middle_of_disk_io_is_snapshotted_and_restored_in_new_processes() {
+fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapshot() {
     let Some(env) = require_env("host_migrate") else {
         return;
     };
     let dir = prepare_lsi_vm(&env, "host-migrate", &guest_job());
     make_lsi_image(&dir.join("disk0.img"));
-    fs::write(dir.join("vm.toml"), config(&env.kernel, "console.log")).unwrap();
-    fs::write(dir.join("vm2.toml"), config(&env.kernel, "console2.log")).unwrap();
+    for vm in VMS.iter().chain(&["x"]) {
+        fs::write(dir.join(format!("vm-{vm}.toml")), config(&env.kernel, vm)).unwrap();
+    }
+    fs::copy(dir.join("vm-a.toml"), dir.join("vm.toml")).unwrap();
+    let logs: Vec<String> = VMS
+        .iter()
+        .chain(&["x"])
+        .flat_map(|vm| {
+            [
+                format!("vm-{vm}.toml.host-stderr"),
+                format!("storage-{vm}.log"),
+            ]
+        })
+        .collect();
+    let logs: Vec<&str> = logs.iter().map(String::as_str).collect();
     let run = run_qmp_driver_with(
         &env,
         "host_migrate",
         "migrate_driver.py",
         &dir,
         QMP_SOCKET,
-        Duration::from_secs(900),
-        &["storage.log", "vm2.toml.host-stderr", "console2.log"],
+        Duration::from_secs(1200),
+        &logs,
         false,
     );
     let (r, diag) = (&run.results, &run.diag);
+    let console = |vm: &str| {
+        fs::read_to_string(dir.join(format!("console-{vm}.log")))
+            .unwrap_or_default()
+            .replace("\r\n", "\n")
+    };
+    let consoles: Vec<String> = VMS.iter().map(|vm| console(vm)).collect();
+    let diag = format!(
+        "{diag}\n--- console-d ---\n{}",
+        system_tests::tail_lines(&consoles[3], 40)
+    );
     assert!(
         r.get("failure").is_none() && run.l1_output.contains("DRIVER-EXIT=0"),
         "the driver failed:\n{diag}"
     );
-    let source = run.console.clone();
-    let restored = fs::read_to_string(dir.join("console2.log"))
-        .unwrap_or_default()
-        .replace("\r\n", "\n");
-    let job = testenv::parse_console(&format!("{source}\n{restored}"))
-        .unwrap_or_else(|| panic!("no job markers across both consoles:\n{diag}"));
+    let job = testenv::parse_console(&consoles.join("\n"))
+        .unwrap_or_else(|| panic!("no job markers across the consoles:\n{diag}"));
     assert_eq!(job.status, 0, "guest job failed:\n{diag}");
-    assert!(
-        job.output.contains(&format!("rounds={ROUNDS} bad=0")),
-        "{diag}"
-    );
+    let rounds: u64 = job
+        .output
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("rounds="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no rounds= in the guest output:\n{diag}"));
+    assert!(job.output.contains(" bad=0"), "{diag}");
     assert!(job.output.contains("scsi_errors_added=0"), "{diag}");
-    // The snapshot came in the middle: some rounds ran before it, the
-    // rest only after the restore.
-    let before = source.matches("\nround ").count() as u64;
-    let after = restored.matches("\nround ").count() as u64;
+    // The guest worked on every VM.
+    let per_vm: Vec<usize> = consoles
+        .iter()
+        .map(|c| c.matches("\nround ").count())
+        .collect();
     assert!(
-        before > 8 && before < ROUNDS && after > 0,
-        "rounds before the snapshot {before}, after {after}:\n{diag}"
+        per_vm.iter().all(|&n| n >= 5),
+        "rounds per VM {per_vm:?}:\n{diag}"
     );
     let rep = &r["replies"];
-    assert_eq!(rep["status-stopped"], "paused", "{diag}");
-    assert_eq!(rep["status-cont"], "running", "{diag}");
-    assert_eq!(rep["migrate"]["status"], "completed", "{diag}");
-    assert_eq!(rep["status-after"], "postmigrate", "{diag}");
-    assert_eq!(rep["status-restored"], "running", "{diag}");
-    assert_eq!(rep["source-remotes-gone"], true, "{diag}");
     assert!(
-        rep["bad-uri"].as_str().unwrap_or("").contains("file:PATH"),
+        rep["bad-uri"]
+            .as_str()
+            .unwrap_or("")
+            .contains("file:PATH, tcp:HOST:PORT or unix:PATH"),
         "{diag}"
     );
-    let ram = rep["migrate"]["ram"]["transferred"].as_u64().unwrap_or(0);
-    assert!(ram > (1 << 20), "{diag}");
-    assert_eq!(r["host-exit"], 0, "{diag}");
-    // The host image holds exactly the guest's blocks.
-    let img = fs::read(dir.join("disk0.img")).unwrap();
-    for i in 0..ROUNDS {
-        let at = (GUEST_OFF + i * BLOCK) as usize;
-        assert!(
-            img[at..at + BLOCK as usize] == block(i)[..],
-            "block {i} on the image is not the guest's:\n{diag}"
+    assert_eq!(rep["status-stopped"], "paused", "{diag}");
+    assert_eq!(rep["status-cont"], "running", "{diag}");
+    // The cancelled one: the source runs on, the destination gave up.
+    assert_eq!(rep["cancel-at"]["status"], "active", "{diag}");
+    assert_eq!(rep["cancelled"]["status"], "cancelled", "{diag}");
+    assert_eq!(rep["status-after-cancel"], "running", "{diag}");
+    assert!(rep["x-exit"].as_i64().is_some_and(|c| c != 0), "{diag}");
+    assert_eq!(rep["params"]["max-bandwidth"], 0, "{diag}");
+    for vm in ["b", "c"] {
+        let hop = &rep[format!("hop-{vm}")];
+        assert_eq!(hop["status"], "completed", "hop to {vm}:\n{diag}");
+        assert!(hop["ram"]["dirty-sync-count"].as_u64() >= Some(2), "{diag}");
+        assert_eq!(
+            rep[format!("status-source-before-{vm}")],
+            "postmigrate",
+            "{diag}"
+        );
+        assert_eq!(rep[format!("status-{vm}")], "running", "{diag}");
+        assert_eq!(rep[format!("source-exit-before-{vm}")], 0, "{diag}");
+        assert_eq!(
+            rep[format!("source-remotes-gone-before-{vm}")],
+            true,
+            "{diag}"
         );
     }
+    assert_eq!(rep["snapshot"]["status"], "completed", "{diag}");
+    assert_eq!(rep["status-after-snapshot"], "postmigrate", "{diag}");
+    assert_eq!(rep["c-remotes-gone"], true, "{diag}");
+    assert_eq!(rep["status-d"], "running", "{diag}");
+    assert_eq!(r["host-exit"], 0, "{diag}");
+    // The host image holds each slot's last block.
+    let img = fs::read(dir.join("disk0.img")).unwrap();
+    for slot in 0..SLOTS.min(rounds) {
+        let last = slot + SLOTS * ((rounds - 1 - slot) / SLOTS);
+        let at = (GUEST_OFF + slot * BLOCK) as usize;
+        assert!(
+            img[at..at + BLOCK as usize] == block(last)[..],
+            "slot {slot} on the image is not the guest's round {last}:\n{diag}"
+        );
+    }
+    let hop = |k: &str| {
+        let h = &rep[k];
+        format!(
+            "{} ms total, {} ms down, {} MiB sent in {} rounds",
+            h["total-time"],
+            h["downtime"],
+            h["ram"]["transferred"].as_u64().unwrap_or(0) >> 20,
+            h["ram"]["dirty-sync-count"]
+        )
+    };
     eprintln!(
-        "host_migrate: {before} rounds before the snapshot, {after} after; snapshot {} bytes ({} of RAM with data), total {} ms, downtime {} ms",
-        rep["snapshot-bytes"], ram, rep["migrate"]["total-time"], rep["migrate"]["downtime"]
+        "host_migrate: {rounds} rounds, per VM {per_vm:?}; tcp: {}; unix: {}; snapshot: {}",
+        hop("hop-b"),
+        hop("hop-c"),
+        hop("snapshot")
     );
     fs::remove_dir_all(&dir).ok();
 }

@@ -1,13 +1,22 @@
 #!/usr/bin/env python3
-"""Drives tests/host_migrate.rs: while the guest writes and reads back
-checksummed blocks through the remote LSI, `stop`/`cont` once, then
-snapshot it with `migrate file:` (QEMU's syntax), kill the VMM and its
-remote, and start a new VMM from the snapshot (`host run --incoming`),
-where the guest's job must go on to its end.
+"""Drives tests/host_migrate.rs. The guest writes and reads back
+checksummed blocks through the remote LSI without pause; meanwhile:
+
+1. `stop`/`cont` once, and a `migrate` URI this VMM does not take;
+2. a live migration over tcp: to a destination (X) is cancelled during
+   pre-copy (bandwidth capped so that it lasts): the source runs on and
+   X, whose stream was cut, ends with an error;
+3. live migration A -> B over tcp: (loopback), B -> C over unix:, each
+   source stopped after it and then quit;
+4. C is snapshotted to a file (`migrate file:`) and killed with its
+   remote; D starts from the file (`--incoming file:`);
+5. the guest is told to finish on D, and powers off.
+
+Each VM has its own config (vm-X.toml beside CONFIG: the same machine,
+its own console log and monitor socket). Every step waits until the
+guest made progress on the VM now running.
 
 Usage: migrate_driver.py HOST CONFIG QMP_SOCKET CONSOLE_LOG RESULTS_JSON
-(the restored VM's config is vm2.toml beside CONFIG: the same machine,
-its own console log).
 """
 
 import asyncio
@@ -17,11 +26,21 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_common import CONFIG, SOCK, Console, Events, finish, results, run, save, start_vm  # noqa: E402
+from qmp_common import (  # noqa: E402
+    SOCK, Console, Events, connect_qmp, finish, results, run, save, sayer, spawn_host)
 from qemu.qmp import ExecuteError  # noqa: E402
 
-DIR = os.path.dirname(CONFIG)
+DIR = os.path.dirname(sys.argv[2])
 SNAP = os.path.join(DIR, "vm.snap")
+r = results["replies"]
+
+
+def cfg(name):
+    return os.path.join(DIR, f"vm-{name}.toml")
+
+
+def sock(name):
+    return f"{SOCK}.{name}"
 
 
 async def error_of(qmp, cmd, args):
@@ -32,14 +51,15 @@ async def error_of(qmp, cmd, args):
         return str(e)
 
 
-async def migration_end(qmp, timeout=180.0):
+async def migration_status(qmp, want, timeout=300.0):
+    """query-migrate until its status is one of `want` (bounded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st = await qmp.execute("query-migrate")
-        if st.get("status") in ("completed", "failed", "cancelled"):
+        if st.get("status") in want:
             return st
-        await asyncio.sleep(0.1)
-    raise TimeoutError("the migration never ended")
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"the migration never reached {want}")
 
 
 def gone(pid, timeout=30.0):
@@ -51,44 +71,121 @@ def gone(pid, timeout=30.0):
     return False
 
 
-async def main():
-    r = results["replies"]
-    host, qmp, _ = await start_vm("migrate-source")
-    ev = Events(qmp)
-    con = Console()
-    await con.wait_step("writing")
-    r["bad-uri"] = await error_of(qmp, "migrate", {"uri": "exec:cat > x"})
-    await qmp.execute("stop")
-    r["status-stopped"] = (await qmp.execute("query-status"))["status"]
-    await qmp.execute("cont")
-    r["status-cont"] = (await qmp.execute("query-status"))["status"]
-    await qmp.execute("migrate", {"uri": "file:" + SNAP})
-    r["migrate"] = await migration_end(qmp)
-    r["status-after"] = (await qmp.execute("query-status"))["status"]
-    r["snapshot-bytes"] = os.path.getsize(SNAP) if os.path.exists(SNAP) else 0
-    pids = [x["pid"] for x in await qmp.execute("query-remote") if x.get("pid")]
-    save()
-    # Everything of the source goes: the VMM by SIGKILL, and its remote
-    # (which ends when its VMM's control channel closes).
-    host.kill()
-    host.wait(timeout=60)
-    r["source-remotes-gone"] = all(gone(p) for p in pids)
-    r["source-remote-pids"] = pids
+async def rounds_on(name, more=5, timeout=240.0):
+    """Waits until the guest printed `more` rounds on VM `name`'s console."""
+    path = os.path.join(DIR, f"console-{name}.log")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path, errors="replace") as f:
+                if f.read().count("\nround ") >= more:
+                    return
+        except FileNotFoundError:
+            pass
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"no progress of the guest on VM {name}")
+
+
+async def remote_pids(qmp):
+    return [x["pid"] for x in await qmp.execute("query-remote") if x.get("pid")]
+
+
+async def live_hop(src, src_qmp, name, uri):
+    """Migrates the running VM from `src` to a new VM `name` listening on
+    `uri`; returns (the new host, its monitor). The source is quit after."""
+    dst = spawn_host(cfg(name), sock(name), ["--incoming", uri])
+    # The destination listens before its monitor is up; the source retries
+    # its connection until then (bounded).
+    for _ in range(300):
+        await src_qmp.execute("migrate", {"uri": uri})
+        st = await migration_status(src_qmp, ("completed", "failed", "cancelled"))
+        if st["status"] == "completed" or "connecting" not in st.get("error-desc", ""):
+            break
+        await asyncio.sleep(0.1)
+    r[f"hop-{name}"] = st
+    r[f"status-source-before-{name}"] = (await src_qmp.execute("query-status"))["status"]
+    dst_qmp = await connect_qmp(f"vm-{name}", sock(name), dst)
+    r[f"status-{name}"] = (await dst_qmp.execute("query-status"))["status"]
+    pids = await remote_pids(src_qmp)
+    await src_qmp.execute("quit")
+    r[f"source-exit-before-{name}"] = src.wait(timeout=60)
+    r[f"source-remotes-gone-before-{name}"] = all(gone(p) for p in pids)
     try:
-        await qmp.disconnect()
+        await src_qmp.disconnect()
     except Exception:
         pass
-    os.unlink(SOCK) if os.path.exists(SOCK) else None
     save()
-    host2, qmp2, _ = await start_vm(
-        "migrate-destination",
-        config=os.path.join(DIR, "vm2.toml"),
-        extra=["--incoming", "file:" + SNAP],
-    )
-    ev2 = Events(qmp2)
-    r["status-restored"] = (await qmp2.execute("query-status"))["status"]
-    await Console(os.path.join(DIR, "console2.log")).wait_step("done", timeout=600)
-    await finish(host2, qmp2, ev2)
+    await rounds_on(name)
+    return dst, dst_qmp
+
+
+async def main():
+    a = spawn_host(cfg("a"), sock("a"))
+    qa = await connect_qmp("vm-a", sock("a"), a)
+    await Console(os.path.join(DIR, "console-a.log")).wait_step("writing", timeout=300)
+
+    # 1. stop/cont, a URI we do not take.
+    r["bad-uri"] = await error_of(qa, "migrate", {"uri": "exec:cat > x"})
+    await qa.execute("stop")
+    r["status-stopped"] = (await qa.execute("query-status"))["status"]
+    await qa.execute("cont")
+    r["status-cont"] = (await qa.execute("query-status"))["status"]
+
+    # 2. Cancel during pre-copy: 16 MiB/s makes RAM's first round last seconds.
+    x = spawn_host(cfg("x"), sock("x"), ["--incoming", "tcp:127.0.0.1:4441"])
+    await qa.execute("migrate-set-parameters", {"max-bandwidth": 16 << 20})
+    for _ in range(300):
+        await qa.execute("migrate", {"uri": "tcp:127.0.0.1:4441"})
+        st = await qa.execute("query-migrate")
+        while st.get("status") in ("setup", "active") and st["ram"]["transferred"] < (4 << 20):
+            await asyncio.sleep(0.05)
+            st = await qa.execute("query-migrate")
+        if st.get("status") == "active":
+            break
+        await asyncio.sleep(0.1)
+    r["cancel-at"] = st
+    await qa.execute("migrate_cancel")
+    r["cancelled"] = await migration_status(qa, ("cancelled", "failed", "completed"))
+    r["status-after-cancel"] = (await qa.execute("query-status"))["status"]
+    try:
+        r["x-exit"] = x.wait(timeout=60)
+    except Exception as e:
+        r["x-exit"] = str(e)
+        x.kill()
+    await qa.execute("migrate-set-parameters", {"max-bandwidth": 0})
+    await qa.execute("migrate-set-parameters", {"downtime-limit": 300})
+    r["params"] = await qa.execute("query-migrate-parameters")
+    save()
+    await rounds_on("a", more=20)
+
+    # 3. Live: A -> B over TCP, B -> C over a UNIX socket.
+    b, qb = await live_hop(a, qa, "b", "tcp:127.0.0.1:4442")
+    c, qc = await live_hop(b, qb, "c", "unix:" + os.path.join(os.path.dirname(SOCK), "mig.sock"))
+
+    # 4. Snapshot C to a file, kill it and its remote, restore as D.
+    await qc.execute("migrate", {"uri": "file:" + SNAP})
+    r["snapshot"] = await migration_status(qc, ("completed", "failed", "cancelled"))
+    r["status-after-snapshot"] = (await qc.execute("query-status"))["status"]
+    r["snapshot-bytes"] = os.path.getsize(SNAP) if os.path.exists(SNAP) else 0
+    pids = await remote_pids(qc)
+    c.kill()
+    c.wait(timeout=60)
+    r["c-remotes-gone"] = all(gone(p) for p in pids)
+    try:
+        await qc.disconnect()
+    except Exception:
+        pass
+    save()
+    d = spawn_host(cfg("d"), sock("d"), ["--incoming", "file:" + SNAP])
+    qd = await connect_qmp("vm-d", sock("d"), d)
+    r["status-d"] = (await qd.execute("query-status"))["status"]
+    evd = Events(qd)
+    await rounds_on("d")
+
+    # 5. The guest finishes on D.
+    sayer(d)("go")
+    await Console(os.path.join(DIR, "console-d.log")).wait_step("done", timeout=300)
+    await finish(d, qd, evd)
 
 
 run(main, "migrate_driver")

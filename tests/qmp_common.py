@@ -91,35 +91,58 @@ class Events:
             self.seen.append(ev)
 
 
-async def start_vm(client_name, config=CONFIG, extra=()):
-    """Starts `host run CONFIG --qmp SOCK` (`config` and `extra` arguments
-    if given) and connects to its monitor. Returns (host process, QMP
-    client, say) where say(line) types a line on the guest's console
-    input."""
+def spawn_host(config=CONFIG, sock=SOCK, extra=()):
+    """Starts `host run CONFIG --qmp SOCK` (plus `extra` arguments), its
+    standard input (the guest's console input) in our hands; its stderr
+    goes to CONFIG.host-stderr."""
     host = subprocess.Popen(
-        [HOST, "run", config, "--qmp", SOCK, *extra],
+        [HOST, "run", config, "--qmp", sock, *extra],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=open(config + ".host-stderr", "w"),
         env=dict(os.environ, HOST_STATS="1"),
     )
     _host_procs.append(host)
+    return host
+
+
+async def connect_qmp(client_name, sock=SOCK, host=None, timeout=60.0):
+    """Connects QEMU's client to the monitor at `sock` (bounded; fails at
+    once if `host` ended meanwhile)."""
+    qmp = QMPClient(client_name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if host is not None and host.poll() is not None:
+            raise RuntimeError(f"host exited with {host.returncode} before its monitor answered")
+        if os.path.exists(sock):
+            try:
+                await qmp.connect(sock)
+                return qmp
+            except Exception:  # not listening yet
+                pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"the QMP socket {sock} never answered")
+
+
+def sayer(host):
+    """say(line) types a line on the guest's console input of `host`."""
 
     def say(line):
         host.stdin.write(line.encode() + b"\n")
         host.stdin.flush()
 
-    qmp = QMPClient(client_name)
-    for _ in range(600):
-        if os.path.exists(SOCK):
-            try:
-                await qmp.connect(SOCK)
-                results["greeting"] = str(qmp.greeting)
-                return host, qmp, say
-            except Exception:  # not listening yet
-                pass
-        await asyncio.sleep(0.1)
-    raise RuntimeError("the QMP socket never answered")
+    return say
+
+
+async def start_vm(client_name, config=CONFIG, extra=()):
+    """Starts `host run CONFIG --qmp SOCK` (`config` and `extra` arguments
+    if given) and connects to its monitor. Returns (host process, QMP
+    client, say) where say(line) types a line on the guest's console
+    input."""
+    host = spawn_host(config, SOCK, extra)
+    qmp = await connect_qmp(client_name, SOCK, host)
+    results["greeting"] = str(qmp.greeting)
+    return host, qmp, sayer(host)
 
 
 async def finish(host, qmp, events, timeout=120):

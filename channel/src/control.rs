@@ -364,6 +364,25 @@ impl ControlClient {
         decode_hex(text).map_err(ControlError::Protocol)
     }
 
+    /// The device's DMA dirty log (`dirty-log`): `action` "start", "stop"
+    /// or "take"; a take returns the `(gpa, len)` runs written since the
+    /// last one.
+    pub fn dirty_log(
+        &mut self,
+        device: &str,
+        action: &str,
+    ) -> Result<Vec<(u64, u64)>, ControlError> {
+        let mut body = Map::new();
+        body.insert("device".into(), json!(device));
+        body.insert("action".into(), json!(action));
+        let reply = self.request("dirty-log", body, &[])?;
+        let Some(runs) = reply.get("runs") else {
+            return Ok(Vec::new());
+        };
+        serde_json::from_value(runs.clone())
+            .map_err(|e| ControlError::Protocol(format!("dirty-log: bad `runs`: {e}")))
+    }
+
     /// Restores the device's state (`device-restore`).
     pub fn device_restore(&mut self, device: &str, state: &[u8]) -> Result<(), ControlError> {
         let mut body = Map::new();

@@ -34,11 +34,12 @@ enum Cmd {
         /// config's `[vm] qmp`); see docs/qmp.md.
         #[arg(long, value_name = "PATH")]
         qmp: Option<PathBuf>,
-        /// Start from a migration stream instead of booting: `file:PATH`,
-        /// a snapshot QMP `migrate` wrote from a VM of the same config
-        /// (docs/migration.md).
-        #[arg(long, value_name = "URI", value_parser = host::monitor::migration::MigrationUri::parse)]
-        incoming: Option<host::monitor::migration::MigrationUri>,
+        /// Start from a migration stream instead of booting: `file:PATH`
+        /// (a snapshot QMP `migrate` wrote), or `tcp:HOST:PORT` /
+        /// `unix:PATH` to listen on for a live migration; the source runs
+        /// the same config (docs/migration.md).
+        #[arg(long, value_name = "URI", value_parser = host::snapshot::uri::MigrationUri::parse)]
+        incoming: Option<host::snapshot::uri::MigrationUri>,
     },
 }
 

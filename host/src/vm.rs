@@ -20,7 +20,6 @@ use crate::crash::CrashRecord;
 use crate::exit::{exit_code, restart_cause, ExitReason, ExitSignal};
 use crate::legacy::{Cmos, Ps2Controller};
 use crate::memory::GuestRam;
-use crate::monitor::migration::MigrationUri;
 use crate::monitor::{self, Monitor};
 use crate::mptable::PciIrq;
 use crate::pci::inprocess::InProcessFunction;
@@ -30,6 +29,7 @@ use crate::pci::root::SlotLabel;
 use crate::pci::PciDevice;
 use crate::remote::{self, RemoteProcess};
 use crate::serial::{ConsoleOut, EventFdTrigger, ResetTrigger, SERIAL_GSI};
+use crate::snapshot::uri::{MigrationUri, TAKEN};
 use crate::supervisor::{self, DeathCause, Remote};
 use crate::{boot, cpu, reset};
 
@@ -72,13 +72,18 @@ fn lock_processes(p: &remote::Processes) -> std::sync::MutexGuard<'_, Vec<Remote
 }
 
 /// Reads the machine from a migration stream (the vCPUs not started).
+/// Waits for the source as QEMU's `-incoming` does; once the whole stream
+/// is applied, tells the source it may end.
 fn incoming_restore(parts: &crate::snapshot::Parts, uri: &MigrationUri) -> Result<()> {
-    match uri {
-        MigrationUri::File(path) => {
-            let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-            crate::snapshot::restore(parts, &mut std::io::BufReader::with_capacity(1 << 20, f))
-        }
-    }
+    let mut stream = uri.accept()?;
+    crate::snapshot::restore(
+        parts,
+        &mut std::io::BufReader::with_capacity(1 << 20, &mut stream),
+    )?;
+    stream
+        .write_all(&[TAKEN])
+        .context("telling the source the VM is taken")?;
+    Ok(())
 }
 
 /// Boot timing, printed with `HOST_STATS`.

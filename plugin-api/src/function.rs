@@ -52,6 +52,7 @@ pub struct Services {
     device_id: Arc<str>,
     base_dir: Arc<Path>,
     changed: Option<ChangeNotice>,
+    dirty: Option<Arc<crate::dirty::DirtyLog>>,
 }
 
 impl Services {
@@ -65,7 +66,15 @@ impl Services {
             device_id: Arc::from(device_id),
             base_dir: Arc::from(Path::new(".")),
             changed: None,
+            dirty: None,
         }
+    }
+
+    /// Notes the device's DMA writes in `log` while it is on (a
+    /// migration's device dirty log).
+    pub fn with_dirty_log(mut self, log: Arc<crate::dirty::DirtyLog>) -> Self {
+        self.dirty = Some(log);
+        self
     }
 
     /// Sends the device's `registers_changed` notices to `notice`, and a
@@ -99,7 +108,12 @@ impl FfiHost for Services {
 
     fn dma_write(&self, gpa: u64, data: RSlice<'_, u8>) -> RResult<(), RString> {
         match self.memory.write(gpa, &data) {
-            Ok(()) => ROk(()),
+            Ok(()) => {
+                if let Some(log) = &self.dirty {
+                    log.mark(gpa, data.len());
+                }
+                ROk(())
+            }
             Err(e) => RErr(e.into()),
         }
     }

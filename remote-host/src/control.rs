@@ -123,8 +123,9 @@ impl Control {
             "device-control" => self.device_control(req),
             "device-save" => self.device_save(req),
             "device-restore" => self.device_restore(req),
+            "dirty-log" => self.dirty_log(req),
             _ => Err(format!(
-                "unknown op `{op}` (ping, device-add, device-del, device-control, device-save, device-restore, device-doorbells, ring-setup)"
+                "unknown op `{op}` (ping, device-add, device-del, device-control, device-save, device-restore, dirty-log, device-doorbells, ring-setup)"
             )),
         }
     }
@@ -361,6 +362,38 @@ impl Control {
             .map_err(|e| format!("device `{id}`: {}", e.message));
         entry.dev.mirrors.notify();
         r.map(|()| json!({}))
+    }
+
+    /// `dirty-log {"device", "action": "start"|"take"|"stop"}`: the
+    /// device's DMA dirty log for a migration; `take` answers
+    /// `{"runs": [[GPA, LEN], ...]}` and empties it. Runs that would not
+    /// fit one control line are answered as everything the device maps
+    /// (the caller sends more pages, never fewer).
+    fn dirty_log(&mut self, req: &Value) -> Result<Value, String> {
+        let id = str_arg(req, "device")?;
+        let entry = self
+            .devices
+            .get(id)
+            .ok_or_else(|| format!("no device `{id}`"))?;
+        let log = &entry.dev.dirty;
+        match str_arg(req, "action")? {
+            "start" => log.start(),
+            "stop" => log.stop(),
+            "take" => {
+                let mut runs = log.take();
+                // At most about 48 bytes of JSON per run.
+                if runs.len() * 48 + 256 > channel::control::MAX_LINE {
+                    runs = entry.dev.memory.layout();
+                }
+                return Ok(json!({ "runs": runs }));
+            }
+            other => {
+                return Err(format!(
+                    "dirty-log: unknown action `{other}` (start, take, stop)"
+                ))
+            }
+        }
+        Ok(json!({}))
     }
 
     fn device_control(&mut self, req: &Value) -> Result<Value, String> {

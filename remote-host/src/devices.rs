@@ -29,6 +29,9 @@ pub struct RemoteDevice {
     /// Where "a mirrored register changed" goes once an access ring
     /// mirrors the device's registers.
     pub mirrors: Arc<MirrorNotice>,
+    /// Guest pages the device wrote by DMA while a migration logs them
+    /// (control `dirty-log`).
+    pub dirty: Arc<plugin_api::dirty::DirtyLog>,
 }
 
 /// The device's notices that registers it lets the VMM mirror changed
@@ -214,8 +217,10 @@ pub fn create_from(spec: &DeviceSpec, plugin: &LoadedPlugin) -> Result<RemoteDev
     let intx = Arc::new(IntxLine::new());
     let mirrors = Arc::new(MirrorNotice::default());
     let notice = mirrors.clone();
+    let dirty = Arc::new(plugin_api::dirty::DirtyLog::default());
     let services = Services::new(&spec.id, memory.clone(), intx.clone())
         .with_base_dir(&spec.base_dir)
+        .with_dirty_log(dirty.clone())
         .with_change_notice(Arc::new(move || notice.notify()));
     let device = create_device(plugin, spec.kind.as_deref(), &spec.settings, services)?;
     let function = PciFunction::new_with_msix(device, MSIX.load(Ordering::Relaxed))?;
@@ -229,6 +234,7 @@ pub fn create_from(spec: &DeviceSpec, plugin: &LoadedPlugin) -> Result<RemoteDev
         function: Mutex::new(function),
         shut_down: AtomicBool::new(false),
         mirrors,
+        dirty,
     })
 }
 

@@ -105,7 +105,9 @@ mount -t tmpfs tmpfs /host/dev/shm
 mount -t devpts devpts /host/dev/pts 2>/dev/null
 mount -o bind /proc /host/proc
 mount -o bind /sys /host/sys
-{tmp}if [ -c /dev/kvm ]; then echo "testenv: /dev/kvm present"; else echo "testenv: /dev/kvm MISSING"; fi
+{tmp}# Loopback, for jobs that talk TCP to themselves (live migration).
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up 2>/dev/null || echo "testenv: no loopback"
+if [ -c /dev/kvm ]; then echo "testenv: /dev/kvm present"; else echo "testenv: /dev/kvm MISSING"; fi
 chroot /host /usr/bin/env -i {env} /bin/sh -c 'cd "$1" && shift && exec "$@"' sh {cwd} {words}
 "#,
         cwd = shell_quote(cwd.as_os_str()),

@@ -1,48 +1,33 @@
-//! `stop`, `cont`, `migrate`, `migrate_cancel` and `query-migrate`, as
-//! QEMU users know them (docs/migration.md). A migration runs on its own
-//! thread; `query-migrate` shows where it is. A failure or a cancel
-//! leaves the source as it was: running if it ran.
+//! `stop`, `cont`, `migrate`, `migrate_cancel`, `query-migrate` and the
+//! migration parameters, as QEMU users know them (docs/migration.md). A
+//! migration runs on its own thread; `query-migrate` shows where it is.
+//! A failure or a cancel leaves the source as it was: running if it ran.
+//!
+//! - `file:PATH`: the vCPUs stop, the snapshot is written (to a
+//!   temporary name, renamed when whole), and the VM stays stopped;
+//! - `tcp:`/`unix:`: pre-copy while the guest runs, then stop-and-copy,
+//!   and the destination's acknowledgement before the source counts it
+//!   done (and stays stopped: "postmigrate").
 
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use qmp::{Arguments, QmpError};
 use serde_json::{json, Map, Value};
 
 use super::{lock, Monitor};
 use crate::reset::Machine;
+use crate::snapshot::uri::{MigrationUri, Stream, TAKEN};
+use crate::snapshot::{Precopy, Round};
 
-/// Where a migration goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MigrationUri {
-    /// `file:PATH`: a snapshot of the stopped VM.
-    File(PathBuf),
-}
-
-impl std::fmt::Display for MigrationUri {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            MigrationUri::File(p) => write!(f, "file:{}", p.display()),
-        }
-    }
-}
-
-impl MigrationUri {
-    /// Parses QEMU's URI syntax; the error says what is supported.
-    pub fn parse(uri: &str) -> Result<Self, String> {
-        match uri.split_once(':') {
-            Some(("file", path)) if !path.is_empty() => Ok(MigrationUri::File(path.into())),
-            _ => Err(format!(
-                "Migration URI '{uri}' is not supported: this VMM migrates to file:PATH"
-            )),
-        }
-    }
-}
+/// How long a source waits for the destination to take the VM once the
+/// whole stream is sent.
+const TAKEN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What `query-migrate` shows.
 #[derive(Debug, Default, Clone)]
@@ -50,19 +35,41 @@ pub(super) struct Progress {
     status: &'static str,
     started: Option<Instant>,
     total_ms: Option<u128>,
+    stopped: Option<Instant>,
     downtime_ms: Option<u128>,
-    ram_transferred: u64,
-    ram_zero: u64,
-    ram_total: u64,
+    round: Round,
     device_bytes: u64,
     error: Option<String>,
 }
+
+/// `migrate-set-parameters`.
+#[derive(Debug, Clone, Copy)]
+struct Parameters {
+    downtime_limit_ms: u64,
+    /// Bytes a second; 0: as fast as the link goes.
+    max_bandwidth: u64,
+}
+
+impl Default for Parameters {
+    fn default() -> Self {
+        // QEMU's default downtime; no bandwidth cap (QEMU caps at 128 MiB/s
+        // by default, which on a local link only lengthens the migration).
+        Parameters {
+            downtime_limit_ms: 300,
+            max_bandwidth: 0,
+        }
+    }
+}
+
+/// Pre-copy rounds before the vCPUs are stopped anyway.
+const MAX_ROUNDS: u32 = 30;
 
 /// The monitor's migration state.
 #[derive(Default)]
 pub(super) struct Migration {
     progress: Mutex<Progress>,
     cancel: AtomicBool,
+    params: Mutex<Parameters>,
 }
 
 impl Migration {
@@ -102,6 +109,40 @@ impl Monitor {
             self.events.emit("RESUME", json!({}));
         }
         Ok(json!({}))
+    }
+
+    pub(super) fn migrate_set_parameters(
+        &self,
+        args: &Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        args.allow_only(&["downtime-limit", "max-bandwidth"])?;
+        let mut p = *lock(&self.migration.params);
+        if let Some(v) = args.value("downtime-limit") {
+            p.downtime_limit_ms = v
+                .as_u64()
+                .filter(|&ms| (1..=2_000_000).contains(&ms))
+                .ok_or_else(|| {
+                    QmpError::generic(
+                        "Parameter 'downtime_limit' expects an integer in the range of 1 to 2000000 milliseconds",
+                    )
+                })?;
+        }
+        if let Some(v) = args.value("max-bandwidth") {
+            p.max_bandwidth = v
+                .as_u64()
+                .ok_or_else(|| QmpError::invalid_parameter_type("max-bandwidth", "integer"))?;
+        }
+        *lock(&self.migration.params) = p;
+        Ok(json!({}))
+    }
+
+    pub(super) fn query_migrate_parameters(
+        &self,
+        args: &Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        args.allow_only(&[])?;
+        let p = *lock(&self.migration.params);
+        Ok(json!({"downtime-limit": p.downtime_limit_ms, "max-bandwidth": p.max_bandwidth}))
     }
 
     pub(super) fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
@@ -146,14 +187,19 @@ impl Monitor {
         if p.status.is_empty() {
             return Ok(json!({}));
         }
+        let page = crate::snapshot::ram::PAGE;
+        let s = p.round.sent;
         let mut v = json!({
             "status": p.status,
             "ram": {
-                "transferred": p.ram_transferred,
-                "total": p.ram_total,
-                "duplicate": p.ram_zero / crate::snapshot::ram::PAGE,
-                "normal": p.ram_transferred / crate::snapshot::ram::PAGE,
-                "normal-bytes": p.ram_transferred,
+                "transferred": p.round.stream_bytes,
+                "total": s.data_bytes + s.zero_bytes,
+                "duplicate": s.zero_bytes / page,
+                "normal": s.data_bytes / page,
+                "normal-bytes": s.data_bytes,
+                "dirty-sync-count": p.round.rounds,
+                "remaining": p.round.dirty_bytes,
+                "mbps": p.round.bytes_per_second * 8.0 / 1e6,
             },
             "device-state-bytes": p.device_bytes,
         });
@@ -177,33 +223,34 @@ impl Monitor {
         self.events.emit("MIGRATION", json!({"status": status}));
     }
 
-    /// The migration thread: stop the vCPUs, write the stream, and either
-    /// leave the VM stopped (done: QEMU's "postmigrate") or let it run
-    /// again as it did (failed or cancelled).
+    /// The migration thread: the stream, then either a VM left stopped
+    /// (done) or one that runs again as it did (failed or cancelled).
     fn run_migration(&self, machine: &Machine, uri: MigrationUri) {
         let _one = lock(&self.hotplug);
         self.set_status("active");
-        let t_stop = Instant::now();
-        let result = machine
-            .hold()
-            .map_err(|e| anyhow::anyhow!("stopping the vCPUs: {e:#}"))
-            .and_then(|was_running| {
-                if was_running {
-                    self.events.emit("STOP", json!({}));
-                }
-                self.write_migration(machine, &uri)
-                    .map(|()| was_running)
-                    .inspect_err(|_| {
-                        if was_running && machine.resume() {
-                            self.events.emit("RESUME", json!({}));
-                        }
-                    })
-            });
+        let was_running = !machine.is_held();
+        let result = if uri.is_live() {
+            self.migrate_live(machine, &uri)
+        } else {
+            machine
+                .hold()
+                .map_err(|e| anyhow::anyhow!("stopping the vCPUs: {e:#}"))
+                .and_then(|_| {
+                    lock(&self.migration.progress).stopped = Some(Instant::now());
+                    if was_running {
+                        self.events.emit("STOP", json!({}));
+                    }
+                    self.write_snapshot(machine, &uri)
+                })
+        };
+        if result.is_err() && was_running && machine.resume() {
+            self.events.emit("RESUME", json!({}));
+        }
         let mut p = lock(&self.migration.progress);
         p.total_ms = p.started.map(|t| t.elapsed().as_millis());
         match result {
-            Ok(_) => {
-                p.downtime_ms = Some(t_stop.elapsed().as_millis());
+            Ok(()) => {
+                p.downtime_ms = p.stopped.map(|t| t.elapsed().as_millis());
                 drop(p);
                 self.set_status("completed");
             }
@@ -221,18 +268,26 @@ impl Monitor {
         }
     }
 
-    fn write_migration(&self, machine: &Machine, uri: &MigrationUri) -> anyhow::Result<()> {
-        let MigrationUri::File(path) = uri;
+    fn writer<W: Write>(&self, inner: W) -> Throttled<'_, W> {
+        Throttled {
+            inner,
+            cancel: &self.migration.cancel,
+            max_bandwidth: lock(&self.migration.params).max_bandwidth,
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    fn write_snapshot(&self, machine: &Machine, uri: &MigrationUri) -> anyhow::Result<()> {
+        let MigrationUri::File(path) = uri else {
+            bail!("{uri} is not a file");
+        };
         let path = config::resolve_path(&self.config.base_dir, path);
         let tmp = temp_beside(&path);
         let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut w = Cancellable {
-            inner: BufWriter::with_capacity(1 << 20, file),
-            cancel: &self.migration.cancel,
-        };
+        let mut w = self.writer(BufWriter::with_capacity(1 << 20, file));
         let remotes = lock(&self.remotes).clone();
-        let saved = crate::snapshot::save(&machine.parts(remotes), &mut w);
-        let saved = match saved {
+        let saved = match crate::snapshot::save(&machine.parts(remotes), &mut w) {
             Ok(s) => s,
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
@@ -247,9 +302,8 @@ impl Monitor {
         file.sync_all().context("syncing the snapshot")?;
         std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
         let mut p = lock(&self.migration.progress);
-        p.ram_transferred = saved.ram.data_bytes;
-        p.ram_zero = saved.ram.zero_bytes;
-        p.ram_total = saved.ram.data_bytes + saved.ram.zero_bytes;
+        p.round.sent = saved.ram;
+        p.round.stream_bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
         p.device_bytes = saved.device_bytes;
         tracing::info!(
             "snapshot {}: {} MiB of RAM with data, {} device state bytes",
@@ -258,6 +312,53 @@ impl Monitor {
             saved.device_bytes
         );
         Ok(())
+    }
+
+    /// Pre-copy to a destination that listens, then stop-and-copy; done
+    /// once the destination says it took the VM.
+    fn migrate_live(&self, machine: &Machine, uri: &MigrationUri) -> anyhow::Result<()> {
+        let mut stream = uri.connect()?;
+        let params = *lock(&self.migration.params);
+        let precopy = Precopy {
+            downtime: Duration::from_millis(params.downtime_limit_ms),
+            max_rounds: MAX_ROUNDS,
+        };
+        let remotes = lock(&self.remotes).clone();
+        let parts = machine.parts(remotes);
+        let mut w = self.writer(BufWriter::with_capacity(1 << 20, &mut stream));
+        let stop = || {
+            machine
+                .hold()
+                .map_err(|e| anyhow::anyhow!("stopping the vCPUs: {e:#}"))?;
+            lock(&self.migration.progress).stopped = Some(Instant::now());
+            self.events.emit("STOP", json!({}));
+            Ok(())
+        };
+        let mut progress = |r: &Round| lock(&self.migration.progress).round = *r;
+        let saved = crate::snapshot::save_live(&parts, &mut w, precopy, stop, &mut progress)?;
+        w.flush()?;
+        drop(w);
+        lock(&self.migration.progress).device_bytes = saved.device_bytes;
+        wait_taken(&mut stream, uri)
+    }
+}
+
+/// Waits for the destination's [`TAKEN`] (bounded).
+fn wait_taken(stream: &mut Box<dyn Stream>, uri: &MigrationUri) -> anyhow::Result<()> {
+    stream.set_read_deadline(TAKEN_TIMEOUT)?;
+    let mut b = [0u8; 1];
+    match stream.read(&mut b) {
+        Ok(1) if b[0] == TAKEN => Ok(()),
+        Ok(_) => bail!("the destination at {uri} did not take the VM (it closed the stream)"),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            bail!("the destination at {uri} did not answer within {TAKEN_TIMEOUT:?}")
+        }
+        Err(e) => bail!("the destination at {uri} did not take the VM: {e}"),
     }
 }
 
@@ -269,21 +370,34 @@ fn temp_beside(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// A writer that fails once the migration is cancelled.
-struct Cancellable<'a, W> {
+/// The stream's writer: fails once the migration is cancelled, and keeps
+/// to `max-bandwidth`.
+struct Throttled<'a, W> {
     inner: W,
     cancel: &'a AtomicBool,
+    max_bandwidth: u64,
+    start: Instant,
+    bytes: u64,
 }
 
-impl<W: std::io::Write> std::io::Write for Cancellable<'_, W> {
+impl<W: Write> Write for Throttled<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.cancel.load(Ordering::Relaxed) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::Interrupted,
-                "migration cancelled",
-            ));
+            // Not `Interrupted`: `write_all` would try again forever.
+            return Err(std::io::Error::other("migration cancelled"));
         }
-        self.inner.write(buf)
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        if self.max_bandwidth > 0 {
+            let due = Duration::from_secs_f64(self.bytes as f64 / self.max_bandwidth as f64);
+            let ahead = due.saturating_sub(self.start.elapsed());
+            // In slices, so that a cancel is seen soon.
+            let until = Instant::now() + ahead;
+            while Instant::now() < until && !self.cancel.load(Ordering::Relaxed) {
+                std::thread::sleep((until - Instant::now()).min(Duration::from_millis(20)));
+            }
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
@@ -295,21 +409,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uris_qemu_users_write() {
-        assert_eq!(
-            MigrationUri::parse("file:/tmp/vm.snap"),
-            Ok(MigrationUri::File("/tmp/vm.snap".into()))
-        );
-        let e = MigrationUri::parse("exec:cat").unwrap_err();
-        assert!(e.contains("file:PATH"), "{e}");
-        assert!(MigrationUri::parse("file:").is_err());
-        assert!(MigrationUri::parse("nothing").is_err());
-    }
-
-    #[test]
     fn a_partial_snapshot_is_never_at_the_path() {
         let t = temp_beside(Path::new("dir/vm.snap"));
         assert_eq!(t.parent(), Some(Path::new("dir")));
         assert!(t.to_string_lossy().starts_with("dir/vm.snap.tmp-"));
+    }
+
+    #[test]
+    fn the_writer_keeps_to_the_bandwidth_and_stops_on_cancel() {
+        let cancel = AtomicBool::new(false);
+        let mut w = Throttled {
+            inner: Vec::new(),
+            cancel: &cancel,
+            max_bandwidth: 1 << 20,
+            start: Instant::now(),
+            bytes: 0,
+        };
+        let t = Instant::now();
+        w.write_all(&[0u8; 256 << 10]).unwrap();
+        // A quarter of a second's worth at 1 MiB/s.
+        assert!(
+            t.elapsed() >= Duration::from_millis(240),
+            "{:?}",
+            t.elapsed()
+        );
+        cancel.store(true, Ordering::SeqCst);
+        let e = w.write_all(&[0u8; 16]).unwrap_err();
+        assert_eq!(e.to_string(), "migration cancelled");
     }
 }

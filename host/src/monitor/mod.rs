@@ -126,6 +126,8 @@ const COMMANDS: &[&str] = &[
     "migrate",
     "migrate_cancel",
     "query-migrate",
+    "migrate-set-parameters",
+    "query-migrate-parameters",
 ];
 
 /// The hook that turns a function failure into a `DEVICE_FAILED` event.
@@ -377,6 +379,8 @@ impl Commands for Monitor {
             "migrate" => self.migrate(args),
             "migrate_cancel" => self.migrate_cancel(args),
             "query-migrate" => self.query_migrate(args),
+            "migrate-set-parameters" => self.migrate_set_parameters(args),
+            "query-migrate-parameters" => self.query_migrate_parameters(args),
             _ => Err(QmpError::command_not_found(name)),
         }
     }

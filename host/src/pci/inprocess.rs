@@ -80,6 +80,8 @@ pub struct InProcessFunction {
     stats: AccessStats,
     on_fail: Option<FailHook>,
     failed: bool,
+    /// Guest pages the device wrote by DMA while a migration logs them.
+    dirty: Arc<plugin_api::dirty::DirtyLog>,
 }
 
 impl InProcessFunction {
@@ -99,8 +101,10 @@ impl InProcessFunction {
             gsi,
             msix: msix_slot.clone(),
         };
-        let services =
-            Services::new(&cfg.id, Arc::new(Ram(mem)), Arc::new(line)).with_base_dir(&cfg.base_dir);
+        let dirty = Arc::new(plugin_api::dirty::DirtyLog::default());
+        let services = Services::new(&cfg.id, Arc::new(Ram(mem)), Arc::new(line))
+            .with_base_dir(&cfg.base_dir)
+            .with_dirty_log(dirty.clone());
         let device = create_device(&plugin, cfg.kind.as_deref(), &cfg.settings, services)
             .map_err(|e| anyhow!("device {}: {e}", cfg.id))?;
         let func = PciFunction::new(device).map_err(|e| anyhow!("device {}: {e}", cfg.id))?;
@@ -112,6 +116,7 @@ impl InProcessFunction {
             stats: AccessStats::default(),
             on_fail: None,
             failed: false,
+            dirty,
         })
     }
 
@@ -229,6 +234,10 @@ impl PciDevice for InProcessFunction {
         let mut v = self.stats.to_json();
         v["placement"] = "in-process".into();
         Some(v)
+    }
+
+    fn dirty_log(&self) -> Option<Arc<plugin_api::dirty::DirtyLog>> {
+        Some(self.dirty.clone())
     }
 
     fn save_state(&mut self) -> Option<std::result::Result<Vec<u8>, String>> {

@@ -75,6 +75,11 @@ pub trait PciDevice: Send {
     /// Drops the function's KVM ioeventfds (it is being replaced, and its
     /// successor registers the same addresses).
     fn release_doorbells(&mut self) {}
+    /// The device's DMA dirty log, when its device runs in this process
+    /// (a remote's devices keep theirs in the remote: control `dirty-log`).
+    fn dirty_log(&self) -> Option<std::sync::Arc<plugin_api::dirty::DirtyLog>> {
+        None
+    }
     /// The device's state for a snapshot, when its device runs in this
     /// process (`None`: a remote's devices are saved over its control
     /// channel). Called with the vCPUs held.

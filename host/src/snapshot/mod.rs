@@ -18,10 +18,12 @@
 //! (a read runs again with the same data; the LSI answers a write that
 //! was in flight with BUSY and the guest's driver retries it).
 
+pub mod dirty;
 pub mod legacy;
 pub mod pci;
 pub mod ram;
 pub mod stream;
+pub mod uri;
 pub mod vcpu;
 
 use std::collections::BTreeMap;
@@ -289,4 +291,137 @@ fn apply(p: &Parts, image: MachineImage, mut states: BTreeMap<String, Vec<u8>>) 
         s.write(&lock(v)).with_context(|| format!("vCPU {id}"))?;
     }
     Ok(())
+}
+
+/// How a live migration decides when to stop the vCPUs.
+#[derive(Debug, Clone, Copy)]
+pub struct Precopy {
+    /// The longest the guest may stay stopped (QEMU's `downtime-limit`):
+    /// pre-copy goes on until what is left would take less to send at
+    /// the bandwidth measured.
+    pub downtime: std::time::Duration,
+    /// Pre-copy rounds at most before stopping anyway (a guest dirtying
+    /// memory faster than the link sends it never converges).
+    pub max_rounds: u32,
+}
+
+/// Pre-copy's progress, after each round.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Round {
+    pub rounds: u32,
+    pub sent: ram::Sent,
+    /// Bytes of the stream so far.
+    pub stream_bytes: u64,
+    /// Bytes the guest dirtied since the last round.
+    pub dirty_bytes: u64,
+    /// Stream bytes a second, measured on the last round.
+    pub bytes_per_second: f64,
+}
+
+/// Counts what goes through.
+struct Counting<'a, W> {
+    inner: &'a mut W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counting<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn add(a: &mut ram::Sent, b: ram::Sent) {
+    a.data_bytes += b.data_bytes;
+    a.zero_bytes += b.zero_bytes;
+}
+
+fn send_runs(p: &Parts, w: &mut impl Write, runs: &[(u64, u64)]) -> Result<ram::Sent> {
+    let mut sent = ram::Sent::default();
+    for &(gpa, len) in runs {
+        add(&mut sent, ram::send_range(p.ram, w, gpa, len)?);
+    }
+    Ok(sent)
+}
+
+/// A live save: all of RAM while the guest runs, then the pages it dirtied
+/// (vCPUs and devices' DMA), round after round, until the rest fits
+/// `precopy.downtime`; then `stop_vcpus`, the devices' states, the
+/// machine, the last dirty pages, and the end record. `progress` hears
+/// each round. On an error logging is off again and the caller lets
+/// the guest run on (the stream is useless then).
+pub fn save_live(
+    p: &Parts,
+    out: &mut impl Write,
+    precopy: Precopy,
+    stop_vcpus: impl FnOnce() -> Result<()>,
+    progress: &mut dyn FnMut(&Round),
+) -> Result<Saved> {
+    check_savable(p)?;
+    dirty::start(p)?;
+    let r = save_live_logged(p, out, precopy, stop_vcpus, progress);
+    if let Err(e) = dirty::stop(p) {
+        tracing::warn!("migration: turning dirty logging off: {e:#}");
+    }
+    r
+}
+
+fn save_live_logged(
+    p: &Parts,
+    out: &mut impl Write,
+    precopy: Precopy,
+    stop_vcpus: impl FnOnce() -> Result<()>,
+    progress: &mut dyn FnMut(&Round),
+) -> Result<Saved> {
+    let mut w = Counting {
+        inner: out,
+        bytes: 0,
+    };
+    let mut round = Round::default();
+    stream::write_header(&mut w)?;
+    let t = std::time::Instant::now();
+    add(&mut round.sent, ram::send_all(p.ram, &mut w)?);
+    w.flush()?;
+    round.rounds = 1;
+    round.stream_bytes = w.bytes;
+    round.bytes_per_second = w.bytes as f64 / t.elapsed().as_secs_f64().max(1e-3);
+    progress(&round);
+    let pending = loop {
+        let runs = dirty::take(p)?;
+        round.dirty_bytes = runs.iter().map(|r| r.1).sum();
+        let budget = round.bytes_per_second * precopy.downtime.as_secs_f64();
+        if (round.dirty_bytes as f64) <= budget || round.rounds >= precopy.max_rounds {
+            break runs;
+        }
+        let (t, before) = (std::time::Instant::now(), w.bytes);
+        add(&mut round.sent, send_runs(p, &mut w, &runs)?);
+        w.flush()?;
+        round.rounds += 1;
+        round.stream_bytes = w.bytes;
+        round.bytes_per_second = (w.bytes - before) as f64 / t.elapsed().as_secs_f64().max(1e-3);
+        progress(&round);
+    };
+    stop_vcpus()?;
+    let mut saved = Saved::default();
+    for (id, state) in device_states(p)? {
+        saved.device_bytes += state.len() as u64;
+        saved.devices += 1;
+        stream::write_section(&mut w, &format!("device/{id}"), &state)?;
+    }
+    let image = serde_json::to_vec(&machine_image(p)?).context("encoding the machine")?;
+    stream::write_section(&mut w, "machine", &image)?;
+    // What was dirty at the last round, and what the vCPUs and devices
+    // wrote since (up to their saved states).
+    add(&mut round.sent, send_runs(p, &mut w, &pending)?);
+    add(&mut round.sent, send_runs(p, &mut w, &dirty::take(p)?)?);
+    stream::write_end(&mut w)?;
+    w.flush()?;
+    round.stream_bytes = w.bytes;
+    progress(&round);
+    saved.ram = round.sent;
+    Ok(saved)
 }
