@@ -193,7 +193,10 @@ fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapsho
     for vm in ["b", "c"] {
         let hop = &rep[format!("hop-{vm}")];
         assert_eq!(hop["status"], "completed", "hop to {vm}:\n{diag}");
+        // Pre-copy then stop-and-copy, and pages the guest dirtied meanwhile
+        // sent again: more than the guest's 256 MiB went through.
         assert!(hop["ram"]["dirty-sync-count"].as_u64() >= Some(2), "{diag}");
+        assert!(hop["ram"]["total"].as_u64() > Some(256 << 20), "{diag}");
         assert_eq!(
             rep[format!("status-source-before-{vm}")],
             "postmigrate",

@@ -406,6 +406,9 @@ fn save_live_logged(
         progress(&round);
     };
     stop_vcpus()?;
+    // The stop-and-copy pass is a round of its own (QEMU counts its last
+    // bitmap sync too).
+    round.rounds += 1;
     let mut saved = Saved::default();
     for (id, state) in device_states(p)? {
         saved.device_bytes += state.len() as u64;
