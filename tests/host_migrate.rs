@@ -15,10 +15,12 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::fs;
-use std::path::Path;
 use std::time::Duration;
 
-use system_tests::{make_lsi_image, prepare_lsi_vm, run_qmp_driver_with, GUEST_OFF};
+use system_tests::{
+    make_lsi_image, prepare_lsi_vm, remote_lsi_config, run_qmp_driver_with, wait_for_disk,
+    GUEST_OFF,
+};
 use testenv::require_env;
 
 /// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p).
@@ -28,36 +30,6 @@ const BLOCK: u64 = 64 << 10;
 const SLOTS: u64 = 512;
 /// The VMs the guest passes through, in order.
 const VMS: [&str; 4] = ["a", "b", "c", "d"];
-
-/// VM `vm`'s config: the same machine, its own console log and remote log.
-fn config(kernel: &Path, vm: &str) -> String {
-    format!(
-        r#"[vm]
-memory = "256M"
-vcpus = 2
-kernel = "{kernel}"
-initrd = "initrd.cpio"
-cmdline = "console=ttyS0 quiet"
-console-log = "console-{vm}.log"
-
-[[remote]]
-id = "storage"
-log = "storage-{vm}.log"
-timeout-ms = 30000
-
-[[device]]
-id = "lsi0"
-remote = "storage"
-plugin = "lsi53c895a"
-slot = 4
-
-[[device.drive]]
-file = "disk0.img"
-scsi-id = 0
-"#,
-        kernel = kernel.display()
-    )
-}
 
 /// The block of round `i`, as the guest makes it (`yes | head -c`).
 fn block(i: u64) -> Vec<u8> {
@@ -74,13 +46,7 @@ fn block(i: u64) -> Vec<u8> {
 fn guest_job() -> String {
     format!(
         r#"
-i=0
-while [ ! -b /dev/sda ] && [ $i -lt 600 ]; do
-    [ -e /sys/block/sda/dev ] && mknod /dev/sda b $(cut -d: -f1 /sys/block/sda/dev) $(cut -d: -f2 /sys/block/sda/dev)
-    sleep 0.1; i=$((i+1))
-done
-[ -b /dev/sda ] || {{ echo "no /dev/sda"; exit 1; }}
-errs() {{ dmesg | grep -ciE "abort|reset|timeout|timed out|I/O error"; }}
+{wait}errs() {{ dmesg | grep -ciE "abort|reset|timeout|timed out|I/O error"; }}
 e0=$(errs)
 (
   i=0; bad=0
@@ -104,6 +70,7 @@ echo "scsi_errors_added=$(( $(errs) - e0 ))"
 echo "STEP done"
 "#,
         first = GUEST_OFF / BLOCK,
+        wait = wait_for_disk("sda"),
     )
 }
 
@@ -115,7 +82,11 @@ fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapsho
     let dir = prepare_lsi_vm(&env, "host-migrate", &guest_job());
     make_lsi_image(&dir.join("disk0.img"));
     for vm in VMS.iter().chain(&["x"]) {
-        fs::write(dir.join(format!("vm-{vm}.toml")), config(&env.kernel, vm)).unwrap();
+        fs::write(
+            dir.join(format!("vm-{vm}.toml")),
+            remote_lsi_config(&env.kernel, 256, vm),
+        )
+        .unwrap();
     }
     fs::copy(dir.join("vm-a.toml"), dir.join("vm.toml")).unwrap();
     let logs: Vec<String> = VMS

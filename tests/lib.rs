@@ -104,6 +104,52 @@ echo "SDB-HOST-END"
     )
 }
 
+/// Guest shell lines that wait (at most a minute) for the block device
+/// `/dev/<dev>`, making its node from sysfs; exit 1 without it.
+pub fn wait_for_disk(dev: &str) -> String {
+    format!(
+        r#"i=0
+while [ ! -b /dev/{dev} ] && [ $i -lt 600 ]; do
+    [ -e /sys/block/{dev}/dev ] && mknod /dev/{dev} b $(cut -d: -f1 /sys/block/{dev}/dev) $(cut -d: -f2 /sys/block/{dev}/dev)
+    sleep 0.1; i=$((i+1))
+done
+[ -b /dev/{dev} ] || {{ echo "no /dev/{dev}"; exit 1; }}
+"#
+    )
+}
+
+/// A VM of `memory_mib` with an LSI controller in a spawned remote
+/// `storage` (slot 4) whose drive is `disk0.img`; VM `name`'s console
+/// and remote logs are `console-<name>.log` and `storage-<name>.log`.
+pub fn remote_lsi_config(kernel: &Path, memory_mib: u32, name: &str) -> String {
+    format!(
+        r#"[vm]
+memory = "{memory_mib}M"
+vcpus = 2
+kernel = "{kernel}"
+initrd = "initrd.cpio"
+cmdline = "console=ttyS0 quiet"
+console-log = "console-{name}.log"
+
+[[remote]]
+id = "storage"
+log = "storage-{name}.log"
+timeout-ms = 30000
+
+[[device]]
+id = "lsi0"
+remote = "storage"
+plugin = "lsi53c895a"
+slot = 4
+
+[[device.drive]]
+file = "disk0.img"
+scsi-id = 0
+"#,
+        kernel = kernel.display()
+    )
+}
+
 /// Creates the raw image with host-written data at HOST_OFF.
 pub fn make_lsi_image(image: &Path) {
     let mut f = fs::File::create(image).unwrap();

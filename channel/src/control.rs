@@ -354,8 +354,22 @@ impl ControlClient {
     /// The device's state (`device-save`): its `save_state`, taken once
     /// its ring is drained.
     pub fn device_save(&mut self, device: &str) -> Result<Vec<u8>, ControlError> {
+        self.device_save_with(device, false)
+    }
+
+    /// [`device_save`](Self::device_save), after the device's own work in
+    /// flight finished (`quiesce`, bounded by the remote: a migration,
+    /// whose guest is stopped).
+    pub fn device_save_with(
+        &mut self,
+        device: &str,
+        quiesce: bool,
+    ) -> Result<Vec<u8>, ControlError> {
         let mut body = Map::new();
         body.insert("device".into(), json!(device));
+        if quiesce {
+            body.insert("quiesce".into(), json!(true));
+        }
         let reply = self.request("device-save", body, &[])?;
         let text = reply
             .get("state")

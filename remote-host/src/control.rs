@@ -309,7 +309,7 @@ impl Control {
         Ok(json!({}))
     }
 
-    /// `device-save {"device"}` → `{"state": HEX}`: the device's
+    /// `device-save {"device", "quiesce"?}` → `{"state": HEX}`: the device's
     /// `save_state`, once every access the VMM published on its ring has
     /// been applied (at most [`SAVE_DRAIN`]; a posted write still waiting
     /// would be missing from the state). A state too large for one
@@ -329,6 +329,16 @@ impl Control {
                     ));
                 }
                 std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+        if req.get("quiesce").and_then(Value::as_bool) == Some(true) {
+            // A migration: the guest is stopped; let the I/O it started
+            // finish, so that the state has none in flight (bounded: a
+            // device still busy then is saved as it is, and redoes its
+            // work when restored).
+            let deadline = std::time::Instant::now() + QUIESCE;
+            while entry.dev.function().is_busy() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_micros(500));
             }
         }
         let state = entry
@@ -410,6 +420,10 @@ impl Control {
         r
     }
 }
+
+/// How long `device-save {"quiesce": true}` waits for the device's own
+/// work to finish.
+const QUIESCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long `device-save` waits for the device's ring to drain.
 const SAVE_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);

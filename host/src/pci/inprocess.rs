@@ -244,6 +244,17 @@ impl PciDevice for InProcessFunction {
         Some(self.func.save_state().map_err(|e| e.message.into_string()))
     }
 
+    fn save_state_quiesced(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<std::result::Result<Vec<u8>, String>> {
+        let deadline = Instant::now() + within;
+        while self.func.is_busy() && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_micros(500));
+        }
+        self.save_state()
+    }
+
     fn restore_state(&mut self, state: &[u8]) -> Option<std::result::Result<(), String>> {
         Some(
             self.func

@@ -86,6 +86,16 @@ pub trait PciDevice: Send {
     fn save_state(&mut self) -> Option<std::result::Result<Vec<u8>, String>> {
         None
     }
+    /// [`save_state`](Self::save_state) once the device's own work in
+    /// flight finished, waiting at most `within` (a migration: the guest
+    /// is stopped).
+    fn save_state_quiesced(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<std::result::Result<Vec<u8>, String>> {
+        let _ = within;
+        self.save_state()
+    }
     /// Restores a state from [`save_state`](Self::save_state) (`None`:
     /// not a function that saves here).
     fn restore_state(&mut self, _state: &[u8]) -> Option<std::result::Result<(), String>> {

@@ -57,6 +57,15 @@ pub struct Parts<'a> {
     pub remotes: Vec<Arc<Remote>>,
 }
 
+impl Parts<'_> {
+    fn remote(&self, id: &str) -> Result<&Arc<Remote>> {
+        self.remotes
+            .iter()
+            .find(|r| r.id == id)
+            .with_context(|| format!("remote `{id}` is unknown"))
+    }
+}
+
 /// Everything but RAM and the devices' own states.
 #[derive(Serialize, Deserialize)]
 struct MachineImage {
@@ -110,7 +119,13 @@ pub fn check_savable(p: &Parts) -> Result<()> {
     Ok(())
 }
 
-/// Each device's state, in this process or from its remote.
+/// How long a device's own work in flight may take to finish before its
+/// state is taken anyway.
+const QUIESCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Each device's state, in this process or from its remote, once the I/O
+/// it had in flight finished (bounded): the vCPUs are stopped, so none
+/// starts, and the restored device has nothing to redo.
 fn device_states(p: &Parts) -> Result<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::new();
     for (slot, label) in p.bus.pci.labels() {
@@ -118,17 +133,12 @@ fn device_states(p: &Parts) -> Result<Vec<(String, Vec<u8>)>> {
             None => p
                 .bus
                 .pci
-                .with_function(slot, |d| d.save_state())
+                .with_function(slot, |d| d.save_state_quiesced(QUIESCE))
                 .flatten()
                 .unwrap_or_else(|| Err("the function keeps no state here".into())),
-            Some(rid) => {
-                let r = p
-                    .remotes
-                    .iter()
-                    .find(|r| &r.id == rid)
-                    .with_context(|| format!("remote `{rid}` is unknown"))?;
-                r.with_control(|c| c.device_save(&label.id))
-            }
+            Some(rid) => p
+                .remote(rid)?
+                .with_control(|c| c.device_save_with(&label.id, true)),
         };
         let state = state.map_err(|e| anyhow::anyhow!("saving device `{}`: {e}", label.id))?;
         out.push((label.id, state));
@@ -169,12 +179,9 @@ fn machine_image(p: &Parts) -> Result<MachineImage> {
     })
 }
 
-/// Writes the paused machine to `w`: the devices' states, the machine,
-/// then RAM.
-pub fn save(p: &Parts, w: &mut impl Write) -> Result<Saved> {
-    check_savable(p)?;
+/// Writes each device's state and the machine (the vCPUs stopped).
+fn write_devices_and_machine(p: &Parts, w: &mut impl Write) -> Result<Saved> {
     let mut saved = Saved::default();
-    stream::write_header(w)?;
     for (id, state) in device_states(p)? {
         saved.device_bytes += state.len() as u64;
         saved.devices += 1;
@@ -182,6 +189,15 @@ pub fn save(p: &Parts, w: &mut impl Write) -> Result<Saved> {
     }
     let image = serde_json::to_vec(&machine_image(p)?).context("encoding the machine")?;
     stream::write_section(w, "machine", &image)?;
+    Ok(saved)
+}
+
+/// Writes the paused machine to `w`: the devices' states, the machine,
+/// then RAM.
+pub fn save(p: &Parts, w: &mut impl Write) -> Result<Saved> {
+    check_savable(p)?;
+    stream::write_header(w)?;
+    let mut saved = write_devices_and_machine(p, w)?;
     saved.ram = ram::send_all(p.ram, w)?;
     stream::write_end(w)?;
     w.flush()?;
@@ -266,14 +282,9 @@ fn apply(p: &Parts, image: MachineImage, mut states: BTreeMap<String, Vec<u8>>) 
                 .with_function(f.slot, |d| d.restore_state(&state))
                 .flatten()
                 .unwrap_or_else(|| Err("the function keeps no state here".into())),
-            Some(rid) => {
-                let r = p
-                    .remotes
-                    .iter()
-                    .find(|r| &r.id == rid)
-                    .with_context(|| format!("remote `{rid}` is unknown"))?;
-                r.with_control(|c| c.device_restore(&f.id, &state))
-            }
+            Some(rid) => p
+                .remote(rid)?
+                .with_control(|c| c.device_restore(&f.id, &state)),
         };
         done.map_err(|e| anyhow::anyhow!("restoring device `{}`: {e}", f.id))?;
     }
@@ -409,14 +420,7 @@ fn save_live_logged(
     // The stop-and-copy pass is a round of its own (QEMU counts its last
     // bitmap sync too).
     round.rounds += 1;
-    let mut saved = Saved::default();
-    for (id, state) in device_states(p)? {
-        saved.device_bytes += state.len() as u64;
-        saved.devices += 1;
-        stream::write_section(&mut w, &format!("device/{id}"), &state)?;
-    }
-    let image = serde_json::to_vec(&machine_image(p)?).context("encoding the machine")?;
-    stream::write_section(&mut w, "machine", &image)?;
+    let mut saved = write_devices_and_machine(p, &mut w)?;
     // What was dirty at the last round, and what the vCPUs and devices
     // wrote since (up to their saved states).
     add(&mut round.sent, send_runs(p, &mut w, &pending)?);
