@@ -199,9 +199,10 @@ fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapsho
     let hop = |k: &str| {
         let h = &rep[k];
         format!(
-            "{} ms total, {} ms down, {} MiB sent in {} rounds",
+            "{} ms total, {} ms down ({}), {} MiB sent in {} rounds",
             h["total-time"],
             h["downtime"],
+            h["stop-and-copy"],
             h["ram"]["transferred"].as_u64().unwrap_or(0) >> 20,
             h["ram"]["dirty-sync-count"]
         )

@@ -101,7 +101,18 @@ def numbers(st):
     return {"total-ms": st.get("total-time"), "downtime-ms": st.get("downtime"),
             "setup-ms": st.get("setup-time"),
             "bytes": st["ram"]["transferred"] + st.get("device-state-bytes", 0),
-            "rounds": st["ram"].get("dirty-sync-count")}
+            "rounds": st["ram"].get("dirty-sync-count"),
+            "stop-and-copy": st.get("stop-and-copy")}
+
+
+async def quit_vm(qmp, proc):
+    """`quit`, the monitor closed, the process gone."""
+    await qmp.execute("quit")
+    try:
+        await qmp.disconnect()
+    except Exception:
+        pass
+    proc.wait(timeout=60)
 
 
 async def one_vmm(kind, port):
@@ -119,16 +130,14 @@ async def one_vmm(kind, port):
     save()
     qb = await connect_qmp(f"{kind}-b", sock(kind, "b"), b)
     await qb.execute("migrate-set-parameters", params)
-    await qa.execute("quit")
-    a.wait(timeout=60)
+    await quit_vm(qa, a)
     # The guest turns to disk I/O by itself after its idle minute.
     await wait_console(kind, "b", "\nio ", count=20)
     c = start(kind, "c", f"tcp:127.0.0.1:{port + 1}")
     st = await migrate(qb, f"tcp:127.0.0.1:{port + 1}")
     results["replies"][f"{kind}-io"] = numbers(st)
     save()
-    await qb.execute("quit")
-    b.wait(timeout=60)
+    await quit_vm(qb, b)
     await wait_console(kind, "c", "\nio ", count=20)
     results["replies"][f"{kind}-runs-on"] = True
     c.kill()

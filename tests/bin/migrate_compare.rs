@@ -99,17 +99,29 @@ fn run() -> Result<()> {
     let rep = &r["replies"];
     println!("migrate-compare: {MEMORY_MIB} MiB guest, TCP on loopback, downtime-limit 300 ms\n");
     println!(
-        "{:<22} {:>10} {:>12} {:>10} {:>7}",
+        "{:<12} {:>9} {:>12} {:>9} {:>7}   where our downtime went (ms)",
         "", "total ms", "downtime ms", "MiB sent", "rounds"
     );
+    let n = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     for key in ["host-idle", "qemu-idle", "host-io", "qemu-io"] {
         let m = &rep[key];
+        let s = &m["stop-and-copy"];
+        let phases = if s.is_object() {
+            format!(
+                "devices {:.0}, last RAM {:.0}, destination {:.0}",
+                n(&s["devices-ms"]),
+                n(&s["ram-ms"]),
+                n(&s["acknowledged-ms"])
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{:<22} {:>10} {:>12} {:>10.1} {:>7}",
+            "{:<12} {:>9.0} {:>12.0} {:>9.1} {:>7}   {phases}",
             key,
-            m["total-ms"],
-            m["downtime-ms"],
-            m["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+            n(&m["total-ms"]),
+            n(&m["downtime-ms"]),
+            n(&m["bytes"]) / (1 << 20) as f64,
             m["rounds"]
         );
     }

@@ -203,6 +203,15 @@ impl Monitor {
             },
             "device-state-bytes": p.device_bytes,
         });
+        if p.stopped.is_some() {
+            let s = p.round.stop_and_copy;
+            // Ours: where the downtime went.
+            v["stop-and-copy"] = json!({
+                "devices-ms": s.devices_ms,
+                "ram-ms": s.ram_ms,
+                "acknowledged-ms": s.acknowledged_ms,
+            });
+        }
         let elapsed = p
             .total_ms
             .or_else(|| p.started.map(|t| t.elapsed().as_millis()));
@@ -339,7 +348,18 @@ impl Monitor {
         w.flush()?;
         drop(w);
         lock(&self.migration.progress).device_bytes = saved.device_bytes;
-        wait_taken(&mut stream, uri)
+        let t = Instant::now();
+        let taken = wait_taken(&mut stream, uri);
+        let mut p = lock(&self.migration.progress);
+        p.round.stop_and_copy.acknowledged_ms = t.elapsed().as_secs_f64() * 1e3;
+        if std::env::var_os("HOST_STATS").is_some() {
+            let s = p.round.stop_and_copy;
+            eprintln!(
+                "host-stats: migration rounds={} stop_devices_ms={:.1} stop_ram_ms={:.1} acknowledged_ms={:.1}",
+                p.round.rounds, s.devices_ms, s.ram_ms, s.acknowledged_ms
+            );
+        }
+        taken
     }
 }
 

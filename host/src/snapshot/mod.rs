@@ -327,6 +327,24 @@ pub struct Round {
     pub dirty_bytes: u64,
     /// Stream bytes a second, measured on the last round.
     pub bytes_per_second: f64,
+    /// Where the vCPUs' stop went, once stopped.
+    pub stop_and_copy: StopAndCopy,
+}
+
+/// The stop-and-copy pass, in milliseconds.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StopAndCopy {
+    /// Quiescing and saving the devices, and the machine's state.
+    pub devices_ms: f64,
+    /// The last dirty pages, and the stream flushed.
+    pub ram_ms: f64,
+    /// From the end of the stream to the destination's acknowledgement
+    /// (it applied the stream; set by the caller).
+    pub acknowledged_ms: f64,
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// Counts what goes through.
@@ -353,8 +371,9 @@ fn add(a: &mut ram::Sent, b: ram::Sent) {
 
 fn send_runs(p: &Parts, w: &mut impl Write, runs: &[(u64, u64)]) -> Result<ram::Sent> {
     let mut sent = ram::Sent::default();
+    let mut buf = ram::buffer();
     for &(gpa, len) in runs {
-        add(&mut sent, ram::send_range(p.ram, w, gpa, len)?);
+        add(&mut sent, ram::send_range(p.ram, w, gpa, len, &mut buf)?);
     }
     Ok(sent)
 }
@@ -401,13 +420,14 @@ fn save_live_logged(
     round.stream_bytes = w.bytes;
     round.bytes_per_second = w.bytes as f64 / t.elapsed().as_secs_f64().max(1e-3);
     progress(&round);
-    let pending = loop {
+    // Each round sends what the guest dirtied during the last; once that
+    // fits the downtime (or after `max_rounds`), it is sent live one last
+    // time, and only what the guest dirties meanwhile waits for the stop.
+    loop {
         let runs = dirty::take(p)?;
         round.dirty_bytes = runs.iter().map(|r| r.1).sum();
         let budget = round.bytes_per_second * precopy.downtime.as_secs_f64();
-        if (round.dirty_bytes as f64) <= budget || round.rounds >= precopy.max_rounds {
-            break runs;
-        }
+        let last = (round.dirty_bytes as f64) <= budget || round.rounds >= precopy.max_rounds;
         let (t, before) = (std::time::Instant::now(), w.bytes);
         add(&mut round.sent, send_runs(p, &mut w, &runs)?);
         w.flush()?;
@@ -415,18 +435,24 @@ fn save_live_logged(
         round.stream_bytes = w.bytes;
         round.bytes_per_second = (w.bytes - before) as f64 / t.elapsed().as_secs_f64().max(1e-3);
         progress(&round);
-    };
+        if last {
+            break;
+        }
+    }
     stop_vcpus()?;
+    let t = std::time::Instant::now();
     // The stop-and-copy pass is a round of its own (QEMU counts its last
     // bitmap sync too).
     round.rounds += 1;
     let mut saved = write_devices_and_machine(p, &mut w)?;
-    // What was dirty at the last round, and what the vCPUs and devices
-    // wrote since (up to their saved states).
-    add(&mut round.sent, send_runs(p, &mut w, &pending)?);
+    round.stop_and_copy.devices_ms = ms(t.elapsed());
+    // What the vCPUs and devices wrote since the last round (up to their
+    // saved states).
+    let t = std::time::Instant::now();
     add(&mut round.sent, send_runs(p, &mut w, &dirty::take(p)?)?);
     stream::write_end(&mut w)?;
     w.flush()?;
+    round.stop_and_copy.ram_ms = ms(t.elapsed());
     round.stream_bytes = w.bytes;
     progress(&round);
     saved.ram = round.sent;

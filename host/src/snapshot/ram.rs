@@ -30,19 +30,30 @@ fn fd_offset(ram: &GuestRam, gpa: u64, len: u64) -> Option<u64> {
         .map(|r| r.fd_offset + (gpa - r.gpa))
 }
 
+/// A buffer for [`send_range`], made once for many ranges (a dirty round
+/// sends thousands of single pages).
+pub fn buffer() -> Vec<u8> {
+    vec![0u8; MAX_RAM_RECORD as usize]
+}
+
 /// Sends the guest pages `[gpa, gpa + len)` (page-aligned, inside one
-/// RAM region).
-pub fn send_range(ram: &GuestRam, w: &mut impl Write, gpa: u64, len: u64) -> Result<Sent> {
+/// RAM region), reading them through `buf` (from [`buffer`]).
+pub fn send_range(
+    ram: &GuestRam,
+    w: &mut impl Write,
+    gpa: u64,
+    len: u64,
+    buf: &mut [u8],
+) -> Result<Sent> {
     let Some(off) = fd_offset(ram, gpa, len) else {
         bail!("{gpa:#x}+{len:#x} is not guest RAM");
     };
     let mut sent = Sent::default();
-    let mut buf = vec![0u8; MAX_RAM_RECORD as usize];
     let mut done = 0u64;
     // A run of zero pages not yet written.
     let mut zero_run: Option<(u64, u64)> = None;
     while done < len {
-        let n = (len - done).min(u64::from(MAX_RAM_RECORD));
+        let n = (len - done).min(buf.len() as u64);
         let chunk = &mut buf[..n as usize];
         ram.memfd
             .read_at(chunk, off + done)
@@ -88,8 +99,9 @@ pub fn send_range(ram: &GuestRam, w: &mut impl Write, gpa: u64, len: u64) -> Res
 /// Sends all of guest RAM.
 pub fn send_all(ram: &GuestRam, w: &mut impl Write) -> Result<Sent> {
     let mut total = Sent::default();
+    let mut buf = buffer();
     for r in &ram.regions {
-        let s = send_range(ram, w, r.gpa, r.size)?;
+        let s = send_range(ram, w, r.gpa, r.size, &mut buf)?;
         total.data_bytes += s.data_bytes;
         total.zero_bytes += s.zero_bytes;
     }
