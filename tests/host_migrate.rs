@@ -4,9 +4,10 @@
 //! reading each back and comparing it, without pause, while the QMP
 //! driver (PyPI's `qemu.qmp`, tests/migrate_driver.py) moves it: a live
 //! migration over tcp: cancelled during pre-copy (the source runs on),
-//! then live migrations A -> B over tcp: and B -> C over unix: (each
-//! source quit after), then a snapshot of C to a file, C and its remote
-//! killed, and D started from the file, where the guest finishes. Each
+//! then live migrations A -> B over tcp:, B -> C over unix: and C -> E
+//! over tcp: (each source quit after), then a snapshot of E to a file, E
+//! and its remote killed, and D started from the file, where the guest
+//! finishes. Each
 //! VM runs its own remote process. Checked as a user would: every block
 //! read back matched, the guest made progress on every VM, the host
 //! image holds exactly the guest's last blocks, no SCSI error, every
@@ -29,7 +30,7 @@ const BLOCK: u64 = 64 << 10;
 /// Block slots the guest cycles through (32 MiB from GUEST_OFF).
 const SLOTS: u64 = 512;
 /// The VMs the guest passes through, in order.
-const VMS: [&str; 4] = ["a", "b", "c", "d"];
+const VMS: [&str; 5] = ["a", "b", "c", "e", "d"];
 
 /// The block of round `i`, as the guest makes it (`yes | head -c`).
 fn block(i: u64) -> Vec<u8> {
@@ -119,7 +120,7 @@ fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapsho
     let consoles: Vec<String> = VMS.iter().map(|vm| console(vm)).collect();
     let diag = format!(
         "{diag}\n--- console-d ---\n{}",
-        system_tests::tail_lines(&consoles[3], 40)
+        system_tests::tail_lines(&consoles[4], 40)
     );
     assert!(
         r.get("failure").is_none() && run.l1_output.contains("DRIVER-EXIT=0"),
@@ -161,7 +162,7 @@ fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapsho
     assert_eq!(rep["status-after-cancel"], "running", "{diag}");
     assert!(rep["x-exit"].as_i64().is_some_and(|c| c != 0), "{diag}");
     assert_eq!(rep["params"]["max-bandwidth"], 0, "{diag}");
-    for vm in ["b", "c"] {
+    for vm in ["b", "c", "e"] {
         let hop = &rep[format!("hop-{vm}")];
         assert_eq!(hop["status"], "completed", "hop to {vm}:\n{diag}");
         // Pre-copy then stop-and-copy, and pages the guest dirtied meanwhile
@@ -183,7 +184,7 @@ fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapsho
     }
     assert_eq!(rep["snapshot"]["status"], "completed", "{diag}");
     assert_eq!(rep["status-after-snapshot"], "postmigrate", "{diag}");
-    assert_eq!(rep["c-remotes-gone"], true, "{diag}");
+    assert_eq!(rep["e-remotes-gone"], true, "{diag}");
     assert_eq!(rep["status-d"], "running", "{diag}");
     assert_eq!(r["host-exit"], 0, "{diag}");
     // The host image holds each slot's last block.
@@ -208,9 +209,10 @@ fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapsho
         )
     };
     eprintln!(
-        "host_migrate: {rounds} rounds, per VM {per_vm:?}; tcp: {}; unix: {}; snapshot: {}",
+        "host_migrate: {rounds} rounds, per VM {per_vm:?}; tcp: {}; unix: {}; tcp: {}; snapshot: {}",
         hop("hop-b"),
         hop("hop-c"),
+        hop("hop-e"),
         hop("snapshot")
     );
     fs::remove_dir_all(&dir).ok();

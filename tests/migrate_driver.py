@@ -6,9 +6,9 @@ checksummed blocks through the remote LSI without pause; meanwhile:
 2. a live migration over tcp: to a destination (X) is cancelled during
    pre-copy (bandwidth capped so that it lasts): the source runs on and
    X, whose stream was cut, ends with an error;
-3. live migration A -> B over tcp: (loopback), B -> C over unix:, each
-   source stopped after it and then quit;
-4. C is snapshotted to a file (`migrate file:`) and killed with its
+3. live migration A -> B over tcp: (loopback), B -> C over unix:,
+   C -> E over tcp: again, each source stopped after it and then quit;
+4. E is snapshotted to a file (`migrate file:`) and killed with its
    remote; D starts from the file (`--incoming file:`);
 5. the guest is told to finish on D, and powers off.
 
@@ -161,8 +161,9 @@ async def main():
     # 3. Live: A -> B over TCP, B -> C over a UNIX socket.
     b, qb = await live_hop(a, qa, "b", "tcp:127.0.0.1:4442")
     c, qc = await live_hop(b, qb, "c", "unix:" + os.path.join(os.path.dirname(SOCK), "mig.sock"))
+    c, qc = await live_hop(c, qc, "e", "tcp:127.0.0.1:4443")
 
-    # 4. Snapshot C to a file, kill it and its remote, restore as D.
+    # 4. Snapshot E to a file, kill it and its remote, restore as D.
     await qc.execute("migrate", {"uri": "file:" + SNAP})
     r["snapshot"] = await migration_status(qc, ("completed", "failed", "cancelled"))
     r["status-after-snapshot"] = (await qc.execute("query-status"))["status"]
@@ -170,7 +171,7 @@ async def main():
     pids = await remote_pids(qc)
     c.kill()
     c.wait(timeout=60)
-    r["c-remotes-gone"] = all(gone(p) for p in pids)
+    r["e-remotes-gone"] = all(gone(p) for p in pids)
     try:
         await qc.disconnect()
     except Exception:

@@ -203,7 +203,8 @@ impl Monitor {
             },
             "device-state-bytes": p.device_bytes,
         });
-        if p.stopped.is_some() {
+        // A live migration's (a snapshot is all stop-and-copy).
+        if p.stopped.is_some() && p.round.rounds > 0 {
             let s = p.round.stop_and_copy;
             // Ours: where the downtime went.
             v["stop-and-copy"] = json!({
