@@ -1,7 +1,7 @@
 //! `host run`: builds the VM from the config and runs it to the end.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ use crate::pci::root::SlotLabel;
 use crate::pci::PciDevice;
 use crate::remote::{self, RemoteProcess};
 use crate::serial::{ConsoleOut, EventFdTrigger, ResetTrigger, SERIAL_GSI};
-use crate::snapshot::uri::{MigrationUri, TAKEN};
+use crate::snapshot::uri::{MigrationUri, GO, HANDSHAKE_TIMEOUT, TAKEN};
 use crate::supervisor::{self, DeathCause, Remote};
 use crate::{boot, cpu, reset};
 
@@ -73,17 +73,29 @@ fn lock_processes(p: &remote::Processes) -> std::sync::MutexGuard<'_, Vec<Remote
 
 /// Reads the machine from a migration stream (the vCPUs not started).
 /// Waits for the source as QEMU's `-incoming` does; once the whole stream
-/// is applied, tells the source it may end.
+/// is applied, tells the source, and runs the guest only when the source
+/// answers that it let it go.
 fn incoming_restore(parts: &crate::snapshot::Parts, uri: &MigrationUri) -> Result<()> {
     let mut stream = uri.accept()?;
     crate::snapshot::restore(
         parts,
         &mut std::io::BufReader::with_capacity(1 << 20, &mut stream),
     )?;
+    if !uri.is_live() {
+        return Ok(());
+    }
     stream
         .write_all(&[TAKEN])
+        .and_then(|()| stream.flush())
         .context("telling the source the VM is taken")?;
-    Ok(())
+    // The guest runs here only once the source has let it go.
+    stream.set_read_deadline(HANDSHAKE_TIMEOUT)?;
+    let mut go = [0u8; 1];
+    match stream.read(&mut go) {
+        Ok(1) if go[0] == GO => Ok(()),
+        Ok(_) => bail!("the source did not hand the VM over (it closed the stream)"),
+        Err(e) => bail!("the source did not hand the VM over: {e}"),
+    }
 }
 
 /// Boot timing, printed with `HOST_STATS`.

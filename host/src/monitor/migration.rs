@@ -22,12 +22,8 @@ use serde_json::{json, Map, Value};
 
 use super::{lock, Monitor};
 use crate::reset::Machine;
-use crate::snapshot::uri::{MigrationUri, Stream, TAKEN};
+use crate::snapshot::uri::{MigrationUri, Stream, GO, HANDSHAKE_TIMEOUT, TAKEN};
 use crate::snapshot::{Precopy, Round};
-
-/// How long a source waits for the destination to take the VM once the
-/// whole stream is sent.
-const TAKEN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What `query-migrate` shows.
 #[derive(Debug, Default, Clone)]
@@ -364,12 +360,21 @@ impl Monitor {
     }
 }
 
-/// Waits for the destination's [`TAKEN`] (bounded).
+/// Waits for the destination's [`TAKEN`] (bounded) and answers [`GO`]:
+/// from then on the guest is the destination's.
 fn wait_taken(stream: &mut Box<dyn Stream>, uri: &MigrationUri) -> anyhow::Result<()> {
-    stream.set_read_deadline(TAKEN_TIMEOUT)?;
+    stream.set_read_deadline(HANDSHAKE_TIMEOUT)?;
     let mut b = [0u8; 1];
     match stream.read(&mut b) {
-        Ok(1) if b[0] == TAKEN => Ok(()),
+        Ok(1) if b[0] == TAKEN => {
+            // Should this byte be lost, the destination ends and the
+            // source stays stopped ("postmigrate"): the guest runs nowhere
+            // rather than twice; `cont` runs it here again.
+            stream
+                .write_all(&[GO])
+                .and_then(|()| stream.flush())
+                .with_context(|| format!("handing the VM over to {uri}"))
+        }
         Ok(_) => bail!("the destination at {uri} did not take the VM (it closed the stream)"),
         Err(e)
             if matches!(
@@ -377,7 +382,7 @@ fn wait_taken(stream: &mut Box<dyn Stream>, uri: &MigrationUri) -> anyhow::Resul
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
-            bail!("the destination at {uri} did not answer within {TAKEN_TIMEOUT:?}")
+            bail!("the destination at {uri} did not answer within {HANDSHAKE_TIMEOUT:?}")
         }
         Err(e) => bail!("the destination at {uri} did not take the VM: {e}"),
     }

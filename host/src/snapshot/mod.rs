@@ -206,6 +206,37 @@ pub fn save(p: &Parts, w: &mut impl Write) -> Result<Saved> {
 
 /// How many device sections a stream may carry (one per PCI slot).
 const MAX_DEVICES: usize = 32;
+/// How many bytes of device state a stream may carry in all (the LSI's is
+/// about 17 KiB), so that a hostile stream cannot make the destination
+/// hold 32 sections of the largest size.
+const MAX_DEVICE_BYTES: usize = 64 << 20;
+
+/// The device states a stream brought, bounded in count and bytes.
+#[derive(Default)]
+struct DeviceStates {
+    states: BTreeMap<String, Vec<u8>>,
+    bytes: usize,
+}
+
+impl DeviceStates {
+    fn insert(&mut self, id: &str, state: Vec<u8>) -> Result<()> {
+        if self.states.contains_key(id) {
+            bail!("the snapshot has two states for device `{id}`");
+        }
+        if self.states.len() >= MAX_DEVICES {
+            bail!("the snapshot holds more than {MAX_DEVICES} device states");
+        }
+        if self.bytes + state.len() > MAX_DEVICE_BYTES {
+            bail!(
+                "the snapshot's device states exceed {} MiB",
+                MAX_DEVICE_BYTES >> 20
+            );
+        }
+        self.bytes += state.len();
+        self.states.insert(id.to_owned(), state);
+        Ok(())
+    }
+}
 
 /// Reads a snapshot from `r` into a machine just built from the same
 /// config, whose vCPUs have not run yet (or are held). RAM is written as
@@ -213,7 +244,7 @@ const MAX_DEVICES: usize = 32;
 pub fn restore(p: &Parts, r: &mut impl Read) -> Result<()> {
     stream::read_header(r)?;
     let mut image: Option<MachineImage> = None;
-    let mut states: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut states = DeviceStates::default();
     loop {
         match stream::read_record(r)? {
             Record::Ram { gpa, bytes } => ram::receive(p.ram, gpa, &bytes)?,
@@ -228,16 +259,13 @@ pub fn restore(p: &Parts, r: &mut impl Read) -> Result<()> {
                 let Some(id) = name.strip_prefix("device/") else {
                     bail!("unknown section `{name}` in the snapshot");
                 };
-                if states.len() >= MAX_DEVICES {
-                    bail!("the snapshot holds more than {MAX_DEVICES} device states");
-                }
-                states.insert(id.to_owned(), bytes);
+                states.insert(id, bytes)?;
             }
             Record::End => break,
         }
     }
     let image = image.context("the snapshot has no machine section")?;
-    apply(p, image, states)
+    apply(p, image, states.states)
 }
 
 fn apply(p: &Parts, image: MachineImage, mut states: BTreeMap<String, Vec<u8>>) -> Result<()> {
@@ -457,4 +485,29 @@ fn save_live_logged(
     progress(&round);
     saved.ram = round.sent;
     Ok(saved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_cannot_pile_up_device_states() {
+        let mut d = DeviceStates::default();
+        d.insert("lsi0", vec![0; 100]).unwrap();
+        let e = d.insert("lsi0", vec![0; 100]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the snapshot has two states for device `lsi0`"
+        );
+        let big = vec![0u8; MAX_DEVICE_BYTES / 2];
+        d.insert("a", big.clone()).unwrap();
+        let e = d.insert("b", big).unwrap_err();
+        assert!(e.to_string().contains("exceed 64 MiB"), "{e}");
+        for i in 0..MAX_DEVICES - 2 {
+            d.insert(&format!("d{i}"), Vec::new()).unwrap();
+        }
+        let e = d.insert("one-more", Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("more than 32 device states"), "{e}");
+    }
 }

@@ -181,9 +181,18 @@ impl Write for ReadOnly {
     }
 }
 
-/// The byte a destination sends once the whole stream is applied: the
-/// source may end; without it (EOF, a time-out), the source runs on.
+/// The byte a destination sends once the whole stream is applied; the
+/// source answers [`GO`] and stays stopped. Without it (EOF, a time-out)
+/// the source runs on, and sends no [`GO`].
 pub const TAKEN: u8 = 0x06;
+
+/// The source's answer to [`TAKEN`]: only with it does the destination
+/// run the guest, so that a source that gave up waiting (and runs on)
+/// and a destination that took the VM never both run it.
+pub const GO: u8 = 0x07;
+
+/// How long either side waits for the other's byte.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {
