@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{I8042Device, Serial};
 
 use crate::acpi::pm::PowerManagement;
@@ -37,18 +38,27 @@ impl Bus {
     /// console, the i8042 a fresh controller (no reset pending, no bytes
     /// queued, CTR at its default) and the CMOS its index register. A
     /// partial console line of the old boot is written out first.
+    /// Puts COM1 in `state` (its interrupt raised if the state has one
+    /// pending), writing to the same console.
+    pub fn set_com1(&self, exit: &Arc<ExitSignal>, state: &SerialState) -> anyhow::Result<()> {
+        let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let evt = s.interrupt_evt().0.try_clone()?;
+        let placeholder = Serial::new(
+            EventFdTrigger(evt.try_clone()?),
+            ConsoleOut::new(Box::new(std::io::sink()), exit.clone()),
+        );
+        let out = std::mem::replace(&mut *s, placeholder).into_writer();
+        *s = Serial::from_state(state, EventFdTrigger(evt), NoEvents, out)
+            .map_err(|e| anyhow::anyhow!("COM1's state: {e:?}"))?;
+        Ok(())
+    }
+
     pub fn reset_legacy(&self, exit: &Arc<ExitSignal>) -> anyhow::Result<()> {
         {
             let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
             let _ = s.writer_mut().finish();
-            let evt = s.interrupt_evt().0.try_clone()?;
-            let placeholder = Serial::new(
-                EventFdTrigger(evt.try_clone()?),
-                ConsoleOut::new(Box::new(std::io::sink()), exit.clone()),
-            );
-            let out = std::mem::replace(&mut *s, placeholder).into_writer();
-            *s = Serial::new(EventFdTrigger(evt), out);
         }
+        self.set_com1(exit, &SerialState::default())?;
         *self.i8042.lock().unwrap_or_else(|e| e.into_inner()) =
             Ps2Controller::new(I8042Device::new(ResetTrigger(exit.clone())));
         *self.cmos.lock().unwrap_or_else(|e| e.into_inner()) = Cmos::default();

@@ -117,6 +117,8 @@ pub struct Machine {
     pub held: std::sync::atomic::AtomicBool,
     /// Serialises resets, stops and resumes.
     pub control: Mutex<()>,
+    /// KVM's list of MSRs to save, for snapshots.
+    pub msr_indices: Vec<u32>,
 }
 
 impl Machine {
@@ -199,6 +201,7 @@ impl Machine {
             exit: &self.exit,
             vcpus: self.vcpus.iter().map(|v| v.fd.clone()).collect(),
             remotes,
+            msr_indices: &self.msr_indices,
         }
     }
 

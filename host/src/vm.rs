@@ -332,6 +332,7 @@ pub fn run(
             exit: &exit,
             vcpus: vcpu_list.iter().map(|v| v.fd.clone()).collect(),
             remotes: supervised.clone(),
+            msr_indices: &msr_indices,
         };
         incoming_restore(&parts, uri).with_context(|| format!("--incoming {uri}"))?;
         tracing::info!("restored from {uri} in {:?}", t.elapsed());
@@ -371,6 +372,7 @@ pub fn run(
         pci_irqs,
         held: std::sync::atomic::AtomicBool::new(false),
         control: Mutex::new(()),
+        msr_indices,
     };
     let machine = Arc::new(machine);
 

@@ -60,16 +60,21 @@ impl DirtyLog {
     /// The pages written since the last take, as `(gpa, len)` runs, and
     /// an empty log.
     pub fn take(&self) -> Vec<(u64, u64)> {
-        let pages = std::mem::take(&mut *self.pages());
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for p in pages {
-            match runs.last_mut() {
-                Some((start, len)) if start.checked_add(*len) == Some(p * PAGE) => *len += PAGE,
-                _ => runs.push((p * PAGE, PAGE)),
-            }
-        }
-        runs
+        runs(std::mem::take(&mut *self.pages()))
     }
+}
+
+/// Page numbers, in ascending order, as `(gpa, len)` runs of adjacent
+/// pages.
+pub fn runs(pages: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for p in pages {
+        match runs.last_mut() {
+            Some((start, len)) if start.checked_add(*len) == Some(p * PAGE) => *len += PAGE,
+            _ => runs.push((p * PAGE, PAGE)),
+        }
+    }
+    runs
 }
 
 #[cfg(test)]

@@ -525,6 +525,22 @@ impl PciFunction {
         !self.shut_down && self.device.is_busy()
     }
 
+    /// Waits until the device's background work is done
+    /// ([`is_busy`](Self::is_busy)), at most `within` (a migration, with
+    /// the guest stopped, lets its I/O in flight finish). Returns whether
+    /// it is idle. The device's own threads never need this function's
+    /// host-side lock, so holding it meanwhile is safe.
+    pub fn wait_idle(&self, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while self.is_busy() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(500));
+        }
+        true
+    }
+
     /// The device's failure message once it panicked.
     pub fn failure(&self) -> Option<String> {
         self.device

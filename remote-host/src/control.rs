@@ -336,10 +336,7 @@ impl Control {
             // finish, so that the state has none in flight (bounded: a
             // device still busy then is saved as it is, and redoes its
             // work when restored).
-            let deadline = std::time::Instant::now() + QUIESCE;
-            while entry.dev.function().is_busy() && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_micros(500));
-            }
+            entry.dev.function().wait_idle(QUIESCE);
         }
         let state = entry
             .dev

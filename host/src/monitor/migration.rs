@@ -238,16 +238,8 @@ impl Monitor {
         let result = if uri.is_live() {
             self.migrate_live(machine, &uri)
         } else {
-            machine
-                .hold()
-                .map_err(|e| anyhow::anyhow!("stopping the vCPUs: {e:#}"))
-                .and_then(|_| {
-                    lock(&self.migration.progress).stopped = Some(Instant::now());
-                    if was_running {
-                        self.events.emit("STOP", json!({}));
-                    }
-                    self.write_snapshot(machine, &uri)
-                })
+            self.stop_for_migration(machine)
+                .and_then(|()| self.write_snapshot(machine, &uri))
         };
         if result.is_err() && was_running && machine.resume() {
             self.events.emit("RESUME", json!({}));
@@ -272,6 +264,19 @@ impl Monitor {
                 self.set_status("failed");
             }
         }
+    }
+
+    /// Stops the vCPUs for the stream's last part (`STOP` if they ran) and
+    /// notes when: the downtime starts there.
+    fn stop_for_migration(&self, machine: &Machine) -> anyhow::Result<()> {
+        let was_running = machine
+            .hold()
+            .map_err(|e| anyhow::anyhow!("stopping the vCPUs: {e:#}"))?;
+        lock(&self.migration.progress).stopped = Some(Instant::now());
+        if was_running {
+            self.events.emit("STOP", json!({}));
+        }
+        Ok(())
     }
 
     fn writer<W: Write>(&self, inner: W) -> Throttled<'_, W> {
@@ -332,14 +337,7 @@ impl Monitor {
         let remotes = lock(&self.remotes).clone();
         let parts = machine.parts(remotes);
         let mut w = self.writer(BufWriter::with_capacity(1 << 20, &mut stream));
-        let stop = || {
-            machine
-                .hold()
-                .map_err(|e| anyhow::anyhow!("stopping the vCPUs: {e:#}"))?;
-            lock(&self.migration.progress).stopped = Some(Instant::now());
-            self.events.emit("STOP", json!({}));
-            Ok(())
-        };
+        let stop = || self.stop_for_migration(machine);
         let mut progress = |r: &Round| lock(&self.migration.progress).round = *r;
         let saved = crate::snapshot::save_live(&parts, &mut w, precopy, stop, &mut progress)?;
         w.flush()?;

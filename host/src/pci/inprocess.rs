@@ -248,10 +248,7 @@ impl PciDevice for InProcessFunction {
         &mut self,
         within: std::time::Duration,
     ) -> Option<std::result::Result<Vec<u8>, String>> {
-        let deadline = Instant::now() + within;
-        while self.func.is_busy() && Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_micros(500));
-        }
+        self.func.wait_idle(within);
         self.save_state()
     }
 

@@ -52,10 +52,8 @@ fn device_logs(p: &Parts, action: &str) -> Result<Vec<(u64, u64)>> {
                 }
             }
             Some(rid) => {
-                let Some(r) = p.remotes.iter().find(|r| &r.id == rid) else {
-                    continue;
-                };
-                let got = r
+                let got = p
+                    .remote(rid)?
                     .with_control(|c| c.dirty_log(&label.id, action))
                     .map_err(|e| anyhow::anyhow!("device `{}`: dirty log: {e}", label.id))?;
                 runs.extend(got);
@@ -107,22 +105,14 @@ pub fn take(p: &Parts) -> Result<Vec<(u64, u64)>> {
         let last = gpa.saturating_add(len - 1) / PAGE;
         pages.extend(gpa / PAGE..=last);
     }
-    // Runs, each within a region (device runs are the remote's word).
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for page in pages {
+    // Only guest RAM (device runs are the remote's word); RAM regions are
+    // apart (the MMIO hole lies between), so a run never spans two.
+    let in_ram = |page: &u64| {
         let gpa = page * PAGE;
-        let Some(region) = p
-            .ram
+        p.ram
             .regions
             .iter()
-            .find(|r| gpa >= r.gpa && gpa < r.gpa + r.size)
-        else {
-            continue;
-        };
-        match runs.last_mut() {
-            Some((s, l)) if *s + *l == gpa && *s >= region.gpa => *l += PAGE,
-            _ => runs.push((gpa, PAGE)),
-        }
-    }
-    Ok(runs)
+            .any(|r| gpa >= r.gpa && gpa < r.gpa + r.size)
+    };
+    Ok(plugin_api::dirty::runs(pages.into_iter().filter(in_ram)))
 }

@@ -3,14 +3,12 @@
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use vm_superio::serial::{NoEvents, SerialState};
-use vm_superio::Serial;
+use vm_superio::serial::SerialState;
 
 use crate::acpi::pm::PmState;
 use crate::bus::Bus;
 use crate::exit::ExitSignal;
 use crate::legacy::Ps2State;
-use crate::serial::{ConsoleOut, EventFdTrigger};
 
 /// vm-superio's `SerialState`, field by field (it has no serde).
 #[derive(Serialize, Deserialize)]
@@ -79,18 +77,7 @@ impl LegacyState {
             scratch: r.scr,
             in_buffer: r.rx.clone(),
         };
-        {
-            let mut s = lock(&bus.serial);
-            let evt = s.interrupt_evt().0.try_clone()?;
-            let placeholder = Serial::new(
-                EventFdTrigger(evt.try_clone()?),
-                ConsoleOut::new(Box::new(std::io::sink()), exit.clone()),
-            );
-            let out = std::mem::replace(&mut *s, placeholder).into_writer();
-            *s = Serial::from_state(&state, EventFdTrigger(evt), NoEvents, out)
-                .map_err(|e| anyhow::anyhow!("COM1's state: {e:?}"))
-                .context("restoring COM1")?;
-        }
+        bus.set_com1(exit, &state).context("restoring COM1")?;
         lock(&bus.i8042).set_state(&self.i8042);
         lock(&bus.cmos).set_index(self.cmos_index);
         match (&bus.pm, &self.pm) {

@@ -55,10 +55,13 @@ pub struct Parts<'a> {
     pub exit: &'a Arc<ExitSignal>,
     pub vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     pub remotes: Vec<Arc<Remote>>,
+    /// KVM's list of MSRs to save (KVM_GET_MSR_INDEX_LIST, read at
+    /// start-up).
+    pub msr_indices: &'a [u32],
 }
 
 impl Parts<'_> {
-    fn remote(&self, id: &str) -> Result<&Arc<Remote>> {
+    pub(crate) fn remote(&self, id: &str) -> Result<&Arc<Remote>> {
         self.remotes
             .iter()
             .find(|r| r.id == id)
@@ -100,9 +103,9 @@ fn ram_size(ram: &GuestRam) -> u64 {
 pub fn check_savable(p: &Parts) -> Result<()> {
     for (_, label) in p.bus.pci.labels() {
         let Some(rid) = &label.remote else { continue };
-        let Some(r) = p.remotes.iter().find(|r| &r.id == rid) else {
-            bail!("device `{}`: its remote `{rid}` is unknown", label.id);
-        };
+        let r = p
+            .remote(rid)
+            .with_context(|| format!("device `{}`", label.id))?;
         if r.protocol == Protocol::Mpqemu {
             bail!(
                 "device `{}` is served over mpqemu (remote `{rid}`), which has no migration: this VM cannot be saved or migrated",
@@ -148,16 +151,10 @@ fn device_states(p: &Parts) -> Result<Vec<(String, Vec<u8>)>> {
 
 /// The machine's registers and set-up (no RAM, no device state).
 fn machine_image(p: &Parts) -> Result<MachineImage> {
-    let kvm = kvm_ioctls::Kvm::new().context("opening /dev/kvm")?;
-    let msr_indices = kvm
-        .get_msr_index_list()
-        .context("KVM_GET_MSR_INDEX_LIST")?
-        .as_slice()
-        .to_vec();
     let mut vcpus = Vec::new();
     for (id, v) in p.vcpus.iter().enumerate() {
         let fd = lock(v);
-        vcpus.push(VcpuState::read(&fd, &msr_indices).with_context(|| format!("vCPU {id}"))?);
+        vcpus.push(VcpuState::read(&fd, p.msr_indices).with_context(|| format!("vCPU {id}"))?);
     }
     let mut functions = Vec::new();
     for (slot, label) in p.bus.pci.labels() {
@@ -198,7 +195,7 @@ pub fn save(p: &Parts, w: &mut impl Write) -> Result<Saved> {
     check_savable(p)?;
     stream::write_header(w)?;
     let mut saved = write_devices_and_machine(p, w)?;
-    saved.ram = ram::send_all(p.ram, w)?;
+    saved.ram = ram::send_runs(p.ram, w, &ram::all(p.ram))?;
     stream::write_end(w)?;
     w.flush()?;
     Ok(saved)
@@ -392,20 +389,6 @@ impl<W: Write> Write for Counting<'_, W> {
     }
 }
 
-fn add(a: &mut ram::Sent, b: ram::Sent) {
-    a.data_bytes += b.data_bytes;
-    a.zero_bytes += b.zero_bytes;
-}
-
-fn send_runs(p: &Parts, w: &mut impl Write, runs: &[(u64, u64)]) -> Result<ram::Sent> {
-    let mut sent = ram::Sent::default();
-    let mut buf = ram::buffer();
-    for &(gpa, len) in runs {
-        add(&mut sent, ram::send_range(p.ram, w, gpa, len, &mut buf)?);
-    }
-    Ok(sent)
-}
-
 /// A live save: all of RAM while the guest runs, then the pages it dirtied
 /// (vCPUs and devices' DMA), round after round, until the rest fits
 /// `precopy.downtime`; then `stop_vcpus`, the devices' states, the
@@ -441,23 +424,15 @@ fn save_live_logged(
     };
     let mut round = Round::default();
     stream::write_header(&mut w)?;
-    let t = std::time::Instant::now();
-    add(&mut round.sent, ram::send_all(p.ram, &mut w)?);
-    w.flush()?;
-    round.rounds = 1;
-    round.stream_bytes = w.bytes;
-    round.bytes_per_second = w.bytes as f64 / t.elapsed().as_secs_f64().max(1e-3);
-    progress(&round);
-    // Each round sends what the guest dirtied during the last; once that
-    // fits the downtime (or after `max_rounds`), it is sent live one last
-    // time, and only what the guest dirties meanwhile waits for the stop.
+    // The first round sends all of RAM; each next one what the guest
+    // dirtied during the last. Once that fits the downtime (or after
+    // `max_rounds`), it is sent live one last time, and only what the
+    // guest dirties meanwhile waits for the stop.
+    let mut runs = ram::all(p.ram);
+    let mut last = false;
     loop {
-        let runs = dirty::take(p)?;
-        round.dirty_bytes = runs.iter().map(|r| r.1).sum();
-        let budget = round.bytes_per_second * precopy.downtime.as_secs_f64();
-        let last = (round.dirty_bytes as f64) <= budget || round.rounds >= precopy.max_rounds;
         let (t, before) = (std::time::Instant::now(), w.bytes);
-        add(&mut round.sent, send_runs(p, &mut w, &runs)?);
+        round.sent += ram::send_runs(p.ram, &mut w, &runs)?;
         w.flush()?;
         round.rounds += 1;
         round.stream_bytes = w.bytes;
@@ -466,6 +441,10 @@ fn save_live_logged(
         if last {
             break;
         }
+        runs = dirty::take(p)?;
+        round.dirty_bytes = runs.iter().map(|r| r.1).sum();
+        let budget = round.bytes_per_second * precopy.downtime.as_secs_f64();
+        last = (round.dirty_bytes as f64) <= budget || round.rounds >= precopy.max_rounds;
     }
     stop_vcpus()?;
     let t = std::time::Instant::now();
@@ -477,7 +456,7 @@ fn save_live_logged(
     // What the vCPUs and devices wrote since the last round (up to their
     // saved states).
     let t = std::time::Instant::now();
-    add(&mut round.sent, send_runs(p, &mut w, &dirty::take(p)?)?);
+    round.sent += ram::send_runs(p.ram, &mut w, &dirty::take(p)?)?;
     stream::write_end(&mut w)?;
     w.flush()?;
     round.stop_and_copy.ram_ms = ms(t.elapsed());

@@ -32,7 +32,7 @@ fn fd_offset(ram: &GuestRam, gpa: u64, len: u64) -> Option<u64> {
 
 /// A buffer for [`send_range`], made once for many ranges (a dirty round
 /// sends thousands of single pages).
-pub fn buffer() -> Vec<u8> {
+fn buffer() -> Vec<u8> {
     vec![0u8; MAX_RAM_RECORD as usize]
 }
 
@@ -96,16 +96,27 @@ pub fn send_range(
     Ok(sent)
 }
 
-/// Sends all of guest RAM.
-pub fn send_all(ram: &GuestRam, w: &mut impl Write) -> Result<Sent> {
-    let mut total = Sent::default();
-    let mut buf = buffer();
-    for r in &ram.regions {
-        let s = send_range(ram, w, r.gpa, r.size, &mut buf)?;
-        total.data_bytes += s.data_bytes;
-        total.zero_bytes += s.zero_bytes;
+impl std::ops::AddAssign for Sent {
+    fn add_assign(&mut self, b: Sent) {
+        self.data_bytes += b.data_bytes;
+        self.zero_bytes += b.zero_bytes;
     }
-    Ok(total)
+}
+
+/// Every RAM region, as `(gpa, len)` runs.
+pub fn all(ram: &GuestRam) -> Vec<(u64, u64)> {
+    ram.regions.iter().map(|r| (r.gpa, r.size)).collect()
+}
+
+/// Sends the guest pages of `runs` (each inside one RAM region), through
+/// one buffer.
+pub fn send_runs(ram: &GuestRam, w: &mut impl Write, runs: &[(u64, u64)]) -> Result<Sent> {
+    let mut sent = Sent::default();
+    let mut buf = buffer();
+    for &(gpa, len) in runs {
+        sent += send_range(ram, w, gpa, len, &mut buf)?;
+    }
+    Ok(sent)
 }
 
 /// Writes a RAM record's bytes at `gpa`.
