@@ -23,6 +23,8 @@
 //! # heartbeat-ms = 250           # supervision: period ...
 //! # timeout-ms = 1000            # ... and how long any wait may take
 //! # sandbox = true               # remote-host's seccomp filter
+//! # jail = true                  # its own namespaces and file view
+//! # user = "nobody"              # run as (a remote started as root)
 //!
 //! [[device]]
 //! id = "lsi0"
@@ -262,6 +264,15 @@ pub struct RemoteConfig {
     /// Whether `remote-host` confines itself with its seccomp filter once
     /// its devices are built (default true; see remote-host's `sandbox`).
     pub sandbox: bool,
+    /// `jail`: whether `remote-host` enters its own mount, network and
+    /// IPC namespaces with a file view of its config's directory, plugin
+    /// and library directories only (remote-host's `jail` module). `None`
+    /// (not set): where the machine allows, with a warning where not;
+    /// `true`: required (the remote fails to start without); `false`: off.
+    pub jail: Option<bool>,
+    /// `user`: a user (`name`, `uid` or `uid:gid`) the remote becomes once
+    /// jailed; needs the remote to start as root.
+    pub user: Option<String>,
     /// Whether BAR accesses to this remote's devices go through the
     /// shared-memory access ring (`fast-path`, default true) when the
     /// remote is ours (spawned, with a control channel); otherwise, and
@@ -585,6 +596,16 @@ fn parse_remote(
     let heartbeat_ms = t.integer_in("heartbeat-ms", 10..=60_000, Some(250))?.value as u64;
     let timeout_ms = t.integer_in("timeout-ms", 10..=600_000, Some(1000))?.value as u64;
     let sandbox = t.opt_bool("sandbox")?.is_none_or(|b| b.value);
+    let jail = t.opt_bool("jail")?.map(|b| b.value);
+    let user = match t.opt_string("user")? {
+        Some(u) if u.value.trim().is_empty() => {
+            return Err(t.error(
+                u.span.clone(),
+                "user must name a user, a uid or uid:gid".into(),
+            ))
+        }
+        u => u.map(|u| u.value),
+    };
     let fast_path = t.opt_bool("fast-path")?.is_none_or(|b| b.value);
     let doorbells = t.opt_bool("doorbells")?.is_none_or(|b| b.value);
     let restart = match t.opt_string("restart")? {
@@ -602,6 +623,8 @@ fn parse_remote(
         heartbeat_ms,
         timeout_ms,
         sandbox,
+        jail,
+        user,
         fast_path,
         doorbells,
         restart,

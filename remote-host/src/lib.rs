@@ -13,6 +13,7 @@ pub mod control;
 pub mod devices;
 pub mod dialect;
 pub mod irq;
+pub mod jail;
 pub mod logging;
 pub mod memory;
 pub mod new_plugin;

@@ -86,6 +86,11 @@ enum Command {
         /// ptrace, mounts and the like once the devices are built).
         #[arg(long)]
         no_sandbox: bool,
+        /// Do not enter the jail (see `jail = false` in the remote's
+        /// config: its own namespaces and a file view of its config's,
+        /// plugins' and libraries' directories only).
+        #[arg(long)]
+        no_jail: bool,
     },
 }
 
@@ -115,6 +120,71 @@ fn load_remote(config: &Path, remote: &str) -> anyhow::Result<Config> {
         );
     }
     Ok(cfg)
+}
+
+/// Enters the jail (`jail`: `None` where the machine allows, `Some(true)`
+/// required, `Some(false)` off) with the remote's view: its config's
+/// directory and socket directory read-write, its plugin directories (and
+/// those of plugins named by path) and the system's libraries read-only.
+fn enter_jail(
+    jail: Option<bool>,
+    user: Option<&str>,
+    cfg: &Config,
+    remote: &str,
+    plugin_dirs: &[PathBuf],
+    socket: Option<&Path>,
+) -> anyhow::Result<()> {
+    use remote_host::jail::{self, Identity, JailError, View, SYSTEM_LIBRARIES};
+    if jail == Some(false) {
+        if user.is_some() {
+            anyhow::bail!("remote `{remote}`: `user` needs the jail (`jail = false` is set)");
+        }
+        return Ok(());
+    }
+    // A change of user is never skipped: it makes the jail required.
+    let required = jail == Some(true) || user.is_some();
+    let identity = user
+        .map(Identity::parse)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("remote `{remote}`: {e}"))?;
+    let mut view = View {
+        read_write: vec![cfg.base_dir.clone()],
+        read_only: plugin_dirs.to_vec(),
+    };
+    // The socket directory (made later, inside the jail, if missing).
+    if let Some(s) = socket {
+        let dir = if s.is_dir() { Some(s) } else { s.parent() };
+        view.read_write.extend(dir.map(Path::to_path_buf));
+    }
+    for d in cfg.devices_of_remote(remote) {
+        if config::is_plugin_path(&d.plugin) {
+            view.read_only
+                .extend(Path::new(&d.plugin).parent().map(Path::to_path_buf));
+        }
+    }
+    view.read_only
+        .extend(SYSTEM_LIBRARIES.iter().map(PathBuf::from));
+    match jail::enter(&view, identity) {
+        Ok(e) => {
+            let shown: Vec<String> = e
+                .visible
+                .iter()
+                .map(|(p, w)| format!("{}{}", p.display(), if *w { " (rw)" } else { "" }))
+                .collect();
+            tracing::info!(
+                user_namespace = e.user_namespace,
+                user = user.unwrap_or("unchanged"),
+                "jail: own mount, network and IPC namespaces; visible: {}",
+                shown.join(", ")
+            );
+            Ok(())
+        }
+        Err(e @ JailError::Unshare { .. }) if !required => {
+            tracing::warn!("jail not entered ({e}); set `jail = false` to silence this");
+            Ok(())
+        }
+        Err(e) => Err(anyhow::anyhow!("remote `{remote}`: {e}")),
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -205,6 +275,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             plugin_dirs,
             poll_us,
             no_sandbox,
+            no_jail,
         } => {
             let cfg = load_remote(&config, &remote)?;
             let rcfg = cfg.remote(&remote).cloned();
@@ -215,7 +286,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .unwrap_or(Protocol::VfioUser);
             // mpqemu carries no MSI-X: its devices are presented without.
             devices::set_msix(protocol != Protocol::Mpqemu);
-            let dirs = devices::plugin_dirs(&cfg, &remote, &plugin_dirs);
+            // Absolute paths: in the jail the current directory may be `/`.
+            let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+            let dirs: Vec<PathBuf> = devices::plugin_dirs(&cfg, &remote, &plugin_dirs)
+                .into_iter()
+                .map(absolute)
+                .collect();
+            let socket = socket.map(absolute);
+            // Before the devices: their plugins start threads, and
+            // namespaces are per process only while it has one.
+            let jail = if no_jail {
+                Some(false)
+            } else {
+                rcfg.as_ref().and_then(|r| r.jail)
+            };
+            let user = rcfg.as_ref().and_then(|r| r.user.as_deref());
+            enter_jail(jail, user, &cfg, &remote, &dirs, socket.as_deref())?;
             let (devs, failed) = devices::build(&cfg, &remote, &dirs);
             tracing::info!(
                 remote = %remote,

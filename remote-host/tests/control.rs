@@ -13,6 +13,7 @@ use common::*;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -282,22 +283,39 @@ fn a_stopped_remote_times_out_and_answers_after_sigcont() {
 }
 
 /// What the `escapes` fixture managed from inside the remote: running a
-/// program, opening a network socket, opening a UNIX socketpair (1 worked,
-/// 2 refused).
-fn escape_attempts(extra: &[&str]) -> [u32; 3] {
+/// program, connecting to a TCP port of this machine, opening a UNIX socketpair, reading a
+/// file outside the remote's config directory, connecting to an abstract
+/// UNIX socket of this machine (1 worked, 2 refused).
+fn escape_attempts(extra: &[&str]) -> [u32; 5] {
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    std::fs::write(&secret, b"key").unwrap();
+    let name = format!(
+        "remote-host-escape-test-{}-{}",
+        std::process::id(),
+        extra.len()
+    );
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
     let (_remote, mut ctl) = Remote::start(extra);
     let (ours, theirs) = UnixStream::pair().unwrap();
+    let settings = format!(
+        "tcp-port = {port}\nsecret = {:?}\nabstract-socket = {name:?}\n",
+        secret.display().to_string()
+    );
     ctl.device_add(
         "esc",
         "faulty-plugin",
         Some("escapes"),
         3,
-        "",
+        &settings,
         OwnedFd::from(theirs),
     )
     .unwrap();
     let mut c = vfio_client(ours);
-    [0u64, 4, 8].map(|off| {
+    [0u64, 4, 8, 12, 16].map(|off| {
         let mut v = [0u8; 4];
         c.region_read(0, off, &mut v).unwrap();
         u32::from_le_bytes(v)
@@ -306,13 +324,25 @@ fn escape_attempts(extra: &[&str]) -> [u32; 3] {
 
 #[test]
 fn the_sandbox_refuses_programs_and_network_sockets_to_a_device() {
-    // Sandboxed (the default): exec and an IP socket are refused; what a
-    // device needs (UNIX sockets, here) still works, and the device keeps
-    // answering after its attempts fail.
-    assert_eq!(escape_attempts(&[]), [2, 2, 1]);
-    // The same plugin without the sandbox: everything works. (So the
-    // refusals above are the sandbox's, not the fixture's.)
-    assert_eq!(escape_attempts(&["--no-sandbox"]), [1, 1, 1]);
+    // Sandboxed and jailed (the default): exec and IP sockets are
+    // refused, files outside the remote's view and the machine's abstract
+    // sockets are out of reach; what a device needs (UNIX sockets, here)
+    // still works, and the device keeps answering after its attempts fail.
+    assert_eq!(escape_attempts(&[]), [2, 2, 1, 2, 2]);
+    // The jail alone: no program to run (none in its view), no way to
+    // this machine's network (its namespace has its own, down, loopback),
+    // files and abstract sockets out
+    // of reach as above.
+    assert_eq!(escape_attempts(&["--no-sandbox"]), [2, 2, 1, 2, 2]);
+    // The seccomp filter alone: exec and IP sockets refused; the files and
+    // sockets of the machine reachable.
+    assert_eq!(escape_attempts(&["--no-jail"]), [2, 2, 1, 1, 1]);
+    // Neither: everything works. (So the refusals above are the sandbox's
+    // and the jail's, not the fixture's.)
+    assert_eq!(
+        escape_attempts(&["--no-sandbox", "--no-jail"]),
+        [1, 1, 1, 1, 1]
+    );
 }
 
 #[test]

@@ -247,7 +247,20 @@ fn run_host(
         std::thread::sleep(Duration::from_millis(100));
     }
     let cpu = watch.finish();
+    let status = child.wait()?;
     let text = fs::read_to_string(&console)?;
+    // A guest lost after its job's end (a triple fault on the way to power
+    // off) is a loss too: the VMM says so in its exit code and its crash
+    // report.
+    if !status.success() {
+        let log =
+            fs::read_to_string(dir.join(format!("{}-host.log", v.name()))).unwrap_or_default();
+        bail!(
+            "host exited with {status}:\n{}\n--- console (tail) ---\n{}",
+            system_tests::tail_lines(&log, 120),
+            system_tests::tail_lines(&text, 10)
+        );
+    }
     let r = testenv::parse_console(&text).with_context(|| {
         format!(
             "no job result on the console:\n{}",

@@ -83,9 +83,12 @@ pub const IRQ_SET_ACTION_TYPE_MASK: u32 = 0x38;
 pub const DMA_MAP_FLAG_READ: u32 = 1 << 0;
 pub const DMA_MAP_FLAG_WRITE: u32 = 1 << 1;
 
-/// DMA_UNMAP flags.
-pub const DMA_UNMAP_FLAG_GET_DIRTY_PAGE_INFO: u32 = 1 << 1;
-pub const DMA_UNMAP_FLAG_ALL: u32 = 1 << 2;
+/// DMA_UNMAP flags, as the spec takes them from Linux's `vfio.h`
+/// (`VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP`, `VFIO_DMA_UNMAP_FLAG_ALL`) and
+/// as libvfio-user and QEMU's client use them. (rust-vmm's `vfio-user`
+/// 0.1 has them one bit higher; its client never sends them.)
+pub const DMA_UNMAP_FLAG_GET_DIRTY_BITMAP: u32 = 1 << 0;
+pub const DMA_UNMAP_FLAG_ALL: u32 = 1 << 1;
 
 /// Default `max_data_xfer_size` (spec default, 1 MiB).
 pub const DEFAULT_MAX_DATA_XFER: u32 = 1 << 20;

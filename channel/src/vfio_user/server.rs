@@ -32,7 +32,7 @@ use super::messages::{
     RegionInfo, Request, SetIrqs, Version,
 };
 use super::{
-    DEFAULT_MAX_DATA_XFER, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_FLAG_GET_DIRTY_PAGE_INFO, HEADER_SIZE,
+    DEFAULT_MAX_DATA_XFER, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, HEADER_SIZE,
     IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_TYPE_MASK, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE,
     IRQ_SET_DATA_TYPE_MASK, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE, VERSION_MAJOR,
     VERSION_MINOR,
@@ -445,7 +445,7 @@ fn dma_unmap<D: VfioUserDevice + ?Sized>(
     u: &DmaUnmap,
     tx: &mut Vec<u8>,
 ) -> Result<(), DeviceError> {
-    if u.flags & DMA_UNMAP_FLAG_GET_DIRTY_PAGE_INFO != 0 {
+    if u.flags & DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0 {
         return Err(DeviceError::unsupported("dirty page tracking"));
     }
     if u.flags & !DMA_UNMAP_FLAG_ALL != 0 {

@@ -143,6 +143,10 @@ impl VfioUserDevice for TestDevice {
     }
 
     fn dma_unmap(&mut self, unmap: &DmaUnmap) -> Result<(), DeviceError> {
+        if unmap.flags & DMA_UNMAP_FLAG_ALL != 0 {
+            self.maps.clear();
+            return Ok(());
+        }
         let before = self.maps.len();
         self.maps
             .retain(|(m, _)| !(m.addr == unmap.addr && m.size == unmap.size));
@@ -353,6 +357,54 @@ fn dma_through_a_memfd_and_interrupt_eventfd() {
     let d = dev.lock().expect("lock");
     assert!(d.maps.is_empty(), "disconnect drops the maps");
     assert_eq!(&d.bar0[0x80..0x90], b"0123456789abcdef", "state kept");
+}
+
+/// DMA_UNMAP with the flag values on the wire that Linux's `vfio.h`, the
+/// spec, libvfio-user and QEMU's client use: 2 unmaps everything (QEMU's
+/// client sends it when it lets a device go), 1 asks for a dirty bitmap
+/// (not offered: ENOTSUP), anything else is refused.
+#[test]
+fn dma_unmap_flags_as_the_spec_numbers_them() {
+    let dev = Arc::new(Mutex::new(TestDevice::new()));
+    let (mut c, _t) = client(&dev);
+    let mem = memfd(0x10000);
+    c.dma_map(0x4000_0000, 0x8000, mem.as_fd(), 0).expect("map");
+    c.dma_map(0x5000_0000, 0x8000, mem.as_fd(), 0x8000)
+        .expect("map");
+    let unmap = |c: &mut VfioUserClient, id: u16, flags: u32| -> Header {
+        let mut m = raw_header(Command::DmaUnmap as u16, 16 + 24, 0);
+        m[0] = id as u8;
+        DmaUnmap {
+            argsz: 24,
+            flags,
+            addr: 0,
+            size: 0,
+        }
+        .encode(&mut m);
+        c.send_raw(&m).expect("send");
+        let mut reply = [0u8; 16];
+        let mut s = c.socket();
+        s.read_exact(&mut reply).expect("reply");
+        let h = Header::parse(&reply).expect("header");
+        if !h.is_error() {
+            let mut body = [0u8; 24];
+            s.read_exact(&mut body).expect("reply body");
+        }
+        h
+    };
+    let h = unmap(&mut c, 0x31, 1);
+    assert!(h.is_error(), "a dirty bitmap was not asked for");
+    assert_eq!(h.error, libc::ENOTSUP as u32);
+    assert_eq!(dev.lock().expect("lock").maps.len(), 2);
+    let h = unmap(&mut c, 0x32, 4);
+    assert!(h.is_error(), "an unknown flag is refused");
+    assert_eq!(h.error, libc::EINVAL as u32);
+    let h = unmap(&mut c, 0x33, 2);
+    assert!(!h.is_error(), "unmap-all refused: error {}", h.error);
+    assert_eq!(h.msg_id, 0x33);
+    assert!(dev.lock().expect("lock").maps.is_empty());
+    // The channel goes on.
+    c.region_read(0, 0, &mut [0u8; 4]).expect("read after");
 }
 
 fn raw_header(cmd: u16, size: u32, flags: u32) -> Vec<u8> {

@@ -8,8 +8,12 @@
 //!   written at offset 8: one bad request, as a guest could send a buggy
 //!   plugin.
 //! - `escapes`: a device whose BAR reads try what a subverted device would
-//!   (run a program, open a network socket), and a UNIX socketpair as a
-//!   control: each read returns 1 if the attempt worked, 2 if refused.
+//!   (offset 0: run a program, 4: connect to 127.0.0.1 at the TCP port
+//!   its `tcp-port` setting names, 12: read the
+//!   file its `secret` setting names, 16: connect to the abstract UNIX
+//!   socket its `abstract-socket` setting names), and a UNIX socketpair
+//!   as a control (8): each read returns 1 if the attempt worked, 2 if
+//!   refused.
 #![allow(clippy::panic)]
 
 use plugin_api::{BarDesc, Device, DeviceDesc, Host, PciIdentity};
@@ -114,19 +118,40 @@ impl Device for PanicsOnMagic {
     }
 }
 
-fn escapes(_settings: &str, _host: Host) -> Result<Box<dyn Device>, String> {
-    Ok(Box::new(Escapes))
+fn escapes(settings: &str, _host: Host) -> Result<Box<dyn Device>, String> {
+    Ok(Box::new(Escapes(plugin_api::settings(settings)?)))
 }
 
-struct Escapes;
+#[derive(plugin_api::Deserialize, Default)]
+#[serde(
+    crate = "plugin_api::serde",
+    deny_unknown_fields,
+    rename_all = "kebab-case"
+)]
+struct EscapeTargets {
+    #[serde(default)]
+    tcp_port: u16,
+    #[serde(default)]
+    secret: String,
+    #[serde(default)]
+    abstract_socket: String,
+}
+
+struct Escapes(EscapeTargets);
 
 impl Escapes {
     /// 1: it worked; 2: it was refused.
-    fn attempt(offset: u64) -> u32 {
+    fn attempt(&self, offset: u64) -> u32 {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixStream};
         let worked = match offset {
             0 => std::process::Command::new("/bin/true").status().is_ok(),
-            4 => std::net::UdpSocket::bind("127.0.0.1:0").is_ok(),
-            _ => std::os::unix::net::UnixStream::pair().is_ok(),
+            4 => std::net::TcpStream::connect(("127.0.0.1", self.0.tcp_port)).is_ok(),
+            12 => std::fs::read(&self.0.secret).is_ok(),
+            16 => SocketAddr::from_abstract_name(&self.0.abstract_socket)
+                .and_then(|a| UnixStream::connect_addr(&a))
+                .is_ok(),
+            _ => UnixStream::pair().is_ok(),
         };
         if worked {
             1
@@ -142,7 +167,7 @@ impl Device for Escapes {
     }
 
     fn bar_read(&mut self, _bar: u8, offset: u64, data: &mut [u8]) {
-        let v = Self::attempt(offset).to_le_bytes();
+        let v = self.attempt(offset).to_le_bytes();
         let n = data.len().min(4);
         data[..n].copy_from_slice(&v[..n]);
     }
