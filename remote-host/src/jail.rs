@@ -2,7 +2,8 @@
 //! user namespace when it does not start as root), with a root file system
 //! that holds only what serving its devices takes, each at its own path:
 //! the config's directory and the socket directory (read-write: drives and
-//! plugins added at run time are found there), the plugin directories and
+//! plugins added at run time are found there), the paths the devices'
+//! settings name ([`paths_in_settings`]), the plugin directories and
 //! the system's library directories (read-only: `device-add` loads a
 //! plugin with the dynamic loader), and `/dev/null`, `/dev/zero`,
 //! `/dev/urandom`. Everything else of the machine (other VMs' images, the
@@ -144,6 +145,34 @@ fn lookup(
     let mut out: *mut libc::passwd = std::ptr::null_mut();
     let r = f(&mut pw, buf.as_mut_ptr(), buf.len(), &mut out);
     (r == 0 && !out.is_null()).then_some((pw.pw_uid, pw.pw_gid))
+}
+
+/// The paths a device's settings name outside its config's directory
+/// (every string value that is an absolute path, at any depth): a file
+/// that exists is shown itself (a drive's image), anything else through
+/// its directory (a socket or a file the device makes).
+pub fn paths_in_settings(settings: &str) -> Vec<PathBuf> {
+    fn walk(v: &toml::Value, out: &mut Vec<PathBuf>) {
+        match v {
+            toml::Value::String(s) if s.starts_with('/') => {
+                let p = Path::new(s);
+                if p.is_file() {
+                    out.push(p.to_path_buf());
+                } else if let Some(dir) = p.parent().filter(|d| d.is_dir() && *d != Path::new("/"))
+                {
+                    out.push(dir.to_path_buf());
+                }
+            }
+            toml::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            toml::Value::Table(t) => t.values().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(t) = settings.parse::<toml::Table>() {
+        t.values().for_each(|v| walk(v, &mut out));
+    }
+    out
 }
 
 /// What [`enter`] did.

@@ -161,6 +161,7 @@ fn enter_jail(
             view.read_only
                 .extend(Path::new(&d.plugin).parent().map(Path::to_path_buf));
         }
+        view.read_write.extend(jail::paths_in_settings(&d.settings));
     }
     view.read_only
         .extend(SYSTEM_LIBRARIES.iter().map(PathBuf::from));

@@ -236,6 +236,12 @@ impl PciDevice for InProcessFunction {
         Some(v)
     }
 
+    fn signal_msix(&mut self, vector: u16) {
+        if let Some(m) = self.msix() {
+            m.signal(vector);
+        }
+    }
+
     fn dirty_log(&self) -> Option<Arc<plugin_api::dirty::DirtyLog>> {
         Some(self.dirty.clone())
     }

@@ -72,6 +72,10 @@ pub trait PciDevice: Send {
     /// Takes over the MSI-X of the function this one replaces: the guest
     /// sees no change to its table, its enable or its masks.
     fn adopt_msix(&mut self, _msix: msix::MsixRouter) {}
+    /// Signals MSI-X vector `vector` as the device would: delivered now if
+    /// the guest left it unmasked, else pending until it unmasks it. For a
+    /// snapshot's vectors that were pending when it was taken.
+    fn signal_msix(&mut self, _vector: u16) {}
     /// Drops the function's KVM ioeventfds (it is being replaced, and its
     /// successor registers the same addresses).
     fn release_doorbells(&mut self) {}

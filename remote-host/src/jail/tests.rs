@@ -261,3 +261,23 @@ fn identities_parse_from_names_and_numbers() {
         .contains("no such user"));
     assert!(Identity::parse("1:x").unwrap_err().contains("not a gid"));
 }
+
+#[test]
+fn the_paths_a_device_names_are_found_in_its_settings() {
+    let d = Dirs::new();
+    let image = d.ro.path().join("b");
+    let socket = d.rw.path().join("port.sock");
+    let settings = format!(
+        "output = \"relative.out\"\nsocket = {:?}\n[[drive]]\nfile = {:?}\nscsi-id = 0\n[[drive]]\nfile = \"/no/such/dir/x.img\"\n",
+        socket.display().to_string(),
+        image.display().to_string()
+    );
+    // The image itself; the socket (not made yet) through its directory;
+    // relative paths are the config directory's, a missing directory none.
+    let mut found = paths_in_settings(&settings);
+    found.sort();
+    let mut want = vec![d.rw.path().to_path_buf(), image];
+    want.sort();
+    assert_eq!(found, want);
+    assert!(paths_in_settings("not toml [").is_empty());
+}

@@ -518,6 +518,12 @@ impl PciDevice for ProxyFunction {
         self.msix.take()
     }
 
+    fn signal_msix(&mut self, vector: u16) {
+        if let Some(m) = &self.msix {
+            m.signal(vector);
+        }
+    }
+
     fn release_doorbells(&mut self) {
         if let Some(d) = self.doorbells.as_mut() {
             d.release();
