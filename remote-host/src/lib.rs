@@ -12,6 +12,8 @@
 pub mod control;
 pub mod devices;
 pub mod dialect;
+#[cfg(test)]
+mod forked;
 pub mod irq;
 pub mod jail;
 pub mod logging;

@@ -300,21 +300,7 @@ mod tests {
     /// Runs `f` in a forked child with the sandbox entered; returns what
     /// the child exits with.
     fn in_sandboxed_child(f: fn() -> i32) -> i32 {
-        // SAFETY: the child only makes raw system calls and `_exit`s; it
-        // never returns into the test harness.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork");
-        if pid == 0 {
-            let code = if enter().is_ok() { f() } else { 100 };
-            // SAFETY: ends the child without running the parent's atexit
-            // handlers or destructors.
-            unsafe { libc::_exit(code) };
-        }
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(libc::WIFEXITED(status), "child status {status:#x}");
-        libc::WEXITSTATUS(status)
+        crate::forked::in_child(|| if enter().is_ok() { f() } else { 100 })
     }
 
     fn errno() -> i32 {

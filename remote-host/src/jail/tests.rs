@@ -9,24 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 
 use super::*;
-
-/// Runs `f` in a forked child; returns what it exits with.
-fn in_child(f: impl FnOnce() -> i32) -> i32 {
-    // SAFETY: the child runs `f` and `_exit`s; it never returns into the
-    // test harness.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork");
-    if pid == 0 {
-        let code = f();
-        // SAFETY: ends the child without the parent's destructors.
-        unsafe { libc::_exit(code) };
-    }
-    let mut status = 0;
-    // SAFETY: waits for our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert!(libc::WIFEXITED(status), "child status {status:#x}");
-    libc::WEXITSTATUS(status)
-}
+use crate::forked::in_child;
 
 fn is_root() -> bool {
     // SAFETY: reads this process's effective uid.
