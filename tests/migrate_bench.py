@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The migration benchmark's driver (tests/bin/migrate_compare.rs,
-scripts/bench-migrate), run inside the nested L1. For our VMM and for
-QEMU 7.2 with its in-process LSI, the same guest (same memory, same
-initramfs, same disk image) is migrated live over TCP on loopback
+scripts/bench-migrate), run inside the nested L1. For our VMM (the LSI
+in a remote), our VMM with the LSI in its own process, and QEMU 7.2 with
+its in-process LSI, the same guest (same memory, same initramfs, same
+disk image) is migrated live over TCP on loopback
 twice: while idle, then while writing with direct I/O; records
 `query-migrate`'s total time, downtime and bytes, and checks the guest
 runs on at the destination. Then QEMU's multi-process pair
@@ -60,10 +61,13 @@ LSI = ["-device", "lsi53c895a,id=lsi0",
 
 
 def start(kind, name, incoming=None):
-    extra = ["--incoming", incoming] if (incoming and kind == "host") else []
-    if kind == "host":
-        return spawn_host(os.path.join(DIR, f"vm-{name}.toml"), sock(kind, name), extra)
-    return qemu(name, LSI + (["-incoming", incoming] if incoming else []))
+    """`host`: our VMM, the LSI in a remote; `inproc`: our VMM, the LSI in
+    its process; `qemu`: QEMU 7.2 with its LSI."""
+    if kind == "qemu":
+        return qemu(name, LSI + (["-incoming", incoming] if incoming else []))
+    extra = ["--incoming", incoming] if incoming else []
+    config = f"vm-{name}.toml" if kind == "host" else f"vm-{kind}-{name}.toml"
+    return spawn_host(os.path.join(DIR, config), sock(kind, name), extra)
 
 
 async def wait_console(kind, name, needle, count=1, timeout=600.0):
@@ -175,6 +179,7 @@ async def qemu_mp():
 
 async def main():
     await one_vmm("host", 4450)
+    await one_vmm("inproc", 4455)
     await one_vmm("qemu", 4460)
     await qemu_mp()
 

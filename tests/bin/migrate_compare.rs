@@ -1,7 +1,8 @@
 //! `migrate-compare`: live migration of the same guest (256 MiB, 2 vCPUs,
 //! the same initramfs and disk image) over TCP on loopback, by our VMM
-//! (the LSI in a remote; the destination has its own remote) and by QEMU
-//! 7.2 with its in-process LSI (the anchor), under a real KVM: run it
+//! (`host`: the LSI in a remote; the destination has its own remote), by
+//! our VMM with the LSI in its own process (`inproc`) and by QEMU 7.2 with
+//! its in-process LSI (the anchors), under a real KVM: run it
 //! inside the nested-KVM L1 (`scripts/bench-migrate`). Each is migrated
 //! twice: while the guest is idle, and while it writes 64 KiB blocks with
 //! direct I/O. The table gives `query-migrate`'s total time, downtime
@@ -39,6 +40,32 @@ done
 "#
 }
 
+/// Our VMM with the same LSI and drive in its own process (the anchor
+/// for what the remote adds).
+fn in_process_lsi_config(kernel: &Path, name: &str) -> String {
+    format!(
+        r#"[vm]
+memory = "{MEMORY_MIB}M"
+vcpus = 2
+kernel = "{kernel}"
+initrd = "initrd.cpio"
+cmdline = "console=ttyS0 quiet"
+console-log = "console-{name}.log"
+
+[[device]]
+id = "lsi0"
+in-process = true
+plugin = "lsi53c895a"
+slot = 4
+
+[[device.drive]]
+file = "disk0.img"
+scsi-id = 0
+"#,
+        kernel = kernel.display()
+    )
+}
+
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,6 +92,10 @@ fn run() -> Result<()> {
         fs::write(
             dir.join(format!("vm-{name}.toml")),
             remote_lsi_config(&env.kernel, MEMORY_MIB, &format!("host-{name}")),
+        )?;
+        fs::write(
+            dir.join(format!("vm-inproc-{name}.toml")),
+            in_process_lsi_config(&env.kernel, &format!("inproc-{name}")),
         )?;
     }
     fs::copy(dir.join("vm-a.toml"), dir.join("vm.toml"))?;
@@ -103,7 +134,14 @@ fn run() -> Result<()> {
         "", "total ms", "downtime ms", "MiB sent", "rounds"
     );
     let n = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
-    for key in ["host-idle", "qemu-idle", "host-io", "qemu-io"] {
+    for key in [
+        "host-idle",
+        "inproc-idle",
+        "qemu-idle",
+        "host-io",
+        "inproc-io",
+        "qemu-io",
+    ] {
         let m = &rep[key];
         let s = &m["stop-and-copy"];
         let phases = if s.is_object() {
