@@ -29,13 +29,17 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// Errors entering the jail. Only [`JailError::Unshare`] leaves the
-/// process as it was; after any other the process must stop.
+/// Errors entering the jail. [`JailError::Threaded`], [`JailError::NoBase`],
+/// [`JailError::NotRoot`] and [`JailError::Unshare`] leave the process as
+/// it was; after any other the process must stop.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
     /// The jail must be entered before any thread starts ({0} run).
     #[error("the jail must be entered before any thread starts ({0} run)")]
     Threaded(usize),
+    /// There is no /tmp to build the jail's root on.
+    #[error("there is no /tmp directory to build the jail's root on")]
+    NoBase,
     /// The kernel refused new namespaces.
     #[error("the kernel refused new {what} namespaces: {source}")]
     Unshare {
@@ -216,6 +220,9 @@ pub fn enter(view: &View, identity: Option<Identity>) -> Result<Entered, JailErr
     let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
     if threads > 1 {
         return Err(JailError::Threaded(threads));
+    }
+    if !Path::new("/tmp").is_dir() {
+        return Err(JailError::NoBase);
     }
     let cwd = std::env::current_dir().ok();
     let (entries, missing) = resolve(view);

@@ -180,7 +180,7 @@ fn enter_jail(
             );
             Ok(())
         }
-        Err(e @ JailError::Unshare { .. }) if !required => {
+        Err(e @ (JailError::Unshare { .. } | JailError::NoBase)) if !required => {
             tracing::warn!("jail not entered ({e}); set `jail = false` to silence this");
             Ok(())
         }
