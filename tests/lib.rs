@@ -122,6 +122,27 @@ done
 /// `storage` (slot 4) whose drive is `disk0.img`; VM `name`'s console
 /// and remote logs are `console-<name>.log` and `storage-<name>.log`.
 pub fn remote_lsi_config(kernel: &Path, memory_mib: u32, name: &str) -> String {
+    let remote = format!(
+        "[[remote]]\nid = \"storage\"\nlog = \"storage-{name}.log\"\ntimeout-ms = 30000\n\n"
+    );
+    lsi_config(kernel, memory_mib, name, &remote, "remote = \"storage\"")
+}
+
+/// The same VM as [`remote_lsi_config`] with the LSI in the VMM's own
+/// process.
+pub fn in_process_lsi_config(kernel: &Path, memory_mib: u32, name: &str) -> String {
+    lsi_config(kernel, memory_mib, name, "", "in-process = true")
+}
+
+/// The VM of both: `remotes` (tables) before the device, `placement` its
+/// key.
+fn lsi_config(
+    kernel: &Path,
+    memory_mib: u32,
+    name: &str,
+    remotes: &str,
+    placement: &str,
+) -> String {
     format!(
         r#"[vm]
 memory = "{memory_mib}M"
@@ -131,14 +152,9 @@ initrd = "initrd.cpio"
 cmdline = "console=ttyS0 quiet"
 console-log = "console-{name}.log"
 
-[[remote]]
-id = "storage"
-log = "storage-{name}.log"
-timeout-ms = 30000
-
-[[device]]
+{remotes}[[device]]
 id = "lsi0"
-remote = "storage"
+{placement}
 plugin = "lsi53c895a"
 slot = 4
 

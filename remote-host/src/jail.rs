@@ -186,8 +186,6 @@ pub struct Entered {
     pub user_namespace: bool,
     /// What is visible, and whether writable.
     pub visible: Vec<(PathBuf, bool)>,
-    /// Paths of the view that do not exist (left out).
-    pub missing: Vec<PathBuf>,
 }
 
 /// One thing to put in the new root.
@@ -225,7 +223,7 @@ pub fn enter(view: &View, identity: Option<Identity>) -> Result<Entered, JailErr
         return Err(JailError::NoBase);
     }
     let cwd = std::env::current_dir().ok();
-    let (entries, missing) = resolve(view);
+    let entries = resolve(view);
     // SAFETY: geteuid/getegid only read this process's ids.
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let root = euid == 0;
@@ -275,15 +273,14 @@ pub fn enter(view: &View, identity: Option<Identity>) -> Result<Entered, JailErr
     Ok(Entered {
         user_namespace: !root,
         visible,
-        missing,
     })
 }
 
 /// The view's paths made absolute and canonical, with the devices and the
 /// symbolic links among the library directories; parents before children.
-fn resolve(view: &View) -> (Vec<Entry>, Vec<PathBuf>) {
+/// A path that does not exist is left out.
+fn resolve(view: &View) -> Vec<Entry> {
     let mut entries = Vec::new();
-    let mut missing = Vec::new();
     let lists = [
         (&view.read_write, true),
         (&view.read_only, false),
@@ -292,7 +289,6 @@ fn resolve(view: &View) -> (Vec<Entry>, Vec<PathBuf>) {
     for (paths, writable) in lists {
         for p in paths {
             let Ok(abs) = std::path::absolute(p) else {
-                missing.push(p.clone());
                 continue;
             };
             // A symbolic link among the library directories is recreated
@@ -305,13 +301,12 @@ fn resolve(view: &View) -> (Vec<Entry>, Vec<PathBuf>) {
                     continue;
                 }
             }
-            match std::fs::canonicalize(&abs) {
-                Ok(path) => entries.push(Entry::Bind {
+            if let Ok(path) = std::fs::canonicalize(&abs) {
+                entries.push(Entry::Bind {
                     source: path.clone(),
                     path,
                     writable,
-                }),
-                Err(_) => missing.push(abs),
+                });
             }
         }
     }
@@ -340,7 +335,7 @@ fn resolve(view: &View) -> (Vec<Entry>, Vec<PathBuf>) {
             (None, _) => out.push(e),
         }
     }
-    (out, missing)
+    out
 }
 
 fn cstr(p: &Path) -> Result<CString, JailError> {

@@ -17,7 +17,8 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 use system_tests::bench::sibling_bin;
 use system_tests::{
-    lsi_job_modules, make_lsi_image, python_with_qemu_qmp, remote_lsi_config, wait_for_disk,
+    in_process_lsi_config, lsi_job_modules, make_lsi_image, python_with_qemu_qmp,
+    remote_lsi_config, wait_for_disk,
 };
 use testenv::{Env, InitramfsSpec, ModuleOrder};
 
@@ -38,32 +39,6 @@ while [ $i -lt 1000000 ]; do
     i=$((i + 1))
 done
 "#
-}
-
-/// Our VMM with the same LSI and drive in its own process (the anchor
-/// for what the remote adds).
-fn in_process_lsi_config(kernel: &Path, name: &str) -> String {
-    format!(
-        r#"[vm]
-memory = "{MEMORY_MIB}M"
-vcpus = 2
-kernel = "{kernel}"
-initrd = "initrd.cpio"
-cmdline = "console=ttyS0 quiet"
-console-log = "console-{name}.log"
-
-[[device]]
-id = "lsi0"
-in-process = true
-plugin = "lsi53c895a"
-slot = 4
-
-[[device.drive]]
-file = "disk0.img"
-scsi-id = 0
-"#,
-        kernel = kernel.display()
-    )
 }
 
 fn main() -> ExitCode {
@@ -95,7 +70,7 @@ fn run() -> Result<()> {
         )?;
         fs::write(
             dir.join(format!("vm-inproc-{name}.toml")),
-            in_process_lsi_config(&env.kernel, &format!("inproc-{name}")),
+            in_process_lsi_config(&env.kernel, MEMORY_MIB, &format!("inproc-{name}")),
         )?;
     }
     fs::copy(dir.join("vm-a.toml"), dir.join("vm.toml"))?;
