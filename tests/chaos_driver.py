@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Drives the VM of tests/host_chaos.rs: while the guest reads a register
-of a device in a remote over and over, the remote is killed (SIGKILL) at
-random moments, as many times as the file `chaos-kills` beside the
-config says (tests/host_chaos.rs writes it), and comes back by itself
-(`restart = "on-failure"`). Records each recovery time. Then the remote
-hangs once (SIGSTOP): the VMM notices the silence, kills the stopped
-process and starts another, while the guest's reads wait.
+"""Drives the VM of tests/host_chaos.rs (a guest reading a register of a
+device in a remote over and over) and of tests/host_virtio_chaos.rs (a
+guest writing and reading two disks in a remote): the remote is killed
+(SIGKILL) at random moments, as many times as the file `chaos-kills`
+beside the config says (the Rust test writes it), and comes back by
+itself (`restart = "on-failure"`). Records each recovery time and which
+devices kept their state. Then the remote hangs once (SIGSTOP): the VMM
+notices the silence, kills the stopped process and starts another, while
+the guest waits.
 
 Usage: chaos_driver.py HOST CONFIG QMP_SOCKET CONSOLE_LOG RESULTS_JSON
 """
@@ -43,6 +45,7 @@ async def main():
     st = next(x for x in await qmp.execute("query-remote") if x["id"] == "svc")
     pid = st["pid"]
     r["recovery-ms"] = []
+    r["state-kept"] = []
     rng = random.Random(1234)
     for i in range(kills):
         # 1-3 s apart, as issue 13's chaos test asks.
@@ -50,6 +53,7 @@ async def main():
         os.kill(pid, signal.SIGKILL)
         e = await ev.wait("REMOTE_RESTARTED", id="svc", timeout=60)
         r["recovery-ms"].append(e["data"].get("recovery-ms"))
+        r["state-kept"].append(e["data"].get("state-kept"))
         pid = await running_pid(qmp, pid)
         save()
     await asyncio.sleep(rng.uniform(1.0, 2.0))
@@ -58,6 +62,7 @@ async def main():
     e = await ev.wait("REMOTE_RESTARTED", id="svc", timeout=60)
     r["hang"] = {"silent-ms": hung["data"].get("silent-ms"),
                  "recovery-ms": e["data"].get("recovery-ms")}
+    r["state-kept"].append(e["data"].get("state-kept"))
     new_pid = await running_pid(qmp, pid)
     # The stopped process is killed and reaped by the VMM (bounded wait).
     for _ in range(100):

@@ -319,15 +319,20 @@ impl ControlClient {
     /// (`device-doorbells`), as the remote checked them. A remote that
     /// predates doorbells answers "unknown op": an error the caller takes
     /// as none.
-    pub fn device_doorbells(
-        &mut self,
-        device: &str,
-    ) -> Result<Vec<crate::ring::DoorbellKey>, ControlError> {
+    pub fn device_doorbells(&mut self, device: &str) -> Result<DeclaredDoorbells, ControlError> {
         let mut body = Map::new();
         body.insert("device".into(), json!(device));
         let reply = self.request("device-doorbells", body, &[])?;
-        parse_doorbells(reply.get("doorbells").unwrap_or(&Value::Null))
-            .map_err(|e| ControlError::Protocol(format!("device-doorbells: {e}")))
+        let keys = parse_doorbells(reply.get("doorbells").unwrap_or(&Value::Null))
+            .map_err(|e| ControlError::Protocol(format!("device-doorbells: {e}")))?;
+        Ok(DeclaredDoorbells {
+            keys,
+            // Absent from a remote that predates it: the safe answer.
+            state_outlives: reply
+                .get("state-outlives-doorbells")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        })
     }
 
     /// Stops serving `device`, shuts it down and forgets it.
@@ -499,6 +504,17 @@ fn truncate(s: &str) -> &str {
 /// A doorbell as the control channel carries it.
 pub fn doorbell_json(k: &crate::ring::DoorbellKey) -> Value {
     json!({"bar": k.bar, "offset": k.offset, "len": k.len, "value": k.value})
+}
+
+/// `device-doorbells`' answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredDoorbells {
+    /// The writes the VMM may deliver through KVM.
+    pub keys: Vec<crate::ring::DoorbellKey>,
+    /// The device's saved states stay good after its doorbells
+    /// (`Device::state_outlives_doorbells`): a VMM keeping states across
+    /// a crash does not count doorbells as the guest reaching the device.
+    pub state_outlives: bool,
 }
 
 /// A list of doorbells from the other end, checked: at most

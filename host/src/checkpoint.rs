@@ -13,6 +13,14 @@
 //! `restore_state` promises (the LSI runs reads again and answers writes
 //! with BUSY; dma-example copies again). A device the guest touched after
 //! its last save comes back reset.
+//!
+//! Doorbells do not count for a device whose saved state outlives them
+//! (`Device::state_outlives_doorbells`, said in `device-doorbells`): its
+//! restore finds where it stands in guest RAM (virtio-blk: the used
+//! rings), so its save from after the driver's set-up stays current while
+//! the guest only rings it, and a crash in the middle of its I/O brings it
+//! back as it was. Its proxy leaves those writes out of the count too when
+//! they exit to the VMM (during a restart, or beyond the eventfds).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -200,7 +200,12 @@ impl Remote {
                 return;
             }
         };
-        let bells = self.doorbell_eventfds(id);
+        let (bells, state_doorbells) = self.doorbell_eventfds(id);
+        if let Some(keys) = state_doorbells {
+            // Its saved state stays current while the guest only rings it,
+            // whichever way the doorbells arrive.
+            proxy.set_state_doorbells(keys);
+        }
         let keyed: Vec<(channel::ring::DoorbellKey, std::os::fd::BorrowedFd<'_>)> = bells
             .iter()
             .map(|(k, e)| (*k, crate::pci::proxy::borrow(e)))
@@ -223,21 +228,28 @@ impl Remote {
     }
 
     /// The doorbells device `id` declares, each with a fresh eventfd (none
-    /// when the remote predates them or `doorbells = false`).
+    /// when the remote predates them or `doorbells = false`), and all of
+    /// them again when the device's saved states outlive them.
+    #[allow(clippy::type_complexity)]
     fn doorbell_eventfds(
         &self,
         id: &str,
-    ) -> Vec<(channel::ring::DoorbellKey, vmm_sys_util::eventfd::EventFd)> {
+    ) -> (
+        Vec<(channel::ring::DoorbellKey, vmm_sys_util::eventfd::EventFd)>,
+        Option<Vec<channel::ring::DoorbellKey>>,
+    ) {
         if !self.doorbells {
-            return Vec::new();
+            return (Vec::new(), None);
         }
-        let keys = match self.with_control(|c| c.device_doorbells(id)) {
-            Ok(k) => k,
+        let declared = match self.with_control(|c| c.device_doorbells(id)) {
+            Ok(d) => d,
             Err(e) => {
                 tracing::info!("{id}: no doorbells ({e}); every write takes the ring");
-                return Vec::new();
+                return (Vec::new(), None);
             }
         };
+        let keys = declared.keys;
+        let state_doorbells = declared.state_outlives.then(|| keys.clone());
         let room = channel::framing::MAX_FDS - 3;
         if keys.len() > room {
             tracing::warn!(
@@ -245,7 +257,8 @@ impl Remote {
                 keys.len()
             );
         }
-        keys.into_iter()
+        let bells = keys
+            .into_iter()
             .take(room)
             .filter_map(|k| {
                 match vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK) {
@@ -256,7 +269,8 @@ impl Remote {
                     }
                 }
             })
-            .collect()
+            .collect();
+        (bells, state_doorbells)
     }
 
     /// Records a device served by this remote; `socket_fd`: its channel;

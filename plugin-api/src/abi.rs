@@ -266,6 +266,13 @@ pub trait FfiDevice: Send {
     fn doorbells(&self) -> RVec<Doorbell> {
         RVec::new()
     }
+    /// Whether a state the device saved stays good after the guest rang
+    /// its doorbells ([`crate::Device::state_outlives_doorbells`];
+    /// plugin-api 0.1.4, after the last prefix field: older plugins get
+    /// this default body, `false`).
+    fn state_outlives_doorbells(&self) -> bool {
+        false
+    }
 }
 
 /// A device object across the ABI.

@@ -138,6 +138,25 @@ pub trait Device: Send + 'static {
     fn doorbells(&self) -> Vec<Doorbell> {
         Vec::new()
     }
+
+    /// Whether a state this device saved stays good after the guest rang
+    /// its [`doorbells`](Self::doorbells): `true` promises that
+    /// [`restore_state`](Self::restore_state) of a state saved before
+    /// some doorbells, in a device whose guest rang them (and saw their
+    /// work done) since, finds where it stands in guest RAM by itself,
+    /// never repeats work whose completion the guest may have seen, and
+    /// does the work still waiting (a virtio device: its ring indexes come
+    /// from the used rings, the requests made available since are served,
+    /// and each queue's interrupt is raised once).
+    ///
+    /// A host that keeps devices' states across a crash of their process
+    /// (a VMM restarting a remote) then counts only the other accesses
+    /// when it decides whether a saved state is still current: a device
+    /// the guest only rings comes back as it was, not reset, even when
+    /// its process dies in the middle of the guest's I/O.
+    fn state_outlives_doorbells(&self) -> bool {
+        false
+    }
 }
 
 /// Constructor of one device kind as [`crate::export_plugin!`] stores it:
@@ -404,6 +423,12 @@ impl FfiDevice for Guarded {
         catch_unwind(AssertUnwindSafe(|| self.inner.doorbells()))
             .map(RVec::from)
             .unwrap_or_default()
+    }
+
+    fn state_outlives_doorbells(&self) -> bool {
+        self.failed_message().is_none()
+            && catch_unwind(AssertUnwindSafe(|| self.inner.state_outlives_doorbells()))
+                .unwrap_or(false)
     }
 
     fn control(&mut self, op: RStr<'_>, args: RStr<'_>) -> RResult<RString, DeviceError> {

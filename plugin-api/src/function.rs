@@ -390,6 +390,13 @@ impl PciFunction {
         (kept, refused)
     }
 
+    /// Whether the device's saved states stay good across its doorbells
+    /// ([`crate::Device::state_outlives_doorbells`]); `false` once it is
+    /// shut down or has failed.
+    pub fn state_outlives_doorbells(&self) -> bool {
+        !self.shut_down && self.device.state_outlives_doorbells()
+    }
+
     /// The writes the device lets a host deliver as doorbells
     /// ([`crate::Device::doorbells`]), checked: each 1, 2, 4 or 8 bytes
     /// inside a BAR the device declared, no two overlapping, at

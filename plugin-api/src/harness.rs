@@ -493,6 +493,24 @@ impl TestBench {
             .function
             .save_state()
             .map_err(|e| format!("save_state: {}", e.message))?;
+        self.restore_into_new(&state)
+    }
+
+    /// Simulates the device's process dying and a VMM bringing the device
+    /// back from `state`, a save taken earlier (`function().save_state()`)
+    /// and perhaps stale: the guest may have used the device since. The
+    /// old instance is stopped without a save; a new one is made as in
+    /// [`restart_device`](Self::restart_device) and given `state`. This is
+    /// what a device that declares
+    /// [`Device::state_outlives_doorbells`](crate::Device::state_outlives_doorbells)
+    /// must survive after doorbells alone.
+    pub fn crash_and_restore(&mut self, state: &[u8]) -> Result<(), String> {
+        self.restore_into_new(state)
+    }
+
+    /// Shuts the device down and makes a new instance with the guest's
+    /// configuration, restoring `state` into it.
+    fn restore_into_new(&mut self, state: &[u8]) -> Result<(), String> {
         // The guest's view of the configuration header: command and BARs.
         let command = self.cfg_read(regs::COMMAND, 2);
         let bars: Vec<u32> = (0..6)
@@ -512,7 +530,7 @@ impl TestBench {
         }
         function.config_write(regs::COMMAND, &(command as u16).to_le_bytes());
         function
-            .restore_state(&state)
+            .restore_state(state)
             .map_err(|e| format!("restore_state: {}", e.message))?;
         self.function = function;
         self.forget_mirrors();

@@ -230,7 +230,11 @@ impl Control {
     fn device_doorbells(&mut self, id: &str) -> Result<Value, String> {
         let keys = self.declared_doorbells(id)?;
         let list: Vec<Value> = keys.iter().map(channel::control::doorbell_json).collect();
-        Ok(json!({ "doorbells": list }))
+        let outlives = self
+            .devices
+            .get(id)
+            .is_some_and(|e| e.dev.function().state_outlives_doorbells());
+        Ok(json!({ "doorbells": list, "state-outlives-doorbells": outlives }))
     }
 
     fn ring_setup(&mut self, req: &Value, mut fds: Vec<OwnedFd>) -> Result<Value, String> {

@@ -143,6 +143,10 @@ struct Rings {
     generation: u64,
     /// Set up from the queues' configuration at DRIVER_OK.
     queues: Vec<SplitQueue>,
+    /// A state was restored: before serving, take each queue's indexes
+    /// from its used ring in guest RAM (the state may be older than the
+    /// guest's last requests) and raise each queue's interrupt once.
+    resync: bool,
 }
 
 #[derive(Default)]
@@ -185,6 +189,7 @@ impl Shared {
     fn reset(&self, r: &mut Regs) {
         let mut rings = lock(&self.rings);
         rings.queues.clear();
+        rings.resync = false;
         rings.generation += 1;
         r.generation = rings.generation;
         drop(rings);
@@ -240,7 +245,24 @@ impl Shared {
             if rings.queues.is_empty() {
                 rings.queues = configs.iter().map(|c| SplitQueue::new(*c)).collect();
             }
+            if std::mem::take(&mut rings.resync) {
+                for (i, q) in rings.queues.iter_mut().enumerate() {
+                    if !q.cfg.ready {
+                        continue;
+                    }
+                    if let Err(e) = q.resync(&self.host) {
+                        broken = Some(format!("queue {i}: {e}"));
+                    }
+                    // The interrupt of a completion the old process
+                    // published but did not signal (a spurious one is
+                    // harmless: the driver finds nothing new).
+                    completed[i] = true;
+                }
+            }
             'queues: for (i, q) in rings.queues.iter_mut().enumerate() {
+                if broken.is_some() {
+                    break;
+                }
                 if !q.cfg.ready {
                     continue;
                 }
@@ -370,6 +392,7 @@ impl VirtioBlk {
             rings: Mutex::new(Rings {
                 generation: 0,
                 queues: Vec::new(),
+                resync: false,
             }),
             kick: Mutex::new(Kick::default()),
             kicked: Condvar::new(),
@@ -518,15 +541,32 @@ impl Device for VirtioBlk {
             .collect()
     }
 
+    /// A restored device takes where it stands in each ring from the
+    /// used ring (see [`restore_state`](Device::restore_state)), so a state
+    /// saved before the guest's last notifications is still good.
+    fn state_outlives_doorbells(&self) -> bool {
+        true
+    }
+
     /// The transport and where the device is in each ring, taken between
-    /// requests (it waits for the batch in flight): a restarted device
-    /// goes on serving the driver's rings where this one stopped.
+    /// requests (it waits for the batch in flight).
     fn save_state(&mut self) -> Result<Vec<u8>, String> {
         let r = lock(&self.shared.regs);
         let rings = lock(&self.shared.rings);
         Ok(state::encode(&r.t, &rings.queues))
     }
 
+    /// The transport as saved; where the device stands in each ring is
+    /// read from guest RAM before it serves again, not taken from the
+    /// blob: requests are served one at a time, in order, so every
+    /// request the driver made available and the used ring does not show
+    /// done is served (again, if the old process had started it: a read
+    /// or a write of the same buffer gives the same result), and none the
+    /// used ring shows done runs twice. Each queue's interrupt is raised
+    /// once. So a state saved long before (a crash of the device's
+    /// process in the middle of the guest's I/O) is as good as one saved
+    /// at the last request.
+    ///
     /// A blob of another version or queue count, or a truncated or
     /// inconsistent one, is refused and the device stays as it was.
     fn restore_state(&mut self, blob: &[u8]) -> Result<(), String> {
@@ -535,6 +575,7 @@ impl Device for VirtioBlk {
         let mut rings = lock(&self.shared.rings);
         rings.generation += 1;
         rings.queues = saved.rings;
+        rings.resync = true;
         r.generation = rings.generation;
         drop(rings);
         r.t = saved.transport;

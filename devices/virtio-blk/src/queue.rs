@@ -148,6 +148,26 @@ impl SplitQueue {
         Ok(Some(Chain { head, descs }))
     }
 
+    /// Takes the indexes from guest RAM: the used ring's index is where
+    /// the device stood when it last published a completion, and (the
+    /// device serving requests one at a time, in order) the next request
+    /// to take is the one after the last completed. A used index the
+    /// guest moved past its available index is refused.
+    pub fn resync(&mut self, host: &Host) -> Result<(), QueueError> {
+        if self.cfg.size == 0 {
+            return Ok(());
+        }
+        let used = Self::u16_at(host, self.cfg.used + 2)?;
+        let avail = Self::u16_at(host, self.cfg.avail + 2)?;
+        let pending = avail.wrapping_sub(used);
+        if pending > self.cfg.size {
+            return Err(QueueError::TooManyAvailable(pending));
+        }
+        self.next_used = used;
+        self.next_avail = used;
+        Ok(())
+    }
+
     /// Returns chain `head` to the driver with `len` bytes written into
     /// its device-writable buffers.
     pub fn push_used(&mut self, host: &Host, head: u16, len: u32) -> Result<(), QueueError> {

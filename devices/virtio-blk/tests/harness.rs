@@ -67,6 +67,7 @@ plugin_api::plugin_tests! {
         features_the_device_did_not_offer_are_refused,
         resize_grows_the_disk_with_a_configuration_interrupt,
         the_rings_survive_a_restart,
+        a_crash_in_the_middle_of_io_neither_repeats_nor_loses_a_request,
         hostile_state_is_refused,
         msix_vectors_carry_completions_and_masking_holds_them,
         each_queue_notify_is_a_doorbell,
@@ -180,6 +181,16 @@ impl Driver {
     /// Makes a chain of (address, length, device-writable) available at
     /// descriptors 0.. and notifies queue 0.
     fn submit(&mut self, tb: &mut TestBench, bufs: &[(u64, u32, bool)]) {
+        self.make_available(tb, bufs);
+        if self.by_doorbell {
+            tb.ring_doorbell(0);
+        } else {
+            tb.mmio_write(self.base + self.l.notify, 2, 0);
+        }
+    }
+
+    /// [`submit`](Self::submit) without the notification.
+    fn make_available(&mut self, tb: &mut TestBench, bufs: &[(u64, u32, bool)]) {
         for (i, &(addr, len, w)) in bufs.iter().enumerate() {
             let mut d = [0u8; 16];
             d[0..8].copy_from_slice(&addr.to_le_bytes());
@@ -195,11 +206,6 @@ impl Driver {
             .write_all(AVAIL + 4 + 2 * slot, &0u16.to_le_bytes());
         self.avail_idx = self.avail_idx.wrapping_add(1);
         tb.ram().write_all(AVAIL + 2, &self.avail_idx.to_le_bytes());
-        if self.by_doorbell {
-            tb.ring_doorbell(0);
-        } else {
-            tb.mmio_write(self.base + self.l.notify, 2, 0);
-        }
     }
 
     /// Waits for the interrupt, acknowledges it, returns the used
@@ -446,6 +452,85 @@ fn the_rings_survive_a_restart(mut tb: TestBench) {
     assert_eq!((status, used), (0, 4097));
     assert_eq!(tb.ram().read_vec(DATA, 4096), data);
     assert_ne!(d.common_r(&mut tb, 0x14, 1) & 4, 0, "still DRIVER_OK");
+}
+
+/// The device's process dies in the middle of the guest's I/O and comes
+/// back from a state saved before the guest's last requests (as a VMM
+/// keeps it: saved while the guest left the device alone, and still
+/// current because the device declares that its state outlives its
+/// doorbells). The write the driver saw done is not run again (the
+/// image, changed under it since, keeps the change), the one made
+/// available but never taken is served, and the queue's interrupt comes.
+fn a_crash_in_the_middle_of_io_neither_repeats_nor_loses_a_request(mut tb: TestBench) {
+    assert!(tb.function().state_outlives_doorbells());
+    let (mut d, _) = Driver::init(&mut tb, VERSION_1 | F_FLUSH);
+    assert_eq!(d.request(&mut tb, 1, 8, &pattern(512, 1), 0).0, 0);
+    let old = tb.function().save_state().unwrap();
+    // Done since the save, and seen done by the driver; its descriptors
+    // (0..) and buffers stay as they were.
+    assert_eq!(d.request(&mut tb, 1, 16, &pattern(1024, 2), 0).0, 0);
+    // Someone else changes those sectors: the write run again would undo it.
+    let img = image();
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[16 * 512..16 * 512 + 1024].fill(0x5a);
+    std::fs::write(&img, &bytes).unwrap();
+    // A write made available at descriptors 4.., its notification lost
+    // with the process.
+    let (header, data, status) = (HEADER + 0x100, DATA + 0x4000, STATUS + 0x10);
+    let c = pattern(512, 3);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&1u32.to_le_bytes());
+    h[8..16].copy_from_slice(&24u64.to_le_bytes());
+    tb.ram().write_all(header, &h);
+    tb.ram().write_all(data, &c);
+    tb.ram().write_all(status, &[0xee]);
+    for (i, (addr, len, flags)) in [(header, 16u32, 1u16), (data, 512, 1), (status, 1, 2)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&(5 + i as u16).to_le_bytes());
+        tb.ram().write_all(DESC + 16 * (4 + i as u64), &raw);
+    }
+    let slot = u64::from(d.avail_idx % QSIZE);
+    tb.ram()
+        .write_all(AVAIL + 4 + 2 * slot, &4u16.to_le_bytes());
+    d.avail_idx = d.avail_idx.wrapping_add(1);
+    tb.ram().write_all(AVAIL + 2, &d.avail_idx.to_le_bytes());
+
+    tb.crash_and_restore(&old).unwrap();
+    assert!(tb.irq().wait_for(true, WAIT), "the queue's interrupt");
+    let used_idx = || u16::from_le_bytes(tb.ram().read_vec(USED + 2, 2).try_into().unwrap());
+    let deadline = std::time::Instant::now() + WAIT;
+    while used_idx() != 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Let a device that wrongly runs old requests again finish doing so.
+    assert!(tb.wait_idle(WAIT).is_ok());
+    assert_eq!(used_idx(), 3, "one completion more: the waiting write");
+    let e = tb.ram().read_vec(USED + 4 + 8 * 2, 8);
+    assert_eq!(
+        u32::from_le_bytes(e[0..4].try_into().unwrap()),
+        4,
+        "its head"
+    );
+    assert_eq!(tb.ram().read_vec(status, 1)[0], 0);
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(&bytes[24 * 512..25 * 512], &c[..], "the waiting write ran");
+    assert!(
+        bytes[16 * 512..16 * 512 + 1024].iter().all(|&x| x == 0x5a),
+        "a write the driver saw done ran again"
+    );
+    assert_eq!(&bytes[8 * 512..9 * 512], &pattern(512, 1)[..]);
+    // The driver goes on where it was.
+    assert_eq!(tb.mmio_read(d.base + d.l.isr, 1) & 1, 1);
+    d.used_seen = 3;
+    tb.ram().write_all(DATA, &[0u8; 512]);
+    assert_eq!(d.request(&mut tb, 0, 24, &[], 512), (0, 513));
+    assert_eq!(tb.ram().read_vec(DATA, 512), c);
 }
 
 fn hostile_state_is_refused(mut tb: TestBench) {

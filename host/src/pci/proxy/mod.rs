@@ -83,6 +83,11 @@ pub struct ProxyFunction {
     msix: Option<MsixRouter>,
     /// Writes KVM delivers to the remote by itself (with the ring).
     doorbells: Option<doorbells::Doorbells>,
+    /// The device's doorbells, when its saved states outlive them
+    /// (`Device::state_outlives_doorbells`): neither those KVM delivers nor
+    /// those that exit here (before the fast path, during a restart) count
+    /// as the guest reaching the device for [`crate::checkpoint`].
+    state_doorbells: Option<Vec<channel::ring::DoorbellKey>>,
 }
 
 /// An eventfd as the borrowed fd the channels take.
@@ -150,6 +155,7 @@ impl ProxyFunction {
             msix_found: setup.msix,
             msix: None,
             doorbells: None,
+            state_doorbells: None,
         })
     }
 
@@ -264,17 +270,42 @@ impl ProxyFunction {
         }
     }
 
+    /// The device's saved states stay good after its doorbells `keys`
+    /// (the remote said so in `device-doorbells`).
+    pub fn set_state_doorbells(&mut self, keys: Vec<channel::ring::DoorbellKey>) {
+        self.state_doorbells = Some(keys);
+    }
+
     /// What the guest has done to the device: the accesses that reached
-    /// it, and (on the ring) the doorbells it took.
+    /// it, and (on the ring) the doorbells it took, unless the device's
+    /// state outlives them.
     pub fn activity(&self) -> crate::checkpoint::Activity {
         crate::checkpoint::Activity {
             accesses: self.activity.clone(),
             doorbells: self
                 .ring
                 .as_ref()
-                .filter(|_| self.doorbells.is_some())
+                .filter(|_| self.doorbells.is_some() && self.state_doorbells.is_none())
                 .map(channel::ring::RingClient::doorbells_taken),
         }
+    }
+
+    /// Whether a write of `data` at `offset` in BAR `bar` is one of the
+    /// doorbells the device's state outlives.
+    fn is_state_doorbell(&self, bar: usize, offset: u64, data: &[u8]) -> bool {
+        let Some(keys) = &self.state_doorbells else {
+            return false;
+        };
+        let mut v = [0u8; 8];
+        let n = data.len().min(8);
+        v[..n].copy_from_slice(&data[..n]);
+        let value = u64::from_le_bytes(v);
+        keys.iter().any(|k| {
+            usize::from(k.bar) == bar
+                && k.offset == offset
+                && usize::from(k.len) == data.len()
+                && k.value == value
+        })
     }
 
     fn reached(&self) {
@@ -497,7 +528,10 @@ impl PciDevice for ProxyFunction {
             return;
         };
         self.stats.write(bar, offset, data.len());
-        self.reached();
+        let counted = !self.is_state_doorbell(bar, offset, data);
+        if counted {
+            self.reached();
+        }
         let r = match self.ring.as_mut() {
             Some(ring) => ring
                 .write(bar as u8, offset, data, &Self::give_up(&self.remote_failed))
@@ -505,7 +539,9 @@ impl PciDevice for ProxyFunction {
             None => self.transport.bar_write(target, offset, data),
         };
         if let Err(e) = r {
-            self.not_reached();
+            if counted {
+                self.not_reached();
+            }
             self.fail("BAR write", &e);
         }
     }
