@@ -504,3 +504,107 @@ fn qemu_x_remote_behind_proxy_function() {
     eprintln!("x-remote left {:?} after the VM", t.elapsed());
     std::fs::remove_dir_all(&work).ok();
 }
+
+fn cfg_write(root: &PciRoot, reg: u32, data: &[u8]) {
+    let a = 0x8000_0000u32 | (u32::from(SLOT) << 11) | (reg & !3);
+    root.pio_write(CONFIG_ADDRESS, &a.to_le_bytes());
+    root.pio_write(CONFIG_DATA + u16::from((reg & 3) as u8), data);
+}
+
+/// MSI of a function in a spawned `remote-host` (dma-example with
+/// `interrupt = "msi"`): its capability is found in the remote's
+/// configuration space, the remote takes one eventfd per vector (vfio-user
+/// SET_IRQS of the MSI index) and signals it only once the guest enabled
+/// MSI; the VMM serves the Pending Bits from it while the vector is
+/// masked, and attaches it to KVM at unmask (KVM takes the signal: the
+/// bit clears); meanwhile INTx stays off the IOAPIC.
+#[test]
+fn msi_of_a_remote_function_is_routed_by_the_vmm() {
+    let Some(dir) = prerequisites::or_skip() else {
+        return;
+    };
+    std::env::set_var("REMOTE_HOST", dir.join("remote-host"));
+    let work = dir.join(format!("host-proxy-msi-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let path = work.join("vm.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[vm]\nmemory = \"64M\"\nkernel = \"none\"\n\n\
+             [[remote]]\nid = \"r\"\nlog = \"remote.log\"\ntimeout-ms = 30000\nplugin-dirs = [\"{}\"]\n\n\
+             [[device]]\nid = \"dma0\"\nremote = \"r\"\nplugin = \"dma-example\"\nslot = {SLOT}\ninterrupt = \"msi\"\n",
+            prerequisites::profile_dir().display()
+        ),
+    )
+    .unwrap();
+    let cfg = config::Config::load(&path).unwrap();
+    let kvm = Kvm::new().unwrap();
+    let vm = std::sync::Arc::new(kvm.create_vm().unwrap());
+    vm.create_irq_chip().unwrap();
+    let ram = GuestRam::new(64 << 20).unwrap();
+    let routes = host::pci::msix::GsiRoutes::new();
+    let s = host::remote::connect_supervised(&cfg, &cfg.remotes[0], None).unwrap();
+    let mut proc = s.process.expect("spawned");
+    let mut clients = s.clients;
+    let (_, client) = clients.pop().unwrap();
+    let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI)
+        .unwrap()
+        .with_msix(&vm, &routes)
+        .unwrap();
+    let remote = host::supervisor::Remote::new(
+        &cfg.remotes[0],
+        Some(proc.pid()),
+        s.control,
+        s.control_hangup,
+    );
+    let mut root = PciRoot::new();
+    root.add(SLOT, Box::new(func)).unwrap();
+    root.assign_resources(&|s| (s == SLOT).then_some(GSI as u8))
+        .unwrap();
+    let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
+    // The capability list leads to MSI.
+    let mut cap = cfg_read32(&root, 0x34) & 0xfc;
+    while cap != 0 && cfg_read32(&root, cap) & 0xff != u32::from(pci::msi::CAP_ID_MSI) {
+        cap = (cfg_read32(&root, cap) >> 8) & 0xfc;
+    }
+    assert_ne!(cap, 0, "no MSI capability");
+    let ctrl = cfg_read32(&root, cap) >> 16;
+    assert_eq!(ctrl & 0x180, 0x180, "64-bit, per-vector masking");
+    let pending = || cfg_read32(&root, cap + pci::msi::PENDING as u32);
+    let wait_pending = |want: u32| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pending() != want {
+            assert!(
+                Instant::now() < deadline,
+                "pending bits {:#x}, not {want:#x}",
+                pending()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+
+    // Programmed and enabled with the vector masked.
+    cfg_write(&root, cap + 4, &0xfee0_0000u32.to_le_bytes());
+    cfg_write(&root, cap + 8, &0u32.to_le_bytes());
+    cfg_write(&root, cap + 12, &0x4041u16.to_le_bytes());
+    cfg_write(&root, cap + 16, &1u32.to_le_bytes());
+    cfg_write(&root, cap + 2, &1u16.to_le_bytes());
+    assert_eq!(pending(), 0);
+    write32(&root, bar0 + REG_IRQ_RAISE, 1);
+    wait_pending(1);
+    assert_eq!(ioapic_irr(&vm) & (1 << GSI), 0, "INTx while MSI is enabled");
+    // Unmasked: the irqfd is attached and KVM takes the signal.
+    cfg_write(&root, cap + 16, &0u32.to_le_bytes());
+    wait_pending(0);
+    write32(&root, bar0 + REG_IRQ_ACK, 1);
+    // Disabled: a raise is INTx again, and no bit is left pending.
+    cfg_write(&root, cap + 16, &1u32.to_le_bytes());
+    cfg_write(&root, cap + 2, &0u16.to_le_bytes());
+    intx_reaches_the_ioapic(&root, &vm, bar0);
+    assert_eq!(pending(), 0);
+
+    root.shutdown();
+    drop(remote);
+    proc.stop(Duration::from_secs(30));
+    std::fs::remove_dir_all(&work).ok();
+}

@@ -6,12 +6,34 @@
 //! same everywhere.
 
 mod config_space;
+pub mod msi;
 pub mod msix;
 
 pub use config_space::{
     BarAddress, BarRegion, BarSpec, BarType, ConfigSpace, ConfigWriteEffect, Identity, LayoutError,
     CONFIG_SPACE_SIZE,
 };
+
+/// The offset of capability `id` in the first 256 bytes of a function's
+/// configuration space as another process serves it. `None` without a
+/// capability list, without that capability, or with a list that loops or
+/// leaves the space (bounded: at most 48 capabilities).
+pub fn find_capability(cfg: &[u8; 256], id: u8) -> Option<usize> {
+    if cfg[regs::STATUS] & 0x10 == 0 {
+        return None;
+    }
+    let mut ptr = usize::from(cfg[regs::CAPABILITIES_POINTER] & 0xfc);
+    for _ in 0..48 {
+        if ptr < regs::FIRST_CAPABILITY || ptr + 2 > cfg.len() {
+            return None;
+        }
+        if cfg[ptr] == id {
+            return Some(ptr);
+        }
+        ptr = usize::from(cfg[ptr + 1] & 0xfc);
+    }
+    None
+}
 
 /// Standard register offsets of a type-0 header.
 pub mod regs {

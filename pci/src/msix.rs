@@ -99,36 +99,21 @@ pub fn add_capability(cs: &mut ConfigSpace, layout: &MsixLayout) -> Result<usize
 /// layout. `None` without one, or with a list that loops or leaves the
 /// space (bounded: at most 48 capabilities).
 pub fn find(cfg: &[u8; 256]) -> Option<(usize, MsixLayout)> {
-    if cfg[crate::regs::STATUS] & 0x10 == 0 {
+    let ptr = crate::find_capability(cfg, CAP_ID_MSIX)?;
+    if ptr + 12 > cfg.len() {
         return None;
     }
-    let mut ptr = usize::from(cfg[0x34] & 0xfc);
-    for _ in 0..48 {
-        if ptr < 0x40 || ptr + 2 > cfg.len() {
-            return None;
-        }
-        if cfg[ptr] == CAP_ID_MSIX {
-            if ptr + 12 > cfg.len() {
-                return None;
-            }
-            let ctrl = u16::from_le_bytes([cfg[ptr + 2], cfg[ptr + 3]]);
-            let word = |o: usize| u32::from_le_bytes([cfg[o], cfg[o + 1], cfg[o + 2], cfg[o + 3]]);
-            let (table, pba) = (word(ptr + 4), word(ptr + 8));
-            let layout = MsixLayout {
-                vectors: (ctrl & 0x7ff) + 1,
-                table_bar: (table & 7) as u8,
-                table_offset: table & !7,
-                pba_bar: (pba & 7) as u8,
-                pba_offset: pba & !7,
-            };
-            return layout.check().is_ok().then_some((ptr, layout));
-        }
-        ptr = usize::from(cfg[ptr + 1] & 0xfc);
-        if ptr == 0 {
-            return None;
-        }
-    }
-    None
+    let ctrl = u16::from_le_bytes([cfg[ptr + 2], cfg[ptr + 3]]);
+    let word = |o: usize| u32::from_le_bytes([cfg[o], cfg[o + 1], cfg[o + 2], cfg[o + 3]]);
+    let (table, pba) = (word(ptr + 4), word(ptr + 8));
+    let layout = MsixLayout {
+        vectors: (ctrl & 0x7ff) + 1,
+        table_bar: (table & 7) as u8,
+        table_offset: table & !7,
+        pba_bar: (pba & 7) as u8,
+        pba_offset: pba & !7,
+    };
+    layout.check().is_ok().then_some((ptr, layout))
 }
 
 /// MSI-X's state in Message Control as the guest set it: `(enabled,

@@ -150,6 +150,32 @@ impl DeviceDesc {
         self
     }
 
+    /// With an MSI capability asking for `vectors` vectors (1, 2, 4, 8,
+    /// 16 or 32), after the device's own capabilities: 64-bit addresses
+    /// and per-vector masking. The host emulates what the guest programs
+    /// in it (address, data, masks, pending bits) and routes each vector,
+    /// so the device only raises vector numbers, with
+    /// [`Host::msi_notify`](crate::Host::msi_notify). While the guest has
+    /// not enabled MSI (or MSI-X) the device's INTx is the interrupt:
+    /// a device may raise both, and the host drops whichever the guest
+    /// does not use. A host that predates MSI (plugin-api before 0.1.4)
+    /// shows the capability read-only, so the guest cannot enable it and
+    /// keeps using INTx.
+    ///
+    /// ```
+    /// use plugin_api::{DeviceDesc, PciIdentity};
+    ///
+    /// let desc = DeviceDesc::new(PciIdentity::new(0x1234, 0x11e9, 0x00ff00).with_intx())
+    ///     .with_msi(4);
+    /// assert_eq!(desc.capabilities[0].id, 0x05);
+    /// ```
+    pub fn with_msi(mut self, vectors: u8) -> Self {
+        let (body, _) = pci::msi::body(vectors);
+        self.capabilities
+            .push(CapabilityDesc::new(pci::msi::CAP_ID_MSI, body));
+        self
+    }
+
     /// With one more capability (placed by the host in the order given).
     pub fn with_capability(mut self, capability: CapabilityDesc) -> Self {
         self.capabilities.push(capability);

@@ -188,6 +188,19 @@ pub struct PciFunction {
     shut_down: bool,
     /// The MSI-X the host added for the device's `msi_vectors`.
     msix: Option<Msix>,
+    /// The MSI capability the host made of the device's declared one.
+    msi: Option<Msi>,
+}
+
+/// Where a function's MSI lives: the capability's offset in configuration
+/// space and the vectors it asks for. What the guest programs there is
+/// the host's to serve (routes, pending bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Msi {
+    /// The capability's offset in configuration space.
+    pub cap: usize,
+    /// Vectors it asks for (Multiple Message Capable): 1, 2, 4, 8, 16 or 32.
+    pub vectors: u8,
 }
 
 /// Where a function's MSI-X lives: the capability's offset in
@@ -291,7 +304,26 @@ impl PciFunction {
                 .add_bar(usize::from(bar.index), spec)
                 .map_err(|e| format!("device description: {e}"))?;
         }
+        let mut msi = None;
         for cap in desc.capabilities.iter() {
+            if cap.id == pci::msi::CAP_ID_MSI {
+                // The host's own model of it, whatever bytes were
+                // declared; left out where the wire carries no vectors.
+                let ctrl = u16::from_le_bytes([
+                    cap.body.first().copied().unwrap_or(0),
+                    cap.body.get(1).copied().unwrap_or(0),
+                ]);
+                let vectors = pci::msi::vectors_asked(ctrl);
+                if msi.is_some() {
+                    return Err("device description: more than one MSI capability".into());
+                }
+                if msix {
+                    let at = pci::msi::add_capability(&mut config, vectors)
+                        .map_err(|e| format!("device description: MSI: {e}"))?;
+                    msi = Some(Msi { cap: at, vectors });
+                }
+                continue;
+            }
             config
                 .add_capability(cap.id, &cap.body, &cap.writable)
                 .map_err(|e| format!("device description: {e}"))?;
@@ -310,7 +342,25 @@ impl PciFunction {
             desc,
             shut_down: false,
             msix,
+            msi,
         })
+    }
+
+    /// The function's MSI, if the device declared it.
+    pub fn msi(&self) -> Option<Msi> {
+        self.msi
+    }
+
+    /// What the guest programmed in the MSI capability; `None` without one.
+    pub fn msi_state(&self) -> Option<pci::msi::MsiState> {
+        self.msi
+            .map(|m| pci::msi::MsiState::read(&self.config, m.cap))
+    }
+
+    /// Whether the guest enabled MSI or MSI-X: the function's INTx is then
+    /// not used (PCI 3.0, 6.8.1.3 and 6.8.2.3).
+    pub fn message_interrupts_enabled(&self) -> bool {
+        self.msix_control().0 || self.msi_state().is_some_and(|s| s.enabled)
     }
 
     /// The function's MSI-X, if the device declared vectors. Its BAR is

@@ -162,13 +162,50 @@ struct BenchMsix {
     sent: Vec<(u16, pci::msix::MsiMessage)>,
 }
 
+/// The MSI a VMM would serve for the device: what the guest programmed
+/// (the one model, [`pci::msi::MsiState`]), the pending bits it keeps,
+/// and every message sent.
+struct BenchMsi {
+    state: pci::msi::MsiState,
+    pending: u32,
+    sent: Vec<(u16, pci::msix::MsiMessage)>,
+}
+
+impl BenchMsi {
+    /// Sends vector `v` if live, else keeps it pending (dropped while MSI
+    /// is disabled or for a vector not granted).
+    fn raise(&mut self, v: u8) {
+        if self.state.live(v) {
+            self.sent.push((u16::from(v), self.state.message(v)));
+        } else if self.state.enabled && v < self.state.granted {
+            self.pending |= 1 << v;
+        }
+    }
+
+    /// The guest changed the capability: pending vectors now live go out.
+    fn update(&mut self, state: pci::msi::MsiState) {
+        self.state = state;
+        if !state.enabled {
+            self.pending = 0;
+            return;
+        }
+        for v in 0..32u8 {
+            if self.pending & (1 << v) != 0 && state.live(v) {
+                self.pending &= !(1 << v);
+                self.sent.push((u16::from(v), state.message(v)));
+            }
+        }
+    }
+}
+
 /// The INTx line as KVM's irqfd + resample would present it, and the
-/// MSI-X messages the device sent.
+/// MSI-X and MSI messages the device sent.
 #[derive(Default)]
 pub struct IrqLine {
     state: Mutex<IrqState>,
     changed: Condvar,
     msix: Mutex<Option<BenchMsix>>,
+    msi: Mutex<Option<BenchMsi>>,
 }
 
 impl IrqSink for IrqLine {
@@ -176,16 +213,21 @@ impl IrqSink for IrqLine {
         if irq >= crate::MSIX_IRQ_BASE {
             if asserted {
                 let vector = u16::try_from(irq - crate::MSIX_IRQ_BASE).unwrap_or(u16::MAX);
-                self.msix_signal(vector);
+                if lock(&self.msix).as_ref().is_some_and(|m| m.enabled) {
+                    self.msix_signal(vector);
+                } else {
+                    self.msi_signal(vector);
+                }
             }
             return;
         }
         if irq != 0 {
             return;
         }
-        // While MSI-X is enabled the function does not use INTx (PCI 3.0,
-        // 6.8.3.3): hosts hold the line low whatever the device says.
-        if asserted && lock(&self.msix).as_ref().is_some_and(|m| m.enabled) {
+        // While MSI-X or MSI is enabled the function does not use INTx
+        // (PCI 3.0, 6.8.1.3, 6.8.3.3): hosts hold the line low whatever the
+        // device says.
+        if asserted && self.messages_enabled() {
             return;
         }
         let mut s = lock(&self.state);
@@ -199,6 +241,74 @@ impl IrqSink for IrqLine {
 }
 
 impl IrqLine {
+    fn messages_enabled(&self) -> bool {
+        lock(&self.msix).as_ref().is_some_and(|m| m.enabled)
+            || lock(&self.msi).as_ref().is_some_and(|m| m.state.enabled)
+    }
+
+    fn msi_signal(&self, vector: u16) {
+        let mut m = lock(&self.msi);
+        let Some(m) = m.as_mut() else { return };
+        if let Ok(v) = u8::try_from(vector) {
+            if v < 32 {
+                m.raise(v);
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// The guest changed the MSI capability.
+    fn msi_update(&self, state: pci::msi::MsiState) {
+        let mut m = lock(&self.msi);
+        let Some(m) = m.as_mut() else { return };
+        m.update(state);
+        self.changed.notify_all();
+    }
+
+    /// Every MSI message sent so far: (vector, address and data as the
+    /// guest programmed them, the vector in the data's low bits), in
+    /// order.
+    pub fn msi_messages(&self) -> Vec<(u16, pci::msix::MsiMessage)> {
+        lock(&self.msi)
+            .as_ref()
+            .map_or(Vec::new(), |m| m.sent.clone())
+    }
+
+    /// MSI messages sent for `vector` so far.
+    pub fn msi_count(&self, vector: u16) -> usize {
+        lock(&self.msi)
+            .as_ref()
+            .map_or(0, |m| m.sent.iter().filter(|(v, _)| *v == vector).count())
+    }
+
+    /// The MSI Pending Bits as the guest reads them.
+    pub fn msi_pending_bits(&self) -> u32 {
+        lock(&self.msi).as_ref().map_or(0, |m| m.pending)
+    }
+
+    /// Waits until MSI `vector` sent at least `n` messages, at most
+    /// `timeout`.
+    pub fn wait_msi(&self, vector: u16, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = lock(&self.state);
+        loop {
+            if self.msi_count(vector) >= n {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = match self
+                .changed
+                .wait_timeout(s, (deadline - now).min(Duration::from_millis(10)))
+            {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+
     fn msix_signal(&self, vector: u16) {
         let mut m = lock(&self.msix);
         let Some(m) = m.as_mut() else { return };
@@ -435,6 +545,13 @@ impl TestBench {
         if !refused.is_empty() {
             return Err(refused.join("; "));
         }
+        if function.msi().is_some() {
+            *lock(&irq.msi) = Some(BenchMsi {
+                state: pci::msi::MsiState::default(),
+                pending: 0,
+                sent: Vec::new(),
+            });
+        }
         if let Some(m) = function.msix() {
             *lock(&irq.msix) = Some(BenchMsix {
                 table: pci::msix::MsixTable::new(m.layout),
@@ -644,6 +761,12 @@ impl TestBench {
         let mut b = [0u8; 4];
         let len = len.min(4);
         self.function.config_read(offset, &mut b[..len]);
+        // MSI's Pending Bits are the host's, as a VMM serves them.
+        if let Some(m) = self.function.msi() {
+            if offset == m.cap + pci::msi::PENDING && len == 4 {
+                return self.irq.msi_pending_bits();
+            }
+        }
         u32::from_le_bytes(b)
     }
 
@@ -655,6 +778,30 @@ impl TestBench {
         self.forget_mirrors();
         let (enabled, masked) = self.function.msix_control();
         self.irq.msix_control(enabled, masked);
+        if let Some(state) = self.function.msi_state() {
+            self.irq.msi_update(state);
+        }
+    }
+
+    /// The function's MSI (capability offset, vectors asked for), if the
+    /// device declared it.
+    pub fn msi(&self) -> Option<crate::function::Msi> {
+        self.function.msi()
+    }
+
+    /// Sets MSI up as a driver does: address `0xfee0_0000`, data `0x4000`,
+    /// `granted` vectors (a power of two, at most those asked for), none
+    /// masked, MSI enabled. An error if the device has no MSI.
+    pub fn enable_msi(&mut self, granted: u8) -> Result<(), String> {
+        let m = self.msi().ok_or("the device declared no MSI")?;
+        pci::msi::check_vectors(granted)?;
+        self.cfg_write(m.cap + pci::msi::ADDRESS_LO, 4, 0xfee0_0000);
+        self.cfg_write(m.cap + pci::msi::ADDRESS_HI, 4, 0);
+        self.cfg_write(m.cap + pci::msi::DATA, 2, 0x4000);
+        self.cfg_write(m.cap + pci::msi::MASK, 4, 0);
+        let mme = u32::from(granted).trailing_zeros();
+        self.cfg_write(m.cap + pci::msi::CONTROL, 2, 1 | mme << 4);
+        Ok(())
     }
 
     /// The function's MSI-X (capability offset, table and PBA), if the

@@ -102,6 +102,18 @@ impl Host {
             .set_irq_level(MSIX_IRQ_BASE + u32::from(vector), true);
     }
 
+    /// Raises MSI vector `vector` (declared with
+    /// [`DeviceDesc::with_msi`](crate::DeviceDesc::with_msi)): one message,
+    /// an edge. The host sends it if the guest enabled MSI, granted the
+    /// vector and left it unmasked, or keeps it pending until it unmasks
+    /// it; with MSI disabled it is dropped (the device's INTx serves
+    /// then). The same call as [`msix_notify`](Self::msix_notify): a
+    /// function's vectors are numbered alike whichever capability the
+    /// guest enabled.
+    pub fn msi_notify(&self, vector: u16) {
+        self.msix_notify(vector);
+    }
+
     /// Tells the host that the device changed, from a thread of its own
     /// (not inside a call from the host), state that a register declared
     /// in [`Device::mirrored_reads`](crate::Device::mirrored_reads) shows:

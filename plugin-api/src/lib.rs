@@ -161,6 +161,9 @@ pub use abi::{
 };
 pub use device::{create_guarded, into_ffi, panic_message, Device, DeviceConstructor};
 pub use host::{DmaError, Host, MSIX_IRQ_BASE};
+/// The PCI models the host uses (configuration space, MSI, MSI-X), for
+/// plugin tests that check registers by their specification offsets.
+pub use pci;
 pub use settings::settings;
 
 /// serde, for `#[serde(crate = "plugin_api::serde")]` on a plugin's

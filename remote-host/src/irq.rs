@@ -37,6 +37,17 @@ pub struct IntxLine {
     msix: Mutex<Vec<Option<EventFd>>>,
     /// The guest enabled MSI-X: INTx stays quiet meanwhile.
     msix_enabled: AtomicBool,
+    /// MSI: each vector's eventfd (SET_IRQS of the MSI index).
+    msi: Mutex<Vec<Option<EventFd>>>,
+    /// The guest enabled MSI: INTx stays quiet meanwhile.
+    msi_enabled: AtomicBool,
+}
+
+/// Which vectors' eventfds: vfio-user's two message-interrupt indexes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vectors {
+    Msi,
+    Msix,
 }
 
 impl IntxLine {
@@ -82,9 +93,14 @@ impl IntxLine {
     }
 
     /// Installs the eventfds of vectors `start..` (vfio-user SET_IRQS of
-    /// the MSI-X index); with `fds` empty and `start` 0, removes them all.
-    pub fn set_msix_fds(&self, start: usize, fds: Vec<EventFd>) {
-        let mut m = self.msix.lock().unwrap_or_else(|e| e.into_inner());
+    /// the MSI or MSI-X index); with `fds` empty and `start` 0, removes
+    /// them all.
+    pub fn set_vector_fds(&self, which: Vectors, start: usize, fds: Vec<EventFd>) {
+        let table = match which {
+            Vectors::Msi => &self.msi,
+            Vectors::Msix => &self.msix,
+        };
+        let mut m = table.lock().unwrap_or_else(|e| e.into_inner());
         if fds.is_empty() && start == 0 {
             m.clear();
             return;
@@ -97,20 +113,33 @@ impl IntxLine {
         }
     }
 
-    /// Message Control's enable bit, after a configuration write.
-    pub fn set_msix_enabled(&self, enabled: bool) {
-        let was = self.msix_enabled.swap(enabled, Ordering::AcqRel);
-        if was && !enabled && self.level() {
+    /// MSI-X's and MSI's enable bits, after a configuration write: while
+    /// either is set INTx is quiet; a line still high when both clear is
+    /// signalled.
+    pub fn set_message_enabled(&self, msix: bool, msi: bool) {
+        let was = self.messages_enabled();
+        self.msix_enabled.store(msix, Ordering::Release);
+        self.msi_enabled.store(msi, Ordering::Release);
+        if was && !self.messages_enabled() && self.level() {
             self.signal();
         }
     }
 
+    fn messages_enabled(&self) -> bool {
+        self.msix_enabled.load(Ordering::Acquire) || self.msi_enabled.load(Ordering::Acquire)
+    }
+
     fn signal_msix(&self, vector: u32) {
-        // While MSI-X is disabled a vector is dropped, not kept pending.
-        if !self.msix_enabled.load(Ordering::Acquire) {
+        // The enabled capability's eventfd; with neither enabled a vector
+        // is dropped, not kept pending.
+        let table = if self.msix_enabled.load(Ordering::Acquire) {
+            &self.msix
+        } else if self.msi_enabled.load(Ordering::Acquire) {
+            &self.msi
+        } else {
             return;
-        }
-        let m = self.msix.lock().unwrap_or_else(|e| e.into_inner());
+        };
+        let m = table.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(Some(fd)) = usize::try_from(vector).ok().and_then(|v| m.get(v)) {
             let _ = fd.write(1);
         }
@@ -123,7 +152,7 @@ impl IntxLine {
     fn signal(&self) {
         if self.masked.load(Ordering::Acquire)
             || self.disabled.load(Ordering::Acquire)
-            || self.msix_enabled.load(Ordering::Acquire)
+            || self.messages_enabled()
         {
             return;
         }

@@ -93,6 +93,8 @@ pub struct Adapter {
     has_intx: bool,
     /// MSI-X vectors (0: none).
     msix_vectors: u32,
+    /// MSI vectors (0: none).
+    msi_vectors: u32,
     trigger: Option<EventFd>,
     unmask: Option<EventFd>,
     watcher: Option<EventfdWatcher>,
@@ -103,6 +105,7 @@ impl Adapter {
         let mut bar_sizes = [0u64; 6];
         let has_intx;
         let msix_vectors;
+        let msi_vectors;
         {
             let f = dev.function();
             let desc = f.description();
@@ -122,6 +125,7 @@ impl Adapter {
             } else {
                 msix_vectors = 0;
             }
+            msi_vectors = f.msi().map_or(0, |m| u32::from(m.vectors));
         }
         Adapter {
             dev,
@@ -129,6 +133,7 @@ impl Adapter {
             bar_sizes,
             has_intx,
             msix_vectors,
+            msi_vectors,
             trigger: None,
             unmask: None,
             watcher: None,
@@ -234,6 +239,12 @@ impl VfioUserDevice for Adapter {
                 vfio_user::IRQ_INFO_EVENTFD | vfio_user::IRQ_INFO_NORESIZE,
                 self.msix_vectors,
             )
+        } else if index == vfio_user::PCI_MSI_IRQ_INDEX {
+            // Masking is the VMM's too (it serves the mask bits).
+            (
+                vfio_user::IRQ_INFO_EVENTFD | vfio_user::IRQ_INFO_NORESIZE,
+                self.msi_vectors,
+            )
         } else {
             (
                 vfio_user::IRQ_INFO_EVENTFD | vfio_user::IRQ_INFO_NORESIZE,
@@ -270,8 +281,11 @@ impl VfioUserDevice for Adapter {
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         if region == vfio_user::PCI_CONFIG_REGION_INDEX {
             self.dev.config_write(offset as usize, data);
-            let (enabled, _) = self.dev.function().msix_control();
-            self.dev.intx.set_msix_enabled(enabled);
+            let f = self.dev.function();
+            let msix = f.msix_control().0;
+            let msi = f.msi_state().is_some_and(|s| s.enabled);
+            drop(f);
+            self.dev.intx.set_message_enabled(msix, msi);
             return Ok(());
         }
         let mut f = self.dev.function();
@@ -335,24 +349,36 @@ impl VfioUserDevice for Adapter {
             set.count,
             fds.len()
         );
-        if set.index == vfio_user::PCI_MSIX_IRQ_INDEX {
+        let vectors = match set.index {
+            vfio_user::PCI_MSIX_IRQ_INDEX => Some((crate::irq::Vectors::Msix, self.msix_vectors)),
+            vfio_user::PCI_MSI_IRQ_INDEX => Some((crate::irq::Vectors::Msi, self.msi_vectors)),
+            _ => None,
+        };
+        if let Some((which, count)) = vectors {
             return match (action, data_type) {
                 (vfio_user::IRQ_SET_ACTION_TRIGGER, vfio_user::IRQ_SET_DATA_EVENTFD) => {
+                    if u64::from(set.start) + fds.len() as u64 > u64::from(count) {
+                        return Err(DeviceError::invalid(format!(
+                            "SET_IRQS of {which:?} vectors {}..{} past the {count} the device has",
+                            set.start,
+                            u64::from(set.start) + fds.len() as u64
+                        )));
+                    }
                     let fds = fds
                         .into_iter()
                         .map(eventfd_from)
                         .collect::<Result<Vec<_>, _>>()?;
-                    self.dev.intx.set_msix_fds(set.start as usize, fds);
+                    self.dev.intx.set_vector_fds(which, set.start as usize, fds);
                     Ok(())
                 }
                 (vfio_user::IRQ_SET_ACTION_TRIGGER, vfio_user::IRQ_SET_DATA_NONE)
                     if set.count == 0 =>
                 {
-                    self.dev.intx.set_msix_fds(0, Vec::new());
+                    self.dev.intx.set_vector_fds(which, 0, Vec::new());
                     Ok(())
                 }
                 _ => Err(DeviceError::unsupported(format!(
-                    "SET_IRQS of MSI-X with flags {:#x} (the VMM masks vectors itself)",
+                    "SET_IRQS of {which:?} with flags {:#x} (the VMM masks vectors itself)",
                     set.flags
                 ))),
             };
@@ -413,8 +439,8 @@ impl VfioUserDevice for Adapter {
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
-        // Configuration space back to power-on: MSI-X disabled.
-        self.dev.intx.set_msix_enabled(false);
+        // Configuration space back to power-on: MSI and MSI-X disabled.
+        self.dev.intx.set_message_enabled(false, false);
         self.dev
             .reset()
             .map_err(|e| DeviceError::new(libc::EIO, format!("reset: {e:?}")))
@@ -422,7 +448,12 @@ impl VfioUserDevice for Adapter {
 
     fn client_disconnected(&mut self) {
         self.dev.memory.clear();
-        self.dev.intx.set_msix_fds(0, Vec::new());
+        self.dev
+            .intx
+            .set_vector_fds(crate::irq::Vectors::Msix, 0, Vec::new());
+        self.dev
+            .intx
+            .set_vector_fds(crate::irq::Vectors::Msi, 0, Vec::new());
         self.trigger = None;
         self.unmask = None;
         self.watcher = None;

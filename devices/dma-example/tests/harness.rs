@@ -248,3 +248,108 @@ fn bad_settings_are_reported() {
     .unwrap();
     assert!(err.contains("unknown device kind `nvme`"), "{err}");
 }
+
+/// The bench with `interrupt = "..."` (linked: the settings, not the
+/// loading, are what these tests are about).
+fn bench_with(interrupt: &str) -> TestBench {
+    TestBench::new(
+        PluginSource::Linked(dma_example::plugin_module()),
+        None,
+        &format!("interrupt = \"{interrupt}\"\n"),
+    )
+    .unwrap()
+}
+
+/// A 4 KiB copy that raises DMA_DONE.
+fn copy_with_interrupt(tb: &mut TestBench, base: u64) {
+    tb.mmio_write(base + REG_DMA_SRC, 8, 0x10_0000);
+    tb.mmio_write(base + REG_DMA_DST, 8, 0x20_0000);
+    tb.mmio_write(base + REG_DMA_LEN, 4, 4096);
+    tb.mmio_write(
+        base + REG_DMA_CMD,
+        4,
+        u64::from(DMA_CMD_START | DMA_CMD_IRQ),
+    );
+}
+
+/// MSI as PCI 3.0 6.8.1 has it, driven as a guest driver would: INTx
+/// until the guest enables MSI, then one message per new cause (a raise,
+/// a finished copy) and INTx quiet; a masked vector sets its pending bit
+/// and goes out at unmask; disabled again, INTx is back.
+#[test]
+fn msi_carries_each_new_cause_and_masking_holds_it() {
+    let mut tb = bench_with("msi");
+    let m = tb.msi().expect("an MSI capability");
+    assert_eq!(m.vectors, 1);
+    assert!(tb.msix().is_none());
+    let base = bar0(&mut tb);
+    tb.mmio_write(base + REG_IRQ_RAISE, 4, 1);
+    assert!(tb.irq().level(), "MSI not enabled: INTx");
+    assert_eq!(tb.irq().msi_count(0), 0);
+    tb.mmio_write(base + REG_IRQ_ACK, 4, 1);
+
+    tb.enable_msi(1).unwrap();
+    tb.mmio_write(base + REG_IRQ_RAISE, 4, 1);
+    assert_eq!(tb.irq().msi_count(0), 1);
+    assert!(!tb.irq().level(), "MSI enabled: INTx stays low");
+    let (v, msg) = tb.irq().msi_messages()[0];
+    assert_eq!((v, msg.address, msg.data), (0, 0xfee0_0000, 0x4000));
+    tb.mmio_write(base + REG_IRQ_ACK, 4, 1);
+
+    copy_with_interrupt(&mut tb, base);
+    assert!(tb.irq().wait_msi(0, 2, Duration::from_secs(5)), "DMA done");
+    tb.wait_idle(Duration::from_secs(5)).unwrap();
+    tb.mmio_write(base + REG_IRQ_ACK, 4, u64::from(IRQ_DMA_DONE));
+
+    let pending = m.cap + plugin_api::pci::msi::PENDING;
+    tb.cfg_write(m.cap + plugin_api::pci::msi::MASK, 4, 1);
+    tb.mmio_write(base + REG_IRQ_RAISE, 4, 2);
+    assert_eq!(tb.irq().msi_count(0), 2, "masked: not sent");
+    assert_eq!(tb.cfg_read(pending, 4), 1, "masked: pending");
+    tb.cfg_write(m.cap + plugin_api::pci::msi::MASK, 4, 0);
+    assert_eq!(tb.irq().msi_count(0), 3, "sent at unmask");
+    assert_eq!(tb.cfg_read(pending, 4), 0);
+
+    // MSI off while a cause is set: the line carries it.
+    tb.cfg_write(m.cap + plugin_api::pci::msi::CONTROL, 2, 0);
+    tb.mmio_write(base + REG_IRQ_RAISE, 4, 4);
+    assert!(tb.irq().level(), "MSI disabled: INTx again");
+    assert_eq!(tb.irq().msi_count(0), 3);
+}
+
+/// The same with MSI-X: the vector's Vector Control mask holds a cause
+/// pending in the PBA until unmasked.
+#[test]
+fn msix_carries_each_new_cause_and_masking_holds_it() {
+    let mut tb = bench_with("msix");
+    let m = tb.msix().expect("MSI-X");
+    assert_eq!(m.layout.vectors, 1);
+    assert!(tb.msi().is_none());
+    let base = bar0(&mut tb);
+    tb.enable_msix(&[0]).unwrap();
+    copy_with_interrupt(&mut tb, base);
+    assert!(tb.irq().wait_msix(0, 1, Duration::from_secs(5)), "DMA done");
+    assert!(!tb.irq().level(), "MSI-X enabled: INTx stays low");
+    tb.wait_idle(Duration::from_secs(5)).unwrap();
+    tb.mmio_write(base + REG_IRQ_ACK, 4, u64::from(IRQ_DMA_DONE));
+    let entry = tb.bar_address(usize::from(m.layout.table_bar)) + u64::from(m.layout.table_offset);
+    tb.mmio_write(entry + 12, 4, 1);
+    tb.mmio_write(base + REG_IRQ_RAISE, 4, 1);
+    assert_eq!(tb.irq().msix_count(0), 1, "masked: not sent");
+    assert!(tb.irq().msix_pending(0));
+    tb.mmio_write(entry + 12, 4, 0);
+    assert_eq!(tb.irq().msix_count(0), 2, "sent at unmask");
+    assert!(!tb.irq().msix_pending(0));
+}
+
+#[test]
+fn an_unknown_interrupt_kind_is_refused() {
+    let e = TestBench::new(
+        PluginSource::Linked(dma_example::plugin_module()),
+        None,
+        "interrupt = \"msi-x\"\n",
+    )
+    .err()
+    .unwrap();
+    assert!(e.contains("interrupt") || e.contains("msi-x"), "{e}");
+}

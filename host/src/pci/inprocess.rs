@@ -14,6 +14,7 @@ use plugin_api::function::{create_device, GuestMemory, IrqSink, PciFunction, Ser
 use plugin_api::loader;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::msi::MsiRouter;
 use super::msix::{GsiRoutes, MsixRouter};
 use super::proxy::FailHook;
 use super::stats::AccessStats;
@@ -41,13 +42,37 @@ struct Line {
     /// itself): vector signals go to its eventfds, and INTx is held low
     /// while the guest has MSI-X enabled.
     msix: Arc<std::sync::OnceLock<Arc<Mutex<MsixRouter>>>>,
+    /// The function's MSI, the same way.
+    msi: Arc<std::sync::OnceLock<Arc<Mutex<MsiRouter>>>>,
+}
+
+impl Line {
+    fn msix_enabled(&self) -> bool {
+        self.msix
+            .get()
+            .is_some_and(|m| m.lock().unwrap_or_else(|e| e.into_inner()).enabled())
+    }
+
+    fn msi_enabled(&self) -> bool {
+        self.msi
+            .get()
+            .is_some_and(|m| m.lock().unwrap_or_else(|e| e.into_inner()).state().enabled)
+    }
 }
 
 impl IrqSink for Line {
     fn set_level(&self, irq: u32, asserted: bool) {
         if irq >= plugin_api::MSIX_IRQ_BASE {
-            if let (true, Some(m)) = (asserted, self.msix.get()) {
-                let v = u16::try_from(irq - plugin_api::MSIX_IRQ_BASE).unwrap_or(u16::MAX);
+            if !asserted {
+                return;
+            }
+            let v = u16::try_from(irq - plugin_api::MSIX_IRQ_BASE).unwrap_or(u16::MAX);
+            // The vector of whichever capability the guest enabled.
+            if self.msix_enabled() {
+                if let Some(m) = self.msix.get() {
+                    m.lock().unwrap_or_else(|e| e.into_inner()).signal(v);
+                }
+            } else if let Some(m) = self.msi.get() {
                 m.lock().unwrap_or_else(|e| e.into_inner()).signal(v);
             }
             return;
@@ -55,13 +80,8 @@ impl IrqSink for Line {
         if irq != 0 {
             return;
         }
-        // While MSI-X is enabled the function does not use INTx.
-        if asserted
-            && self
-                .msix
-                .get()
-                .is_some_and(|m| m.lock().unwrap_or_else(|e| e.into_inner()).enabled())
-        {
+        // While MSI-X or MSI is enabled the function does not use INTx.
+        if asserted && (self.msix_enabled() || self.msi_enabled()) {
             return;
         }
         if let Err(e) = self.vm.set_irq_line(self.gsi, asserted) {
@@ -76,6 +96,7 @@ pub struct InProcessFunction {
     func: PciFunction,
     /// Shared with the device's interrupt sink.
     msix_slot: Arc<std::sync::OnceLock<Arc<Mutex<MsixRouter>>>>,
+    msi_slot: Arc<std::sync::OnceLock<Arc<Mutex<MsiRouter>>>>,
     vm: Arc<VmFd>,
     stats: AccessStats,
     on_fail: Option<FailHook>,
@@ -96,10 +117,12 @@ impl InProcessFunction {
         let plugin = loader::find(&cfg.plugin, plugin_dirs)
             .map_err(|e| anyhow!("device {}: {e}", cfg.id))?;
         let msix_slot = Arc::new(std::sync::OnceLock::new());
+        let msi_slot = Arc::new(std::sync::OnceLock::new());
         let line = Line {
             vm: vm.clone(),
             gsi,
             msix: msix_slot.clone(),
+            msi: msi_slot.clone(),
         };
         let dirty = Arc::new(plugin_api::dirty::DirtyLog::default());
         let services = Services::new(&cfg.id, Arc::new(Ram(mem)), Arc::new(line))
@@ -112,6 +135,7 @@ impl InProcessFunction {
             id: cfg.id.clone(),
             func,
             msix_slot,
+            msi_slot,
             vm,
             stats: AccessStats::default(),
             on_fail: None,
@@ -120,20 +144,31 @@ impl InProcessFunction {
         })
     }
 
-    /// Serves the device's MSI-X (if it declared vectors) with KVM routes
-    /// from `routes`. Without this call its MSI-X BAR reads as zeros and
-    /// its vectors go nowhere (the guest then uses INTx).
+    /// Serves the device's MSI-X and MSI (if it declared them) with KVM
+    /// routes from `routes`. Without this call its MSI-X BAR reads as
+    /// zeros and its vectors go nowhere (the guest then uses INTx).
     pub fn with_msix(self, routes: &Arc<GsiRoutes>) -> Result<Self> {
         if let Some(m) = self.func.msix() {
             let router = MsixRouter::new(self.vm.clone(), routes.clone(), m)
                 .map_err(|e| anyhow!("device {}: {e:#}", self.id))?;
             let _ = self.msix_slot.set(Arc::new(Mutex::new(router)));
         }
+        if let Some(m) = self.func.msi() {
+            let router = MsiRouter::new(self.vm.clone(), routes.clone(), m)
+                .map_err(|e| anyhow!("device {}: {e:#}", self.id))?;
+            let _ = self.msi_slot.set(Arc::new(Mutex::new(router)));
+        }
         Ok(self)
     }
 
     fn msix(&self) -> Option<std::sync::MutexGuard<'_, MsixRouter>> {
         self.msix_slot
+            .get()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn msi(&self) -> Option<std::sync::MutexGuard<'_, MsiRouter>> {
+        self.msi_slot
             .get()
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
@@ -173,6 +208,9 @@ impl PciDevice for InProcessFunction {
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
         self.stats.config_reads += 1;
         self.func.config_read(offset, data);
+        if let Some(m) = self.msi() {
+            m.patch_read(offset, data);
+        }
     }
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.stats.config_writes += 1;
@@ -180,6 +218,12 @@ impl PciDevice for InProcessFunction {
         if let Some(mut m) = self.msix() {
             let (enabled, masked) = self.func.msix_control();
             m.set_control(enabled, masked);
+        }
+        let state = self.func.msi_state();
+        if let (Some(mut m), Some(state)) = (self.msi(), state) {
+            if m.touches(offset, data.len()) {
+                m.update(state);
+            }
         }
     }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
@@ -226,6 +270,9 @@ impl PciDevice for InProcessFunction {
             self.check_failure();
         }
         if let Some(mut m) = self.msix() {
+            m.reset();
+        }
+        if let Some(mut m) = self.msi() {
             m.reset();
         }
     }

@@ -4,6 +4,7 @@
 //! ([`inprocess`]).
 
 pub mod inprocess;
+pub mod msi;
 pub mod msix;
 pub mod proxy;
 pub mod root;
@@ -72,6 +73,14 @@ pub trait PciDevice: Send {
     /// Takes over the MSI-X of the function this one replaces: the guest
     /// sees no change to its table, its enable or its masks.
     fn adopt_msix(&mut self, _msix: msix::MsixRouter) {}
+    /// The function's MSI (its routes and eventfds, and what the guest
+    /// programmed), when it is being replaced.
+    fn take_msi(&mut self) -> Option<msi::MsiRouter> {
+        None
+    }
+    /// Takes over the MSI of the function this one replaces: what the
+    /// guest programmed is written into this function's capability.
+    fn adopt_msi(&mut self, _msi: msi::MsiRouter) {}
     /// Signals MSI-X vector `vector` as the device would: delivered now if
     /// the guest left it unmasked, else pending until it unmasks it. For a
     /// snapshot's vectors that were pending when it was taken.

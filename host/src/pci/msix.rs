@@ -38,7 +38,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The VM's GSI routing table: KVM's default routes (the PIC's and the
-/// IOAPIC's pins) plus one MSI route per live MSI-X vector.
+/// IOAPIC's pins) plus one MSI route per live MSI-X or MSI vector.
 /// `KVM_SET_GSI_ROUTING` replaces the whole table, so one owner keeps it.
 #[derive(Default)]
 pub struct GsiRoutes {
@@ -64,7 +64,7 @@ impl GsiRoutes {
             .take(n)
             .collect();
         if free.len() < n {
-            bail!("no {n} free GSIs for MSI-X vectors (KVM allows {MAX_GSI})");
+            bail!("no {n} free GSIs for message vectors (KVM allows {MAX_GSI})");
         }
         g.used.extend(free.iter().copied());
         Ok(free)
@@ -144,21 +144,27 @@ struct Vector {
     attached: bool,
 }
 
-/// One function's MSI-X as the VMM serves it.
-pub struct MsixRouter {
+/// A function's message vectors (MSI-X or MSI) as KVM sees them: an
+/// eventfd and a GSI each; a live vector's eventfd is attached as an
+/// irqfd to its GSI, routed to the message the guest programmed. A
+/// detached vector's eventfd keeps what is signalled: that count is its
+/// pending bit.
+pub struct VectorSet {
     vm: Arc<VmFd>,
     routes: Arc<GsiRoutes>,
-    msix: Msix,
-    table: MsixTable,
     vectors: Vec<Vector>,
-    enabled: bool,
-    function_masked: bool,
+    /// "MSI-X" or "MSI", for the log.
+    what: &'static str,
 }
 
-impl MsixRouter {
-    /// Eventfds and GSIs for `msix`'s vectors, all masked.
-    pub fn new(vm: Arc<VmFd>, routes: Arc<GsiRoutes>, msix: Msix) -> Result<Self> {
-        let n = usize::from(msix.layout.vectors);
+impl VectorSet {
+    /// `n` vectors, all detached.
+    pub fn new(
+        vm: Arc<VmFd>,
+        routes: Arc<GsiRoutes>,
+        n: usize,
+        what: &'static str,
+    ) -> Result<Self> {
         let gsis = routes.allocate(n)?;
         let mut vectors = Vec::with_capacity(n);
         for &gsi in &gsis {
@@ -170,16 +176,113 @@ impl MsixRouter {
                 }),
                 Err(e) => {
                     routes.free(&vm, &gsis);
-                    return Err(e).context("eventfd for an MSI-X vector");
+                    return Err(e).with_context(|| format!("eventfd for an {what} vector"));
                 }
             }
         }
-        Ok(MsixRouter {
+        Ok(VectorSet {
             vm,
             routes,
+            vectors,
+            what,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.vectors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vectors.is_empty()
+    }
+
+    /// The eventfd the device signals for each vector, in order.
+    pub fn eventfds(&self) -> Vec<&EventFd> {
+        self.vectors.iter().map(|v| &v.evt).collect()
+    }
+
+    /// Signals vector `v` as the device would.
+    pub fn signal(&self, v: usize) {
+        if let Some(vec) = self.vectors.get(v) {
+            let _ = vec.evt.write(1);
+        }
+    }
+
+    /// Whether vector `v` is pending: detached, with a signal kept.
+    pub fn pending(&self, v: usize) -> bool {
+        self.vectors
+            .get(v)
+            .is_some_and(|v| !v.attached && readable(&v.evt))
+    }
+
+    /// Forgets what vector `v` kept (nothing stays pending).
+    pub fn drop_pending(&self, v: usize) {
+        if let Some(vec) = self.vectors.get(v) {
+            let _ = vec.evt.read();
+        }
+    }
+
+    /// Makes vector `v` live with message `msg` (routed, irqfd attached:
+    /// a signal kept meanwhile is delivered at once), or with `None`
+    /// detached.
+    pub fn set(&mut self, v: usize, msg: Option<MsiMessage>) {
+        let what = self.what;
+        let Some(vec) = self.vectors.get_mut(v) else {
+            return;
+        };
+        match msg {
+            Some(msg) => {
+                if let Err(e) = self.routes.route(&self.vm, vec.gsi, msg) {
+                    tracing::warn!("{what} vector {v}: {e:#}");
+                    return;
+                }
+                if !vec.attached {
+                    match self.vm.register_irqfd(&vec.evt, vec.gsi) {
+                        Ok(()) => vec.attached = true,
+                        Err(e) => tracing::warn!("{what} vector {v}: KVM_IRQFD: {e}"),
+                    }
+                }
+            }
+            None if vec.attached => {
+                if let Err(e) = self.vm.unregister_irqfd(&vec.evt, vec.gsi) {
+                    tracing::warn!("{what} vector {v}: KVM_IRQFD deassign: {e}");
+                }
+                vec.attached = false;
+            }
+            None => {}
+        }
+    }
+}
+
+impl Drop for VectorSet {
+    fn drop(&mut self) {
+        for v in &mut self.vectors {
+            if v.attached {
+                let _ = self.vm.unregister_irqfd(&v.evt, v.gsi);
+            }
+        }
+        let gsis: Vec<u32> = self.vectors.iter().map(|v| v.gsi).collect();
+        self.routes.free(&self.vm, &gsis);
+    }
+}
+
+/// One function's MSI-X as the VMM serves it.
+pub struct MsixRouter {
+    msix: Msix,
+    table: MsixTable,
+    vectors: VectorSet,
+    enabled: bool,
+    function_masked: bool,
+}
+
+impl MsixRouter {
+    /// Eventfds and GSIs for `msix`'s vectors, all masked.
+    pub fn new(vm: Arc<VmFd>, routes: Arc<GsiRoutes>, msix: Msix) -> Result<Self> {
+        let n = usize::from(msix.layout.vectors);
+        Ok(MsixRouter {
+            vectors: VectorSet::new(vm, routes, n, "MSI-X")?,
             table: MsixTable::new(msix.layout),
             msix,
-            vectors,
             enabled: false,
             function_masked: false,
         })
@@ -197,7 +300,7 @@ impl MsixRouter {
 
     /// The eventfd the device signals for each vector, in order.
     pub fn eventfds(&self) -> Vec<&EventFd> {
-        self.vectors.iter().map(|v| &v.evt).collect()
+        self.vectors.eventfds()
     }
 
     /// Vector `v`'s eventfd (an in-process device signals it directly);
@@ -206,9 +309,7 @@ impl MsixRouter {
         if !self.enabled {
             return;
         }
-        if let Some(vec) = self.vectors.get(usize::from(v)) {
-            let _ = vec.evt.write(1);
-        }
+        self.vectors.signal(usize::from(v));
     }
 
     /// A read of the MSI-X BAR at `offset`.
@@ -221,8 +322,8 @@ impl MsixRouter {
         } else if (p..p + l.pba_size()).contains(&offset) {
             // A detached vector's eventfd count is its pending bit.
             let mut pba = vec![0u8; l.pba_size() as usize];
-            for (i, v) in self.vectors.iter().enumerate() {
-                if !v.attached && readable(&v.evt) {
+            for i in 0..self.vectors.len() {
+                if self.vectors.pending(i) {
                     pba[i / 8] |= 1 << (i % 8);
                 }
             }
@@ -258,8 +359,8 @@ impl MsixRouter {
         }
         if enabled && !self.enabled {
             // What was raised while disabled was dropped, not pending.
-            for v in &self.vectors {
-                let _ = v.evt.read();
+            for v in 0..self.vectors.len() {
+                self.vectors.drop_pending(v);
             }
         }
         self.enabled = enabled;
@@ -297,42 +398,11 @@ impl MsixRouter {
     fn update(&mut self, v: u16) {
         let live = self.enabled && !self.function_masked && !self.table.masked(v);
         let msg = self.table.message(v);
-        let Some(vec) = self.vectors.get_mut(usize::from(v)) else {
-            return;
-        };
-        if live {
-            if let Err(e) = self.routes.route(&self.vm, vec.gsi, msg) {
-                tracing::warn!("MSI-X vector {v}: {e:#}");
-                return;
-            }
-            if !vec.attached {
-                match self.vm.register_irqfd(&vec.evt, vec.gsi) {
-                    Ok(()) => vec.attached = true,
-                    Err(e) => tracing::warn!("MSI-X vector {v}: KVM_IRQFD: {e}"),
-                }
-            }
-        } else if vec.attached {
-            if let Err(e) = self.vm.unregister_irqfd(&vec.evt, vec.gsi) {
-                tracing::warn!("MSI-X vector {v}: KVM_IRQFD deassign: {e}");
-            }
-            vec.attached = false;
-        }
+        self.vectors.set(usize::from(v), live.then_some(msg));
         if !self.enabled {
             // Disabled: nothing stays pending.
-            let _ = vec.evt.read();
+            self.vectors.drop_pending(usize::from(v));
         }
-    }
-}
-
-impl Drop for MsixRouter {
-    fn drop(&mut self) {
-        for v in &mut self.vectors {
-            if v.attached {
-                let _ = self.vm.unregister_irqfd(&v.evt, v.gsi);
-            }
-        }
-        let gsis: Vec<u32> = self.vectors.iter().map(|v| v.gsi).collect();
-        self.routes.free(&self.vm, &gsis);
     }
 }
 

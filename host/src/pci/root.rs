@@ -348,6 +348,9 @@ impl PciRoot {
         if let Some(m) = old.take_msix() {
             dev.adopt_msix(m);
         }
+        if let Some(m) = old.take_msi() {
+            dev.adopt_msi(m);
+        }
         let mut previous = std::mem::replace(&mut *old, dev);
         *s.bars.write().unwrap_or_else(|e| e.into_inner()) = old.config_space().active_bars();
         drop(old);

@@ -40,6 +40,7 @@ use kvm_ioctls::VmFd;
 use pci::{regs, BarType, ConfigSpace, Identity};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::msi::MsiRouter;
 use super::msix::{GsiRoutes, MsixRouter};
 use super::stats::AccessStats;
 use super::PciDevice;
@@ -57,6 +58,8 @@ pub(crate) struct Setup {
     intx: Option<(EventFd, EventFd)>,
     /// The function's MSI-X, found in its configuration space.
     msix: Option<plugin_api::function::Msix>,
+    /// The function's MSI, found there too.
+    msi: Option<plugin_api::function::Msi>,
 }
 
 /// One remote function.
@@ -81,6 +84,9 @@ pub struct ProxyFunction {
     /// the VMM emulates for it.
     msix_found: Option<plugin_api::function::Msix>,
     msix: Option<MsixRouter>,
+    /// Where the function's MSI is, and (after `with_msix`) its routes.
+    msi_found: Option<plugin_api::function::Msi>,
+    msi: Option<MsiRouter>,
     /// Writes KVM delivers to the remote by itself (with the ring).
     doorbells: Option<doorbells::Doorbells>,
     /// The device's doorbells, when its saved states outlive them
@@ -154,6 +160,8 @@ impl ProxyFunction {
             stats: AccessStats::default(),
             msix_found: setup.msix,
             msix: None,
+            msi_found: setup.msi,
+            msi: None,
             doorbells: None,
             state_doorbells: None,
         })
@@ -164,6 +172,13 @@ impl ProxyFunction {
     /// per vector, which the remote signals straight to KVM. An error when
     /// the remote does not take them.
     pub fn with_msix(mut self, vm: &Arc<VmFd>, routes: &Arc<GsiRoutes>) -> Result<Self> {
+        if let Some(m) = self.msi_found {
+            let router = MsiRouter::new(vm.clone(), routes.clone(), m)
+                .with_context(|| format!("{}: MSI", self.id))?;
+            self.hand_msi_eventfds(&router)
+                .map_err(|e| anyhow::anyhow!("{}: MSI eventfds: {e}", self.id))?;
+            self.msi = Some(router);
+        }
         let Some(m) = self.msix_found else {
             return Ok(self);
         };
@@ -173,6 +188,54 @@ impl ProxyFunction {
             .map_err(|e| anyhow::anyhow!("{}: MSI-X eventfds: {e}", self.id))?;
         self.msix = Some(router);
         Ok(self)
+    }
+
+    /// Gives the remote `router`'s eventfd for each MSI vector.
+    fn hand_msi_eventfds(&mut self, router: &MsiRouter) -> std::result::Result<(), String> {
+        let fds: Vec<BorrowedFd<'_>> = router.eventfds().into_iter().map(borrow).collect();
+        self.transport.set_msi_eventfds(&fds)
+    }
+
+    /// Takes over `router` (a replaced function's): the new remote gets
+    /// its eventfds, and the capability as the guest programmed it
+    /// (address, data and masks first, Message Control last).
+    fn adopt_msi_router(&mut self, router: MsiRouter) -> std::result::Result<(), String> {
+        self.hand_msi_eventfds(&router)?;
+        let (cap, s) = (router.cap(), router.state());
+        use pci::msi::{ADDRESS_HI, ADDRESS_LO, CONTROL, DATA, MASK};
+        self.transport
+            .config_write(cap + ADDRESS_LO, &(s.address as u32).to_le_bytes())?;
+        self.transport
+            .config_write(cap + ADDRESS_HI, &((s.address >> 32) as u32).to_le_bytes())?;
+        self.transport
+            .config_write(cap + DATA, &s.data.to_le_bytes())?;
+        self.transport
+            .config_write(cap + MASK, &s.mask.to_le_bytes())?;
+        let mut ctrl = [0u8; 2];
+        self.transport.config_read(cap + CONTROL, &mut ctrl)?;
+        let mme = u16::from(s.granted.max(1)).trailing_zeros() as u16;
+        let c = (u16::from_le_bytes(ctrl) & !0x71) | mme << 4 | u16::from(s.enabled);
+        self.transport
+            .config_write(cap + CONTROL, &c.to_le_bytes())?;
+        self.msi = Some(router);
+        Ok(())
+    }
+
+    /// Reads the MSI capability back from the remote after a write that
+    /// touched it, and puts the routes in step.
+    fn refresh_msi(&mut self) {
+        let Some(cap) = self.msi.as_ref().map(MsiRouter::cap) else {
+            return;
+        };
+        let mut b = [0u8; pci::msi::CAP_LEN];
+        match self.transport.config_read(cap, &mut b) {
+            Ok(()) => {
+                if let Some(m) = self.msi.as_mut() {
+                    m.update(pci::msi::MsiState::decode(&b));
+                }
+            }
+            Err(e) => self.fail("MSI read-back", &e),
+        }
     }
 
     /// Gives the remote `router`'s eventfd for each vector.
@@ -442,6 +505,10 @@ impl PciDevice for ProxyFunction {
         if let Err(e) = self.transport.config_read(offset, data) {
             data.fill(0xff);
             self.fail("config read", &e);
+            return;
+        }
+        if let Some(m) = &self.msi {
+            m.patch_read(offset, data);
         }
     }
 
@@ -460,6 +527,13 @@ impl PciDevice for ProxyFunction {
         if let Err(e) = self.transport.config_write(offset, data) {
             self.fail("config write", &e);
             return;
+        }
+        if self
+            .msi
+            .as_ref()
+            .is_some_and(|m| m.touches(offset, data.len()))
+        {
+            self.refresh_msi();
         }
         // Message Control (enable, function mask) lives in the remote's
         // configuration space; the routes follow it.
@@ -554,6 +628,26 @@ impl PciDevice for ProxyFunction {
         self.msix.take()
     }
 
+    fn take_msi(&mut self) -> Option<MsiRouter> {
+        self.msi.take()
+    }
+
+    fn adopt_msi(&mut self, router: MsiRouter) {
+        if self.msi_found != Some(router.msi()) {
+            tracing::warn!(
+                "{}: the new function's MSI differs; the guest sets it up again",
+                self.id
+            );
+            return;
+        }
+        if self.unusable() {
+            return;
+        }
+        if let Err(e) = self.adopt_msi_router(router) {
+            self.fail("MSI hand-over", &e);
+        }
+    }
+
     fn signal_msix(&mut self, vector: u16) {
         if let Some(m) = &self.msix {
             m.signal(vector);
@@ -608,6 +702,9 @@ impl PciDevice for ProxyFunction {
         self.shadow.reset();
         self.sync_doorbells();
         if let Some(m) = self.msix.as_mut() {
+            m.reset();
+        }
+        if let Some(m) = self.msi.as_mut() {
             m.reset();
         }
         if self.unusable() || !self.drain_ring() {

@@ -141,6 +141,7 @@ pub fn setup(
         shadow,
         intx,
         msix: None,
+        msi: None,
     })
 }
 

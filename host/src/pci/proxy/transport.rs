@@ -58,6 +58,15 @@ pub trait Transport: Send {
         Err("this protocol carries no MSI-X".into())
     }
 
+    /// Hands the remote the eventfd of each MSI vector (vfio-user
+    /// SET_IRQS of the MSI index). A dialect without MSI refuses.
+    fn set_msi_eventfds(
+        &mut self,
+        _fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), TransportError> {
+        Err("this protocol carries no MSI".into())
+    }
+
     /// A cheap request that proves the remote answers (supervision of
     /// remotes without a control channel).
     fn heartbeat(&mut self) -> Result<(), TransportError>;

@@ -107,6 +107,7 @@ pub fn setup(
             );
         }
     }
+    let msi = pci::msi::find(&cfg).map(|(cap, vectors)| plugin_api::function::Msi { cap, vectors });
     let msix = pci::msix::find(&cfg).map(|(cap, layout)| plugin_api::function::Msix {
         cap,
         layout,
@@ -119,7 +120,27 @@ pub fn setup(
         shadow,
         intx,
         msix,
+        msi,
     })
+}
+
+impl VfioUserTransport {
+    /// SET_IRQS of `index` with one eventfd per vector, in as many
+    /// messages as the server's fd limit asks.
+    fn set_vector_eventfds(
+        &mut self,
+        index: u32,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), TransportError> {
+        let per = (self.0.server_capabilities().max_msg_fds() as usize).max(1);
+        for (i, chunk) in fds.chunks(per).enumerate() {
+            let start = u32::try_from(i * per).map_err(|e| e.to_string())?;
+            self.0
+                .set_irq_eventfds(index, start, chunk)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
 }
 
 impl Transport for VfioUserTransport {
@@ -161,15 +182,14 @@ impl Transport for VfioUserTransport {
         &mut self,
         fds: &[std::os::fd::BorrowedFd<'_>],
     ) -> Result<(), TransportError> {
-        // At most as many fds per message as the server takes.
-        let per = (self.0.server_capabilities().max_msg_fds() as usize).max(1);
-        for (i, chunk) in fds.chunks(per).enumerate() {
-            let start = u32::try_from(i * per).map_err(|e| e.to_string())?;
-            self.0
-                .set_irq_eventfds(channel::vfio_user::PCI_MSIX_IRQ_INDEX, start, chunk)
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        self.set_vector_eventfds(channel::vfio_user::PCI_MSIX_IRQ_INDEX, fds)
+    }
+
+    fn set_msi_eventfds(
+        &mut self,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), TransportError> {
+        self.set_vector_eventfds(channel::vfio_user::PCI_MSI_IRQ_INDEX, fds)
     }
 
     /// DEVICE_GET_INFO.
