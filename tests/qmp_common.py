@@ -100,7 +100,7 @@ def spawn_host(config=CONFIG, sock=SOCK, extra=()):
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=open(config + ".host-stderr", "w"),
-        env=dict(os.environ, HOST_STATS="1"),
+        env=dict(os.environ, HOST_STATS="1", HOST_LOG=os.environ.get("HOST_LOG", "warn,host::monitor::restart=info,host::remote=info")),
     )
     _host_procs.append(host)
     return host

@@ -437,8 +437,10 @@ fn connect_inner(
                 Ok(())
             });
         }
+        let t = std::time::Instant::now();
         let child =
             spawn_child(cmd).with_context(|| format!("spawning remote-host for `{}`", r.id))?;
+        tracing::info!("remote {}: spawned in {:?}", r.id, t.elapsed());
         drop(theirs);
         drop(control_theirs);
         let mut proc = RemoteProcess {
