@@ -22,7 +22,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use system_tests::{prepare_vm, run_qmp_driver_with};
+use system_tests::{output_number, prepare_vm, recovery_times, run_chaos};
 use testenv::{require_env, target_bin};
 
 const QMP_SOCKET: &str = "/tmp/host-chaos/qmp.sock";
@@ -99,42 +99,18 @@ fn a_remote_killed_again_and_again_is_never_seen_by_the_guest() {
     let spec = testenv::InitramfsSpec::new(&[] as &[&str], guest_job());
     let dir = prepare_vm(&env, "host-chaos", &spec);
     fs::write(dir.join("vm.toml"), config(&env.kernel)).unwrap();
-    let kills: u64 = std::env::var("CHAOS_KILLS")
-        .ok()
-        .and_then(|k| k.parse().ok())
-        .unwrap_or(3);
-    // The driver runs in L1 and reads the number of kills from here.
-    fs::write(dir.join("chaos-kills"), kills.to_string()).unwrap();
-    // Binaries from L1's tmpfs: a restart then costs what it costs on a
-    // real machine, not a page-in over 9p.
-    let run = run_qmp_driver_with(
+    let (run, out, kills) = run_chaos(
         &env,
         "host_chaos",
-        "chaos_driver.py",
         &dir,
         QMP_SOCKET,
-        Duration::from_secs(120 + 10 * kills),
-        &["svc.log"],
-        true,
+        3,
+        Duration::from_secs(120),
     );
-    let job = run.check();
     let (r, diag) = (&run.results, &run.diag);
-    assert_eq!(job.status, 0, "guest job failed:\n{diag}");
-    let out = &job.output;
-    let field = |key: &str| -> u64 {
-        out.split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in the guest output:\n{diag}"))
-    };
+    let field = |key: &str| output_number(&out, key, diag);
     let (reads, wrong, longest) = (field("reads="), field("wrong="), field("longest_ms="));
-    let mut ms: Vec<u64> = r["replies"]["recovery-ms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|v| v.as_u64())
-        .collect();
-    assert_eq!(ms.len() as u64, kills, "{diag}");
+    let ms = recovery_times(r, kills, diag);
     assert_eq!(wrong, 0, "the guest read wrong values:\n{diag}");
     assert!(
         out.contains("scratch_after=0x00005EED"),
@@ -155,7 +131,6 @@ fn a_remote_killed_again_and_again_is_never_seen_by_the_guest() {
         "the hang's message does not say a restart follows:\n{diag}"
     );
     assert_eq!(r["host-exit"], 0, "{diag}");
-    ms.sort_unstable();
     eprintln!(
         "host_chaos: {kills} kills, recovery p50 {} ms max {} ms; a hang noticed after {} ms, recovered in {} ms; the guest made {reads} reads, 0 wrong, the longest {longest} ms",
         ms[ms.len() / 2],

@@ -22,7 +22,9 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use system_tests::{prepare_vm, run_qmp_driver_with, VIRTIO_BLK_MODULES};
+use system_tests::{
+    output_field, output_number, prepare_vm, recovery_times, run_chaos, VIRTIO_BLK_MODULES,
+};
 use testenv::{require_env, target_bin};
 
 const QMP_SOCKET: &str = "/tmp/host-virtio-chaos/qmp.sock";
@@ -187,36 +189,17 @@ fn disks_in_a_remote_killed_again_and_again_lose_no_write() {
             .set_len(IMAGE)
             .unwrap();
     }
-    let kills: u64 = std::env::var("CHAOS_KILLS")
-        .ok()
-        .and_then(|k| k.parse().ok())
-        .unwrap_or(10);
-    fs::write(dir.join("chaos-kills"), kills.to_string()).unwrap();
-    let run = run_qmp_driver_with(
+    let (run, out, kills) = run_chaos(
         &env,
         "host_virtio_chaos",
-        "chaos_driver.py",
         &dir,
         QMP_SOCKET,
-        Duration::from_secs(180 + 10 * kills),
-        &["svc.log"],
-        true,
+        10,
+        Duration::from_secs(180),
     );
-    let job = run.check();
     let (r, diag) = (&run.results, &run.diag);
-    assert_eq!(job.status, 0, "guest job failed:\n{diag}");
-    let out = &job.output;
-    let field = |key: &str| -> String {
-        out.split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("no {key} in the guest output:\n{diag}"))
-    };
-    let num = |key: &str| -> u64 {
-        field(key)
-            .parse()
-            .unwrap_or_else(|_| panic!("{key} is not a number:\n{diag}"))
-    };
+    let field = |key: &str| output_field(&out, key, diag);
+    let num = |key: &str| output_number(&out, key, diag);
     for key in [
         "raw-ioerr=",
         "raw-bad=",
@@ -244,13 +227,7 @@ fn disks_in_a_remote_killed_again_and_again_lose_no_write() {
         expect,
         "the image on the host differs from what the guest wrote:\n{diag}"
     );
-    let mut ms: Vec<u64> = r["replies"]["recovery-ms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|v| v.as_u64())
-        .collect();
-    assert_eq!(ms.len() as u64, kills, "{diag}");
+    let ms = recovery_times(r, kills, diag);
     // Every restart, the hang's included, brought both disks back with
     // their state.
     let kept = r["replies"]["state-kept"].as_array().unwrap();
@@ -267,7 +244,6 @@ fn disks_in_a_remote_killed_again_and_again_lose_no_write() {
     }
     assert_eq!(r["replies"]["hang"]["new-pid"], true, "{diag}");
     assert_eq!(r["host-exit"], 0, "{diag}");
-    ms.sort_unstable();
     eprintln!(
         "host_virtio_chaos: {kills} kills, recovery p50 {} ms max {} ms; a hang recovered in {} ms; raw rounds {raw_rounds}, fs rounds {fs_rounds}, 0 errors, 0 mismatches",
         ms[ms.len() / 2],

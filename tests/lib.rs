@@ -453,3 +453,69 @@ pub fn prepare_vm(
     env.build_initramfs(spec, &dir.join("initrd.cpio")).unwrap();
     dir
 }
+
+/// A chaos run (`tests/chaos_driver.py`) on the VM in `dir`: its remote
+/// `svc` killed `CHAOS_KILLS` times (default `default_kills`), 1-3 s
+/// apart, then hung once, the binaries run from L1's tmpfs (a restart
+/// then costs what it costs on a real machine, not a page-in over 9p).
+/// Returns the run, the guest job's output (status 0 checked) and the
+/// number of kills.
+pub fn run_chaos(
+    env: &testenv::Env,
+    name: &str,
+    dir: &Path,
+    qmp_socket: &str,
+    default_kills: u64,
+    limit: std::time::Duration,
+) -> (DriverRun, String, u64) {
+    let kills: u64 = std::env::var("CHAOS_KILLS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(default_kills);
+    // The driver runs in L1 and reads the number of kills from here.
+    fs::write(dir.join("chaos-kills"), kills.to_string()).unwrap();
+    let run = run_qmp_driver_with(
+        env,
+        name,
+        "chaos_driver.py",
+        dir,
+        qmp_socket,
+        limit + std::time::Duration::from_secs(10 * kills),
+        &["svc.log"],
+        true,
+    );
+    let job = run.check();
+    assert_eq!(job.status, 0, "guest job failed:\n{}", run.diag);
+    (run, job.output, kills)
+}
+
+/// The word after `key` in a guest's output (`key` is its prefix, as in
+/// `reads=`); fails the test naming it when missing.
+pub fn output_field(out: &str, key: &str, diag: &str) -> String {
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no {key} in the guest output:\n{diag}"))
+}
+
+/// [`output_field`] as a number.
+pub fn output_number(out: &str, key: &str, diag: &str) -> u64 {
+    output_field(out, key, diag)
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} is not a number:\n{diag}"))
+}
+
+/// The recovery times the chaos driver recorded, one per kill, sorted.
+pub fn recovery_times(results: &serde_json::Value, kills: u64, diag: &str) -> Vec<u64> {
+    let mut ms: Vec<u64> = results["replies"]["recovery-ms"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        ms.len() as u64,
+        kills,
+        "one recovery time per kill:\n{diag}"
+    );
+    ms.sort_unstable();
+    ms
+}

@@ -289,10 +289,16 @@ impl IrqLine {
     /// Waits until MSI `vector` sent at least `n` messages, at most
     /// `timeout`.
     pub fn wait_msi(&self, vector: u16, n: usize, timeout: Duration) -> bool {
+        self.wait_until(timeout, || self.msi_count(vector) >= n)
+    }
+
+    /// Waits until `done` holds, at most `timeout`, woken by each change
+    /// the device makes (and every 10 ms).
+    fn wait_until(&self, timeout: Duration, done: impl Fn() -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         let mut s = lock(&self.state);
         loop {
-            if self.msi_count(vector) >= n {
+            if done() {
                 return true;
             }
             let now = Instant::now();
@@ -342,24 +348,7 @@ impl IrqLine {
 
     /// Waits until `vector` sent at least `n` messages, at most `timeout`.
     pub fn wait_msix(&self, vector: u16, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut s = lock(&self.state);
-        loop {
-            if self.msix_count(vector) >= n {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            s = match self
-                .changed
-                .wait_timeout(s, (deadline - now).min(Duration::from_millis(10)))
-            {
-                Ok((g, _)) => g,
-                Err(e) => e.into_inner().0,
-            };
-        }
+        self.wait_until(timeout, || self.msix_count(vector) >= n)
     }
 
     /// Message Control changed: pending vectors now due are sent.
