@@ -25,6 +25,9 @@
 //! # sandbox = true               # remote-host's seccomp filter
 //! # jail = true                  # its own namespaces and file view
 //! # user = "nobody"              # run as (a remote started as root)
+//! # restart = "on-failure"       # or "always"; default "never"
+//! # restart-limit = 5            # automatic restarts per minute
+//! # standby = true               # keep a replacement process started
 //!
 //! [[device]]
 //! id = "lsi0"
@@ -287,6 +290,11 @@ pub struct RemoteConfig {
     /// `restart-limit`: automatic restarts allowed within a minute; one
     /// more failure in that minute leaves the remote failed.
     pub restart_limit: u32,
+    /// `standby` (default true): with `restart` other than `"never"`, a
+    /// second `remote-host` is kept started ahead (config read, jail
+    /// entered, devices not built), so that a restart does not wait for
+    /// a process to start; `false` saves that process.
+    pub standby: bool,
     pub location: Location,
 }
 
@@ -613,6 +621,7 @@ fn parse_remote(
         Some(v) => v.value.parse().map_err(|m| t.error(v.span.clone(), m))?,
     };
     let restart_limit = t.integer_in("restart-limit", 1..=100, Some(5))?.value as u32;
+    let standby = t.opt_bool("standby")?.is_none_or(|b| b.value);
     t.deny_unknown()?;
     Ok(RemoteConfig {
         id,
@@ -629,6 +638,7 @@ fn parse_remote(
         doorbells,
         restart,
         restart_limit,
+        standby,
         location,
     })
 }

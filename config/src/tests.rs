@@ -328,7 +328,14 @@ fn restart_policy_defaults_to_never_and_parses_each_value() {
         let r = remote(&text);
         assert_eq!((r.restart, r.restart_limit), (want, 3));
         assert_eq!(r.restart.name(), v);
+        assert!(r.standby, "a standby process by default");
     }
+    let text = GOOD.replace("id = \"storage\"\n", "id = \"storage\"\nstandby = false\n");
+    assert!(!remote(&text).standby);
+    let text = GOOD.replace("id = \"storage\"\n", "id = \"storage\"\nstandby = \"no\"\n");
+    let (line, _, msg) = err(&text);
+    assert_eq!(line, 10);
+    assert!(msg.contains("standby"), "{msg}");
 }
 
 #[test]

@@ -342,8 +342,6 @@ fn connect_inner(
         .devices_of_remote(&r.id)
         .map(|d| d.id.clone())
         .collect();
-    let opts = client_options(r);
-    let timeout = startup_timeout(opts.timeout);
     let mut clients = Vec::new();
     if let Some(sock) = inherited {
         if devices.len() != 1 {
@@ -397,6 +395,105 @@ fn connect_inner(
             control_hangup: None,
         });
     }
+    spawn_remote(config, r, with_control, false)?.connect(r)
+}
+
+/// The fd a standby `remote-host` waits on (`serve --standby 5`): one byte
+/// from the VMM starts it, end of file ends it.
+pub const STANDBY_FD: i32 = 5;
+
+/// A spawned `remote-host` not connected to yet: its process and our ends
+/// of its channels. A standby one (see [`spawn_standby`]) waits for
+/// [`connect`](Self::connect) before it builds its devices.
+pub struct Spawned {
+    proc: RemoteProcess,
+    /// The config's devices of the remote, in order.
+    devices: Vec<String>,
+    /// One device: our end of the socket it serves it on.
+    device_socket: Option<UnixStream>,
+    /// Otherwise the directory its devices' sockets appear in.
+    rundir: Option<PathBuf>,
+    control_ours: Option<UnixStream>,
+    control_hangup: Option<OwnedFd>,
+    /// A standby's start signal (the write end of its pipe).
+    go: Option<OwnedFd>,
+    timeout: Duration,
+}
+
+impl Spawned {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Starts a standby (one byte on its pipe) and connects to its
+    /// devices, as [`connect_supervised`] does to a fresh remote.
+    pub fn connect(mut self, r: &RemoteConfig) -> Result<Supervised> {
+        if let Some(go) = self.go.take() {
+            let mut f = std::fs::File::from(go);
+            if let Err(e) = std::io::Write::write_all(&mut f, b"g") {
+                self.proc.stop(Duration::ZERO);
+                bail!("remote `{}`: its standby process is gone ({e})", r.id);
+            }
+        }
+        let mut clients = Vec::new();
+        if let Some(ours) = self.device_socket.take() {
+            let id = self.devices.first().cloned().unwrap_or_default();
+            // The first reply waits for the process to start and load its
+            // plugins (slow on a cold cache, seconds in a nested guest).
+            match client_over(r, ours).with_context(|| format!("remote `{}`, device `{id}`", r.id))
+            {
+                Ok(c) => clients.push((id, c)),
+                Err(e) => {
+                    self.proc.stop(Duration::ZERO);
+                    return Err(e);
+                }
+            }
+        } else if let Some(rundir) = &self.rundir {
+            for id in &self.devices {
+                let sock = wait_socket(
+                    &rundir.join(format!("{id}.sock")),
+                    &mut self.proc.child,
+                    self.timeout,
+                )?;
+                let c = client_over(r, sock)
+                    .with_context(|| format!("remote `{}`, device `{id}`", r.id))?;
+                clients.push((id.clone(), c));
+            }
+        }
+        let timeout = self.timeout;
+        Ok(Supervised {
+            process: Some(self.proc),
+            clients,
+            control: self.control_ours.map(|s| ControlClient::new(s, timeout)),
+            control_hangup: self.control_hangup,
+        })
+    }
+}
+
+/// Spawns a `remote-host` for `r` that gets ready (config read, jail
+/// entered) and then waits, its devices not built, until
+/// [`Spawned::connect`] starts it: what an automatic restart takes
+/// instead of starting a process from nothing (docs/qmp.md). Dropped
+/// unused, it ends (its pipe closes; the VMM's end kills it too).
+pub fn spawn_standby(config: &Config, r: &RemoteConfig) -> Result<Spawned> {
+    spawn_remote(config, r, true, true)
+}
+
+/// Spawns `remote-host serve` for `r`: its device on an inherited socket
+/// (fd 3) when it has exactly one, else in a private socket directory;
+/// with `with_control` its control channel on fd 4; with `standby` its
+/// start pipe on fd 5.
+fn spawn_remote(
+    config: &Config,
+    r: &RemoteConfig,
+    with_control: bool,
+    standby: bool,
+) -> Result<Spawned> {
+    let devices: Vec<String> = config
+        .devices_of_remote(&r.id)
+        .map(|d| d.id.clone())
+        .collect();
+    let timeout = startup_timeout(client_options(r).timeout);
     let mut cmd = serve_command(config, r)?;
     // The control channel: ours stays here, theirs becomes fd 4.
     let (control_ours, control_theirs) = if with_control {
@@ -406,103 +503,94 @@ fn connect_inner(
     } else {
         (None, None)
     };
-    let control_raw = control_theirs.as_ref().map(|f| f.as_raw_fd());
     let control_hangup = control_ours
         .as_ref()
         .and_then(|s| s.try_clone().ok())
         .map(OwnedFd::from);
-    let control = |timeout: Duration| control_ours.map(|s| ControlClient::new(s, timeout));
-    if devices.len() == 1 {
-        let (ours, theirs) = UnixStream::pair().context("socketpair")?;
-        let theirs = OwnedFd::from(theirs);
-        let raw = theirs.as_raw_fd();
-        cmd.arg("--fd").arg(REMOTE_FD.to_string());
-        // SAFETY: the hook only calls async-signal-safe functions (fcntl,
-        // dup2, prctl) on fds that stay open until the child has exec'd.
+    let (go, go_theirs) = if standby {
+        let mut fds = [0i32; 2];
+        // SAFETY: `fds` is a valid out array of two ints.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("standby pipe");
+        }
+        cmd.arg("--standby").arg(STANDBY_FD.to_string());
+        // SAFETY: pipe2 just made both fds; each is owned once here.
         unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let dev = move_fd_high(raw)?;
-                let ctl = control_raw.map(move_fd_high).transpose()?;
-                if libc::dup2(dev, REMOTE_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if let Some(ctl) = ctl {
-                    if libc::dup2(ctl, CONTROL_FD) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
+            (
+                Some(OwnedFd::from_raw_fd(fds[1])),
+                Some(OwnedFd::from_raw_fd(fds[0])),
+            )
         }
-        let t = std::time::Instant::now();
-        let child =
-            spawn_child(cmd).with_context(|| format!("spawning remote-host for `{}`", r.id))?;
-        tracing::info!("remote {}: spawned in {:?}", r.id, t.elapsed());
-        drop(theirs);
-        drop(control_theirs);
-        let mut proc = RemoteProcess {
-            id: r.id.clone(),
-            child,
-            rundir: None,
-        };
-        // The first reply waits for the process to start and load its
-        // plugins (slow on a cold cache, seconds in a nested guest).
-        let c = client_over(r, ours)
-            .with_context(|| format!("remote `{}`, device `{}`", r.id, devices[0]));
-        match c {
-            Ok(c) => clients.push((devices[0].clone(), c)),
-            Err(e) => {
-                proc.stop(Duration::ZERO);
-                return Err(e);
-            }
-        }
-        return Ok(Supervised {
-            process: Some(proc),
-            clients,
-            control: control(startup_timeout(opts.timeout)),
-            control_hangup,
-        });
-    }
-    // No device or several: a private socket directory, one socket per
-    // device.
-    let rundir = private_dir(&format!("host-{}-", r.id))?;
-    cmd.arg("--socket").arg(&rundir);
-    // SAFETY: prctl, fcntl and dup2 are async-signal-safe; the fd stays
-    // open until the child has exec'd.
+    } else {
+        (None, None)
+    };
+    let (device_socket, device_theirs, rundir) = if devices.len() == 1 {
+        let (ours, theirs) = UnixStream::pair().context("socketpair")?;
+        cmd.arg("--fd").arg(REMOTE_FD.to_string());
+        (Some(ours), Some(OwnedFd::from(theirs)), None)
+    } else {
+        // No device or several: a private socket directory, one socket
+        // per device.
+        let rundir = private_dir(&format!("host-{}-", r.id))?;
+        cmd.arg("--socket").arg(&rundir);
+        (None, None, Some(rundir))
+    };
+    let moves: Vec<(i32, i32)> = [
+        (device_theirs.as_ref(), REMOTE_FD),
+        (control_theirs.as_ref(), CONTROL_FD),
+        (go_theirs.as_ref(), STANDBY_FD),
+    ]
+    .into_iter()
+    .filter_map(|(fd, to)| fd.map(|f| (f.as_raw_fd(), to)))
+    .collect();
+    // SAFETY: the hook only calls async-signal-safe functions (fcntl,
+    // dup2, prctl) on fds that stay open until the child has exec'd; it
+    // allocates nothing (`moves` was made before the fork).
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some(ctl) = control_raw.map(move_fd_high).transpose()? {
-                if libc::dup2(ctl, CONTROL_FD) < 0 {
+            // Each fd goes high first, so that moving one never clobbers
+            // another that is still to be moved.
+            let mut high = [(-1i32, -1i32); 3];
+            for (slot, &(fd, to)) in high.iter_mut().zip(moves.iter()) {
+                *slot = (move_fd_high(fd)?, to);
+            }
+            for &(fd, to) in high.iter().take(moves.len()) {
+                if libc::dup2(fd, to) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
             Ok(())
         });
     }
-    let child = spawn_child(cmd).with_context(|| format!("spawning remote-host for `{}`", r.id))?;
-    drop(control_theirs);
-    let mut proc = RemoteProcess {
-        id: r.id.clone(),
-        child,
-        rundir: Some(rundir.clone()),
+    let t = std::time::Instant::now();
+    let spawned = spawn_child(cmd);
+    tracing::info!("remote {}: spawned in {:?}", r.id, t.elapsed());
+    let child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(d) = &rundir {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            return Err(e).with_context(|| format!("spawning remote-host for `{}`", r.id));
+        }
     };
-    for id in &devices {
-        let sock = wait_socket(&rundir.join(format!("{id}.sock")), &mut proc.child, timeout)?;
-        let c =
-            client_over(r, sock).with_context(|| format!("remote `{}`, device `{id}`", r.id))?;
-        clients.push((id.clone(), c));
-    }
-    Ok(Supervised {
-        process: Some(proc),
-        clients,
-        control: control(startup_timeout(opts.timeout)),
+    drop((device_theirs, control_theirs, go_theirs));
+    Ok(Spawned {
+        proc: RemoteProcess {
+            id: r.id.clone(),
+            child,
+            rundir: rundir.clone(),
+        },
+        devices,
+        device_socket,
+        rundir,
+        control_ours,
         control_hangup,
+        go,
+        timeout,
     })
 }
 

@@ -608,3 +608,72 @@ fn msi_of_a_remote_function_is_routed_by_the_vmm() {
     proc.stop(Duration::from_secs(30));
     std::fs::remove_dir_all(&work).ok();
 }
+
+/// A standby `remote-host` (what an automatic restart takes): spawned,
+/// it reads its config, enters its jail and waits without building its
+/// devices; started, it serves them like any remote, config space and
+/// registers through the proxy.
+#[test]
+fn a_standby_remote_waits_then_serves_once_started() {
+    let Some(dir) = prerequisites::or_skip() else {
+        return;
+    };
+    std::env::set_var("REMOTE_HOST", dir.join("remote-host"));
+    let work = dir.join(format!("host-proxy-standby-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let (_, cfg) = prerequisites::dma_example_config(
+        &work,
+        "r",
+        "log = \"remote.log\"\ntimeout-ms = 30000",
+        SLOT,
+    );
+    let log = || std::fs::read_to_string(work.join("remote.log")).unwrap_or_default();
+    let sb = host::remote::spawn_standby(&cfg, &cfg.remotes[0]).unwrap();
+    let pid = sb.pid();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log().contains("standby: ready") {
+        assert!(Instant::now() < deadline, "no standby: {}", log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Waiting: alive, its device not made.
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!log().contains("device created"), "{}", log());
+
+    let s = sb.connect(&cfg.remotes[0]).unwrap();
+    assert_eq!(s.process.as_ref().map(|p| p.pid()), Some(pid));
+    assert!(s.control.is_some(), "its control channel");
+    let mut clients = s.clients;
+    let (id, client) = clients.pop().unwrap();
+    assert_eq!(id, "dma0");
+    let kvm = Kvm::new().unwrap();
+    let vm = std::sync::Arc::new(kvm.create_vm().unwrap());
+    vm.create_irq_chip().unwrap();
+    let ram = GuestRam::new(64 << 20).unwrap();
+    let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI).unwrap();
+    let mut root = PciRoot::new();
+    root.add(SLOT, Box::new(func)).unwrap();
+    root.assign_resources(&|s| (s == SLOT).then_some(GSI as u8))
+        .unwrap();
+    assert_eq!(cfg_read32(&root, 0), 0x11e9_1234);
+    let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
+    assert_eq!(read32(&root, bar0 + REG_ID), ID_VALUE);
+    let l = log();
+    assert!(
+        l.contains("standby: started") && l.contains("device created"),
+        "{l}"
+    );
+
+    // The VM ends: with its control channel closed the remote leaves.
+    root.shutdown();
+    drop((s.control, s.control_hangup));
+    if let Some(mut p) = s.process {
+        let t = Instant::now();
+        p.stop(Duration::from_secs(30));
+        assert!(
+            t.elapsed() < Duration::from_secs(25),
+            "did not leave on EOF"
+        );
+    }
+    std::fs::remove_dir_all(&work).ok();
+}

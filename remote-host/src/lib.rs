@@ -24,6 +24,7 @@ pub mod sandbox;
 pub mod serve_mpqemu;
 pub mod serve_vfio_user;
 pub mod sockets;
+pub mod standby;
 
 /// Waits up to `within` for `thread` to end and joins it; `false` (the
 /// thread left running) when it did not: a device call that never returns

@@ -91,6 +91,13 @@ enum Command {
         /// plugins' and libraries' directories only).
         #[arg(long)]
         no_jail: bool,
+        /// Standby: get ready (config, log, jail), then wait on this
+        /// inherited fd before building the devices: one byte starts
+        /// serving, end of file exits. What a VMM keeps ahead of a
+        /// restart, so that the restart does not wait for a process to
+        /// start.
+        #[arg(long)]
+        standby: Option<i32>,
     },
 }
 
@@ -277,6 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             poll_us,
             no_sandbox,
             no_jail,
+            standby,
         } => {
             let cfg = load_remote(&config, &remote)?;
             let rcfg = cfg.remote(&remote).cloned();
@@ -303,6 +311,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let user = rcfg.as_ref().and_then(|r| r.user.as_deref());
             enter_jail(jail, user, &cfg, &remote, &dirs, socket.as_deref())?;
+            if let Some(fd) = standby {
+                tracing::info!(remote = %remote, "standby: ready, waiting to be started");
+                if !remote_host::standby::wait(fd)? {
+                    tracing::info!("standby: released unused; exiting");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                tracing::info!("standby: started");
+            }
             let (devs, failed) = devices::build(&cfg, &remote, &dirs);
             tracing::info!(
                 remote = %remote,

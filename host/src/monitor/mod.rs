@@ -100,6 +100,9 @@ pub struct Monitor {
     /// once the machine is built ([`Monitor::set_machine`]).
     machine: std::sync::OnceLock<Arc<crate::reset::Machine>>,
     migration: migration::Migration,
+    /// A `remote-host` started ahead for each remote that restarts by
+    /// itself, waiting to replace it (`recovery.rs`).
+    standbys: Mutex<BTreeMap<String, crate::remote::Spawned>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -173,6 +176,7 @@ impl Monitor {
             restarts: Mutex::new(BTreeMap::new()),
             unplugging: Mutex::new(BTreeMap::new()),
             machine: std::sync::OnceLock::new(),
+            standbys: Mutex::new(BTreeMap::new()),
             migration: migration::Migration::default(),
         }
     }

@@ -100,6 +100,7 @@ impl Monitor {
             }
         });
         remote.on_failure(hook.clone());
+        self.prepare_standby(remote);
         match remote.state() {
             RemoteState::Dead => {
                 hook(Failure::Died(crate::supervisor::DeathCause::HangUp));
@@ -109,6 +110,48 @@ impl Monitor {
             }
             _ => {}
         }
+    }
+
+    /// Starts a standby `remote-host` for `remote` on a thread of its own
+    /// (`remote::spawn_standby`): ready, jailed, waiting to replace it, so
+    /// that a restart does not wait for a process to start. Only for a
+    /// remote this VMM spawned; a standby already kept is replaced.
+    pub(super) fn prepare_standby(&self, remote: &Arc<Remote>) {
+        if remote.pid.is_none() {
+            return;
+        }
+        let Some(this) = self.this.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let id = remote.id.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("standby-{id}"))
+            .spawn(move || {
+                let Some(rcfg) = this.config.remote(&id) else {
+                    return;
+                };
+                if rcfg.socket.is_some() || !rcfg.standby {
+                    return;
+                }
+                match crate::remote::spawn_standby(&this.config, rcfg) {
+                    Ok(s) => {
+                        tracing::info!("remote {id}: standby process {} ready", s.pid());
+                        let replaced = lock(&this.standbys).insert(id, s);
+                        drop(replaced);
+                    }
+                    Err(e) => tracing::warn!(
+                        "remote {id}: no standby process ({e:#}); a restart starts one then"
+                    ),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("remote {}: no standby ({e})", remote.id);
+        }
+    }
+
+    /// The standby kept for remote `id`, taken.
+    pub(super) fn take_standby(&self, id: &str) -> Option<crate::remote::Spawned> {
+        lock(&self.standbys).remove(id)
     }
 
     /// Restarts `failed` after its back-off, unless it failed too often,

@@ -106,8 +106,19 @@ impl Monitor {
         }
         // Where a restart's time goes (`HOST_LOG=info`).
         tracing::info!("restart {id}: old process gone after {:?}", t0.elapsed());
-        let s = remote::connect_supervised(&self.config, rcfg, None)
-            .map_err(|e| QmpError::generic(format!("restarting remote '{id}': {e:#}")))?;
+        let cold = || {
+            remote::connect_supervised(&self.config, rcfg, None)
+                .map_err(|e| QmpError::generic(format!("restarting remote '{id}': {e:#}")))
+        };
+        // The standby started ahead, if one is ready; else a new process.
+        let s = match self.take_standby(id).map(|sb| sb.connect(rcfg)) {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                tracing::warn!("restart {id}: the standby failed ({e:#}); starting a new process");
+                cold()?
+            }
+            None => cold()?,
+        };
         tracing::info!(
             "restart {id}: new process connected after {:?}",
             t0.elapsed()
@@ -200,6 +211,8 @@ impl Monitor {
         for r in lock(&self.remotes).iter() {
             r.stopped();
         }
+        // Standbys end with their pipe (and are reaped here).
+        lock(&self.standbys).clear();
     }
 
     /// Drives of remade `controllers` (in `remote`): each has its config
