@@ -318,7 +318,10 @@ impl ProxyFunction {
 
     /// Doorbells the device took, as its remote counts them (0 without).
     fn doorbells_taken(&self) -> u64 {
-        self.activity().doorbells.map_or(0, |d| d.load())
+        self.ring
+            .as_ref()
+            .filter(|_| self.doorbells.is_some())
+            .map_or(0, |r| r.doorbells_taken().load())
     }
 
     /// How many doorbells KVM delivers for this function.
