@@ -31,6 +31,24 @@ use dma_example::{
 const SLOT: u8 = 3;
 const GSI: u32 = 19;
 
+/// A VM with KVM's in-kernel irqchip, and 64 MiB of guest RAM.
+fn kvm_vm() -> (std::sync::Arc<kvm_ioctls::VmFd>, GuestRam) {
+    let kvm = Kvm::new().unwrap();
+    let vm = std::sync::Arc::new(kvm.create_vm().unwrap());
+    vm.create_irq_chip().unwrap();
+    (vm, GuestRam::new(64 << 20).unwrap())
+}
+
+/// A root bus with `dev` alone in SLOT, its resources assigned (INTx on
+/// GSI).
+fn bus_of(dev: Box<dyn host::pci::PciDevice>) -> PciRoot {
+    let mut root = PciRoot::new();
+    root.add(SLOT, dev).unwrap();
+    root.assign_resources(&|s| (s == SLOT).then_some(GSI as u8))
+        .unwrap();
+    root
+}
+
 fn cfg_read32(root: &PciRoot, reg: u32) -> u32 {
     let a = 0x8000_0000u32 | (u32::from(SLOT) << 11) | reg;
     root.pio_write(CONFIG_ADDRESS, &a.to_le_bytes());
@@ -136,10 +154,7 @@ fn proxy_over_spawned_remote_host(protocol: &str, fast: bool) {
         SLOT,
     );
 
-    let kvm = Kvm::new().unwrap();
-    let vm = std::sync::Arc::new(kvm.create_vm().unwrap());
-    vm.create_irq_chip().unwrap();
-    let ram = GuestRam::new(64 << 20).unwrap();
+    let (vm, ram) = kvm_vm();
 
     let t = Instant::now();
     let s = host::remote::connect_supervised(&cfg, &cfg.remotes[0], None).unwrap();
@@ -164,10 +179,7 @@ fn proxy_over_spawned_remote_host(protocol: &str, fast: bool) {
     let protocol = format!("{protocol} {label}");
     eprintln!("{protocol}: spawn + connect + setup: {:?}", t.elapsed());
 
-    let mut root = PciRoot::new();
-    root.add(SLOT, Box::new(func)).unwrap();
-    root.assign_resources(&|s| (s == SLOT).then_some(GSI as u8))
-        .unwrap();
+    let root = bus_of(Box::new(func));
 
     // Config space comes from the remote; the BAR was placed by us.
     assert_eq!(cfg_read32(&root, 0), 0x11e9_1234);
@@ -278,10 +290,7 @@ fn in_process_function_same_plugin() {
     )
     .unwrap();
     let cfg = config::Config::load(&cfg_path).unwrap();
-    let kvm = Kvm::new().unwrap();
-    let vm = std::sync::Arc::new(kvm.create_vm().unwrap());
-    vm.create_irq_chip().unwrap();
-    let ram = GuestRam::new(64 << 20).unwrap();
+    let (vm, ram) = kvm_vm();
     let func = host::pci::inprocess::InProcessFunction::new(
         &cfg.devices[0],
         std::slice::from_ref(&dir),
@@ -290,10 +299,7 @@ fn in_process_function_same_plugin() {
         GSI,
     )
     .unwrap();
-    let mut root = PciRoot::new();
-    root.add(SLOT, Box::new(func)).unwrap();
-    root.assign_resources(&|s| (s == SLOT).then_some(GSI as u8))
-        .unwrap();
+    let root = bus_of(Box::new(func));
     assert_eq!(cfg_read32(&root, 0), 0x11e9_1234);
     let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
     assert_eq!(read32(&root, bar0 + REG_ID), ID_VALUE);
@@ -317,10 +323,7 @@ fn dead_remote_reads_all_ones() {
     let work = dir.join(format!("host-dead-test-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
     let (_, cfg) = prerequisites::dma_example_config(&work, "dev", "log = \"remote.log\"", SLOT);
-    let kvm = Kvm::new().unwrap();
-    let vm = kvm.create_vm().unwrap();
-    vm.create_irq_chip().unwrap();
-    let ram = GuestRam::new(64 << 20).unwrap();
+    let (vm, ram) = kvm_vm();
     let (proc, mut clients) = host::remote::connect(&cfg, &cfg.remotes[0], None).unwrap();
     let mut proc = proc.unwrap();
     let (_, client) = clients.pop().unwrap();
@@ -371,10 +374,7 @@ fn one_remote_two_devices() {
     )
     .unwrap();
     let cfg = config::Config::load(&cfg_path).unwrap();
-    let kvm = Kvm::new().unwrap();
-    let vm = kvm.create_vm().unwrap();
-    vm.create_irq_chip().unwrap();
-    let ram = GuestRam::new(64 << 20).unwrap();
+    let (vm, ram) = kvm_vm();
     let (proc, clients) = host::remote::connect(&cfg, &cfg.remotes[0], None).unwrap();
     let mut proc = proc.unwrap();
     assert_eq!(clients.len(), 2);
@@ -459,10 +459,7 @@ fn qemu_x_remote_behind_proxy_function() {
     let mut child = cmd.spawn().unwrap();
     drop(theirs);
 
-    let kvm = Kvm::new().unwrap();
-    let vm = kvm.create_vm().unwrap();
-    vm.create_irq_chip().unwrap();
-    let ram = GuestRam::new(64 << 20).unwrap();
+    let (vm, ram) = kvm_vm();
     let t = Instant::now();
     let (proc, mut clients) = host::remote::connect(&cfg, &cfg.remotes[0], Some(ours)).unwrap();
     assert!(proc.is_none(), "nothing is spawned for an inherited socket");
@@ -475,10 +472,7 @@ fn qemu_x_remote_behind_proxy_function() {
         .map(|(i, s)| (i, s.size))
         .collect();
     assert_eq!(specs, vec![(0, 0x100), (1, 0x400), (2, 0x2000)]);
-    let mut root = PciRoot::new();
-    root.add(SLOT, Box::new(func)).unwrap();
-    root.assign_resources(&|s| (s == SLOT).then_some(GSI as u8))
-        .unwrap();
+    let root = bus_of(Box::new(func));
     assert_eq!(cfg_read32(&root, 0), 0x0012_1000, "LSI53C895A ids");
     let io = u16::try_from(cfg_read32(&root, 0x10) & !0x3).unwrap();
     let mmio = u64::from(cfg_read32(&root, 0x14) & !0xf);
@@ -538,10 +532,7 @@ fn msi_of_a_remote_function_is_routed_by_the_vmm() {
     )
     .unwrap();
     let cfg = config::Config::load(&path).unwrap();
-    let kvm = Kvm::new().unwrap();
-    let vm = std::sync::Arc::new(kvm.create_vm().unwrap());
-    vm.create_irq_chip().unwrap();
-    let ram = GuestRam::new(64 << 20).unwrap();
+    let (vm, ram) = kvm_vm();
     let routes = host::pci::msix::GsiRoutes::new();
     let s = host::remote::connect_supervised(&cfg, &cfg.remotes[0], None).unwrap();
     let mut proc = s.process.expect("spawned");
@@ -557,10 +548,7 @@ fn msi_of_a_remote_function_is_routed_by_the_vmm() {
         s.control,
         s.control_hangup,
     );
-    let mut root = PciRoot::new();
-    root.add(SLOT, Box::new(func)).unwrap();
-    root.assign_resources(&|s| (s == SLOT).then_some(GSI as u8))
-        .unwrap();
+    let root = bus_of(Box::new(func));
     let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
     // The capability list leads to MSI.
     let mut cap = cfg_read32(&root, 0x34) & 0xfc;
@@ -646,15 +634,9 @@ fn a_standby_remote_waits_then_serves_once_started() {
     let mut clients = s.clients;
     let (id, client) = clients.pop().unwrap();
     assert_eq!(id, "dma0");
-    let kvm = Kvm::new().unwrap();
-    let vm = std::sync::Arc::new(kvm.create_vm().unwrap());
-    vm.create_irq_chip().unwrap();
-    let ram = GuestRam::new(64 << 20).unwrap();
+    let (vm, ram) = kvm_vm();
     let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI).unwrap();
-    let mut root = PciRoot::new();
-    root.add(SLOT, Box::new(func)).unwrap();
-    root.assign_resources(&|s| (s == SLOT).then_some(GSI as u8))
-        .unwrap();
+    let root = bus_of(Box::new(func));
     assert_eq!(cfg_read32(&root, 0), 0x11e9_1234);
     let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
     assert_eq!(read32(&root, bar0 + REG_ID), ID_VALUE);
