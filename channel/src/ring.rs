@@ -665,6 +665,23 @@ pub struct DoorbellKey {
     pub value: u64,
 }
 
+impl DoorbellKey {
+    /// Whether a write of `data` (little-endian) at `offset` in BAR `bar`
+    /// is this doorbell: same place, width and value.
+    pub fn matches(&self, bar: usize, offset: u64, data: &[u8]) -> bool {
+        if usize::from(self.bar) != bar
+            || self.offset != offset
+            || usize::from(self.len) != data.len()
+        {
+            return false;
+        }
+        let mut v = [0u8; 8];
+        let n = data.len().min(8);
+        v[..n].copy_from_slice(&data[..n]);
+        u64::from_le_bytes(v) == self.value
+    }
+}
+
 /// Whether any of `fds` is readable within `timeout` (`None`: now).
 fn any_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> bool {
     let mut polls: Vec<libc::pollfd> = fds

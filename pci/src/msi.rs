@@ -87,6 +87,12 @@ pub fn add_capability(cs: &mut ConfigSpace, vectors: u8) -> Result<usize, Layout
     cs.add_capability(CAP_ID_MSI, &body, &writable)
 }
 
+/// Message Control `ctrl` with the enable bit and Multiple Message Enable
+/// set for `granted` vectors (a power of two), the other bits kept.
+pub fn encode_control(ctrl: u16, enabled: bool, granted: u8) -> u16 {
+    (ctrl & !(CTRL_ENABLE | 0x70)) | log2(granted) << 4 | u16::from(enabled)
+}
+
 /// The vectors a capability's Message Control asks for.
 pub fn vectors_asked(ctrl: u16) -> u8 {
     1u8 << ((ctrl >> 1) & 7).min(5)
@@ -249,6 +255,12 @@ mod tests {
         assert!(s.live(1));
         cs.write_value(cap + CONTROL, 2, 2 << 4);
         assert!(!MsiState::read(&cs, cap).live(1), "disabled");
+        // Encoded as the guest wrote it above, the capability bits kept.
+        let ctrl = cs.read_value(cap + CONTROL, 2) as u16;
+        assert_eq!(encode_control(ctrl, true, 4), ctrl | 1);
+        cs.write_value(cap + CONTROL, 2, u32::from(encode_control(ctrl, true, 8)));
+        let s = MsiState::read(&cs, cap);
+        assert_eq!((s.enabled, s.granted), (true, 8));
         // One vector: the data goes out as programmed.
         let one = MsiState {
             enabled: true,

@@ -357,12 +357,6 @@ impl PciFunction {
             .map(|m| pci::msi::MsiState::read(&self.config, m.cap))
     }
 
-    /// Whether the guest enabled MSI or MSI-X: the function's INTx is then
-    /// not used (PCI 3.0, 6.8.1.3 and 6.8.2.3).
-    pub fn message_interrupts_enabled(&self) -> bool {
-        self.msix_control().0 || self.msi_state().is_some_and(|s| s.enabled)
-    }
-
     /// The function's MSI-X, if the device declared vectors. Its BAR is
     /// the host's to emulate (with [`pci::msix::MsixTable`]): accesses to
     /// it are refused here like any BAR the device did not declare.

@@ -788,8 +788,9 @@ impl TestBench {
         self.cfg_write(m.cap + pci::msi::ADDRESS_HI, 4, 0);
         self.cfg_write(m.cap + pci::msi::DATA, 2, 0x4000);
         self.cfg_write(m.cap + pci::msi::MASK, 4, 0);
-        let mme = u32::from(granted).trailing_zeros();
-        self.cfg_write(m.cap + pci::msi::CONTROL, 2, 1 | mme << 4);
+        let ctrl = self.cfg_read(m.cap + pci::msi::CONTROL, 2) as u16;
+        let ctrl = pci::msi::encode_control(ctrl, true, granted);
+        self.cfg_write(m.cap + pci::msi::CONTROL, 2, u32::from(ctrl));
         Ok(())
     }
 

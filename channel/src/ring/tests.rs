@@ -523,3 +523,18 @@ fn a_doorbell_is_delivered_after_the_accesses_before_it() {
         "the VMM sees the doorbells the device took, not the one it refused"
     );
 }
+
+#[test]
+fn a_doorbell_key_matches_only_its_place_width_and_value() {
+    let k = DoorbellKey {
+        bar: 0,
+        offset: 0x3004,
+        len: 2,
+        value: 1,
+    };
+    assert!(k.matches(0, 0x3004, &[1, 0]));
+    assert!(!k.matches(0, 0x3004, &[2, 0]), "another value");
+    assert!(!k.matches(0, 0x3004, &[1, 0, 0, 0]), "another width");
+    assert!(!k.matches(1, 0x3004, &[1, 0]), "another BAR");
+    assert!(!k.matches(0, 0x3000, &[1, 0]), "another offset");
+}

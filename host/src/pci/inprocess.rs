@@ -219,9 +219,8 @@ impl PciDevice for InProcessFunction {
             let (enabled, masked) = self.func.msix_control();
             m.set_control(enabled, masked);
         }
-        let state = self.func.msi_state();
-        if let (Some(mut m), Some(state)) = (self.msi(), state) {
-            if m.touches(offset, data.len()) {
+        if let Some(mut m) = self.msi().filter(|m| m.touches(offset, data.len())) {
+            if let Some(state) = self.func.msi_state() {
                 m.update(state);
             }
         }

@@ -213,8 +213,7 @@ impl ProxyFunction {
             .config_write(cap + MASK, &s.mask.to_le_bytes())?;
         let mut ctrl = [0u8; 2];
         self.transport.config_read(cap + CONTROL, &mut ctrl)?;
-        let mme = u16::from(s.granted.max(1)).trailing_zeros() as u16;
-        let c = (u16::from_le_bytes(ctrl) & !0x71) | mme << 4 | u16::from(s.enabled);
+        let c = pci::msi::encode_control(u16::from_le_bytes(ctrl), s.enabled, s.granted);
         self.transport
             .config_write(cap + CONTROL, &c.to_le_bytes())?;
         self.msi = Some(router);
@@ -359,19 +358,9 @@ impl ProxyFunction {
     /// Whether a write of `data` at `offset` in BAR `bar` is one of the
     /// doorbells the device's state outlives.
     fn is_state_doorbell(&self, bar: usize, offset: u64, data: &[u8]) -> bool {
-        let Some(keys) = &self.state_doorbells else {
-            return false;
-        };
-        let mut v = [0u8; 8];
-        let n = data.len().min(8);
-        v[..n].copy_from_slice(&data[..n]);
-        let value = u64::from_le_bytes(v);
-        keys.iter().any(|k| {
-            usize::from(k.bar) == bar
-                && k.offset == offset
-                && usize::from(k.len) == data.len()
-                && k.value == value
-        })
+        self.state_doorbells
+            .as_ref()
+            .is_some_and(|keys| keys.iter().any(|k| k.matches(bar, offset, data)))
     }
 
     fn reached(&self) {
