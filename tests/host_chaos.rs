@@ -23,7 +23,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use system_tests::{output_number, prepare_vm, recovery_times, run_chaos};
-use testenv::{require_env, target_bin};
+use testenv::target_bin;
 
 const QMP_SOCKET: &str = "/tmp/host-chaos/qmp.sock";
 
@@ -90,53 +90,52 @@ echo "STEP done"
 
 #[test]
 fn a_remote_killed_again_and_again_is_never_seen_by_the_guest() {
-    let Some(env) = require_env("host_chaos") else {
-        return;
-    };
-    for bin in ["host", "remote-host", "libdma_example.so"] {
-        target_bin(bin).unwrap();
-    }
-    let spec = testenv::InitramfsSpec::new(&[] as &[&str], guest_job());
-    let dir = prepare_vm(&env, "host-chaos", &spec);
-    fs::write(dir.join("vm.toml"), config(&env.kernel)).unwrap();
-    let (run, out, kills) = run_chaos(
-        &env,
-        "host_chaos",
-        &dir,
-        QMP_SOCKET,
-        3,
-        Duration::from_secs(120),
-    );
-    let (r, diag) = (&run.results, &run.diag);
-    let field = |key: &str| output_number(&out, key, diag);
-    let (reads, wrong, longest) = (field("reads="), field("wrong="), field("longest_ms="));
-    let ms = recovery_times(r, kills, diag);
-    assert_eq!(wrong, 0, "the guest read wrong values:\n{diag}");
-    assert!(
-        out.contains("scratch_after=0x00005EED"),
-        "the device's state did not survive:\n{diag}"
-    );
-    assert!(reads > 10, "{diag}");
-    let hang = &r["replies"]["hang"];
-    assert_eq!(
-        hang["new-pid"], true,
-        "a hung remote was not replaced:\n{diag}"
-    );
-    assert_eq!(
-        hang["stopped-process-gone"], true,
-        "the hung process was left behind:\n{diag}"
-    );
-    assert!(
-        diag.contains("does not answer") && diag.contains("wait for its automatic restart"),
-        "the hang's message does not say a restart follows:\n{diag}"
-    );
-    assert_eq!(r["host-exit"], 0, "{diag}");
-    eprintln!(
+    system_tests::guest_test("host_chaos", |env| {
+        for bin in ["host", "remote-host", "libdma_example.so"] {
+            target_bin(bin).unwrap();
+        }
+        let spec = testenv::InitramfsSpec::new(&[] as &[&str], guest_job());
+        let dir = prepare_vm(env, "host-chaos", &spec);
+        fs::write(dir.join("vm.toml"), config(&env.kernel)).unwrap();
+        let (run, out, kills) = run_chaos(
+            env,
+            "host_chaos",
+            &dir,
+            QMP_SOCKET,
+            3,
+            Duration::from_secs(120),
+        );
+        let (r, diag) = (&run.results, &run.diag);
+        let field = |key: &str| output_number(&out, key, diag);
+        let (reads, wrong, longest) = (field("reads="), field("wrong="), field("longest_ms="));
+        let ms = recovery_times(r, kills, diag);
+        assert_eq!(wrong, 0, "the guest read wrong values:\n{diag}");
+        assert!(
+            out.contains("scratch_after=0x00005EED"),
+            "the device's state did not survive:\n{diag}"
+        );
+        assert!(reads > 10, "{diag}");
+        let hang = &r["replies"]["hang"];
+        assert_eq!(
+            hang["new-pid"], true,
+            "a hung remote was not replaced:\n{diag}"
+        );
+        assert_eq!(
+            hang["stopped-process-gone"], true,
+            "the hung process was left behind:\n{diag}"
+        );
+        assert!(
+            diag.contains("does not answer") && diag.contains("wait for its automatic restart"),
+            "the hang's message does not say a restart follows:\n{diag}"
+        );
+        assert_eq!(r["host-exit"], 0, "{diag}");
+        eprintln!(
         "host_chaos: {kills} kills, recovery p50 {} ms max {} ms; a hang noticed after {} ms, recovered in {} ms; the guest made {reads} reads, 0 wrong, the longest {longest} ms",
         ms[ms.len() / 2],
         ms[ms.len() - 1],
         hang["silent-ms"],
         hang["recovery-ms"]
     );
-    fs::remove_dir_all(&dir).ok();
+        fs::remove_dir_all(&dir).ok();
+    });
 }

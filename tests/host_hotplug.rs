@@ -32,7 +32,7 @@ use system_tests::{
     guest_pattern, host_data, make_lsi_image, make_second_disk, parse_hex, prepare_lsi_vm,
     run_qmp_driver, sdb_write_and_read_job, BLOCK, SDB_GUEST_OFF,
 };
-use testenv::{require_env, target_bin};
+use testenv::target_bin;
 
 const QMP_SOCKET: &str = "/tmp/host-hotplug/qmp.sock";
 const DISK1_SIZE: u64 = 32 << 20;
@@ -135,119 +135,118 @@ echo "STEP done"
 
 #[test]
 fn acpi_pci_hotplug_without_a_rescan() {
-    let Some(env) = require_env("host_hotplug") else {
-        return;
-    };
-    let t0 = Instant::now();
-    let dir = prepare_lsi_vm(&env, "host-hotplug", &guest_job());
-    target_bin("libdma_example.so").unwrap();
-    make_lsi_image(&dir.join("disk0.img"));
-    {
-        make_second_disk(&dir.join("disk1.img"), DISK1_SIZE);
-    }
-    fs::write(dir.join("vm.toml"), config(&env.kernel)).unwrap();
-    target_bin("libfaulty_plugin.so").unwrap();
-    let run = run_qmp_driver(
-        &env,
-        "host_hotplug",
-        "hotplug_driver.py",
-        &dir,
-        QMP_SOCKET,
-        Duration::from_secs(600),
-        &["storage.log", "plugins.log"],
-    );
-    let job = run.check();
-    let (r, diag) = (&run.results, &run.diag);
-    assert_eq!(job.status, 0, "guest job failed:\n{diag}");
-    let out = &job.output;
-    let rep = &r["replies"];
+    system_tests::guest_test("host_hotplug", |env| {
+        let t0 = Instant::now();
+        let dir = prepare_lsi_vm(env, "host-hotplug", &guest_job());
+        target_bin("libdma_example.so").unwrap();
+        make_lsi_image(&dir.join("disk0.img"));
+        {
+            make_second_disk(&dir.join("disk1.img"), DISK1_SIZE);
+        }
+        fs::write(dir.join("vm.toml"), config(&env.kernel)).unwrap();
+        target_bin("libfaulty_plugin.so").unwrap();
+        let run = run_qmp_driver(
+            env,
+            "host_hotplug",
+            "hotplug_driver.py",
+            &dir,
+            QMP_SOCKET,
+            Duration::from_secs(600),
+            &["storage.log", "plugins.log"],
+        );
+        let job = run.check();
+        let (r, diag) = (&run.results, &run.diag);
+        assert_eq!(job.status, 0, "guest job failed:\n{diag}");
+        let out = &job.output;
+        let rep = &r["replies"];
 
-    // acpiphp registered a slot for each of the 31.
-    assert!(out.contains("slots=31"), "{diag}");
+        // acpiphp registered a slot for each of the 31.
+        assert!(out.contains("slots=31"), "{diag}");
 
-    // 1. The hot-added controller's disk, found without a rescan.
-    assert_eq!(rep["add-lsi1"], serde_json::json!({}), "{diag}");
-    assert!(
-        out.contains(&format!("sdb_sectors={}", DISK1_SIZE / 512)),
-        "{diag}"
-    );
-    let img = fs::read(dir.join("disk1.img")).unwrap();
-    let off = SDB_GUEST_OFF as usize;
-    assert_eq!(&img[off..off + BLOCK], &guest_pattern()[..], "{diag}");
-    assert_eq!(
-        parse_hex(out, "SDB-HOST-BEGIN", "SDB-HOST-END"),
-        host_data()
-    );
+        // 1. The hot-added controller's disk, found without a rescan.
+        assert_eq!(rep["add-lsi1"], serde_json::json!({}), "{diag}");
+        assert!(
+            out.contains(&format!("sdb_sectors={}", DISK1_SIZE / 512)),
+            "{diag}"
+        );
+        let img = fs::read(dir.join("disk1.img")).unwrap();
+        let off = SDB_GUEST_OFF as usize;
+        assert_eq!(&img[off..off + BLOCK], &guest_pattern()[..], "{diag}");
+        assert_eq!(
+            parse_hex(out, "SDB-HOST-BEGIN", "SDB-HOST-END"),
+            host_data()
+        );
 
-    // 2. Released by the guest, then deleted, and gone from the remote.
-    assert_eq!(rep["del-lsi1"], serde_json::json!({}), "{diag}");
-    assert_eq!(rep["lsi1-deleted"]["data"]["device"], "lsi1", "{diag}");
-    assert!(
-        out.contains("lsi1-released") && out.contains("sdb-gone"),
-        "{diag}"
-    );
-    assert!(out.contains("sda-still-works"), "{diag}");
-    let storage = rep["remotes-after-del"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["id"] == "storage")
-        .unwrap();
-    assert_eq!(storage["devices"], serde_json::json!(["lsi0"]), "{diag}");
-    let pci = rep["pci-after-del"][0]["devices"].as_array().unwrap();
-    assert!(!pci.iter().any(|d| d["qdev_id"] == "lsi1"), "{diag}");
-
-    // 3. An in-process function, found without a rescan.
-    assert_eq!(rep["add-dma9"], serde_json::json!({}), "{diag}");
-    assert!(out.contains("dma9_id=0xD3A00001"), "{diag}");
-
-    // 4. Ignored: kept, pending, said so; then released.
-    assert_eq!(rep["del-dma9"], serde_json::json!({}), "{diag}");
-    assert_eq!(rep["deleted-while-ignored"], false, "{diag}");
-    assert!(out.contains("dma9-kept-while-ignored"), "{diag}");
-    let pending = rep["pci-while-pending"][0]["devices"].as_array().unwrap();
-    let dma9 = pending.iter().find(|d| d["qdev_id"] == "dma9").unwrap();
-    assert_eq!(dma9["unplug-pending"], true, "{diag}");
-    assert!(
-        rep["del-again"]
-            .as_str()
+        // 2. Released by the guest, then deleted, and gone from the remote.
+        assert_eq!(rep["del-lsi1"], serde_json::json!({}), "{diag}");
+        assert_eq!(rep["lsi1-deleted"]["data"]["device"], "lsi1", "{diag}");
+        assert!(
+            out.contains("lsi1-released") && out.contains("sdb-gone"),
+            "{diag}"
+        );
+        assert!(out.contains("sda-still-works"), "{diag}");
+        let storage = rep["remotes-after-del"]
+            .as_array()
             .unwrap()
-            .contains("already in the process of unplug"),
-        "{diag}"
-    );
-    assert!(out.contains("dma9-released"), "{diag}");
-    assert_eq!(rep["dma9-deleted"]["data"]["device"], "dma9", "{diag}");
+            .iter()
+            .find(|x| x["id"] == "storage")
+            .unwrap();
+        assert_eq!(storage["devices"], serde_json::json!(["lsi0"]), "{diag}");
+        let pci = rep["pci-after-del"][0]["devices"].as_array().unwrap();
+        assert!(!pci.iter().any(|d| d["qdev_id"] == "lsi1"), "{diag}");
 
-    // 5. The panicking plugin restarted alone, its state kept.
-    assert!(out.contains("magic_id=0xFA170001"), "{diag}");
-    assert!(out.contains("dma5_during=0xD3A00001"), "{diag}");
-    let restarted = &rep["magic-restarted"]["data"];
-    assert_eq!(restarted["remote"], "plugins", "{diag}");
-    assert_eq!(restarted["state-kept"], true, "{diag}");
-    assert!(
-        out.contains("magic_after=0xFA170001 scratch_after=0x00000055"),
-        "{diag}"
-    );
-    assert!(out.contains("dma5_after=0xD3A00001"), "{diag}");
-    let plugins = rep["remotes-at-end"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["id"] == "plugins")
-        .unwrap();
-    assert_eq!(
-        plugins["pid"], rep["plugins-pid-before"],
-        "the remote went on"
-    );
-    eprintln!(
-        "host_hotplug: device restart in {} ms",
-        restarted["recovery-ms"]
-    );
+        // 3. An in-process function, found without a rescan.
+        assert_eq!(rep["add-dma9"], serde_json::json!({}), "{diag}");
+        assert!(out.contains("dma9_id=0xD3A00001"), "{diag}");
 
-    assert_eq!(r["host-exit"], 0, "{diag}");
-    eprintln!(
-        "host_hotplug: passed in {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
-    fs::remove_dir_all(&dir).ok();
+        // 4. Ignored: kept, pending, said so; then released.
+        assert_eq!(rep["del-dma9"], serde_json::json!({}), "{diag}");
+        assert_eq!(rep["deleted-while-ignored"], false, "{diag}");
+        assert!(out.contains("dma9-kept-while-ignored"), "{diag}");
+        let pending = rep["pci-while-pending"][0]["devices"].as_array().unwrap();
+        let dma9 = pending.iter().find(|d| d["qdev_id"] == "dma9").unwrap();
+        assert_eq!(dma9["unplug-pending"], true, "{diag}");
+        assert!(
+            rep["del-again"]
+                .as_str()
+                .unwrap()
+                .contains("already in the process of unplug"),
+            "{diag}"
+        );
+        assert!(out.contains("dma9-released"), "{diag}");
+        assert_eq!(rep["dma9-deleted"]["data"]["device"], "dma9", "{diag}");
+
+        // 5. The panicking plugin restarted alone, its state kept.
+        assert!(out.contains("magic_id=0xFA170001"), "{diag}");
+        assert!(out.contains("dma5_during=0xD3A00001"), "{diag}");
+        let restarted = &rep["magic-restarted"]["data"];
+        assert_eq!(restarted["remote"], "plugins", "{diag}");
+        assert_eq!(restarted["state-kept"], true, "{diag}");
+        assert!(
+            out.contains("magic_after=0xFA170001 scratch_after=0x00000055"),
+            "{diag}"
+        );
+        assert!(out.contains("dma5_after=0xD3A00001"), "{diag}");
+        let plugins = rep["remotes-at-end"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == "plugins")
+            .unwrap();
+        assert_eq!(
+            plugins["pid"], rep["plugins-pid-before"],
+            "the remote went on"
+        );
+        eprintln!(
+            "host_hotplug: device restart in {} ms",
+            restarted["recovery-ms"]
+        );
+
+        assert_eq!(r["host-exit"], 0, "{diag}");
+        eprintln!(
+            "host_hotplug: passed in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        fs::remove_dir_all(&dir).ok();
+    });
 }

@@ -47,7 +47,7 @@ use system_tests::{
     guest_pattern, host_data, make_lsi_image, make_second_disk, parse_hex, prepare_lsi_vm,
     run_qmp_driver, sdb_write_and_read_job, BLOCK, SDB_GUEST_OFF,
 };
-use testenv::{require_env, target_bin};
+use testenv::target_bin;
 
 /// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p).
 const QMP_SOCKET: &str = "/tmp/host-qmp/qmp.sock";
@@ -206,291 +206,289 @@ fn value<'a>(output: &'a str, key: &str) -> &'a str {
 
 #[test]
 fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
-    let Some(env) = require_env("host_qmp") else {
-        return;
-    };
-    let t0 = Instant::now();
-    let dir = prepare_lsi_vm(&env, "host-qmp", &guest_job());
-    target_bin("libdma_example.so").unwrap();
-    make_lsi_image(&dir.join("disk0.img"));
-    {
-        make_second_disk(&dir.join("disk1.img"), DISK1_SIZE);
-    }
-    let cfg = dir.join("vm.toml");
-    fs::write(&cfg, config(&env.kernel)).unwrap();
-    let run = run_qmp_driver(
-        &env,
-        "host_qmp",
-        "qmp_driver.py",
-        &dir,
-        QMP_SOCKET,
-        Duration::from_secs(900),
-        &["storage.log", "misc.log"],
-    );
-    let job = run.check();
-    let (r, diag) = (&run.results, &run.diag);
-    assert_eq!(job.status, 0, "guest job failed:\n{diag}");
-    let out = &job.output;
-    let rep = &r["replies"];
+    system_tests::guest_test("host_qmp", |env| {
+        let t0 = Instant::now();
+        let dir = prepare_lsi_vm(env, "host-qmp", &guest_job());
+        target_bin("libdma_example.so").unwrap();
+        make_lsi_image(&dir.join("disk0.img"));
+        {
+            make_second_disk(&dir.join("disk1.img"), DISK1_SIZE);
+        }
+        let cfg = dir.join("vm.toml");
+        fs::write(&cfg, config(&env.kernel)).unwrap();
+        let run = run_qmp_driver(
+            env,
+            "host_qmp",
+            "qmp_driver.py",
+            &dir,
+            QMP_SOCKET,
+            Duration::from_secs(900),
+            &["storage.log", "misc.log"],
+        );
+        let job = run.check();
+        let (r, diag) = (&run.results, &run.diag);
+        assert_eq!(job.status, 0, "guest job failed:\n{diag}");
+        let out = &job.output;
+        let rep = &r["replies"];
 
-    // 1. Queries.
-    assert_eq!(rep["query-status"]["status"], "running");
-    let remotes = rep["query-remote"].as_array().unwrap();
-    let ids: Vec<&str> = remotes.iter().map(|x| x["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["storage", "misc", "auto"]);
-    for x in remotes {
-        assert_eq!(x["state"], "running", "{x}");
-        assert!(x["pid"].as_u64().unwrap() > 1, "{x}");
-        assert!(x["last-heartbeat"]["seconds"].as_u64().is_some(), "{x}");
-    }
-    assert_eq!(remotes[0]["devices"], serde_json::json!(["lsi0"]));
-    let pci = rep["query-pci"][0]["devices"].as_array().unwrap();
-    let lsi = pci.iter().find(|d| d["qdev_id"] == "lsi0").unwrap();
-    assert_eq!(lsi["slot"], 4);
-    assert_eq!(lsi["id"]["vendor"], 0x1000);
-    assert_eq!(lsi["id"]["device"], 0x0012);
-    assert_eq!(lsi["remote"], "storage");
-    assert!(rep["query-commands"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|c| c == "block_resize"));
-    assert_eq!(value(out, "dma0_id="), "0xD3A00001", "{diag}");
+        // 1. Queries.
+        assert_eq!(rep["query-status"]["status"], "running");
+        let remotes = rep["query-remote"].as_array().unwrap();
+        let ids: Vec<&str> = remotes.iter().map(|x| x["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["storage", "misc", "auto"]);
+        for x in remotes {
+            assert_eq!(x["state"], "running", "{x}");
+            assert!(x["pid"].as_u64().unwrap() > 1, "{x}");
+            assert!(x["last-heartbeat"]["seconds"].as_u64().is_some(), "{x}");
+        }
+        assert_eq!(remotes[0]["devices"], serde_json::json!(["lsi0"]));
+        let pci = rep["query-pci"][0]["devices"].as_array().unwrap();
+        let lsi = pci.iter().find(|d| d["qdev_id"] == "lsi0").unwrap();
+        assert_eq!(lsi["slot"], 4);
+        assert_eq!(lsi["id"]["vendor"], 0x1000);
+        assert_eq!(lsi["id"]["device"], 0x0012);
+        assert_eq!(lsi["remote"], "storage");
+        assert!(rep["query-commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "block_resize"));
+        assert_eq!(value(out, "dma0_id="), "0xD3A00001", "{diag}");
 
-    // Bad arguments: QMP errors, and nothing changed.
-    let err = |name: &str| r["errors"][name].clone();
-    assert_eq!(err("del-unknown")["class"], "DeviceNotFound", "{diag}");
-    assert_eq!(
-        err("add-duplicate")["desc"],
-        "Duplicate ID 'lsi0' for device"
-    );
-    assert_eq!(err("add-unknown-remote")["class"], "DeviceNotFound");
-    assert_eq!(
-        err("add-slot-taken")["desc"],
-        "PCI slot 4 is in use by 'lsi0'"
-    );
-    assert_eq!(
-        err("add-bad-plugin")["desc"],
-        "'no-such-plugin' is not a valid device model name"
-    );
-    assert!(err("blockdev-missing-file")["desc"]
-        .as_str()
-        .unwrap()
-        .starts_with("Could not open '/nonexistent.img'"));
-    assert_eq!(err("hd-unknown-node")["class"], "DeviceNotFound");
-    assert_eq!(err("del-controller-in-use")["class"], "GenericError");
-    assert_eq!(
-        err("blockdev-duplicate")["desc"],
-        "Duplicate nodes with node-name='disk1'"
-    );
-    assert_eq!(err("hd-controller-target")["class"], "GenericError");
-    assert_eq!(
-        err("resize-odd")["desc"],
-        "Parameter 'size' expects a multiple of 512"
-    );
-    assert_eq!(err("blockdev-del-in-use")["desc"], "Node 'disk1' is in use");
-    assert!(
-        err("resize-shrink")["desc"]
+        // Bad arguments: QMP errors, and nothing changed.
+        let err = |name: &str| r["errors"][name].clone();
+        assert_eq!(err("del-unknown")["class"], "DeviceNotFound", "{diag}");
+        assert_eq!(
+            err("add-duplicate")["desc"],
+            "Duplicate ID 'lsi0' for device"
+        );
+        assert_eq!(err("add-unknown-remote")["class"], "DeviceNotFound");
+        assert_eq!(
+            err("add-slot-taken")["desc"],
+            "PCI slot 4 is in use by 'lsi0'"
+        );
+        assert_eq!(
+            err("add-bad-plugin")["desc"],
+            "'no-such-plugin' is not a valid device model name"
+        );
+        assert!(err("blockdev-missing-file")["desc"]
             .as_str()
             .unwrap()
-            .contains("would lose data"),
-        "{diag}"
-    );
-    assert_eq!(err("blockdev-del-again")["class"], "DeviceNotFound");
-    assert_eq!(
-        rep["query-pci-after-errors"], rep["query-pci"],
-        "a refused command changed the PCI bus"
-    );
+            .starts_with("Could not open '/nonexistent.img'"));
+        assert_eq!(err("hd-unknown-node")["class"], "DeviceNotFound");
+        assert_eq!(err("del-controller-in-use")["class"], "GenericError");
+        assert_eq!(
+            err("blockdev-duplicate")["desc"],
+            "Duplicate nodes with node-name='disk1'"
+        );
+        assert_eq!(err("hd-controller-target")["class"], "GenericError");
+        assert_eq!(
+            err("resize-odd")["desc"],
+            "Parameter 'size' expects a multiple of 512"
+        );
+        assert_eq!(err("blockdev-del-in-use")["desc"], "Node 'disk1' is in use");
+        assert!(
+            err("resize-shrink")["desc"]
+                .as_str()
+                .unwrap()
+                .contains("would lose data"),
+            "{diag}"
+        );
+        assert_eq!(err("blockdev-del-again")["class"], "DeviceNotFound");
+        assert_eq!(
+            rep["query-pci-after-errors"], rep["query-pci"],
+            "a refused command changed the PCI bus"
+        );
 
-    // 2. The hot-added drive: the guest found it with the image's size,
-    //    wrote to it (the bytes are in the file) and read the host's data.
-    assert_eq!(r["replies"]["drive-added"]["data"]["scsi-id"], 1);
-    assert_eq!(
-        value(out, "sdb_sectors=").parse::<u64>().unwrap() * 512,
-        DISK1_SIZE
-    );
-    let img = fs::read(dir.join("disk1.img")).unwrap();
-    let off = SDB_GUEST_OFF as usize;
-    assert_eq!(
-        &img[off..off + BLOCK],
-        &guest_pattern()[..],
-        "guest write not in disk1.img"
-    );
-    assert_eq!(
-        parse_hex(out, "SDB-HOST-BEGIN", "SDB-HOST-END"),
-        host_data()
-    );
+        // 2. The hot-added drive: the guest found it with the image's size,
+        //    wrote to it (the bytes are in the file) and read the host's data.
+        assert_eq!(r["replies"]["drive-added"]["data"]["scsi-id"], 1);
+        assert_eq!(
+            value(out, "sdb_sectors=").parse::<u64>().unwrap() * 512,
+            DISK1_SIZE
+        );
+        let img = fs::read(dir.join("disk1.img")).unwrap();
+        let off = SDB_GUEST_OFF as usize;
+        assert_eq!(
+            &img[off..off + BLOCK],
+            &guest_pattern()[..],
+            "guest write not in disk1.img"
+        );
+        assert_eq!(
+            parse_hex(out, "SDB-HOST-BEGIN", "SDB-HOST-END"),
+            host_data()
+        );
 
-    // 3. Resize: new capacity after a rescan, with the unit attention.
-    assert_eq!(img.len() as u64, DISK1_RESIZED, "the image was not resized");
-    assert_eq!(
-        value(out, "sdb_resized=").parse::<u64>().unwrap() * 512,
-        DISK1_RESIZED
-    );
-    assert!(
-        out.contains("ua-capacity-changed"),
-        "no capacity unit attention:\n{diag}"
-    );
+        // 3. Resize: new capacity after a rescan, with the unit attention.
+        assert_eq!(img.len() as u64, DISK1_RESIZED, "the image was not resized");
+        assert_eq!(
+            value(out, "sdb_resized=").parse::<u64>().unwrap() * 512,
+            DISK1_RESIZED
+        );
+        assert!(
+            out.contains("ua-capacity-changed"),
+            "no capacity unit attention:\n{diag}"
+        );
 
-    // 4. Removal.
-    assert_eq!(rep["drive-removed"]["data"]["node-name"], "disk1");
-    assert_eq!(
-        rep["hd1-deleted"]["data"]["path"],
-        "/machine/peripheral/hd1"
-    );
-    assert!(out.contains("sdb-absent"), "{diag}");
+        // 4. Removal.
+        assert_eq!(rep["drive-removed"]["data"]["node-name"], "disk1");
+        assert_eq!(
+            rep["hd1-deleted"]["data"]["path"],
+            "/machine/peripheral/hd1"
+        );
+        assert!(out.contains("sdb-absent"), "{diag}");
 
-    // 5. A function added to a running remote, found after a PCI rescan.
-    let hot = rep["query-pci-hotplugged"][0]["devices"]
-        .as_array()
-        .unwrap();
-    let dma1 = hot.iter().find(|d| d["qdev_id"] == "dma1").unwrap();
-    assert_eq!(dma1["slot"], 9);
-    assert_eq!(dma1["remote"], "storage");
-    assert!(
-        out.contains("dma1_vendor=0x1234 dma1_device=0x11e9"),
-        "{diag}"
-    );
-    assert_eq!(value(out, "dma1_id="), "0xD3A00001");
-    let dma2 = hot.iter().find(|d| d["qdev_id"] == "dma2").unwrap();
-    assert_eq!(
-        dma2["remote"],
-        serde_json::Value::Null,
-        "dma2 is in-process"
-    );
-    assert_eq!(value(out, "dma2_id="), "0xD3A00001", "{diag}");
+        // 5. A function added to a running remote, found after a PCI rescan.
+        let hot = rep["query-pci-hotplugged"][0]["devices"]
+            .as_array()
+            .unwrap();
+        let dma1 = hot.iter().find(|d| d["qdev_id"] == "dma1").unwrap();
+        assert_eq!(dma1["slot"], 9);
+        assert_eq!(dma1["remote"], "storage");
+        assert!(
+            out.contains("dma1_vendor=0x1234 dma1_device=0x11e9"),
+            "{diag}"
+        );
+        assert_eq!(value(out, "dma1_id="), "0xD3A00001");
+        let dma2 = hot.iter().find(|d| d["qdev_id"] == "dma2").unwrap();
+        assert_eq!(
+            dma2["remote"],
+            serde_json::Value::Null,
+            "dma2 is in-process"
+        );
+        assert_eq!(value(out, "dma2_id="), "0xD3A00001", "{diag}");
 
-    // A plugin that panics: its device fails and reads all-ones; the
-    // process serving it goes on (the LSI controller beside it in
-    // `storage` keeps working, step 7).
-    assert_eq!(value(out, "bad1_read="), "0xFFFFFFFF", "{diag}");
-    assert_eq!(value(out, "bad2_read="), "0xFFFFFFFF", "{diag}");
-    assert_eq!(rep["bad1-failed"]["data"]["remote"], "storage");
-    assert_eq!(
-        rep["bad2-failed"]["data"]["remote"],
-        serde_json::Value::Null
-    );
-    for e in [&rep["bad1-failed"], &rep["bad2-failed"]] {
-        let reason = e["data"]["reason"].as_str().unwrap();
-        assert!(reason.contains("went wrong"), "{e}");
-    }
+        // A plugin that panics: its device fails and reads all-ones; the
+        // process serving it goes on (the LSI controller beside it in
+        // `storage` keeps working, step 7).
+        assert_eq!(value(out, "bad1_read="), "0xFFFFFFFF", "{diag}");
+        assert_eq!(value(out, "bad2_read="), "0xFFFFFFFF", "{diag}");
+        assert_eq!(rep["bad1-failed"]["data"]["remote"], "storage");
+        assert_eq!(
+            rep["bad2-failed"]["data"]["remote"],
+            serde_json::Value::Null
+        );
+        for e in [&rep["bad1-failed"], &rep["bad2-failed"]] {
+            let reason = e["data"]["reason"].as_str().unwrap();
+            assert!(reason.contains("went wrong"), "{e}");
+        }
 
-    // 6. Hung remote: reported, and the guest's read returns all-ones.
-    // Expected: heartbeat + timeout = 1.2 s (the log line below prints
-    // it); the bound leaves room for a nested guest on a loaded machine.
-    let hung_after = rep["hung-after-s"].as_f64().unwrap();
-    assert!(hung_after < 8.0, "REMOTE_HUNG after {hung_after:.1} s");
-    assert_eq!(
-        rep["remote-hung"]["data"]["devices"],
-        serde_json::json!(["dma0"])
-    );
-    assert_eq!(value(out, "dma0_after_stop="), "0xFFFFFFFF", "{diag}");
-    let misc_hung = rep["query-remote-hung"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["id"] == "misc")
-        .unwrap()
-        .clone();
-    assert_eq!(misc_hung["state"], "hung");
+        // 6. Hung remote: reported, and the guest's read returns all-ones.
+        // Expected: heartbeat + timeout = 1.2 s (the log line below prints
+        // it); the bound leaves room for a nested guest on a loaded machine.
+        let hung_after = rep["hung-after-s"].as_f64().unwrap();
+        assert!(hung_after < 8.0, "REMOTE_HUNG after {hung_after:.1} s");
+        assert_eq!(
+            rep["remote-hung"]["data"]["devices"],
+            serde_json::json!(["dma0"])
+        );
+        assert_eq!(value(out, "dma0_after_stop="), "0xFFFFFFFF", "{diag}");
+        let misc_hung = rep["query-remote-hung"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == "misc")
+            .unwrap()
+            .clone();
+        assert_eq!(misc_hung["state"], "hung");
 
-    // 7. Dead remote: reported at once; the VM keeps running.
-    let died_after = rep["died-after-s"].as_f64().unwrap();
-    assert!(died_after < 8.0, "REMOTE_DIED after {died_after:.1} s");
-    assert_eq!(rep["remote-died"]["data"]["reason"], "signal");
-    assert_eq!(rep["remote-died"]["data"]["signal"], 9);
-    assert_eq!(rep["query-status-after-death"]["running"], true);
-    assert_eq!(value(out, "dma0_after_kill="), "0xFFFFFFFF");
+        // 7. Dead remote: reported at once; the VM keeps running.
+        let died_after = rep["died-after-s"].as_f64().unwrap();
+        assert!(died_after < 8.0, "REMOTE_DIED after {died_after:.1} s");
+        assert_eq!(rep["remote-died"]["data"]["reason"], "signal");
+        assert_eq!(rep["remote-died"]["data"]["signal"], 9);
+        assert_eq!(rep["query-status-after-death"]["running"], true);
+        assert_eq!(value(out, "dma0_after_kill="), "0xFFFFFFFF");
 
-    // 8. Restart: a new process, the device back where the guest has it.
-    assert_eq!(err("restart-unknown")["class"], "DeviceNotFound");
-    let restarted = &rep["remote-restarted"]["data"];
-    assert_eq!(restarted["devices"], serde_json::json!(["dma0"]));
-    assert_eq!(restarted["problems"], serde_json::json!([]));
-    let misc_new = rep["query-remote-restarted"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["id"] == "misc")
-        .unwrap()
-        .clone();
-    assert_eq!(misc_new["state"], "running", "{misc_new}");
-    assert_ne!(
-        misc_new["pid"], misc_hung["pid"],
-        "the same process after a restart"
-    );
-    assert_eq!(misc_new["devices-failed"], false);
-    assert_eq!(value(out, "dma0_after_restart="), "0xD3A00001", "{diag}");
-    assert!(out.contains("sda-still-works"), "{diag}");
-    assert_eq!(value(out, "dma1_id_end="), "0xD3A00001");
+        // 8. Restart: a new process, the device back where the guest has it.
+        assert_eq!(err("restart-unknown")["class"], "DeviceNotFound");
+        let restarted = &rep["remote-restarted"]["data"];
+        assert_eq!(restarted["devices"], serde_json::json!(["dma0"]));
+        assert_eq!(restarted["problems"], serde_json::json!([]));
+        let misc_new = rep["query-remote-restarted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == "misc")
+            .unwrap()
+            .clone();
+        assert_eq!(misc_new["state"], "running", "{misc_new}");
+        assert_ne!(
+            misc_new["pid"], misc_hung["pid"],
+            "the same process after a restart"
+        );
+        assert_eq!(misc_new["devices-failed"], false);
+        assert_eq!(value(out, "dma0_after_restart="), "0xD3A00001", "{diag}");
+        assert!(out.contains("sda-still-works"), "{diag}");
+        assert_eq!(value(out, "dma1_id_end="), "0xD3A00001");
 
-    // 9. Automatic restart, within its limit and past it.
-    assert_eq!(value(out, "dma3_before="), "0xD3A00001", "{diag}");
-    let auto = &rep["auto-restarted"]["data"];
-    assert_eq!(auto["reason"], "automatic", "{auto}");
-    assert_eq!(auto["devices"], serde_json::json!(["dma3"]));
-    assert_eq!(auto["problems"], serde_json::json!([]));
-    let recovery_ms = auto["recovery-ms"].as_u64().unwrap();
-    assert_ne!(rep["auto-pid-after"], rep["auto-pid-before"]);
-    assert_eq!(
-        value(out, "dma3_after_auto_restart="),
-        "0xD3A00001",
-        "{diag}"
-    );
-    // It crashed while the guest left dma3 alone: its state was saved
-    // then, and the new process has it (the register the guest wrote).
-    assert_eq!(rep["auto-state-saved"], serde_json::json!(["dma3"]));
-    assert_eq!(auto["state-kept"], serde_json::json!(["dma3"]), "{auto}");
-    assert_eq!(
-        value(out, "dma3_liveness_after_auto_restart="),
-        "0xFFFFBCDE",
-        "{diag}"
-    );
-    assert_eq!(rep["auto-second-restart"]["data"]["reason"], "automatic");
-    let failed = &rep["auto-failed"]["data"];
-    assert!(
-        failed["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("restart-limit")),
-        "{failed}"
-    );
-    assert_eq!(value(out, "dma3_after_limit="), "0xFFFFFFFF", "{diag}");
-    eprintln!("host_qmp: automatic restart of `auto` took {recovery_ms} ms");
+        // 9. Automatic restart, within its limit and past it.
+        assert_eq!(value(out, "dma3_before="), "0xD3A00001", "{diag}");
+        let auto = &rep["auto-restarted"]["data"];
+        assert_eq!(auto["reason"], "automatic", "{auto}");
+        assert_eq!(auto["devices"], serde_json::json!(["dma3"]));
+        assert_eq!(auto["problems"], serde_json::json!([]));
+        let recovery_ms = auto["recovery-ms"].as_u64().unwrap();
+        assert_ne!(rep["auto-pid-after"], rep["auto-pid-before"]);
+        assert_eq!(
+            value(out, "dma3_after_auto_restart="),
+            "0xD3A00001",
+            "{diag}"
+        );
+        // It crashed while the guest left dma3 alone: its state was saved
+        // then, and the new process has it (the register the guest wrote).
+        assert_eq!(rep["auto-state-saved"], serde_json::json!(["dma3"]));
+        assert_eq!(auto["state-kept"], serde_json::json!(["dma3"]), "{auto}");
+        assert_eq!(
+            value(out, "dma3_liveness_after_auto_restart="),
+            "0xFFFFBCDE",
+            "{diag}"
+        );
+        assert_eq!(rep["auto-second-restart"]["data"]["reason"], "automatic");
+        let failed = &rep["auto-failed"]["data"];
+        assert!(
+            failed["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("restart-limit")),
+            "{failed}"
+        );
+        assert_eq!(value(out, "dma3_after_limit="), "0xFFFFFFFF", "{diag}");
+        eprintln!("host_qmp: automatic restart of `auto` took {recovery_ms} ms");
 
-    // 10. An operator's restart of `storage`, which still answers: its
-    // devices keep their state, so the guest's disk goes on as if nothing
-    // happened (no SCSI error or reset in its log) and dma1 keeps its
-    // register. bad1 (failed) comes back reset, and the command says so.
-    let st = &rep["storage-restarted"]["data"];
-    let kept: Vec<&str> = st["state-kept"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|v| v.as_str())
-        .collect();
-    assert!(kept.contains(&"lsi0") && kept.contains(&"dma1"), "{st}");
-    for p in st["problems"].as_array().unwrap() {
-        assert!(p.as_str().unwrap().starts_with("bad1"), "{st}");
-    }
-    assert!(out.contains("sda-same-after-restart"), "{diag}");
-    assert_eq!(
-        value(out, "dma1_liveness_after_restart="),
-        "0xFFFFEDCB",
-        "{diag}"
-    );
-    assert_eq!(value(out, "scsi_errors_added="), "0", "{diag}");
+        // 10. An operator's restart of `storage`, which still answers: its
+        // devices keep their state, so the guest's disk goes on as if nothing
+        // happened (no SCSI error or reset in its log) and dma1 keeps its
+        // register. bad1 (failed) comes back reset, and the command says so.
+        let st = &rep["storage-restarted"]["data"];
+        let kept: Vec<&str> = st["state-kept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert!(kept.contains(&"lsi0") && kept.contains(&"dma1"), "{st}");
+        for p in st["problems"].as_array().unwrap() {
+            assert!(p.as_str().unwrap().starts_with("bad1"), "{st}");
+        }
+        assert!(out.contains("sda-same-after-restart"), "{diag}");
+        assert_eq!(
+            value(out, "dma1_liveness_after_restart="),
+            "0xFFFFEDCB",
+            "{diag}"
+        );
+        assert_eq!(value(out, "scsi_errors_added="), "0", "{diag}");
 
-    // 11. The power button.
-    assert_eq!(rep["system_powerdown"], serde_json::json!({}), "{diag}");
-    assert!(out.contains("power-button-pressed"), "{diag}");
-    assert_eq!(r["host-exit"], 0, "{diag}");
-    assert_eq!(rep["shutdown"]["event"], "SHUTDOWN", "{diag}");
-    assert_eq!(
-        rep["shutdown"]["data"]["reason"], "guest-shutdown",
-        "{diag}"
-    );
+        // 11. The power button.
+        assert_eq!(rep["system_powerdown"], serde_json::json!({}), "{diag}");
+        assert!(out.contains("power-button-pressed"), "{diag}");
+        assert_eq!(r["host-exit"], 0, "{diag}");
+        assert_eq!(rep["shutdown"]["event"], "SHUTDOWN", "{diag}");
+        assert_eq!(
+            rep["shutdown"]["data"]["reason"], "guest-shutdown",
+            "{diag}"
+        );
 
-    eprintln!(
+        eprintln!(
         "host_qmp: passed in {:.1} s; REMOTE_HUNG {:.2} s after SIGSTOP, REMOTE_DIED {:.2} s after SIGKILL; guest read of the hung BAR took {} ms",
         t0.elapsed().as_secs_f64(),
         hung_after,
@@ -500,5 +498,6 @@ fn qmp_monitor_hotplug_and_supervision_with_a_real_guest() {
             .and_then(|l| l.split("ms=").nth(1))
             .unwrap_or("?")
     );
-    fs::remove_dir_all(&dir).ok();
+        fs::remove_dir_all(&dir).ok();
+    });
 }

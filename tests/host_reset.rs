@@ -25,7 +25,6 @@ use system_tests::{
     host_data, make_lsi_image, parse_hex, prepare_lsi_vm, run_qmp_driver, BLOCK, HOST_OFF,
     IMAGE_SIZE,
 };
-use testenv::require_env;
 
 /// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p).
 const QMP_SOCKET: &str = "/tmp/host-reset/qmp.sock";
@@ -98,93 +97,92 @@ fn value<'a>(output: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn system_reset_and_guest_reboot_restart_the_guest() {
-    let Some(env) = require_env("host_reset") else {
-        return;
-    };
-    let t0 = Instant::now();
-    let dir = prepare_lsi_vm(&env, "host-reset", &guest_job());
-    make_lsi_image(&dir.join("disk0.img"));
-    let cfg = dir.join("vm.toml");
-    fs::write(&cfg, config(&env.kernel)).unwrap();
-    let run = run_qmp_driver(
-        &env,
-        "host_reset",
-        "reset_driver.py",
-        &dir,
-        QMP_SOCKET,
-        Duration::from_secs(300),
-        &["storage.log"],
-    );
-    run.check();
-    let (r, diag, console) = (&run.results, &run.diag, &run.console);
-    let stderr = fs::read_to_string(dir.join("vm.toml.host-stderr")).unwrap_or_default();
-
-    // Three boots of the job, each with its disk and the host's bytes.
-    let boots: Vec<&str> = console.split(JOB_START).skip(1).collect();
-    assert_eq!(boots.len(), 3, "job starts:\n{diag}");
-    let commands = ["none", "reboot", "poweroff"];
-    for (i, boot) in boots.iter().enumerate() {
-        assert_eq!(value(boot, "cpus="), Some("2"), "boot {}:\n{diag}", i + 1);
-        let sectors: u64 = value(boot, "sda_sectors=")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("boot {}: no sda size:\n{diag}", i + 1));
-        assert_eq!(sectors * 512, IMAGE_SIZE, "boot {}", i + 1);
-        assert_eq!(
-            parse_hex(boot, "HOST-BEGIN", "HOST-END"),
-            host_data(),
-            "boot {}: the host's block",
-            i + 1
+    system_tests::guest_test("host_reset", |env| {
+        let t0 = Instant::now();
+        let dir = prepare_lsi_vm(env, "host-reset", &guest_job());
+        make_lsi_image(&dir.join("disk0.img"));
+        let cfg = dir.join("vm.toml");
+        fs::write(&cfg, config(&env.kernel)).unwrap();
+        let run = run_qmp_driver(
+            env,
+            "host_reset",
+            "reset_driver.py",
+            &dir,
+            QMP_SOCKET,
+            Duration::from_secs(300),
+            &["storage.log"],
         );
-        // Boot 1 is reset while it waits (no command reaches it).
-        if i > 0 {
+        run.check();
+        let (r, diag, console) = (&run.results, &run.diag, &run.console);
+        let stderr = fs::read_to_string(dir.join("vm.toml.host-stderr")).unwrap_or_default();
+
+        // Three boots of the job, each with its disk and the host's bytes.
+        let boots: Vec<&str> = console.split(JOB_START).skip(1).collect();
+        assert_eq!(boots.len(), 3, "job starts:\n{diag}");
+        let commands = ["none", "reboot", "poweroff"];
+        for (i, boot) in boots.iter().enumerate() {
+            assert_eq!(value(boot, "cpus="), Some("2"), "boot {}:\n{diag}", i + 1);
+            let sectors: u64 = value(boot, "sda_sectors=")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("boot {}: no sda size:\n{diag}", i + 1));
+            assert_eq!(sectors * 512, IMAGE_SIZE, "boot {}", i + 1);
             assert_eq!(
-                value(boot, "cmd="),
-                Some(commands[i]),
-                "boot {}:\n{diag}",
+                parse_hex(boot, "HOST-BEGIN", "HOST-END"),
+                host_data(),
+                "boot {}: the host's block",
                 i + 1
             );
+            // Boot 1 is reset while it waits (no command reaches it).
+            if i > 0 {
+                assert_eq!(
+                    value(boot, "cmd="),
+                    Some(commands[i]),
+                    "boot {}:\n{diag}",
+                    i + 1
+                );
+            }
         }
-    }
-    assert!(
-        boots[2].contains("===TESTENV-JOB-END status=0==="),
-        "{diag}"
-    );
+        assert!(
+            boots[2].contains("===TESTENV-JOB-END status=0==="),
+            "{diag}"
+        );
 
-    // The two RESET events, in order, and the end.
-    let rep = &r["replies"];
-    assert_eq!(rep["reset-host"]["data"]["guest"], false, "{diag}");
-    assert_eq!(rep["reset-host"]["data"]["reason"], "host-qmp-system-reset");
-    assert_eq!(rep["reset-guest"]["data"]["guest"], true, "{diag}");
-    assert_eq!(rep["reset-guest"]["data"]["reason"], "guest-reset");
-    let resets: Vec<&serde_json::Value> = r["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["event"] == "RESET")
-        .collect();
-    assert_eq!(resets.len(), 2, "{diag}");
-    assert_eq!(rep["status-after-reset"]["status"], "running");
-    // The remote lives on across resets: same process, still running, its
-    // device not failed.
-    let (before, after) = (&rep["remotes-at-start"][0], &rep["remotes-after-resets"][0]);
-    assert_eq!(before["state"], "running", "{diag}");
-    assert_eq!(after["state"], "running", "{diag}");
-    assert_eq!(after["pid"], before["pid"], "{diag}");
-    assert_eq!(after["devices-failed"], false, "{diag}");
-    assert_eq!(r["host-exit"], 0, "{diag}");
-    assert!(stderr.contains("resets=2"), "{diag}");
-    assert!(stderr.contains("code=0"), "{diag}");
+        // The two RESET events, in order, and the end.
+        let rep = &r["replies"];
+        assert_eq!(rep["reset-host"]["data"]["guest"], false, "{diag}");
+        assert_eq!(rep["reset-host"]["data"]["reason"], "host-qmp-system-reset");
+        assert_eq!(rep["reset-guest"]["data"]["guest"], true, "{diag}");
+        assert_eq!(rep["reset-guest"]["data"]["reason"], "guest-reset");
+        let resets: Vec<&serde_json::Value> = r["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == "RESET")
+            .collect();
+        assert_eq!(resets.len(), 2, "{diag}");
+        assert_eq!(rep["status-after-reset"]["status"], "running");
+        // The remote lives on across resets: same process, still running, its
+        // device not failed.
+        let (before, after) = (&rep["remotes-at-start"][0], &rep["remotes-after-resets"][0]);
+        assert_eq!(before["state"], "running", "{diag}");
+        assert_eq!(after["state"], "running", "{diag}");
+        assert_eq!(after["pid"], before["pid"], "{diag}");
+        assert_eq!(after["devices-failed"], false, "{diag}");
+        assert_eq!(r["host-exit"], 0, "{diag}");
+        assert!(stderr.contains("resets=2"), "{diag}");
+        assert!(stderr.contains("code=0"), "{diag}");
 
-    let reset_ms: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("host-stats: reset="))
-        .filter_map(|l| l.split("reset_ms=").nth(1))
-        .collect();
-    eprintln!(
+        let reset_ms: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("host-stats: reset="))
+            .filter_map(|l| l.split("reset_ms=").nth(1))
+            .collect();
+        eprintln!(
         "host_reset: 3 boots, resets took {reset_ms:?} ms; steps {}; driver {} s; whole test {:.1} s",
         r["steps"],
         r["seconds"],
         t0.elapsed().as_secs_f64()
     );
-    fs::remove_dir_all(&dir).ok();
+        fs::remove_dir_all(&dir).ok();
+    });
 }

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use system_tests::{prepare_vm, run_qmp_driver};
-use testenv::{require_env, target_bin};
+use testenv::target_bin;
 
 /// L1's /tmp is a tmpfs (UNIX sockets do not work on 9p); the driver puts
 /// the ports' sockets beside the monitor's.
@@ -99,72 +99,71 @@ fn file_gets(file: &Path, needle: &str) -> String {
 
 #[test]
 fn pci_serial_in_a_remote_answers_through_its_socket() {
-    let Some(env) = require_env("host_serial") else {
-        return;
-    };
-    for bin in ["host", "remote-host", "libpci_serial.so"] {
-        target_bin(bin).unwrap();
-    }
-    let spec = testenv::InitramfsSpec::new(&[] as &[&str], guest_job());
-    let dir = prepare_vm(&env, "host-serial", &spec);
-    fs::write(dir.join("vm.toml"), config(&env.kernel)).unwrap();
+    system_tests::guest_test("host_serial", |env| {
+        for bin in ["host", "remote-host", "libpci_serial.so"] {
+            target_bin(bin).unwrap();
+        }
+        let spec = testenv::InitramfsSpec::new(&[] as &[&str], guest_job());
+        let dir = prepare_vm(env, "host-serial", &spec);
+        fs::write(dir.join("vm.toml"), config(&env.kernel)).unwrap();
 
-    let run = run_qmp_driver(
-        &env,
-        "host_serial",
-        "serial_driver.py",
-        &dir,
-        QMP_SOCKET,
-        Duration::from_secs(600),
-        &["misc.log"],
-    );
-    let job = run.check();
-    let (r, diag) = (&run.results, &run.diag);
-    assert_eq!(job.status, 0, "guest job failed:\n{diag}");
-    let out = &job.output;
-    let rep = &r["replies"];
+        let run = run_qmp_driver(
+            env,
+            "host_serial",
+            "serial_driver.py",
+            &dir,
+            QMP_SOCKET,
+            Duration::from_secs(600),
+            &["misc.log"],
+        );
+        let job = run.check();
+        let (r, diag) = (&run.results, &run.diag);
+        assert_eq!(job.status, 0, "guest job failed:\n{diag}");
+        let out = &job.output;
+        let rep = &r["replies"];
 
-    // The guest's 8250_pci driver bound both ports as ttyS ports.
-    assert!(value(out, "tty0=").starts_with("ttyS"), "{diag}");
-    assert_eq!(value(out, "driver0="), "serial", "{diag}");
-    assert!(value(out, "tty1=").starts_with("ttyS"), "{diag}");
-    assert_ne!(value(out, "tty0="), value(out, "tty1="));
-    assert_eq!(value(out, "driver1="), "serial", "{diag}");
-    // COM1 and the two PCI ports were each found as a 16550A.
-    assert!(value(out, "uarts=").parse::<u32>().unwrap() >= 3, "{diag}");
+        // The guest's 8250_pci driver bound both ports as ttyS ports.
+        assert!(value(out, "tty0=").starts_with("ttyS"), "{diag}");
+        assert_eq!(value(out, "driver0="), "serial", "{diag}");
+        assert!(value(out, "tty1=").starts_with("ttyS"), "{diag}");
+        assert_ne!(value(out, "tty0="), value(out, "tty1="));
+        assert_eq!(value(out, "driver1="), "serial", "{diag}");
+        // COM1 and the two PCI ports were each found as a 16550A.
+        assert!(value(out, "uarts=").parse::<u32>().unwrap() >= 3, "{diag}");
 
-    let pci = rep["query-pci"][0]["devices"].as_array().unwrap();
-    let ser0 = pci.iter().find(|d| d["qdev_id"] == "ser0").unwrap();
-    assert_eq!(ser0["slot"], 5);
-    assert_eq!(ser0["id"]["vendor"], 0x1b36);
-    assert_eq!(ser0["id"]["device"], 0x0002);
-    assert_eq!(ser0["remote"], "misc");
-    let hot = rep["query-pci-hot"][0]["devices"].as_array().unwrap();
-    assert!(
-        hot.iter().any(|d| d["qdev_id"] == "ser1" && d["slot"] == 6),
-        "{diag}"
-    );
+        let pci = rep["query-pci"][0]["devices"].as_array().unwrap();
+        let ser0 = pci.iter().find(|d| d["qdev_id"] == "ser0").unwrap();
+        assert_eq!(ser0["slot"], 5);
+        assert_eq!(ser0["id"]["vendor"], 0x1b36);
+        assert_eq!(ser0["id"]["device"], 0x0002);
+        assert_eq!(ser0["remote"], "misc");
+        let hot = rep["query-pci-hot"][0]["devices"].as_array().unwrap();
+        assert!(
+            hot.iter().any(|d| d["qdev_id"] == "ser1" && d["slot"] == 6),
+            "{diag}"
+        );
 
-    // The shells answered through the sockets...
-    assert!(
-        rep["ser0-answer"].as_str().unwrap().contains("hello-42"),
-        "{diag}"
-    );
-    assert!(
-        rep["ser1-answer"].as_str().unwrap().contains("hot-42"),
-        "{diag}"
-    );
-    // ... and into the output files (the hot-added port's path was
-    // relative: the config file's directory).
-    let f0 = file_gets(&dir.join("ser0.out"), "hello-42");
-    assert!(f0.contains("hello-42"), "ser0.out: {f0:?}\n{diag}");
-    let f1 = file_gets(&dir.join("ser1.out"), "hot-42");
-    assert!(f1.contains("hot-42"), "ser1.out: {f1:?}\n{diag}");
+        // The shells answered through the sockets...
+        assert!(
+            rep["ser0-answer"].as_str().unwrap().contains("hello-42"),
+            "{diag}"
+        );
+        assert!(
+            rep["ser1-answer"].as_str().unwrap().contains("hot-42"),
+            "{diag}"
+        );
+        // ... and into the output files (the hot-added port's path was
+        // relative: the config file's directory).
+        let f0 = file_gets(&dir.join("ser0.out"), "hello-42");
+        assert!(f0.contains("hello-42"), "ser0.out: {f0:?}\n{diag}");
+        let f1 = file_gets(&dir.join("ser1.out"), "hot-42");
+        assert!(f1.contains("hot-42"), "ser1.out: {f1:?}\n{diag}");
 
-    assert_eq!(r["host-exit"], 0, "{diag}");
-    eprintln!(
-        "host_serial: first answer after {} s; whole run {} s",
-        rep["ser0-seconds"], r["seconds"]
-    );
-    fs::remove_dir_all(&dir).ok();
+        assert_eq!(r["host-exit"], 0, "{diag}");
+        eprintln!(
+            "host_serial: first answer after {} s; whole run {} s",
+            rep["ser0-seconds"], r["seconds"]
+        );
+        fs::remove_dir_all(&dir).ok();
+    });
 }

@@ -20,7 +20,7 @@ use system_tests::{
     check_disk_job, disk_job, make_lsi_image, prepare_vm, run_qmp_driver, tail_lines, IMAGE_SIZE,
     VIRTIO_BLK_MODULES,
 };
-use testenv::{parse_console, require_env, target_bin, NestedOptions};
+use testenv::{parse_console, target_bin, NestedOptions};
 
 /// The guest's modules: the virtio PCI transport and block driver, and
 /// what mounting ext2 through the ext4 driver needs.
@@ -65,132 +65,132 @@ queues = 2
 
 #[test]
 fn virtio_blk_plugin_remote_and_in_process_behind_our_vmm() {
-    let Some(env) = require_env("host_virtio_blk") else {
-        return;
-    };
-    let t0 = Instant::now();
-    for bin in ["host", "remote-host", "libvirtio_blk.so"] {
-        target_bin(bin).unwrap();
-    }
-    // The serial number through the driver's sysfs attribute (GET_ID),
-    // and the interrupts each MSI-X vector took.
-    let job = format!(
-        "{}\necho \"serial=$(cat /sys/block/vda/serial)\"\ngrep virtio /proc/interrupts\n",
-        disk_job("vda", "virtio-pci", "virtio_blk|vda")
-    );
-    let spec = testenv::InitramfsSpec::new(&modules(), &job);
-    let dir = prepare_vm(&env, "host-virtio-blk", &spec);
-    let host = target_bin("host").unwrap();
-    let runs = [
-        ("remote", "remote = \"storage\""),
-        ("inproc", "in-process = true"),
-    ];
-    let mut cmd = String::new();
-    for (name, placement) in runs {
-        make_lsi_image(&dir.join(format!("{name}.img")));
-        fs::write(
-            dir.join(format!("{name}.toml")),
-            config(&env.kernel, name, placement),
-        )
-        .unwrap();
-        cmd.push_str(&format!(
+    system_tests::guest_test("host_virtio_blk", |env| {
+        let t0 = Instant::now();
+        for bin in ["host", "remote-host", "libvirtio_blk.so"] {
+            target_bin(bin).unwrap();
+        }
+        // The serial number through the driver's sysfs attribute (GET_ID),
+        // and the interrupts each MSI-X vector took.
+        let job = format!(
+            "{}\necho \"serial=$(cat /sys/block/vda/serial)\"\ngrep virtio /proc/interrupts\n",
+            disk_job("vda", "virtio-pci", "virtio_blk|vda")
+        );
+        let spec = testenv::InitramfsSpec::new(&modules(), &job);
+        let dir = prepare_vm(env, "host-virtio-blk", &spec);
+        let host = target_bin("host").unwrap();
+        let runs = [
+            ("remote", "remote = \"storage\""),
+            ("inproc", "in-process = true"),
+        ];
+        let mut cmd = String::new();
+        for (name, placement) in runs {
+            make_lsi_image(&dir.join(format!("{name}.img")));
+            fs::write(
+                dir.join(format!("{name}.toml")),
+                config(&env.kernel, name, placement),
+            )
+            .unwrap();
+            cmd.push_str(&format!(
             "t=$(date +%s%N); HOST_STATS=1 timeout 240 {host} run {cfg}; echo {name}-EXIT=$?; echo {name}-MS=$(( ($(date +%s%N) - t) / 1000000 )); ",
             host = host.display(),
             cfg = dir.join(format!("{name}.toml")).display(),
         ));
-    }
-    let opts = NestedOptions {
-        name: "host_virtio_blk".into(),
-        timeout: Duration::from_secs(600),
-        ..Default::default()
-    };
-    let l1 = env
-        .run_nested(&["sh".into(), "-c".into(), cmd], &opts)
-        .unwrap();
-    eprintln!("--- L1 output ---\n{}", l1.output);
-    for (name, _) in runs {
-        let console =
-            fs::read_to_string(dir.join(format!("{name}-console.log"))).unwrap_or_default();
-        let log = fs::read_to_string(dir.join(format!("{name}-remote.log"))).unwrap_or_default();
-        let r = parse_console(&console).unwrap_or_else(|| {
+        }
+        let opts = NestedOptions {
+            name: "host_virtio_blk".into(),
+            timeout: Duration::from_secs(600),
+            ..Default::default()
+        };
+        let l1 = env
+            .run_nested(&["sh".into(), "-c".into(), cmd], &opts)
+            .unwrap();
+        eprintln!("--- L1 output ---\n{}", l1.output);
+        for (name, _) in runs {
+            let console =
+                fs::read_to_string(dir.join(format!("{name}-console.log"))).unwrap_or_default();
+            let log =
+                fs::read_to_string(dir.join(format!("{name}-remote.log"))).unwrap_or_default();
+            let r = parse_console(&console).unwrap_or_else(|| {
             panic!(
                 "{name}: no job markers in the guest console, which ends:\n{}\n--- console ---\n{console}\n--- remote log ---\n{log}",
                 tail_lines(&console, 12)
             )
         });
-        eprintln!("--- {name}: guest job output ---\n{}", r.output);
-        check_disk_job(&r, &dir.join(format!("{name}.img")), "virtio-pci");
-        assert!(
-            r.output.contains(&format!("serial=VD0-{name}")),
-            "{name}: the serial number (GET_ID) did not reach the guest:\n{}",
-            r.output
-        );
-        // The driver took MSI-X: the queues' vectors carried the
-        // completions (no INTx line for virtio at all), one vector per
-        // queue; how the I/O split between them depends on which vCPU
-        // issued it.
-        let (q0, q1) = (
-            msix_count(&r.output, "virtio0-req.0"),
-            msix_count(&r.output, "virtio0-req.1"),
-        );
-        assert!(
-            q0.is_some() && q1.is_some(),
-            "{name}: no MSI-X vector for each queue:\n{}",
-            r.output
-        );
-        let (q0, q1) = (q0.unwrap_or(0), q1.unwrap_or(0));
-        assert!(
-            q0 + q1 > 10,
-            "{name}: too few MSI-X interrupts on the queues' vectors:\n{}",
-            r.output
-        );
-        assert!(
-            r.output
-                .lines()
-                .any(|l| l.contains("virtio0-config") && l.contains("PCI-MSI")),
-            "{name}: no configuration vector:\n{}",
-            r.output
-        );
-        eprintln!(
-            "host_virtio_blk: {name}: MSI-X interrupts: virtio0-req.0 {q0}, virtio0-req.1 {q1}"
-        );
-        assert!(
-            l1.output.contains(&format!("{name}-EXIT=0")),
-            "{name}: host did not exit 0:\n{}",
-            l1.output
-        );
-        // Queue notifications: in a remote they are doorbells (KVM
-        // ioeventfds the remote's ring thread waits on) and never exit to
-        // the VMM; in-process every one is a VM exit the VMM counts.
-        let notifies = notify_writes(&l1.output, name);
-        eprintln!("host_virtio_blk: {name}: queue notify writes seen by the VMM: {notifies}");
-        if name == "remote" {
-            assert_eq!(
+            eprintln!("--- {name}: guest job output ---\n{}", r.output);
+            check_disk_job(&r, &dir.join(format!("{name}.img")), "virtio-pci");
+            assert!(
+                r.output.contains(&format!("serial=VD0-{name}")),
+                "{name}: the serial number (GET_ID) did not reach the guest:\n{}",
+                r.output
+            );
+            // The driver took MSI-X: the queues' vectors carried the
+            // completions (no INTx line for virtio at all), one vector per
+            // queue; how the I/O split between them depends on which vCPU
+            // issued it.
+            let (q0, q1) = (
+                msix_count(&r.output, "virtio0-req.0"),
+                msix_count(&r.output, "virtio0-req.1"),
+            );
+            assert!(
+                q0.is_some() && q1.is_some(),
+                "{name}: no MSI-X vector for each queue:\n{}",
+                r.output
+            );
+            let (q0, q1) = (q0.unwrap_or(0), q1.unwrap_or(0));
+            assert!(
+                q0 + q1 > 10,
+                "{name}: too few MSI-X interrupts on the queues' vectors:\n{}",
+                r.output
+            );
+            assert!(
+                r.output
+                    .lines()
+                    .any(|l| l.contains("virtio0-config") && l.contains("PCI-MSI")),
+                "{name}: no configuration vector:\n{}",
+                r.output
+            );
+            eprintln!(
+                "host_virtio_blk: {name}: MSI-X interrupts: virtio0-req.0 {q0}, virtio0-req.1 {q1}"
+            );
+            assert!(
+                l1.output.contains(&format!("{name}-EXIT=0")),
+                "{name}: host did not exit 0:\n{}",
+                l1.output
+            );
+            // Queue notifications: in a remote they are doorbells (KVM
+            // ioeventfds the remote's ring thread waits on) and never exit to
+            // the VMM; in-process every one is a VM exit the VMM counts.
+            let notifies = notify_writes(&l1.output, name);
+            eprintln!("host_virtio_blk: {name}: queue notify writes seen by the VMM: {notifies}");
+            if name == "remote" {
+                assert_eq!(
                 notifies, 0,
                 "{name}: queue notifications exited to the VMM instead of ringing the remote's doorbells:\n{}",
                 l1.output
             );
-            let rung = doorbells_taken(&l1.output, name);
-            eprintln!("host_virtio_blk: {name}: doorbells the device took: {rung}");
-            assert!(
-                rung > 10,
-                "{name}: the remote's device took too few doorbells ({rung}):\n{}",
-                l1.output
-            );
-        } else {
-            assert!(
-                notifies > 10,
-                "{name}: the VMM counted too few queue notifications:\n{}",
-                l1.output
-            );
+                let rung = doorbells_taken(&l1.output, name);
+                eprintln!("host_virtio_blk: {name}: doorbells the device took: {rung}");
+                assert!(
+                    rung > 10,
+                    "{name}: the remote's device took too few doorbells ({rung}):\n{}",
+                    l1.output
+                );
+            } else {
+                assert!(
+                    notifies > 10,
+                    "{name}: the VMM counted too few queue notifications:\n{}",
+                    l1.output
+                );
+            }
         }
-    }
-    fs::remove_dir_all(&dir).ok();
-    resize_reaches_the_guest(&env);
-    eprintln!(
-        "host_virtio_blk: passed in {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
+        fs::remove_dir_all(&dir).ok();
+        resize_reaches_the_guest(env);
+        eprintln!(
+            "host_virtio_blk: passed in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+    });
 }
 
 /// Writes to the queues' notify area (BAR 0 from 0x3000) that the VMM

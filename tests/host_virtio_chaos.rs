@@ -25,7 +25,7 @@ use std::time::Duration;
 use system_tests::{
     output_field, output_number, prepare_vm, recovery_times, run_chaos, VIRTIO_BLK_MODULES,
 };
-use testenv::{require_env, target_bin};
+use testenv::target_bin;
 
 const QMP_SOCKET: &str = "/tmp/host-virtio-chaos/qmp.sock";
 /// Chunks of 128 KiB the raw workload cycles through (4 MiB).
@@ -171,84 +171,83 @@ fn md5_of_head(image: &Path, bytes: u64) -> String {
 
 #[test]
 fn disks_in_a_remote_killed_again_and_again_lose_no_write() {
-    let Some(env) = require_env("host_virtio_chaos") else {
-        return;
-    };
-    for bin in ["host", "remote-host", "libvirtio_blk.so"] {
-        target_bin(bin).unwrap();
-    }
-    let mut modules = VIRTIO_BLK_MODULES.to_vec();
-    modules.extend(["crc16", "mbcache", "jbd2", "crc32c_generic", "ext4"]);
-    let job = guest_job();
-    let spec = testenv::InitramfsSpec::new(&modules, &job);
-    let dir = prepare_vm(&env, "host-virtio-chaos", &spec);
-    fs::write(dir.join("vm.toml"), config(&env.kernel)).unwrap();
-    for img in ["raw.img", "fs.img"] {
-        fs::File::create(dir.join(img))
-            .unwrap()
-            .set_len(IMAGE)
-            .unwrap();
-    }
-    let (run, out, kills) = run_chaos(
-        &env,
-        "host_virtio_chaos",
-        &dir,
-        QMP_SOCKET,
-        10,
-        Duration::from_secs(180),
-    );
-    let (r, diag) = (&run.results, &run.diag);
-    let field = |key: &str| output_field(&out, key, diag);
-    let num = |key: &str| output_number(&out, key, diag);
-    for key in [
-        "raw-ioerr=",
-        "raw-bad=",
-        "fs-err=",
-        "fs-bad=",
-        "dmesg-errors=",
-    ] {
-        assert_eq!(num(key), 0, "{key} in the guest:\n{diag}");
-    }
-    let (raw_rounds, fs_rounds) = (num("raw-rounds="), num("fs-rounds="));
-    assert!(
-        raw_rounds > 10 && fs_rounds > 10 && num("fs-files=") > 0,
-        "the workloads hardly ran:\n{diag}"
-    );
-    // The raw image on the host: the last data the guest wrote to each
-    // chunk, as the guest also read it back from its disk.
-    let expect = field("raw-expect-md5=");
-    assert_eq!(
-        field("raw-disk-md5="),
-        expect,
-        "the guest's disk differs from what it wrote:\n{diag}"
-    );
-    assert_eq!(
-        md5_of_head(&dir.join("raw.img"), CHUNKS * 128 * 1024),
-        expect,
-        "the image on the host differs from what the guest wrote:\n{diag}"
-    );
-    let ms = recovery_times(r, kills, diag);
-    // Every restart, the hang's included, brought both disks back with
-    // their state.
-    let kept = r["replies"]["state-kept"].as_array().unwrap();
-    assert_eq!(kept.len() as u64, kills + 1, "{diag}");
-    for k in kept {
-        let ids: Vec<&str> = k
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-            .unwrap_or_default();
-        assert!(
-            ids.contains(&"vd0") && ids.contains(&"vd1"),
-            "a restart brought a disk back reset (state kept: {k}):\n{diag}"
+    system_tests::guest_test("host_virtio_chaos", |env| {
+        for bin in ["host", "remote-host", "libvirtio_blk.so"] {
+            target_bin(bin).unwrap();
+        }
+        let mut modules = VIRTIO_BLK_MODULES.to_vec();
+        modules.extend(["crc16", "mbcache", "jbd2", "crc32c_generic", "ext4"]);
+        let job = guest_job();
+        let spec = testenv::InitramfsSpec::new(&modules, &job);
+        let dir = prepare_vm(env, "host-virtio-chaos", &spec);
+        fs::write(dir.join("vm.toml"), config(&env.kernel)).unwrap();
+        for img in ["raw.img", "fs.img"] {
+            fs::File::create(dir.join(img))
+                .unwrap()
+                .set_len(IMAGE)
+                .unwrap();
+        }
+        let (run, out, kills) = run_chaos(
+            env,
+            "host_virtio_chaos",
+            &dir,
+            QMP_SOCKET,
+            10,
+            Duration::from_secs(180),
         );
-    }
-    assert_eq!(r["replies"]["hang"]["new-pid"], true, "{diag}");
-    assert_eq!(r["host-exit"], 0, "{diag}");
-    eprintln!(
+        let (r, diag) = (&run.results, &run.diag);
+        let field = |key: &str| output_field(&out, key, diag);
+        let num = |key: &str| output_number(&out, key, diag);
+        for key in [
+            "raw-ioerr=",
+            "raw-bad=",
+            "fs-err=",
+            "fs-bad=",
+            "dmesg-errors=",
+        ] {
+            assert_eq!(num(key), 0, "{key} in the guest:\n{diag}");
+        }
+        let (raw_rounds, fs_rounds) = (num("raw-rounds="), num("fs-rounds="));
+        assert!(
+            raw_rounds > 10 && fs_rounds > 10 && num("fs-files=") > 0,
+            "the workloads hardly ran:\n{diag}"
+        );
+        // The raw image on the host: the last data the guest wrote to each
+        // chunk, as the guest also read it back from its disk.
+        let expect = field("raw-expect-md5=");
+        assert_eq!(
+            field("raw-disk-md5="),
+            expect,
+            "the guest's disk differs from what it wrote:\n{diag}"
+        );
+        assert_eq!(
+            md5_of_head(&dir.join("raw.img"), CHUNKS * 128 * 1024),
+            expect,
+            "the image on the host differs from what the guest wrote:\n{diag}"
+        );
+        let ms = recovery_times(r, kills, diag);
+        // Every restart, the hang's included, brought both disks back with
+        // their state.
+        let kept = r["replies"]["state-kept"].as_array().unwrap();
+        assert_eq!(kept.len() as u64, kills + 1, "{diag}");
+        for k in kept {
+            let ids: Vec<&str> = k
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            assert!(
+                ids.contains(&"vd0") && ids.contains(&"vd1"),
+                "a restart brought a disk back reset (state kept: {k}):\n{diag}"
+            );
+        }
+        assert_eq!(r["replies"]["hang"]["new-pid"], true, "{diag}");
+        assert_eq!(r["host-exit"], 0, "{diag}");
+        eprintln!(
         "host_virtio_chaos: {kills} kills, recovery p50 {} ms max {} ms; a hang recovered in {} ms; raw rounds {raw_rounds}, fs rounds {fs_rounds}, 0 errors, 0 mismatches",
         ms[ms.len() / 2],
         ms[ms.len() - 1],
         r["replies"]["hang"]["recovery-ms"]
     );
-    fs::remove_dir_all(&dir).ok();
+        fs::remove_dir_all(&dir).ok();
+    });
 }

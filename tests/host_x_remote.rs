@@ -180,69 +180,69 @@ fn x_remote_lsi_behind_our_vmm() {
     if std::env::var("TESTENV_L1").is_ok() {
         return;
     }
-    let Some(env) = require_env("host_x_remote") else {
-        return;
-    };
-    let t0 = Instant::now();
-    let dir = prepare_lsi_vm(&env, "host-x-remote", &lsi_disk_job());
-    for name in RUNS {
-        make_lsi_image(&dir.join(format!("{name}.img")));
-        fs::write(
-            dir.join(format!("{name}.toml")),
-            config(&env.kernel, &dir, name),
-        )
-        .unwrap();
-    }
-    let exe = std::env::current_exe().unwrap();
-    let cmd = vec![
-        exe.to_string_lossy().into_owned(),
-        "--exact".into(),
-        "in_l1".into(),
-        "--nocapture".into(),
-        "--test-threads=1".into(),
-    ];
-    let opts = NestedOptions {
-        name: "host_x_remote".into(),
-        timeout: Duration::from_secs(900),
-        env: vec![(DIR_VAR.into(), dir.display().to_string())],
-        ..Default::default()
-    };
-    let l1 = env.run_nested(&cmd, &opts).unwrap();
-    eprintln!("--- L1 output ---\n{}", l1.output);
-    assert!(
-        l1.output.contains("HOST-X-REMOTE-L1-DONE"),
-        "the L1 part did not finish:\n{}",
-        l1.output
-    );
-    let job = |name: &str| -> JobResult {
-        let console =
-            fs::read_to_string(dir.join(format!("{name}-console.log"))).unwrap_or_default();
-        let log = fs::read_to_string(dir.join(format!("{name}-remote.log"))).unwrap_or_default();
-        parse_console(&console).unwrap_or_else(|| {
-            panic!("{name}: no job markers in the guest console, which ends:\n{}\n--- console ---\n{console}\n--- remote log ---\n{log}", system_tests::tail_lines(&console, 12))
-        })
-    };
-    let mut attached = Vec::new();
-    for name in RUNS {
-        let r = job(name);
-        eprintln!("--- {name}: guest job output ---\n{}", r.output);
-        attached.push(format!("{name} {} s", sda_attached(&r.output)));
-        check_lsi_disk_job(&r, &dir.join(format!("{name}.img")));
+    system_tests::guest_test("host_x_remote", |env| {
+        let t0 = Instant::now();
+        let dir = prepare_lsi_vm(env, "host-x-remote", &lsi_disk_job());
+        for name in RUNS {
+            make_lsi_image(&dir.join(format!("{name}.img")));
+            fs::write(
+                dir.join(format!("{name}.toml")),
+                config(&env.kernel, &dir, name),
+            )
+            .unwrap();
+        }
+        let exe = std::env::current_exe().unwrap();
+        let cmd = vec![
+            exe.to_string_lossy().into_owned(),
+            "--exact".into(),
+            "in_l1".into(),
+            "--nocapture".into(),
+            "--test-threads=1".into(),
+        ];
+        let opts = NestedOptions {
+            name: "host_x_remote".into(),
+            timeout: Duration::from_secs(900),
+            env: vec![(DIR_VAR.into(), dir.display().to_string())],
+            ..Default::default()
+        };
+        let l1 = env.run_nested(&cmd, &opts).unwrap();
+        eprintln!("--- L1 output ---\n{}", l1.output);
         assert!(
-            l1.output.contains(&format!("{name}-EXIT=0")),
-            "{name}: host did not exit 0:\n{}",
+            l1.output.contains("HOST-X-REMOTE-L1-DONE"),
+            "the L1 part did not finish:\n{}",
             l1.output
         );
-    }
-    eprintln!(
+        let job = |name: &str| -> JobResult {
+            let console =
+                fs::read_to_string(dir.join(format!("{name}-console.log"))).unwrap_or_default();
+            let log =
+                fs::read_to_string(dir.join(format!("{name}-remote.log"))).unwrap_or_default();
+            parse_console(&console).unwrap_or_else(|| {
+            panic!("{name}: no job markers in the guest console, which ends:\n{}\n--- console ---\n{console}\n--- remote log ---\n{log}", system_tests::tail_lines(&console, 12))
+        })
+        };
+        let mut attached = Vec::new();
+        for name in RUNS {
+            let r = job(name);
+            eprintln!("--- {name}: guest job output ---\n{}", r.output);
+            attached.push(format!("{name} {} s", sda_attached(&r.output)));
+            check_lsi_disk_job(&r, &dir.join(format!("{name}.img")));
+            assert!(
+                l1.output.contains(&format!("{name}-EXIT=0")),
+                "{name}: host did not exit 0:\n{}",
+                l1.output
+            );
+        }
+        eprintln!(
         "host_x_remote: passed in {:.1} s (host run in L1: QEMU x-remote {} ms, our remote-host over mpqemu {} ms)",
         t0.elapsed().as_secs_f64(),
         ms(&l1.output, "xremote-MS="),
         ms(&l1.output, "oursmp-MS="),
     );
-    eprintln!(
-        "host_x_remote: sda attached at guest time: {}",
-        attached.join(", ")
-    );
-    fs::remove_dir_all(&dir).ok();
+        eprintln!(
+            "host_x_remote: sda attached at guest time: {}",
+            attached.join(", ")
+        );
+        fs::remove_dir_all(&dir).ok();
+    });
 }

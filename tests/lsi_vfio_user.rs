@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use system_tests::{check_lsi_disk_job, lsi_disk_job, lsi_job_modules, make_lsi_image};
-use testenv::{require_env, target_bin, InitramfsSpec, ModuleOrder, QemuKind, RunOptions};
+use testenv::{target_bin, InitramfsSpec, ModuleOrder, QemuKind, RunOptions};
 
 struct Remote(Child);
 
@@ -39,21 +39,19 @@ fn wait_for(path: &Path, child: &mut Child) {
 
 #[test]
 fn lsi_plugin_behind_vfio_user_with_linux_driver() {
-    let Some(env) = require_env("lsi_vfio_user") else {
-        return;
-    };
-    let t0 = Instant::now();
-    let dir = testenv::workspace_root()
-        .join("target")
-        .join(format!("lsi-vfio-user-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("disk.img");
-    make_lsi_image(&image);
-    let config = dir.join("vm.toml");
-    fs::write(
-        &config,
-        format!(
-            r#"[vm]
+    system_tests::guest_test("lsi_vfio_user", |env| {
+        let t0 = Instant::now();
+        let dir = testenv::workspace_root()
+            .join("target")
+            .join(format!("lsi-vfio-user-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("disk.img");
+        make_lsi_image(&image);
+        let config = dir.join("vm.toml");
+        fs::write(
+            &config,
+            format!(
+                r#"[vm]
 memory = "512M"
 kernel = "{kernel}"
 
@@ -71,62 +69,63 @@ slot = 4
 file = "disk.img"
 scsi-id = 0
 "#,
-            kernel = env.kernel.display()
-        ),
-    )
-    .unwrap();
-    let socket = dir.join("lsi0.sock");
-    let mut child = Command::new(target_bin("remote-host").unwrap())
-        .args([
-            "serve",
-            "--remote",
-            "storage",
-            "--protocol",
-            "vfio-user",
-            "--config",
-        ])
-        .arg(&config)
-        .arg("--socket")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(&socket, &mut child);
-    let remote = Remote(child);
-
-    let job = lsi_disk_job();
-    let mut spec = InitramfsSpec::new(&lsi_job_modules(), &job);
-    spec.order = ModuleOrder::Exact;
-    let opts = RunOptions {
-        qemu: QemuKind::Sid,
-        name: "lsi_vfio_user".into(),
-        timeout: Duration::from_secs(300),
-        extra_args: vec![
-            // vfio-user passes guest RAM to the device as fds: it must be shareable.
-            "-object".into(),
-            "memory-backend-memfd,id=mem,size=512M,share=on".into(),
-            "-machine".into(),
-            "memory-backend=mem".into(),
-            "-device".into(),
-            format!(
-                r#"{{"driver":"vfio-user-pci","socket":{{"type":"unix","path":"{}"}}}}"#,
-                socket.display()
+                kernel = env.kernel.display()
             ),
-        ],
-        ..Default::default()
-    };
-    let r = env.run_job(&spec, &opts);
-    let log = fs::read_to_string(dir.join("remote.log")).unwrap_or_default();
-    let r = r.unwrap_or_else(|e| panic!("{e:#}\n--- remote-host log ---\n{log}"));
-    eprintln!("--- guest job output ---\n{}", r.output);
-    if r.status != 0 {
-        eprintln!("--- remote-host log ---\n{log}");
-    }
-    check_lsi_disk_job(&r, &image);
-    drop(remote);
-    fs::remove_dir_all(&dir).ok();
-    eprintln!(
-        "lsi_vfio_user: passed in {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
+        )
+        .unwrap();
+        let socket = dir.join("lsi0.sock");
+        let mut child = Command::new(target_bin("remote-host").unwrap())
+            .args([
+                "serve",
+                "--remote",
+                "storage",
+                "--protocol",
+                "vfio-user",
+                "--config",
+            ])
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(&socket, &mut child);
+        let remote = Remote(child);
+
+        let job = lsi_disk_job();
+        let mut spec = InitramfsSpec::new(&lsi_job_modules(), &job);
+        spec.order = ModuleOrder::Exact;
+        let opts = RunOptions {
+            qemu: QemuKind::Sid,
+            name: "lsi_vfio_user".into(),
+            timeout: Duration::from_secs(300),
+            extra_args: vec![
+                // vfio-user passes guest RAM to the device as fds: it must be shareable.
+                "-object".into(),
+                "memory-backend-memfd,id=mem,size=512M,share=on".into(),
+                "-machine".into(),
+                "memory-backend=mem".into(),
+                "-device".into(),
+                format!(
+                    r#"{{"driver":"vfio-user-pci","socket":{{"type":"unix","path":"{}"}}}}"#,
+                    socket.display()
+                ),
+            ],
+            ..Default::default()
+        };
+        let r = env.run_job(&spec, &opts);
+        let log = fs::read_to_string(dir.join("remote.log")).unwrap_or_default();
+        let r = r.unwrap_or_else(|e| panic!("{e:#}\n--- remote-host log ---\n{log}"));
+        eprintln!("--- guest job output ---\n{}", r.output);
+        if r.status != 0 {
+            eprintln!("--- remote-host log ---\n{log}");
+        }
+        check_lsi_disk_job(&r, &image);
+        drop(remote);
+        fs::remove_dir_all(&dir).ok();
+        eprintln!(
+            "lsi_vfio_user: passed in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+    });
 }

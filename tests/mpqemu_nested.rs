@@ -45,37 +45,36 @@ fn nested_kvm_proxy_dma_and_interrupt() {
     if std::env::var("TESTENV_L1").is_ok() {
         return;
     }
-    let Some(env) = require_env("mpqemu_nested") else {
-        return;
-    };
-    let t0 = Instant::now();
-    let exe = std::env::current_exe().unwrap();
-    let cmd = vec![
-        exe.to_string_lossy().into_owned(),
-        "--exact".into(),
-        "in_l1".into(),
-        "--nocapture".into(),
-        "--test-threads=1".into(),
-    ];
-    let opts = NestedOptions {
-        name: "mpqemu_nested".into(),
-        ..Default::default()
-    };
-    let r = env.run_nested(&cmd, &opts).unwrap();
-    eprintln!("--- L1 job output ---\n{}", r.output);
-    assert!(
-        r.output.contains("testenv: /dev/kvm present"),
-        "L1 has no /dev/kvm:\n{}",
-        r.output
-    );
-    assert_eq!(r.status, 0, "the L1 part failed:\n{}", r.output);
-    assert!(
-        r.output.contains("MPQEMU-NESTED-OK"),
-        "the L1 part did not run:\n{}",
-        r.output
-    );
-    eprintln!(
-        "mpqemu_nested: passed in {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
+    system_tests::guest_test("mpqemu_nested", |env| {
+        let t0 = Instant::now();
+        let exe = std::env::current_exe().unwrap();
+        let cmd = vec![
+            exe.to_string_lossy().into_owned(),
+            "--exact".into(),
+            "in_l1".into(),
+            "--nocapture".into(),
+            "--test-threads=1".into(),
+        ];
+        let opts = NestedOptions {
+            name: "mpqemu_nested".into(),
+            ..Default::default()
+        };
+        let r = env.run_nested(&cmd, &opts).unwrap();
+        eprintln!("--- L1 job output ---\n{}", r.output);
+        assert!(
+            r.output.contains("testenv: /dev/kvm present"),
+            "L1 has no /dev/kvm:\n{}",
+            r.output
+        );
+        assert_eq!(r.status, 0, "the L1 part failed:\n{}", r.output);
+        assert!(
+            r.output.contains("MPQEMU-NESTED-OK"),
+            "the L1 part did not run:\n{}",
+            r.output
+        );
+        eprintln!(
+            "mpqemu_nested: passed in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+    });
 }

@@ -19,28 +19,25 @@
 
 use std::time::Instant;
 
-use testenv::require_env;
-
 #[path = "mpqemu_guest.rs"]
 mod guest;
 
 #[test]
 fn qemu_7_2_proxy_sees_our_remote_host_device() {
-    let Some(env) = require_env("mpqemu_proxy") else {
-        return;
-    };
-    let t0 = Instant::now();
-    // No interrupt will come under TCG: do not wait long for it.
-    let r = guest::run_pair(&env, "mpqemu_proxy", "tcg", "max", 2);
-    // Under TCG the proxy delivers no interrupt: everything else must work.
-    guest::check(&r.output, false, &|| r.log.clone());
-    if r.output.contains("uio-event none") {
-        eprintln!(
+    system_tests::guest_test("mpqemu_proxy", |env| {
+        let t0 = Instant::now();
+        // No interrupt will come under TCG: do not wait long for it.
+        let r = guest::run_pair(env, "mpqemu_proxy", "tcg", "max", 2);
+        // Under TCG the proxy delivers no interrupt: everything else must work.
+        guest::check(&r.output, false, &|| r.log.clone());
+        if r.output.contains("uio-event none") {
+            eprintln!(
             "mpqemu_proxy: no interrupt under TCG, as expected (the proxy's INTx needs KVM irqfd)"
         );
-    }
-    eprintln!(
-        "mpqemu_proxy: passed in {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
+        }
+        eprintln!(
+            "mpqemu_proxy: passed in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+    });
 }

@@ -25,7 +25,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use channel::mpqemu::{ClientError, ClientOptions, MpqemuClient, SysmemRegion};
-use testenv::{require_env, Env, QemuKind};
+use testenv::{Env, QemuKind};
 
 const RAM_GPA: u64 = 0;
 const RAM_SIZE: u64 = 16 << 20;
@@ -174,146 +174,145 @@ fn placed(c: &mut MpqemuClient) -> Result<bool, ClientError> {
 
 #[test]
 fn our_client_drives_qemu_7_2_x_remote_lsi() {
-    let Some(env) = require_env("mpqemu_x_remote") else {
-        return;
-    };
-    let t0 = Instant::now();
-    let ram = memfd(RAM_SIZE);
-    let irq = eventfd();
-    let resample = eventfd();
-    let mut retries = 0;
-    let mut replaced = 0;
-    let (remote, mut c) = loop {
-        let (remote, mut c) = start_remote(&env, retries);
-        c.sync_sysmem(&[SysmemRegion {
-            gpa: RAM_GPA,
-            size: RAM_SIZE,
-            offset: 0,
-            fd: ram.as_fd(),
-        }])
-        .unwrap();
-        c.set_irqfd(irq.as_fd(), resample.as_fd()).unwrap();
-        let (vendor, device, sizes) =
-            probe(&mut c).unwrap_or_else(|e| panic!("probe failed: {e}\n{}", remote.stderr()));
-        assert_eq!((vendor, device), (0x1000, 0x0012), "LSI53C895A ids");
-        assert_eq!(
-            sizes,
-            vec![0x100, 0x400, 0x2000, 0, 0, 0],
-            "BAR sizes (I/O 256, MMIO 1 KiB, RAM 8 KiB)"
-        );
-        place(&mut c).unwrap();
-        // x-remote serves the socket before its machine-init reset: config
-        // writes that land before that reset are wiped (we measured BARs
-        // reading 0 while the later command write stuck), and the first
-        // BAR access then fails with "Bad address". Check and place again.
-        if !placed(&mut c).unwrap() {
-            replaced += 1;
-            println!(
+    system_tests::guest_test("mpqemu_x_remote", |env| {
+        let t0 = Instant::now();
+        let ram = memfd(RAM_SIZE);
+        let irq = eventfd();
+        let resample = eventfd();
+        let mut retries = 0;
+        let mut replaced = 0;
+        let (remote, mut c) = loop {
+            let (remote, mut c) = start_remote(env, retries);
+            c.sync_sysmem(&[SysmemRegion {
+                gpa: RAM_GPA,
+                size: RAM_SIZE,
+                offset: 0,
+                fd: ram.as_fd(),
+            }])
+            .unwrap();
+            c.set_irqfd(irq.as_fd(), resample.as_fd()).unwrap();
+            let (vendor, device, sizes) =
+                probe(&mut c).unwrap_or_else(|e| panic!("probe failed: {e}\n{}", remote.stderr()));
+            assert_eq!((vendor, device), (0x1000, 0x0012), "LSI53C895A ids");
+            assert_eq!(
+                sizes,
+                vec![0x100, 0x400, 0x2000, 0, 0, 0],
+                "BAR sizes (I/O 256, MMIO 1 KiB, RAM 8 KiB)"
+            );
+            place(&mut c).unwrap();
+            // x-remote serves the socket before its machine-init reset: config
+            // writes that land before that reset are wiped (we measured BARs
+            // reading 0 while the later command write stuck), and the first
+            // BAR access then fails with "Bad address". Check and place again.
+            if !placed(&mut c).unwrap() {
+                replaced += 1;
+                println!(
                 "mpqemu_x_remote: x-remote lost our BAR placement (its startup reset came after \
                  our config writes); placing the BARs again"
             );
-            place(&mut c).unwrap();
-        }
-        // The first BAR access after placing: where QEMU 7.2 may fail.
-        match c
-            .bar_read(MMIO_BASE + SCRATCHA, 4, true)
-            .and_then(|_| c.bar_write(MMIO_BASE + SCRATCHA, 0x1234_5678, 4, true))
-        {
-            Ok(()) => break (remote, c),
-            Err(e) => {
-                retries += 1;
-                let mut remote = remote;
-                let status = remote.child.wait().ok();
-                println!(
+                place(&mut c).unwrap();
+            }
+            // The first BAR access after placing: where QEMU 7.2 may fail.
+            match c
+                .bar_read(MMIO_BASE + SCRATCHA, 4, true)
+                .and_then(|_| c.bar_write(MMIO_BASE + SCRATCHA, 0x1234_5678, 4, true))
+            {
+                Ok(()) => break (remote, c),
+                Err(e) => {
+                    retries += 1;
+                    let mut remote = remote;
+                    let status = remote.child.wait().ok();
+                    println!(
                     "mpqemu_x_remote: QEMU 7.2 x-remote failed the first BAR access after BAR placement \
                      ({e}; remote exited {status:?}; its stderr: {:?}) -- known QEMU 7.2 behaviour \
                      (protocols.md §3); retrying with a fresh remote ({retries})",
                     remote.stderr().trim()
                 );
-                assert!(retries < 8, "x-remote failed {retries} times in a row");
+                    assert!(retries < 8, "x-remote failed {retries} times in a row");
+                }
             }
-        }
-    };
-    // BAR reads and writes, memory and I/O.
-    assert_eq!(
-        c.bar_read(MMIO_BASE + SCRATCHA, 4, true).unwrap(),
-        0x1234_5678,
-        "SCRATCHA through BAR1 memory"
-    );
-    assert_eq!(
-        c.bar_read(IO_BASE + SCRATCHA, 4, false).unwrap(),
-        0x1234_5678,
-        "SCRATCHA through BAR0 I/O"
-    );
-    c.bar_write(IO_BASE + SCRATCHA, 0xa5a5_0001, 4, false)
-        .unwrap();
-    assert_eq!(
-        c.bar_read(MMIO_BASE + SCRATCHA + 2, 2, true).unwrap(),
-        0xa5a5
-    );
-    // Posted writes against QEMU's remote: RETs collected later.
-    for i in 0..32u64 {
-        c.bar_write_posted(MMIO_BASE + SCRATCHA, i, 4, true)
-            .unwrap();
-    }
-    assert_eq!(c.bar_read(MMIO_BASE + SCRATCHA, 4, true).unwrap(), 31);
-    assert_eq!(c.posted_failures(), 0);
-    // Script RAM (BAR2).
-    c.bar_write(RAM_BAR_BASE + 0x10, 0xfeed_f00d, 4, true)
-        .unwrap();
-    assert_eq!(
-        c.bar_read(RAM_BAR_BASE + 0x10, 4, true).unwrap(),
-        0xfeed_f00d
-    );
-
-    // A SCRIPTS INT in the shared memfd: fetched by the remote through
-    // its mapping of our memfd, raises SIR and the irqfd.
-    let script: Vec<u8> = [0x9808_0000u32, 0x0000_00ab]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect();
-    ram.write_all_at(&script, SCRIPT_ADDR - RAM_GPA).unwrap();
-    c.bar_write(MMIO_BASE + DIEN, DIEN_SIR, 1, true).unwrap();
-    assert!(!fired(&irq, 0), "no interrupt before the script");
-    c.bar_write(MMIO_BASE + DSP, SCRIPT_ADDR, 4, true).unwrap();
-    assert!(
-        fired(&irq, 10_000),
-        "irqfd fired after SCRIPTS INT\n{}",
-        remote.stderr()
-    );
-    assert_eq!(
-        c.bar_read(MMIO_BASE + DSPS, 4, true).unwrap(),
-        0xab,
-        "DSPS holds the INT vector"
-    );
-    assert_eq!(
-        c.bar_read(MMIO_BASE + DSP, 4, true).unwrap(),
-        SCRIPT_ADDR + 8,
-        "DSP past the INT"
-    );
-    let istat = c.bar_read(MMIO_BASE + ISTAT, 1, true).unwrap();
-    assert_eq!(istat & 0x01, 0x01, "ISTAT.DIP (got {istat:#x})");
-    assert_eq!(
-        c.bar_read(MMIO_BASE + DSTAT, 1, true).unwrap(),
-        0x84,
-        "DSTAT = DFE|SIR"
-    );
-
-    c.reset().unwrap();
-    drop(c);
-    // EOF: x-remote shuts down by itself.
-    let mut remote = remote;
-    let start = Instant::now();
-    while remote.child.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "x-remote did not exit at EOF"
+        };
+        // BAR reads and writes, memory and I/O.
+        assert_eq!(
+            c.bar_read(MMIO_BASE + SCRATCHA, 4, true).unwrap(),
+            0x1234_5678,
+            "SCRATCHA through BAR1 memory"
         );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    println!(
+        assert_eq!(
+            c.bar_read(IO_BASE + SCRATCHA, 4, false).unwrap(),
+            0x1234_5678,
+            "SCRATCHA through BAR0 I/O"
+        );
+        c.bar_write(IO_BASE + SCRATCHA, 0xa5a5_0001, 4, false)
+            .unwrap();
+        assert_eq!(
+            c.bar_read(MMIO_BASE + SCRATCHA + 2, 2, true).unwrap(),
+            0xa5a5
+        );
+        // Posted writes against QEMU's remote: RETs collected later.
+        for i in 0..32u64 {
+            c.bar_write_posted(MMIO_BASE + SCRATCHA, i, 4, true)
+                .unwrap();
+        }
+        assert_eq!(c.bar_read(MMIO_BASE + SCRATCHA, 4, true).unwrap(), 31);
+        assert_eq!(c.posted_failures(), 0);
+        // Script RAM (BAR2).
+        c.bar_write(RAM_BAR_BASE + 0x10, 0xfeed_f00d, 4, true)
+            .unwrap();
+        assert_eq!(
+            c.bar_read(RAM_BAR_BASE + 0x10, 4, true).unwrap(),
+            0xfeed_f00d
+        );
+
+        // A SCRIPTS INT in the shared memfd: fetched by the remote through
+        // its mapping of our memfd, raises SIR and the irqfd.
+        let script: Vec<u8> = [0x9808_0000u32, 0x0000_00ab]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        ram.write_all_at(&script, SCRIPT_ADDR - RAM_GPA).unwrap();
+        c.bar_write(MMIO_BASE + DIEN, DIEN_SIR, 1, true).unwrap();
+        assert!(!fired(&irq, 0), "no interrupt before the script");
+        c.bar_write(MMIO_BASE + DSP, SCRIPT_ADDR, 4, true).unwrap();
+        assert!(
+            fired(&irq, 10_000),
+            "irqfd fired after SCRIPTS INT\n{}",
+            remote.stderr()
+        );
+        assert_eq!(
+            c.bar_read(MMIO_BASE + DSPS, 4, true).unwrap(),
+            0xab,
+            "DSPS holds the INT vector"
+        );
+        assert_eq!(
+            c.bar_read(MMIO_BASE + DSP, 4, true).unwrap(),
+            SCRIPT_ADDR + 8,
+            "DSP past the INT"
+        );
+        let istat = c.bar_read(MMIO_BASE + ISTAT, 1, true).unwrap();
+        assert_eq!(istat & 0x01, 0x01, "ISTAT.DIP (got {istat:#x})");
+        assert_eq!(
+            c.bar_read(MMIO_BASE + DSTAT, 1, true).unwrap(),
+            0x84,
+            "DSTAT = DFE|SIR"
+        );
+
+        c.reset().unwrap();
+        drop(c);
+        // EOF: x-remote shuts down by itself.
+        let mut remote = remote;
+        let start = Instant::now();
+        while remote.child.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "x-remote did not exit at EOF"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        println!(
         "mpqemu_x_remote: passed in {:.1} s; QEMU 7.2 first-BAR-access failure: {retries} fresh \
          remote(s), {replaced} re-placement(s) needed",
         t0.elapsed().as_secs_f64()
     );
+    });
 }

@@ -9,31 +9,30 @@
 
 use std::time::Duration;
 
-use testenv::{require_env, target_bin, NestedOptions};
+use testenv::{target_bin, NestedOptions};
 
 #[test]
 fn lsi_behind_qemu_proxy_under_kvm() {
-    let Some(env) = require_env("nested_lsi") else {
-        return;
-    };
-    let bin = target_bin("lsi-compare").unwrap();
-    let opts = NestedOptions {
-        timeout: Duration::from_secs(900),
-        name: "nested_lsi".into(),
-        ..Default::default()
-    };
-    let r = env
-        .run_nested(&[bin.display().to_string(), "check".into()], &opts)
-        .unwrap();
-    eprintln!("--- L1 output ---\n{}", r.output);
-    for v in ["qemu-lsi", "qemu-mp", "ours-mp"] {
-        assert!(
-            r.output
-                .lines()
-                .any(|l| l.starts_with(&format!("RESULT {v} ok"))),
-            "{v} failed:\n{}",
-            r.output
-        );
-    }
-    assert_eq!(r.status, 0, "{}", r.output);
+    system_tests::guest_test("nested_lsi", |env| {
+        let bin = target_bin("lsi-compare").unwrap();
+        let opts = NestedOptions {
+            timeout: Duration::from_secs(900),
+            name: "nested_lsi".into(),
+            ..Default::default()
+        };
+        let r = env
+            .run_nested(&[bin.display().to_string(), "check".into()], &opts)
+            .unwrap();
+        eprintln!("--- L1 output ---\n{}", r.output);
+        for v in ["qemu-lsi", "qemu-mp", "ours-mp"] {
+            assert!(
+                r.output
+                    .lines()
+                    .any(|l| l.starts_with(&format!("RESULT {v} ok"))),
+                "{v} failed:\n{}",
+                r.output
+            );
+        }
+        assert_eq!(r.status, 0, "{}", r.output);
+    });
 }

@@ -21,6 +21,8 @@ HOST, CONFIG, SOCK, CONSOLE, RESULTS = sys.argv[1:6]
 T0 = time.monotonic()
 results = {"steps": [], "events": [], "replies": {}, "errors": {}}
 _host_procs = []
+# The monitor socket of each host started, for a debug report on failure.
+_host_socks = {}
 
 
 def now():
@@ -100,9 +102,10 @@ def spawn_host(config=CONFIG, sock=SOCK, extra=()):
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=open(config + ".host-stderr", "w"),
-        env=dict(os.environ, HOST_STATS="1", HOST_LOG=os.environ.get("HOST_LOG", "warn,host::monitor::restart=info,host::remote=info")),
+        env=dict(os.environ, HOST_STATS="1", HOST_MIGRATE_VERIFY=os.environ.get("HOST_MIGRATE_VERIFY", "1"), HOST_LOG=os.environ.get("HOST_LOG", "warn,host::monitor::restart=info,host::remote=info,host::snapshot=info")),
     )
     _host_procs.append(host)
+    _host_socks[host.pid] = sock
     return host
 
 
@@ -159,6 +162,27 @@ async def finish(host, qmp, events, timeout=120):
     results["seconds"] = now()
 
 
+async def debug_reports():
+    """QMP `x-debug-report` of every host still running (bounded)."""
+    out = []
+    for h in _host_procs:
+        if h.poll() is not None:
+            continue
+        qmp = QMPClient("debug-report")
+        try:
+            await asyncio.wait_for(qmp.connect(_host_socks[h.pid]), 10)
+            r = await asyncio.wait_for(qmp.execute("x-debug-report"), 30)
+            out.append(r["report"])
+        except Exception as x:
+            out.append(f"host {h.pid}: no debug report: {type(x).__name__}: {x}")
+        finally:
+            try:
+                await qmp.disconnect()
+            except Exception:
+                pass
+    results["debug-reports"] = out
+
+
 def run(main, name):
     """Runs the driver's `main` coroutine; on any failure records it, kills
     the VM (never leave it waiting for a step) and exits 1."""
@@ -166,6 +190,13 @@ def run(main, name):
         asyncio.run(main())
     except Exception as x:
         results["failure"] = f"{type(x).__name__}: {x}"
+        save()
+        # Before the kill: what each VM still running was doing (a guest
+        # that went quiet: its vCPUs' registers and last exits).
+        try:
+            asyncio.run(debug_reports())
+        except Exception as y:
+            results["debug-reports"] = [f"none: {type(y).__name__}: {y}"]
         save()
         for h in _host_procs:
             h.kill()

@@ -124,12 +124,39 @@ impl CrashRecord {
     /// The report, for `reason` (a line saying how the VM ended), with
     /// the console's last lines.
     pub fn report(&self, reason: &str, console: &[String]) -> String {
+        self.render("crash report", reason, console, |id| {
+            lock(&self.vcpus[id].state).clone()
+        })
+    }
+
+    /// The same report for a VM that runs on (QMP `x-debug-report`: a
+    /// guest that went quiet), with `registers` read now by the caller
+    /// (`None` for a vCPU it could not stop). The crash captures are left
+    /// alone for a crash that may still come.
+    pub fn report_now(
+        &self,
+        reason: &str,
+        console: &[String],
+        registers: &[Option<String>],
+    ) -> String {
+        self.render("debug report", reason, console, |id| {
+            registers.get(id).cloned().flatten()
+        })
+    }
+
+    fn render(
+        &self,
+        title: &str,
+        reason: &str,
+        console: &[String],
+        registers: impl Fn(usize) -> Option<String>,
+    ) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "host: crash report: {reason}");
+        let _ = writeln!(out, "host: {title}: {reason}");
         for (id, v) in self.vcpus.iter().enumerate() {
             let _ = writeln!(out, "--- vCPU {id} registers");
-            match &*lock(&v.state) {
-                Some(s) => out.push_str(s),
+            match registers(id) {
+                Some(s) => out.push_str(&s),
                 None => out.push_str("(not captured: the vCPU did not leave KVM_RUN in time)\n"),
             }
             let _ = writeln!(out, "--- vCPU {id} last exits (oldest first)");
@@ -156,13 +183,14 @@ impl CrashRecord {
         for l in console {
             let _ = writeln!(out, "  | {l}");
         }
-        let _ = writeln!(out, "--- end of crash report");
+        let _ = writeln!(out, "--- end of {title}");
         out
     }
 }
 
-/// General, special and event registers of a vCPU, as text.
-fn vcpu_state(vcpu: &VcpuFd) -> String {
+/// General, special and event registers of a vCPU, as text (read from
+/// any thread while the vCPU is out of KVM_RUN).
+pub fn vcpu_state(vcpu: &VcpuFd) -> String {
     let mut out = String::new();
     match vcpu.get_regs() {
         Ok(r) => {

@@ -119,6 +119,8 @@ pub struct Machine {
     pub control: Mutex<()>,
     /// KVM's list of MSRs to save, for snapshots.
     pub msr_indices: Vec<u32>,
+    /// Each vCPU's last exits and registers (the crash report's).
+    pub crash: Arc<crate::crash::CrashRecord>,
 }
 
 impl Machine {
@@ -182,6 +184,35 @@ impl Machine {
             self.gate.open();
         }
         was
+    }
+
+    /// The crash report of a VM that has not crashed (QMP
+    /// `x-debug-report`): each vCPU's registers (read with the vCPUs
+    /// held a moment, then let go again unless the operator held them)
+    /// and last exits, and the console's last lines. For a guest that
+    /// went quiet: whether its vCPUs still exit, and where they are.
+    pub fn debug_report(&self) -> String {
+        let held = self.hold();
+        let registers: Vec<Option<String>> = self
+            .vcpus
+            .iter()
+            .map(|v| {
+                // A vCPU that did not park (in KVM_RUN on a hung remote's
+                // answer) holds its lock: it is reported as not captured.
+                v.fd.try_lock()
+                    .ok()
+                    .map(|fd| format!("(read on request)\n{}", crate::crash::vcpu_state(&fd)))
+            })
+            .collect();
+        let reason = match &held {
+            Ok(_) => "requested (QMP x-debug-report)".to_owned(),
+            Err(e) => format!("requested (QMP x-debug-report); {e:#}"),
+        };
+        if let Ok(true) = held {
+            self.resume();
+        }
+        self.crash
+            .report_now(&reason, &self.exit.console_tail(), &registers)
     }
 
     /// Whether the operator holds the vCPUs.

@@ -373,6 +373,7 @@ pub fn run(
         held: std::sync::atomic::AtomicBool::new(false),
         control: Mutex::new(()),
         msr_indices,
+        crash: crash.clone(),
     };
     let machine = Arc::new(machine);
 

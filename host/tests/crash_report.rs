@@ -139,3 +139,123 @@ fn a_triple_fault_prints_registers_last_exits_and_console() {
     let console = section("--- console");
     assert!(console.contains("  | oops"), "{console}");
 }
+
+/// One QMP exchange on `stream`: sends `cmd`, returns the reply's line
+/// (events before it are skipped).
+fn qmp(
+    stream: &mut std::os::unix::net::UnixStream,
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    cmd: &str,
+) -> serde_json::Value {
+    use std::io::Write;
+    stream.write_all(cmd.as_bytes()).unwrap();
+    stream.write_all(b"\n").unwrap();
+    loop {
+        let line = lines.next().unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v.get("return").is_some() || v.get("error").is_some() {
+            return v;
+        }
+    }
+}
+
+#[test]
+fn a_guest_that_went_quiet_is_reported_on_request_and_runs_on() {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+    let Some(profile) = prerequisites::or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // "oops", the port write, then a loop on itself: a guest that runs
+    // without a word or an exit.
+    let (mut code, ud2) = code();
+    code.truncate((ud2 - ENTRY) as usize - 9); // before the MMIO read (9 bytes)
+    let spin = ENTRY + code.len() as u64;
+    code.extend_from_slice(&[0xeb, 0xfe]); // jmp $
+    std::fs::write(dir.path().join("quiet.elf"), elf(&code)).unwrap();
+    std::fs::write(
+        dir.path().join("vm.toml"),
+        "[vm]\nmemory = \"64M\"\nvcpus = 2\nkernel = \"quiet.elf\"\nconsole-log = \"console.log\"\n",
+    )
+    .unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut host = Command::new(profile.join("host"))
+        .current_dir(dir.path())
+        .args(["run", "vm.toml", "--qmp"])
+        .arg(&sock)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no QMP socket: {e}");
+                assert!(host.try_wait().unwrap().is_none(), "host ended early");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut lines = std::io::BufReader::new(stream.try_clone().unwrap()).lines();
+    lines.next().unwrap().unwrap(); // the greeting
+    qmp(
+        &mut stream,
+        &mut lines,
+        r#"{"execute": "qmp_capabilities"}"#,
+    );
+    // Wait until the guest has printed, then ask.
+    let console = dir.path().join("console.log");
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("oops")
+    {
+        assert!(Instant::now() < deadline, "the guest never printed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let reply = qmp(&mut stream, &mut lines, r#"{"execute": "x-debug-report"}"#);
+    let report = reply["return"]["report"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"));
+    assert!(
+        report.starts_with("host: debug report: requested (QMP x-debug-report)\n"),
+        "{report}"
+    );
+    // vCPU 0 is in its loop, read on request; its last exit is the port
+    // write.
+    let regs0 = report
+        .split("--- vCPU 0 registers")
+        .nth(1)
+        .and_then(|r| r.split("\n---").next())
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(regs0.contains("(read on request)"), "{regs0}");
+    assert!(regs0.contains(&format!("rip={spin:#018x}")), "{regs0}");
+    assert!(
+        report.contains("pio-out    addr=0x00000080 len=1 data=0x42"),
+        "{report}"
+    );
+    assert!(report.contains("  | oops"), "{report}");
+    // The guest runs on: not held, and a second report is fresh.
+    let status = qmp(&mut stream, &mut lines, r#"{"execute": "query-status"}"#);
+    assert_eq!(status["return"]["status"], "running", "{status}");
+    let again = qmp(&mut stream, &mut lines, r#"{"execute": "x-debug-report"}"#);
+    assert!(
+        again["return"]["report"]
+            .as_str()
+            .is_some_and(|r| r.contains(&format!("rip={spin:#018x}"))),
+        "{again}"
+    );
+    qmp(&mut stream, &mut lines, r#"{"execute": "quit"}"#);
+    let out = host.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

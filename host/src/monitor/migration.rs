@@ -80,7 +80,7 @@ impl Monitor {
         lock(&self.migration.progress).status == "completed"
     }
 
-    fn machine(&self) -> Result<Arc<Machine>, QmpError> {
+    pub(super) fn machine(&self) -> Result<Arc<Machine>, QmpError> {
         self.machine
             .get()
             .cloned()

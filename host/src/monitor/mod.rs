@@ -128,6 +128,7 @@ const COMMANDS: &[&str] = &[
     "cont",
     "migrate",
     "migrate_cancel",
+    "x-debug-report",
     "query-migrate",
     "migrate-set-parameters",
     "query-migrate-parameters",
@@ -385,6 +386,10 @@ impl Commands for Monitor {
             "query-migrate" => self.query_migrate(args),
             "migrate-set-parameters" => self.migrate_set_parameters(args),
             "query-migrate-parameters" => self.query_migrate_parameters(args),
+            "x-debug-report" => {
+                args.allow_only(&[])?;
+                Ok(serde_json::json!({ "report": self.machine()?.debug_report() }))
+            }
             _ => Err(QmpError::command_not_found(name)),
         }
     }

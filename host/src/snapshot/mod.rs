@@ -25,6 +25,7 @@ pub mod ram;
 pub mod stream;
 pub mod uri;
 pub mod vcpu;
+pub mod verify;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -195,9 +196,13 @@ pub fn save(p: &Parts, w: &mut impl Write) -> Result<Saved> {
     check_savable(p)?;
     stream::write_header(w)?;
     let mut saved = write_devices_and_machine(p, w)?;
-    saved.ram = ram::send_runs(p.ram, w, &ram::all(p.ram))?;
+    let mut ledger = verify::enabled().then(|| verify::Ledger::new(p.ram));
+    saved.ram = ram::send_runs(p.ram, w, &ram::all(p.ram), ledger.as_mut())?;
     stream::write_end(w)?;
     w.flush()?;
+    if let Some(ledger) = &ledger {
+        report_verdict(p.ram, ledger);
+    }
     Ok(saved)
 }
 
@@ -262,6 +267,12 @@ pub fn restore(p: &Parts, r: &mut impl Read) -> Result<()> {
         }
     }
     let image = image.context("the snapshot has no machine section")?;
+    if verify::enabled() {
+        match verify::digest(p.ram) {
+            Ok(d) => tracing::info!("migration verify: restored RAM digest {d:016x}"),
+            Err(e) => tracing::warn!("migration verify: {e:#}"),
+        }
+    }
     apply(p, image, states.states)
 }
 
@@ -430,9 +441,10 @@ fn save_live_logged(
     // guest dirties meanwhile waits for the stop.
     let mut runs = ram::all(p.ram);
     let mut last = false;
+    let mut ledger = verify::enabled().then(|| verify::Ledger::new(p.ram));
     loop {
         let (t, before) = (std::time::Instant::now(), w.bytes);
-        round.sent += ram::send_runs(p.ram, &mut w, &runs)?;
+        round.sent += ram::send_runs(p.ram, &mut w, &runs, ledger.as_mut())?;
         w.flush()?;
         round.rounds += 1;
         round.stream_bytes = w.bytes;
@@ -456,14 +468,50 @@ fn save_live_logged(
     // What the vCPUs and devices wrote since the last round (up to their
     // saved states).
     let t = std::time::Instant::now();
-    round.sent += ram::send_runs(p.ram, &mut w, &dirty::take(p)?)?;
+    round.sent += ram::send_runs(p.ram, &mut w, &dirty::take(p)?, ledger.as_mut())?;
     stream::write_end(&mut w)?;
     w.flush()?;
     round.stop_and_copy.ram_ms = ms(t.elapsed());
+    if let Some(ledger) = &ledger {
+        report_verdict(p.ram, ledger);
+    }
     round.stream_bytes = w.bytes;
     progress(&round);
     saved.ram = round.sent;
     Ok(saved)
+}
+
+/// Logs what [`verify::Ledger::check`] found, and the RAM digest the
+/// destination's must equal.
+fn report_verdict(ram: &GuestRam, ledger: &verify::Ledger) {
+    let verdict = match ledger.check(ram) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!("migration verify: {e:#}");
+            return;
+        }
+    };
+    let digest = verify::digest(ram).map_or_else(|e| format!("({e:#})"), |d| format!("{d:016x}"));
+    if verdict.differ.is_empty() && verdict.unsent == 0 {
+        tracing::info!(
+            "migration verify: all {} pages sent as they are now; RAM digest {digest}",
+            verdict.pages
+        );
+    } else {
+        let first: Vec<String> = verdict
+            .differ
+            .iter()
+            .take(16)
+            .map(|g| format!("{g:#x}"))
+            .collect();
+        tracing::error!(
+            "migration verify: {} of {} pages differ from their last version sent (a write the dirty logs missed), {} never sent; first: {}; RAM digest {digest}",
+            verdict.differ.len(),
+            verdict.pages,
+            verdict.unsent,
+            first.join(" ")
+        );
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use anyhow::{bail, Context, Result};
 
 use super::stream::{self, MAX_RAM_RECORD};
+use super::verify::Ledger;
 use crate::memory::GuestRam;
 
 /// The unit of the zero test.
@@ -37,13 +38,15 @@ fn buffer() -> Vec<u8> {
 }
 
 /// Sends the guest pages `[gpa, gpa + len)` (page-aligned, inside one
-/// RAM region), reading them through `buf` (from [`buffer`]).
+/// RAM region), reading them through `buf` (from [`buffer`]), noting
+/// each page sent in `ledger` when there is one.
 pub fn send_range(
     ram: &GuestRam,
     w: &mut impl Write,
     gpa: u64,
     len: u64,
     buf: &mut [u8],
+    mut ledger: Option<&mut Ledger>,
 ) -> Result<Sent> {
     let Some(off) = fd_offset(ram, gpa, len) else {
         bail!("{gpa:#x}+{len:#x} is not guest RAM");
@@ -58,6 +61,9 @@ pub fn send_range(
         ram.memfd
             .read_at(chunk, off + done)
             .context("reading guest RAM")?;
+        if let Some(l) = ledger.as_deref_mut() {
+            l.record(gpa + done, chunk);
+        }
         // Runs of data pages become one record each.
         let mut p = 0usize;
         while p < chunk.len() {
@@ -110,11 +116,16 @@ pub fn all(ram: &GuestRam) -> Vec<(u64, u64)> {
 
 /// Sends the guest pages of `runs` (each inside one RAM region), through
 /// one buffer.
-pub fn send_runs(ram: &GuestRam, w: &mut impl Write, runs: &[(u64, u64)]) -> Result<Sent> {
+pub fn send_runs(
+    ram: &GuestRam,
+    w: &mut impl Write,
+    runs: &[(u64, u64)],
+    mut ledger: Option<&mut Ledger>,
+) -> Result<Sent> {
     let mut sent = Sent::default();
     let mut buf = buffer();
     for &(gpa, len) in runs {
-        sent += send_range(ram, w, gpa, len, &mut buf)?;
+        sent += send_range(ram, w, gpa, len, &mut buf, ledger.as_deref_mut())?;
     }
     Ok(sent)
 }
