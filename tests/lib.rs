@@ -454,6 +454,12 @@ pub fn run_qmp_driver_with(
     let console = read("console.log").replace("\r\n", "\n");
     let results = read("results.json");
     let host_stderr = read("vm.toml.host-stderr");
+    let parsed: serde_json::Value = serde_json::from_str(&results).unwrap_or_default();
+    // The driver's failure when it failed, else how its results end.
+    let outcome = match parsed.get("failure") {
+        Some(f) => format!("failure: {f}"),
+        None => tail_lines(&results, 3),
+    };
     // The verdict first: a log shortened in the middle keeps it. The
     // VMM's last lines say whether the guest ended (its exit line, a
     // crash report) or went quiet while the VMM ran on.
@@ -464,11 +470,10 @@ pub fn run_qmp_driver_with(
             .filter(|l| l.contains("DRIVER-EXIT") || l.contains("testenv: nested"))
             .collect::<Vec<_>>()
             .join(" | "),
-        tail_lines(&results, 3),
+        outcome,
         tail_lines(&host_stderr, 8),
         tail_lines(&console, 12),
     );
-    let parsed: serde_json::Value = serde_json::from_str(&results).unwrap_or_default();
     // A failed driver asked every VM still running what it was doing
     // (tests/qmp_common.py, QMP `x-debug-report`): for a guest that went
     // quiet, its vCPUs' registers and last exits.
