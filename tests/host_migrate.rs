@@ -7,8 +7,10 @@
 //! then live migrations A -> B over tcp:, B -> C over unix: and C -> E
 //! over tcp: (each source quit after), then a snapshot of E to a file, E
 //! and its remote killed, and D started from the file, where the guest
-//! finishes. Each
-//! VM runs its own remote process. Checked as a user would: every block
+//! finishes. A function hot-added to B (not in the config) makes every
+//! later destination start with `--incoming defer` and add it before
+//! `migrate-incoming`, and one that does not add it (N) refuses the
+//! stream while B runs on. Each VM runs its own remote process. Checked as a user would: every block
 //! read back matched, the guest made progress on every VM, the host
 //! image holds exactly the guest's last blocks, no SCSI error, every
 //! source and its remote gone, and the migrations' own numbers.
@@ -79,7 +81,7 @@ fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapsho
     system_tests::guest_test("host_migrate", |env| {
         let dir = prepare_lsi_vm(env, "host-migrate", &guest_job());
         make_lsi_image(&dir.join("disk0.img"));
-        for vm in VMS.iter().chain(&["x"]) {
+        for vm in VMS.iter().chain(&["x", "n"]) {
             fs::write(
                 dir.join(format!("vm-{vm}.toml")),
                 remote_lsi_config(&env.kernel, 256, vm),
@@ -89,7 +91,7 @@ fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapsho
         fs::copy(dir.join("vm-a.toml"), dir.join("vm.toml")).unwrap();
         let logs: Vec<String> = VMS
             .iter()
-            .chain(&["x"])
+            .chain(&["x", "n"])
             .flat_map(|vm| {
                 [
                     format!("vm-{vm}.toml.host-stderr"),
@@ -140,9 +142,12 @@ fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapsho
         );
         // Every hop's destination holds, before its vCPUs ran, the RAM its
         // source had at the stop.
+        // A source's last verdict is its completed hop's (B's refused one
+        // to N came before).
         let digest = |vm: &str, what: &str| {
             stderr(vm)
                 .lines()
+                .rev()
                 .find_map(|l| l.split(what).nth(1))
                 .map(|d| d.trim().to_owned())
                 .unwrap_or_else(|| panic!("VM {vm}: no `{what}` line:\n{diag}"))
@@ -210,6 +215,42 @@ fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapsho
                 "{diag}"
             );
         }
+        // The hot-added function: a destination without it refuses the
+        // stream clearly and the source runs on; the ones given it first
+        // (`--incoming defer`) take the VM, D with the function in place.
+        assert_eq!(rep["add-dma1"], serde_json::json!({}), "{diag}");
+        assert_eq!(rep["status-waiting-n"], "inmigrate", "{diag}");
+        assert!(
+            rep["n-cont"]
+                .as_str()
+                .unwrap_or("")
+                .contains("waits for its incoming migration"),
+            "{diag}"
+        );
+        assert!(
+            rep["n-again"]
+                .as_str()
+                .unwrap_or("")
+                .contains("already been started"),
+            "{diag}"
+        );
+        assert_eq!(rep["refused"]["status"], "failed", "{diag}");
+        assert_eq!(rep["status-after-refused"], "running", "{diag}");
+        assert_eq!(rep["n-exit"], 1, "{diag}");
+        let n_stderr = stderr("n");
+        assert!(
+            n_stderr.contains("migrate-incoming tcp:127.0.0.1:4444")
+                && n_stderr.contains("the snapshot's PCI functions (slot, id) are [(4, \"lsi0\"), (9, \"dma1\")], this VM's [(4, \"lsi0\")]"),
+            "{n_stderr}\n{diag}"
+        );
+        for vm in ["c", "e", "d"] {
+            assert_eq!(rep[format!("status-waiting-{vm}")], "inmigrate", "{diag}");
+        }
+        assert_eq!(
+            rep["pci-d"],
+            serde_json::json!(["host-bridge", "lsi0", "dma1"]),
+            "{diag}"
+        );
         assert_eq!(rep["snapshot"]["status"], "completed", "{diag}");
         assert_eq!(rep["status-after-snapshot"], "postmigrate", "{diag}");
         assert_eq!(rep["e-remotes-gone"], true, "{diag}");

@@ -6,10 +6,17 @@ checksummed blocks through the remote LSI without pause; meanwhile:
 2. a live migration over tcp: to a destination (X) is cancelled during
    pre-copy (bandwidth capped so that it lasts): the source runs on and
    X, whose stream was cut, ends with an error;
-3. live migration A -> B over tcp: (loopback), B -> C over unix:,
-   C -> E over tcp: again, each source stopped after it and then quit;
+3. live migration A -> B over tcp: (loopback); then a PCI function is
+   hot-added to B (dma-example in its remote, `dma1` at slot 9), which
+   the config the next VMs start from does not have: a destination (N)
+   started with `--incoming defer` and given the stream without it
+   refuses it (it exits with an error; B runs on), and the next ones
+   (`--incoming defer`, then `device_add` of the same function, then
+   `migrate-incoming`) take it: B -> C over unix:, C -> E over tcp:
+   again, each source stopped after it and then quit;
 4. E is snapshotted to a file (`migrate file:`) and killed with its
-   remote; D starts from the file (`--incoming file:`);
+   remote; D starts from the file (`--incoming defer`, the function
+   added, `migrate-incoming file:`);
 5. the guest is told to finish on D, and powers off.
 
 Each VM has its own config (vm-X.toml beside CONFIG: the same machine,
@@ -86,14 +93,45 @@ async def rounds_on(name, more=5, timeout=240.0):
     raise TimeoutError(f"no progress of the guest on VM {name}")
 
 
+def rounds_seen(name):
+    try:
+        with open(os.path.join(DIR, f"console-{name}.log"), errors="replace") as f:
+            return f.read().count("\nround ")
+    except FileNotFoundError:
+        return 0
+
+
 async def remote_pids(qmp):
     return [x["pid"] for x in await qmp.execute("query-remote") if x.get("pid")]
 
 
-async def live_hop(src, src_qmp, name, uri):
+# The function hot-added to B, as every later VM gets it again.
+DMA1 = {"driver": "dma-example", "id": "dma1", "remote": "storage", "addr": "0x9"}
+
+
+async def deferred(name, uri, add=True):
+    """Starts VM `name` with `--incoming defer`, adds the hot-added
+    function (`add`) and has it listen on (or read) `uri`; returns the
+    host and its monitor."""
+    dst = spawn_host(cfg(name), sock(name), ["--incoming", "defer"])
+    q = await connect_qmp(f"vm-{name}", sock(name), dst)
+    r[f"status-waiting-{name}"] = (await q.execute("query-status"))["status"]
+    if add:
+        await q.execute("device_add", DMA1)
+    await q.execute("migrate-incoming", {"uri": uri})
+    return dst, q
+
+
+async def live_hop(src, src_qmp, name, uri, defer=False):
     """Migrates the running VM from `src` to a new VM `name` listening on
-    `uri`; returns (the new host, its monitor). The source is quit after."""
-    dst = spawn_host(cfg(name), sock(name), ["--incoming", uri])
+    `uri` (started with `--incoming defer` and given the hot-added
+    function first when `defer`); returns (the new host, its monitor).
+    The source is quit after."""
+    if defer:
+        dst, q = await deferred(name, uri)
+        await q.disconnect()
+    else:
+        dst = spawn_host(cfg(name), sock(name), ["--incoming", uri])
     # The destination listens before its monitor is up; the source retries
     # its connection until then (bounded).
     for _ in range(300):
@@ -105,7 +143,12 @@ async def live_hop(src, src_qmp, name, uri):
     r[f"hop-{name}"] = st
     r[f"status-source-before-{name}"] = (await src_qmp.execute("query-status"))["status"]
     dst_qmp = await connect_qmp(f"vm-{name}", sock(name), dst)
-    r[f"status-{name}"] = (await dst_qmp.execute("query-status"))["status"]
+    # A deferred destination's monitor answers before the hand-over ends.
+    for _ in range(600):
+        r[f"status-{name}"] = (await dst_qmp.execute("query-status"))["status"]
+        if r[f"status-{name}"] != "inmigrate":
+            break
+        await asyncio.sleep(0.05)
     pids = await remote_pids(src_qmp)
     await src_qmp.execute("quit")
     r[f"source-exit-before-{name}"] = src.wait(timeout=60)
@@ -158,10 +201,27 @@ async def main():
     save()
     await rounds_on("a", more=20)
 
-    # 3. Live: A -> B over TCP, B -> C over a UNIX socket.
+    # 3. Live: A -> B over TCP; a function hot-added to B; a destination
+    # without it refuses the stream; B -> C over a UNIX socket and C -> E
+    # over TCP to destinations given it first.
     b, qb = await live_hop(a, qa, "b", "tcp:127.0.0.1:4442")
-    c, qc = await live_hop(b, qb, "c", "unix:" + os.path.join(os.path.dirname(SOCK), "mig.sock"))
-    c, qc = await live_hop(c, qc, "e", "tcp:127.0.0.1:4443")
+    r["add-dma1"] = await qb.execute("device_add", DMA1)
+    n, qn = await deferred("n", "tcp:127.0.0.1:4444", add=False)
+    r["n-cont"] = await error_of(qn, "cont", {})
+    r["n-again"] = await error_of(qn, "migrate-incoming", {"uri": "tcp:127.0.0.1:4445"})
+    await qb.execute("migrate", {"uri": "tcp:127.0.0.1:4444"})
+    r["refused"] = await migration_status(qb, ("completed", "failed", "cancelled"))
+    r["status-after-refused"] = (await qb.execute("query-status"))["status"]
+    try:
+        r["n-exit"] = n.wait(timeout=60)
+    except Exception as e:
+        r["n-exit"] = str(e)
+        n.kill()
+    save()
+    await rounds_on("b", more=rounds_seen("b") + 5)
+    c, qc = await live_hop(
+        b, qb, "c", "unix:" + os.path.join(os.path.dirname(SOCK), "mig.sock"), defer=True)
+    c, qc = await live_hop(c, qc, "e", "tcp:127.0.0.1:4443", defer=True)
 
     # 4. Snapshot E to a file, kill it and its remote, restore as D.
     await qc.execute("migrate", {"uri": "file:" + SNAP})
@@ -177,10 +237,14 @@ async def main():
     except Exception:
         pass
     save()
-    d = spawn_host(cfg("d"), sock("d"), ["--incoming", "file:" + SNAP])
-    qd = await connect_qmp("vm-d", sock("d"), d)
-    r["status-d"] = (await qd.execute("query-status"))["status"]
+    d, qd = await deferred("d", "file:" + SNAP)
     evd = Events(qd)
+    for _ in range(600):
+        r["status-d"] = (await qd.execute("query-status"))["status"]
+        if r["status-d"] != "inmigrate":
+            break
+        await asyncio.sleep(0.05)
+    r["pci-d"] = [f["qdev_id"] for f in (await qd.execute("query-pci"))[0]["devices"]]
     await rounds_on("d")
 
     # 5. The guest finishes on D.

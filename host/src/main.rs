@@ -37,9 +37,11 @@ enum Cmd {
         /// Start from a migration stream instead of booting: `file:PATH`
         /// (a snapshot QMP `migrate` wrote), or `tcp:HOST:PORT` /
         /// `unix:PATH` to listen on for a live migration; the source runs
-        /// the same config (docs/migration.md).
-        #[arg(long, value_name = "URI", value_parser = host::snapshot::uri::MigrationUri::parse)]
-        incoming: Option<host::snapshot::uri::MigrationUri>,
+        /// the same config (docs/migration.md). `defer`: wait, stopped,
+        /// for QMP `migrate-incoming URI` (devices the source hot-added
+        /// are added with `device_add` first).
+        #[arg(long, value_name = "URI", value_parser = host::snapshot::uri::Incoming::parse)]
+        incoming: Option<host::snapshot::uri::Incoming>,
     },
 }
 

@@ -1,7 +1,7 @@
 //! `host run`: builds the VM from the config and runs it to the end.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ use crate::pci::root::SlotLabel;
 use crate::pci::PciDevice;
 use crate::remote::{self, RemoteProcess};
 use crate::serial::{ConsoleOut, EventFdTrigger, ResetTrigger, SERIAL_GSI};
-use crate::snapshot::uri::{MigrationUri, GO, HANDSHAKE_TIMEOUT, TAKEN};
+use crate::snapshot::uri::Incoming;
 use crate::supervisor::{self, DeathCause, Remote};
 use crate::{boot, cpu, reset};
 
@@ -71,33 +71,6 @@ fn lock_processes(p: &remote::Processes) -> std::sync::MutexGuard<'_, Vec<Remote
     p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Reads the machine from a migration stream (the vCPUs not started).
-/// Waits for the source as QEMU's `-incoming` does; once the whole stream
-/// is applied, tells the source, and runs the guest only when the source
-/// answers that it let it go.
-fn incoming_restore(parts: &crate::snapshot::Parts, uri: &MigrationUri) -> Result<()> {
-    let mut stream = uri.accept()?;
-    crate::snapshot::restore(
-        parts,
-        &mut std::io::BufReader::with_capacity(1 << 20, &mut stream),
-    )?;
-    if !uri.is_live() {
-        return Ok(());
-    }
-    stream
-        .write_all(&[TAKEN])
-        .and_then(|()| stream.flush())
-        .context("telling the source the VM is taken")?;
-    // The guest runs here only once the source has let it go.
-    stream.set_read_deadline(HANDSHAKE_TIMEOUT)?;
-    let mut go = [0u8; 1];
-    match stream.read(&mut go) {
-        Ok(1) if go[0] == GO => Ok(()),
-        Ok(_) => bail!("the source did not hand the VM over (it closed the stream)"),
-        Err(e) => bail!("the source did not hand the VM over: {e}"),
-    }
-}
-
 /// Boot timing, printed with `HOST_STATS`.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -120,7 +93,7 @@ pub fn run(
     config_path: &Path,
     remote_fds: &[(String, i32)],
     qmp: Option<&Path>,
-    incoming: Option<&MigrationUri>,
+    incoming: Option<&Incoming>,
 ) -> Result<i32> {
     let t0 = Instant::now();
     // The config error already names file, line and column (and its cause).
@@ -323,7 +296,7 @@ pub fn run(
             thread: None,
         });
     }
-    if let Some(uri) = incoming {
+    if let Some(Incoming::Now(uri)) = incoming {
         let t = Instant::now();
         let parts = crate::snapshot::Parts {
             vm: &vm,
@@ -334,12 +307,19 @@ pub fn run(
             remotes: supervised.clone(),
             msr_indices: &msr_indices,
         };
-        incoming_restore(&parts, uri).with_context(|| format!("--incoming {uri}"))?;
+        crate::snapshot::restore_incoming(&parts, uri, uri.listen()?)
+            .with_context(|| format!("--incoming {uri}"))?;
         tracing::info!("restored from {uri} in {:?}", t.elapsed());
         events.emit("RESUME", serde_json::json!({}));
     }
     reset::install_kick_handler()?;
     let gate = Arc::new(cpu::Gate::default());
+    // `--incoming defer`: the vCPUs park at once and stay held until QMP
+    // `migrate-incoming` has restored the machine.
+    let deferred = matches!(incoming, Some(Incoming::Defer));
+    if deferred {
+        gate.request_pause();
+    }
     let crash = Arc::new(CrashRecord::new(usize::from(vcpus)));
     let setup = t0.elapsed();
     let t_run = Instant::now();
@@ -370,7 +350,7 @@ pub fn run(
         initrd: vm_cfg.initrd.clone(),
         cmdline,
         pci_irqs,
-        held: std::sync::atomic::AtomicBool::new(false),
+        held: std::sync::atomic::AtomicBool::new(deferred),
         control: Mutex::new(()),
         msr_indices,
         crash: crash.clone(),
@@ -402,6 +382,10 @@ pub fn run(
         plugin_dirs.clone(),
     ));
     monitor.set_machine(machine.clone());
+    if deferred {
+        monitor.await_incoming();
+        tracing::info!("--incoming defer: waiting for QMP migrate-incoming");
+    }
     monitor.arm_recovery();
     monitor.arm_hotplug();
     monitor.arm_device_recovery();

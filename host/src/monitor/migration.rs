@@ -8,6 +8,11 @@
 //! - `tcp:`/`unix:`: pre-copy while the guest runs, then stop-and-copy,
 //!   and the destination's acknowledgement before the source counts it
 //!   done (and stays stopped: "postmigrate").
+//!
+//! A destination started with `--incoming defer` waits, stopped
+//! ("inmigrate"), for `migrate-incoming URI`: its monitor serves
+//! meanwhile, so the devices the source hot-added can be added first
+//! (`device_add` with the same `id` and `addr`), as with QEMU.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -21,8 +26,9 @@ use qmp::{Arguments, QmpError};
 use serde_json::{json, Map, Value};
 
 use super::{lock, Monitor};
+use crate::exit::ExitReason;
 use crate::reset::Machine;
-use crate::snapshot::uri::{MigrationUri, Stream, GO, HANDSHAKE_TIMEOUT, TAKEN};
+use crate::snapshot::uri::{Listener, MigrationUri, Stream, GO, HANDSHAKE_TIMEOUT, TAKEN};
 use crate::snapshot::{Precopy, Round};
 
 /// What `query-migrate` shows.
@@ -60,12 +66,25 @@ impl Default for Parameters {
 /// Pre-copy rounds before the vCPUs are stopped anyway.
 const MAX_ROUNDS: u32 = 30;
 
+/// Where a destination started with `--incoming defer` is.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Incoming {
+    /// Not a deferred destination, or restored already.
+    #[default]
+    No,
+    /// Waiting for `migrate-incoming`.
+    Waiting,
+    /// Listening for, or reading, the stream.
+    Receiving,
+}
+
 /// The monitor's migration state.
 #[derive(Default)]
 pub(super) struct Migration {
     progress: Mutex<Progress>,
     cancel: AtomicBool,
     params: Mutex<Parameters>,
+    incoming: Mutex<Incoming>,
 }
 
 impl Migration {
@@ -75,6 +94,68 @@ impl Migration {
 }
 
 impl Monitor {
+    /// Makes this VM a destination that waits for `migrate-incoming`
+    /// (`--incoming defer`; its vCPUs are held).
+    pub fn await_incoming(&self) {
+        *lock(&self.migration.incoming) = Incoming::Waiting;
+    }
+
+    /// Whether this VM waits for, or reads, its incoming stream.
+    pub(super) fn inmigrate(&self) -> bool {
+        *lock(&self.migration.incoming) != Incoming::No
+    }
+
+    /// `migrate-incoming {"uri"}`: listens now (a source may connect as
+    /// soon as this replies) and restores the machine on a thread; the
+    /// guest runs once the source let it go. A failure ends this VM (its
+    /// RAM and devices may be half-written), as QEMU's destination exits.
+    pub(super) fn migrate_incoming(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        args.allow_only(&["uri"])?;
+        let uri = MigrationUri::parse(args.str("uri")?).map_err(QmpError::generic)?;
+        let machine = self.machine()?;
+        let mut state = lock(&self.migration.incoming);
+        match *state {
+            Incoming::No => return Err(QmpError::generic(
+                "'-incoming' was not specified on the command line (start with --incoming defer)",
+            )),
+            Incoming::Receiving => {
+                return Err(QmpError::generic(
+                    "The incoming migration has already been started",
+                ))
+            }
+            Incoming::Waiting => {}
+        }
+        let listener = uri
+            .listen()
+            .map_err(|e| QmpError::generic(format!("{e:#}")))?;
+        let Some(this) = self.this.get().and_then(std::sync::Weak::upgrade) else {
+            return Err(QmpError::generic("the monitor is not armed"));
+        };
+        std::thread::Builder::new()
+            .name("incoming".into())
+            .spawn(move || this.run_incoming(&machine, &uri, listener))
+            .map_err(|e| QmpError::generic(format!("starting the incoming migration: {e}")))?;
+        *state = Incoming::Receiving;
+        Ok(json!({}))
+    }
+
+    fn run_incoming(&self, machine: &Machine, uri: &MigrationUri, listener: Listener) {
+        let t = Instant::now();
+        let remotes = lock(&self.remotes).clone();
+        let restored = crate::snapshot::restore_incoming(&machine.parts(remotes), uri, listener);
+        *lock(&self.migration.incoming) = Incoming::No;
+        match restored {
+            Ok(()) => {
+                tracing::info!("restored from {uri} in {:?}", t.elapsed());
+                machine.resume();
+                self.events.emit("RESUME", json!({}));
+            }
+            Err(e) => self
+                .exit
+                .set(ExitReason::Error(format!("migrate-incoming {uri}: {e:#}"))),
+        }
+    }
+
     /// Whether the last migration completed (the VM stays stopped after).
     pub(super) fn migration_completed(&self) -> bool {
         lock(&self.migration.progress).status == "completed"
@@ -98,6 +179,11 @@ impl Monitor {
 
     pub(super) fn cont(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         args.allow_only(&[])?;
+        if self.inmigrate() {
+            return Err(QmpError::generic(
+                "the VM waits for its incoming migration (migrate-incoming)",
+            ));
+        }
         if self.migration.active() {
             return Err(QmpError::generic("a migration is in progress"));
         }
@@ -144,6 +230,11 @@ impl Monitor {
     pub(super) fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         args.allow_only(&["uri", "detach"])?;
         let uri = MigrationUri::parse(args.str("uri")?).map_err(QmpError::generic)?;
+        if self.inmigrate() {
+            return Err(QmpError::generic(
+                "the VM waits for its incoming migration: it has nothing to migrate yet",
+            ));
+        }
         let machine = self.machine()?;
         {
             let mut p = lock(&self.migration.progress);

@@ -129,6 +129,7 @@ const COMMANDS: &[&str] = &[
     "migrate",
     "migrate_cancel",
     "x-debug-report",
+    "migrate-incoming",
     "query-migrate",
     "migrate-set-parameters",
     "query-migrate-parameters",
@@ -204,6 +205,9 @@ impl Monitor {
     fn query_status(&self) -> Value {
         if self.exit.is_set() {
             return json!({"status": "shutdown", "running": false});
+        }
+        if self.inmigrate() {
+            return json!({"status": "inmigrate", "running": false});
         }
         if self.machine.get().is_some_and(|m| m.is_held()) {
             // QEMU's names: stopped after a completed migration, or by `stop`.
@@ -386,6 +390,7 @@ impl Commands for Monitor {
             "query-migrate" => self.query_migrate(args),
             "migrate-set-parameters" => self.migrate_set_parameters(args),
             "query-migrate-parameters" => self.query_migrate_parameters(args),
+            "migrate-incoming" => self.migrate_incoming(args),
             "x-debug-report" => {
                 args.allow_only(&[])?;
                 Ok(serde_json::json!({ "report": self.machine()?.debug_report() }))

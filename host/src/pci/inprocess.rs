@@ -288,6 +288,12 @@ impl PciDevice for InProcessFunction {
         }
     }
 
+    fn signal_msi(&mut self, vector: u16) {
+        if let Some(m) = self.msi() {
+            m.signal(vector);
+        }
+    }
+
     fn dirty_log(&self) -> Option<Arc<plugin_api::dirty::DirtyLog>> {
         Some(self.dirty.clone())
     }

@@ -85,6 +85,10 @@ pub trait PciDevice: Send {
     /// the guest left it unmasked, else pending until it unmasks it. For a
     /// snapshot's vectors that were pending when it was taken.
     fn signal_msix(&mut self, _vector: u16) {}
+    /// Signals MSI vector `vector` the same way (a snapshot's pending
+    /// vector): delivered now if unmasked, else pending until unmasked;
+    /// dropped while MSI is disabled or for a vector not granted.
+    fn signal_msi(&mut self, _vector: u16) {}
     /// Drops the function's KVM ioeventfds (it is being replaced, and its
     /// successor registers the same addresses).
     fn release_doorbells(&mut self) {}

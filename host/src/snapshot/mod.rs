@@ -45,6 +45,7 @@ use crate::supervisor::Remote;
 use legacy::LegacyState;
 use pci::FunctionImage;
 use stream::Record;
+use uri::{Listener, MigrationUri, GO, HANDSHAKE_TIMEOUT, TAKEN};
 use vcpu::VcpuState;
 
 /// The machine's parts a snapshot reads or writes. The vCPUs must be
@@ -274,6 +275,33 @@ pub fn restore(p: &Parts, r: &mut impl Read) -> Result<()> {
         }
     }
     apply(p, image, states.states)
+}
+
+/// Reads the machine from a migration stream (the vCPUs not started, or
+/// held). Waits for the source as QEMU's `-incoming` does; once the whole
+/// stream is applied, tells the source, and runs the guest only when the
+/// source answers that it let it go.
+pub fn restore_incoming(parts: &Parts, uri: &MigrationUri, listener: Listener) -> Result<()> {
+    let mut stream = listener.accept()?;
+    restore(
+        parts,
+        &mut std::io::BufReader::with_capacity(1 << 20, &mut stream),
+    )?;
+    if !uri.is_live() {
+        return Ok(());
+    }
+    stream
+        .write_all(&[TAKEN])
+        .and_then(|()| stream.flush())
+        .context("telling the source the VM is taken")?;
+    // The guest runs here only once the source has let it go.
+    stream.set_read_deadline(HANDSHAKE_TIMEOUT)?;
+    let mut go = [0u8; 1];
+    match stream.read(&mut go) {
+        Ok(1) if go[0] == GO => Ok(()),
+        Ok(_) => bail!("the source did not hand the VM over (it closed the stream)"),
+        Err(e) => bail!("the source did not hand the VM over: {e}"),
+    }
 }
 
 fn apply(p: &Parts, image: MachineImage, mut states: BTreeMap<String, Vec<u8>>) -> Result<()> {

@@ -1,6 +1,7 @@
 //! A PCI function's place in the machine as the guest set it up: its
-//! configuration space (BARs, command, interrupt line, capabilities) and
-//! the MSI-X table the VMM emulates. The device's own state travels
+//! configuration space (BARs, command, interrupt line, capabilities), the
+//! MSI-X table the VMM emulates, and the MSI and MSI-X vectors pending
+//! (the VMM answers their pending bits). The device's own state travels
 //! beside it (`device/<id>` sections).
 
 use anyhow::{bail, Context, Result};
@@ -27,6 +28,10 @@ pub struct FunctionImage {
     msix_table: String,
     /// Vectors pending (masked when their message came).
     msix_pending: Vec<u16>,
+    /// MSI vectors pending (masked when their message came; a stream
+    /// from before MSI has none).
+    #[serde(default)]
+    msi_pending: Vec<u16>,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -60,6 +65,20 @@ impl FunctionImage {
                 .filter(|&v| pba[usize::from(v / 8)] & (1 << (v % 8)) != 0)
                 .collect();
         }
+        // MSI's Pending Bits are the VMM's (a read through the function
+        // answers them; the bytes above are the function's own).
+        let msi_pending = match pci::msi::find(&cfg) {
+            Some((cap, _)) => {
+                let granted = pci::msi::MsiState::decode(&cfg[cap..]).granted;
+                let mut bits = [0u8; 4];
+                dev.config_read(cap + pci::msi::PENDING, &mut bits);
+                let bits = u32::from_le_bytes(bits);
+                (0..u16::from(granted))
+                    .filter(|&v| bits & (1 << v) != 0)
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         FunctionImage {
             slot,
             id: label.id.clone(),
@@ -67,6 +86,7 @@ impl FunctionImage {
             config: hex(&cfg),
             msix_table: hex(&table),
             msix_pending: pending,
+            msi_pending,
         }
     }
 
@@ -126,6 +146,9 @@ impl FunctionImage {
             // guest when it unmasks it (an interrupt it was owed).
             for &v in &self.msix_pending {
                 dev.signal_msix(v);
+            }
+            for &v in &self.msi_pending {
+                dev.signal_msi(v);
             }
             Ok(())
         })
@@ -261,5 +284,114 @@ mod tests {
             .expect("slot 7");
         assert_eq!(&cfg[0x10..0x14], &0xfebf_0000u32.to_le_bytes());
         assert_eq!(u16::from_le_bytes([cfg[COMMAND], cfg[COMMAND + 1]]), 0x0006);
+    }
+
+    /// A function with an MSI capability (4 vectors) whose Pending Bits
+    /// read what the test sets (the VMM's router answers them in a real
+    /// function); it records each vector signalled and whether MSI was
+    /// enabled by then.
+    struct MsiFunction {
+        config: ConfigSpace,
+        cap: usize,
+        pending: u32,
+        signalled: MsiSignals,
+    }
+
+    /// Each MSI vector signalled: (vector, MSI enabled by then).
+    type MsiSignals = Arc<Mutex<Vec<(u16, bool)>>>;
+
+    impl MsiFunction {
+        fn new() -> (Box<Self>, MsiSignals) {
+            let mut config = ConfigSpace::new(Identity {
+                vendor_id: 0x1234,
+                device_id: 0x11e1,
+                ..Default::default()
+            });
+            let cap = pci::msi::add_capability(&mut config, 4).expect("MSI");
+            let signalled = Arc::new(Mutex::new(Vec::new()));
+            let f = MsiFunction {
+                config,
+                cap,
+                pending: 0,
+                signalled: signalled.clone(),
+            };
+            (Box::new(f), signalled)
+        }
+    }
+
+    impl PciDevice for MsiFunction {
+        fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+            self.config.read(offset, data);
+            if offset == self.cap + pci::msi::PENDING && data.len() == 4 {
+                data.copy_from_slice(&self.pending.to_le_bytes());
+            }
+        }
+        fn config_write(&mut self, offset: usize, data: &[u8]) {
+            self.config.write(offset, data);
+        }
+        fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+        fn config_space(&self) -> &ConfigSpace {
+            &self.config
+        }
+        fn signal_msi(&mut self, vector: u16) {
+            let enabled = pci::msi::MsiState::read(&self.config, self.cap).enabled;
+            self.signalled.lock().expect("lock").push((vector, enabled));
+        }
+    }
+
+    #[test]
+    fn an_msi_vector_pending_at_the_snapshot_is_pending_after_the_restore() {
+        let label = SlotLabel {
+            id: "dev1".into(),
+            remote: None,
+        };
+        let (mut source, _) = MsiFunction::new();
+        let cap = source.cap;
+        // 4 vectors granted, vector 1 masked and pending; bit 3 is set
+        // too but never counts past the vectors granted (2 here).
+        source.config_write(cap + pci::msi::ADDRESS_LO, &0xfee0_0000u32.to_le_bytes());
+        source.config_write(cap + pci::msi::DATA, &0x40u16.to_le_bytes());
+        source.config_write(cap + pci::msi::MASK, &0b10u32.to_le_bytes());
+        let ctrl = {
+            let mut b = [0u8; 2];
+            source.config.read(cap + pci::msi::CONTROL, &mut b);
+            pci::msi::encode_control(u16::from_le_bytes(b), true, 2)
+        };
+        source.config_write(cap + pci::msi::CONTROL, &ctrl.to_le_bytes());
+        source.config_write(COMMAND, &0x0406u16.to_le_bytes());
+        source.pending = 0b1010;
+        let image = FunctionImage::read(9, &label, source.as_mut());
+        let bytes = serde_json::to_vec(&image).expect("encode");
+        let image: FunctionImage = serde_json::from_slice(&bytes).expect("decode");
+        assert_eq!(image.msi_pending, vec![1]);
+
+        let root = PciRoot::new();
+        let (target, signalled) = MsiFunction::new();
+        root.insert(9, label, target).expect("insert");
+        image.write(&root).expect("restore");
+        // Signalled once, with MSI enabled as the guest left it.
+        assert_eq!(*signalled.lock().expect("lock"), vec![(1, true)]);
+        let mut cfg = [0u8; 256];
+        root.with_function(9, |d| d.config_space().read(0, &mut cfg))
+            .expect("slot 9");
+        let state = pci::msi::MsiState::decode(&cfg[cap..]);
+        assert_eq!((state.enabled, state.granted, state.mask), (true, 2, 0b10));
+    }
+
+    #[test]
+    fn a_stream_from_before_msi_restores_without_msi_pending() {
+        let (mut f, _) = MsiFunction::new();
+        let label = SlotLabel {
+            id: "dev1".into(),
+            remote: None,
+        };
+        let mut v =
+            serde_json::to_value(FunctionImage::read(3, &label, f.as_mut())).expect("encode");
+        v.as_object_mut().expect("object").remove("msi_pending");
+        let image: FunctionImage = serde_json::from_value(v).expect("an older image decodes");
+        assert!(image.msi_pending.is_empty());
     }
 }

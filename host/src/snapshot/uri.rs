@@ -136,29 +136,81 @@ impl MigrationUri {
     /// Listens and takes one source's connection (as QEMU's `-incoming`,
     /// it waits as long as it takes).
     pub fn accept(&self) -> Result<Box<dyn Stream>> {
+        self.listen()?.accept()
+    }
+
+    /// Listens (or opens the file) now; [`Listener::accept`] takes the
+    /// source later. QMP `migrate-incoming` replies once a source can
+    /// connect, as QEMU's does.
+    pub fn listen(&self) -> Result<Listener> {
         match self {
-            MigrationUri::File(p) => Ok(Box::new(ReadOnly(
+            MigrationUri::File(p) => Ok(Listener::File(
                 std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?,
-            ))),
+            )),
             MigrationUri::Tcp { host, port } => {
                 let l = TcpListener::bind(&Self::tcp_addrs(host, *port)?[..])
                     .with_context(|| format!("listening on {self}"))?;
                 tracing::info!("waiting for a migration on {self}");
-                let (s, from) = l.accept().context("accepting the migration")?;
-                tracing::info!("migration from {from}");
-                s.set_write_timeout(Some(IO_TIMEOUT))?;
-                Ok(Box::new(s))
+                Ok(Listener::Tcp(l))
             }
             MigrationUri::Unix(p) => {
                 let _ = std::fs::remove_file(p);
                 let l = UnixListener::bind(p).with_context(|| format!("listening on {self}"))?;
                 tracing::info!("waiting for a migration on {self}");
+                Ok(Listener::Unix(l, p.clone()))
+            }
+        }
+    }
+}
+
+/// Where a destination takes its stream from, ready before the source
+/// comes.
+pub enum Listener {
+    File(std::fs::File),
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Takes one source's connection (waits as long as it takes).
+    pub fn accept(self) -> Result<Box<dyn Stream>> {
+        match self {
+            Listener::File(f) => Ok(Box::new(ReadOnly(f))),
+            Listener::Tcp(l) => {
+                let (s, from) = l.accept().context("accepting the migration")?;
+                tracing::info!("migration from {from}");
+                s.set_write_timeout(Some(IO_TIMEOUT))?;
+                Ok(Box::new(s))
+            }
+            Listener::Unix(l, p) => {
                 let (s, _) = l.accept().context("accepting the migration")?;
                 let _ = std::fs::remove_file(p);
                 s.set_write_timeout(Some(IO_TIMEOUT))?;
                 Ok(Box::new(s))
             }
         }
+    }
+}
+
+/// What `host run --incoming` was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// Restore from this stream before the guest runs.
+    Now(MigrationUri),
+    /// `defer`: the VM waits, stopped ("inmigrate"), for QMP
+    /// `migrate-incoming URI`; its monitor serves meanwhile, so devices
+    /// the source hot-added can be added first (as with QEMU's
+    /// `-incoming defer`).
+    Defer,
+}
+
+impl Incoming {
+    /// `defer`, or a [`MigrationUri`].
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "defer" {
+            return Ok(Incoming::Defer);
+        }
+        MigrationUri::parse(s).map(Incoming::Now)
     }
 }
 
@@ -227,6 +279,31 @@ mod tests {
         assert!(MigrationUri::parse("tcp:4444").is_err());
         assert!(MigrationUri::parse("file:").is_err());
         assert!(MigrationUri::parse("nothing").is_err());
+    }
+
+    #[test]
+    fn incoming_takes_defer_or_a_uri() {
+        assert_eq!(Incoming::parse("defer"), Ok(Incoming::Defer));
+        assert_eq!(
+            Incoming::parse("unix:/run/m.sock"),
+            Ok(Incoming::Now(MigrationUri::Unix("/run/m.sock".into())))
+        );
+        assert!(Incoming::parse("deferred").is_err());
+    }
+
+    #[test]
+    fn a_listener_is_ready_before_the_source_comes() {
+        // What migrate-incoming relies on: once `listen` returned, a
+        // source connects at once, before anything accepts.
+        let dir = tempfile::tempdir().unwrap();
+        let uri = MigrationUri::Unix(dir.path().join("l.sock"));
+        let listener = uri.listen().unwrap();
+        let mut source = uri.connect().unwrap();
+        source.write_all(b"stream").unwrap();
+        drop(source);
+        let mut got = Vec::new();
+        listener.accept().unwrap().read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"stream");
     }
 
     #[test]

@@ -646,6 +646,12 @@ impl PciDevice for ProxyFunction {
         }
     }
 
+    fn signal_msi(&mut self, vector: u16) {
+        if let Some(m) = &self.msi {
+            m.signal(vector);
+        }
+    }
+
     fn release_doorbells(&mut self) {
         if let Some(d) = self.doorbells.as_mut() {
             d.release();
