@@ -93,6 +93,16 @@ async def rounds_on(name, more=5, timeout=240.0):
     raise TimeoutError(f"no progress of the guest on VM {name}")
 
 
+def exit_of(host, timeout=60):
+    """A destination's exit code once it ended by itself (killed, and the
+    reason, if it did not within `timeout` s)."""
+    try:
+        return host.wait(timeout=timeout)
+    except Exception as e:
+        host.kill()
+        return str(e)
+
+
 def rounds_seen(name):
     try:
         with open(os.path.join(DIR, f"console-{name}.log"), errors="replace") as f:
@@ -190,11 +200,7 @@ async def main():
     await qa.execute("migrate_cancel")
     r["cancelled"] = await migration_status(qa, ("cancelled", "failed", "completed"))
     r["status-after-cancel"] = (await qa.execute("query-status"))["status"]
-    try:
-        r["x-exit"] = x.wait(timeout=60)
-    except Exception as e:
-        r["x-exit"] = str(e)
-        x.kill()
+    r["x-exit"] = exit_of(x)
     await qa.execute("migrate-set-parameters", {"max-bandwidth": 0})
     await qa.execute("migrate-set-parameters", {"downtime-limit": 300})
     r["params"] = await qa.execute("query-migrate-parameters")
@@ -212,11 +218,7 @@ async def main():
     await qb.execute("migrate", {"uri": "tcp:127.0.0.1:4444"})
     r["refused"] = await migration_status(qb, ("completed", "failed", "cancelled"))
     r["status-after-refused"] = (await qb.execute("query-status"))["status"]
-    try:
-        r["n-exit"] = n.wait(timeout=60)
-    except Exception as e:
-        r["n-exit"] = str(e)
-        n.kill()
+    r["n-exit"] = exit_of(n)
     save()
     await rounds_on("b", more=rounds_seen("b") + 5)
     c, qc = await live_hop(

@@ -156,6 +156,31 @@ fn lost(r: &Result<JobResult>) -> bool {
 /// Words of the time-out error that tell it from an early end.
 const TIMED_OUT: &str = "timed out after";
 
+/// How long a CPU of the guest's kernel may report itself stuck (its
+/// soft-lockup watchdog) before the guest counts as wedged.
+pub const WEDGED_AFTER_S: u64 = 120;
+
+/// The console's soft-lockup report of a CPU stuck for at least
+/// [`WEDGED_AFTER_S`], if there is one.
+///
+/// A nested L1 (KVM on QEMU's TCG emulation of SVM) has been seen with a
+/// kernel worker spinning on one CPU for good ("BUG: soft lockup - CPU#1
+/// stuck for 26s!", then 53 s, 79 s, ...): its 9p file system stalls with
+/// it, so nothing inside ends the job, and only the time limit would,
+/// many minutes later. A guest kernel that reports a CPU stuck for two
+/// minutes is lost like one that reset: it is stopped at once and booted
+/// again where the caller allows (`lost_guest_retries`).
+pub fn wedged(console: &str) -> Option<&str> {
+    console.lines().find(|l| {
+        l.split("soft lockup - CPU#")
+            .nth(1)
+            .and_then(|rest| rest.split("stuck for ").nth(1))
+            .and_then(|s| s.split('s').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|secs| secs >= WEDGED_AFTER_S)
+    })
+}
+
 /// Boots `env.kernel` with `initramfs`, `-nographic -no-reboot`, console
 /// into the log file; waits for QEMU to exit (or kills it at the time
 /// limit) and parses the job markers. Errors carry the console tail.
@@ -191,6 +216,7 @@ pub fn run_initramfs(env: &Env, initramfs: &Path, opts: &RunOptions) -> Result<J
         .spawn()
         .with_context(|| format!("cannot start QEMU: {line}"))?;
     let mut end_seen: Option<Instant> = None;
+    let mut stuck: Option<String> = None;
     let read_log = || fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned());
     let status = loop {
         if let Some(st) = child.try_wait()? {
@@ -203,6 +229,10 @@ pub fn run_initramfs(env: &Env, initramfs: &Path, opts: &RunOptions) -> Result<J
             let text = read_log().unwrap_or_default();
             if text.contains(JOB_END_PREFIX) && parse_console(&text).is_some() {
                 end_seen = Some(Instant::now());
+            } else if let Some(l) = wedged(&text) {
+                stuck = Some(l.trim().to_owned());
+                child.kill().ok();
+                break child.wait().ok();
             }
         } else if end_seen.is_some_and(|t| t.elapsed() > Duration::from_secs(20)) {
             // Job finished but poweroff did not end QEMU: stop it.
@@ -224,6 +254,15 @@ pub fn run_initramfs(env: &Env, initramfs: &Path, opts: &RunOptions) -> Result<J
             tail(&console, TAIL_LINES)
         );
     };
+    if let Some(l) = stuck {
+        bail!(
+            "guest `{}` wedged (its kernel: \"{l}\") after {:.1} s and was stopped\ncommand: {line}\nlog: {}\n--- last {TAIL_LINES} console lines ---\n{}",
+            opts.name,
+            start.elapsed().as_secs_f64(),
+            log.display(),
+            tail(&console, TAIL_LINES)
+        );
+    }
     match parse_console(&console) {
         Some(r) => Ok(r),
         None => bail!(
@@ -240,6 +279,22 @@ pub fn run_initramfs(env: &Env, initramfs: &Path, opts: &RunOptions) -> Result<J
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kernel_with_a_cpu_stuck_for_two_minutes_is_wedged() {
+        let early =
+            "[   68.69] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [kworker/1:2:179]\n";
+        assert_eq!(wedged(early), None, "a slow moment is not a wedge");
+        let later = format!(
+            "{early}[  152.69] watchdog: BUG: soft lockup - CPU#1 stuck for 105s! [kworker/1:2:179]\n\
+             [  180.69] watchdog: BUG: soft lockup - CPU#1 stuck for 131s! [kworker/1:2:179]\n"
+        );
+        assert!(
+            wedged(&later).is_some_and(|l| l.contains("131s")),
+            "{later}"
+        );
+        assert_eq!(wedged("round 120 stuck for 500s\n"), None);
+    }
 
     #[test]
     fn a_lost_kernel_is_one_that_ended_without_the_end_marker() {
