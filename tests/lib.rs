@@ -277,8 +277,6 @@ pub fn check_disk_job(r: &JobResult, image: &Path, driver: &str) {
     assert_eq!(read, host_data(), "guest read different host data");
 }
 
-/// The python that can import `qemu.qmp`, as an absolute path (L1's PATH
-/// differs from ours). `.ci/run` installs the package with pip.
 /// Where [`guest_test`] records a first attempt that failed (printed by
 /// scripts/test at the end of every run).
 pub fn retried_log() -> std::path::PathBuf {
@@ -339,6 +337,8 @@ fn head_lines(text: &str, n: usize) -> String {
     text.lines().take(n).collect::<Vec<_>>().join("\n")
 }
 
+/// The python that can import `qemu.qmp`, as an absolute path (L1's PATH
+/// differs from ours). `.ci/run` installs the package with pip.
 pub fn python_with_qemu_qmp() -> String {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let out = std::process::Command::new(&python)

@@ -21,8 +21,6 @@ HOST, CONFIG, SOCK, CONSOLE, RESULTS = sys.argv[1:6]
 T0 = time.monotonic()
 results = {"steps": [], "events": [], "replies": {}, "errors": {}}
 _host_procs = []
-# The monitor socket of each host started, for a debug report on failure.
-_host_socks = {}
 
 
 def now():
@@ -104,8 +102,8 @@ def spawn_host(config=CONFIG, sock=SOCK, extra=()):
         stderr=open(config + ".host-stderr", "w"),
         env=dict(os.environ, HOST_STATS="1", HOST_MIGRATE_VERIFY=os.environ.get("HOST_MIGRATE_VERIFY", "1"), HOST_LOG=os.environ.get("HOST_LOG", "warn,host::monitor::restart=info,host::remote=info,host::snapshot=info")),
     )
+    host.qmp_sock = sock  # for a debug report on failure
     _host_procs.append(host)
-    _host_socks[host.pid] = sock
     return host
 
 
@@ -170,7 +168,7 @@ async def debug_reports():
             continue
         qmp = QMPClient("debug-report")
         try:
-            await asyncio.wait_for(qmp.connect(_host_socks[h.pid]), 10)
+            await asyncio.wait_for(qmp.connect(h.qmp_sock), 10)
             r = await asyncio.wait_for(qmp.execute("x-debug-report"), 30)
             out.append(r["report"])
         except Exception as x:

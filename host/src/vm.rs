@@ -297,7 +297,6 @@ pub fn run(
         });
     }
     if let Some(Incoming::Now(uri)) = incoming {
-        let t = Instant::now();
         let parts = crate::snapshot::Parts {
             vm: &vm,
             ram: &ram,
@@ -309,7 +308,6 @@ pub fn run(
         };
         crate::snapshot::restore_incoming(&parts, uri, uri.listen()?)
             .with_context(|| format!("--incoming {uri}"))?;
-        tracing::info!("restored from {uri} in {:?}", t.elapsed());
         events.emit("RESUME", serde_json::json!({}));
     }
     reset::install_kick_handler()?;

@@ -140,13 +140,11 @@ impl Monitor {
     }
 
     fn run_incoming(&self, machine: &Machine, uri: &MigrationUri, listener: Listener) {
-        let t = Instant::now();
         let remotes = lock(&self.remotes).clone();
         let restored = crate::snapshot::restore_incoming(&machine.parts(remotes), uri, listener);
         *lock(&self.migration.incoming) = Incoming::No;
         match restored {
             Ok(()) => {
-                tracing::info!("restored from {uri} in {:?}", t.elapsed());
                 machine.resume();
                 self.events.emit("RESUME", json!({}));
             }

@@ -282,11 +282,13 @@ pub fn restore(p: &Parts, r: &mut impl Read) -> Result<()> {
 /// stream is applied, tells the source, and runs the guest only when the
 /// source answers that it let it go.
 pub fn restore_incoming(parts: &Parts, uri: &MigrationUri, listener: Listener) -> Result<()> {
+    let t = std::time::Instant::now();
     let mut stream = listener.accept()?;
     restore(
         parts,
         &mut std::io::BufReader::with_capacity(1 << 20, &mut stream),
     )?;
+    tracing::info!("restored from {uri} in {:?}", t.elapsed());
     if !uri.is_live() {
         return Ok(());
     }
@@ -519,7 +521,7 @@ fn report_verdict(ram: &GuestRam, ledger: &verify::Ledger) {
             return;
         }
     };
-    let digest = verify::digest(ram).map_or_else(|e| format!("({e:#})"), |d| format!("{d:016x}"));
+    let digest = format!("{:016x}", verdict.digest);
     if verdict.differ.is_empty() && verdict.unsent == 0 {
         tracing::info!(
             "migration verify: all {} pages sent as they are now; RAM digest {digest}",

@@ -133,12 +133,6 @@ impl MigrationUri {
         }
     }
 
-    /// Listens and takes one source's connection (as QEMU's `-incoming`,
-    /// it waits as long as it takes).
-    pub fn accept(&self) -> Result<Box<dyn Stream>> {
-        self.listen()?.accept()
-    }
-
     /// Listens (or opens the file) now; [`Listener::accept`] takes the
     /// source later. QMP `migrate-incoming` replies once a source can
     /// connect, as QEMU's does.
@@ -312,7 +306,7 @@ mod tests {
         let uri = MigrationUri::Unix(dir.path().join("m.sock"));
         let u2 = uri.clone();
         let dest = std::thread::spawn(move || {
-            let mut s = u2.accept().unwrap();
+            let mut s = u2.listen().unwrap().accept().unwrap();
             let mut b = [0u8; 5];
             s.read_exact(&mut b).unwrap();
             s.write_all(&[TAKEN]).unwrap();

@@ -50,6 +50,8 @@ pub struct Verdict {
     pub unsent: u64,
     /// Pages compared.
     pub pages: u64,
+    /// The digest of all of RAM ([`digest`]'s).
+    pub digest: u64,
 }
 
 impl Ledger {
@@ -81,44 +83,52 @@ impl Ledger {
         })
     }
 
-    /// Compares every page of `ram` now with the last version sent.
+    /// Compares every page of `ram` now with the last version sent, and
+    /// takes the RAM digest in the same pass.
     pub fn check(&self, ram: &GuestRam) -> Result<Verdict> {
         let mut v = Verdict::default();
-        let mut page = vec![0u8; PAGE as usize];
-        for ((start, hashes), r) in self.regions.iter().zip(&ram.regions) {
-            for (i, sent) in hashes.iter().enumerate() {
-                let off = i as u64 * PAGE;
-                let n = (r.size - off).min(PAGE) as usize;
-                ram.memfd
-                    .read_at(&mut page[..n], r.fd_offset + off)
-                    .context("reading guest RAM")?;
+        let mut h = DefaultHasher::new();
+        each_chunk(ram, |region, off, chunk| {
+            h.write(chunk);
+            let (start, hashes) = &self.regions[region];
+            for (i, page) in chunk.chunks(PAGE as usize).enumerate() {
+                let at = off + i as u64 * PAGE;
                 v.pages += 1;
-                match sent {
-                    None => v.unsent += 1,
-                    Some(h) if *h != page_hash(&page[..n]) => v.differ.push(start + off),
-                    Some(_) => {}
+                match usize::try_from(at / PAGE).ok().and_then(|p| hashes.get(p)) {
+                    Some(Some(sent)) if *sent != page_hash(page) => v.differ.push(start + at),
+                    Some(Some(_)) => {}
+                    _ => v.unsent += 1,
                 }
             }
-        }
+        })?;
+        v.digest = h.finish();
         Ok(v)
     }
 }
 
-/// A digest of the whole of guest RAM.
-pub fn digest(ram: &GuestRam) -> Result<u64> {
-    let mut h = DefaultHasher::new();
+/// Reads all of guest RAM once, a MiB at a time: `f(region index, offset
+/// in the region, bytes)`.
+fn each_chunk(ram: &GuestRam, mut f: impl FnMut(usize, u64, &[u8])) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
-    for r in &ram.regions {
+    for (i, r) in ram.regions.iter().enumerate() {
         let mut off = 0;
         while off < r.size {
             let n = (r.size - off).min(buf.len() as u64) as usize;
             ram.memfd
                 .read_at(&mut buf[..n], r.fd_offset + off)
                 .context("reading guest RAM")?;
-            h.write(&buf[..n]);
+            f(i, off, &buf[..n]);
             off += n as u64;
         }
     }
+    Ok(())
+}
+
+/// A digest of the whole of guest RAM (what [`Ledger::check`] gives as
+/// [`Verdict::digest`] for the same bytes).
+pub fn digest(ram: &GuestRam) -> Result<u64> {
+    let mut h = DefaultHasher::new();
+    each_chunk(ram, |_, _, chunk| h.write(chunk))?;
     Ok(h.finish())
 }
 
@@ -133,14 +143,17 @@ mod tests {
         let mut all = vec![0u8; 1 << 20];
         ram.memfd.read_at(&mut all, 0).unwrap();
         ledger.record(0, &all);
-        assert_eq!(ledger.check(&ram).unwrap().differ, Vec::<u64>::new());
+        let clean = ledger.check(&ram).unwrap();
+        assert_eq!(clean.differ, Vec::<u64>::new());
         let before = digest(&ram).unwrap();
+        assert_eq!(clean.digest, before, "one digest, whichever pass takes it");
 
         // A write nobody logged: found, and the digest changes.
         ram.memfd.write_at(&[1], 0x3004).unwrap();
         let v = ledger.check(&ram).unwrap();
         assert_eq!((v.differ, v.unsent, v.pages), (vec![0x3000], 0, 256));
         assert_ne!(digest(&ram).unwrap(), before);
+        assert_eq!(ledger.check(&ram).unwrap().digest, digest(&ram).unwrap());
 
         // Sent again: matches again.
         let mut page = vec![0u8; PAGE as usize];
