@@ -8,7 +8,9 @@
 //! device grows its image and the guest sees the new capacity by itself
 //! (a configuration change interrupt); the remote is restarted, and the
 //! guest's write at its new end goes through the new process, completed
-//! on the MSI-X vector it programmed before.
+//! on the MSI-X vector it programmed before; and the VM is live-migrated
+//! (over unix:) to a second VMM with its own remote while the guest
+//! writes and reads back blocks, and finishes there.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -71,9 +73,10 @@ fn virtio_blk_plugin_remote_and_in_process_behind_our_vmm() {
             target_bin(bin).unwrap();
         }
         // The serial number through the driver's sysfs attribute (GET_ID),
-        // and the interrupts each MSI-X vector took.
+        // the features the driver accepted (a character per bit), and the
+        // interrupts each MSI-X vector took.
         let job = format!(
-            "{}\necho \"serial=$(cat /sys/block/vda/serial)\"\ngrep virtio /proc/interrupts\n",
+            "{}\necho \"serial=$(cat /sys/block/vda/serial)\"\necho \"features=$(cat /sys/block/vda/device/features)\"\ngrep virtio /proc/interrupts\n",
             disk_job("vda", "virtio-pci", "virtio_blk|vda")
         );
         let spec = testenv::InitramfsSpec::new(&modules(), &job);
@@ -123,6 +126,18 @@ fn virtio_blk_plugin_remote_and_in_process_behind_our_vmm() {
                 r.output.contains(&format!("serial=VD0-{name}")),
                 "{name}: the serial number (GET_ID) did not reach the guest:\n{}",
                 r.output
+            );
+            // Linux's virtio_ring accepted EVENT_IDX (bit 29): the device
+            // interrupts and is notified only when the other side asks.
+            let features = r
+                .output
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("features="))
+                .unwrap_or("");
+            assert_eq!(
+                features.as_bytes().get(29),
+                Some(&b'1'),
+                "{name}: the driver did not accept EVENT_IDX: features={features}"
             );
             // The driver took MSI-X: the queues' vectors carried the
             // completions (no INTx line for virtio at all), one vector per
@@ -248,7 +263,9 @@ fn msix_count(output: &str, name: &str) -> Option<u64> {
 
 /// The guest's side of `block_resize`: it notes the capacity, waits for
 /// the driver's go, waits for the capacity to change by itself, writes a
-/// marker at the new last sector.
+/// marker at the new last sector. Then the I/O during the migration
+/// (round `i` writes 64 KiB blocks of "virtio-round-i" lines at block
+/// `16 + i % 32` and reads them back) until the driver says stop.
 const RESIZE_JOB: &str = r#"
 i=0; while [ ! -e /sys/block/vda/dev ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 [ -b /dev/vda ] || mknod /dev/vda b $(cut -d: -f1 /sys/block/vda/dev) $(cut -d: -f2 /sys/block/vda/dev)
@@ -260,7 +277,27 @@ i=0; while [ "$(cat /sys/block/vda/size)" = "$before" ] && [ $i -lt 300 ]; do sl
 after=$(cat /sys/block/vda/size)
 echo "after=$after"
 printf 'VIRTIO-BLK-GREW' | dd of=/dev/vda bs=512 seek=$((after - 1)) conv=sync,notrunc oflag=direct 2>/dev/null || exit 3
+echo "STEP grown"
+# Blocks written and read back without pause while the VM moves.
+(
+  i=0; bad=0
+  while [ ! -e /tmp/stop ] && [ $i -lt 100000 ]; do
+    yes "virtio-round-$i" | head -c 65536 > /tmp/b
+    at=$(( 16 + i % 32 ))
+    dd if=/tmp/b of=/dev/vda bs=65536 seek=$at count=1 oflag=direct conv=notrunc 2>/dev/null || { echo "write $i failed"; break; }
+    dd if=/dev/vda of=/tmp/r bs=65536 skip=$at count=1 iflag=direct 2>/dev/null || { echo "read $i failed"; break; }
+    cmp -s /tmp/b /tmp/r || { bad=$((bad + 1)); echo "round $i: read back differs"; }
+    i=$((i + 1))
+    [ $((i % 4)) -eq 0 ] && echo "STEP tick"
+  done
+  echo "rounds=$i bad=$bad"
+) &
+loop=$!
+read -r -t 400 line || { echo "no stop"; exit 21; }
+touch /tmp/stop; wait $loop
+echo "grew-read=$(dd if=/dev/vda bs=512 skip=$((after - 1)) count=1 iflag=direct 2>/dev/null | head -c 15)"
 dmesg | grep -i 'capacity change'
+dmesg | grep -ciE 'I/O error|virtio.*(error|reset)' | sed 's/^/io-errors=/'
 grep virtio /proc/interrupts
 echo "STEP done"
 "#;
@@ -282,10 +319,17 @@ fn resize_reaches_the_guest(env: &testenv::Env) {
         "virtio_driver.py",
         &dir,
         QMP_SOCKET,
-        Duration::from_secs(300),
-        &["vm-remote.log"],
+        Duration::from_secs(480),
+        &[
+            "vm-remote.log",
+            "console-b.log",
+            "vm-b-remote.log",
+            "vm-b.toml.host-stderr",
+        ],
     );
-    let job = run.check();
+    // The guest started on A and finished on B.
+    let job =
+        run.check_across(&[fs::read_to_string(dir.join("console-b.log")).unwrap_or_default()]);
     let (r, diag) = (&run.results, &run.diag);
     assert_eq!(job.status, 0, "guest job failed:\n{diag}");
     let rep = &r["replies"];
@@ -330,6 +374,54 @@ fn resize_reaches_the_guest(env: &testenv::Env) {
         &last[..15],
         b"VIRTIO-BLK-GREW",
         "the guest's write at its new end"
+    );
+    // The live migration (over unix:, during the guest's I/O): the
+    // source stopped, its copy check found every page sent as it is, it
+    // and its remote are gone, and the guest went on on B.
+    assert_eq!(rep["migrated"]["status"], "completed", "{diag}");
+    assert_eq!(rep["source-status"], "postmigrate", "{diag}");
+    assert_eq!(rep["source-exit"], 0, "{diag}");
+    assert_eq!(rep["source-remotes-gone"], true, "{diag}");
+    let verify = rep["source-verify"].as_array().cloned().unwrap_or_default();
+    assert!(
+        verify
+            .last()
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| v.contains("sent as they are now")),
+        "the source's copy check: {verify:?}\n{diag}"
+    );
+    assert_eq!(rep["status-b"], "running", "{diag}");
+    let rounds: u64 = job
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("rounds="))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no rounds line:\n{diag}"));
+    assert!(
+        job.output.contains(&format!("rounds={rounds} bad=0")),
+        "a block read back differs:\n{diag}"
+    );
+    assert!(rounds >= 8, "the guest's I/O ran on A and on B:\n{diag}");
+    eprintln!(
+        "host_virtio_blk: live migration during the guest's I/O: {rounds} rounds, 0 differ; downtime {} ms, total {} ms",
+        rep["migrated"]["downtime"], rep["migrated"]["total-time"]
+    );
+    assert!(
+        job.output.contains("grew-read=VIRTIO-BLK-GREW"),
+        "the write before the move, read on B:\n{diag}"
+    );
+    assert!(
+        job.output.contains("io-errors=0"),
+        "the guest saw an I/O error:\n{diag}"
+    );
+    // The host image holds the guest's last round where it wrote it.
+    let last = rounds - 1;
+    let at = ((16 + last % 32) * 65536) as usize;
+    let want = format!("virtio-round-{last}\n");
+    assert_eq!(
+        &img[at..at + want.len()],
+        want.as_bytes(),
+        "the last round's block on the host image"
     );
     assert_eq!(r["host-exit"], 0, "{diag}");
     fs::remove_dir_all(&dir).ok();

@@ -366,6 +366,12 @@ pub struct DriverRun {
 impl DriverRun {
     /// Whether the driver got through, and the guest job's result.
     pub fn check(&self) -> testenv::JobResult {
+        self.check_across(&[])
+    }
+
+    /// [`check`](Self::check) of a guest that moved to other VMs: the
+    /// job's result across its console log and `later` ones, in order.
+    pub fn check_across(&self, later: &[String]) -> testenv::JobResult {
         assert!(
             !self.results.is_null(),
             "no results from the QMP driver:\n{}",
@@ -377,8 +383,12 @@ impl DriverRun {
             self.diag
         );
         assert!(self.l1_output.contains("DRIVER-EXIT=0"), "{}", self.diag);
-        testenv::parse_console(&self.console)
-            .unwrap_or_else(|| panic!("no job markers:\n{}", self.diag))
+        let mut console = self.console.clone();
+        for c in later {
+            console.push('\n');
+            console.push_str(&c.replace("\r\n", "\n"));
+        }
+        testenv::parse_console(&console).unwrap_or_else(|| panic!("no job markers:\n{}", self.diag))
     }
 }
 

@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qmp_common import (  # noqa: E402
-    SOCK, Console, Events, connect_qmp, finish, results, run, save, sayer, spawn_host)
+    SOCK, Console, Events, connect_qmp, finish, gone, results, run, save, sayer, spawn_host)
 from qemu.qmp import ExecuteError  # noqa: E402
 
 DIR = os.path.dirname(sys.argv[2])
@@ -67,15 +67,6 @@ async def migration_status(qmp, want, timeout=300.0):
             return st
         await asyncio.sleep(0.05)
     raise TimeoutError(f"the migration never reached {want}")
-
-
-def gone(pid, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not os.path.exists(f"/proc/{pid}"):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 async def rounds_on(name, more=5, timeout=240.0):

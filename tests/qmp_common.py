@@ -107,6 +107,16 @@ def spawn_host(config=CONFIG, sock=SOCK, extra=()):
     return host
 
 
+def gone(pid, timeout=30.0):
+    """Whether process `pid` is gone within `timeout` s (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{pid}"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 async def connect_qmp(client_name, sock=SOCK, host=None, timeout=60.0):
     """Connects QEMU's client to the monitor at `sock` (bounded; fails at
     once if `host` ended meanwhile)."""

@@ -151,6 +151,10 @@ fn fresh_tmp_keeping(keep: &[PathBuf]) -> String {
     lines
 }
 
+/// How long L1 may take to reach its job before it counts as lost and is
+/// booted again (see [`RunOptions::start_within`]).
+pub const L1_START_WITHIN: Duration = Duration::from_secs(150);
+
 /// Runs `cmd` inside L1 (see the module docs) and returns its exit status
 /// and output (stdout and stderr together, as printed on L1's console).
 pub fn run_nested(env: &Env, cmd: &[String], opts: &NestedOptions) -> Result<JobResult> {
@@ -172,6 +176,8 @@ pub fn run_nested(env: &Env, cmd: &[String], opts: &NestedOptions) -> Result<Job
         timeout: opts.timeout,
         log: None,
         lost_guest_retries: 1,
+        // L1 reaches its job in 3 to 6 s of its own clock.
+        start_within: Some(L1_START_WITHIN),
     };
     run_job(env, &spec, &ropts)
 }

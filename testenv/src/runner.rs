@@ -35,8 +35,9 @@ pub struct RunOptions {
     pub log: Option<PathBuf>,
     /// How many times a guest whose kernel is lost (QEMU exits on its own
     /// without the job's end marker: the kernel panicked, rebooted or
-    /// triple-faulted) is booted again. Only for the nested L1, a TCG guest
-    /// that runs no code of the project in its kernel: under load its
+    /// triple-faulted) is booted again. For the nested L1, a TCG guest
+    /// that runs no code of the project in its kernel, and the benchmarks'
+    /// guests (a lost anchor would leave a table without its column): under load its
     /// kernel was seen to end silently during its own boot, and to panic
     /// inside its KVM ("TASK stack guard page was hit" in a vCPU thread)
     /// while running an L2 guest (docs/testenv.md, "The nested environment
@@ -44,6 +45,14 @@ pub struct RunOptions {
     /// if any, and its console kept beside the log; a time-out is never
     /// retried.
     pub lost_guest_retries: u32,
+    /// The job's start marker must be on the console this soon after
+    /// QEMU starts, or the guest counts as lost (stopped at once, and
+    /// booted again where `lost_guest_retries` allows). For the nested L1,
+    /// whose kernel reaches its job in a few seconds of its own clock, and
+    /// which was seen to stall for good in its boot, after loading 9p:
+    /// without this the stall would wait out the whole time limit, and a
+    /// time-out is never retried.
+    pub start_within: Option<Duration>,
 }
 
 impl Default for RunOptions {
@@ -60,6 +69,7 @@ impl Default for RunOptions {
             timeout: Duration::from_secs(300),
             log: None,
             lost_guest_retries: 0,
+            start_within: None,
         }
     }
 }
@@ -125,9 +135,7 @@ pub fn run_job(env: &Env, spec: &InitramfsSpec, opts: &RunOptions) -> Result<Job
         attempt += 1;
         let kept = log.with_extension(format!("lost-{attempt}.log"));
         fs::rename(&log, &kept).ok();
-        let started = console
-            .lines()
-            .any(|l| l.trim_end() == crate::initramfs::JOB_START);
+        let started = job_started(&console);
         let panic = console
             .lines()
             .find(|l| l.contains("Kernel panic") || l.contains("BUG: "))
@@ -144,6 +152,13 @@ pub fn run_job(env: &Env, spec: &InitramfsSpec, opts: &RunOptions) -> Result<Job
     // Keep the console log; the image can be rebuilt.
     fs::remove_file(&initramfs).ok();
     r
+}
+
+/// Whether the console shows the job's start marker.
+fn job_started(console: &str) -> bool {
+    console
+        .lines()
+        .any(|l| l.trim_end() == crate::initramfs::JOB_START)
 }
 
 /// Whether a failed run ended on its own, without the job's end marker:
@@ -217,6 +232,7 @@ pub fn run_initramfs(env: &Env, initramfs: &Path, opts: &RunOptions) -> Result<J
         .with_context(|| format!("cannot start QEMU: {line}"))?;
     let mut end_seen: Option<Instant> = None;
     let mut stuck: Option<String> = None;
+    let mut started = false;
     let read_log = || fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned());
     let status = loop {
         if let Some(st) = child.try_wait()? {
@@ -230,9 +246,22 @@ pub fn run_initramfs(env: &Env, initramfs: &Path, opts: &RunOptions) -> Result<J
             if text.contains(JOB_END_PREFIX) && parse_console(&text).is_some() {
                 end_seen = Some(Instant::now());
             } else if let Some(l) = wedged(&text) {
-                stuck = Some(l.trim().to_owned());
+                stuck = Some(format!("its kernel: \"{}\"", l.trim()));
                 child.kill().ok();
                 break child.wait().ok();
+            } else if !started {
+                started = job_started(&text);
+                if let Some(limit) = opts
+                    .start_within
+                    .filter(|l| !started && start.elapsed() > *l)
+                {
+                    stuck = Some(format!(
+                        "no job start marker within {} s of its boot",
+                        limit.as_secs()
+                    ));
+                    child.kill().ok();
+                    break child.wait().ok();
+                }
             }
         } else if end_seen.is_some_and(|t| t.elapsed() > Duration::from_secs(20)) {
             // Job finished but poweroff did not end QEMU: stop it.
@@ -256,7 +285,7 @@ pub fn run_initramfs(env: &Env, initramfs: &Path, opts: &RunOptions) -> Result<J
     };
     if let Some(l) = stuck {
         bail!(
-            "guest `{}` wedged (its kernel: \"{l}\") after {:.1} s and was stopped\ncommand: {line}\nlog: {}\n--- last {TAIL_LINES} console lines ---\n{}",
+            "guest `{}` wedged ({l}) after {:.1} s and was stopped\ncommand: {line}\nlog: {}\n--- last {TAIL_LINES} console lines ---\n{}",
             opts.name,
             start.elapsed().as_secs_f64(),
             log.display(),

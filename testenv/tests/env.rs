@@ -84,3 +84,37 @@ fn unknown_package_is_named() {
     assert!(msg.contains("testenv-no-such-package"), "{msg}");
     assert!(msg.contains("apt-get download"), "{msg}");
 }
+
+#[test]
+fn a_guest_that_never_reaches_its_job_is_lost_and_booted_again() {
+    let Some(env) = require_env("a_guest_that_never_reaches_its_job_is_lost_and_booted_again")
+    else {
+        return;
+    };
+    let spec = InitramfsSpec::new::<&str>(&[], "echo never-seen");
+    let opts = RunOptions {
+        name: "never-starts".into(),
+        // No TCG boot reaches its job within a second.
+        start_within: Some(Duration::from_secs(1)),
+        lost_guest_retries: 1,
+        timeout: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let t = std::time::Instant::now();
+    let err = env.run_job(&spec, &opts).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("no job start marker within 1 s"),
+        "stopped as lost: {msg}"
+    );
+    assert!(!msg.contains("timed out"), "not a time-out: {msg}");
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    // The first boot's console is kept beside the second's: it was booted
+    // again.
+    let log = msg
+        .lines()
+        .find_map(|l| l.strip_prefix("log: "))
+        .expect("the error names its log");
+    let kept = std::path::Path::new(log).with_extension("lost-1.log");
+    assert!(kept.exists(), "{} kept", kept.display());
+}

@@ -9,7 +9,9 @@
 //!   `remote-host` (queue notifies as doorbells: KVM ioeventfds);
 //! - `host-nodoor`: the same with `doorbells = false` (every notify exits
 //!   to the VMM and takes the access ring);
-//! - `host-inproc`: our VMM with the plugin in-process.
+//! - `host-inproc`: our VMM with the plugin in-process;
+//! - `host-noevidx`: `host-remote` with `event-idx = false` (the driver
+//!   notifies every request, the device interrupts once per pass).
 //!
 //! Each runs timed direct `dd` jobs: 4 KiB and 64 KiB at queue depth 1,
 //! and 4 KiB with 32 `dd`s at once (queue depth up to 32). The table gives
@@ -17,7 +19,11 @@
 //! device side (VMM or QEMU, plus its device process) used per I/O over
 //! all jobs, sampled from /proc when the guest prints its begin and end
 //! lines. `VIRTIO_COMPARE_JSON` names a file for the table as JSON;
-//! `VIRTIO_COMPARE_ONLY` runs one variant.
+//! `VIRTIO_COMPARE_ONLY` runs the variants it names (comma-separated);
+//! `VIRTIO_COMPARE_ROUNDS=N` runs them N times, interleaved, and the
+//! table gives each variant's median (this environment's runs vary by up
+//! to 2x from one boot to the next; each round's numbers are printed as
+//! `ROUND` lines).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -41,15 +47,17 @@ enum Variant {
     HostRemote,
     HostNoDoorbells,
     HostInProcess,
+    HostNoEventIdx,
 }
 
 impl Variant {
-    const ALL: [Variant; 5] = [
+    const ALL: [Variant; 6] = [
         Variant::QemuVirtio,
         Variant::QemuVhost,
         Variant::HostRemote,
         Variant::HostNoDoorbells,
         Variant::HostInProcess,
+        Variant::HostNoEventIdx,
     ];
 
     fn name(self) -> &'static str {
@@ -59,6 +67,7 @@ impl Variant {
             Variant::HostRemote => "host-remote",
             Variant::HostNoDoorbells => "host-nodoor",
             Variant::HostInProcess => "host-inproc",
+            Variant::HostNoEventIdx => "host-noevidx",
         }
     }
 }
@@ -192,10 +201,11 @@ fn host_config(env: &Env, v: Variant, dir: &Path, image: &Path, initrd: &Path) -
         "remote = \"storage\""
     };
     let doorbells = v != Variant::HostNoDoorbells;
+    let event_idx = v != Variant::HostNoEventIdx;
     format!(
         "[vm]\nmemory = \"512M\"\nvcpus = 2\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet\"\nconsole-log = \"{}\"\n\n\
          [[remote]]\nid = \"storage\"\ntimeout-ms = 30000\ndoorbells = {doorbells}\nlog = \"{}\"\n\n\
-         [[device]]\nid = \"vd0\"\n{placement}\nplugin = \"virtio-blk\"\nslot = 5\nfile = \"{}\"\nqueues = 2\n",
+         [[device]]\nid = \"vd0\"\n{placement}\nplugin = \"virtio-blk\"\nslot = 5\nfile = \"{}\"\nqueues = 2\nevent-idx = {event_idx}\n",
         env.kernel.display(),
         initrd.display(),
         dir.join(format!("{}-console.log", v.name())).display(),
@@ -344,6 +354,10 @@ fn run_qemu(
         timeout: Duration::from_secs(900),
         extra_args: extra,
         log: Some(console),
+        // A guest lost to the environment (docs/testenv.md) is booted
+        // again rather than leave the table without a column; the loss
+        // is reported on stderr.
+        lost_guest_retries: 1,
         ..Default::default()
     };
     let r = env.run_job(&spec, &opts);
@@ -361,6 +375,54 @@ struct Row {
     cpu: Option<(f64, f64)>,
 }
 
+/// The median of `xs` (NaN when empty).
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.retain(|x| !x.is_nan());
+    xs.sort_by(f64::total_cmp);
+    match xs.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => xs[n / 2],
+        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
+}
+
+/// One row per variant (in the order they first ran): each job's median
+/// time, and the median CPU and run time, over the variant's rounds.
+fn medians(rows: &[Row]) -> Vec<Row> {
+    let mut out: Vec<Row> = Vec::new();
+    for r in rows {
+        if out.iter().any(|o| o.v == r.v) {
+            continue;
+        }
+        let same: Vec<&Row> = rows.iter().filter(|o| o.v == r.v).collect();
+        let times = JOBS
+            .iter()
+            .map(|j| {
+                let t = median(
+                    same.iter()
+                        .filter_map(|o| o.times.iter().find(|(n, _)| n == j.name))
+                        .map(|(_, t)| *t)
+                        .collect(),
+                );
+                (j.name.to_string(), t)
+            })
+            .collect();
+        let cpu: Vec<(f64, f64)> = same.iter().filter_map(|o| o.cpu).collect();
+        out.push(Row {
+            v: r.v,
+            secs: median(same.iter().map(|o| o.secs).collect()),
+            times,
+            cpu: (!cpu.is_empty()).then(|| {
+                (
+                    median(cpu.iter().map(|c| c.0).collect()),
+                    median(cpu.iter().map(|c| c.1).collect()),
+                )
+            }),
+        });
+    }
+    out
+}
+
 fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
@@ -376,51 +438,69 @@ fn run() -> Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("virtio-compare-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
     let only = std::env::var("VIRTIO_COMPARE_ONLY").ok();
+    let chosen: Vec<Variant> = Variant::ALL
+        .into_iter()
+        .filter(|v| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|n| n.trim() == v.name()))
+        })
+        .collect();
+    let rounds: usize = std::env::var("VIRTIO_COMPARE_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+        .clamp(1, 20);
     let mut rows = Vec::new();
     let mut failed = 0;
-    for v in Variant::ALL {
-        if only.as_deref().is_some_and(|o| o != v.name()) {
-            continue;
-        }
-        let image = dir.join(format!("{}.img", v.name()));
-        make_lsi_image(&image);
-        let t0 = Instant::now();
-        let r = match v {
-            Variant::QemuVirtio | Variant::QemuVhost => run_qemu(&env, v, &image, &dir),
-            _ => run_host(&env, v, &image, &dir),
-        };
-        let secs = t0.elapsed().as_secs_f64();
-        match r {
-            Ok((r, cpu)) if r.status == 0 => {
-                println!("RESULT {} ok ({secs:.1} s)", v.name());
-                rows.push(Row {
-                    v,
-                    secs,
-                    times: parse_times(&r.output),
-                    cpu,
-                });
-            }
-            Ok((r, _)) => {
-                failed += 1;
-                println!(
-                    "RESULT {} FAIL status {}:\n{}",
-                    v.name(),
-                    r.status,
-                    r.output
-                );
-            }
-            Err(e) => {
-                failed += 1;
-                println!("RESULT {} FAIL: {e:#}", v.name());
-                let log = dir.join(format!("{}-device.log", v.name()));
-                let text = fs::read_to_string(log).unwrap_or_default();
-                println!(
-                    "--- device log (tail) ---\n{}",
-                    system_tests::tail_lines(&text, 20)
-                );
+    for round in 1..=rounds {
+        for &v in &chosen {
+            let image = dir.join(format!("{}.img", v.name()));
+            make_lsi_image(&image);
+            let t0 = Instant::now();
+            let r = match v {
+                Variant::QemuVirtio | Variant::QemuVhost => run_qemu(&env, v, &image, &dir),
+                _ => run_host(&env, v, &image, &dir),
+            };
+            let secs = t0.elapsed().as_secs_f64();
+            match r {
+                Ok((r, cpu)) if r.status == 0 => {
+                    println!("RESULT {} ok ({secs:.1} s)", v.name());
+                    let row = Row {
+                        v,
+                        secs,
+                        times: parse_times(&r.output),
+                        cpu,
+                    };
+                    let per_job: Vec<String> = JOBS
+                        .iter()
+                        .map(|j| format!("{} {:.0}", j.name, iops(&row, j)))
+                        .collect();
+                    println!("ROUND {round} {}: {}", v.name(), per_job.join(", "));
+                    rows.push(row);
+                }
+                Ok((r, _)) => {
+                    failed += 1;
+                    println!(
+                        "RESULT {} FAIL status {}:\n{}",
+                        v.name(),
+                        r.status,
+                        r.output
+                    );
+                }
+                Err(e) => {
+                    failed += 1;
+                    println!("RESULT {} FAIL: {e:#}", v.name());
+                    let log = dir.join(format!("{}-device.log", v.name()));
+                    let text = fs::read_to_string(log).unwrap_or_default();
+                    println!(
+                        "--- device log (tail) ---\n{}",
+                        system_tests::tail_lines(&text, 20)
+                    );
+                }
             }
         }
     }
+    let rows = medians(&rows);
     if !rows.is_empty() {
         print_table(&rows);
     }

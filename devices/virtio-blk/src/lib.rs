@@ -15,7 +15,7 @@
 //! per queue (the host emulates the table; the device raises vector
 //! numbers), or INTx with the ISR for a source the driver gave no vector.
 //!
-//! Features offered: `VERSION_1`, `SEG_MAX`, `BLK_SIZE`, `FLUSH`, `MQ`
+//! Features offered: `VERSION_1`, `EVENT_IDX`, `SEG_MAX`, `BLK_SIZE`, `FLUSH`, `MQ`
 //! (with `queues` > 1), `RO` (a read-only drive), `WRITE_ZEROES` (a
 //! writable drive) and `DISCARD` (a backend that can deallocate).
 //!
@@ -25,7 +25,8 @@
 //!
 //! Settings (the device's table in the VM config, see [`Settings`]):
 //! `file` (relative paths resolve against the config's directory),
-//! `read-only`, `direct`, `serial`, `queues`, `queue-size`, `delay-us`.
+//! `read-only`, `direct`, `serial`, `queues`, `queue-size`, `delay-us`,
+//! `event-idx`.
 //!
 //! Requests are served on one worker thread per device: a notification
 //! (the hottest write of the guest) only wakes it, and reading the ISR
@@ -63,6 +64,9 @@ pub const F_FLUSH: u64 = 1 << vb::VIRTIO_BLK_F_FLUSH;
 pub const F_MQ: u64 = 1 << vb::VIRTIO_BLK_F_MQ;
 pub const F_DISCARD: u64 = 1 << vb::VIRTIO_BLK_F_DISCARD;
 pub const F_WRITE_ZEROES: u64 = 1 << vb::VIRTIO_BLK_F_WRITE_ZEROES;
+/// `VIRTIO_RING_F_EVENT_IDX`: interrupts and notifications only when the
+/// other side asked for them (§2.7.10).
+pub const F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// Segments one DISCARD or WRITE_ZEROES request may carry.
 pub const MAX_DISCARD_SEGMENTS: u32 = 1;
@@ -92,6 +96,7 @@ fn default_queue_size() -> u16 {
 /// queues = 1          # 1..=16
 /// queue-size = 256    # a power of two, 2..=1024
 /// delay-us = 0        # testing: each read, write and flush waits this long
+/// event-idx = true    # offer VIRTIO_RING_F_EVENT_IDX (QEMU's `event_idx`)
 /// ```
 #[derive(plugin_api::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(
@@ -112,6 +117,14 @@ pub struct Settings {
     pub queue_size: u16,
     #[serde(default)]
     pub delay_us: u64,
+    /// Offer `VIRTIO_RING_F_EVENT_IDX`; off, the driver notifies for
+    /// every request and the device interrupts once per pass.
+    #[serde(default = "yes")]
+    pub event_idx: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `resize`'s arguments.
@@ -215,9 +228,14 @@ impl Shared {
         b
     }
 
-    /// Serves every ready queue until it is empty; then one interrupt.
+    /// Serves every ready queue until it is empty. Interrupts: without
+    /// `EVENT_IDX`, one per queue at the end of the pass; with it, as soon
+    /// as a completion reaches the used index the driver asked for
+    /// (`used_event`), so the driver can complete and queue more while
+    /// the device serves on, and a queue the device keeps finding work in
+    /// costs the driver no notification.
     fn serve(&self) {
-        let (generation, configs, discard, write_zeroes) = {
+        let (generation, configs, discard, write_zeroes, event_idx) = {
             let r = lock(&self.regs);
             if !r.t.driver_ok() {
                 return;
@@ -227,6 +245,7 @@ impl Shared {
                 r.t.queues.clone(),
                 r.t.negotiated(F_DISCARD),
                 r.t.negotiated(F_WRITE_ZEROES),
+                r.t.negotiated(F_EVENT_IDX),
             )
         };
         let disk = request::Disk {
@@ -235,7 +254,8 @@ impl Shared {
             discard,
             write_zeroes,
         };
-        let mut completed = vec![false; configs.len()];
+        // Queues whose interrupt is due at the end of the pass.
+        let mut due = vec![false; configs.len()];
         let mut broken: Option<String> = None;
         {
             let mut rings = lock(&self.rings);
@@ -245,48 +265,35 @@ impl Shared {
             if rings.queues.is_empty() {
                 rings.queues = configs.iter().map(|c| SplitQueue::new(*c)).collect();
             }
-            if std::mem::take(&mut rings.resync) {
-                for (i, q) in rings.queues.iter_mut().enumerate() {
-                    if !q.cfg.ready {
-                        continue;
-                    }
+            let resync = std::mem::take(&mut rings.resync);
+            for (i, q) in rings.queues.iter_mut().enumerate() {
+                q.event_idx = event_idx;
+                if resync && q.cfg.ready {
                     if let Err(e) = q.resync(&self.host) {
                         broken = Some(format!("queue {i}: {e}"));
                     }
                     // The interrupt of a completion the old process
                     // published but did not signal (a spurious one is
                     // harmless: the driver finds nothing new).
-                    completed[i] = true;
+                    due[i] = true;
                 }
             }
-            'queues: for (i, q) in rings.queues.iter_mut().enumerate() {
+            for (i, q) in rings.queues.iter_mut().enumerate() {
                 if broken.is_some() {
                     break;
                 }
                 if !q.cfg.ready {
                     continue;
                 }
-                loop {
-                    let chain = match q.pop(&self.host) {
-                        Ok(Some(c)) => c,
-                        Ok(None) => break,
-                        Err(e) => {
-                            broken = Some(format!("queue {i}: {e}"));
-                            break 'queues;
-                        }
-                    };
-                    let Some((_, len)) = request::execute(&self.host, &disk, &chain) else {
-                        broken = Some(format!(
-                            "queue {i}: request {} has no room for its status",
-                            chain.head
-                        ));
-                        break 'queues;
-                    };
-                    if let Err(e) = q.push_used(&self.host, chain.head, len) {
-                        broken = Some(format!("queue {i}: {e}"));
-                        break 'queues;
-                    }
-                    completed[i] = true;
+                // A vector the device may signal from here (a reset, which
+                // could change it, waits for the rings); INTx needs the
+                // registers, so its ISR bit waits for the end of the pass.
+                let vector = configs
+                    .get(i)
+                    .map(|c| c.msix_vector)
+                    .filter(|v| *v != transport::NO_VECTOR);
+                if let Err(e) = self.serve_queue(q, &disk, vector, &mut due[i]) {
+                    broken = Some(format!("queue {i}: {e}"));
                 }
             }
         }
@@ -302,8 +309,8 @@ impl Shared {
             r.t.status |= status::NEEDS_RESET;
             self.config_interrupt(&mut r);
         }
-        for (i, done) in completed.into_iter().enumerate() {
-            if !done {
+        for (i, due) in due.into_iter().enumerate() {
+            if !due {
                 continue;
             }
             match r.t.queues.get(i).map(|q| q.msix_vector) {
@@ -312,6 +319,48 @@ impl Shared {
             }
         }
         self.update_line(&mut r, false);
+    }
+
+    /// Serves one queue until it is empty. With `EVENT_IDX` and an MSI-X
+    /// vector, each completion the driver asked an interrupt for is
+    /// signalled at once; otherwise `due` is set for the end of the pass.
+    fn serve_queue(
+        &self,
+        q: &mut SplitQueue,
+        disk: &request::Disk<'_>,
+        vector: Option<u16>,
+        due: &mut bool,
+    ) -> Result<(), String> {
+        loop {
+            let chain = match q.pop(&self.host).map_err(|e| e.to_string())? {
+                Some(c) => c,
+                None => {
+                    if q.arm_notification(&self.host).map_err(|e| e.to_string())? {
+                        continue;
+                    }
+                    break;
+                }
+            };
+            let Some((_, len)) = request::execute(&self.host, disk, &chain) else {
+                return Err(format!("request {} has no room for its status", chain.head));
+            };
+            q.push_used(&self.host, chain.head, len)
+                .map_err(|e| e.to_string())?;
+            match vector {
+                Some(v) if q.event_idx => {
+                    if q.needs_interrupt(&self.host).map_err(|e| e.to_string())? {
+                        self.host.msix_notify(v);
+                    }
+                }
+                _ => *due = true,
+            }
+        }
+        // Without a vector, the end of the pass asks the driver's
+        // `used_event` once for all of this pass's completions.
+        if *due && q.event_idx && !q.needs_interrupt(&self.host).map_err(|e| e.to_string())? {
+            *due = false;
+        }
+        Ok(())
     }
 
     /// A configuration change: its MSI-X vector, or the ISR's bit and
@@ -367,6 +416,9 @@ impl VirtioBlk {
             Box::new(file)
         };
         let mut features = F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        if s.event_idx {
+            features |= F_EVENT_IDX;
+        }
         if s.queues > 1 {
             features |= F_MQ;
         }

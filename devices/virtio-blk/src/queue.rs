@@ -79,6 +79,13 @@ pub struct SplitQueue {
     pub next_avail: u16,
     /// The next used-ring entry to fill.
     pub next_used: u16,
+    /// The driver accepted `VIRTIO_RING_F_EVENT_IDX` (§2.7.10): it says
+    /// in `used_event` when it wants an interrupt, and the device says in
+    /// `avail_event` when it wants a notification.
+    pub event_idx: bool,
+    /// The used index at the last interrupt decision; `None` after the
+    /// queue was set up or restored (the next completion interrupts).
+    signalled: Option<u16>,
 }
 
 fn dma(e: plugin_api::DmaError) -> QueueError {
@@ -91,7 +98,61 @@ impl SplitQueue {
             cfg,
             next_avail: 0,
             next_used: 0,
+            event_idx: false,
+            signalled: None,
         }
+    }
+
+    /// `used_event`: the entry after the available ring.
+    fn used_event_gpa(&self) -> u64 {
+        self.cfg.avail + 4 + 2 * u64::from(self.cfg.size)
+    }
+
+    /// `avail_event`: the entry after the used ring.
+    fn avail_event_gpa(&self) -> u64 {
+        self.cfg.used + 4 + 8 * u64::from(self.cfg.size)
+    }
+
+    /// With `EVENT_IDX`, called when the device found the queue empty:
+    /// asks the driver for a notification at its next buffer (`avail_event`
+    /// = the next entry to take), then looks once more, since a buffer
+    /// published before the driver saw that request brings none. Returns
+    /// whether buffers are waiting (serve on). While the device serves,
+    /// `avail_event` stays behind, so the driver does not notify for the
+    /// buffers the device will find by itself.
+    ///
+    /// Without `EVENT_IDX` the driver notifies for every buffer (the device
+    /// never sets `VRING_USED_F_NO_NOTIFY`), and this returns false.
+    pub fn arm_notification(&mut self, host: &Host) -> Result<bool, QueueError> {
+        if !self.event_idx || self.cfg.size == 0 {
+            return Ok(false);
+        }
+        host.dma_write(self.avail_event_gpa(), &self.next_avail.to_le_bytes())
+            .map_err(dma)?;
+        // The driver writes its index, then reads `avail_event`; the
+        // device writes `avail_event`, then reads the index: one of the
+        // two sees the other's write.
+        fence(Ordering::SeqCst);
+        let avail_idx = Self::u16_at(host, self.cfg.avail + 2)?;
+        Ok(avail_idx != self.next_avail)
+    }
+
+    /// Whether the driver wants an interrupt for the buffers used since
+    /// the last call: always without `EVENT_IDX`; with it, when the used
+    /// index passed `used_event` since then (`vring_need_event`, §2.7.10).
+    pub fn needs_interrupt(&mut self, host: &Host) -> Result<bool, QueueError> {
+        if !self.event_idx {
+            return Ok(true);
+        }
+        // The used index is published before `used_event` is read (the
+        // driver writes `used_event`, then reads the used index).
+        fence(Ordering::SeqCst);
+        let new = self.next_used;
+        let Some(old) = self.signalled.replace(new) else {
+            return Ok(true);
+        };
+        let event = Self::u16_at(host, self.used_event_gpa())?;
+        Ok(new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old))
     }
 
     fn u16_at(host: &Host, gpa: u64) -> Result<u16, QueueError> {
@@ -165,6 +226,7 @@ impl SplitQueue {
         }
         self.next_used = used;
         self.next_avail = used;
+        self.signalled = None;
         Ok(())
     }
 

@@ -28,6 +28,7 @@ const QSIZE: u16 = 16;
 const F_RO: u64 = 1 << 5;
 const F_FLUSH: u64 = 1 << 9;
 const F_WRITE_ZEROES: u64 = 1 << 14;
+const F_EVENT_IDX: u64 = 1 << 29;
 const VERSION_1: u64 = 1 << 32;
 
 thread_local! {
@@ -71,6 +72,7 @@ plugin_api::plugin_tests! {
         hostile_state_is_refused,
         msix_vectors_carry_completions_and_masking_holds_them,
         each_queue_notify_is_a_doorbell,
+        event_idx_interrupts_and_notifications_only_when_asked,
     ],
 }
 
@@ -697,4 +699,55 @@ fn each_queue_notify_is_a_doorbell(mut tb: TestBench) {
     let (status, used) = d.request(&mut tb, 0, 8, &[], 4096);
     assert_eq!((status, used), (0, 4097), "IN");
     assert_eq!(tb.ram().read_vec(DATA, 4096), data);
+}
+
+/// `VIRTIO_RING_F_EVENT_IDX` (§2.7.10): the device interrupts only when
+/// the used index passes the driver's `used_event`, and when it finds the
+/// queue empty sets `avail_event` to the next entry it will take, so the
+/// driver notifies only for a buffer the device would not find by itself.
+fn event_idx_interrupts_and_notifications_only_when_asked(mut tb: TestBench) {
+    let (mut d, offered) = Driver::init(&mut tb, VERSION_1 | F_EVENT_IDX);
+    assert_ne!(offered & F_EVENT_IDX, 0, "EVENT_IDX offered");
+    tb.enable_msix(&[0, 1]).unwrap();
+    d.common_w(&mut tb, 0x16, 2, 0);
+    d.common_w(&mut tb, 0x1a, 2, 1);
+    let used_event = AVAIL + 4 + 2 * u64::from(QSIZE);
+    let avail_event = USED + 4 + 8 * u64::from(QSIZE);
+    let flush = |d: &mut Driver, tb: &mut TestBench| {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&4u32.to_le_bytes());
+        tb.ram().write_all(HEADER, &h);
+        d.submit(tb, &[(HEADER, 16, false), (STATUS, 1, true)]);
+    };
+    let wait_used = |tb: &TestBench, n: u16| {
+        let t0 = std::time::Instant::now();
+        while used_idx(tb) != n && t0.elapsed() < WAIT {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(used_idx(tb), n);
+    };
+    // used_event 0: an interrupt at the first completion.
+    tb.ram().write_all(used_event, &0u16.to_le_bytes());
+    flush(&mut d, &mut tb);
+    assert!(tb.irq().wait_msix(1, 1, WAIT), "the first completion");
+    // used_event 3: none when the used index becomes 2 or 3. The device
+    // decides right after it publishes a completion and before it takes
+    // the next request, so once request 3 is used, request 2's decision
+    // has been made.
+    tb.ram().write_all(used_event, &3u16.to_le_bytes());
+    flush(&mut d, &mut tb);
+    wait_used(&tb, 2);
+    flush(&mut d, &mut tb);
+    wait_used(&tb, 3);
+    assert_eq!(tb.irq().msix_count(1), 1, "no interrupt for request 2");
+    // One when it becomes 4.
+    flush(&mut d, &mut tb);
+    assert!(tb.irq().wait_msix(1, 2, WAIT), "used_event passed");
+    assert_eq!(used_idx(&tb), 4);
+    // A reset waits for the device's pass: then avail_event asks for a
+    // notification at entry 4, the next the device would take.
+    d.common_w(&mut tb, 0x14, 1, 0);
+    let at = u16::from_le_bytes(tb.ram().read_vec(avail_event, 2).try_into().unwrap());
+    assert_eq!(at, 4, "avail_event");
+    assert_eq!(tb.irq().msix_count(1), 2, "no interrupt for request 3");
 }

@@ -336,6 +336,21 @@ fn apply(p: &Parts, image: MachineImage, mut states: BTreeMap<String, Vec<u8>>) 
     if here != there {
         bail!("the snapshot's PCI functions (slot, id) are {there:?}, this VM's {here:?}");
     }
+    // The machine first, then the devices: a device may raise an
+    // interrupt the moment its state is back (virtio-blk signals each
+    // queue once after a restore), and the irqchip's and vCPUs' state
+    // written after it would erase that interrupt from the local APIC
+    // (KVM_SET_LAPIC replaces IRR), leaving the guest waiting for good.
+    image.legacy.write(p.bus, p.exit)?;
+    image.irqchip.restore(p.vm)?;
+    let mut clock = image.clock;
+    // The guest's clock goes on from where it stopped (no jump by the
+    // time the snapshot spent on disk).
+    clock.flags = 0;
+    p.vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
+    for (id, (v, s)) in p.vcpus.iter().zip(&image.vcpus).enumerate() {
+        s.write(&lock(v)).with_context(|| format!("vCPU {id}"))?;
+    }
     for f in &image.functions {
         f.write(&p.bus.pci)?;
         let state = states
@@ -356,16 +371,6 @@ fn apply(p: &Parts, image: MachineImage, mut states: BTreeMap<String, Vec<u8>>) 
     }
     if let Some(id) = states.keys().next() {
         bail!("the snapshot has a state for device `{id}`, which this VM does not have");
-    }
-    image.legacy.write(p.bus, p.exit)?;
-    image.irqchip.restore(p.vm)?;
-    let mut clock = image.clock;
-    // The guest's clock goes on from where it stopped (no jump by the
-    // time the snapshot spent on disk).
-    clock.flags = 0;
-    p.vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
-    for (id, (v, s)) in p.vcpus.iter().zip(&image.vcpus).enumerate() {
-        s.write(&lock(v)).with_context(|| format!("vCPU {id}"))?;
     }
     Ok(())
 }

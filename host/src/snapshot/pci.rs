@@ -10,11 +10,10 @@ use serde::{Deserialize, Serialize};
 use crate::pci::root::{PciRoot, SlotLabel};
 use crate::pci::PciDevice;
 
-const COMMAND: usize = 0x04;
-const BAR0: usize = 0x10;
+use pci::regs::{BAR0, CAPABILITIES_POINTER, COMMAND, FIRST_CAPABILITY, INTERRUPT_LINE, STATUS};
+
+/// The end of the six BARs.
 const BAR_END: usize = 0x28;
-const INTERRUPT_LINE: usize = 0x3c;
-const FIRST_CAPABILITY: usize = 0x40;
 
 /// One function.
 #[derive(Serialize, Deserialize)]
@@ -43,6 +42,18 @@ impl FunctionImage {
     pub fn read(slot: u8, label: &SlotLabel, dev: &mut dyn PciDevice) -> Self {
         let mut cfg = [0u8; 256];
         dev.config_space().read(0, &mut cfg);
+        // The capabilities as the function itself answers them: a remote's
+        // are in the remote (the VMM's shadow of its configuration space
+        // models none, and a snapshot taken from it had no MSI-X: the
+        // destination's remote then dropped every vector).
+        dev.config_read(STATUS, &mut cfg[STATUS..STATUS + 2]);
+        dev.config_read(
+            CAPABILITIES_POINTER,
+            &mut cfg[CAPABILITIES_POINTER..=CAPABILITIES_POINTER],
+        );
+        for off in (FIRST_CAPABILITY..256).step_by(4) {
+            dev.config_read(off, &mut cfg[off..off + 4]);
+        }
         let (mut table, mut pending) = (Vec::new(), Vec::new());
         if let Some((_, l)) = pci::msix::find(&cfg) {
             table = vec![0u8; l.table_size() as usize];
@@ -133,10 +144,25 @@ impl FunctionImage {
                 }
             }
             let cs = dev.config_space();
-            let caps: Vec<usize> = (FIRST_CAPABILITY..256)
+            let mut caps: Vec<usize> = (FIRST_CAPABILITY..256)
                 .step_by(4)
                 .filter(|&off| cs.is_modelled(off))
                 .collect();
+            // A remote's function keeps its capabilities in the remote
+            // (the VMM's shadow models none of them): its MSI and MSI-X
+            // registers, which decide where its interrupts go, are written
+            // through the function as the guest wrote them, so the remote
+            // and the VMM's routes are as the guest left them. The rest of
+            // a remote's capabilities is the device's own state.
+            if let Some((cap, _)) = pci::msix::find(&cfg) {
+                caps.extend((cap..cap + 12).step_by(4));
+            }
+            if let Some((cap, _)) = pci::msi::find(&cfg) {
+                caps.extend((cap..cap + pci::msi::CAP_LEN).step_by(4));
+            }
+            caps.sort_unstable();
+            caps.dedup();
+            caps.retain(|&off| off + 4 <= cfg.len());
             for off in caps {
                 dev.config_write(off, &cfg[off..off + 4]);
             }
@@ -185,6 +211,9 @@ mod tests {
         table: Vec<u8>,
         pending: u8,
         signalled: Signals,
+        /// What `config_space` shows when set: a remote's function shows
+        /// the VMM's shadow, which models no capability.
+        shadow: Option<ConfigSpace>,
     }
 
     impl MsixFunction {
@@ -208,6 +237,7 @@ mod tests {
                 table: vec![0; LAYOUT.table_size() as usize],
                 pending: 0,
                 signalled: signalled.clone(),
+                shadow: None,
             };
             (Box::new(f), signalled)
         }
@@ -219,6 +249,10 @@ mod tests {
         }
         fn config_write(&mut self, offset: usize, data: &[u8]) {
             self.config.write(offset, data);
+            // The proxy keeps its shadow's BARs and Command in step.
+            if let Some(s) = self.shadow.as_mut() {
+                s.write(offset, data);
+            }
         }
         fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
             let o = offset as usize;
@@ -238,7 +272,7 @@ mod tests {
             }
         }
         fn config_space(&self) -> &ConfigSpace {
-            &self.config
+            self.shadow.as_ref().unwrap_or(&self.config)
         }
         fn signal_msix(&mut self, vector: u16) {
             let (enabled, _) = pci::msix::control(&self.config, self.cap);
@@ -253,11 +287,42 @@ mod tests {
 
     #[test]
     fn a_vector_pending_at_the_snapshot_is_pending_after_the_restore() {
+        restore_msix(false);
+    }
+
+    /// A remote's function: the VMM's view of its configuration space
+    /// models no capability, and MSI-X is still enabled on the destination
+    /// (a live migration of a remote virtio-blk left the guest waiting
+    /// for interrupts the remote dropped with MSI-X off).
+    #[test]
+    fn a_remote_functions_msix_is_enabled_after_the_restore() {
+        restore_msix(true);
+    }
+
+    /// A remote's function as the VMM sees it: `f` answers configuration
+    /// reads and writes as the remote would, while its `config_space` is
+    /// the proxy's shadow (BARs and Command, no capability).
+    fn behind_a_proxy(f: &mut MsixFunction) {
+        let mut shadow = ConfigSpace::new(Identity {
+            vendor_id: 0x1234,
+            device_id: 0x11e0,
+            ..Default::default()
+        });
+        shadow
+            .add_bar(0, f.config.bar_spec(0).expect("BAR 0"))
+            .expect("BAR");
+        f.shadow = Some(shadow);
+    }
+
+    fn restore_msix(remote: bool) {
         let label = SlotLabel {
             id: "dev0".into(),
             remote: None,
         };
         let (mut source, _) = MsixFunction::new();
+        if remote {
+            behind_a_proxy(&mut source);
+        }
         source.config_write(0x10, &0xfebf_0000u32.to_le_bytes());
         // Vector 2's message, masked; vector 0 unmasked and idle.
         source.bar_write(0, 2 * 16, &0xfee0_0000u32.to_le_bytes());
@@ -273,12 +338,24 @@ mod tests {
         let image: FunctionImage = serde_json::from_slice(&bytes).expect("decode");
 
         let root = PciRoot::new();
-        let (target, signalled) = MsixFunction::new();
+        let (mut target, signalled) = MsixFunction::new();
+        if remote {
+            behind_a_proxy(&mut target);
+        }
+        let cap = target.cap;
         root.insert(7, label, target).expect("insert");
         image.write(&root).expect("restore");
         // Signalled once, after MSI-X was enabled and the entry written:
         // the router keeps it pending while the vector is masked.
         assert_eq!(*signalled.lock().expect("lock"), vec![(2, true, true)]);
+        let mut ctrl = [0u8; 2];
+        root.with_function(7, |d| d.config_read(cap + 2, &mut ctrl))
+            .expect("slot 7");
+        assert_eq!(
+            pci::msix::decode_control(u16::from_le_bytes(ctrl)),
+            (true, false),
+            "MSI-X enabled, the function unmasked"
+        );
         let mut cfg = [0u8; 256];
         root.with_function(7, |d| d.config_space().read(0, &mut cfg))
             .expect("slot 7");
