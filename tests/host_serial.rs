@@ -4,9 +4,12 @@
 //! driver binds it as a `ttyS` port and the guest starts a shell on it;
 //! tests/serial_driver.py types a command into the plugin's UNIX socket
 //! (as `socat` would) and the shell's answer comes back through it and
-//! into the port's output file. Then a second port is hot-added with
-//! `device_add` into the running remote; the guest finds it by itself
-//! (ACPI PCI hotplug, no rescan), and a shell on it answers as well.
+//! into the port's output file. Then the VM is live-migrated (over unix:)
+//! to a second VMM with its own remote, port socket and output file, and
+//! the same shell answers through the new port. Then a second port is
+//! hot-added with `device_add` into that running remote; the guest finds
+//! it by itself (ACPI PCI hotplug, no rescan), and a shell on it answers
+//! as well.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -114,9 +117,16 @@ fn pci_serial_in_a_remote_answers_through_its_socket() {
             &dir,
             QMP_SOCKET,
             Duration::from_secs(600),
-            &["misc.log"],
+            &[
+                "misc.log",
+                "console-b.log",
+                "misc-b.log",
+                "vm-b.toml.host-stderr",
+            ],
         );
-        let job = run.check();
+        // The guest started on A and finished on B.
+        let job =
+            run.check_across(&[fs::read_to_string(dir.join("console-b.log")).unwrap_or_default()]);
         let (r, diag) = (&run.results, &run.diag);
         assert_eq!(job.status, 0, "guest job failed:\n{diag}");
         let out = &job.output;
@@ -152,6 +162,22 @@ fn pci_serial_in_a_remote_answers_through_its_socket() {
             rep["ser1-answer"].as_str().unwrap().contains("hot-42"),
             "{diag}"
         );
+        // The live migration: completed, the source stopped and gone with
+        // its remote, and the shell that answered on A answered on B.
+        assert_eq!(rep["migrated"]["status"], "completed", "{diag}");
+        assert_eq!(rep["source-status"], "postmigrate", "{diag}");
+        assert_eq!(rep["source-exit"], 0, "{diag}");
+        assert_eq!(rep["source-remotes-gone"], true, "{diag}");
+        assert_eq!(rep["status-b"], "running", "{diag}");
+        assert!(
+            rep["ser0-moved-answer"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("moved-42"),
+            "{diag}"
+        );
+        let fb = file_gets(&dir.join("ser0-b.out"), "moved-42");
+        assert!(fb.contains("moved-42"), "ser0-b.out: {fb:?}\n{diag}");
         // ... and into the output files (the hot-added port's path was
         // relative: the config file's directory).
         let f0 = file_gets(&dir.join("ser0.out"), "hello-42");

@@ -170,6 +170,55 @@ async def finish(host, qmp, events, timeout=120):
     results["seconds"] = now()
 
 
+async def live_migrate(host, qmp, replace):
+    """Live-migrates the running VM over unix: to a second VM (B), started
+    with `--incoming` from CONFIG with the `replace` substitutions made
+    (its own console log, remote logs, sockets); quits the source once
+    the migration completed. Records what a test checks under
+    results["replies"]: "migrated" (query-migrate), "source-status",
+    "source-exit", "source-remotes-gone", "source-verify" (the source's
+    copy check lines), "status-b". Returns B's host, monitor and events."""
+    d = os.path.dirname(CONFIG)
+    with open(CONFIG) as f:
+        text = f.read()
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    cfg_b = os.path.join(d, "vm-b.toml")
+    with open(cfg_b, "w") as f:
+        f.write(text)
+    uri = "unix:" + SOCK + ".mig"
+    bhost = spawn_host(cfg_b, SOCK + ".b", ["--incoming", uri])
+    r = results["replies"]
+    # B listens before its monitor is up; the source retries its
+    # connection until then (bounded).
+    for _ in range(300):
+        await qmp.execute("migrate", {"uri": uri})
+        for _ in range(3000):
+            st = await qmp.execute("query-migrate")
+            if st.get("status") in ("completed", "failed", "cancelled"):
+                break
+            await asyncio.sleep(0.1)
+        if st.get("status") == "completed" or "connecting" not in st.get("error-desc", ""):
+            break
+        await asyncio.sleep(0.1)
+    r["migrated"] = st
+    r["source-status"] = (await qmp.execute("query-status"))["status"]
+    pids = [x["pid"] for x in await qmp.execute("query-remote") if x.get("pid")]
+    await qmp.execute("quit")
+    r["source-exit"] = host.wait(timeout=60)
+    r["source-remotes-gone"] = all(gone(p) for p in pids)
+    try:
+        await qmp.disconnect()
+    except Exception:
+        pass
+    with open(CONFIG + ".host-stderr", errors="replace") as f:
+        r["source-verify"] = [ln.strip() for ln in f if "migration verify" in ln]
+    save()
+    bqmp = await connect_qmp("vm-b", SOCK + ".b", bhost)
+    r["status-b"] = (await bqmp.execute("query-status"))["status"]
+    return bhost, bqmp, Events(bqmp)
+
+
 async def debug_reports():
     """QMP `x-debug-report` of every host still running (bounded)."""
     out = []

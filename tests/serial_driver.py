@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Drives the pci-serial VM of tests/host_serial.rs: talks to the guest's
-shells through the plugin's UNIX sockets (as `socat` would) and hot-adds a
-second port with QEMU's own client (qemu.qmp).
+shells through the plugin's UNIX sockets (as `socat` would), live-migrates
+the VM to a second one (B: its own remote, port socket and output file)
+and talks to the same shell through B's port, then hot-adds a second port
+into B's remote with QEMU's own client (qemu.qmp).
 
 The guest prints `STEP <name>` on its console and waits for a line on its
 console input (see tests/qmp_common.py).
@@ -15,10 +17,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_common import SOCK, Console, Events, finish, results, run, save, start_vm  # noqa: E402
+from qmp_common import (  # noqa: E402
+    CONFIG, SOCK, Console, Events, finish, live_migrate, results, run, save, sayer, start_vm)
 
 SOCKETS = os.path.dirname(SOCK)
 SER0 = os.path.join(SOCKETS, "ser0.sock")
+SER0_B = os.path.join(SOCKETS, "ser0-b.sock")
 SER1 = os.path.join(SOCKETS, "ser1.sock")
 
 
@@ -63,7 +67,17 @@ async def main():
     r["ser0-answer"] = await converse(SER0, b"echo hello-$((6*7))", b"hello-42")
     r["ser0-seconds"] = round(time.monotonic() - t, 2)
     save()
-    # A second port into the running remote; its output file is relative
+    # The VM moves to B while the guest's shell waits on the port; the
+    # same shell answers through B's port (the UART's state moved with it).
+    qmp_a = qmp
+    host, qmp, ev = await live_migrate(host, qmp_a, {
+        '"console.log"': '"console-b.log"', '"misc.log"': '"misc-b.log"',
+        "ser0.sock": "ser0-b.sock", '"ser0.out"': '"ser0-b.out"'})
+    say = sayer(host)
+    con = Console(os.path.join(os.path.dirname(CONFIG), "console-b.log"))
+    r["ser0-moved-answer"] = await converse(SER0_B, b"echo moved-$((6*7))", b"moved-42")
+    save()
+    # A second port into B's running remote; its output file is relative
     # (to the config file's directory, like every path of the config).
     r["device_add"] = await qmp.execute("device_add", {
         "driver": "pci-serial", "id": "ser1", "remote": "misc", "addr": "0x6",

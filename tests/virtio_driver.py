@@ -13,14 +13,12 @@ on B it is told to stop, checks its earlier write and finishes there.
 Usage: virtio_driver.py HOST CONFIG QMP_SOCKET CONSOLE_LOG RESULTS_JSON
 """
 
-import asyncio
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qmp_common import (  # noqa: E402
-    CONFIG, SOCK, Console, Events, connect_qmp, finish, gone, results, run, save, sayer,
-    spawn_host, start_vm)
+    CONFIG, Console, Events, finish, live_migrate, results, run, sayer, start_vm)
 from qemu.qmp import ExecuteError  # noqa: E402
 
 
@@ -46,7 +44,9 @@ async def main():
     r["restarted"] = await ev.wait("REMOTE_RESTARTED", id="storage", timeout=60)
     say("go")
     await con.wait_step("grown")
-    bhost, bqmp, bev = await migrate_to_b(host, qmp, con)
+    await con.wait_step("tick")
+    bhost, bqmp, bev = await live_migrate(host, qmp, {
+        '"console.log"': '"console-b.log"', '"vm-remote.log"': '"vm-b-remote.log"'})
     say_b = sayer(bhost)
     con_b = Console(os.path.join(os.path.dirname(CONFIG), "console-b.log"))
     # Progress on B: the guest's loop prints a tick every few rounds.
@@ -55,52 +55,6 @@ async def main():
     say_b("stop")
     await con_b.wait_step("done")
     await finish(bhost, bqmp, bev)
-
-
-async def migrate_to_b(host, qmp, con):
-    """Live-migrates the running VM to B over unix: while the guest's I/O
-    runs, quits the source; returns B's host, monitor and events."""
-    d = os.path.dirname(CONFIG)
-    with open(CONFIG) as f:
-        text = f.read()
-    cfg_b = os.path.join(d, "vm-b.toml")
-    with open(cfg_b, "w") as f:
-        f.write(text.replace('"console.log"', '"console-b.log"').replace(
-            '"vm-remote.log"', '"vm-b-remote.log"'))
-    await con.wait_step("tick")
-    uri = "unix:" + SOCK + ".mig"
-    bhost = spawn_host(cfg_b, SOCK + ".b", ["--incoming", uri])
-    r = results["replies"]
-    # B listens before its monitor is up; the source retries its
-    # connection until then (bounded).
-    for _ in range(300):
-        await qmp.execute("migrate", {"uri": uri})
-        for _ in range(3000):
-            st = await qmp.execute("query-migrate")
-            if st.get("status") in ("completed", "failed", "cancelled"):
-                break
-            await asyncio.sleep(0.1)
-        if st.get("status") == "completed" or "connecting" not in st.get("error-desc", ""):
-            break
-        await asyncio.sleep(0.1)
-    r["migrated"] = st
-    r["source-status"] = (await qmp.execute("query-status"))["status"]
-    pids = [x["pid"] for x in await qmp.execute("query-remote") if x.get("pid")]
-    await qmp.execute("quit")
-    r["source-exit"] = host.wait(timeout=60)
-    r["source-remote-pids"] = pids
-    r["source-remotes-gone"] = all(gone(p) for p in pids)
-    try:
-        await qmp.disconnect()
-    except Exception:
-        pass
-    with open(CONFIG + ".host-stderr", errors="replace") as f:
-        r["source-verify"] = [ln.strip() for ln in f if "migration verify" in ln]
-    save()
-    bqmp = await connect_qmp("vm-b", SOCK + ".b", bhost)
-    r["status-b"] = (await bqmp.execute("query-status"))["status"]
-    return bhost, bqmp, Events(bqmp)
-
 
 
 run(main, "virtio_driver")
