@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qmp_common import (  # noqa: E402
-    SOCK, Console, Events, connect_qmp, finish, gone, results, run, save, sayer, spawn_host)
+    SOCK, Console, Events, connect_qmp, finish, gone, migration_status, results, run, save, sayer, spawn_host)
 from qemu.qmp import ExecuteError  # noqa: E402
 
 DIR = os.path.dirname(sys.argv[2])
@@ -56,17 +56,6 @@ async def error_of(qmp, cmd, args):
         return "no error"
     except ExecuteError as e:
         return str(e)
-
-
-async def migration_status(qmp, want, timeout=300.0):
-    """query-migrate until its status is one of `want` (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = await qmp.execute("query-migrate")
-        if st.get("status") in want:
-            return st
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"the migration never reached {want}")
 
 
 async def rounds_on(name, more=5, timeout=240.0):

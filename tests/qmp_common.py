@@ -170,6 +170,17 @@ async def finish(host, qmp, events, timeout=120):
     results["seconds"] = now()
 
 
+async def migration_status(qmp, want, timeout=300.0):
+    """query-migrate until its status is one of `want` (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = await qmp.execute("query-migrate")
+        if st.get("status") in want:
+            return st
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"the migration never reached {want}")
+
+
 async def live_migrate(host, qmp, replace):
     """Live-migrates the running VM over unix: to a second VM (B), started
     with `--incoming` from CONFIG with the `replace` substitutions made
@@ -193,11 +204,7 @@ async def live_migrate(host, qmp, replace):
     # connection until then (bounded).
     for _ in range(300):
         await qmp.execute("migrate", {"uri": uri})
-        for _ in range(3000):
-            st = await qmp.execute("query-migrate")
-            if st.get("status") in ("completed", "failed", "cancelled"):
-                break
-            await asyncio.sleep(0.1)
+        st = await migration_status(qmp, ("completed", "failed", "cancelled"))
         if st.get("status") == "completed" or "connecting" not in st.get("error-desc", ""):
             break
         await asyncio.sleep(0.1)
