@@ -4,7 +4,9 @@
 //! connects to the socket an orchestrator made (`socket = "..."`), or
 //! uses a connected socket it inherited (`host run --remote-fd ID=N`, the
 //! way QEMU's `x-remote` is started: it only takes a connected fd).
-//! Spawned remotes get `PR_SET_PDEATHSIG` and are stopped when the VM ends.
+//! Spawned remotes get `PR_SET_PDEATHSIG`, are each the first process of a
+//! PID namespace of their own ([`pid_namespace`]), and are stopped when the
+//! VM ends.
 //! The protocol is the remote's `protocol` (vfio-user or mpqemu).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -13,6 +15,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod pid_namespace;
 
 use anyhow::{bail, Context, Result};
 use channel::control::ControlClient;
@@ -566,7 +570,9 @@ fn spawn_remote(
         });
     }
     let t = std::time::Instant::now();
-    let spawned = spawn_child(cmd);
+    // The jail's PID namespace part is the VMM's to make (see
+    // `pid_namespace`); `jail = false` turns it off with the rest.
+    let spawned = spawn_child(cmd, r.jail != Some(false));
     tracing::info!("remote {}: spawned in {:?}", r.id, t.elapsed());
     let child = match spawned {
         Ok(c) => c,
@@ -621,18 +627,40 @@ pub fn private_dir(prefix: &str) -> Result<PathBuf> {
 /// that forked it ends, not the process: a remote spawned by a thread
 /// that ends soon after (an automatic restart's, a QMP client's) was
 /// killed with it. Should that thread not start, the caller's thread
-/// spawns, as before.
-fn spawn_child(cmd: Command) -> std::io::Result<Child> {
+/// spawns, as before (and with no PID namespace). With `own_pid_namespace`
+/// the child is the first process of a new PID namespace where the VMM may
+/// make one ([`pid_namespace`]).
+fn spawn_child(cmd: Command, own_pid_namespace: bool) -> std::io::Result<Child> {
     use std::sync::mpsc::{channel, SendError, Sender};
-    type Job = (Command, Sender<std::io::Result<Child>>);
+    type Job = (Command, bool, Sender<std::io::Result<Child>>);
     static SPAWNER: std::sync::OnceLock<std::sync::Mutex<Sender<Job>>> = std::sync::OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = channel::<Job>();
         let started = std::thread::Builder::new()
             .name("remote-spawner".into())
             .spawn(move || {
-                while let Ok((mut cmd, reply)) = rx.recv() {
+                let namespaces = pid_namespace::PidNamespaces::open()
+                    .inspect_err(|e| {
+                        tracing::info!(
+                            "remotes share the VMM's PID namespace (it may not make one: {e})"
+                        )
+                    })
+                    .ok();
+                while let Ok((mut cmd, own, reply)) = rx.recv() {
+                    let ns = namespaces.as_ref().filter(|_| own);
+                    let ns = ns.filter(|ns| match ns.next_child_in_a_new_one() {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!("no PID namespace for this remote: {e}");
+                            false
+                        }
+                    });
                     let _ = reply.send(cmd.spawn());
+                    if let Some(Err(e)) = ns.map(|ns| ns.back_to_our_own()) {
+                        tracing::warn!(
+                            "the next remote may be made in this one's PID namespace: {e}"
+                        );
+                    }
                 }
             });
         if let Err(e) = started {
@@ -641,15 +669,16 @@ fn spawn_child(cmd: Command) -> std::io::Result<Child> {
         std::sync::Mutex::new(tx)
     });
     let (reply, answer) = channel();
-    let sent = spawner
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send((cmd, reply));
+    let sent =
+        spawner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send((cmd, own_pid_namespace, reply));
     match sent {
         Ok(()) => answer
             .recv()
             .unwrap_or_else(|_| Err(std::io::Error::other("the spawner thread ended"))),
-        Err(SendError((mut cmd, _))) => cmd.spawn(),
+        Err(SendError((mut cmd, _, _))) => cmd.spawn(),
     }
 }
 

@@ -659,3 +659,114 @@ fn a_standby_remote_waits_then_serves_once_started() {
     }
     std::fs::remove_dir_all(&work).ok();
 }
+
+/// The pid namespace `pid`'s process is in, and its pids from the
+/// outermost namespace inward (`NSpid`).
+fn pid_namespace_of(pid: u32) -> (std::path::PathBuf, Vec<u32>) {
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    (ns, nspid)
+}
+
+/// The one-letter state of `pid` (`T` when stopped).
+fn process_state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The state follows the command's closing parenthesis.
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .unwrap()
+}
+
+fn wait_state(pid: u32, stopped: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (process_state(pid) == 'T') != stopped {
+        assert!(Instant::now() < deadline, "state {}", process_state(pid));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A remote the VMM spawns is the first process of a PID namespace of its
+/// own (pid 1 inside: it sees no other process of the machine), while from
+/// outside it is still the VMM's child: it serves, `SIGSTOP`/`SIGCONT`
+/// stop and resume it, `SIGKILL` ends it and its end is seen. `jail =
+/// false` leaves it in the VMM's namespace. Making a PID namespace needs
+/// root.
+#[test]
+fn a_spawned_remote_is_alone_in_a_pid_namespace_of_its_own() {
+    let Some(dir) = prerequisites::or_skip() else {
+        return;
+    };
+    // SAFETY: geteuid only reads this process's id.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root: a PID namespace needs it"
+        );
+        eprintln!("skipped: making a PID namespace needs root");
+        return;
+    }
+    std::env::set_var("REMOTE_HOST", dir.join("remote-host"));
+    let ours = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    for jail in [true, false] {
+        let work = dir.join(format!("host-proxy-pidns-{}-{jail}", std::process::id()));
+        std::fs::create_dir_all(&work).unwrap();
+        let (_, cfg) = prerequisites::dma_example_config(
+            &work,
+            "r",
+            &format!("log = \"remote.log\"\ntimeout-ms = 30000\njail = {jail}"),
+            SLOT,
+        );
+        let s = host::remote::connect_supervised(&cfg, &cfg.remotes[0], None).unwrap();
+        let mut proc = s.process.expect("spawned");
+        let pid = proc.pid();
+        let (ns, nspid) = pid_namespace_of(pid);
+        if !jail {
+            assert_eq!((ns, nspid), (ours.clone(), vec![pid]));
+            proc.stop(Duration::ZERO);
+            std::fs::remove_dir_all(&work).ok();
+            continue;
+        }
+        assert_ne!(ns, ours, "the remote shares our PID namespace");
+        assert_eq!(nspid, vec![pid, 1], "not the first process of its own");
+
+        let mut clients = s.clients;
+        let (_, client) = clients.pop().unwrap();
+        let (vm, ram) = kvm_vm();
+        let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI).unwrap();
+        let root = bus_of(Box::new(func));
+        let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
+        assert_eq!(read32(&root, bar0 + REG_ID), ID_VALUE);
+
+        // Signals from the VMM's namespace reach it as they reach any child.
+        let sig = |s: i32| {
+            // SAFETY: kill on our own child's pid.
+            assert_eq!(unsafe { libc::kill(pid as i32, s) }, 0);
+        };
+        sig(libc::SIGSTOP);
+        wait_state(pid, true);
+        sig(libc::SIGCONT);
+        wait_state(pid, false);
+        assert_eq!(read32(&root, bar0 + REG_ID), ID_VALUE);
+        sig(libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let end = loop {
+            if let Some(end) = host::remote::process_end(pid) {
+                break end;
+            }
+            assert!(Instant::now() < deadline, "SIGKILL did not end it");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(end, host::remote::ProcessEnd::Signaled(libc::SIGKILL));
+        root.shutdown();
+        drop((s.control, s.control_hangup));
+        proc.stop(Duration::ZERO);
+        std::fs::remove_dir_all(&work).ok();
+    }
+}
