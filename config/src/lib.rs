@@ -28,6 +28,9 @@
 //! # restart = "on-failure"       # or "always"; default "never"
 //! # restart-limit = 5            # automatic restarts per minute
 //! # standby = true               # keep a replacement process started
+//! # memory-max = "512M"          # limits, through a cgroup of its own:
+//! # cpu-percent = 150            # CPU time (150: one and a half CPUs)
+//! # tasks-max = 64               # threads at once
 //!
 //! [[device]]
 //! id = "lsi0"
@@ -295,7 +298,32 @@ pub struct RemoteConfig {
     /// entered, devices not built), so that a restart does not wait for
     /// a process to start; `false` saves that process.
     pub standby: bool,
+    /// Resource limits of a spawned remote's process, each applied through
+    /// a cgroup of its own (`memory-max`, `cpu-percent`, `tasks-max`; none
+    /// by default). See the VMM's `remote::cgroup`.
+    pub limits: ResourceLimits,
     pub location: Location,
+}
+
+/// `[[remote]]` resource limits; `None` is no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResourceLimits {
+    /// `memory-max` ("64M", "1G"): the most memory the process may be
+    /// charged for; past it the kernel reclaims, then kills the remote
+    /// (a death supervision handles like any other).
+    pub memory_bytes: Option<u64>,
+    /// `cpu-percent`: CPU time per period, in percent of one CPU (150 is
+    /// one and a half CPUs).
+    pub cpu_percent: Option<u32>,
+    /// `tasks-max`: threads the process may have at once.
+    pub tasks: Option<u32>,
+}
+
+impl ResourceLimits {
+    /// Whether any limit is set.
+    pub fn any(&self) -> bool {
+        *self != ResourceLimits::default()
+    }
 }
 
 /// Where a device runs.
@@ -622,6 +650,7 @@ fn parse_remote(
     };
     let restart_limit = t.integer_in("restart-limit", 1..=100, Some(5))?.value as u32;
     let standby = t.opt_bool("standby")?.is_none_or(|b| b.value);
+    let limits = parse_limits(&mut t)?;
     t.deny_unknown()?;
     Ok(RemoteConfig {
         id,
@@ -639,7 +668,38 @@ fn parse_remote(
         restart,
         restart_limit,
         standby,
+        limits,
         location,
+    })
+}
+
+fn parse_limits(t: &mut TableReader<'_>) -> Result<ResourceLimits, ConfigError> {
+    let memory_bytes = match t.opt_string("memory-max")? {
+        None => None,
+        Some(m) => Some(
+            parse_size(&m.value)
+                .filter(|&b| (16 << 20..=1 << 40).contains(&b))
+                .ok_or_else(|| {
+                    t.error(
+                        m.span.clone(),
+                        format!(
+                            "`memory-max` must be a size from 16M to 1024G such as \"256M\", found \"{}\"",
+                            m.value
+                        ),
+                    )
+                })?,
+        ),
+    };
+    let cpu_percent = t
+        .opt_integer_in("cpu-percent", 1..=100_000)?
+        .map(|c| c.value as u32);
+    let tasks = t
+        .opt_integer_in("tasks-max", 8..=100_000)?
+        .map(|c| c.value as u32);
+    Ok(ResourceLimits {
+        memory_bytes,
+        cpu_percent,
+        tasks,
     })
 }
 

@@ -146,6 +146,18 @@ impl<'a> TableReader<'a> {
         Ok(got)
     }
 
+    /// An integer in `range` when present.
+    pub(crate) fn opt_integer_in(
+        &mut self,
+        key: &'static str,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Result<Option<Spanned<i64>>, ConfigError> {
+        if self.opt_integer(key)?.is_none() {
+            return Ok(None);
+        }
+        self.integer_in(key, range, None).map(Some)
+    }
+
     pub(crate) fn opt_bool(
         &mut self,
         key: &'static str,

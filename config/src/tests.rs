@@ -358,3 +358,37 @@ fn bad_restart_policy_is_reported_at_the_value() {
     assert_eq!(line, 10);
     assert!(msg.contains("restart-limit"), "{msg}");
 }
+
+#[test]
+fn remote_resource_limits() {
+    let none = parse(GOOD).unwrap();
+    assert!(!none.remotes[0].limits.any());
+    let text = GOOD.replace(
+        "log = \"/var/log/storage.log\"",
+        "log = \"/var/log/storage.log\"\nmemory-max = \"256M\"\ncpu-percent = 150\ntasks-max = 64",
+    );
+    assert_eq!(
+        parse(&text).unwrap().remotes[0].limits,
+        ResourceLimits {
+            memory_bytes: Some(256 << 20),
+            cpu_percent: Some(150),
+            tasks: Some(64),
+        }
+    );
+    for (bad, want) in [
+        ("memory-max = \"1M\"", "from 16M"),
+        ("memory-max = \"lots\"", "from 16M"),
+        ("memory-max = 256", "a string"),
+        ("cpu-percent = 0", "between 1 and"),
+        ("tasks-max = 2", "between 8 and"),
+        ("tasks-max = \"8\"", "an integer"),
+    ] {
+        let text = GOOD.replace(
+            "log = \"/var/log/storage.log\"",
+            &format!("log = \"/var/log/storage.log\"\n{bad}"),
+        );
+        let (line, _, msg) = err(&text);
+        assert_eq!(line, 11, "{bad}: {msg}");
+        assert!(msg.contains(want), "{bad}: {msg}");
+    }
+}

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod cgroup;
 mod pid_namespace;
 
 use anyhow::{bail, Context, Result};
@@ -79,6 +80,8 @@ pub struct RemoteProcess {
     pub id: String,
     child: Child,
     rundir: Option<PathBuf>,
+    /// Its resource limits' cgroup, removed once it has ended.
+    cgroup: Option<cgroup::RemoteCgroup>,
 }
 
 impl RemoteProcess {
@@ -129,6 +132,13 @@ impl RemoteProcess {
         if let Some(d) = self.rundir.take() {
             let _ = std::fs::remove_dir_all(d);
         }
+        self.cgroup = None;
+    }
+
+    /// The directories of its resource limits' cgroup, one per hierarchy
+    /// (none without limits).
+    pub fn cgroup_dirs(&self) -> &[PathBuf] {
+        self.cgroup.as_ref().map_or(&[], |c| c.dirs())
     }
 }
 
@@ -547,11 +557,17 @@ fn spawn_remote(
     .into_iter()
     .filter_map(|(fd, to)| fd.map(|f| (f.as_raw_fd(), to)))
     .collect();
+    let cgroup = cgroup::RemoteCgroup::create(&cgroup_name(r), &r.limits)
+        .with_context(|| format!("remote `{}`: its resource limits", r.id))?;
+    let cgroup_fds = cgroup.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
     // SAFETY: the hook only calls async-signal-safe functions (fcntl,
-    // dup2, prctl) on fds that stay open until the child has exec'd; it
-    // allocates nothing (`moves` was made before the fork).
+    // dup2, prctl, write) on fds that stay open until the child has
+    // exec'd; it allocates nothing (`moves` and `cgroup_fds` were made
+    // before the fork).
     unsafe {
         cmd.pre_exec(move || {
+            // In its limits before a line of remote-host runs.
+            cgroup::RemoteCgroup::enter_from_child(&cgroup_fds)?;
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -589,6 +605,7 @@ fn spawn_remote(
             id: r.id.clone(),
             child,
             rundir: rundir.clone(),
+            cgroup,
         },
         devices,
         device_socket,
@@ -598,6 +615,15 @@ fn spawn_remote(
         go,
         timeout,
     })
+}
+
+/// The cgroup of one spawned process of remote `r`: `host-<VMM pid>-<remote
+/// id>-<n>`, a new one per process (a standby and the remote it replaces
+/// run side by side).
+fn cgroup_name(r: &RemoteConfig) -> String {
+    static SPAWNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("host-{}-{}-{n}", std::process::id(), r.id)
 }
 
 /// A new directory only this user can enter, with an unguessable name

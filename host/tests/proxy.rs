@@ -770,3 +770,103 @@ fn a_spawned_remote_is_alone_in_a_pid_namespace_of_its_own() {
         std::fs::remove_dir_all(&work).ok();
     }
 }
+
+/// `memory-max`, `cpu-percent` and `tasks-max` put a spawned remote in a
+/// cgroup of its own holding those limits from its first instruction:
+/// the kernel's files say so, the remote serves, and the cgroup is gone
+/// once the remote has ended. Needs root and a writable cgroup hierarchy
+/// (v1 on this project's machine).
+#[test]
+fn a_spawned_remote_runs_in_a_cgroup_with_its_limits() {
+    let Some(dir) = prerequisites::or_skip() else {
+        return;
+    };
+    // SAFETY: geteuid only reads this process's id.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        eprintln!("skipped: making cgroups needs root");
+        return;
+    }
+    std::env::set_var("REMOTE_HOST", dir.join("remote-host"));
+    let work = dir.join(format!("host-proxy-cgroup-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let (_, cfg) = prerequisites::dma_example_config(
+        &work,
+        "r",
+        "log = \"remote.log\"\ntimeout-ms = 30000\n\
+         memory-max = \"256M\"\ncpu-percent = 50\ntasks-max = 64",
+        SLOT,
+    );
+    let s = host::remote::connect_supervised(&cfg, &cfg.remotes[0], None).unwrap();
+    let mut proc = s.process.expect("spawned");
+    let pid = proc.pid();
+    let dirs = proc.cgroup_dirs().to_vec();
+    assert!(!dirs.is_empty());
+    // Each of the remote's cgroups (per /proc) is one of those made for
+    // it, and each holds it and its limit.
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let mut seen = Vec::new();
+    for (controller, file, want) in [
+        ("memory", "memory.limit_in_bytes", "268435456"),
+        ("cpu", "cpu.cfs_quota_us", "50000"),
+        ("pids", "pids.max", "64"),
+    ] {
+        let (file, want) = match (v2, controller) {
+            (false, _) => (file, want),
+            (true, "memory") => ("memory.max", want),
+            (true, "cpu") => ("cpu.max", "50000 100000"),
+            (true, _) => (file, want),
+        };
+        let line = own
+            .lines()
+            .find(|l| {
+                let c = l.split(':').nth(1).unwrap_or("");
+                if v2 {
+                    c.is_empty()
+                } else {
+                    c.split(',').any(|c| c == controller)
+                }
+            })
+            .unwrap();
+        let path = line.splitn(3, ':').nth(2).unwrap();
+        let mount = if v2 {
+            std::path::PathBuf::from("/sys/fs/cgroup")
+        } else {
+            std::path::Path::new("/sys/fs/cgroup").join(controller)
+        };
+        let dir = mount.join(path.trim_start_matches('/'));
+        assert!(
+            dirs.contains(&dir),
+            "{controller}: {} not in {dirs:?}",
+            dir.display()
+        );
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|p| p == pid.to_string()),
+            "{controller}: {procs}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join(file)).unwrap().trim(),
+            want,
+            "{controller}"
+        );
+        seen.push(dir);
+    }
+
+    let mut clients = s.clients;
+    let (_, client) = clients.pop().unwrap();
+    let (vm, ram) = kvm_vm();
+    let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI).unwrap();
+    let root = bus_of(Box::new(func));
+    let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
+    assert_eq!(read32(&root, bar0 + REG_ID), ID_VALUE);
+
+    root.shutdown();
+    drop((s.control, s.control_hangup));
+    proc.stop(Duration::from_secs(30));
+    for d in &seen {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+    std::fs::remove_dir_all(&work).ok();
+}
