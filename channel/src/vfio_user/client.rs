@@ -25,6 +25,8 @@ use super::{
 };
 use crate::framing::{Framed, FramingError, RecvLimits, DEFAULT_POLL, DEFAULT_TIMEOUT, MAX_FDS};
 
+mod migration;
+
 /// Knobs of a client.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {

@@ -586,6 +586,75 @@ impl RegionAccess {
     }
 }
 
+/// DEVICE_FEATURE payload head (8 bytes, `struct vfio_user_device_feature`);
+/// the feature's data follows (see [`super::migration`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceFeature {
+    /// The largest reply payload the client takes.
+    pub argsz: u32,
+    /// The feature index (bits 0-15) and GET, SET, PROBE.
+    pub flags: u32,
+}
+
+impl DeviceFeature {
+    pub const LEN: usize = 8;
+
+    pub fn parse(b: &[u8]) -> Result<(DeviceFeature, &[u8]), ParseError> {
+        let mut r = Rd::new(b, "DEVICE_FEATURE", Self::LEN)?;
+        let f = DeviceFeature {
+            argsz: r.u32()?,
+            flags: r.u32()?,
+        };
+        Ok((f, r.rest()))
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put32(out, self.argsz);
+        put32(out, self.flags);
+    }
+}
+
+/// MIG_DATA_READ / MIG_DATA_WRITE payload head (8 bytes, `struct
+/// vfio_user_mig_data`); data follows in a write request and a read reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigData {
+    pub argsz: u32,
+    pub size: u32,
+}
+
+impl MigData {
+    pub const LEN: usize = 8;
+
+    /// Parses the head and returns the data after it, which must be
+    /// exactly `size` bytes when `with_data`, else empty.
+    pub fn parse<'a>(
+        b: &'a [u8],
+        what: &'static str,
+        with_data: bool,
+    ) -> Result<(MigData, &'a [u8]), ParseError> {
+        let mut r = Rd::new(b, what, Self::LEN)?;
+        let m = MigData {
+            argsz: r.u32()?,
+            size: r.u32()?,
+        };
+        let data = r.rest();
+        let want = if with_data { m.size as usize } else { 0 };
+        if data.len() != want {
+            return Err(ParseError::DataLength {
+                what,
+                count: m.size,
+                got: data.len(),
+            });
+        }
+        Ok((m, data))
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put32(out, self.argsz);
+        put32(out, self.size);
+    }
+}
+
 /// A parsed command, borrowing variable data from the payload.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Request<'a> {
@@ -599,6 +668,10 @@ pub enum Request<'a> {
     RegionRead(RegionAccess),
     RegionWrite(RegionAccess, &'a [u8]),
     DeviceReset,
+    /// DEVICE_FEATURE and the feature's data.
+    DeviceFeature(DeviceFeature, &'a [u8]),
+    MigDataRead(MigData),
+    MigDataWrite(MigData, &'a [u8]),
     /// A command we know of but do not serve, or an unknown number.
     Unsupported(u16),
 }
@@ -630,6 +703,17 @@ impl<'a> Request<'a> {
                 Request::RegionWrite(a, data)
             }
             Some(Command::DeviceReset) => Request::DeviceReset,
+            Some(Command::DeviceFeature) => {
+                let (f, data) = DeviceFeature::parse(payload)?;
+                Request::DeviceFeature(f, data)
+            }
+            Some(Command::MigDataRead) => {
+                Request::MigDataRead(MigData::parse(payload, "MIG_DATA_READ", false)?.0)
+            }
+            Some(Command::MigDataWrite) => {
+                let (m, data) = MigData::parse(payload, "MIG_DATA_WRITE", true)?;
+                Request::MigDataWrite(m, data)
+            }
             _ => Request::Unsupported(header.cmd),
         })
     }

@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod messages;
+pub mod migration;
 pub mod server;
 
 pub use client::{ClientError, ClientOptions, VfioUserClient};

@@ -31,6 +31,7 @@ use super::messages::{
     Capabilities, DeviceInfo, DmaMap, DmaUnmap, Header, IrqInfo, ParseError, RegionAccess,
     RegionInfo, Request, SetIrqs, Version,
 };
+use super::migration::{DmaLoggingReport, DmaLoggingStart, MigState};
 use super::{
     DEFAULT_MAX_DATA_XFER, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, HEADER_SIZE,
     IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_TYPE_MASK, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE,
@@ -38,6 +39,8 @@ use super::{
     VERSION_MINOR,
 };
 use crate::framing::{Framed, FramingError, RecvLimits, DEFAULT_POLL, DEFAULT_TIMEOUT};
+
+mod migration;
 
 /// A refusal from the device: an errno for the reply and a message for
 /// the log.
@@ -100,10 +103,67 @@ pub trait VfioUserDevice: Send {
         data: &[u8],
         fds: Vec<OwnedFd>,
     ) -> Result<(), DeviceError>;
+    /// DEVICE_RESET; a device that migrates is RUNNING afterwards.
     fn reset(&mut self) -> Result<(), DeviceError>;
     /// The client went away: drop its DMA mappings and IRQ fds, keep the
     /// device state.
     fn client_disconnected(&mut self);
+
+    // Migration v2 ([`super::migration`], docs/vfio-user-migration.md).
+    // The defaults offer none of it: every such request is refused with
+    // ENOTSUP. The loop checks sizes and states before calling these.
+
+    /// The `FEATURE_MIGRATION` flags the device offers (0: no migration).
+    fn migration_flags(&self) -> u64 {
+        0
+    }
+    /// The device's migration state (kept across connections).
+    fn mig_state(&self) -> MigState {
+        MigState::Running
+    }
+    /// One direct arc from [`mig_state`](Self::mig_state) to `to` (the
+    /// loop walks longer paths). On an error the device says where it is
+    /// through `mig_state`. Outside RUNNING (and PRE_COPY) the loop
+    /// refuses every BAR access; the configuration space is still served.
+    fn mig_arc(&mut self, to: MigState) -> Result<(), DeviceError> {
+        Err(DeviceError::unsupported(format!(
+            "migration (to {to:?}) is not supported"
+        )))
+    }
+    /// The next bytes of the migration data into `buf` (in a saving
+    /// state); fewer than asked at its end.
+    fn mig_read(&mut self, buf: &mut [u8]) -> Result<usize, DeviceError> {
+        let _ = buf;
+        Err(DeviceError::unsupported("migration is not supported"))
+    }
+    /// More migration data (in RESUMING); checked when RESUMING is left.
+    fn mig_write(&mut self, data: &[u8]) -> Result<(), DeviceError> {
+        let _ = data;
+        Err(DeviceError::unsupported("migration is not supported"))
+    }
+    /// Whether the device logs the pages its DMA writes.
+    fn dma_logging(&self) -> bool {
+        false
+    }
+    /// Starts the DMA dirty log; returns the page size it logs in.
+    fn dma_logging_start(&mut self, start: &DmaLoggingStart) -> Result<u64, DeviceError> {
+        let _ = start;
+        Err(DeviceError::unsupported("DMA logging is not supported"))
+    }
+    fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
+        Err(DeviceError::unsupported("DMA logging is not supported"))
+    }
+    /// The pages of `report`'s range written since the last report of
+    /// them, into the zeroed `bitmap` (see [`DmaLoggingReport`]); reports
+    /// clear what they return.
+    fn dma_logging_report(
+        &mut self,
+        report: &DmaLoggingReport,
+        bitmap: &mut [u8],
+    ) -> Result<(), DeviceError> {
+        let _ = (report, bitmap);
+        Err(DeviceError::unsupported("DMA logging is not supported"))
+    }
 }
 
 /// Knobs of one served connection.
@@ -259,6 +319,17 @@ impl Connection<'_> {
                     header.cmd
                 )));
             }
+            if header.no_reply()
+                && matches!(
+                    request,
+                    Request::DeviceFeature(..) | Request::MigDataRead(_)
+                )
+            {
+                // Its answer is the point: a posted one would be lost (a
+                // READ would advance the stream for nothing).
+                tracing::warn!(device = %self.opts.name, cmd = header.cmd, "posted command ignored: it needs a reply");
+                continue;
+            }
             // Room for the reply header, filled in once the size is known.
             self.tx.clear();
             self.tx.resize(HEADER_SIZE, 0);
@@ -332,6 +403,15 @@ impl Connection<'_> {
             Request::RegionRead(a) => self.region_read(device, &a),
             Request::RegionWrite(a, data) => self.region_write(device, &a, data),
             Request::DeviceReset => lock(device).reset(),
+            Request::DeviceFeature(f, data) => {
+                migration::device_feature(device, &f, data, &self.limits(), &mut self.tx)
+            }
+            Request::MigDataRead(m) => {
+                migration::mig_read(device, &m, &self.limits(), &mut self.tx)
+            }
+            Request::MigDataWrite(m, data) => {
+                migration::mig_write(device, &m, data, &self.limits())
+            }
             Request::Unsupported(cmd) => Err(DeviceError::unsupported(format!(
                 "command {cmd} is not supported"
             ))),
@@ -390,6 +470,13 @@ impl Connection<'_> {
         lock(device).dma_map(m, fds.pop())
     }
 
+    fn limits(&self) -> migration::Limits {
+        migration::Limits {
+            max_data_xfer_size: self.opts.max_data_xfer_size,
+            max_dma_maps: self.opts.max_dma_maps,
+        }
+    }
+
     fn check_access<D: VfioUserDevice + ?Sized>(
         &self,
         device: &Mutex<D>,
@@ -402,9 +489,20 @@ impl Connection<'_> {
                 format!("access of {} bytes", a.count),
             ));
         }
-        let info = lock(device)
+        let dev = lock(device);
+        if a.region != super::PCI_CONFIG_REGION_INDEX {
+            let state = dev.mig_state();
+            if !matches!(state, MigState::Running | MigState::PreCopy) {
+                return Err(DeviceError::new(
+                    libc::EBUSY,
+                    format!("region {} in device state {state:?}", a.region),
+                ));
+            }
+        }
+        let info = dev
             .region_info(a.region)
             .ok_or_else(|| DeviceError::invalid(format!("no region {}", a.region)))?;
+        drop(dev);
         let end = a.offset.checked_add(u64::from(a.count));
         if info.flags & flag == 0 || end.is_none_or(|e| e > info.size) {
             return Err(DeviceError::invalid(format!(
