@@ -64,6 +64,25 @@ impl DirtyLog {
     }
 }
 
+impl DirtyLog {
+    /// The page numbers of `[gpa, gpa + len)` written since they were last
+    /// taken, removed from the log; pages outside stay (vfio-user's
+    /// DMA_LOGGING_REPORT reads and clears one range).
+    pub fn take_range(&self, gpa: u64, len: u64) -> Vec<u64> {
+        if len == 0 {
+            return Vec::new();
+        }
+        let first = gpa / PAGE;
+        let last = gpa.saturating_add(len - 1) / PAGE;
+        let mut p = self.pages();
+        let taken: Vec<u64> = p.range(first..=last).copied().collect();
+        for page in &taken {
+            p.remove(page);
+        }
+        taken
+    }
+}
+
 /// Page numbers, in ascending order, as `(gpa, len)` runs of adjacent
 /// pages.
 pub fn runs(pages: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
@@ -80,6 +99,19 @@ pub fn runs(pages: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_is_taken_alone() {
+        let log = DirtyLog::default();
+        log.start();
+        for gpa in [0x1000, 0x5000, 0x9000] {
+            log.mark(gpa, 1);
+        }
+        assert_eq!(log.take_range(0x2000, 0x4000), [5]);
+        assert!(log.take_range(0x2000, 0x4000).is_empty());
+        assert!(log.take_range(0, 0).is_empty());
+        assert_eq!(log.take(), [(0x1000, PAGE), (0x9000, PAGE)]);
+    }
 
     #[test]
     fn writes_are_logged_only_while_on_and_come_back_as_runs() {

@@ -37,6 +37,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
+use channel::vfio_user::migration::{DmaLoggingReport, DmaLoggingStart, MigState};
 use channel::vfio_user::{
     self, serve_connection, DeviceError, DeviceInfo, DmaMap, DmaUnmap, IrqInfo, RegionInfo,
     ServerOptions, SetIrqs, VfioUserDevice,
@@ -48,6 +49,8 @@ use crate::irq::EventfdWatcher;
 use crate::irq::IntxFds;
 use crate::memory::MemoryError;
 use crate::sockets::{DeviceSessions, Endpoint};
+
+mod migration;
 
 /// Size of the configuration-space region.
 const CONFIG_SIZE: u64 = 256;
@@ -98,6 +101,8 @@ pub struct Adapter {
     trigger: Option<EventFd>,
     unmask: Option<EventFd>,
     watcher: Option<EventfdWatcher>,
+    /// vfio-user migration v2 ([`migration`]).
+    migration: migration::Migration,
 }
 
 impl Adapter {
@@ -137,6 +142,7 @@ impl Adapter {
             trigger: None,
             unmask: None,
             watcher: None,
+            migration: migration::Migration::default(),
         }
     }
 
@@ -439,6 +445,8 @@ impl VfioUserDevice for Adapter {
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
+        // RUNNING again (the way out of ERROR), nothing buffered.
+        self.migration.reset(&self.dev);
         // Configuration space back to power-on: MSI and MSI-X disabled.
         self.dev.intx.set_message_enabled(false, false);
         self.dev
@@ -447,6 +455,8 @@ impl VfioUserDevice for Adapter {
     }
 
     fn client_disconnected(&mut self) {
+        // A client that left mid-migration leaves a running device.
+        self.migration.reset(&self.dev);
         self.dev.memory.clear();
         self.dev
             .intx
@@ -459,5 +469,46 @@ impl VfioUserDevice for Adapter {
         self.watcher = None;
         self.dev.intx.set_fds(None);
         self.dev.intx.set_masked(false);
+    }
+
+    fn migration_flags(&self) -> u64 {
+        channel::vfio_user::migration::MIGRATION_STOP_COPY
+    }
+
+    fn mig_state(&self) -> MigState {
+        self.migration.state()
+    }
+
+    fn mig_arc(&mut self, to: MigState) -> Result<(), DeviceError> {
+        self.migration.arc(&self.dev, to)
+    }
+
+    fn mig_read(&mut self, buf: &mut [u8]) -> Result<usize, DeviceError> {
+        Ok(self.migration.read(buf))
+    }
+
+    fn mig_write(&mut self, data: &[u8]) -> Result<(), DeviceError> {
+        self.migration.write(data)
+    }
+
+    fn dma_logging(&self) -> bool {
+        true
+    }
+
+    fn dma_logging_start(&mut self, _start: &DmaLoggingStart) -> Result<u64, DeviceError> {
+        // The ranges are the client's DMA mappings; the log covers all.
+        self.migration.logging_start(&self.dev)
+    }
+
+    fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
+        self.migration.logging_stop(&self.dev)
+    }
+
+    fn dma_logging_report(
+        &mut self,
+        report: &DmaLoggingReport,
+        bitmap: &mut [u8],
+    ) -> Result<(), DeviceError> {
+        self.migration.report(&self.dev, report, bitmap)
     }
 }

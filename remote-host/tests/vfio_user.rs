@@ -827,3 +827,130 @@ fn qemu_vfio_user_pci_dma_and_intx_under_qtest() {
         "server still up"
     );
 }
+
+/// vfio-user migration v2 between two `remote-host`s, through our client
+/// alone (no control channel): the DMA dirty log reports the page a DMA
+/// wrote, once; the state moves in 64-byte pieces (the server refusing
+/// BAR accesses while stopped); the destination's registers are the
+/// source's, and its DMA is where the source's was; a truncated stream
+/// fails the destination into ERROR, and a reset brings it back.
+#[test]
+fn migration_v2_moves_a_device_between_two_remotes() {
+    let mut a = Server::start(&["dma0"], "dma0.sock");
+    let mut b = Server::start(&["dma0"], "dma0.sock");
+    let (pa, pb) = (a.wait_socket("dma0.sock"), b.wait_socket("dma0.sock"));
+    within(60, move || {
+        use vu::migration::{DmaRange, MigState, MIGRATION_STOP_COPY};
+        let opts = ClientOptions {
+            max_data_xfer_size: 64,
+            ..ClientOptions::default()
+        };
+        let mut ca = VfioUserClient::connect(&pa, opts.clone()).unwrap();
+        let mut cb = VfioUserClient::connect(&pb, opts).unwrap();
+        assert_eq!(ca.migration_flags().unwrap(), MIGRATION_STOP_COPY);
+
+        // A DMA while the log is on: exactly its page is reported, once.
+        let ram = memfd(RAM_SIZE);
+        let pat = pattern();
+        ram.write_all_at(&pat, 0x2000).unwrap();
+        ca.dma_map(RAM_GPA, RAM_SIZE, ram.as_fd(), 0).unwrap();
+        let page = ca
+            .dma_logging_start(
+                4096,
+                &[DmaRange {
+                    iova: RAM_GPA,
+                    length: RAM_SIZE,
+                }],
+            )
+            .unwrap();
+        assert_eq!(page, 4096);
+        let (src, dst) = (RAM_GPA + 0x2000, RAM_GPA + 0x9000);
+        for (off, v) in [
+            (REG_SCRATCH, 0xabcd_1234),
+            (REG_DMA_SRC, src as u32),
+            (REG_DMA_SRC + 4, (src >> 32) as u32),
+            (REG_DMA_DST, dst as u32),
+            (REG_DMA_DST + 4, (dst >> 32) as u32),
+            (REG_DMA_LEN, pat.len() as u32),
+            (REG_DMA_CMD, DMA_CMD_START),
+        ] {
+            ca.region_write(0, off, &v.to_le_bytes()).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while read32(&mut ca, REG_STATUS) & 1 != 0 {
+            assert!(Instant::now() < deadline, "DMA never finished");
+        }
+        assert_eq!(read32(&mut ca, REG_DMA_RESULT), DMA_OK);
+        assert_eq!(
+            ca.dma_logging_report(RAM_GPA, RAM_SIZE, 4096).unwrap(),
+            [dst]
+        );
+        assert!(ca
+            .dma_logging_report(RAM_GPA, RAM_SIZE, 4096)
+            .unwrap()
+            .is_empty());
+        ca.dma_logging_stop().unwrap();
+
+        // Stop and copy.
+        let before: Vec<u32> = [
+            REG_LIVENESS,
+            REG_SCRATCH,
+            REG_DMA_SRC,
+            REG_DMA_DST,
+            REG_DMA_LEN,
+        ]
+        .iter()
+        .map(|&r| read32(&mut ca, r))
+        .collect();
+        ca.set_mig_state(MigState::StopCopy).unwrap();
+        let mut four = [0u8; 4];
+        assert!(matches!(
+            ca.region_read(0, REG_ID, &mut four),
+            Err(vu::ClientError::Remote {
+                errno: libc::EBUSY,
+                ..
+            })
+        ));
+        ca.region_read(vu::PCI_CONFIG_REGION_INDEX, 0, &mut four)
+            .unwrap();
+        let data = ca.mig_read_all(64 << 20).unwrap();
+        assert!(data.len() > 64, "{} bytes", data.len());
+        assert_eq!(&data[..8], b"RHVUMIG\0");
+
+        // Resume on the other remote.
+        cb.set_mig_state(MigState::Resuming).unwrap();
+        cb.mig_write_all(&data).unwrap();
+        cb.set_mig_state(MigState::Running).unwrap();
+        let after: Vec<u32> = [
+            REG_LIVENESS,
+            REG_SCRATCH,
+            REG_DMA_SRC,
+            REG_DMA_DST,
+            REG_DMA_LEN,
+        ]
+        .iter()
+        .map(|&r| read32(&mut cb, r))
+        .collect();
+        assert_eq!(after, before);
+        assert_eq!(after[1], 0xabcd_1234);
+
+        // A stream cut short: refused into ERROR; a reset recovers.
+        cb.set_mig_state(MigState::Resuming).unwrap();
+        cb.mig_write_all(&data[..data.len() - 3]).unwrap();
+        assert!(matches!(
+            cb.set_mig_state(MigState::Running),
+            Err(vu::ClientError::Remote {
+                errno: libc::EINVAL,
+                ..
+            })
+        ));
+        assert_eq!(cb.mig_state().unwrap(), MigState::Error);
+        cb.reset().unwrap();
+        assert_eq!(cb.mig_state().unwrap(), MigState::Running);
+        assert_eq!(read32(&mut cb, REG_ID), ID_VALUE);
+
+        // The source, told to run again, goes on as it was.
+        ca.set_mig_state(MigState::Running).unwrap();
+        assert_eq!(read32(&mut ca, REG_SCRATCH), 0xabcd_1234);
+    });
+}
