@@ -870,3 +870,133 @@ fn a_spawned_remote_runs_in_a_cgroup_with_its_limits() {
     }
     std::fs::remove_dir_all(&work).ok();
 }
+
+/// A `remote-host` the test started itself on an inherited socket (an
+/// orchestrator's remote: no control channel of ours), killed on drop.
+struct Orchestrated(std::process::Child);
+
+impl Drop for Orchestrated {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `remote-host serve` for the config's remote `r` on one end of a
+/// socketpair; the VMM's proxy function for its `dma0` on the other.
+fn orchestrated_dma0(
+    dir: &std::path::Path,
+    cfg_path: &std::path::Path,
+    cfg: &config::Config,
+    vm: &std::sync::Arc<kvm_ioctls::VmFd>,
+    ram: &GuestRam,
+) -> (Orchestrated, PciRoot) {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let theirs = OwnedFd::from(theirs);
+    let mut cmd = std::process::Command::new(dir.join("remote-host"));
+    cmd.args(["serve", "--config"])
+        .arg(cfg_path)
+        .args(["--remote", "r", "--protocol", "vfio-user", "--fd", "3"])
+        .stdin(std::process::Stdio::null());
+    testenv::inherit_as_fd3(&mut cmd, theirs.as_raw_fd());
+    let child = Orchestrated(cmd.spawn().unwrap());
+    drop(theirs);
+    let (proc, mut clients) = host::remote::connect(cfg, &cfg.remotes[0], Some(ours)).unwrap();
+    assert!(proc.is_none());
+    let (_, client) = clients.pop().unwrap();
+    let func = ProxyFunction::new("dma0", client, ram, vm, GSI).unwrap();
+    (child, bus_of(Box::new(func)))
+}
+
+/// A remote without our control channel is saved and restored through
+/// vfio-user migration v2 on its own connection, and its DMA is logged
+/// there: the proxy function's dirty log reports the page a DMA wrote,
+/// once; its state, saved, leaves it running; restored into a second
+/// remote, that one's registers are the first one's; a cut state is
+/// refused with the remote's reason.
+#[test]
+fn a_remote_without_our_control_channel_migrates_over_vfio_user() {
+    use host::pci::PciDevice;
+    let Some(dir) = prerequisites::or_skip() else {
+        return;
+    };
+    let work = dir.join(format!("host-proxy-v2-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let (cfg_path, cfg) = prerequisites::dma_example_config(&work, "r", "timeout-ms = 30000", SLOT);
+    let (vm_a, ram_a) = kvm_vm();
+    let (vm_b, ram_b) = kvm_vm();
+    let (_a, root_a) = orchestrated_dma0(&dir, &cfg_path, &cfg, &vm_a, &ram_a);
+    let (_b, root_b) = orchestrated_dma0(&dir, &cfg_path, &cfg, &vm_b, &ram_b);
+    let bar0 = u64::from(cfg_read32(&root_a, 0x10) & !0xf);
+    assert_eq!(u64::from(cfg_read32(&root_b, 0x10) & !0xf), bar0);
+    let on_a = |f: &mut dyn FnMut(&mut dyn PciDevice)| root_a.with_function(SLOT, f).unwrap();
+    let regions: Vec<(u64, u64)> = ram_a.regions.iter().map(|r| (r.gpa, r.size)).collect();
+
+    // The DMA dirty log through the connection.
+    on_a(&mut |d| d.wire_migration().unwrap());
+    on_a(&mut |d| assert!(d.wire_dirty_log("start", &regions).unwrap().is_empty()));
+    ram_a
+        .mem
+        .write_slice(&[0x5a; 256], GuestAddress(0x10_0000))
+        .unwrap();
+    for (off, v) in [
+        (REG_SCRATCH, 0x600d_cafe),
+        (REG_DMA_SRC, 0x10_0000),
+        (REG_DMA_SRC + 4, 0),
+        (REG_DMA_DST, 0x23_4000),
+        (REG_DMA_DST + 4, 0),
+        (REG_DMA_LEN, 256),
+        (REG_DMA_CMD, DMA_CMD_START),
+    ] {
+        write32(&root_a, bar0 + off, v);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read32(&root_a, bar0 + REG_STATUS) & 1 != 0 {
+        assert!(Instant::now() < deadline, "DMA never finished");
+    }
+    assert_eq!(read32(&root_a, bar0 + REG_DMA_RESULT), DMA_OK);
+    on_a(&mut |d| {
+        assert_eq!(
+            d.wire_dirty_log("take", &regions).unwrap(),
+            [(0x23_4000, 4096)]
+        )
+    });
+    on_a(&mut |d| assert!(d.wire_dirty_log("take", &regions).unwrap().is_empty()));
+    on_a(&mut |d| {
+        d.wire_dirty_log("stop", &regions).unwrap();
+    });
+
+    // Saved: the state, and the device runs on.
+    let mut state = Vec::new();
+    on_a(&mut |d| {
+        state = d
+            .save_state_quiesced(Duration::from_secs(5))
+            .unwrap()
+            .unwrap()
+    });
+    assert_eq!(read32(&root_a, bar0 + REG_SCRATCH), 0x600d_cafe);
+    // Restored elsewhere: the same registers.
+    assert_ne!(read32(&root_b, bar0 + REG_SCRATCH), 0x600d_cafe);
+    root_b
+        .with_function(SLOT, |d| d.restore_state(&state).unwrap().unwrap())
+        .unwrap();
+    for reg in [REG_SCRATCH, REG_LIVENESS, REG_DMA_DST, REG_DMA_LEN] {
+        assert_eq!(
+            read32(&root_b, bar0 + reg),
+            read32(&root_a, bar0 + reg),
+            "register {reg:#x}"
+        );
+    }
+    // A state cut short: the remote's reason comes back.
+    let e = root_b
+        .with_function(SLOT, |d| {
+            d.restore_state(&state[..state.len() - 1]).unwrap()
+        })
+        .unwrap()
+        .unwrap_err();
+    assert!(e.contains("refused the state"), "{e}");
+    root_a.shutdown();
+    root_b.shutdown();
+    std::fs::remove_dir_all(&work).ok();
+}

@@ -152,6 +152,17 @@ impl VfioUserClient {
         self.opts.timeout = timeout;
     }
 
+    /// The limit on every wait for a reply.
+    pub fn timeout(&self) -> Duration {
+        self.opts.timeout
+    }
+
+    /// The largest data one message carries both ways (the smaller of the
+    /// two sides' `max_data_xfer_size`).
+    pub fn max_data_xfer_size(&self) -> usize {
+        self.chunk()
+    }
+
     fn negotiate(&mut self) -> Result<(), ClientError> {
         let ours = Version {
             major: VERSION_MAJOR,

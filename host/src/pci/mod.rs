@@ -118,4 +118,20 @@ pub trait PciDevice: Send {
     fn restore_state(&mut self, _state: &[u8]) -> Option<std::result::Result<(), String>> {
         None
     }
+    /// Whether the function's own protocol carries its state, for a
+    /// remote without our control channel (vfio-user migration v2; a
+    /// proxy function then saves and restores through it).
+    fn wire_migration(&mut self) -> std::result::Result<(), String> {
+        Err("it has no protocol of its own to migrate through".into())
+    }
+    /// The function's DMA dirty log through its protocol: `"start"` over
+    /// the guest RAM `regions`, `"take"`, `"stop"`.
+    fn wire_dirty_log(
+        &mut self,
+        action: &str,
+        regions: &[(u64, u64)],
+    ) -> std::result::Result<Vec<(u64, u64)>, String> {
+        let _ = (action, regions);
+        Err("it has no protocol of its own to log DMA through".into())
+    }
 }

@@ -51,11 +51,23 @@ fn device_logs(p: &Parts, action: &str) -> Result<Vec<(u64, u64)>> {
                     _ => runs.extend(log.take()),
                 }
             }
-            Some(rid) => {
+            Some(rid) if p.remote(rid)?.has_control() => {
                 let got = p
                     .remote(rid)?
                     .with_control(|c| c.dirty_log(&label.id, action))
                     .map_err(|e| anyhow::anyhow!("device `{}`: dirty log: {e}", label.id))?;
+                runs.extend(got);
+            }
+            // vfio-user's DMA dirty logging on the device's connection.
+            Some(_) => {
+                let regions: Vec<(u64, u64)> =
+                    p.ram.regions.iter().map(|r| (r.gpa, r.size)).collect();
+                let got = p
+                    .bus
+                    .pci
+                    .with_function(slot, |d| d.wire_dirty_log(action, &regions))
+                    .unwrap_or_else(|| Err("the function is gone".into()))
+                    .map_err(|e| anyhow::anyhow!("device `{}`: DMA dirty log: {e}", label.id))?;
                 runs.extend(got);
             }
         }

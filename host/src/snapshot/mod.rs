@@ -103,7 +103,7 @@ fn ram_size(ram: &GuestRam) -> u64 {
 /// for its state (one an orchestrator started, without our control
 /// channel).
 pub fn check_savable(p: &Parts) -> Result<()> {
-    for (_, label) in p.bus.pci.labels() {
+    for (slot, label) in p.bus.pci.labels() {
         let Some(rid) = &label.remote else { continue };
         let r = p
             .remote(rid)
@@ -115,10 +115,19 @@ pub fn check_savable(p: &Parts) -> Result<()> {
             );
         }
         if !r.has_control() {
-            bail!(
-                "device `{}`: remote `{rid}` has no control channel of ours to save its state through",
-                label.id
-            );
+            // Then its own protocol must carry the state (vfio-user
+            // migration v2).
+            let wire = p
+                .bus
+                .pci
+                .with_function(slot, |d| d.wire_migration())
+                .unwrap_or_else(|| Err("it is gone".into()));
+            if let Err(e) = wire {
+                bail!(
+                    "device `{}`: remote `{rid}` has no control channel of ours, and its vfio-user connection cannot carry its state: {e}",
+                    label.id
+                );
+            }
         }
     }
     Ok(())
@@ -141,9 +150,16 @@ fn device_states(p: &Parts) -> Result<Vec<(String, Vec<u8>)>> {
                 .with_function(slot, |d| d.save_state_quiesced(QUIESCE))
                 .flatten()
                 .unwrap_or_else(|| Err("the function keeps no state here".into())),
-            Some(rid) => p
+            Some(rid) if p.remote(rid)?.has_control() => p
                 .remote(rid)?
                 .with_control(|c| c.device_save_with(&label.id, true)),
+            // vfio-user migration v2 on the device's own connection.
+            Some(_) => p
+                .bus
+                .pci
+                .with_function(slot, |d| d.save_state_quiesced(QUIESCE))
+                .flatten()
+                .unwrap_or_else(|| Err("the function is gone".into())),
         };
         let state = state.map_err(|e| anyhow::anyhow!("saving device `{}`: {e}", label.id))?;
         out.push((label.id, state));
@@ -363,9 +379,15 @@ fn apply(p: &Parts, image: MachineImage, mut states: BTreeMap<String, Vec<u8>>) 
                 .with_function(f.slot, |d| d.restore_state(&state))
                 .flatten()
                 .unwrap_or_else(|| Err("the function keeps no state here".into())),
-            Some(rid) => p
+            Some(rid) if p.remote(rid)?.has_control() => p
                 .remote(rid)?
                 .with_control(|c| c.device_restore(&f.id, &state)),
+            Some(_) => p
+                .bus
+                .pci
+                .with_function(f.slot, |d| d.restore_state(&state))
+                .flatten()
+                .unwrap_or_else(|| Err("the function is gone".into())),
         };
         done.map_err(|e| anyhow::anyhow!("restoring device `{}`: {e}", f.id))?;
     }

@@ -476,6 +476,43 @@ impl PciDevice for ProxyFunction {
         self.unusable()
     }
 
+    // A remote's state crosses our control channel when it has one (the
+    // snapshot code asks it there); these are for one without.
+    fn wire_migration(&mut self) -> std::result::Result<(), String> {
+        if self.unusable() {
+            return Err("its remote has failed".into());
+        }
+        self.transport.migration()
+    }
+
+    fn save_state_quiesced(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<std::result::Result<Vec<u8>, String>> {
+        if self.unusable() {
+            return Some(Err("its remote has failed".into()));
+        }
+        Some(self.transport.save_state(within))
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Option<std::result::Result<(), String>> {
+        if self.unusable() {
+            return Some(Err("its remote has failed".into()));
+        }
+        Some(self.transport.restore_state(state))
+    }
+
+    fn wire_dirty_log(
+        &mut self,
+        action: &str,
+        regions: &[(u64, u64)],
+    ) -> std::result::Result<Vec<(u64, u64)>, String> {
+        if self.unusable() {
+            return Err("its remote has failed".into());
+        }
+        self.transport.dma_log(action, regions)
+    }
+
     fn settle(&mut self) {
         let Some(ring) = self.ring.as_mut() else {
             return;

@@ -77,6 +77,40 @@ pub trait Transport: Send {
     /// The socket (the supervisor polls a duplicate for hang-up).
     fn socket_fd(&self) -> RawFd;
 
+    /// Whether the protocol itself can carry the device's state (vfio-user
+    /// migration v2, STOP_COPY offered): how a remote without our control
+    /// channel is saved and migrated.
+    fn migration(&mut self) -> Result<(), TransportError> {
+        Err("this protocol carries no migration".into())
+    }
+
+    /// The device's state through the protocol: stopped (its own work let
+    /// finish for at most `quiesce`), copied, and running again, so a
+    /// migration that fails afterwards goes on with it as it was.
+    fn save_state(&mut self, quiesce: std::time::Duration) -> Result<Vec<u8>, TransportError> {
+        let _ = quiesce;
+        Err("this protocol carries no migration".into())
+    }
+
+    /// Gives the device `state` from [`save_state`](Self::save_state); it
+    /// runs afterwards.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), TransportError> {
+        let _ = state;
+        Err("this protocol carries no migration".into())
+    }
+
+    /// The device's DMA dirty log through the protocol: `"start"` over
+    /// the guest RAM `regions` (gpa, length), `"take"` (the runs written
+    /// since the last take, each within a region), `"stop"`.
+    fn dma_log(
+        &mut self,
+        action: &str,
+        regions: &[(u64, u64)],
+    ) -> Result<Vec<(u64, u64)>, TransportError> {
+        let _ = (action, regions);
+        Err("this protocol carries no DMA dirty log".into())
+    }
+
     /// Ends the connection (the remote sees EOF); `healthy` says whether
     /// queued posted writes may still be flushed first. Returns how many
     /// posted writes the remote refused over the connection's life.

@@ -17,6 +17,8 @@ use super::{borrow, identity_of, intx_irqfd, Setup};
 use crate::memory::GuestRam;
 
 /// A vfio-user connection to one remote function.
+mod wire;
+
 pub struct VfioUserTransport(VfioUserClient);
 
 /// Sets up the function behind `client`.
@@ -200,6 +202,26 @@ impl Transport for VfioUserTransport {
     /// DEVICE_RESET.
     fn reset(&mut self) -> Result<(), TransportError> {
         self.0.reset().map_err(|e| e.to_string())
+    }
+
+    fn migration(&mut self) -> Result<(), TransportError> {
+        wire::check(&mut self.0)
+    }
+
+    fn save_state(&mut self, quiesce: std::time::Duration) -> Result<Vec<u8>, TransportError> {
+        wire::save(&mut self.0, quiesce)
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), TransportError> {
+        wire::restore(&mut self.0, state)
+    }
+
+    fn dma_log(
+        &mut self,
+        action: &str,
+        regions: &[(u64, u64)],
+    ) -> Result<Vec<(u64, u64)>, TransportError> {
+        wire::dma_log(&mut self.0, action, regions)
     }
 
     fn socket_fd(&self) -> RawFd {
