@@ -6,7 +6,11 @@
 //! (as `socat` would) and the shell's answer comes back through it and
 //! into the port's output file. Then the VM is live-migrated (over unix:)
 //! to a second VMM with its own remote, port socket and output file, and
-//! the same shell answers through the new port. Then a second port is
+//! the same shell answers through the new port. A third port lives in a
+//! remote the driver starts itself, as an orchestrator would (`socket =`
+//! in the config: no control channel of the VMM's): its shell answers on
+//! A and, its state moved by vfio-user migration v2 into B's own
+//! orchestrated remote, on B. Then a second port is
 //! hot-added with `device_add` into that running remote; the guest finds
 //! it by itself (ACPI PCI hotplug, no rescan), and a shell on it answers
 //! as well.
@@ -46,6 +50,23 @@ plugin = "pci-serial"
 slot = 5
 socket = "/tmp/host-serial/ser0.sock"
 output = "ser0.out"
+
+# An orchestrator's remote: the driver starts its remote-host; the VMM
+# has no control channel to it, so its state moves by vfio-user
+# migration v2.
+[[remote]]
+id = "orch"
+socket = "/tmp/host-serial/orch"
+log = "orch.log"
+timeout-ms = 30000
+
+[[device]]
+id = "ser2"
+remote = "orch"
+plugin = "pci-serial"
+slot = 7
+socket = "/tmp/host-serial/ser2.sock"
+output = "ser2.out"
 "#,
         kernel = kernel.display()
     )
@@ -66,6 +87,10 @@ t0=$(ttyof 05)
 [ -n "$t0" ] || { echo "no tty on 00:05.0"; ls /sys/bus/pci/devices/; exit 1; }
 echo "tty0=$t0 driver0=$(basename $(readlink /sys/bus/pci/devices/0000:00:05.0/driver))"
 shell_on $t0
+t2=$(ttyof 07)
+[ -n "$t2" ] || { echo "no tty on 00:07.0"; exit 1; }
+echo "tty2=$t2 driver2=$(basename $(readlink /sys/bus/pci/devices/0000:00:07.0/driver))"
+shell_on $t2
 step ready
 
 i=0; while [ -z "$(ttyof 06)" ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done
@@ -122,6 +147,9 @@ fn pci_serial_in_a_remote_answers_through_its_socket() {
                 "console-b.log",
                 "misc-b.log",
                 "vm-b.toml.host-stderr",
+                "orch.log",
+                "orch-b.log",
+                "orch.rh-stderr",
             ],
         );
         // The guest started on A and finished on B.
@@ -162,6 +190,37 @@ fn pci_serial_in_a_remote_answers_through_its_socket() {
             rep["ser1-answer"].as_str().unwrap().contains("hot-42"),
             "{diag}"
         );
+        // The port in the orchestrator's remote (no control channel of
+        // ours) answered on A, and, its state moved by vfio-user
+        // migration v2 into B's orchestrated remote, on B.
+        assert!(value(out, "tty2=").starts_with("ttyS"), "{diag}");
+        assert_eq!(value(out, "driver2="), "serial", "{diag}");
+        assert!(
+            rep["ser2-answer"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("orch-42"),
+            "{diag}"
+        );
+        assert!(
+            rep["ser2-moved-answer"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("orch-moved-42"),
+            "{diag}"
+        );
+        // It was that path: each orchestrated remote's log says so.
+        let log = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
+        assert!(
+            log("orch.log").contains("state saved for vfio-user migration"),
+            "{diag}"
+        );
+        assert!(
+            log("orch-b.log").contains("state restored by vfio-user migration"),
+            "{diag}"
+        );
+        let f2 = file_gets(&dir.join("ser2-b.out"), "orch-moved-42");
+        assert!(f2.contains("orch-moved-42"), "ser2-b.out: {f2:?}\n{diag}");
         // The live migration: completed, the source stopped and gone with
         // its remote, and the shell that answered on A answered on B.
         assert_eq!(rep["migrated"]["status"], "completed", "{diag}");

@@ -107,6 +107,34 @@ def spawn_host(config=CONFIG, sock=SOCK, extra=()):
     return host
 
 
+_remote_procs = []
+
+
+def spawn_remote_host(config, remote, socket_dir, devices, timeout=60.0):
+    """Starts `remote-host serve` for `remote` of `config` as an
+    orchestrator would (no control channel of the VMM's), its devices'
+    sockets in `socket_dir`, and waits (bounded) until each of `devices`
+    listens there. Killed when the driver ends."""
+    os.makedirs(socket_dir, exist_ok=True)
+    rh = subprocess.Popen(
+        [os.path.join(os.path.dirname(HOST), "remote-host"), "serve", "--config", config,
+         "--remote", remote, "--protocol", "vfio-user", "--socket", socket_dir],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=open(os.path.join(os.path.dirname(config), f"{remote}.rh-stderr"), "w"),
+    )
+    _remote_procs.append(rh)
+    deadline = time.monotonic() + timeout
+    for d in devices:
+        path = os.path.join(socket_dir, f"{d}.sock")
+        while not os.path.exists(path):
+            if rh.poll() is not None:
+                raise RuntimeError(f"remote-host for {remote} exited with {rh.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"remote-host for {remote}: no {path}")
+            time.sleep(0.05)
+    return rh
+
+
 def gone(pid, timeout=30.0):
     """Whether process `pid` is gone within `timeout` s (bounded)."""
     deadline = time.monotonic() + timeout
@@ -181,10 +209,11 @@ async def migration_status(qmp, want, timeout=300.0):
     raise TimeoutError(f"the migration never reached {want}")
 
 
-async def live_migrate(host, qmp, replace):
+async def live_migrate(host, qmp, replace, before_b=None):
     """Live-migrates the running VM over unix: to a second VM (B), started
     with `--incoming` from CONFIG with the `replace` substitutions made
-    (its own console log, remote logs, sockets); quits the source once
+    (its own console log, remote logs, sockets; `before_b(config)` runs
+    first when given); quits the source once
     the migration completed. Records what a test checks under
     results["replies"]: "migrated" (query-migrate), "source-status",
     "source-exit", "source-remotes-gone", "source-verify" (the source's
@@ -197,6 +226,9 @@ async def live_migrate(host, qmp, replace):
     cfg_b = os.path.join(d, "vm-b.toml")
     with open(cfg_b, "w") as f:
         f.write(text)
+    if before_b is not None:
+        # What B needs before it starts (an orchestrated remote of its own).
+        before_b(cfg_b)
     uri = "unix:" + SOCK + ".mig"
     bhost = spawn_host(cfg_b, SOCK + ".b", ["--incoming", uri])
     r = results["replies"]
@@ -262,9 +294,11 @@ def run(main, name):
         except Exception as y:
             results["debug-reports"] = [f"none: {type(y).__name__}: {y}"]
         save()
-        for h in _host_procs:
+        for h in _host_procs + _remote_procs:
             h.kill()
         print(f"{name}: {results['failure']}", file=sys.stderr)
         sys.exit(1)
+    for rh in _remote_procs:
+        rh.kill()
     save()
     print(f"{name}: done")

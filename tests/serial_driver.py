@@ -18,12 +18,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qmp_common import (  # noqa: E402
-    CONFIG, SOCK, Console, Events, finish, live_migrate, results, run, save, sayer, start_vm)
+    CONFIG, SOCK, Console, Events, finish, live_migrate, results, run, save, sayer,
+    spawn_remote_host, start_vm)
 
 SOCKETS = os.path.dirname(SOCK)
 SER0 = os.path.join(SOCKETS, "ser0.sock")
 SER0_B = os.path.join(SOCKETS, "ser0-b.sock")
 SER1 = os.path.join(SOCKETS, "ser1.sock")
+SER2 = os.path.join(SOCKETS, "ser2.sock")
+SER2_B = os.path.join(SOCKETS, "ser2-b.sock")
 
 
 async def converse(path, command, expect, timeout=120.0):
@@ -56,6 +59,9 @@ async def converse(path, command, expect, timeout=120.0):
 
 
 async def main():
+    # The orchestrator's remote (see tests/host_serial.rs) first: the VMM
+    # connects to it at start.
+    spawn_remote_host(CONFIG, "orch", os.path.join(SOCKETS, "orch"), ["ser2"])
     host, qmp, say = await start_vm("host-serial-test")
     ev = Events(qmp)
     con = Console()
@@ -66,16 +72,22 @@ async def main():
     t = time.monotonic()
     r["ser0-answer"] = await converse(SER0, b"echo hello-$((6*7))", b"hello-42")
     r["ser0-seconds"] = round(time.monotonic() - t, 2)
+    r["ser2-answer"] = await converse(SER2, b"echo orch-$((6*7))", b"orch-42")
     save()
     # The VM moves to B while the guest's shell waits on the port; the
     # same shell answers through B's port (the UART's state moved with it).
     qmp_a = qmp
     host, qmp, ev = await live_migrate(host, qmp_a, {
         '"console.log"': '"console-b.log"', '"misc.log"': '"misc-b.log"',
-        "ser0.sock": "ser0-b.sock", '"ser0.out"': '"ser0-b.out"'})
+        "ser0.sock": "ser0-b.sock", '"ser0.out"': '"ser0-b.out"',
+        '"/tmp/host-serial/orch"': '"/tmp/host-serial/orch-b"', '"orch.log"': '"orch-b.log"',
+        "ser2.sock": "ser2-b.sock", '"ser2.out"': '"ser2-b.out"'},
+        before_b=lambda cfg_b: spawn_remote_host(
+            cfg_b, "orch", os.path.join(SOCKETS, "orch-b"), ["ser2"]))
     say = sayer(host)
     con = Console(os.path.join(os.path.dirname(CONFIG), "console-b.log"))
     r["ser0-moved-answer"] = await converse(SER0_B, b"echo moved-$((6*7))", b"moved-42")
+    r["ser2-moved-answer"] = await converse(SER2_B, b"echo orch-moved-$((6*7))", b"orch-moved-42")
     save()
     # A second port into B's running remote; its output file is relative
     # (to the config file's directory, like every path of the config).

@@ -81,6 +81,7 @@ impl Migration {
                     .map_err(|e| DeviceError::new(libc::EIO, e.message))?;
                 self.out = encode(&dev.plugin_name, &state);
                 self.read_at = 0;
+                tracing::info!(device = %dev.id, "state saved for vfio-user migration ({} bytes)", state.len());
                 if self.out.len() > MAX_STREAM {
                     self.out = Vec::new();
                     return Err(DeviceError::new(
@@ -100,9 +101,11 @@ impl Migration {
                 });
                 dev.mirrors.notify();
                 if let Err(e) = restored {
+                    tracing::warn!(device = %dev.id, "vfio-user migration: {e}");
                     self.state = MigState::Error;
                     return Err(DeviceError::invalid(e));
                 }
+                tracing::info!(device = %dev.id, "state restored by vfio-user migration ({} bytes)", input.len());
             }
             (from, to) => {
                 return Err(DeviceError::invalid(format!(
