@@ -7,6 +7,7 @@
 //! | target | what reads the bytes |
 //! |---|---|
 //! | [`vfio_user`] | `channel::vfio_user::serve_connection` over remote-host's vfio-user `Adapter` of a real LSI53C895A device, on a socket, with fds attached |
+//! | [`vfio_user_client`] | the VMM's `channel::vfio_user::VfioUserClient`, every call the VMM makes, answered by a hostile server |
 //! | [`mpqemu`] | `channel::mpqemu::serve_connection` over remote-host's mpqemu `Adapter`, likewise |
 //! | [`control`] | `remote_host::control::Control::run` (and so `channel::control::serve_control`) with an LSI controller |
 //! | [`config`] | `config::Config::parse` and `parse_devices` |
@@ -34,6 +35,7 @@ mod control_target;
 mod lsi_state_target;
 mod lsi_target;
 mod mpqemu_target;
+mod vfio_user_client_target;
 mod vfio_user_target;
 
 pub use config_target::config;
@@ -41,6 +43,7 @@ pub use control_target::control;
 pub use lsi_state_target::{lsi_state, lsi_state_verdict};
 pub use lsi_target::lsi;
 pub use mpqemu_target::mpqemu;
+pub use vfio_user_client_target::vfio_user_client;
 pub use vfio_user_target::vfio_user;
 
 /// The longest one guest-facing call (a BAR access, a message served)
@@ -57,6 +60,7 @@ pub type Target = fn(&[u8]);
 /// Every target, by the name its corpus directory and fuzz binary have.
 pub const TARGETS: &[(&str, Target)] = &[
     ("vfio_user", vfio_user),
+    ("vfio_user_client", vfio_user_client),
     ("mpqemu", mpqemu),
     ("control", control),
     ("config", config),

@@ -4,7 +4,13 @@
 //! `fuzz/corpus/<target>/seed-*`; the fuzzer grows the corpus from there.
 
 use channel::mpqemu::messages::{BarAccess, ConfigAccess, Message, SyncSysmem, SysmemSlot};
-use channel::vfio_user::messages::{Capabilities, Command};
+use channel::vfio_user::messages::{Capabilities, Command, DeviceFeature, MigData};
+use channel::vfio_user::migration::{
+    DmaLoggingReport, DmaLoggingStart, DmaRange, MigDeviceState, MigState, DEVICE_FEATURE_GET,
+    DEVICE_FEATURE_PROBE, DEVICE_FEATURE_SET, FEATURE_DMA_LOGGING_REPORT,
+    FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_MIGRATION,
+    FEATURE_MIG_DEVICE_STATE,
+};
 use channel::vfio_user::{
     DeviceInfo, DmaMap, DmaUnmap, Header, IrqInfo, RegionAccess, RegionInfo, SetIrqs, Version,
 };
@@ -29,6 +35,13 @@ pub fn all() -> Vec<Seed> {
     for (name, data) in vfio_user_seeds() {
         v.push(Seed {
             target: "vfio_user",
+            name,
+            data,
+        });
+    }
+    for (name, data) in vfio_user_client_seeds() {
+        v.push(Seed {
+            target: "vfio_user_client",
             name,
             data,
         });
@@ -386,6 +399,423 @@ fn vfio_user_seeds() -> Vec<(&'static str, Vec<u8>)> {
     h.msg_size = 12; // below the header
     h.encode(&mut s);
     seeds.push(("edges", s));
+
+    // Migration v2: the states, the data both ways, the DMA dirty log.
+    let mut s = Vec::new();
+    vu_version(&mut s);
+    vu(
+        &mut s,
+        1,
+        Command::DeviceFeature,
+        0,
+        false,
+        &feature(FEATURE_MIGRATION | DEVICE_FEATURE_GET, 16, &[]),
+    );
+    vu(
+        &mut s,
+        2,
+        Command::DeviceFeature,
+        0,
+        false,
+        &feature(
+            FEATURE_MIG_DEVICE_STATE
+                | DEVICE_FEATURE_PROBE
+                | DEVICE_FEATURE_GET
+                | DEVICE_FEATURE_SET,
+            16,
+            &[],
+        ),
+    );
+    let ram = DmaMap {
+        argsz: DmaMap::LEN as u32,
+        flags: DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+        offset: 0,
+        addr: 0x1_0000_0000,
+        size: 1 << 20,
+    };
+    vu(
+        &mut s,
+        3,
+        Command::DmaMap,
+        1,
+        false,
+        &enc(|o| ram.encode(o)),
+    );
+    let start = DmaLoggingStart {
+        page_size: 4096,
+        ranges: vec![DmaRange {
+            iova: 0x1_0000_0000,
+            length: 1 << 20,
+        }],
+    };
+    vu(
+        &mut s,
+        4,
+        Command::DeviceFeature,
+        0,
+        false,
+        &feature(
+            FEATURE_DMA_LOGGING_START | DEVICE_FEATURE_SET,
+            64,
+            &enc(|o| start.encode(o)),
+        ),
+    );
+    let report = DmaLoggingReport {
+        iova: 0x1_0000_0000,
+        length: 1 << 20,
+        page_size: 4096,
+    };
+    vu(
+        &mut s,
+        5,
+        Command::DeviceFeature,
+        0,
+        false,
+        &feature(
+            FEATURE_DMA_LOGGING_REPORT | DEVICE_FEATURE_GET,
+            4096,
+            &enc(|o| report.encode(o)),
+        ),
+    );
+    vu(
+        &mut s,
+        6,
+        Command::DeviceFeature,
+        0,
+        false,
+        &feature(FEATURE_DMA_LOGGING_STOP | DEVICE_FEATURE_SET, 8, &[]),
+    );
+    for (id, state) in [(7, MigState::StopCopy)] {
+        vu(
+            &mut s,
+            id,
+            Command::DeviceFeature,
+            0,
+            false,
+            &feature(
+                FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_SET,
+                16,
+                &mig_state(state),
+            ),
+        );
+    }
+    vu_read(&mut s, 8, 0, 0, 4); // refused while stopped
+    vu(
+        &mut s,
+        9,
+        Command::MigDataRead,
+        0,
+        false,
+        &enc(|o| {
+            MigData {
+                argsz: 8 + 4096,
+                size: 4096,
+            }
+            .encode(o)
+        }),
+    );
+    vu(
+        &mut s,
+        10,
+        Command::MigDataRead,
+        0,
+        false,
+        &enc(|o| {
+            MigData {
+                argsz: 8 + 4096,
+                size: 4096,
+            }
+            .encode(o)
+        }),
+    );
+    for (id, state) in [(11, MigState::Running), (12, MigState::Resuming)] {
+        vu(
+            &mut s,
+            id,
+            Command::DeviceFeature,
+            0,
+            false,
+            &feature(
+                FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_SET,
+                16,
+                &mig_state(state),
+            ),
+        );
+    }
+    let mut data = enc(|o| {
+        MigData {
+            argsz: 8 + 24,
+            size: 24,
+        }
+        .encode(o)
+    });
+    data.extend_from_slice(b"RHVUMIG\0\x01\0\0\0\x0alsi53c895a");
+    data.truncate(8 + 24);
+    vu(&mut s, 13, Command::MigDataWrite, 0, false, &data);
+    vu(
+        &mut s,
+        14,
+        Command::DeviceFeature,
+        0,
+        false,
+        &feature(
+            FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_SET,
+            16,
+            &mig_state(MigState::Running),
+        ),
+    );
+    vu(
+        &mut s,
+        15,
+        Command::DeviceFeature,
+        0,
+        false,
+        &feature(FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_GET, 16, &[]),
+    );
+    vu(&mut s, 16, Command::DeviceReset, 0, false, &[]);
+    vu_read(&mut s, 17, 0, 0, 4);
+    seeds.push(("migration", s));
+    seeds
+}
+
+/// A DEVICE_FEATURE payload.
+fn feature(flags: u32, argsz: u32, data: &[u8]) -> Vec<u8> {
+    let mut p = enc(|o| DeviceFeature { argsz, flags }.encode(o));
+    p.extend_from_slice(data);
+    p
+}
+
+fn mig_state(state: MigState) -> Vec<u8> {
+    enc(|o| {
+        MigDeviceState {
+            device_state: state as u32,
+            data_fd: u32::MAX,
+        }
+        .encode(o)
+    })
+}
+
+// ---- vfio-user, the client's side ----------------------------------------
+
+/// A reply to `cmd` (its id is made the request's by the peer: the seeds
+/// start with an odd byte).
+fn vu_reply(out: &mut Vec<u8>, cmd: Command, payload: &[u8]) {
+    Header::command(0, cmd, payload.len(), false)
+        .reply(payload.len())
+        .encode(out);
+    out.extend_from_slice(payload);
+}
+
+/// Good replies to the client session's calls, in its order, up to the
+/// first `upto` of them.
+fn client_replies(upto: usize) -> Vec<u8> {
+    let mut replies: Vec<(Command, Vec<u8>)> = Vec::new();
+    let caps = Capabilities {
+        max_msg_fds: Some(8),
+        max_data_xfer_size: Some(1 << 20),
+        ..Default::default()
+    };
+    replies.push((
+        Command::Version,
+        enc(|o| {
+            Version {
+                major: 0,
+                minor: 1,
+                capabilities: caps,
+            }
+            .encode(o)
+        }),
+    ));
+    replies.push((
+        Command::DeviceGetInfo,
+        enc(|o| {
+            DeviceInfo {
+                argsz: 16,
+                flags: 3,
+                num_regions: 9,
+                num_irqs: 5,
+            }
+            .encode(o)
+        }),
+    ));
+    for index in 0..9u32 {
+        let size = match index {
+            0 => 4096,
+            7 => 256,
+            _ => 0,
+        };
+        replies.push((
+            Command::DeviceGetRegionInfo,
+            enc(|o| {
+                RegionInfo {
+                    argsz: 32,
+                    flags: 3,
+                    index,
+                    cap_offset: 0,
+                    size,
+                    offset: 0,
+                }
+                .encode(o)
+            }),
+        ));
+    }
+    for index in 0..5u32 {
+        replies.push((
+            Command::GetIrqInfo,
+            enc(|o| {
+                IrqInfo {
+                    argsz: 16,
+                    flags: 1,
+                    index,
+                    count: u32::from(index == 0),
+                }
+                .encode(o)
+            }),
+        ));
+    }
+    let mut cfg = enc(|o| {
+        RegionAccess {
+            offset: 0,
+            region: PCI_CONFIG_REGION_INDEX,
+            count: 256,
+        }
+        .encode(o)
+    });
+    cfg.extend_from_slice(&[0x11; 256]);
+    replies.push((Command::RegionRead, cfg));
+    let mut bar = enc(|o| {
+        RegionAccess {
+            offset: 0x10,
+            region: 0,
+            count: 4,
+        }
+        .encode(o)
+    });
+    bar.extend_from_slice(&[1, 2, 3, 4]);
+    replies.push((Command::RegionRead, bar));
+    replies.push((
+        Command::RegionWrite,
+        enc(|o| {
+            RegionAccess {
+                offset: 0,
+                region: 0,
+                count: 4,
+            }
+            .encode(o)
+        }),
+    ));
+    replies.push((Command::DmaMap, Vec::new()));
+    replies.push((Command::SetIrqs, Vec::new()));
+    replies.push((
+        Command::DeviceFeature,
+        feature(
+            FEATURE_MIGRATION | DEVICE_FEATURE_GET,
+            16,
+            &1u64.to_le_bytes(),
+        ),
+    ));
+    replies.push((
+        Command::DeviceFeature,
+        feature(
+            FEATURE_MIGRATION | DEVICE_FEATURE_GET | DEVICE_FEATURE_PROBE,
+            8,
+            &[],
+        ),
+    ));
+    replies.push((
+        Command::DeviceFeature,
+        feature(
+            FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_GET,
+            16,
+            &mig_state(MigState::Running),
+        ),
+    ));
+    replies.push((
+        Command::DeviceFeature,
+        feature(
+            FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_SET,
+            16,
+            &mig_state(MigState::StopCopy),
+        ),
+    ));
+    let mut data = enc(|o| {
+        MigData {
+            argsz: 18,
+            size: 10,
+        }
+        .encode(o)
+    });
+    data.extend_from_slice(&[7; 10]);
+    replies.push((Command::MigDataRead, data));
+    replies.push((
+        Command::DeviceFeature,
+        feature(
+            FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_SET,
+            16,
+            &mig_state(MigState::Resuming),
+        ),
+    ));
+    replies.push((Command::MigDataWrite, Vec::new()));
+    let start = DmaLoggingStart {
+        page_size: 4096,
+        ranges: vec![DmaRange {
+            iova: 0,
+            length: 1 << 20,
+        }],
+    };
+    replies.push((
+        Command::DeviceFeature,
+        feature(
+            FEATURE_DMA_LOGGING_START | DEVICE_FEATURE_SET,
+            40,
+            &enc(|o| start.encode(o)),
+        ),
+    ));
+    let report = DmaLoggingReport {
+        iova: 0,
+        length: 1 << 20,
+        page_size: 4096,
+    };
+    let mut rep = enc(|o| report.encode(o));
+    rep.extend_from_slice(&[0x81; 32]);
+    replies.push((
+        Command::DeviceFeature,
+        feature(FEATURE_DMA_LOGGING_REPORT | DEVICE_FEATURE_GET, 64, &rep),
+    ));
+    replies.push((
+        Command::DeviceFeature,
+        feature(FEATURE_DMA_LOGGING_STOP | DEVICE_FEATURE_SET, 8, &[]),
+    ));
+    replies.push((
+        Command::DmaUnmap,
+        enc(|o| {
+            DmaUnmap {
+                argsz: 24,
+                flags: 0,
+                addr: 0,
+                size: 1 << 20,
+            }
+            .encode(o)
+        }),
+    ));
+    replies.push((Command::DeviceReset, Vec::new()));
+    let mut out = vec![1u8];
+    for (cmd, payload) in replies.into_iter().take(upto) {
+        vu_reply(&mut out, cmd, &payload);
+    }
+    out
+}
+
+fn vfio_user_client_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let mut seeds = vec![
+        ("session", client_replies(usize::MAX)),
+        ("setup", client_replies(16)),
+    ];
+    // Replies whose ids are left as they are: the first mismatch breaks
+    // the client.
+    let mut raw = client_replies(4);
+    raw[0] = 0;
+    seeds.push(("unpatched", raw));
     seeds
 }
 

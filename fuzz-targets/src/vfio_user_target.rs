@@ -5,6 +5,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use channel::vfio_user::migration::{DmaLoggingReport, DmaLoggingStart, MigState};
 use channel::vfio_user::{
     self, serve_connection, DeviceError, DeviceInfo, DmaMap, DmaUnmap, IrqInfo, RegionInfo,
     ServerOptions, SetIrqs, VfioUserDevice,
@@ -66,6 +67,39 @@ impl VfioUserDevice for Checked<Adapter> {
     }
     fn client_disconnected(&mut self) {
         self.call("disconnect", |a| a.client_disconnected())
+    }
+    fn migration_flags(&self) -> u64 {
+        self.inner.migration_flags()
+    }
+    fn mig_state(&self) -> MigState {
+        self.inner.mig_state()
+    }
+    fn mig_arc(&mut self, to: MigState) -> Result<(), DeviceError> {
+        self.call("a migration state", |a| a.mig_arc(to))
+    }
+    fn mig_read(&mut self, buf: &mut [u8]) -> Result<usize, DeviceError> {
+        self.call("MIG_DATA_READ", |a| a.mig_read(buf))
+    }
+    fn mig_write(&mut self, data: &[u8]) -> Result<(), DeviceError> {
+        self.call("MIG_DATA_WRITE", |a| a.mig_write(data))
+    }
+    fn dma_logging(&self) -> bool {
+        self.inner.dma_logging()
+    }
+    fn dma_logging_start(&mut self, start: &DmaLoggingStart) -> Result<u64, DeviceError> {
+        self.call("DMA_LOGGING_START", |a| a.dma_logging_start(start))
+    }
+    fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
+        self.call("DMA_LOGGING_STOP", |a| a.dma_logging_stop())
+    }
+    fn dma_logging_report(
+        &mut self,
+        report: &DmaLoggingReport,
+        bitmap: &mut [u8],
+    ) -> Result<(), DeviceError> {
+        self.call("DMA_LOGGING_REPORT", |a| {
+            a.dma_logging_report(report, bitmap)
+        })
     }
 }
 

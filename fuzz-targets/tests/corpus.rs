@@ -87,6 +87,11 @@ fn lsi() {
 }
 
 #[test]
+fn vfio_user_client() {
+    replay("vfio_user_client");
+}
+
+#[test]
 fn lsi_state() {
     replay("lsi_state");
 }
