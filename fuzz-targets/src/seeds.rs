@@ -485,20 +485,18 @@ fn vfio_user_seeds() -> Vec<(&'static str, Vec<u8>)> {
         false,
         &feature(FEATURE_DMA_LOGGING_STOP | DEVICE_FEATURE_SET, 8, &[]),
     );
-    for (id, state) in [(7, MigState::StopCopy)] {
-        vu(
-            &mut s,
-            id,
-            Command::DeviceFeature,
-            0,
-            false,
-            &feature(
-                FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_SET,
-                16,
-                &mig_state(state),
-            ),
-        );
-    }
+    vu(
+        &mut s,
+        7,
+        Command::DeviceFeature,
+        0,
+        false,
+        &feature(
+            FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_SET,
+            16,
+            &mig_state(MigState::StopCopy),
+        ),
+    );
     vu_read(&mut s, 8, 0, 0, 4); // refused while stopped
     vu(
         &mut s,
