@@ -56,6 +56,30 @@ async def main():
         r["state-kept"].append(e["data"].get("state-kept"))
         pid = await running_pid(qmp, pid)
         save()
+    # A plugin panic (host_virtio_chaos writes `chaos-panic`, the device
+    # to hit): that device comes back alone; its remote, and so its
+    # neighbours, go on untouched.
+    panic_file = os.path.join(os.path.dirname(CONFIG), "chaos-panic")
+    if os.path.exists(panic_file):
+        with open(panic_file) as f:
+            victim = f.read().strip()
+        await asyncio.sleep(rng.uniform(1.0, 2.0))
+        def remote_restarts():
+            return sum(1 for x in results["events"] if x["event"] == "REMOTE_RESTARTED")
+        restarts_before = remote_restarts()
+        try:
+            await qmp.execute("x-device-control", {"id": victim, "op": "x-panic"})
+            reply = "no error"
+        except Exception as x:  # the panic comes back as the op's error
+            reply = str(x)
+        e = await ev.wait("DEVICE_RESTARTED", device=victim, timeout=60)
+        st = next(x for x in await qmp.execute("query-remote") if x["id"] == "svc")
+        r["panic"] = {"reply": reply, "device": e["data"].get("device"),
+                      "recovery-ms": e["data"].get("recovery-ms"),
+                      "state-kept": e["data"].get("state-kept"),
+                      "same-pid": st["pid"] == pid,
+                      "remote-restarts": remote_restarts() - restarts_before}
+        save()
     await asyncio.sleep(rng.uniform(1.0, 2.0))
     os.kill(pid, signal.SIGSTOP)
     hung = await ev.wait("REMOTE_HUNG", id="svc", timeout=60)

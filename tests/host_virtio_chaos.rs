@@ -2,7 +2,10 @@
 //! a raw one and one with a file system, each under a verified write/read
 //! workload of the guest's stock `virtio_blk` driver, while the remote is
 //! killed with SIGKILL at random moments 1-3 s apart (`CHAOS_KILLS`
-//! times, default 10) and then hangs once (SIGSTOP past its timeout). The
+//! times, default 10), then one disk's plugin panics (QMP
+//! `x-device-control` `x-panic`: that disk comes back alone, in the same
+//! remote process, its neighbour untouched), and then the remote hangs
+//! once (SIGSTOP past its timeout). The
 //! remote has `restart = "on-failure"`: it comes back by itself, and each
 //! disk comes back as it was, not reset (virtio-blk's saved state
 //! outlives its doorbells, so the state the VMM saved after the driver set
@@ -187,6 +190,8 @@ fn disks_in_a_remote_killed_again_and_again_lose_no_write() {
                 .set_len(IMAGE)
                 .unwrap();
         }
+        // After the kills, vd1's plugin panics once (tests/chaos_driver.py).
+        fs::write(dir.join("chaos-panic"), "vd1").unwrap();
         let (run, out, kills) = run_chaos(
             env,
             "host_virtio_chaos",
@@ -241,12 +246,24 @@ fn disks_in_a_remote_killed_again_and_again_lose_no_write() {
             );
         }
         assert_eq!(r["replies"]["hang"]["new-pid"], true, "{diag}");
+        // The plugin panic: vd1 came back alone, its state kept, in the
+        // same remote process (vd0 never stopped).
+        let p = &r["replies"]["panic"];
+        assert!(
+            p["reply"].as_str().unwrap_or_default().contains("x-panic"),
+            "the panic's own message is the op's error: {p}\n{diag}"
+        );
+        assert_eq!(p["device"], "vd1", "{diag}");
+        assert_eq!(p["state-kept"], true, "{diag}");
+        assert_eq!(p["same-pid"], true, "{diag}");
+        assert_eq!(p["remote-restarts"], 0, "{diag}");
         assert_eq!(r["host-exit"], 0, "{diag}");
         eprintln!(
-        "host_virtio_chaos: {kills} kills, recovery p50 {} ms max {} ms; a hang recovered in {} ms; raw rounds {raw_rounds}, fs rounds {fs_rounds}, 0 errors, 0 mismatches",
+        "host_virtio_chaos: {kills} kills, recovery p50 {} ms max {} ms; a hang recovered in {} ms; a plugin panic in {} ms; raw rounds {raw_rounds}, fs rounds {fs_rounds}, 0 errors, 0 mismatches",
         ms[ms.len() / 2],
         ms[ms.len() - 1],
-        r["replies"]["hang"]["recovery-ms"]
+        r["replies"]["hang"]["recovery-ms"],
+        p["recovery-ms"]
     );
         fs::remove_dir_all(&dir).ok();
     });

@@ -642,9 +642,14 @@ impl Device for VirtioBlk {
     /// the image and tells the driver with a configuration change
     /// interrupt. Shrinking (data the guest keeps at the end of its disk)
     /// and read-only drives are refused.
+    ///
+    /// `x-panic` (fault injection, for recovery tests; only the operator
+    /// reaches control operations, never the guest): the plugin panics
+    /// here, as a bug in it would, with its I/O thread serving the queues.
     fn control(&mut self, op: &str, args: &Value) -> Result<Value, String> {
         match op {
             "resize" => control::call(op, args, |a: ResizeArgs| self.resize(a.size)),
+            "x-panic" => panic!("x-panic: a fault injected by the operator"),
             _ => Err(control::unknown(op)),
         }
     }

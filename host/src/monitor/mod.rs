@@ -129,6 +129,7 @@ const COMMANDS: &[&str] = &[
     "migrate",
     "migrate_cancel",
     "x-debug-report",
+    "x-device-control",
     "migrate-incoming",
     "query-migrate",
     "migrate-set-parameters",
@@ -391,6 +392,16 @@ impl Commands for Monitor {
             "migrate-set-parameters" => self.migrate_set_parameters(args),
             "query-migrate-parameters" => self.query_migrate_parameters(args),
             "migrate-incoming" => self.migrate_incoming(args),
+            "x-device-control" => {
+                // A plugin's own control operation (`Device::control`),
+                // in this process or over the remote's control channel.
+                args.allow_only(&["id", "op", "args"])?;
+                let id = args.str("id")?;
+                let op = args.str("op")?;
+                let a = args.get("args").cloned().unwrap_or(Value::Null);
+                self.device_control(id, op, a)
+                    .map(|reply| serde_json::json!({ "reply": reply }))
+            }
             "x-debug-report" => {
                 args.allow_only(&[])?;
                 Ok(serde_json::json!({ "report": self.machine()?.debug_report() }))
