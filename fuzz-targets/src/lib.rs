@@ -9,6 +9,7 @@
 //! | [`vfio_user`] | `channel::vfio_user::serve_connection` over remote-host's vfio-user `Adapter` of a real LSI53C895A device, on a socket, with fds attached |
 //! | [`vfio_user_client`] | the VMM's `channel::vfio_user::VfioUserClient`, every call the VMM makes, answered by a hostile server |
 //! | [`mpqemu`] | `channel::mpqemu::serve_connection` over remote-host's mpqemu `Adapter`, likewise |
+//! | [`mpqemu_client`] | the VMM's `channel::mpqemu::MpqemuClient`, every call its proxy makes, answered by a hostile remote |
 //! | [`control`] | `remote_host::control::Control::run` (and so `channel::control::serve_control`) with an LSI controller |
 //! | [`config`] | `config::Config::parse` and `parse_devices` |
 //! | [`lsi`] | the LSI53C895A plugin in `plugin_api::harness::TestBench`: register and configuration accesses, guest RAM the SCRIPTS run from, SCSI commands to a disk |
@@ -34,6 +35,7 @@ mod config_target;
 mod control_target;
 mod lsi_state_target;
 mod lsi_target;
+mod mpqemu_client_target;
 mod mpqemu_target;
 mod vfio_user_client_target;
 mod vfio_user_target;
@@ -42,6 +44,7 @@ pub use config_target::config;
 pub use control_target::control;
 pub use lsi_state_target::{lsi_state, lsi_state_verdict};
 pub use lsi_target::lsi;
+pub use mpqemu_client_target::mpqemu_client;
 pub use mpqemu_target::mpqemu;
 pub use vfio_user_client_target::vfio_user_client;
 pub use vfio_user_target::vfio_user;
@@ -62,6 +65,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("vfio_user", vfio_user),
     ("vfio_user_client", vfio_user_client),
     ("mpqemu", mpqemu),
+    ("mpqemu_client", mpqemu_client),
     ("control", control),
     ("config", config),
     ("lsi", lsi),

@@ -15,7 +15,7 @@ use crate::{assert_not_failed, lsi_device, timed, Checked};
 /// Fds the peer attaches to a message: the header's padding (bytes 4..8,
 /// which nothing reads) chooses them (bits 0..=3: how many, up to 9, so
 /// "too many" is reachable; bits 4..=5: which kind).
-fn fds_for_header(header: &[u8]) -> Vec<OwnedFd> {
+pub(crate) fn fds_for_header(header: &[u8]) -> Vec<OwnedFd> {
     let pad = header.get(4).copied().unwrap_or(0);
     let count = (pad & 0xf).min(9);
     let kind = FdKind::from_bits(u32::from(pad >> 4));

@@ -46,6 +46,13 @@ pub fn all() -> Vec<Seed> {
             data,
         });
     }
+    for (name, data) in mpqemu_client_seeds() {
+        v.push(Seed {
+            target: "mpqemu_client",
+            name,
+            data,
+        });
+    }
     for (name, data) in mpqemu_seeds() {
         v.push(Seed {
             target: "mpqemu",
@@ -824,6 +831,38 @@ fn mq(out: &mut Vec<u8>, m: &Message, fds: u8) {
     let start = out.len();
     m.encode(out);
     out[start + 4] = fds;
+}
+
+/// Good `RET`s to the mpqemu client session's calls, in its order.
+fn mpqemu_client_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let mut rets: Vec<Option<u64>> = vec![
+        Some(0x0012_1000), // vendor and device
+        Some(0),           // BAR0
+        Some(0),           // its sizing write
+        Some(0xffff_f000), // its size
+        Some(0),           // its placement
+        Some(0x1234_5678), // a register
+        Some(u64::MAX),    // eight bytes
+        Some(0),           // a write
+    ];
+    rets.extend(std::iter::repeat_n(Some(0), 12)); // the posted writes
+    rets.push(Some(0xbeef)); // an I/O read
+    rets.push(None); // reset
+    let mut session = Vec::new();
+    for v in &rets {
+        mq(&mut session, &Message::Ret(*v), 0);
+    }
+    // Failures where values should be, and a message that is not a RET.
+    let mut odd = Vec::new();
+    for v in [Some(1), Some(u64::MAX), None] {
+        mq(&mut odd, &Message::Ret(v), 0);
+    }
+    mq(&mut odd, &Message::DeviceReset, 0);
+    // A RET that claims more payload than it carries.
+    let mut short = Vec::new();
+    mq(&mut short, &Message::Ret(Some(7)), 0);
+    short[8] = 0xff;
+    vec![("session", session), ("odd", odd), ("short", short)]
 }
 
 fn mq_bar(addr: u64, val: u64, size: u32) -> BarAccess {

@@ -92,6 +92,11 @@ fn vfio_user_client() {
 }
 
 #[test]
+fn mpqemu_client() {
+    replay("mpqemu_client");
+}
+
+#[test]
 fn lsi_state() {
     replay("lsi_state");
 }

@@ -1,0 +1,137 @@
+//! mpqemu, the VMM's side: a hostile remote's `RET`s into our client
+//! (`channel::mpqemu::MpqemuClient`), through every call the VMM's proxy
+//! makes (set-up, configuration and BAR accesses, posted writes and their
+//! late `RET`s, reset). The client must never panic, never wait past its
+//! timeout, and take no more memory than one message's limit.
+//!
+//! The peer answers each request QEMU's remote answers (all but
+//! SYNC_SYSMEM and SET_IRQFD) with the input's next message, as it is:
+//! mpqemu has no message ids, so order is all there is to check.
+
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use channel::mpqemu::{ClientOptions, Command, Header, MpqemuClient, SysmemRegion, HEADER_SIZE};
+use channel::Framed;
+
+use crate::timed;
+use crate::wire::{make_fd, split, Chunk, FdKind};
+
+/// The largest request the peer reads (the client's largest is a
+/// SYNC_SYSMEM).
+const MAX_REQUEST: usize = 64 << 10;
+
+fn read_request(sock: &UnixStream) -> Option<i32> {
+    let mut head = [0u8; HEADER_SIZE];
+    let mut r = sock;
+    r.read_exact(&mut head).ok()?;
+    let size = Header::size_of(&head);
+    if !(HEADER_SIZE..=MAX_REQUEST).contains(&size) {
+        return None;
+    }
+    let mut rest = vec![0u8; size - HEADER_SIZE];
+    r.read_exact(&mut rest).ok()?;
+    Header::parse(&head).ok().map(|h| h.cmd)
+}
+
+fn serve_replies(sock: UnixStream, replies: Vec<Chunk>) -> usize {
+    if sock.set_read_timeout(Some(Duration::from_secs(2))).is_err() {
+        return 0;
+    }
+    let framed = Framed::new(sock);
+    let mut sent = 0;
+    let mut replies = replies.into_iter();
+    while let Some(cmd) = read_request(framed.socket()) {
+        if cmd == Command::SyncSysmem as i32 || cmd == Command::SetIrqfd as i32 {
+            continue;
+        }
+        let Some(reply) = replies.next() else {
+            break;
+        };
+        let fds: Vec<BorrowedFd<'_>> = reply.fds.iter().map(|f| f.as_fd()).collect();
+        if reply.data.is_empty()
+            || framed
+                .send(&reply.data, &fds, Duration::from_secs(2))
+                .is_err()
+        {
+            break;
+        }
+        sent += 1;
+    }
+    let _ = framed.socket().shutdown(std::net::Shutdown::Both);
+    sent
+}
+
+/// The calls the VMM's proxy makes, each error ignored.
+fn session(sock: UnixStream) {
+    let mut c = MpqemuClient::from_stream(
+        sock,
+        ClientOptions {
+            timeout: Duration::from_millis(300),
+            poll: Duration::ZERO,
+            adaptive_poll: false,
+            max_posted: 8,
+        },
+    );
+    let ram = make_fd(FdKind::SealedRam);
+    let _ = c.sync_sysmem(&[SysmemRegion {
+        gpa: 0,
+        size: crate::wire::RAM_SIZE,
+        offset: 0,
+        fd: ram.as_fd(),
+    }]);
+    let (irq, resample) = (make_fd(FdKind::Eventfd), make_fd(FdKind::Eventfd));
+    let _ = c.set_irqfd(irq.as_fd(), resample.as_fd());
+    let _ = c.config_read(0, 4);
+    let _ = c.config_read(0x10, 4);
+    let _ = c.config_write(0x10, 0xffff_ffff, 4);
+    let _ = c.config_read(0x10, 4);
+    let _ = c.config_write(0x10, 0xfebf_0000, 4);
+    let _ = c.bar_read(0xfebf_0000, 4, true);
+    let _ = c.bar_read(0xfebf_0000, 8, true);
+    let _ = c.bar_write(0xfebf_0004, 0x55, 1, true);
+    for i in 0..12 {
+        let _ = c.bar_write_posted(0xfebf_0008, i, 4, true);
+    }
+    let _ = c.flush();
+    let _ = c.bar_read(0xc000, 2, false);
+    let _ = c.reset();
+}
+
+/// Our client against a remote that answers with `data`.
+pub fn mpqemu_client(data: &[u8]) {
+    run(data);
+}
+
+/// [`mpqemu_client`]; the replies sent and those the input held.
+fn run(data: &[u8]) -> (usize, usize) {
+    let replies = split(data, HEADER_SIZE, Header::size_of, |h| {
+        crate::mpqemu_target::fds_for_header(h)
+    });
+    let total = replies.len();
+    let (ours, theirs) = match UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => panic!("socketpair: {e}"),
+    };
+    let peer = std::thread::spawn(move || serve_replies(theirs, replies));
+    timed("a client session", || session(ours));
+    (peer.join().unwrap_or(0), total)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The session seed answers every call that waits for an answer.
+    #[test]
+    fn the_session_seed_answers_every_call() {
+        let seed = crate::seeds::all()
+            .into_iter()
+            .find(|s| s.target == "mpqemu_client" && s.name == "session")
+            .map(|s| s.data)
+            .unwrap_or_default();
+        let (sent, total) = super::run(&seed);
+        assert!(total > 15, "{total} replies");
+        assert_eq!(sent, total);
+    }
+}
