@@ -11,6 +11,7 @@
 //! | [`mpqemu`] | `channel::mpqemu::serve_connection` over remote-host's mpqemu `Adapter`, likewise |
 //! | [`mpqemu_client`] | the VMM's `channel::mpqemu::MpqemuClient`, every call its proxy makes, answered by a hostile remote |
 //! | [`control`] | `remote_host::control::Control::run` (and so `channel::control::serve_control`) with an LSI controller |
+//! | [`qmp`] | `qmp::Server`: a monitor client's bytes (greeting, negotiation, framing, dispatch, argument checks), events emitted meanwhile |
 //! | [`config`] | `config::Config::parse` and `parse_devices` |
 //! | [`lsi`] | the LSI53C895A plugin in `plugin_api::harness::TestBench`: register and configuration accesses, guest RAM the SCRIPTS run from, SCSI commands to a disk |
 //! | [`lsi_state`] | the LSI53C895A plugin's `restore_state` (a state blob another process wrote), then the restored controller |
@@ -37,6 +38,7 @@ mod lsi_state_target;
 mod lsi_target;
 mod mpqemu_client_target;
 mod mpqemu_target;
+mod qmp_target;
 mod vfio_user_client_target;
 mod vfio_user_target;
 
@@ -46,6 +48,7 @@ pub use lsi_state_target::{lsi_state, lsi_state_verdict};
 pub use lsi_target::lsi;
 pub use mpqemu_client_target::mpqemu_client;
 pub use mpqemu_target::mpqemu;
+pub use qmp_target::qmp;
 pub use vfio_user_client_target::vfio_user_client;
 pub use vfio_user_target::vfio_user;
 
@@ -68,6 +71,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("mpqemu_client", mpqemu_client),
     ("control", control),
     ("config", config),
+    ("qmp", qmp),
     ("lsi", lsi),
     ("lsi_state", lsi_state),
 ];

@@ -67,6 +67,13 @@ pub fn all() -> Vec<Seed> {
             data: data.into_bytes(),
         });
     }
+    for (name, data) in qmp_seeds() {
+        v.push(Seed {
+            target: "qmp",
+            name,
+            data: data.into_bytes(),
+        });
+    }
     for (name, data) in config_seeds() {
         v.push(Seed {
             target: "config",
@@ -1020,6 +1027,38 @@ fn control_seeds() -> Vec<(&'static str, String)> {
 }
 
 // ---- config --------------------------------------------------------------
+
+fn qmp_seeds() -> Vec<(&'static str, String)> {
+    let neg = r#"{"execute": "qmp_capabilities"}"#;
+    vec![
+        (
+            "session",
+            format!(
+                "{neg}\n{}\n{}\n{}\n{}\n{}\n{}\n",
+                r#"{"execute": "query-commands", "id": 1}"#,
+                r#"{"execute": "device_add", "arguments": {"driver": "lsi53c895a", "id": "x", "addr": "0x6"}, "id": "two"}"#,
+                r#"{"execute": "block_resize", "arguments": {"device": "vd0", "size": 1048576}}"#,
+                r#"{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": 300, "max-bandwidth": -1}}"#,
+                r#"{"execute": "echo", "arguments": {"a": [1, {"b": null}], "c": "é"}}"#,
+                r#"{"execute": "fail"}"#,
+            ),
+        ),
+        (
+            "before-negotiation",
+            r#"{"execute": "query-version"}{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}"#.to_string(),
+        ),
+        (
+            "bad",
+            format!(
+                "{neg}{}{}{}{}",
+                r#"{"execute": 7}"#,
+                r#"{"execute": "block_resize", "arguments": {"size": "big"}}"#,
+                r#"[1, 2, {"x": }"#,
+                r#"{"execute": "device_add", "arguments": {"driver": "d", "nope": 1}}"#,
+            ),
+        ),
+    ]
+}
 
 fn config_seeds() -> Vec<(&'static str, String)> {
     vec![

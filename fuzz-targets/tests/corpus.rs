@@ -97,6 +97,11 @@ fn mpqemu_client() {
 }
 
 #[test]
+fn qmp() {
+    replay("qmp");
+}
+
+#[test]
 fn lsi_state() {
     replay("lsi_state");
 }

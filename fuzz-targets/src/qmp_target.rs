@@ -1,0 +1,118 @@
+//! QMP, the monitor's side: a client's bytes into `qmp::Server` (the
+//! greeting, capabilities negotiation, JSON framing, dispatch, argument
+//! checks and replies), with events emitted while it reads. Commands are a
+//! small set that reads its arguments the way the VMM's do (the VMM's own
+//! commands need a whole machine; their arguments go through the same
+//! [`qmp::Arguments`] helpers). QMP trusts its client (docs/security.md),
+//! so the point is robustness: no panic, no hang, bounded memory.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use qmp::{Arguments, Commands, QmpError};
+use serde_json::{json, Map, Value};
+
+use crate::timed;
+
+/// Commands whose arguments are read as the VMM reads its own.
+struct Typed;
+
+impl Commands for Typed {
+    fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        match name {
+            "echo" => Ok(Value::Object(args.clone())),
+            "device_add" => {
+                args.allow_only(&["driver", "id", "addr", "remote", "bus"])?;
+                let driver = args.str("driver")?;
+                let id = args.opt_str("id")?;
+                Ok(json!({ "driver": driver, "id": id }))
+            }
+            "block_resize" => {
+                args.allow_only(&["node-name", "device", "size"])?;
+                let size = args.u64("size")?;
+                let _ = (args.opt_str("node-name")?, args.opt_str("device")?);
+                Ok(json!({ "size": size }))
+            }
+            "migrate-set-parameters" => {
+                let _ = (
+                    args.opt_u64("downtime-limit")?,
+                    args.opt_i64("max-bandwidth")?,
+                );
+                let _ = args.opt_bool("x-verify")?;
+                Ok(json!({}))
+            }
+            "fail" => Err(QmpError::generic("refused")),
+            _ => Err(QmpError::command_not_found(name)),
+        }
+    }
+
+    fn command_names(&self) -> Vec<String> {
+        [
+            "echo",
+            "device_add",
+            "block_resize",
+            "migrate-set-parameters",
+            "fail",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    }
+}
+
+fn socket_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("fuzz-qmp-{}", std::process::id()));
+        if let Err(e) = std::fs::create_dir_all(&d) {
+            panic!("{}: {e}", d.display());
+        }
+        d
+    })
+}
+
+/// One client session: `data` sent, then its end; every reply read until
+/// the server hangs up.
+pub fn qmp(data: &[u8]) {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let path = socket_dir().join(format!("{}.sock", N.fetch_add(1, Ordering::Relaxed)));
+    let events = qmp::EventSender::new();
+    let opts = qmp::ServerOptions {
+        max_input: 64 << 10,
+        write_timeout: Duration::from_secs(2),
+        shutdown_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let server = match qmp::Server::bind_with(&path, Arc::new(Typed), opts, events.clone()) {
+        Ok(s) => s,
+        Err(e) => panic!("bind {}: {e}", path.display()),
+    };
+    let mut sock = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) => panic!("connect: {e}"),
+    };
+    let input = data.to_vec();
+    let writer = match sock.try_clone() {
+        Ok(w) => w,
+        Err(e) => panic!("dup: {e}"),
+    };
+    let sender = std::thread::spawn(move || {
+        let mut w = writer;
+        // The server may hang up first (input past its limit).
+        let _ = w.write_all(&input);
+        let _ = w.shutdown(std::net::Shutdown::Write);
+    });
+    events.emit("FUZZ", json!({ "during": true }));
+    timed("a QMP session", || {
+        let _ = sock.set_read_timeout(Some(Duration::from_secs(4)));
+        let mut buf = [0u8; 16 << 10];
+        while matches!(sock.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let _ = sender.join();
+    timed("the server's shutdown", || server.shutdown());
+    let _ = std::fs::remove_file(&path);
+}
