@@ -8,9 +8,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use qmp::{Arguments, Commands, QmpError};
@@ -64,22 +62,14 @@ impl Commands for Typed {
     }
 }
 
-fn socket_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("fuzz-qmp-{}", std::process::id()));
-        if let Err(e) = std::fs::create_dir_all(&d) {
-            panic!("{}: {e}", d.display());
-        }
-        d
-    })
-}
-
 /// One client session: `data` sent, then its end; every reply read until
 /// the server hangs up.
 pub fn qmp(data: &[u8]) {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let path = socket_dir().join(format!("{}.sock", N.fetch_add(1, Ordering::Relaxed)));
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("tempdir: {e}"),
+    };
+    let path = dir.path().join("qmp.sock");
     let events = qmp::EventSender::new();
     let opts = qmp::ServerOptions {
         max_input: 64 << 10,
@@ -114,5 +104,4 @@ pub fn qmp(data: &[u8]) {
     });
     let _ = sender.join();
     timed("the server's shutdown", || server.shutdown());
-    let _ = std::fs::remove_file(&path);
 }
