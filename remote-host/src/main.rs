@@ -98,6 +98,11 @@ enum Command {
         /// start.
         #[arg(long)]
         standby: Option<i32>,
+        /// A user id (besides this process's own and root) whose processes
+        /// may connect to `--socket` (repeatable). Others are refused at
+        /// accept, by their SO_PEERCRED.
+        #[arg(long = "allow-uid")]
+        allow_uids: Vec<u32>,
     },
 }
 
@@ -285,7 +290,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_sandbox,
             no_jail,
             standby,
+            allow_uids,
         } => {
+            remote_host::sockets::allow_peer_uids(&allow_uids);
             let cfg = load_remote(&config, &remote)?;
             let rcfg = cfg.remote(&remote).cloned();
             let log = log.or_else(|| rcfg.as_ref().and_then(|r| r.log.clone()));

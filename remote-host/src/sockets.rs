@@ -23,6 +23,14 @@
 //! A device serves one connection at a time; a second client waits until
 //! the first has gone (and may time out on its side). A listener keeps
 //! accepting after a client leaves.
+//!
+//! A connection accepted on a listener is served only when its peer's
+//! user (SO_PEERCRED) is this process's own, root, or one allowed with
+//! `--allow-uid`: another local user who can reach the path (a directory
+//! left open by mistake) gets the socket closed, not the guest's RAM.
+//! The uid is this process's at accept time (after the jail's `user`, if
+//! any), checked again each time. Inherited sockets are the orchestrator's
+//! choice and are not checked.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -97,6 +105,10 @@ impl DeviceSessions {
         for conn in listener.incoming() {
             match conn {
                 Ok(sock) => {
+                    if let Err(why) = peer_allowed(&sock) {
+                        tracing::warn!(device = %self.device, "refused a connection: {why}");
+                        continue;
+                    }
                     let me = self.clone();
                     let spawned = std::thread::Builder::new()
                         .name(format!("{}-conn-{}", self.protocol, self.device))
@@ -119,6 +131,52 @@ impl DeviceSessions {
         tracing::info!(device = %self.device, "{} client connected", self.protocol);
         (self.serve_one)(sock);
     }
+}
+
+/// Users allowed to connect besides this process's own and root.
+static ALLOWED_UIDS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+
+/// Adds `uids` to the peers allowed on listening sockets (once, at start).
+pub fn allow_peer_uids(uids: &[u32]) {
+    let _ = ALLOWED_UIDS.set(uids.to_vec());
+}
+
+/// Whether `sock`'s peer may be served: its uid is ours, root's or an
+/// allowed one.
+pub fn peer_allowed(sock: &UnixStream) -> Result<(), String> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred
+    // on our stack, for an fd we own.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "no peer credentials: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: geteuid only reads this process's id.
+    let ours = unsafe { libc::geteuid() };
+    let extra = ALLOWED_UIDS.get().map(Vec::as_slice).unwrap_or(&[]);
+    if cred.uid == ours || cred.uid == 0 || extra.contains(&cred.uid) {
+        return Ok(());
+    }
+    Err(format!(
+        "its peer (pid {}) runs as uid {}, not this process's ({ours}), root or an --allow-uid",
+        cred.pid, cred.uid
+    ))
 }
 
 /// Serves `devices` at `endpoint` until every listener ends (normally

@@ -954,3 +954,65 @@ fn migration_v2_moves_a_device_between_two_remotes() {
         assert_eq!(read32(&mut ca, REG_SCRATCH), 0xabcd_1234);
     });
 }
+
+/// What a client running as `uid` sees on `path`: "closed" when the
+/// server hangs up at once, "open" when it waits for the client's VERSION.
+fn peer_view_as(uid: u32, path: &Path) -> String {
+    use std::os::unix::process::CommandExt;
+    let script = "import socket,sys\n\
+        s=socket.socket(socket.AF_UNIX)\n\
+        s.connect(sys.argv[1])\n\
+        s.settimeout(2)\n\
+        try:\n    print('closed' if s.recv(64)==b'' else 'data')\n\
+        except socket.timeout:\n    print('open')\n";
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A connection from another local user is refused at accept (its
+/// SO_PEERCRED), even through a socket anyone can open; `--allow-uid`
+/// lets that user in. Needs root (to be another user).
+#[test]
+fn a_socket_serves_only_its_own_user_root_and_allowed_ones() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid only reads this process's id.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        eprintln!("skipped: being another user needs root");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    for allowed in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cmd = Server::command(tmp.path(), &["dma0"]);
+        cmd.arg("--socket").arg(tmp.path().join("dma0.sock"));
+        if allowed {
+            cmd.arg("--allow-uid").arg(NOBODY.to_string());
+        }
+        let mut server = Server {
+            child: cmd.spawn().unwrap(),
+            tmp,
+        };
+        let sock = server.wait_socket("dma0.sock");
+        // A directory and socket left open to everyone by mistake.
+        std::fs::set_permissions(server.tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let want = if allowed { "open" } else { "closed" };
+        assert_eq!(peer_view_as(NOBODY, &sock), want, "allowed: {allowed}");
+        // Root (and our own user) still gets in.
+        let mut c = our_client(&sock);
+        assert_eq!(read32(&mut c, REG_ID), ID_VALUE);
+        if !allowed {
+            assert!(server.log().contains("runs as uid 65534"), "{}", server.log());
+        }
+    }
+}
