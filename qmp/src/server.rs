@@ -286,6 +286,39 @@ fn clear_path(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Listens on `path` with the socket file at `mode` from the moment it
+/// is there: bound in a new 0700 directory beside `path` (where nobody
+/// else can reach it while its mode is the umask's), given `mode`, then
+/// renamed into place.
+fn bind_with_mode(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let template = parent.join(".qmp-XXXXXX");
+    let mut buf = std::ffi::CString::new(template.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the socket path"))?
+        .into_bytes_with_nul();
+    // SAFETY: mkdtemp rewrites the template's trailing XXXXXX in place in
+    // our NUL-terminated buffer and makes the directory with mode 0700.
+    if unsafe { libc::mkdtemp(buf.as_mut_ptr().cast()) }.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    buf.pop();
+    let dir = PathBuf::from(std::ffi::OsString::from(
+        <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(buf),
+    ));
+    let inner = dir.join("qmp.sock");
+    let made = UnixListener::bind(&inner).and_then(|l| {
+        fs::set_permissions(&inner, fs::Permissions::from_mode(mode))?;
+        fs::rename(&inner, path)?;
+        Ok(l)
+    });
+    let _ = fs::remove_file(&inner);
+    let _ = fs::remove_dir(&dir);
+    made
+}
+
 impl Server {
     /// Listens on `path` with default options and a new [`EventSender`]
     /// (see [`Server::events`]).
@@ -305,10 +338,10 @@ impl Server {
     ) -> io::Result<Server> {
         let path = path.as_ref().to_path_buf();
         clear_path(&path)?;
-        let listener = UnixListener::bind(&path)?;
-        if let Some(mode) = options.socket_mode {
-            fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
-        }
+        let listener = match options.socket_mode {
+            None => UnixListener::bind(&path)?,
+            Some(mode) => bind_with_mode(&path, mode)?,
+        };
         let meta = fs::symlink_metadata(&path)?;
         listener.set_nonblocking(true)?;
         let (wake, wake_rx) = UnixStream::pair()?;

@@ -586,6 +586,13 @@ fn socket_path_handling() {
     let server = Server::bind(&stale, vm()).unwrap();
     let mode = fs::metadata(&stale).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+    // It was bound in a private directory and moved into place: nothing
+    // of that is left beside it.
+    let beside: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(beside, ["stale.sock"]);
     // A live one is refused, and left alone.
     let e = Server::bind(&stale, vm()).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
