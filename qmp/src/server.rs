@@ -305,9 +305,7 @@ fn bind_with_mode(path: &Path, mode: u32) -> io::Result<UnixListener> {
         return Err(io::Error::last_os_error());
     }
     buf.pop();
-    let dir = PathBuf::from(std::ffi::OsString::from(
-        <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(buf),
-    ));
+    let dir = PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(buf));
     let inner = dir.join("qmp.sock");
     let made = UnixListener::bind(&inner).and_then(|l| {
         fs::set_permissions(&inner, fs::Permissions::from_mode(mode))?;

@@ -973,7 +973,11 @@ fn peer_view_as(uid: u32, path: &Path) -> String {
         .gid(uid)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -1012,7 +1016,11 @@ fn a_socket_serves_only_its_own_user_root_and_allowed_ones() {
         let mut c = our_client(&sock);
         assert_eq!(read32(&mut c, REG_ID), ID_VALUE);
         if !allowed {
-            assert!(server.log().contains("runs as uid 65534"), "{}", server.log());
+            assert!(
+                server.log().contains("runs as uid 65534"),
+                "{}",
+                server.log()
+            );
         }
     }
 }
