@@ -6,6 +6,13 @@
 //! stays mapped until the last in-flight access to it ends (regions are
 //! reference-counted), so an unmap racing a DMA cannot pull memory out from
 //! under a copy.
+//!
+//! A file its owner can still shrink (not sealed with `F_SEAL_SHRINK`: a
+//! plain file, an unsealed memfd) is not mapped: a truncation would turn
+//! the next DMA into SIGBUS for the whole process, with all its devices.
+//! Its DMA goes through `pread`/`pwrite` on the file instead, where a
+//! truncated file is a short read, an error to the device. Sealed memfds
+//! (our VMM's; QEMU's memfd backends seal by default) are mapped.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, RwLock};
@@ -44,12 +51,10 @@ pub enum MemoryError {
     NotAFile,
 }
 
-/// Checks that `offset..offset+size` lies inside the file behind `fd`.
-/// A file that is not sealed against shrinking could still be cut short
-/// later by its owner (our VMM seals its memfd; QEMU's memfd backends seal
-/// by default): that is logged, as the one way left for a peer to make a
-/// DMA fault.
-fn check_file_size(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<(), MemoryError> {
+/// Checks that `offset..offset+size` lies inside the file behind `fd`;
+/// returns whether the file is sealed against shrinking (then it may be
+/// mapped: see the module docs).
+fn check_file_size(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<bool, MemoryError> {
     let file = std::fs::File::from(fd.try_clone_to_owned().map_err(|errno| MemoryError::Map {
         offset,
         size,
@@ -73,20 +78,30 @@ fn check_file_size(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<(), Mem
     }
     // SAFETY: F_GET_SEALS on a valid fd reads an integer; nothing else.
     let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-        tracing::warn!(
+    let sealed = seals >= 0 && seals & libc::F_SEAL_SHRINK != 0;
+    if !sealed {
+        tracing::info!(
             "guest memory at file offset {offset:#x} is not sealed against shrinking: \
-             if its owner truncates it, a DMA there faults"
+             its DMA goes through pread/pwrite (a truncation is an error, not a fault)"
         );
     }
-    Ok(())
+    Ok(sealed)
 }
 
-/// One mmap of guest RAM.
+/// Where a region's bytes are.
+enum Backing {
+    /// An mmap of a sealed file.
+    Mapped(*mut u8),
+    /// A file its owner may shrink, read and written at `offset` + the
+    /// offset in the region.
+    File { file: std::fs::File, offset: u64 },
+}
+
+/// One region of guest RAM.
 pub struct MappedRegion {
     gpa: u64,
     size: u64,
-    ptr: *mut u8,
+    backing: Backing,
     writable: bool,
 }
 
@@ -99,10 +114,12 @@ unsafe impl Sync for MappedRegion {}
 
 impl Drop for MappedRegion {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`size` came from a successful mmap in `map` and the
-        // mapping is unmapped exactly once, here.
-        unsafe {
-            libc::munmap(self.ptr.cast(), self.size as usize);
+        if let Backing::Mapped(ptr) = self.backing {
+            // SAFETY: `ptr`/`size` came from a successful mmap in `map` and
+            // the mapping is unmapped exactly once, here.
+            unsafe {
+                libc::munmap(ptr.cast(), self.size as usize);
+            }
         }
     }
 }
@@ -152,13 +169,36 @@ impl GuestRam {
             size,
             errno: std::io::Error::from_raw_os_error(libc::EINVAL),
         })?;
-        check_file_size(fd, offset, size)?;
+        // As mmap takes them, whichever way the region is reached.
+        if offset % 4096 != 0 {
+            return Err(MemoryError::Map {
+                offset,
+                size,
+                errno: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        let sealed = check_file_size(fd, offset, size)?;
         let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
         if regions
             .iter()
             .any(|r| gpa < r.gpa + r.size && r.gpa < gpa + size)
         {
             return Err(MemoryError::Overlap { gpa, size });
+        }
+        if !sealed {
+            let file =
+                std::fs::File::from(fd.try_clone_to_owned().map_err(|errno| MemoryError::Map {
+                    offset,
+                    size,
+                    errno,
+                })?);
+            regions.push(Arc::new(MappedRegion {
+                gpa,
+                size,
+                backing: Backing::File { file, offset },
+                writable,
+            }));
+            return Ok(());
         }
         let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
         // SAFETY: a fresh shared mapping chosen by the kernel (addr NULL);
@@ -183,7 +223,7 @@ impl GuestRam {
         regions.push(Arc::new(MappedRegion {
             gpa,
             size,
-            ptr: ptr.cast(),
+            backing: Backing::Mapped(ptr.cast()),
             writable,
         }));
         Ok(())
@@ -220,7 +260,7 @@ impl GuestRam {
         gpa: u64,
         len: usize,
         write: bool,
-        mut f: impl FnMut(&MappedRegion, usize, usize, usize),
+        mut f: impl FnMut(&MappedRegion, usize, usize, usize) -> Result<(), String>,
     ) -> Result<(), String> {
         let regions = self.regions();
         let mut done = 0usize;
@@ -238,7 +278,7 @@ impl GuestRam {
             }
             let off = (addr - region.gpa) as usize;
             let chunk = (len - done).min(region.size as usize - off);
-            f(region, off, chunk, done);
+            f(region, off, chunk, done)?;
             done += chunk;
         }
         Ok(())
@@ -248,22 +288,58 @@ impl GuestRam {
 impl GuestMemory for GuestRam {
     fn read(&self, gpa: u64, data: &mut [u8]) -> Result<(), String> {
         let len = data.len();
-        let dst = data.as_mut_ptr();
         self.for_each_chunk(gpa, len, false, |r, off, chunk, done| {
-            // SAFETY: `off + chunk <= r.size` (checked by for_each_chunk),
-            // so the source lies in the live mapping, which the Arc keeps
-            // alive; `done + chunk <= data.len()`. Shared memory may change
-            // under the copy, exactly like a device DMA on real hardware.
-            unsafe { std::ptr::copy_nonoverlapping(r.ptr.add(off), dst.add(done), chunk) }
+            let buf = &mut data[done..done + chunk];
+            match &r.backing {
+                Backing::Mapped(ptr) => {
+                    // SAFETY: `off + chunk <= r.size` (checked by
+                    // for_each_chunk), so the source lies in the live
+                    // mapping, which the Arc keeps alive. Shared memory may
+                    // change under the copy, exactly like a device DMA on
+                    // real hardware. The file is sealed against shrinking,
+                    // so the pages cannot vanish (no SIGBUS).
+                    unsafe { std::ptr::copy_nonoverlapping(ptr.add(off), buf.as_mut_ptr(), chunk) };
+                    Ok(())
+                }
+                Backing::File { file, offset } => {
+                    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset + off as u64)
+                        .map_err(|e| {
+                            format!("DMA read at {:#x}: guest memory: {e}", r.gpa + off as u64)
+                        })
+                }
+            }
         })
     }
 
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
-        let src = data.as_ptr();
         self.for_each_chunk(gpa, data.len(), true, |r, off, chunk, done| {
-            // SAFETY: as in `read`, with the destination in the mapping
-            // (which is writable, checked by for_each_chunk).
-            unsafe { std::ptr::copy_nonoverlapping(src.add(done), r.ptr.add(off), chunk) }
+            match &r.backing {
+                Backing::Mapped(ptr) => {
+                    // SAFETY: as in `read`, with the destination in the mapping
+                    // (which is writable, checked by for_each_chunk) and the
+                    // source `done + chunk <= data.len()`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(data[done..].as_ptr(), ptr.add(off), chunk)
+                    };
+                    Ok(())
+                }
+                Backing::File { file, offset } => {
+                    let at = offset + off as u64;
+                    // A write past the end would grow the file, not reach the
+                    // guest: the region must still be all there.
+                    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+                    if at + chunk as u64 > len {
+                        return Err(format!(
+                            "DMA write at {:#x}: guest memory was cut short under the device",
+                            r.gpa + off as u64
+                        ));
+                    }
+                    std::os::unix::fs::FileExt::write_all_at(file, &data[done..done + chunk], at)
+                        .map_err(|e| {
+                            format!("DMA write at {:#x}: guest memory: {e}", r.gpa + off as u64)
+                        })
+                }
+            }
         })
     }
 }
@@ -278,6 +354,70 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         f.set_len(size).unwrap();
         f
+    }
+
+    /// A memfd, sealed against shrinking and growing when `sealed`.
+    fn real_memfd(size: u64, sealed: bool) -> std::fs::File {
+        use std::os::fd::FromRawFd;
+        // SAFETY: memfd_create with a NUL-terminated name; the fd is
+        // checked and then owned by the File.
+        let f = unsafe {
+            let fd = libc::memfd_create(c"ram".as_ptr(), libc::MFD_ALLOW_SEALING);
+            assert!(fd >= 0);
+            std::fs::File::from_raw_fd(fd)
+        };
+        f.set_len(size).unwrap();
+        if sealed {
+            // SAFETY: F_ADD_SEALS on our memfd.
+            let r = unsafe {
+                libc::fcntl(
+                    f.as_raw_fd(),
+                    libc::F_ADD_SEALS,
+                    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+                )
+            };
+            assert_eq!(r, 0);
+        }
+        f
+    }
+
+    #[test]
+    fn only_a_sealed_file_is_mapped() {
+        for sealed in [true, false] {
+            let f = real_memfd(0x4000, sealed);
+            let ram = GuestRam::new();
+            ram.map(f.as_fd(), 0, 0x4000, 0x10_0000, true).unwrap();
+            let mapped = matches!(ram.regions()[0].backing, Backing::Mapped(_));
+            assert_eq!(mapped, sealed);
+            ram.write(0x10_1000, b"both ways").unwrap();
+            let mut b = [0u8; 9];
+            ram.read(0x10_1000, &mut b).unwrap();
+            assert_eq!(&b, b"both ways");
+            let mut on_file = [0u8; 9];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut on_file, 0x1000).unwrap();
+            assert_eq!(&on_file, b"both ways");
+        }
+    }
+
+    /// The owner of unsealed guest memory truncates it under the device:
+    /// DMA there is an error to the device, not SIGBUS for the process
+    /// (which would end this test).
+    #[test]
+    fn memory_cut_short_under_the_device_is_an_error_not_a_fault() {
+        let f = real_memfd(1 << 20, false);
+        let ram = GuestRam::new();
+        ram.map(f.as_fd(), 0, 1 << 20, 0x10_0000, true).unwrap();
+        f.set_len(0x1000).unwrap();
+        let mut b = [0u8; 16];
+        let e = ram.read(0x10_2000, &mut b).unwrap_err();
+        assert!(e.contains("DMA read at 0x102000"), "{e}");
+        let e = ram.write(0x10_2000, &[1; 16]).unwrap_err();
+        assert!(e.contains("cut short"), "{e}");
+        assert_eq!(f.metadata().unwrap().len(), 0x1000, "the write did not grow it");
+        // What is left still works.
+        ram.write(0x10_0010, &[7; 16]).unwrap();
+        ram.read(0x10_0010, &mut b).unwrap();
+        assert_eq!(b, [7; 16]);
     }
 
     #[test]
