@@ -413,7 +413,11 @@ mod tests {
         assert!(e.contains("DMA read at 0x102000"), "{e}");
         let e = ram.write(0x10_2000, &[1; 16]).unwrap_err();
         assert!(e.contains("cut short"), "{e}");
-        assert_eq!(f.metadata().unwrap().len(), 0x1000, "the write did not grow it");
+        assert_eq!(
+            f.metadata().unwrap().len(),
+            0x1000,
+            "the write did not grow it"
+        );
         // What is left still works.
         ram.write(0x10_0010, &[7; 16]).unwrap();
         ram.read(0x10_0010, &mut b).unwrap();
