@@ -8,61 +8,12 @@
 //! SYNC_SYSMEM and SET_IRQFD) with the input's next message, as it is:
 //! mpqemu has no message ids, so order is all there is to check.
 
-use std::io::Read;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use crate::wire::{client_session, make_fd, split, Answering, FdKind};
 use channel::mpqemu::{ClientOptions, Command, Header, MpqemuClient, SysmemRegion, HEADER_SIZE};
-use channel::Framed;
-
-use crate::timed;
-use crate::wire::{make_fd, split, Chunk, FdKind};
-
-/// The largest request the peer reads (the client's largest is a
-/// SYNC_SYSMEM).
-const MAX_REQUEST: usize = 64 << 10;
-
-fn read_request(sock: &UnixStream) -> Option<i32> {
-    let mut head = [0u8; HEADER_SIZE];
-    let mut r = sock;
-    r.read_exact(&mut head).ok()?;
-    let size = Header::size_of(&head);
-    if !(HEADER_SIZE..=MAX_REQUEST).contains(&size) {
-        return None;
-    }
-    let mut rest = vec![0u8; size - HEADER_SIZE];
-    r.read_exact(&mut rest).ok()?;
-    Header::parse(&head).ok().map(|h| h.cmd)
-}
-
-fn serve_replies(sock: UnixStream, replies: Vec<Chunk>) -> usize {
-    if sock.set_read_timeout(Some(Duration::from_secs(2))).is_err() {
-        return 0;
-    }
-    let framed = Framed::new(sock);
-    let mut sent = 0;
-    let mut replies = replies.into_iter();
-    while let Some(cmd) = read_request(framed.socket()) {
-        if cmd == Command::SyncSysmem as i32 || cmd == Command::SetIrqfd as i32 {
-            continue;
-        }
-        let Some(reply) = replies.next() else {
-            break;
-        };
-        let fds: Vec<BorrowedFd<'_>> = reply.fds.iter().map(|f| f.as_fd()).collect();
-        if reply.data.is_empty()
-            || framed
-                .send(&reply.data, &fds, Duration::from_secs(2))
-                .is_err()
-        {
-            break;
-        }
-        sent += 1;
-    }
-    let _ = framed.socket().shutdown(std::net::Shutdown::Both);
-    sent
-}
 
 /// The calls the VMM's proxy makes, each error ignored.
 fn session(sock: UnixStream) {
@@ -110,14 +61,19 @@ fn run(data: &[u8]) -> (usize, usize) {
     let replies = split(data, HEADER_SIZE, Header::size_of, |h| {
         crate::mpqemu_target::fds_for_header(h)
     });
-    let total = replies.len();
-    let (ours, theirs) = match UnixStream::pair() {
-        Ok(p) => p,
-        Err(e) => panic!("socketpair: {e}"),
+    let how = Answering {
+        header_len: HEADER_SIZE,
+        size_of: Header::size_of,
+        // The client's largest request is a SYNC_SYSMEM.
+        max_request: 64 << 10,
+        // QEMU's remote answers all but these.
+        wants_reply: |req| {
+            let cmd = Header::parse(req).map_or(-1, |h| h.cmd);
+            cmd != Command::SyncSysmem as i32 && cmd != Command::SetIrqfd as i32
+        },
+        fit: Box::new(|_, _| {}),
     };
-    let peer = std::thread::spawn(move || serve_replies(theirs, replies));
-    timed("a client session", || session(ours));
-    (peer.join().unwrap_or(0), total)
+    client_session(replies, how, session)
 }
 
 #[cfg(test)]

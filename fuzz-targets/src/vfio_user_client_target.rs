@@ -10,70 +10,14 @@
 //! parsing of each reply's payload without guessing ids); even, the
 //! replies go as they are (mismatched replies, the client's checks).
 
-use std::io::Read;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use crate::vfio_user_target::fds_for_header;
+use crate::wire::{client_session, make_fd, split, Answering, FdKind};
 use channel::vfio_user::migration::{DmaRange, MigState, DEVICE_FEATURE_GET, FEATURE_MIGRATION};
 use channel::vfio_user::{self, ClientOptions, Header, VfioUserClient, HEADER_SIZE};
-use channel::Framed;
-
-use crate::timed;
-use crate::vfio_user_target::fds_for_header;
-use crate::wire::{make_fd, split, Chunk, FdKind};
-
-/// The largest request the peer reads (the client's largest is a
-/// MIG_DATA_WRITE of `max_data_xfer_size`).
-const MAX_REQUEST: usize = 1 << 20;
-
-/// Reads one request; its header, or `None` at the end.
-fn read_request(sock: &UnixStream) -> Option<[u8; HEADER_SIZE]> {
-    let mut head = [0u8; HEADER_SIZE];
-    let mut r = sock;
-    r.read_exact(&mut head).ok()?;
-    let size = Header::size_of(&head);
-    if !(HEADER_SIZE..=MAX_REQUEST).contains(&size) {
-        return None;
-    }
-    let mut rest = vec![0u8; size - HEADER_SIZE];
-    r.read_exact(&mut rest).ok()?;
-    Some(head)
-}
-
-/// Answers requests with `replies` (see the module docs) until either
-/// runs out, then closes its side. Returns how many replies it sent.
-fn serve_replies(sock: UnixStream, replies: Vec<Chunk>, patch_ids: bool) -> usize {
-    if sock.set_read_timeout(Some(Duration::from_secs(2))).is_err() {
-        return 0;
-    }
-    let framed = Framed::new(sock);
-    let mut sent = 0;
-    let mut replies = replies.into_iter();
-    while let Some(req) = read_request(framed.socket()) {
-        // Posted requests get no reply.
-        if u32::from_le_bytes([req[8], req[9], req[10], req[11]]) & vfio_user::FLAG_NO_REPLY != 0 {
-            continue;
-        }
-        let Some(mut reply) = replies.next() else {
-            break;
-        };
-        if patch_ids && reply.data.len() >= 4 {
-            reply.data[..4].copy_from_slice(&req[..4]);
-        }
-        let fds: Vec<BorrowedFd<'_>> = reply.fds.iter().map(|f| f.as_fd()).collect();
-        if reply.data.is_empty()
-            || framed
-                .send(&reply.data, &fds, Duration::from_secs(2))
-                .is_err()
-        {
-            break;
-        }
-        sent += 1;
-    }
-    let _ = framed.socket().shutdown(std::net::Shutdown::Both);
-    sent
-}
 
 /// The calls a VMM makes, each error ignored (a broken client fails the
 /// rest at once).
@@ -138,15 +82,23 @@ fn run(data: &[u8]) -> (usize, usize) {
         Header::size_of,
         fds_for_header,
     );
-    let (ours, theirs) = match UnixStream::pair() {
-        Ok(p) => p,
-        Err(e) => panic!("socketpair: {e}"),
+    let how = Answering {
+        header_len: HEADER_SIZE,
+        size_of: Header::size_of,
+        // The client's largest request: a MIG_DATA_WRITE of
+        // `max_data_xfer_size`.
+        max_request: 1 << 20,
+        // Posted requests get no reply.
+        wants_reply: |req| {
+            u32::from_le_bytes([req[8], req[9], req[10], req[11]]) & vfio_user::FLAG_NO_REPLY == 0
+        },
+        fit: Box::new(move |req, reply| {
+            if patch_ids && reply.data.len() >= 4 {
+                reply.data[..4].copy_from_slice(&req[..4]);
+            }
+        }),
     };
-    let total = replies.len();
-    let peer = std::thread::spawn(move || serve_replies(theirs, replies, patch_ids));
-    // Every wait is bounded by the client's 300 ms; about 40 calls.
-    timed("a client session", || session(ours));
-    (peer.join().unwrap_or(0), total)
+    client_session(replies, how, session)
 }
 
 #[cfg(test)]

@@ -166,3 +166,83 @@ pub(crate) fn exchange(chunks: Vec<Chunk>, serve: impl FnOnce(UnixStream)) {
     let _ = writer.join();
     let _ = drain.join();
 }
+
+/// Makes a reply fit its request (the request's header) before it goes.
+pub(crate) type Fit = Box<dyn Fn(&[u8], &mut Chunk) + Send>;
+
+/// How a client target's peer reads requests and answers them.
+pub(crate) struct Answering {
+    /// The protocol's header size, and its whole-message size from it.
+    pub header_len: usize,
+    pub size_of: fn(&[u8]) -> usize,
+    /// The largest request read; a larger one ends the session.
+    pub max_request: usize,
+    /// Whether a request (its header) waits for a reply.
+    pub wants_reply: fn(&[u8]) -> bool,
+    pub fit: Fit,
+}
+
+/// Reads one request (bounded); its header, or `None` at the end.
+fn read_request(sock: &UnixStream, how: &Answering) -> Option<Vec<u8>> {
+    let mut head = vec![0u8; how.header_len];
+    let mut r = sock;
+    r.read_exact(&mut head).ok()?;
+    let size = (how.size_of)(&head);
+    if !(how.header_len..=how.max_request).contains(&size) {
+        return None;
+    }
+    let mut rest = vec![0u8; size - how.header_len];
+    r.read_exact(&mut rest).ok()?;
+    Some(head)
+}
+
+/// Plays a server that answers each request that wants a reply with the
+/// next of `replies`, until either runs out; then hangs up. Returns how
+/// many replies it sent.
+fn answer_requests(sock: UnixStream, replies: Vec<Chunk>, how: Answering) -> usize {
+    if sock.set_read_timeout(Some(Duration::from_secs(2))).is_err() {
+        return 0;
+    }
+    let framed = Framed::new(sock);
+    let mut sent = 0;
+    let mut replies = replies.into_iter();
+    while let Some(req) = read_request(framed.socket(), &how) {
+        if !(how.wants_reply)(&req) {
+            continue;
+        }
+        let Some(mut reply) = replies.next() else {
+            break;
+        };
+        (how.fit)(&req, &mut reply);
+        let fds: Vec<BorrowedFd<'_>> = reply.fds.iter().map(|f| f.as_fd()).collect();
+        if reply.data.is_empty()
+            || framed
+                .send(&reply.data, &fds, Duration::from_secs(2))
+                .is_err()
+        {
+            break;
+        }
+        sent += 1;
+    }
+    let _ = framed.socket().shutdown(Shutdown::Both);
+    sent
+}
+
+/// Runs the client `session` on one end of a socket pair while the other
+/// end answers it with `replies` ([`Answering`]). Returns the replies sent
+/// and those there were.
+pub(crate) fn client_session(
+    replies: Vec<Chunk>,
+    how: Answering,
+    session: impl FnOnce(UnixStream),
+) -> (usize, usize) {
+    let total = replies.len();
+    let (ours, theirs) = match UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => panic!("socketpair: {e}"),
+    };
+    let peer = std::thread::spawn(move || answer_requests(theirs, replies, how));
+    // Every wait of the clients is bounded by their own timeout.
+    crate::timed("a client session", || session(ours));
+    (peer.join().unwrap_or(0), total)
+}

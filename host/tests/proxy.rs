@@ -49,6 +49,35 @@ fn bus_of(dev: Box<dyn host::pci::PciDevice>) -> PciRoot {
     root
 }
 
+/// Whether the test runs as root; outside CI a test that needs it skips
+/// (CI runs as root: there it fails instead).
+fn as_root(needs: &str) -> bool {
+    // SAFETY: geteuid only reads this process's id.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI runs as root: {needs} needs it"
+    );
+    eprintln!("skipped: {needs} needs root");
+    false
+}
+
+/// `dma0` of a connected remote, alone on a root bus of a VM of its own:
+/// the bus and BAR0's address, once its ID register answers. The VM and
+/// its RAM come back too (they must outlive the bus).
+fn dma0_on_a_bus(
+    client: host::remote::RemoteClient,
+) -> (PciRoot, u64, std::sync::Arc<kvm_ioctls::VmFd>, GuestRam) {
+    let (vm, ram) = kvm_vm();
+    let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI).unwrap();
+    let root = bus_of(Box::new(func));
+    let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
+    assert_eq!(read32(&root, bar0 + REG_ID), ID_VALUE);
+    (root, bar0, vm, ram)
+}
+
 fn cfg_read32(root: &PciRoot, reg: u32) -> u32 {
     let a = 0x8000_0000u32 | (u32::from(SLOT) << 11) | reg;
     root.pio_write(CONFIG_ADDRESS, &a.to_le_bytes());
@@ -703,13 +732,7 @@ fn a_spawned_remote_is_alone_in_a_pid_namespace_of_its_own() {
     let Some(dir) = prerequisites::or_skip() else {
         return;
     };
-    // SAFETY: geteuid only reads this process's id.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root: a PID namespace needs it"
-        );
-        eprintln!("skipped: making a PID namespace needs root");
+    if !as_root("making a PID namespace") {
         return;
     }
     std::env::set_var("REMOTE_HOST", dir.join("remote-host"));
@@ -738,11 +761,7 @@ fn a_spawned_remote_is_alone_in_a_pid_namespace_of_its_own() {
 
         let mut clients = s.clients;
         let (_, client) = clients.pop().unwrap();
-        let (vm, ram) = kvm_vm();
-        let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI).unwrap();
-        let root = bus_of(Box::new(func));
-        let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
-        assert_eq!(read32(&root, bar0 + REG_ID), ID_VALUE);
+        let (root, bar0, _vm, _ram) = dma0_on_a_bus(client);
 
         // Signals from the VMM's namespace reach it as they reach any child.
         let sig = |s: i32| {
@@ -781,10 +800,7 @@ fn a_spawned_remote_runs_in_a_cgroup_with_its_limits() {
     let Some(dir) = prerequisites::or_skip() else {
         return;
     };
-    // SAFETY: geteuid only reads this process's id.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
-        eprintln!("skipped: making cgroups needs root");
+    if !as_root("making cgroups") {
         return;
     }
     std::env::set_var("REMOTE_HOST", dir.join("remote-host"));
@@ -856,11 +872,7 @@ fn a_spawned_remote_runs_in_a_cgroup_with_its_limits() {
 
     let mut clients = s.clients;
     let (_, client) = clients.pop().unwrap();
-    let (vm, ram) = kvm_vm();
-    let func = ProxyFunction::new("dma0", client, &ram, &vm, GSI).unwrap();
-    let root = bus_of(Box::new(func));
-    let bar0 = u64::from(cfg_read32(&root, 0x10) & !0xf);
-    assert_eq!(read32(&root, bar0 + REG_ID), ID_VALUE);
+    let (root, _, _vm, _ram) = dma0_on_a_bus(client);
 
     root.shutdown();
     drop((s.control, s.control_hangup));
