@@ -205,7 +205,7 @@ fn answer_requests(sock: UnixStream, replies: Vec<Chunk>, how: Answering) -> usi
     }
     let framed = Framed::new(sock);
     let mut sent = 0;
-    let mut replies = replies.into_iter();
+    let mut replies = replies.into_iter().peekable();
     while let Some(req) = read_request(framed.socket(), &how) {
         if !(how.wants_reply)(&req) {
             continue;
@@ -223,6 +223,11 @@ fn answer_requests(sock: UnixStream, replies: Vec<Chunk>, how: Answering) -> usi
             break;
         }
         sent += 1;
+        // After the last one, hang up at once: a client waiting for more
+        // (a reply cut short) sees the end instead of its timeout.
+        if replies.peek().is_none() {
+            break;
+        }
     }
     let _ = framed.socket().shutdown(Shutdown::Both);
     sent
