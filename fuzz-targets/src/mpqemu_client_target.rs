@@ -83,12 +83,7 @@ mod tests {
     /// The session seed answers every call that waits for an answer.
     #[test]
     fn the_session_seed_answers_every_call() {
-        let seed = crate::seeds::all()
-            .into_iter()
-            .find(|s| s.target == "mpqemu_client" && s.name == "session")
-            .map(|s| s.data)
-            .unwrap_or_default();
-        let (sent, total) = super::run(&seed);
+        let (sent, total) = super::run(&crate::seeds::named("mpqemu_client", "session"));
         assert!(total > 15, "{total} replies");
         assert_eq!(sent, total);
     }

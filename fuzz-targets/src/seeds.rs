@@ -29,6 +29,15 @@ pub struct Seed {
     pub data: Vec<u8>,
 }
 
+/// The bytes of `target`'s seed `name` (empty when there is none).
+pub fn named(target: &str, name: &str) -> Vec<u8> {
+    all()
+        .into_iter()
+        .find(|s| s.target == target && s.name == name)
+        .map(|s| s.data)
+        .unwrap_or_default()
+}
+
 /// Every seed of every target.
 pub fn all() -> Vec<Seed> {
     let mut v = Vec::new();

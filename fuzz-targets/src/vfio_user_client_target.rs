@@ -109,12 +109,7 @@ mod tests {
     /// starts with the whole session reached.
     #[test]
     fn the_session_seed_answers_every_call() {
-        let seed = crate::seeds::all()
-            .into_iter()
-            .find(|s| s.target == "vfio_user_client" && s.name == "session")
-            .map(|s| s.data)
-            .unwrap_or_default();
-        let (sent, total) = super::run(&seed);
+        let (sent, total) = super::run(&crate::seeds::named("vfio_user_client", "session"));
         assert!(total > 30, "{total} replies");
         assert_eq!(sent, total);
     }
