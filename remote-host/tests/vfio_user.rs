@@ -828,6 +828,21 @@ fn qemu_vfio_user_pci_dma_and_intx_under_qtest() {
     );
 }
 
+/// The dma-example registers its saved state holds, as a client reads
+/// them.
+fn saved_registers(c: &mut VfioUserClient) -> Vec<u32> {
+    [
+        REG_LIVENESS,
+        REG_SCRATCH,
+        REG_DMA_SRC,
+        REG_DMA_DST,
+        REG_DMA_LEN,
+    ]
+    .iter()
+    .map(|&r| read32(c, r))
+    .collect()
+}
+
 /// vfio-user migration v2 between two `remote-host`s, through our client
 /// alone (no control channel): the DMA dirty log reports the page a DMA
 /// wrote, once; the state moves in 64-byte pieces (the server refusing
@@ -892,16 +907,7 @@ fn migration_v2_moves_a_device_between_two_remotes() {
         ca.dma_logging_stop().unwrap();
 
         // Stop and copy.
-        let before: Vec<u32> = [
-            REG_LIVENESS,
-            REG_SCRATCH,
-            REG_DMA_SRC,
-            REG_DMA_DST,
-            REG_DMA_LEN,
-        ]
-        .iter()
-        .map(|&r| read32(&mut ca, r))
-        .collect();
+        let before = saved_registers(&mut ca);
         ca.set_mig_state(MigState::StopCopy).unwrap();
         let mut four = [0u8; 4];
         assert!(matches!(
@@ -921,16 +927,7 @@ fn migration_v2_moves_a_device_between_two_remotes() {
         cb.set_mig_state(MigState::Resuming).unwrap();
         cb.mig_write_all(&data).unwrap();
         cb.set_mig_state(MigState::Running).unwrap();
-        let after: Vec<u32> = [
-            REG_LIVENESS,
-            REG_SCRATCH,
-            REG_DMA_SRC,
-            REG_DMA_DST,
-            REG_DMA_LEN,
-        ]
-        .iter()
-        .map(|&r| read32(&mut cb, r))
-        .collect();
+        let after = saved_registers(&mut cb);
         assert_eq!(after, before);
         assert_eq!(after[1], 0xabcd_1234);
 

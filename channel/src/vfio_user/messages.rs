@@ -84,7 +84,7 @@ impl Command {
 }
 
 /// Little-endian reader over a payload that reports short input.
-struct Rd<'a> {
+pub(super) struct Rd<'a> {
     b: &'a [u8],
     pos: usize,
     what: &'static str,
@@ -92,7 +92,7 @@ struct Rd<'a> {
 }
 
 impl<'a> Rd<'a> {
-    fn new(b: &'a [u8], what: &'static str, need: usize) -> Result<Self, ParseError> {
+    pub(super) fn new(b: &'a [u8], what: &'static str, need: usize) -> Result<Self, ParseError> {
         if b.len() < need {
             return Err(ParseError::Short {
                 what,
@@ -125,26 +125,46 @@ impl<'a> Rd<'a> {
         self.take::<2>().map(u16::from_le_bytes)
     }
 
-    fn u32(&mut self) -> Result<u32, ParseError> {
+    pub(super) fn u32(&mut self) -> Result<u32, ParseError> {
         self.take::<4>().map(u32::from_le_bytes)
     }
 
-    fn u64(&mut self) -> Result<u64, ParseError> {
+    pub(super) fn u64(&mut self) -> Result<u64, ParseError> {
         self.take::<8>().map(u64::from_le_bytes)
     }
 
-    fn rest(&self) -> &'a [u8] {
+    pub(super) fn rest(&self) -> &'a [u8] {
         self.b.get(self.pos..).unwrap_or(&[])
+    }
+
+    /// The rest, which must be exactly `count` bytes of data when
+    /// `with_data`, else empty (a payload head whose data follows it).
+    fn data(
+        &self,
+        what: &'static str,
+        count: u32,
+        with_data: bool,
+    ) -> Result<&'a [u8], ParseError> {
+        let data = self.rest();
+        let want = if with_data { count as usize } else { 0 };
+        if data.len() != want {
+            return Err(ParseError::DataLength {
+                what,
+                count,
+                got: data.len(),
+            });
+        }
+        Ok(data)
     }
 }
 
 fn put16(out: &mut Vec<u8>, v: u16) {
     out.extend_from_slice(&v.to_le_bytes());
 }
-fn put32(out: &mut Vec<u8>, v: u32) {
+pub(super) fn put32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
 }
-fn put64(out: &mut Vec<u8>, v: u64) {
+pub(super) fn put64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
@@ -567,15 +587,7 @@ impl RegionAccess {
             region: r.u32()?,
             count: r.u32()?,
         };
-        let data = r.rest();
-        let want = if with_data { a.count as usize } else { 0 };
-        if data.len() != want {
-            return Err(ParseError::DataLength {
-                what,
-                count: a.count,
-                got: data.len(),
-            });
-        }
+        let data = r.data(what, a.count, with_data)?;
         Ok((a, data))
     }
 
@@ -637,15 +649,7 @@ impl MigData {
             argsz: r.u32()?,
             size: r.u32()?,
         };
-        let data = r.rest();
-        let want = if with_data { m.size as usize } else { 0 };
-        if data.len() != want {
-            return Err(ParseError::DataLength {
-                what,
-                count: m.size,
-                got: data.len(),
-            });
-        }
+        let data = r.data(what, m.size, with_data)?;
         Ok((m, data))
     }
 

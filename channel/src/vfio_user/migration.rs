@@ -4,7 +4,7 @@
 //! between two of them, and the features' data. Pure: the server loop
 //! ([`super::server`]) and the client ([`super::client`]) use it.
 
-use super::messages::ParseError;
+use super::messages::{put32, put64, ParseError, Rd};
 
 /// DEVICE_FEATURE flags: the feature index, and what is asked.
 pub const DEVICE_FEATURE_MASK: u32 = 0xffff;
@@ -128,20 +128,16 @@ impl MigDeviceState {
     pub const LEN: usize = 8;
 
     pub fn parse(b: &[u8]) -> Result<MigDeviceState, ParseError> {
-        let b: [u8; 8] = b.try_into().map_err(|_| ParseError::Short {
-            what: "MIG_DEVICE_STATE",
-            need: Self::LEN,
-            got: b.len(),
-        })?;
+        let mut r = exactly(b, "MIG_DEVICE_STATE", Self::LEN)?;
         Ok(MigDeviceState {
-            device_state: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            data_fd: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            device_state: r.u32()?,
+            data_fd: r.u32()?,
         })
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.device_state.to_le_bytes());
-        out.extend_from_slice(&self.data_fd.to_le_bytes());
+        put32(out, self.device_state);
+        put32(out, self.data_fd);
     }
 }
 
@@ -165,14 +161,11 @@ impl DmaLoggingStart {
     /// Parses exactly 16 + 16 × `num_ranges` bytes, with at most
     /// `max_ranges` ranges (checked before anything is allocated).
     pub fn parse(b: &[u8], max_ranges: u32) -> Result<DmaLoggingStart, ParseError> {
-        let head = b.get(..Self::LEN).ok_or(ParseError::Short {
-            what: "DMA_LOGGING_START",
-            need: Self::LEN,
-            got: b.len(),
-        })?;
-        let page_size = le64(&head[0..8]);
-        let num_ranges = le32(&head[8..12]);
-        let body = &b[Self::LEN..];
+        let mut r = Rd::new(b, "DMA_LOGGING_START", Self::LEN)?;
+        let page_size = r.u64()?;
+        let num_ranges = r.u32()?;
+        let _reserved = r.u32()?;
+        let body = r.rest();
         if num_ranges > max_ranges || body.len() != 16 * num_ranges as usize {
             return Err(ParseError::DataLength {
                 what: "DMA_LOGGING_START",
@@ -182,21 +175,24 @@ impl DmaLoggingStart {
         }
         let ranges = body
             .chunks_exact(16)
-            .map(|c| DmaRange {
-                iova: le64(&c[0..8]),
-                length: le64(&c[8..16]),
+            .map(|c| {
+                let mut r = Rd::new(c, "DMA_LOGGING_START range", 16)?;
+                Ok(DmaRange {
+                    iova: r.u64()?,
+                    length: r.u64()?,
+                })
             })
-            .collect();
+            .collect::<Result<_, ParseError>>()?;
         Ok(DmaLoggingStart { page_size, ranges })
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.page_size.to_le_bytes());
-        out.extend_from_slice(&(self.ranges.len() as u32).to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        put64(out, self.page_size);
+        put32(out, self.ranges.len() as u32);
+        put32(out, 0);
         for r in &self.ranges {
-            out.extend_from_slice(&r.iova.to_le_bytes());
-            out.extend_from_slice(&r.length.to_le_bytes());
+            put64(out, r.iova);
+            put64(out, r.length);
         }
     }
 }
@@ -215,24 +211,18 @@ impl DmaLoggingReport {
     pub const LEN: usize = 24;
 
     pub fn parse(b: &[u8]) -> Result<DmaLoggingReport, ParseError> {
-        if b.len() != Self::LEN {
-            return Err(ParseError::Short {
-                what: "DMA_LOGGING_REPORT",
-                need: Self::LEN,
-                got: b.len(),
-            });
-        }
+        let mut r = exactly(b, "DMA_LOGGING_REPORT", Self::LEN)?;
         Ok(DmaLoggingReport {
-            iova: le64(&b[0..8]),
-            length: le64(&b[8..16]),
-            page_size: le64(&b[16..24]),
+            iova: r.u64()?,
+            length: r.u64()?,
+            page_size: r.u64()?,
         })
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.iova.to_le_bytes());
-        out.extend_from_slice(&self.length.to_le_bytes());
-        out.extend_from_slice(&self.page_size.to_le_bytes());
+        put64(out, self.iova);
+        put64(out, self.length);
+        put64(out, self.page_size);
     }
 
     /// The bitmap's size in bytes (pages rounded up to 64 bits), or `None`
@@ -248,16 +238,16 @@ impl DmaLoggingReport {
     }
 }
 
-fn le64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
-}
-
-fn le32(b: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[..4]);
-    u32::from_le_bytes(a)
+/// A reader over `b`, which must be exactly `len` bytes.
+fn exactly<'a>(b: &'a [u8], what: &'static str, len: usize) -> Result<Rd<'a>, ParseError> {
+    if b.len() != len {
+        return Err(ParseError::Short {
+            what,
+            need: len,
+            got: b.len(),
+        });
+    }
+    Rd::new(b, what, len)
 }
 
 #[cfg(test)]

@@ -31,9 +31,10 @@ pub fn check(c: &mut VfioUserClient) -> Result<(), TransportError> {
 
 /// RUNNING → STOP_COPY (through STOP: the remote lets its work finish,
 /// which may take `quiesce` beyond the usual reply time), the data, then
-/// RUNNING again, also when a step failed (best effort).
+/// RUNNING again, also when a step failed (best effort). Whether the
+/// remote migrates at all was asked once before (`check`, from the
+/// snapshot's `check_savable`); one that does not refuses the first step.
 pub fn save(c: &mut VfioUserClient, quiesce: Duration) -> Result<Vec<u8>, TransportError> {
-    check(c)?;
     let usual = c.timeout();
     c.set_timeout(usual + quiesce);
     let r = c
@@ -50,7 +51,6 @@ pub fn save(c: &mut VfioUserClient, quiesce: Duration) -> Result<Vec<u8>, Transp
 /// checks and applies it). A refused state leaves the device in ERROR
 /// and the error says why.
 pub fn restore(c: &mut VfioUserClient, state: &[u8]) -> Result<(), TransportError> {
-    check(c)?;
     c.set_mig_state(MigState::Resuming).map_err(text)?;
     c.mig_write_all(state).map_err(text)?;
     c.set_mig_state(MigState::Running)
