@@ -4,8 +4,10 @@
 //! reading each back and comparing it, without pause, while the QMP
 //! driver (PyPI's `qemu.qmp`, tests/migrate_driver.py) moves it: a live
 //! migration over tcp: cancelled during pre-copy (the source runs on),
-//! then live migrations A -> B over tcp:, B -> C over unix: and C -> E
-//! over tcp: (each source quit after), then a snapshot of E to a file, E
+//! then live migrations A -> B over tcp:, B -> C over unix: handing B's
+//! remote process over to C (its devices' state not copied; it outlives
+//! B) and C -> E over tcp: (each source quit after), then a snapshot of E
+//! to a file, E
 //! and its remote killed, and D started from the file, where the guest
 //! finishes. A function hot-added to B (not in the config) makes every
 //! later destination start with `--incoming defer` and add it before
@@ -210,12 +212,54 @@ fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapsho
             );
             assert_eq!(rep[format!("status-{vm}")], "running", "{diag}");
             assert_eq!(rep[format!("source-exit-before-{vm}")], 0, "{diag}");
+            if vm == "c" {
+                continue;
+            }
             assert_eq!(
                 rep[format!("source-remotes-gone-before-{vm}")],
                 true,
                 "{diag}"
             );
         }
+        // B -> C handed B's remote over: the same process serves C (its
+        // devices' state was never copied), outlives B, and C's own remote
+        // is gone; B showed it handed over. Over tcp: it is refused.
+        assert!(
+            rep["handover-over-tcp"]
+                .as_str()
+                .unwrap_or("")
+                .contains("needs a unix: URI"),
+            "{diag}"
+        );
+        let handed = &rep["handed-pids-c"];
+        assert!(handed.as_array().is_some_and(|a| !a.is_empty()), "{diag}");
+        assert_eq!(&rep["remote-pids-c"], handed, "{diag}");
+        assert!(
+            rep["handed-alive-c"]
+                .as_array()
+                .is_some_and(|a| a.iter().all(|v| v == true)),
+            "{diag}"
+        );
+        assert_eq!(
+            rep["source-remote-states-before-c"],
+            serde_json::json!(["handed-over"]),
+            "{diag}"
+        );
+        assert_eq!(rep["own-remotes-gone-c"], true, "{diag}");
+        assert!(
+            rep["own-remote-pids-c"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty()
+                    && a.iter()
+                        .all(|p| !handed.as_array().is_some_and(|h| h.contains(p)))),
+            "{diag}"
+        );
+        assert!(stderr("c").contains("adopted with 2 devices"), "{diag}");
+        assert_eq!(
+            rep["source-remote-states-before-e"],
+            serde_json::json!(["running"]),
+            "{diag}"
+        );
         // The hot-added function: a destination without it refuses the
         // stream clearly and the source runs on; the ones given it first
         // (`--incoming defer`) take the VM, D with the function in place.
@@ -279,7 +323,7 @@ fn a_guest_in_the_middle_of_disk_io_is_migrated_live_and_restored_from_a_snapsho
             )
         };
         eprintln!(
-        "host_migrate: {rounds} rounds, per VM {per_vm:?}; tcp: {}; unix: {}; tcp: {}; snapshot: {}",
+        "host_migrate: {rounds} rounds, per VM {per_vm:?}; tcp: {}; unix, remote handed over: {}; tcp: {}; snapshot: {}",
         hop("hop-b"),
         hop("hop-c"),
         hop("hop-e"),

@@ -12,8 +12,10 @@ checksummed blocks through the remote LSI without pause; meanwhile:
    started with `--incoming defer` and given the stream without it
    refuses it (it exits with an error; B runs on), and the next ones
    (`--incoming defer`, then `device_add` of the same function, then
-   `migrate-incoming`) take it: B -> C over unix:, C -> E over tcp:
-   again, each source stopped after it and then quit;
+   `migrate-incoming`) take it: B -> C over unix: with
+   `x-remote-handover` (B's remote process, with its devices' state, is
+   handed to C: nothing of it is copied, and it outlives B), C -> E over
+   tcp: again (copied), each source stopped after it and then quit;
 4. E is snapshotted to a file (`migrate file:`) and killed with its
    remote; D starts from the file (`--incoming defer`, the function
    added, `migrate-incoming file:`);
@@ -106,17 +108,20 @@ async def deferred(name, uri, add=True):
     dst = spawn_host(cfg(name), sock(name), ["--incoming", "defer"])
     q = await connect_qmp(f"vm-{name}", sock(name), dst)
     r[f"status-waiting-{name}"] = (await q.execute("query-status"))["status"]
+    r[f"own-remote-pids-{name}"] = await remote_pids(q)
     if add:
         await q.execute("device_add", DMA1)
     await q.execute("migrate-incoming", {"uri": uri})
     return dst, q
 
 
-async def live_hop(src, src_qmp, name, uri, defer=False):
+async def live_hop(src, src_qmp, name, uri, defer=False, handover=False):
     """Migrates the running VM from `src` to a new VM `name` listening on
     `uri` (started with `--incoming defer` and given the hot-added
-    function first when `defer`); returns (the new host, its monitor).
-    The source is quit after."""
+    function first when `defer`; the source's remotes handed over with
+    `handover`); returns (the new host, its monitor). The source is quit
+    after."""
+    await src_qmp.execute("migrate-set-parameters", {"x-remote-handover": handover})
     if defer:
         dst, q = await deferred(name, uri)
         await q.disconnect()
@@ -140,9 +145,21 @@ async def live_hop(src, src_qmp, name, uri, defer=False):
             break
         await asyncio.sleep(0.05)
     pids = await remote_pids(src_qmp)
+    r[f"source-remote-states-before-{name}"] = [
+        x["state"] for x in await src_qmp.execute("query-remote")]
     await src_qmp.execute("quit")
     r[f"source-exit-before-{name}"] = src.wait(timeout=60)
-    r[f"source-remotes-gone-before-{name}"] = all(gone(p) for p in pids)
+    if handover:
+        # The source's remotes are the destination's now: alive after the
+        # source ended, with the pids the destination reports; the
+        # destination's own ones, spawned at its start, are gone.
+        r[f"handed-pids-{name}"] = pids
+        r[f"handed-alive-{name}"] = [os.path.exists(f"/proc/{p}") for p in pids]
+        r[f"remote-pids-{name}"] = await remote_pids(dst_qmp)
+        r[f"own-remotes-gone-{name}"] = all(
+            gone(p) for p in r.get(f"own-remote-pids-{name}", []))
+    else:
+        r[f"source-remotes-gone-before-{name}"] = all(gone(p) for p in pids)
     try:
         await src_qmp.disconnect()
     except Exception:
@@ -188,8 +205,10 @@ async def main():
     await rounds_on("a", more=20)
 
     # 3. Live: A -> B over TCP; a function hot-added to B; a destination
-    # without it refuses the stream; B -> C over a UNIX socket and C -> E
-    # over TCP to destinations given it first.
+    # without it refuses the stream; B -> C over a UNIX socket, handing
+    # B's remote over, and C -> E over TCP to destinations given it first.
+    await qa.execute("migrate-set-parameters", {"x-remote-handover": True})
+    r["handover-over-tcp"] = await error_of(qa, "migrate", {"uri": "tcp:127.0.0.1:4449"})
     b, qb = await live_hop(a, qa, "b", "tcp:127.0.0.1:4442")
     r["add-dma1"] = await qb.execute("device_add", DMA1)
     n, qn = await deferred("n", "tcp:127.0.0.1:4444", add=False)
@@ -202,7 +221,8 @@ async def main():
     save()
     await rounds_on("b", more=rounds_seen("b") + 5)
     c, qc = await live_hop(
-        b, qb, "c", "unix:" + os.path.join(os.path.dirname(SOCK), "mig.sock"), defer=True)
+        b, qb, "c", "unix:" + os.path.join(os.path.dirname(SOCK), "mig.sock"), defer=True,
+        handover=True)
     c, qc = await live_hop(c, qc, "e", "tcp:127.0.0.1:4443", defer=True)
 
     # 4. Snapshot E to a file, kill it and its remote, restore as D.

@@ -287,6 +287,48 @@ impl ControlClient {
             .map(|_| ())
     }
 
+    /// Asks the remote to serve its existing `device` on `conn` too, once
+    /// the device's current client has gone (the device keeps its state).
+    pub fn device_connect(&mut self, device: &str, conn: OwnedFd) -> Result<(), ControlError> {
+        let mut body = Map::new();
+        body.insert("device".into(), json!(device));
+        self.request("device-connect", body, &[conn.as_fd()])
+            .map(|_| ())
+    }
+
+    /// Before the remote is handed over: every device's ring drained and
+    /// its own work finished (bounded). Returns the devices still busy
+    /// after the bound.
+    pub fn handover_prepare(&mut self) -> Result<Vec<String>, ControlError> {
+        let r = self.request("handover-prepare", Map::new(), &[])?;
+        Ok(r.get("busy")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// The remote stops dying with the VMM that spawned it.
+    pub fn handover_release(&mut self) -> Result<(), ControlError> {
+        self.request("handover-release", Map::new(), &[])
+            .map(|_| ())
+    }
+
+    /// The id the next request will carry.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Goes on from `next` (the [`next_id`](Self::next_id) of the client
+    /// this channel was handed over from), so that a late reply to one of
+    /// its requests is skipped as stale instead of taken for a wrong one.
+    pub fn resume_ids_from(&mut self, next: u64) {
+        self.next_id = self.next_id.max(next);
+    }
+
     /// Hands the remote the access ring of `device` (its memory and its
     /// kick and reply eventfds, [`crate::ring`]) and the eventfds of the
     /// doorbells it delivers (each with the key [`Self::device_doorbells`]

@@ -135,6 +135,25 @@ impl RemoteProcess {
         self.cgroup = None;
     }
 
+    /// Lets the process go without stopping it: it was handed over to
+    /// another VMM (a migration on this machine), whose it is now. It is
+    /// not killed or reaped here (once this VMM ends, it is reparented),
+    /// and its cgroup stays with it, named after this VMM.
+    pub fn release(mut self) {
+        if let Some(d) = self.rundir.take() {
+            // Its devices are reached by `device-connect` now, not there.
+            let _ = std::fs::remove_dir_all(d);
+        }
+        if let Some(c) = self.cgroup.take() {
+            std::mem::forget(c);
+        }
+        let id = std::mem::take(&mut self.id);
+        tracing::info!("remote {id}: process {} released", self.child.id());
+        // No Drop: that would kill it. The `Child` holds no fd (stdio is
+        // not piped), so forgetting it leaks nothing.
+        std::mem::forget(self);
+    }
+
     /// The directories of its resource limits' cgroup, one per hierarchy
     /// (none without limits).
     pub fn cgroup_dirs(&self) -> &[PathBuf] {

@@ -233,6 +233,7 @@ impl Machine {
             vcpus: self.vcpus.iter().map(|v| v.fd.clone()).collect(),
             remotes,
             msr_indices: &self.msr_indices,
+            handover: false,
         }
     }
 

@@ -41,6 +41,9 @@ pub enum RemoteState {
     Dead,
     /// Shut down by us as the VM ended.
     Stopped,
+    /// Handed over to another VMM by a migration on this machine: its
+    /// process and channels are that VMM's now (docs/migration.md).
+    HandedOver,
 }
 
 impl RemoteState {
@@ -51,6 +54,7 @@ impl RemoteState {
             RemoteState::Hung => "hung",
             RemoteState::Dead => "dead",
             RemoteState::Stopped => "stopped",
+            RemoteState::HandedOver => "handed-over",
         }
     }
 }
@@ -87,6 +91,10 @@ pub struct Remote {
     control_fd: Option<OwnedFd>,
     /// Devices already reported failed.
     reported_failures: Mutex<std::collections::HashSet<String>>,
+    /// Its control channel is lent to a migration that may hand the
+    /// remote over: heartbeats pause until it comes back or the remote is
+    /// handed over.
+    lent: AtomicBool,
     /// Told once the remote died or hung (automatic restart).
     failure_hook: Mutex<Option<FailureHook>>,
     /// The devices' last saved states, kept while they are idle, for a
@@ -173,6 +181,7 @@ impl Remote {
             devices: Mutex::new(Vec::new()),
             control_fd,
             reported_failures: Mutex::new(Default::default()),
+            lent: AtomicBool::new(false),
             failure_hook: Mutex::new(None),
             checkpoints: (cfg.restart != config::RestartPolicy::Never)
                 .then(crate::checkpoint::Checkpoints::default),
@@ -322,7 +331,7 @@ impl Remote {
         f: impl FnOnce(&mut ControlClient) -> Result<T, ControlError>,
     ) -> Result<T, String> {
         match self.state() {
-            RemoteState::Dead | RemoteState::Stopped => {
+            RemoteState::Dead | RemoteState::Stopped | RemoteState::HandedOver => {
                 return Err(format!("Remote '{}' is not running", self.id))
             }
             RemoteState::Hung => return Err(format!("Remote '{}' is not answering", self.id)),
@@ -443,7 +452,10 @@ impl Remote {
     /// the processes are stopped) is not reported.
     pub fn died(&self, why: DeathCause, events: &qmp::EventSender) {
         let mut st = lock(&self.status);
-        if matches!(st.state, RemoteState::Dead | RemoteState::Stopped) {
+        if matches!(
+            st.state,
+            RemoteState::Dead | RemoteState::Stopped | RemoteState::HandedOver
+        ) {
             return;
         }
         st.state = RemoteState::Dead;
@@ -476,7 +488,14 @@ impl Remote {
     /// and closes its control channel: a `remote-host` we spawned exits
     /// when that channel reaches EOF.
     pub fn stopped(&self) {
-        lock(&self.status).state = RemoteState::Stopped;
+        let mut st = lock(&self.status);
+        if st.state == RemoteState::HandedOver {
+            // Its channels are another VMM's now: shutting them down
+            // would cut that VMM off too.
+            return;
+        }
+        st.state = RemoteState::Stopped;
+        drop(st);
         if let Some(fd) = &self.control_fd {
             // SAFETY: shutdown on a socket fd we own; it ends the
             // connection for every duplicate, so the peer sees EOF.
@@ -489,6 +508,40 @@ impl Remote {
     pub fn retire(&self) {
         self.failed.store(true, Ordering::Release);
         self.stopped();
+    }
+
+    /// Lends the control channel to a migration that offers this remote to
+    /// another VMM: heartbeats pause (they would interleave with that
+    /// VMM's requests) until [`return_control`](Self::return_control) or
+    /// [`handed_over`](Self::handed_over). `None` without a control
+    /// channel.
+    pub fn lend_control(&self) -> Option<ControlClient> {
+        let mut c = lock(&self.control);
+        let client = c.take()?;
+        self.lent.store(true, Ordering::Release);
+        Some(client)
+    }
+
+    /// The migration did not hand the remote over: its control channel
+    /// comes back, and heartbeats go on.
+    pub fn return_control(&self, client: ControlClient) {
+        *lock(&self.control) = Some(client);
+        self.lent.store(false, Ordering::Release);
+    }
+
+    /// The remote is another VMM's now: no heartbeat, no event, no restart
+    /// from here, its devices fail here (the guest runs there), and its
+    /// channels are left open for that VMM.
+    pub fn handed_over(&self) {
+        lock(&self.status).state = RemoteState::HandedOver;
+        self.failed.store(true, Ordering::Release);
+        *lock(&self.control) = None;
+    }
+
+    /// The duplicate of the control socket (what a hand-over passes).
+    pub fn control_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.control_fd.as_ref().map(|f| f.as_fd())
     }
 
     /// Waits up to `period` for a hang-up on any of the remote's channels.
@@ -595,6 +648,9 @@ impl Remote {
     /// can still take one. `Ok(false)`: nothing could be asked (no device,
     /// or all failed), which says nothing either way.
     fn beat(&self, pci: &PciRoot, events: &qmp::EventSender) -> Result<bool, Silence> {
+        if self.lent.load(Ordering::Acquire) {
+            return Ok(false);
+        }
         {
             let mut c = lock(&self.control);
             if let Some(c) = c.as_mut() {
@@ -645,7 +701,10 @@ pub enum DeathCause {
 pub fn spawn(remote: Arc<Remote>, pci: Arc<PciRoot>, events: qmp::EventSender) {
     let name = format!("supervise-{}", remote.id);
     let r = std::thread::Builder::new().name(name).spawn(move || loop {
-        if matches!(remote.state(), RemoteState::Dead | RemoteState::Stopped) {
+        if matches!(
+            remote.state(),
+            RemoteState::Dead | RemoteState::Stopped | RemoteState::HandedOver
+        ) {
             return;
         }
         if remote.hung_up_within(remote.heartbeat) {

@@ -305,9 +305,37 @@ pub fn run(
             vcpus: vcpu_list.iter().map(|v| v.fd.clone()).collect(),
             remotes: supervised.clone(),
             msr_indices: &msr_indices,
+            handover: false,
         };
-        crate::snapshot::restore_incoming(&parts, uri, uri.listen()?)
+        let handed = crate::snapshot::restore_incoming(&parts, uri, uri.listen()?)
             .with_context(|| format!("--incoming {uri}"))?;
+        let adopter = monitor::handover::Adopter {
+            config: &cfg,
+            vm: &vm,
+            ram: &ram,
+            bus: &bus,
+            events: &events,
+        };
+        let t = Instant::now();
+        let n = handed.len();
+        for h in handed {
+            let new = adopter
+                .adopt(h)
+                .with_context(|| format!("--incoming {uri}: a handed-over remote"))?;
+            // Its stand-in, spawned from the config at start, goes.
+            if let Some(slot) = supervised.iter_mut().find(|s| s.id == new.id) {
+                std::mem::replace(slot, new.clone()).retire();
+            }
+            if let Some(pos) = remotes.iter().position(|p| p.id == new.id) {
+                remotes.remove(pos).stop(Duration::ZERO);
+            }
+        }
+        if n > 0 {
+            tracing::info!(
+                "{n} handed-over remote(s) adopted in {:.1} ms after the source's go",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
         events.emit("RESUME", serde_json::json!({}));
     }
     reset::install_kick_handler()?;

@@ -19,6 +19,15 @@
 //!   serves the device's BAR accesses from the shared-memory access ring
 //!   too, and its doorbells ([`crate::ring`]); a second setup replaces
 //!   the first.
+//! - `device-connect` (+ one fd, a connected socket): serves an existing
+//!   device on a new connection once its current client has gone (the
+//!   device keeps its state): how a VMM that was handed this remote
+//!   reaches its devices.
+//! - `handover-prepare`: every device's ring drained and its own work
+//!   finished (bounded), before its guest's last RAM is copied.
+//! - `handover-release`: the process no longer dies with the VMM that
+//!   spawned it (its parent-death signal is cleared), so that VMM may end
+//!   once another took this remote over (docs/migration.md).
 //!
 //! When the control socket reaches EOF the VMM is gone, and so is the
 //! reason to run: the caller exits.
@@ -111,7 +120,7 @@ impl Control {
     }
 
     fn handle(&mut self, op: &str, req: &Value, fds: Vec<OwnedFd>) -> Result<Value, String> {
-        if op != "device-add" && op != "ring-setup" && !fds.is_empty() {
+        if !matches!(op, "device-add" | "ring-setup" | "device-connect") && !fds.is_empty() {
             return Err(format!("`{op}` takes no file descriptors"));
         }
         match op {
@@ -124,8 +133,13 @@ impl Control {
             "device-save" => self.device_save(req),
             "device-restore" => self.device_restore(req),
             "dirty-log" => self.dirty_log(req),
+            "device-connect" => self.device_connect(req, fds),
+            "handover-prepare" => self.handover_prepare(),
+            "handover-release" => crate::main_thread::clear_parent_death_signal()
+                .map(|()| json!({}))
+                .map_err(|e| format!("handover-release: {e}")),
             _ => Err(format!(
-                "unknown op `{op}` (ping, device-add, device-del, device-control, device-save, device-restore, dirty-log, device-doorbells, ring-setup)"
+                "unknown op `{op}` (ping, device-add, device-del, device-control, device-save, device-restore, dirty-log, device-doorbells, ring-setup, device-connect, handover-prepare, handover-release)"
             )),
         }
     }
@@ -203,6 +217,55 @@ impl Control {
             },
         );
         Ok(json!({}))
+    }
+
+    /// `device-connect {"device"}` + a connected socket: serves the
+    /// device on it, on a thread of its own, once the client it has now
+    /// went away (the device's session lock): its state stays, its DMA
+    /// mappings and eventfds are the new client's to give.
+    fn device_connect(&mut self, req: &Value, fds: Vec<OwnedFd>) -> Result<Value, String> {
+        let id = str_arg(req, "device")?;
+        let [fd] = <[OwnedFd; 1]>::try_from(fds).map_err(|v| {
+            format!(
+                "device-connect takes one file descriptor (a connected socket), got {}",
+                v.len()
+            )
+        })?;
+        if !crate::sockets::is_stream_socket(fd.as_fd()) {
+            return Err("device-connect: the file descriptor is not a stream socket".into());
+        }
+        let entry = self
+            .devices
+            .get_mut(id)
+            .ok_or_else(|| format!("no device `{id}`"))?;
+        let sock = UnixStream::from(fd);
+        let handle = sock
+            .try_clone()
+            .map_err(|e| format!("device `{id}`: cannot keep a handle on its socket: {e}"))?;
+        let (thread_dev, dialect) = (entry.dev.clone(), self.dialect.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .spawn(move || dialect.serve_stream(thread_dev, sock))
+            .map_err(|e| format!("device `{id}`: cannot start its thread: {e}"))?;
+        tracing::info!(device = %id, "device connected again (served once its last client has gone)");
+        // An earlier connection's thread ends with its client.
+        entry.served = Some((handle, thread));
+        Ok(json!({}))
+    }
+
+    /// `handover-prepare`: each device's ring drained and its own work
+    /// finished (each bounded), as `device-save` with `quiesce` does but
+    /// without taking the state: the guest is stopped, and its last RAM
+    /// goes after this (with what the devices wrote until now).
+    fn handover_prepare(&mut self) -> Result<Value, String> {
+        let mut busy = Vec::new();
+        for (id, entry) in &self.devices {
+            drained(id, entry)?;
+            if !entry.dev.function().wait_idle(QUIESCE) {
+                busy.push(id.clone());
+            }
+        }
+        Ok(json!({ "busy": busy }))
     }
 
     /// The device's doorbells as its function checked them (the reasons
@@ -324,17 +387,7 @@ impl Control {
             .devices
             .get(id)
             .ok_or_else(|| format!("no device `{id}`"))?;
-        if let Some(ring) = &entry.ring {
-            let deadline = std::time::Instant::now() + SAVE_DRAIN;
-            while !ring.watch.drained() {
-                if std::time::Instant::now() >= deadline {
-                    return Err(format!(
-                        "device `{id}`: accesses still wait on its ring after {SAVE_DRAIN:?}"
-                    ));
-                }
-                std::thread::sleep(std::time::Duration::from_micros(200));
-            }
-        }
+        drained(id, entry)?;
         if req.get("quiesce").and_then(Value::as_bool) == Some(true) {
             // A migration: the guest is stopped; let the I/O it started
             // finish, so that the state has none in flight (bounded: a
@@ -420,6 +473,24 @@ impl Control {
         dev.mirrors.notify();
         r
     }
+}
+
+/// Waits until every access the VMM published on the device's ring has
+/// been applied (at most [`SAVE_DRAIN`]).
+fn drained(id: &str, entry: &Entry) -> Result<(), String> {
+    let Some(ring) = &entry.ring else {
+        return Ok(());
+    };
+    let deadline = std::time::Instant::now() + SAVE_DRAIN;
+    while !ring.watch.drained() {
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "device `{id}`: accesses still wait on its ring after {SAVE_DRAIN:?}"
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    Ok(())
 }
 
 /// How long `device-save {"quiesce": true}` waits for the device's own

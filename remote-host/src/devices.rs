@@ -32,6 +32,11 @@ pub struct RemoteDevice {
     /// Guest pages the device wrote by DMA while a migration logs them
     /// (control `dirty-log`).
     pub dirty: Arc<plugin_api::dirty::DirtyLog>,
+    /// Held while a client is served: whichever way a connection came (a
+    /// listener, `--fd`, control `device-add` or `device-connect`), the
+    /// next is served only once the one before it has gone, so its DMA
+    /// mappings and eventfds are dropped before the next client's come.
+    pub session: Arc<Mutex<()>>,
 }
 
 /// The device's notices that registers it lets the VMM mirror changed
@@ -235,6 +240,7 @@ pub fn create_from(spec: &DeviceSpec, plugin: &LoadedPlugin) -> Result<RemoteDev
         shut_down: AtomicBool::new(false),
         mirrors,
         dirty,
+        session: Arc::default(),
     })
 }
 

@@ -17,6 +17,7 @@ mod forked;
 pub mod irq;
 pub mod jail;
 pub mod logging;
+pub mod main_thread;
 pub mod memory;
 pub mod new_plugin;
 pub mod ring;

@@ -378,20 +378,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             // With --control and nothing to serve from the config, the
-            // devices come by device-add: wait for the control channel.
-            let Some(endpoint) = endpoint.filter(|_| !devs.is_empty() || control_thread.is_none())
-            else {
-                if let Some(t) = control_thread {
-                    let _ = t.join();
-                }
-                return Ok(ExitCode::SUCCESS);
+            // devices come by device-add: only the control channel runs.
+            let endpoint = endpoint.filter(|_| !devs.is_empty() || control_thread.is_none());
+            // The devices are served on a thread of their own: the first
+            // thread stays free for what only it can do (its parent-death
+            // signal, `main_thread`).
+            let serving = match endpoint {
+                Some(endpoint) => Some(std::thread::Builder::new().name("serve".into()).spawn(
+                    move || {
+                        let r = dialect.serve(devs, endpoint);
+                        if let Err(e) = &r {
+                            tracing::error!("serving the config's devices: {e:#}");
+                        }
+                        r
+                    },
+                )?),
+                None => None,
             };
-            dialect.serve(devs, endpoint)?;
-            // The config's devices are gone (their client left, e.g. after
-            // device_del), but devices added over the control channel may
-            // still be served: the control channel decides when to exit.
-            if let Some(t) = control_thread {
-                let _ = t.join();
+            // The config's devices may be gone (their client left, e.g.
+            // after device_del, or a connected --fd was handed to another
+            // VMM's connection) while devices reached over the control
+            // channel are still served: with a control channel, it decides
+            // when to exit.
+            remote_host::main_thread::run_tasks_until(|| match &control_thread {
+                Some(t) => t.is_finished(),
+                None => serving.as_ref().is_none_or(|s| s.is_finished()),
+            });
+            if control_thread.is_none() {
+                if let Some(s) = serving {
+                    s.join()
+                        .map_err(|_| anyhow::anyhow!("the serving thread panicked"))??;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -219,11 +219,16 @@ fn filtered() -> Result<Vec<(i64, Vec<SeccompRule>)>, seccompiler::BackendError>
             libc::SYS_mprotect,
             vec![all(vec![cond(2, Dword, MaskedEq(exec), 0)])?],
         ),
-        // Thread names.
-        (
-            libc::SYS_prctl,
-            one_of(0, &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64])?,
-        ),
+        // Thread names; and clearing (only) the parent-death signal, when
+        // the remote is handed over to another VMM (`handover-release`).
+        (libc::SYS_prctl, {
+            let mut rules = one_of(0, &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64])?;
+            rules.push(all(vec![
+                cond(0, Dword, Eq, libc::PR_SET_PDEATHSIG as u64),
+                cond(1, Qword, Eq, 0),
+            ])?);
+            rules
+        }),
         // abort() signalling this process's own threads.
         (libc::SYS_tgkill, vec![all(vec![cond(0, Dword, Eq, pid)])?]),
         // Descriptor flags and seals, nothing that signals or leases.

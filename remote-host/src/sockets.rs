@@ -87,16 +87,19 @@ pub struct DeviceSessions {
 }
 
 impl DeviceSessions {
+    /// `session`: the device's own lock ([`RemoteDevice::session`]),
+    /// shared by every way its connections come.
     pub fn new(
         device: &str,
         protocol: &'static str,
+        session: Arc<Mutex<()>>,
         serve_one: impl Fn(UnixStream) + Send + Sync + 'static,
     ) -> Self {
         DeviceSessions {
             device: device.to_string(),
             protocol,
             serve_one: Arc::new(serve_one),
-            session: Arc::new(Mutex::new(())),
+            session,
         }
     }
 

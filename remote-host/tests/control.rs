@@ -465,3 +465,162 @@ fn the_end_of_the_control_channel_stops_its_ring_threads() {
     );
     dev.shutdown();
 }
+
+/// How a VMM that was handed this remote over reaches its devices
+/// (docs/migration.md, "Handing a remote over"): `device-connect` gives a
+/// device a new connection, served once the one it has now is gone, with
+/// the device's state as that client left it. `handover-prepare` and
+/// `handover-release` are answered.
+#[test]
+fn device_connect_serves_a_device_again_once_its_client_left_with_its_state() {
+    let (remote, mut ctl) = Remote::start_with(
+        &[],
+        "[[device]]\nid = \"dma0\"\nremote = \"r\"\nplugin = \"dma-example\"\nslot = 3\n",
+        |dir| {
+            vec![
+                "--socket".into(),
+                dir.join("dma0.sock").display().to_string(),
+            ]
+        },
+    );
+    let sock = remote.path().join("dma0.sock");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut first = vfio_client(UnixStream::connect(&sock).unwrap());
+    first
+        .region_write(0, 0x08, &0x5eed_u32.to_le_bytes())
+        .unwrap();
+    // A device added on the control channel is reached the same way.
+    let (added_ours, added_theirs) = UnixStream::pair().unwrap();
+    ctl.device_add(
+        "dma9",
+        "dma-example",
+        None,
+        9,
+        "",
+        OwnedFd::from(added_theirs),
+    )
+    .unwrap();
+    let mut added = vfio_client(added_ours);
+    added
+        .region_write(0, 0x08, &0x0909_u32.to_le_bytes())
+        .unwrap();
+
+    assert_eq!(ctl.handover_prepare().unwrap(), Vec::<String>::new());
+    ctl.handover_release().unwrap();
+    let (next, theirs) = UnixStream::pair().unwrap();
+    ctl.device_connect("dma0", OwnedFd::from(theirs)).unwrap();
+    let (next9, theirs9) = UnixStream::pair().unwrap();
+    ctl.device_connect("dma9", OwnedFd::from(theirs9)).unwrap();
+    // The old client is still the one served.
+    let mut v = [0u8; 4];
+    first.region_read(0, 0x08, &mut v).unwrap();
+    assert_eq!(u32::from_le_bytes(v), 0x5eed);
+    // Once it has gone, the new one is, and finds what it left.
+    drop(first);
+    drop(added);
+    let mut second = vfio_client(next);
+    second.region_read(0, 0x08, &mut v).unwrap();
+    assert_eq!(u32::from_le_bytes(v), 0x5eed, "dma0's state was kept");
+    let mut second9 = vfio_client(next9);
+    second9.region_read(0, 0x08, &mut v).unwrap();
+    assert_eq!(u32::from_le_bytes(v), 0x0909, "dma9's state was kept");
+
+    // Refusals, and the channel goes on.
+    let (_a, b) = UnixStream::pair().unwrap();
+    assert_eq!(
+        remote_error(ctl.device_connect("nope", OwnedFd::from(b))),
+        "no device `nope`"
+    );
+    let e = remote_error(ctl.request("device-connect", json_map(json!({"device": "dma0"})), &[]));
+    assert!(e.contains("takes one file descriptor"), "{e}");
+    let f = File::open("/dev/null").unwrap();
+    let e = remote_error(ctl.request(
+        "device-connect",
+        json_map(json!({"device": "dma0"})),
+        &[std::os::fd::AsFd::as_fd(&f)],
+    ));
+    assert!(e.contains("not a stream socket"), "{e}");
+    ctl.ping().unwrap();
+}
+
+fn json_map(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => panic!("not an object"),
+    }
+}
+
+/// A remote spawned as the VMM spawns it (`PR_SET_PDEATHSIG`, fired when
+/// the spawning *thread* ends) dies with its spawner, unless it was told
+/// `handover-release` first: then it outlives it and still answers. This
+/// is what lets a source VMM end once it handed its remote over.
+#[test]
+fn handover_release_lets_the_remote_outlive_its_spawner() {
+    for release in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tmp.path().join("vm.toml");
+        std::fs::write(
+            &cfg,
+            "[vm]\nmemory = \"64M\"\nkernel = \"vmlinuz\"\n\n[[remote]]\nid = \"r\"\n",
+        )
+        .unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_remote-host"));
+        cmd.env_remove("PLUGIN_PATH")
+            .args(["serve", "--remote", "r", "--control", "3", "--config"])
+            .arg(&cfg)
+            .arg("--plugin-dir")
+            .arg(plugin_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        testenv::inherit_as_fd3(&mut cmd, theirs.as_raw_fd());
+        // SAFETY: prctl only, in the forked child before exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawner = std::thread::spawn(move || {
+            tx.send(cmd.spawn().unwrap()).unwrap();
+            // The spawner lives until told to end.
+            let _ = wait.recv();
+        });
+        let mut child = rx.recv().unwrap();
+        drop(theirs);
+        let mut ctl = ControlClient::new(ours, Duration::from_secs(10));
+        ctl.ping().unwrap();
+        if release {
+            ctl.handover_release().unwrap();
+        }
+        drop(go);
+        spawner.join().unwrap();
+        if release {
+            // Still there, still answering, a while after the signal would
+            // have come (it follows the thread's end by microseconds).
+            for _ in 0..20 {
+                ctl.ping().unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(child.try_wait().unwrap().is_none());
+            let _ = child.kill();
+            let _ = child.wait();
+        } else {
+            let st = child.wait().unwrap();
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&st),
+                Some(libc::SIGKILL),
+                "{st}"
+            );
+        }
+    }
+}

@@ -1,6 +1,8 @@
 //! `migrate-compare`: live migration of the same guest (256 MiB, 2 vCPUs,
 //! the same initramfs and disk image) over TCP on loopback, by our VMM
-//! (`host`: the LSI in a remote; the destination has its own remote), by
+//! (`host`: the LSI in a remote; the destination has its own remote; the
+//! same over a UNIX socket, `unix`, and with the remote handed over to the
+//! destination instead of its devices' state copied, `handover`), by
 //! our VMM with the LSI in its own process (`inproc`) and by QEMU 7.2 with
 //! its in-process LSI (the anchors), under a real KVM: run it
 //! inside the nested-KVM L1 (`scripts/bench-migrate`). Each is migrated
@@ -72,6 +74,12 @@ fn run() -> Result<()> {
             dir.join(format!("vm-inproc-{name}.toml")),
             in_process_lsi_config(&env.kernel, MEMORY_MIB, &format!("inproc-{name}")),
         )?;
+        for kind in ["unix", "handover"] {
+            fs::write(
+                dir.join(format!("vm-{kind}-{name}.toml")),
+                remote_lsi_config(&env.kernel, MEMORY_MIB, &format!("{kind}-{name}")),
+            )?;
+        }
     }
     fs::copy(dir.join("vm-a.toml"), dir.join("vm.toml"))?;
     fs::write(
@@ -111,15 +119,19 @@ fn run() -> Result<()> {
     let n = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     for key in [
         "host-idle",
+        "unix-idle",
+        "handover-idle",
         "inproc-idle",
         "qemu-idle",
         "host-io",
+        "unix-io",
+        "handover-io",
         "inproc-io",
         "qemu-io",
     ] {
         let m = &rep[key];
         let s = &m["stop-and-copy"];
-        let phases = if s.is_object() {
+        let mut phases = if s.is_object() {
             format!(
                 "devices {:.0}, last RAM {:.0}, destination {:.0}",
                 n(&s["devices-ms"]),
@@ -129,6 +141,10 @@ fn run() -> Result<()> {
         } else {
             String::new()
         };
+        if m.get("adopted-ms").is_some() {
+            // After the source's go, before the guest runs there.
+            phases += &format!(", then adopting the remote {:.0}", n(&m["adopted-ms"]));
+        }
         println!(
             "{:<12} {:>9.0} {:>12.0} {:>9.1} {:>7}   {phases}",
             key,

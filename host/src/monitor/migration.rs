@@ -29,7 +29,7 @@ use super::{lock, Monitor};
 use crate::exit::ExitReason;
 use crate::reset::Machine;
 use crate::snapshot::uri::{Listener, MigrationUri, Stream, GO, HANDSHAKE_TIMEOUT, TAKEN};
-use crate::snapshot::{Precopy, Round};
+use crate::snapshot::{handover, Precopy, Round};
 
 /// What `query-migrate` shows.
 #[derive(Debug, Default, Clone)]
@@ -50,6 +50,10 @@ struct Parameters {
     downtime_limit_ms: u64,
     /// Bytes a second; 0: as fast as the link goes.
     max_bandwidth: u64,
+    /// `x-remote-handover`: on a `unix:` migration, hand the remotes this
+    /// VMM spawned over to the destination instead of copying their
+    /// devices' states (`crate::snapshot::handover`).
+    remote_handover: bool,
 }
 
 impl Default for Parameters {
@@ -59,6 +63,7 @@ impl Default for Parameters {
         Parameters {
             downtime_limit_ms: 300,
             max_bandwidth: 0,
+            remote_handover: false,
         }
     }
 }
@@ -141,7 +146,8 @@ impl Monitor {
 
     fn run_incoming(&self, machine: &Machine, uri: &MigrationUri, listener: Listener) {
         let remotes = lock(&self.remotes).clone();
-        let restored = crate::snapshot::restore_incoming(&machine.parts(remotes), uri, listener);
+        let restored = crate::snapshot::restore_incoming(&machine.parts(remotes), uri, listener)
+            .and_then(|handed| self.adopt_all(handed));
         *lock(&self.migration.incoming) = Incoming::No;
         match restored {
             Ok(()) => {
@@ -152,6 +158,69 @@ impl Monitor {
                 .exit
                 .set(ExitReason::Error(format!("migrate-incoming {uri}: {e:#}"))),
         }
+    }
+
+    /// The source's side once `GO` went: each handed-over remote's process
+    /// is let go (not stopped with this VMM), and this VMM's connections
+    /// to its devices are shut down, so that the remote serves the
+    /// destination's (`device-connect` waits for them to go).
+    fn let_go(&self, remotes: Vec<Arc<crate::supervisor::Remote>>) {
+        for r in remotes {
+            if let Some(pid) = r.pid {
+                let mut procs = lock(&self.processes);
+                if let Some(pos) = procs.iter().position(|p| p.pid() == pid) {
+                    procs.remove(pos).release();
+                }
+            }
+            for slot in self.slots_of(&r.id) {
+                self.bus.pci.with_function(slot, |d| d.shutdown());
+            }
+            tracing::info!("remote {} handed over to the destination", r.id);
+        }
+    }
+
+    /// Puts the remotes the source handed over in place of those this VMM
+    /// spawned for them ([`super::handover`]), supervised from here on.
+    fn adopt_all(&self, handed: Vec<crate::snapshot::handover::Received>) -> anyhow::Result<()> {
+        let adopter = super::handover::Adopter {
+            config: &self.config,
+            vm: &self.vm,
+            ram: &self.ram,
+            bus: &self.bus,
+            events: &self.events,
+        };
+        let t = Instant::now();
+        let n = handed.len();
+        for h in handed {
+            let new = adopter.adopt(h)?;
+            let old = {
+                let mut remotes = lock(&self.remotes);
+                remotes
+                    .iter_mut()
+                    .find(|r| r.id == new.id)
+                    .map(|slot| std::mem::replace(slot, new.clone()))
+            };
+            if let Some(old) = old {
+                old.retire();
+                if let Some(pid) = old.pid {
+                    let mut procs = lock(&self.processes);
+                    if let Some(pos) = procs.iter().position(|p| p.pid() == pid) {
+                        procs.remove(pos).stop(Duration::ZERO);
+                    }
+                }
+            }
+            self.arm_one(&new);
+            crate::supervisor::spawn(new, self.bus.pci.clone(), self.events.clone());
+        }
+        if n > 0 {
+            // Part of the guest's pause that the source's `downtime` does
+            // not see: it ends at the source's `GO`.
+            tracing::info!(
+                "{n} handed-over remote(s) adopted in {:.1} ms after the source's go",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        Ok(())
     }
 
     /// Whether the last migration completed (the VM stays stopped after).
@@ -195,7 +264,7 @@ impl Monitor {
         &self,
         args: &Map<String, Value>,
     ) -> Result<Value, QmpError> {
-        args.allow_only(&["downtime-limit", "max-bandwidth"])?;
+        args.allow_only(&["downtime-limit", "max-bandwidth", "x-remote-handover"])?;
         let mut p = *lock(&self.migration.params);
         if let Some(v) = args.value("downtime-limit") {
             p.downtime_limit_ms = v
@@ -212,6 +281,11 @@ impl Monitor {
                 .as_u64()
                 .ok_or_else(|| QmpError::invalid_parameter_type("max-bandwidth", "integer"))?;
         }
+        if let Some(v) = args.value("x-remote-handover") {
+            p.remote_handover = v
+                .as_bool()
+                .ok_or_else(|| QmpError::invalid_parameter_type("x-remote-handover", "bool"))?;
+        }
         *lock(&self.migration.params) = p;
         Ok(json!({}))
     }
@@ -222,7 +296,10 @@ impl Monitor {
     ) -> Result<Value, QmpError> {
         args.allow_only(&[])?;
         let p = *lock(&self.migration.params);
-        Ok(json!({"downtime-limit": p.downtime_limit_ms, "max-bandwidth": p.max_bandwidth}))
+        Ok(
+            json!({"downtime-limit": p.downtime_limit_ms, "max-bandwidth": p.max_bandwidth,
+                  "x-remote-handover": p.remote_handover}),
+        )
     }
 
     pub(super) fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
@@ -231,6 +308,11 @@ impl Monitor {
         if self.inmigrate() {
             return Err(QmpError::generic(
                 "the VM waits for its incoming migration: it has nothing to migrate yet",
+            ));
+        }
+        if lock(&self.migration.params).remote_handover && !matches!(uri, MigrationUri::Unix(_)) {
+            return Err(QmpError::generic(
+                "x-remote-handover passes the remotes' sockets to the destination: it needs a unix: URI",
             ));
         }
         let machine = self.machine()?;
@@ -424,7 +506,8 @@ impl Monitor {
             max_rounds: MAX_ROUNDS,
         };
         let remotes = lock(&self.remotes).clone();
-        let parts = machine.parts(remotes);
+        let mut parts = machine.parts(remotes);
+        parts.handover = params.remote_handover;
         let mut w = self.writer(BufWriter::with_capacity(1 << 20, &mut stream));
         let stop = || self.stop_for_migration(machine);
         let mut progress = |r: &Round| lock(&self.migration.progress).round = *r;
@@ -433,7 +516,15 @@ impl Monitor {
         drop(w);
         lock(&self.migration.progress).device_bytes = saved.device_bytes;
         let t = Instant::now();
-        let taken = wait_taken(&mut stream, uri);
+        let taken = wait_taken(&mut stream, uri, &saved.offered);
+        let taken = match taken {
+            Ok(Some(lent)) => {
+                self.let_go(lent.commit());
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
         let mut p = lock(&self.migration.progress);
         p.round.stop_and_copy.acknowledged_ms = t.elapsed().as_secs_f64() * 1e3;
         if std::env::var_os("HOST_STATS").is_some() {
@@ -448,19 +539,39 @@ impl Monitor {
 }
 
 /// Waits for the destination's [`TAKEN`] (bounded) and answers [`GO`]:
-/// from then on the guest is the destination's.
-fn wait_taken(stream: &mut Box<dyn Stream>, uri: &MigrationUri) -> anyhow::Result<()> {
+/// from then on the guest is the destination's. Remotes `offered` in the
+/// stream are lent when the destination asks for their sockets
+/// ([`handover::ASK`]), released just before `GO`, and come back as the
+/// [`handover::Lent`] to commit; on any error they are given back.
+fn wait_taken(
+    stream: &mut Box<dyn Stream>,
+    uri: &MigrationUri,
+    offered: &[Arc<crate::supervisor::Remote>],
+) -> anyhow::Result<Option<handover::Lent>> {
     stream.set_read_deadline(HANDSHAKE_TIMEOUT)?;
     let mut b = [0u8; 1];
-    match stream.read(&mut b) {
+    let mut lent = None;
+    let mut read = stream.read(&mut b);
+    if !offered.is_empty() && matches!(read, Ok(1)) && b[0] == handover::ASK {
+        let sock = stream
+            .unix()
+            .context("the remotes' sockets need a unix: migration")?;
+        lent = Some(handover::send_sockets(sock, offered)?);
+        read = stream.read(&mut b);
+    }
+    match read {
         Ok(1) if b[0] == TAKEN => {
+            if let Some(l) = &mut lent {
+                l.release()?;
+            }
             // Should this byte be lost, the destination ends and the
             // source stays stopped ("postmigrate"): the guest runs nowhere
             // rather than twice; `cont` runs it here again.
             stream
                 .write_all(&[GO])
                 .and_then(|()| stream.flush())
-                .with_context(|| format!("handing the VM over to {uri}"))
+                .with_context(|| format!("handing the VM over to {uri}"))?;
+            Ok(lent)
         }
         Ok(_) => bail!("the destination at {uri} did not take the VM (it closed the stream)"),
         Err(e)

@@ -14,6 +14,7 @@
 mod device_recovery;
 mod devices;
 mod drives;
+pub mod handover;
 pub mod migration;
 mod pcihp;
 mod recovery;

@@ -96,12 +96,19 @@ impl Monitor {
         }
         // The old remote goes first: its devices fail now, its supervisor
         // stops reporting, its process is killed and reaped.
+        let was_hung = old.state() == RemoteState::Hung;
         old.retire();
         if let Some(pid) = old.pid {
             let mut procs = lock(&self.processes);
             if let Some(pos) = procs.iter().position(|p| p.pid() == pid) {
                 let mut p = procs.remove(pos);
                 p.stop(std::time::Duration::ZERO);
+            } else if was_hung {
+                // One a migration handed over (not our child): a healthy
+                // one ends with its control channel, just shut down; a hung
+                // one is killed (it is still there: it was just silent).
+                // SAFETY: kill(2) with a pid and a signal number.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             }
         }
         // Where a restart's time goes (`HOST_LOG=info`).

@@ -19,6 +19,7 @@
 //! was in flight with BUSY and the guest's driver retries it).
 
 pub mod dirty;
+pub mod handover;
 pub mod legacy;
 pub mod pci;
 pub mod ram;
@@ -60,6 +61,9 @@ pub struct Parts<'a> {
     /// KVM's list of MSRs to save (KVM_GET_MSR_INDEX_LIST, read at
     /// start-up).
     pub msr_indices: &'a [u32],
+    /// A live save hands its remotes over instead of copying their
+    /// devices' states ([`handover`]).
+    pub handover: bool,
 }
 
 impl Parts<'_> {
@@ -83,11 +87,13 @@ struct MachineImage {
 }
 
 /// What a save wrote.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Default, Clone)]
 pub struct Saved {
     pub ram: ram::Sent,
     pub device_bytes: u64,
     pub devices: usize,
+    /// The remotes offered to the destination instead ([`handover`]).
+    pub offered: Vec<Arc<Remote>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -140,9 +146,16 @@ const QUIESCE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Each device's state, in this process or from its remote, once the I/O
 /// it had in flight finished (bounded): the vCPUs are stopped, so none
 /// starts, and the restored device has nothing to redo.
-fn device_states(p: &Parts) -> Result<Vec<(String, Vec<u8>)>> {
+fn device_states(p: &Parts, offered: &[Arc<Remote>]) -> Result<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::new();
     for (slot, label) in p.bus.pci.labels() {
+        if label
+            .remote
+            .as_ref()
+            .is_some_and(|rid| offered.iter().any(|r| &r.id == rid))
+        {
+            continue;
+        }
         let state = match &label.remote {
             None => p
                 .bus
@@ -194,10 +207,19 @@ fn machine_image(p: &Parts) -> Result<MachineImage> {
     })
 }
 
-/// Writes each device's state and the machine (the vCPUs stopped).
+/// Writes each device's state, or its remote's offer, and the machine
+/// (the vCPUs stopped).
 fn write_devices_and_machine(p: &Parts, w: &mut impl Write) -> Result<Saved> {
     let mut saved = Saved::default();
-    for (id, state) in device_states(p)? {
+    if p.handover {
+        for r in handover::candidates(p) {
+            let offer = handover::offer(&r)?;
+            let bytes = serde_json::to_vec(&offer).context("encoding a hand-over offer")?;
+            stream::write_section(w, &format!("{}{}", handover::SECTION, r.id), &bytes)?;
+            saved.offered.push(r);
+        }
+    }
+    for (id, state) in device_states(p, &saved.offered)? {
         saved.device_bytes += state.len() as u64;
         saved.devices += 1;
         stream::write_section(w, &format!("device/{id}"), &state)?;
@@ -261,9 +283,25 @@ impl DeviceStates {
 /// config, whose vCPUs have not run yet (or are held). RAM is written as
 /// it comes; everything else once the whole stream is in.
 pub fn restore(p: &Parts, r: &mut impl Read) -> Result<()> {
+    let read = read_stream(p, r)?;
+    if !read.offers.is_empty() {
+        bail!("the stream hands remotes over, which only a live migration on this machine can");
+    }
+    apply(p, read.image, read.states.states, &[])
+}
+
+/// What a stream brought, RAM aside (written as it came).
+struct ReadStream {
+    image: MachineImage,
+    states: DeviceStates,
+    offers: Vec<handover::Offer>,
+}
+
+fn read_stream(p: &Parts, r: &mut impl Read) -> Result<ReadStream> {
     stream::read_header(r)?;
     let mut image: Option<MachineImage> = None;
     let mut states = DeviceStates::default();
+    let mut offers = Vec::new();
     loop {
         match stream::read_record(r)? {
             Record::Ram { gpa, bytes } => ram::receive(p.ram, gpa, &bytes)?,
@@ -273,6 +311,9 @@ pub fn restore(p: &Parts, r: &mut impl Read) -> Result<()> {
                     serde_json::from_slice(&bytes)
                         .context("the snapshot's machine section is not this VMM's")?,
                 );
+            }
+            Record::Section { name, bytes } if name.starts_with(handover::SECTION) => {
+                offers.push(handover::parse_offer(&name, &bytes, &offers)?);
             }
             Record::Section { name, bytes } => {
                 let Some(id) = name.strip_prefix("device/") else {
@@ -290,23 +331,50 @@ pub fn restore(p: &Parts, r: &mut impl Read) -> Result<()> {
             Err(e) => tracing::warn!("migration verify: {e:#}"),
         }
     }
-    apply(p, image, states.states)
+    Ok(ReadStream {
+        image,
+        states,
+        offers,
+    })
 }
 
 /// Reads the machine from a migration stream (the vCPUs not started, or
 /// held). Waits for the source as QEMU's `-incoming` does; once the whole
 /// stream is applied, tells the source, and runs the guest only when the
 /// source answers that it let it go.
-pub fn restore_incoming(parts: &Parts, uri: &MigrationUri, listener: Listener) -> Result<()> {
+///
+/// Remotes the source handed over come back with their control channels,
+/// for the caller to put in their devices' slots
+/// (`crate::monitor::handover::adopt`) before the guest runs.
+pub fn restore_incoming(
+    parts: &Parts,
+    uri: &MigrationUri,
+    listener: Listener,
+) -> Result<Vec<handover::Received>> {
     let t = std::time::Instant::now();
     let mut stream = listener.accept()?;
-    restore(
+    let read = read_stream(
         parts,
         &mut std::io::BufReader::with_capacity(1 << 20, &mut stream),
     )?;
+    // The source sends nothing after the end record until asked, so the
+    // reader above took nothing that follows.
+    let mut received = Vec::new();
+    if !read.offers.is_empty() {
+        let Some(sock) = stream.unix() else {
+            bail!("the source hands remotes over, which needs a unix: migration");
+        };
+        for o in &read.offers {
+            check_offer(parts, o)?;
+        }
+        let timeouts = |id: &str| parts.remote(id).map_or(HANDSHAKE_TIMEOUT, |r| r.timeout);
+        received =
+            handover::receive_sockets(sock, read.offers.clone(), timeouts, HANDSHAKE_TIMEOUT)?;
+    }
+    apply(parts, read.image, read.states.states, &read.offers)?;
     tracing::info!("restored from {uri} in {:?}", t.elapsed());
     if !uri.is_live() {
-        return Ok(());
+        return Ok(received);
     }
     stream
         .write_all(&[TAKEN])
@@ -316,13 +384,48 @@ pub fn restore_incoming(parts: &Parts, uri: &MigrationUri, listener: Listener) -
     stream.set_read_deadline(HANDSHAKE_TIMEOUT)?;
     let mut go = [0u8; 1];
     match stream.read(&mut go) {
-        Ok(1) if go[0] == GO => Ok(()),
+        Ok(1) if go[0] == GO => Ok(received),
         Ok(_) => bail!("the source did not hand the VM over (it closed the stream)"),
         Err(e) => bail!("the source did not hand the VM over: {e}"),
     }
 }
 
-fn apply(p: &Parts, image: MachineImage, mut states: BTreeMap<String, Vec<u8>>) -> Result<()> {
+/// An offered remote is one this VM has too, serving the same devices.
+fn check_offer(p: &Parts, o: &handover::Offer) -> Result<()> {
+    let r = p
+        .remote(&o.remote)
+        .with_context(|| format!("the source hands over remote `{}`", o.remote))?;
+    if r.protocol != Protocol::VfioUser {
+        bail!("remote `{}` is not a vfio-user remote here", o.remote);
+    }
+    let mut here: Vec<String> = p
+        .bus
+        .pci
+        .labels()
+        .into_iter()
+        .filter(|(_, l)| l.remote.as_deref() == Some(&o.remote))
+        .map(|(_, l)| l.id)
+        .collect();
+    let mut there = o.devices.clone();
+    here.sort();
+    there.sort();
+    if here != there {
+        bail!(
+            "remote `{}` serves {there:?} on the source and {here:?} here",
+            o.remote
+        );
+    }
+    Ok(())
+}
+
+/// Applies a stream read whole; the devices of `offers`' remotes keep the
+/// state they have in the remote itself.
+fn apply(
+    p: &Parts,
+    image: MachineImage,
+    mut states: BTreeMap<String, Vec<u8>>,
+    offers: &[handover::Offer],
+) -> Result<()> {
     if image.memory != ram_size(p.ram) {
         bail!(
             "the snapshot's guest has {} MiB of RAM, this VM {} MiB",
@@ -369,6 +472,14 @@ fn apply(p: &Parts, image: MachineImage, mut states: BTreeMap<String, Vec<u8>>) 
     }
     for f in &image.functions {
         f.write(&p.bus.pci)?;
+        if f.remote
+            .as_ref()
+            .is_some_and(|rid| offers.iter().any(|o| &o.remote == rid))
+        {
+            // Handed over: its remote holds its state; its slot gets the
+            // remote's connection once the source let go.
+            continue;
+        }
         let state = states
             .remove(&f.id)
             .with_context(|| format!("the snapshot has no state for device `{}`", f.id))?;

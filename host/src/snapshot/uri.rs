@@ -40,6 +40,12 @@ impl std::fmt::Display for MigrationUri {
 pub trait Stream: Read + Write + Send {
     /// Bounds each later read (the source's wait for [`TAKEN`]).
     fn set_read_deadline(&self, d: Duration) -> std::io::Result<()>;
+
+    /// The UNIX socket under a `unix:` stream, which can carry file
+    /// descriptors (a remote's hand-over).
+    fn unix(&self) -> Option<&UnixStream> {
+        None
+    }
 }
 
 impl Stream for TcpStream {
@@ -51,6 +57,10 @@ impl Stream for TcpStream {
 impl Stream for UnixStream {
     fn set_read_deadline(&self, d: Duration) -> std::io::Result<()> {
         self.set_read_timeout(Some(d))
+    }
+
+    fn unix(&self) -> Option<&UnixStream> {
+        Some(self)
     }
 }
 

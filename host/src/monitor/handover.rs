@@ -1,0 +1,95 @@
+//! The destination's side of a remote's hand-over (docs/migration.md,
+//! "Handing a remote over"): once the source let the VM go, each remote
+//! it handed over serves its devices on new connections, and those take
+//! the slots where this VMM's own new remote's devices were; that remote
+//! is stopped. The devices keep the state they have in the handed-over
+//! process: nothing of theirs was copied.
+
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use kvm_ioctls::VmFd;
+
+use crate::bus::Bus;
+use crate::memory::GuestRam;
+use crate::pci::proxy::ProxyFunction;
+use crate::snapshot::handover::Received;
+use crate::supervisor::Remote;
+use crate::vm::pci_gsi;
+
+/// What a destination adopts remotes into.
+pub struct Adopter<'a> {
+    pub config: &'a config::Config,
+    pub vm: &'a Arc<VmFd>,
+    pub ram: &'a GuestRam,
+    pub bus: &'a Bus,
+    pub events: &'a qmp::EventSender,
+}
+
+impl Adopter<'_> {
+    /// Connects to each device of the handed-over remote `r` again and
+    /// puts it in its slot (BARs, interrupt line, command register and
+    /// MSI-X as the stream set them up there). Returns the remote, to
+    /// take the place of the one this VMM spawned for it (which the
+    /// caller stops).
+    pub fn adopt(&self, r: Received) -> Result<Arc<Remote>> {
+        let Received {
+            offer,
+            mut control,
+            hangup,
+        } = r;
+        let rid = offer.remote.clone();
+        let rcfg = self
+            .config
+            .remote(&rid)
+            .with_context(|| format!("remote `{rid}` is not in the config"))?;
+        let mut clients = Vec::new();
+        for dev in &offer.devices {
+            let slot = self
+                .bus
+                .pci
+                .labels()
+                .into_iter()
+                .find(|(_, l)| &l.id == dev && l.remote.as_deref() == Some(&rid))
+                .map(|(s, _)| s)
+                .with_context(|| format!("device `{dev}` of remote `{rid}` has no slot here"))?;
+            let (ours, theirs) = UnixStream::pair().context("socketpair")?;
+            control
+                .device_connect(dev, theirs.into())
+                .map_err(|e| anyhow::anyhow!("remote `{rid}`: device-connect {dev}: {e}"))?;
+            // The handshake is answered once the source's connection has
+            // gone (the source shuts it down right after `GO`).
+            let client = crate::remote::client_over(rcfg, ours)
+                .with_context(|| format!("remote `{rid}`, device `{dev}`"))?;
+            clients.push((dev.clone(), slot, client));
+        }
+        let remote = Arc::new(Remote::new(
+            rcfg,
+            Some(offer.pid),
+            Some(control),
+            Some(hangup),
+        ));
+        for (dev, slot, client) in clients {
+            let mut proxy = ProxyFunction::new(&dev, client, self.ram, self.vm, pci_gsi(slot))
+                .and_then(|p| p.with_msix(self.vm, &self.bus.msi_routes))
+                .with_context(|| format!("device `{dev}`"))?
+                .with_supervision(
+                    remote.failed.clone(),
+                    super::fail_hook(self.events, Some(&rid)),
+                );
+            remote.attach_fast_path(self.vm, &dev, &mut proxy);
+            remote.add_device(&dev, Some(proxy.socket_fd()), proxy.activity());
+            self.bus
+                .pci
+                .replace(slot, Box::new(proxy))
+                .with_context(|| format!("device `{dev}`: its slot"))?;
+        }
+        tracing::info!(
+            "remote {rid} (process {}) adopted with {} devices",
+            offer.pid,
+            offer.devices.len()
+        );
+        Ok(remote)
+    }
+}

@@ -1,0 +1,481 @@
+//! Handing a remote over to the destination VMM of a live migration on
+//! this machine, instead of copying its devices' states
+//! (docs/migration.md, "Handing a remote over").
+//!
+//! With `migrate-set-parameters {"x-remote-handover": true}` and a
+//! `unix:` URI, every remote the source spawned (vfio-user, with our
+//! control channel) is offered: at stop-and-copy its devices are quiesced
+//! (`handover-prepare`) and, in place of their `device/ID` sections, the
+//! stream carries one `handover/REMOTE` section ([`Offer`]); the last RAM
+//! pass follows, with the devices' DMA up to then. After the end record:
+//!
+//! 1. the destination asks for the remotes' sockets ([`ASK`]);
+//! 2. the source lends each offered remote's control channel (its
+//!    heartbeats pause) and sends the control sockets as `SCM_RIGHTS` on
+//!    the migration socket itself, with the ids its requests reached
+//!    ([`send_sockets`]);
+//! 3. the destination applies the machine and answers `TAKEN`;
+//! 4. the source clears each remote's parent-death signal
+//!    (`handover-release`), lets its processes go, answers `GO`, and shuts
+//!    its own device connections down;
+//! 5. the destination asks each remote to serve each device on a new
+//!    connection (`device-connect`; served once the source's connection
+//!    has gone) and puts those in the devices' slots
+//!    (`crate::monitor::handover::adopt`).
+//!
+//! Before `GO` nothing is lost: a failure or a cancel gives the control
+//! channels back to the source, which runs on with its remotes (their
+//! parent-death signal may be cleared; their control channel still ends
+//! them with this VMM). After `GO` the remotes are the destination's; a
+//! destination that then fails to reach them ends with an error, as it
+//! does when its stream is cut.
+
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use channel::control::ControlClient;
+use config::Protocol;
+use serde::{Deserialize, Serialize};
+
+use super::Parts;
+use crate::supervisor::Remote;
+
+/// The stream section that offers a remote: `handover/<remote id>`.
+pub const SECTION: &str = "handover/";
+
+/// The destination's byte after the end record when the stream offered
+/// remotes: send their sockets.
+pub const ASK: u8 = 0x08;
+
+/// How many remotes one stream may offer (as many as a config may have
+/// devices).
+const MAX_OFFERS: usize = 32;
+
+/// The largest sockets message (its JSON part).
+const MAX_MESSAGE: usize = 64 << 10;
+
+/// A remote offered in the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// Its `[[remote]] id`.
+    pub remote: String,
+    /// Its process, in the VMMs' PID namespace.
+    pub pid: u32,
+    /// The devices it serves, each in the slot the stream's machine
+    /// section gives it.
+    pub devices: Vec<String>,
+}
+
+/// The remotes this machine would hand over: those this VMM spawned
+/// (a process of its own and our control channel), serving vfio-user.
+/// Others (an orchestrator's sockets, `--remote-fd`, in-process devices)
+/// go by copy in the same stream.
+pub fn candidates(p: &Parts) -> Vec<Arc<Remote>> {
+    p.remotes
+        .iter()
+        .filter(|r| r.pid.is_some() && r.protocol == Protocol::VfioUser && r.has_control())
+        .cloned()
+        .collect()
+}
+
+/// Quiesces `r`'s devices and describes it for the stream.
+pub fn offer(r: &Remote) -> Result<Offer> {
+    let pid = r.pid.context("a remote without a process of ours")?;
+    let busy = r
+        .with_control(|c| c.handover_prepare())
+        .map_err(|e| anyhow::anyhow!("remote `{}`: preparing its hand-over: {e}", r.id))?;
+    if !busy.is_empty() {
+        // As a copy does: its DMA that lands later is still before the
+        // destination's first access, since the source's connection is
+        // shut down only after `GO` and the device finishes first.
+        tracing::warn!(
+            "remote {}: devices still busy at the hand-over: {}",
+            r.id,
+            busy.join(", ")
+        );
+    }
+    Ok(Offer {
+        remote: r.id.clone(),
+        pid,
+        devices: r.device_ids(),
+    })
+}
+
+/// The sockets message: which remote each fd is, in order, and the id
+/// the next control request there carries.
+#[derive(Serialize, Deserialize)]
+struct Sockets {
+    remotes: Vec<SocketOf>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SocketOf {
+    remote: String,
+    next_id: u64,
+}
+
+/// Control channels the source lent to a hand-over; given back when
+/// dropped uncommitted (the migration failed or was cancelled).
+pub struct Lent {
+    lent: Vec<(Arc<Remote>, ControlClient)>,
+}
+
+impl Lent {
+    /// `GO` is about to go: each remote stops dying with this VMM. On an
+    /// error nothing is handed over (the channels come back on drop).
+    pub fn release(&mut self) -> Result<()> {
+        for (r, c) in &mut self.lent {
+            c.handover_release()
+                .map_err(|e| anyhow::anyhow!("remote `{}`: handover-release: {e}", r.id))?;
+        }
+        Ok(())
+    }
+
+    /// `GO` went out: the remotes are the destination's.
+    pub fn commit(mut self) -> Vec<Arc<Remote>> {
+        let lent = std::mem::take(&mut self.lent);
+        lent.into_iter()
+            .map(|(r, _client)| {
+                r.handed_over();
+                r
+            })
+            .collect()
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        for (r, c) in self.lent.drain(..) {
+            tracing::info!("remote {}: not handed over; supervised here again", r.id);
+            r.return_control(c);
+        }
+    }
+}
+
+/// Answers the destination's [`ASK`]: lends each of `offered`'s control
+/// channels and sends their sockets on `stream`.
+pub fn send_sockets(stream: &UnixStream, offered: &[Arc<Remote>]) -> Result<Lent> {
+    let mut lent = Lent { lent: Vec::new() };
+    for r in offered {
+        let c = r
+            .lend_control()
+            .with_context(|| format!("remote `{}` has no control channel now", r.id))?;
+        lent.lent.push((r.clone(), c));
+    }
+    let mut fds = Vec::new();
+    let mut remotes = Vec::new();
+    for (r, c) in &lent.lent {
+        fds.push(
+            r.control_socket()
+                .with_context(|| format!("remote `{}`: no control socket to pass", r.id))?,
+        );
+        remotes.push(SocketOf {
+            remote: r.id.clone(),
+            next_id: c.next_id(),
+        });
+    }
+    let json = serde_json::to_vec(&Sockets { remotes }).context("encoding the sockets message")?;
+    let mut msg = (json.len() as u32).to_le_bytes().to_vec();
+    msg.extend_from_slice(&json);
+    send_with_fds(stream, &msg, &fds).context("sending the remotes' sockets")?;
+    Ok(lent)
+}
+
+/// A remote the destination received: its offer and its control channel.
+pub struct Received {
+    pub offer: Offer,
+    pub control: ControlClient,
+    /// A duplicate of the control socket, for the supervisor to poll.
+    pub hangup: OwnedFd,
+}
+
+/// Asks the source for the sockets of `offers` and takes them, each
+/// checked against its offer (bounded by `within`).
+pub fn receive_sockets(
+    stream: &UnixStream,
+    offers: Vec<Offer>,
+    timeouts: impl Fn(&str) -> Duration,
+    within: Duration,
+) -> Result<Vec<Received>> {
+    use std::io::Write;
+    (&*stream)
+        .write_all(&[ASK])
+        .context("asking the source for its remotes' sockets")?;
+    let (msg, fds) = recv_with_fds(stream, within)?;
+    let sockets: Sockets = serde_json::from_slice(&msg).context("the sockets message")?;
+    if sockets.remotes.len() != offers.len() || fds.len() != offers.len() {
+        bail!(
+            "the source offered {} remotes and sent {} sockets for {}",
+            offers.len(),
+            fds.len(),
+            sockets.remotes.len()
+        );
+    }
+    let mut out = Vec::new();
+    for ((offer, of), fd) in offers.into_iter().zip(sockets.remotes).zip(fds) {
+        if of.remote != offer.remote {
+            bail!(
+                "the source sent remote `{}`'s socket where `{}` was offered",
+                of.remote,
+                offer.remote
+            );
+        }
+        if !is_unix_stream(fd.as_raw_fd()) {
+            bail!(
+                "remote `{}`: what the source sent is not a UNIX stream socket",
+                of.remote
+            );
+        }
+        let hangup = fd
+            .try_clone()
+            .with_context(|| format!("remote `{}`: duplicating its socket", of.remote))?;
+        let mut control = ControlClient::new(UnixStream::from(fd), timeouts(&offer.remote));
+        control.resume_ids_from(of.next_id);
+        out.push(Received {
+            offer,
+            control,
+            hangup,
+        });
+    }
+    Ok(out)
+}
+
+/// Whether `fd` is a UNIX stream socket (what a control channel is).
+fn is_unix_stream(fd: std::os::fd::RawFd) -> bool {
+    // SAFETY: sockaddr_storage is plain data; zeroed is valid.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getsockname writes at most `len` bytes into `addr`.
+    let r = unsafe {
+        libc::getsockname(
+            fd,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    let mut ty: libc::c_int = 0;
+    let mut tlen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `ty`/`tlen` are valid out-parameters of the sizes given.
+    let t = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut tlen,
+        )
+    };
+    r == 0
+        && t == 0
+        && addr.ss_family == libc::AF_UNIX as libc::sa_family_t
+        && ty == libc::SOCK_STREAM
+}
+
+/// One `sendmsg` of `data` with `fds` (a blocking socket; the message is
+/// small).
+fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let bytes = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
+    let mut cmsg_buf = vec![0u64; space.div_ceil(8)];
+    let iov = [IoSlice::new(data)];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg_buf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `cmsg_buf`, 8-byte aligned and `space`
+    // bytes long, so CMSG_FIRSTHDR is non-null and CMSG_DATA has room for
+    // `bytes` bytes.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(bytes as u32) as _;
+        std::ptr::copy_nonoverlapping(raw.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), bytes);
+    }
+    // SAFETY: `msg` points at live buffers (`iov`, `cmsg_buf`) for the
+    // call; IoSlice is ABI-compatible with iovec.
+    let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if n as usize != data.len() {
+        return Err(std::io::Error::other(format!(
+            "sent {n} of {} bytes",
+            data.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Receives the sockets message: a 4-byte length, that much JSON, and the
+/// fds on its first byte; bounded in size, count and time.
+fn recv_with_fds(stream: &UnixStream, within: Duration) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let framed = channel::framing::Framed::new(stream.try_clone().context("the migration socket")?);
+    let mut fds = Vec::new();
+    let mut len = [0u8; 4];
+    framed
+        .recv_exact(&mut len, &mut fds, Some(within), within, false)
+        .context("the source sent no sockets")?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        bail!("the source's sockets message claims {len} bytes (at most {MAX_MESSAGE})");
+    }
+    let mut msg = vec![0u8; len];
+    framed
+        .recv_exact(&mut msg, &mut fds, Some(within), within, false)
+        .context("the source's sockets message was cut short")?;
+    if fds.len() > MAX_OFFERS {
+        bail!(
+            "the source sent {} sockets (at most {MAX_OFFERS})",
+            fds.len()
+        );
+    }
+    Ok((msg, fds))
+}
+
+/// Checks the offers a stream brought (at most [`MAX_OFFERS`], one per
+/// remote) and that its sections name the same remote.
+pub fn parse_offer(name: &str, bytes: &[u8], offers: &[Offer]) -> Result<Offer> {
+    let id = name.strip_prefix(SECTION).unwrap_or(name);
+    let offer: Offer = serde_json::from_slice(bytes)
+        .with_context(|| format!("the stream's hand-over section for `{id}`"))?;
+    if offer.remote != id {
+        bail!(
+            "the hand-over section `{name}` describes remote `{}`",
+            offer.remote
+        );
+    }
+    if offers.iter().any(|o| o.remote == offer.remote) {
+        bail!("the stream offers remote `{id}` twice");
+    }
+    if offers.len() >= MAX_OFFERS {
+        bail!("the stream offers more than {MAX_OFFERS} remotes");
+    }
+    Ok(offer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_go_through_the_migration_socket_with_their_ids() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (c1, _c1_peer) = UnixStream::pair().unwrap();
+        let (c2, _c2_peer) = UnixStream::pair().unwrap();
+        let offers = vec![
+            Offer {
+                remote: "r1".into(),
+                pid: 10,
+                devices: vec!["d1".into()],
+            },
+            Offer {
+                remote: "r2".into(),
+                pid: 11,
+                devices: vec!["d2".into(), "d3".into()],
+            },
+        ];
+        let sender = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut ask = [0u8; 1];
+            (&a).read_exact(&mut ask).unwrap();
+            assert_eq!(ask[0], ASK);
+            let json = br#"{"remotes":[{"remote":"r1","next_id":7},{"remote":"r2","next_id":9}]}"#;
+            let mut msg = (json.len() as u32).to_le_bytes().to_vec();
+            msg.extend_from_slice(json);
+            use std::os::fd::AsFd;
+            send_with_fds(&a, &msg, &[c1.as_fd(), c2.as_fd()]).unwrap();
+        });
+        let got = receive_sockets(
+            &b,
+            offers.clone(),
+            |_| Duration::from_secs(1),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        sender.join().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].offer, offers[0]);
+        assert_eq!(got[0].control.next_id(), 7);
+        assert_eq!(got[1].control.next_id(), 9);
+    }
+
+    #[test]
+    fn a_source_that_sends_the_wrong_sockets_is_refused() {
+        let offers = vec![Offer {
+            remote: "r1".into(),
+            pid: 10,
+            devices: vec![],
+        }];
+        // A remote that was not offered.
+        let (a, b) = UnixStream::pair().unwrap();
+        let (c1, _p) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            use std::io::Read;
+            use std::os::fd::AsFd;
+            let mut ask = [0u8; 1];
+            (&a).read_exact(&mut ask).unwrap();
+            let json = br#"{"remotes":[{"remote":"other","next_id":1}]}"#;
+            let mut msg = (json.len() as u32).to_le_bytes().to_vec();
+            msg.extend_from_slice(json);
+            send_with_fds(&a, &msg, &[c1.as_fd()]).unwrap();
+        });
+        let e = receive_sockets(
+            &b,
+            offers.clone(),
+            |_| Duration::from_secs(1),
+            Duration::from_secs(5),
+        )
+        .err()
+        .unwrap();
+        t.join().unwrap();
+        assert!(format!("{e:#}").contains("`other`"), "{e:#}");
+        // No fd at all, and a lying length.
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut ask = [0u8; 1];
+            (&a).read_exact(&mut ask).unwrap();
+            (&a).write_all(&u32::MAX.to_le_bytes()).unwrap();
+        });
+        let e = receive_sockets(
+            &b,
+            offers.clone(),
+            |_| Duration::from_secs(1),
+            Duration::from_secs(5),
+        )
+        .err()
+        .unwrap();
+        t.join().unwrap();
+        assert!(format!("{e:#}").contains("claims"), "{e:#}");
+        // A source that says nothing: bounded.
+        let (_a, b) = UnixStream::pair().unwrap();
+        let t0 = std::time::Instant::now();
+        assert!(receive_sockets(
+            &b,
+            offers,
+            |_| Duration::from_secs(1),
+            Duration::from_millis(200)
+        )
+        .is_err());
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn offers_are_checked() {
+        let o = br#"{"remote":"r1","pid":5,"devices":["d"]}"#;
+        let first = parse_offer("handover/r1", o, &[]).unwrap();
+        assert_eq!(first.pid, 5);
+        assert!(parse_offer("handover/r2", o, &[]).is_err());
+        assert!(parse_offer("handover/r1", o, &[first]).is_err());
+        assert!(parse_offer("handover/r1", b"{", &[]).is_err());
+    }
+}
