@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 pub mod cgroup;
 mod pid_namespace;
+pub mod pidfd;
 
 use anyhow::{bail, Context, Result};
 use channel::control::ControlClient;
@@ -145,7 +146,7 @@ impl RemoteProcess {
             let _ = std::fs::remove_dir_all(d);
         }
         if let Some(c) = self.cgroup.take() {
-            std::mem::forget(c);
+            c.keep();
         }
         let id = std::mem::take(&mut self.id);
         tracing::info!("remote {id}: process {} released", self.child.id());

@@ -87,8 +87,12 @@ pub struct Remote {
     /// Device ids it serves (PCI functions), with a duplicate of each
     /// device channel's socket, polled for hang-up.
     devices: Mutex<Vec<(String, Option<OwnedFd>)>>,
-    /// A duplicate of the control socket, polled for hang-up.
-    control_fd: Option<OwnedFd>,
+    /// A duplicate of the control socket, polled for hang-up (dropped once
+    /// the remote is handed over).
+    control_fd: Mutex<Option<OwnedFd>>,
+    /// A pidfd of its process when it is not our child (a remote a
+    /// migration handed over): how it is waited for and killed.
+    pidfd: Option<OwnedFd>,
     /// Devices already reported failed.
     reported_failures: Mutex<std::collections::HashSet<String>>,
     /// Its control channel is lent to a migration that may hand the
@@ -179,7 +183,8 @@ impl Remote {
             }),
             control: Mutex::new(control),
             devices: Mutex::new(Vec::new()),
-            control_fd,
+            control_fd: Mutex::new(control_fd),
+            pidfd: None,
             reported_failures: Mutex::new(Default::default()),
             lent: AtomicBool::new(false),
             failure_hook: Mutex::new(None),
@@ -339,6 +344,12 @@ impl Remote {
         }
         let mut c = lock(&self.control);
         let Some(c) = c.as_mut() else {
+            if self.is_lent() {
+                return Err(format!(
+                    "Remote '{}' is being handed over by a migration",
+                    self.id
+                ));
+            }
             return Err(format!(
                 "Remote '{}' was not started by this VMM: it has no control channel",
                 self.id
@@ -490,13 +501,13 @@ impl Remote {
     pub fn stopped(&self) {
         let mut st = lock(&self.status);
         if st.state == RemoteState::HandedOver {
-            // Its channels are another VMM's now: shutting them down
-            // would cut that VMM off too.
+            // Its channels are another VMM's now (or about to be): shutting
+            // them down would cut that VMM off too.
             return;
         }
         st.state = RemoteState::Stopped;
         drop(st);
-        if let Some(fd) = &self.control_fd {
+        if let Some(fd) = &*lock(&self.control_fd) {
             // SAFETY: shutdown on a socket fd we own; it ends the
             // connection for every duplicate, so the peer sees EOF.
             unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
@@ -522,36 +533,88 @@ impl Remote {
         Some(client)
     }
 
+    /// Whether a migration holds its control channel.
+    pub fn is_lent(&self) -> bool {
+        self.lent.load(Ordering::Acquire)
+    }
+
     /// The migration did not hand the remote over: its control channel
     /// comes back, and heartbeats go on.
     pub fn return_control(&self, client: ControlClient) {
-        *lock(&self.control) = Some(client);
+        let mut c = lock(&self.control);
+        *c = Some(client);
         self.lent.store(false, Ordering::Release);
     }
 
-    /// The remote is another VMM's now: no heartbeat, no event, no restart
-    /// from here, its devices fail here (the guest runs there), and its
-    /// channels are left open for that VMM.
+    /// From just before `GO`: the remote is (about to be) another VMM's.
+    /// No heartbeat, event or restart from here; [`stopped`](Self::stopped)
+    /// leaves its channels open. Returns the state to go back to should
+    /// `GO` not go out ([`not_handed_over`](Self::not_handed_over)).
+    pub fn handing_over(&self) -> RemoteState {
+        let mut st = lock(&self.status);
+        std::mem::replace(&mut st.state, RemoteState::HandedOver)
+    }
+
+    /// `GO` did not go out: back to `before`.
+    pub fn not_handed_over(&self, before: RemoteState) {
+        let mut st = lock(&self.status);
+        if st.state == RemoteState::HandedOver {
+            st.state = before;
+        }
+    }
+
+    /// `GO` went out: the remote is another VMM's; its devices fail here
+    /// (the guest runs there), and this VMM keeps no copy of its control
+    /// socket (so that the remote sees the end of its channel when that
+    /// VMM goes, whether or not this one still runs).
     pub fn handed_over(&self) {
         lock(&self.status).state = RemoteState::HandedOver;
         self.failed.store(true, Ordering::Release);
         *lock(&self.control) = None;
+        *lock(&self.control_fd) = None;
     }
 
-    /// The duplicate of the control socket (what a hand-over passes).
-    pub fn control_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd;
-        self.control_fd.as_ref().map(|f| f.as_fd())
+    /// A duplicate of the control socket (what a hand-over passes).
+    pub fn control_socket(&self) -> Option<OwnedFd> {
+        lock(&self.control_fd)
+            .as_ref()
+            .and_then(|f| f.try_clone().ok())
+    }
+
+    /// Gives the remote its process's pidfd (one a migration handed over,
+    /// not our child).
+    pub fn with_pidfd(mut self, pidfd: OwnedFd) -> Self {
+        self.pidfd = Some(pidfd);
+        self
+    }
+
+    /// For a remote that is not our child: waits up to `grace` for its
+    /// process to end (its control channel was just shut down), then kills
+    /// it through its pidfd and waits a little more. Nothing to do for
+    /// our own children (their `RemoteProcess` does it).
+    pub fn end_adopted_process(&self, grace: Duration) {
+        let Some(fd) = &self.pidfd else {
+            return;
+        };
+        if crate::remote::pidfd::wait(fd, grace) {
+            return;
+        }
+        tracing::warn!("remote {}: its process did not end; killing it", self.id);
+        crate::remote::pidfd::kill(fd);
+        crate::remote::pidfd::wait(fd, Duration::from_secs(1));
     }
 
     /// Waits up to `period` for a hang-up on any of the remote's channels.
     fn hung_up_within(&self, period: Duration) -> bool {
+        // Our own copy for the poll: a hand-over may drop the remote's
+        // meanwhile.
+        let control_fd = self.control_socket();
         let devices = lock(&self.devices);
         // Whose each fd is: a device's id, or `None` for the control channel.
         let (owners, mut fds): (Vec<Option<String>>, Vec<libc::pollfd>) = devices
             .iter()
             .filter_map(|(id, fd)| fd.as_ref().map(|fd| (Some(id.clone()), fd)))
-            .chain(self.control_fd.as_ref().map(|fd| (None, fd)))
+            .chain(control_fd.as_ref().map(|fd| (None, fd)))
             .map(|(owner, fd)| {
                 let p = libc::pollfd {
                     fd: fd.as_raw_fd(),
@@ -648,11 +711,13 @@ impl Remote {
     /// can still take one. `Ok(false)`: nothing could be asked (no device,
     /// or all failed), which says nothing either way.
     fn beat(&self, pci: &PciRoot, events: &qmp::EventSender) -> Result<bool, Silence> {
-        if self.lent.load(Ordering::Acquire) {
-            return Ok(false);
-        }
         {
             let mut c = lock(&self.control);
+            // Lent to a migration: no heartbeat on any channel (the lock
+            // orders this check with `lend_control`).
+            if self.lent.load(Ordering::Acquire) {
+                return Ok(false);
+            }
             if let Some(c) = c.as_mut() {
                 c.set_timeout(self.timeout);
                 return match c.ping_status() {

@@ -21,8 +21,8 @@
 //!   the first.
 //! - `device-connect` (+ one fd, a connected socket): serves an existing
 //!   device on a new connection once its current client has gone (the
-//!   device keeps its state): how a VMM that was handed this remote
-//!   reaches its devices.
+//!   device keeps its state; its access ring, the leaving client's, stops
+//!   now): how a VMM that was handed this remote reaches its devices.
 //! - `handover-prepare`: every device's ring drained and its own work
 //!   finished (bounded), before its guest's last RAM is copied.
 //! - `handover-release`: the process no longer dies with the VMM that
@@ -248,8 +248,12 @@ impl Control {
             .spawn(move || dialect.serve_stream(thread_dev, sock))
             .map_err(|e| format!("device `{id}`: cannot start its thread: {e}"))?;
         tracing::info!(device = %id, "device connected again (served once its last client has gone)");
-        // An earlier connection's thread ends with its client.
+        // An earlier connection's thread ends with its client. Its access
+        // ring was that client's: the new one sets up its own, or none.
         entry.served = Some((handle, thread));
+        if let Some(ring) = entry.ring.take() {
+            ring.stop(JOIN_TIMEOUT);
+        }
         Ok(json!({}))
     }
 

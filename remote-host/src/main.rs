@@ -354,6 +354,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 protocol,
                 std::time::Duration::from_micros(poll_us),
             );
+            // Before any thread that may post to it (the control thread).
+            remote_host::main_thread::init();
             let control_thread = match control {
                 None => None,
                 Some(n) => {
@@ -383,32 +385,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // The devices are served on a thread of their own: the first
             // thread stays free for what only it can do (its parent-death
             // signal, `main_thread`).
+            let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let serving = match endpoint {
-                Some(endpoint) => Some(std::thread::Builder::new().name("serve".into()).spawn(
-                    move || {
-                        let r = dialect.serve(devs, endpoint);
-                        if let Err(e) = &r {
-                            tracing::error!("serving the config's devices: {e:#}");
-                        }
-                        r
-                    },
-                )?),
+                Some(endpoint) => {
+                    let failed = failed.clone();
+                    Some(
+                        std::thread::Builder::new()
+                            .name("serve".into())
+                            .spawn(move || {
+                                let r =
+                                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                        dialect.serve(devs, endpoint)
+                                    }));
+                                let why = match r {
+                                    Ok(Ok(())) => return,
+                                    Ok(Err(e)) => format!("{e:#}"),
+                                    Err(_) => "the serving thread panicked".to_string(),
+                                };
+                                tracing::error!("serving the config's devices: {why}");
+                                failed.store(true, std::sync::atomic::Ordering::Release);
+                            })?,
+                    )
+                }
                 None => None,
             };
             // The config's devices may be gone (their client left, e.g.
             // after device_del, or a connected --fd was handed to another
             // VMM's connection) while devices reached over the control
             // channel are still served: with a control channel, it decides
-            // when to exit.
-            remote_host::main_thread::run_tasks_until(|| match &control_thread {
-                Some(t) => t.is_finished(),
-                None => serving.as_ref().is_none_or(|s| s.is_finished()),
+            // when to exit. Serving that fails ends the process, as before.
+            remote_host::main_thread::run_tasks_until(|| {
+                failed.load(std::sync::atomic::Ordering::Acquire)
+                    || match &control_thread {
+                        Some(t) => t.is_finished(),
+                        None => serving.as_ref().is_none_or(|s| s.is_finished()),
+                    }
             });
-            if control_thread.is_none() {
-                if let Some(s) = serving {
-                    s.join()
-                        .map_err(|_| anyhow::anyhow!("the serving thread panicked"))??;
-                }
+            if failed.load(std::sync::atomic::Ordering::Acquire) {
+                anyhow::bail!("serving the config's devices failed (see the log)");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -18,20 +18,31 @@ enum Task {
     ClearParentDeathSignal(Sender<Result<(), String>>),
 }
 
+/// Where tasks are posted, once [`init`] ran.
 static TASKS: OnceLock<Mutex<Sender<Task>>> = OnceLock::new();
+/// Where the first thread takes them from (taken by [`run_tasks_until`]).
+static INBOX: Mutex<Option<Receiver<Task>>> = Mutex::new(None);
 
 /// How long an asking thread waits for the first thread's answer.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
-/// Runs the tasks other threads post, on the calling thread (the
-/// process's first), until `done()` says to stop; `done` is asked at least
-/// every 100 ms. Only the first call takes tasks.
-pub fn run_tasks_until(mut done: impl FnMut() -> bool) {
+/// Opens the task queue, on the first thread, before any thread that may
+/// post to it starts: a task posted before [`run_tasks_until`] runs
+/// waits for it.
+pub fn init() {
     let (tx, rx) = channel();
-    let ours = TASKS.set(Mutex::new(tx)).is_ok();
-    let rx: Option<Receiver<Task>> = ours.then_some(rx);
+    if TASKS.set(Mutex::new(tx)).is_ok() {
+        *INBOX.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
+    }
+}
+
+/// Runs the tasks other threads post, on the calling thread (the
+/// process's first, after [`init`]), until `done()` says to stop; `done`
+/// is asked at least every 100 ms.
+pub fn run_tasks_until(mut done: impl FnMut() -> bool) {
+    let inbox = INBOX.lock().unwrap_or_else(|e| e.into_inner()).take();
     while !done() {
-        let Some(rx) = &rx else {
+        let Some(rx) = &inbox else {
             std::thread::sleep(Duration::from_millis(100));
             continue;
         };
@@ -58,12 +69,12 @@ fn clear_on_this_thread() -> Result<(), String> {
 }
 
 /// Makes this process outlive the VMM that spawned it: the first thread
-/// clears its parent-death signal. Without a task loop (a process that
-/// does not run [`run_tasks_until`], such as a test), the calling thread
-/// clears its own, which is all such a process has.
+/// clears its parent-death signal. An error where no task loop was set
+/// up ([`init`]): clearing another thread's would answer a success that
+/// is not one.
 pub fn clear_parent_death_signal() -> Result<(), String> {
     let Some(tasks) = TASKS.get() else {
-        return clear_on_this_thread();
+        return Err("this process runs no task loop on its first thread".into());
     };
     let (tx, rx) = channel();
     tasks

@@ -38,6 +38,8 @@ impl Adopter<'_> {
             offer,
             mut control,
             hangup,
+            pidfd,
+            pid,
         } = r;
         let rid = offer.remote.clone();
         let rcfg = self
@@ -64,12 +66,8 @@ impl Adopter<'_> {
                 .with_context(|| format!("remote `{rid}`, device `{dev}`"))?;
             clients.push((dev.clone(), slot, client));
         }
-        let remote = Arc::new(Remote::new(
-            rcfg,
-            Some(offer.pid),
-            Some(control),
-            Some(hangup),
-        ));
+        let remote =
+            Arc::new(Remote::new(rcfg, Some(pid), Some(control), Some(hangup)).with_pidfd(pidfd));
         for (dev, slot, client) in clients {
             let mut proxy = ProxyFunction::new(&dev, client, self.ram, self.vm, pci_gsi(slot))
                 .and_then(|p| p.with_msix(self.vm, &self.bus.msi_routes))
@@ -86,8 +84,7 @@ impl Adopter<'_> {
                 .with_context(|| format!("device `{dev}`: its slot"))?;
         }
         tracing::info!(
-            "remote {rid} (process {}) adopted with {} devices",
-            offer.pid,
+            "remote {rid} (process {pid}) adopted with {} devices",
             offer.devices.len()
         );
         Ok(remote)

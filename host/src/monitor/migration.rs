@@ -160,23 +160,64 @@ impl Monitor {
         }
     }
 
-    /// The source's side once `GO` went: each handed-over remote's process
-    /// is let go (not stopped with this VMM), and this VMM's connections
-    /// to its devices are shut down, so that the remote serves the
-    /// destination's (`device-connect` waits for them to go).
-    fn let_go(&self, remotes: Vec<Arc<crate::supervisor::Remote>>) {
-        for r in remotes {
-            if let Some(pid) = r.pid {
+    /// Answers the destination's `TAKEN` with [`GO`]: from then on the
+    /// guest is the destination's. Should `GO` be lost, the destination
+    /// ends and the source stays stopped ("postmigrate"): the guest runs
+    /// nowhere rather than twice; `cont` runs it here again.
+    ///
+    /// Remotes being handed over are marked so, and their processes taken
+    /// out of this VMM's list, before `GO` goes: a `quit` meanwhile must
+    /// neither shut their channels down nor kill them. Once it went, their
+    /// processes are let go (not stopped with this VMM) and this VMM's
+    /// connections to their devices are shut down, so that each remote
+    /// serves the destination's (`device-connect` waits for them to go).
+    /// If it did not go, everything is put back.
+    fn go(
+        &self,
+        stream: &mut Box<dyn Stream>,
+        uri: &MigrationUri,
+        lent: Option<handover::Lent>,
+    ) -> anyhow::Result<()> {
+        let mut held = Vec::new();
+        for r in lent
+            .as_ref()
+            .map(handover::Lent::remotes)
+            .unwrap_or_default()
+        {
+            let before = r.handing_over();
+            let process = r.pid.and_then(|pid| {
                 let mut procs = lock(&self.processes);
-                if let Some(pos) = procs.iter().position(|p| p.pid() == pid) {
-                    procs.remove(pos).release();
-                }
+                let pos = procs.iter().position(|p| p.pid() == pid)?;
+                Some(procs.remove(pos))
+            });
+            held.push((r, before, process));
+        }
+        let sent = stream
+            .write_all(&[GO])
+            .and_then(|()| stream.flush())
+            .with_context(|| format!("handing the VM over to {uri}"));
+        if let Err(e) = sent {
+            for (r, before, process) in held {
+                r.not_handed_over(before);
+                lock(&self.processes).extend(process);
+            }
+            // Dropped: the control channels go back.
+            drop(lent);
+            return Err(e);
+        }
+        if let Some(l) = lent {
+            l.commit();
+        }
+        for (r, _, process) in held {
+            if let Some(p) = process {
+                p.release();
             }
             for slot in self.slots_of(&r.id) {
                 self.bus.pci.with_function(slot, |d| d.shutdown());
             }
             tracing::info!("remote {} handed over to the destination", r.id);
         }
+        Ok(())
     }
 
     /// Puts the remotes the source handed over in place of those this VMM
@@ -310,7 +351,10 @@ impl Monitor {
                 "the VM waits for its incoming migration: it has nothing to migrate yet",
             ));
         }
-        if lock(&self.migration.params).remote_handover && !matches!(uri, MigrationUri::Unix(_)) {
+        // Read once: a `migrate-set-parameters` during the migration
+        // does not change it.
+        let handover = lock(&self.migration.params).remote_handover;
+        if handover && !matches!(uri, MigrationUri::Unix(_)) {
             return Err(QmpError::generic(
                 "x-remote-handover passes the remotes' sockets to the destination: it needs a unix: URI",
             ));
@@ -337,7 +381,7 @@ impl Monitor {
         self.events.emit("MIGRATION", json!({"status": "setup"}));
         std::thread::Builder::new()
             .name("migration".into())
-            .spawn(move || this.run_migration(&machine, uri))
+            .spawn(move || this.run_migration(&machine, uri, handover))
             .map_err(|e| QmpError::generic(format!("starting the migration: {e}")))?;
         Ok(json!({}))
     }
@@ -402,12 +446,12 @@ impl Monitor {
 
     /// The migration thread: the stream, then either a VM left stopped
     /// (done) or one that runs again as it did (failed or cancelled).
-    fn run_migration(&self, machine: &Machine, uri: MigrationUri) {
+    fn run_migration(&self, machine: &Machine, uri: MigrationUri, handover: bool) {
         let _one = lock(&self.hotplug);
         self.set_status("active");
         let was_running = !machine.is_held();
         let result = if uri.is_live() {
-            self.migrate_live(machine, &uri)
+            self.migrate_live(machine, &uri, handover)
         } else {
             self.stop_for_migration(machine)
                 .and_then(|()| self.write_snapshot(machine, &uri))
@@ -498,7 +542,12 @@ impl Monitor {
 
     /// Pre-copy to a destination that listens, then stop-and-copy; done
     /// once the destination says it took the VM.
-    fn migrate_live(&self, machine: &Machine, uri: &MigrationUri) -> anyhow::Result<()> {
+    fn migrate_live(
+        &self,
+        machine: &Machine,
+        uri: &MigrationUri,
+        handover: bool,
+    ) -> anyhow::Result<()> {
         let mut stream = uri.connect()?;
         let params = *lock(&self.migration.params);
         let precopy = Precopy {
@@ -507,7 +556,7 @@ impl Monitor {
         };
         let remotes = lock(&self.remotes).clone();
         let mut parts = machine.parts(remotes);
-        parts.handover = params.remote_handover;
+        parts.handover = handover;
         let mut w = self.writer(BufWriter::with_capacity(1 << 20, &mut stream));
         let stop = || self.stop_for_migration(machine);
         let mut progress = |r: &Round| lock(&self.migration.progress).round = *r;
@@ -516,15 +565,8 @@ impl Monitor {
         drop(w);
         lock(&self.migration.progress).device_bytes = saved.device_bytes;
         let t = Instant::now();
-        let taken = wait_taken(&mut stream, uri, &saved.offered);
-        let taken = match taken {
-            Ok(Some(lent)) => {
-                self.let_go(lent.commit());
-                Ok(())
-            }
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        };
+        let taken = wait_taken(&mut stream, uri, &saved.offered)
+            .and_then(|lent| self.go(&mut stream, uri, lent));
         let mut p = lock(&self.migration.progress);
         p.round.stop_and_copy.acknowledged_ms = t.elapsed().as_secs_f64() * 1e3;
         if std::env::var_os("HOST_STATS").is_some() {
@@ -538,11 +580,11 @@ impl Monitor {
     }
 }
 
-/// Waits for the destination's [`TAKEN`] (bounded) and answers [`GO`]:
-/// from then on the guest is the destination's. Remotes `offered` in the
-/// stream are lent when the destination asks for their sockets
-/// ([`handover::ASK`]), released just before `GO`, and come back as the
-/// [`handover::Lent`] to commit; on any error they are given back.
+/// Waits for the destination's [`TAKEN`] (bounded). Remotes `offered`
+/// in the stream are lent when the destination asks for their sockets
+/// ([`handover::ASK`]) and released once it took the VM; they come back
+/// as the [`handover::Lent`] for [`Monitor::go`]. On any error they are
+/// given back (the `Lent` drops), and the source runs on.
 fn wait_taken(
     stream: &mut Box<dyn Stream>,
     uri: &MigrationUri,
@@ -561,16 +603,14 @@ fn wait_taken(
     }
     match read {
         Ok(1) if b[0] == TAKEN => {
+            if !offered.is_empty() && lent.is_none() {
+                // Its devices' states were not in the stream: a
+                // destination that runs without the remotes has no devices.
+                bail!("the destination at {uri} took the VM without the remotes offered to it");
+            }
             if let Some(l) = &mut lent {
                 l.release()?;
             }
-            // Should this byte be lost, the destination ends and the
-            // source stays stopped ("postmigrate"): the guest runs nowhere
-            // rather than twice; `cont` runs it here again.
-            stream
-                .write_all(&[GO])
-                .and_then(|()| stream.flush())
-                .with_context(|| format!("handing the VM over to {uri}"))?;
             Ok(lent)
         }
         Ok(_) => bail!("the destination at {uri} did not take the VM (it closed the stream)"),

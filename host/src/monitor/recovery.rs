@@ -183,7 +183,13 @@ impl Monitor {
             Ok(r) => r,
             Err(_) => return,
         };
-        if !Arc::ptr_eq(&current, failed) || current.state() == RemoteState::Stopped {
+        if !Arc::ptr_eq(&current, failed)
+            || matches!(
+                current.state(),
+                RemoteState::Stopped | RemoteState::HandedOver
+            )
+            || current.is_lent()
+        {
             return;
         }
         eprintln!("host: remote `{id}` failed ({failure:?}); restarting it");

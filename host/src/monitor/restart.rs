@@ -47,6 +47,11 @@ impl Monitor {
         let _one = lock(&self.hotplug);
         let t0 = std::time::Instant::now();
         let old = self.remote(id)?;
+        if old.state() == RemoteState::HandedOver || old.is_lent() {
+            return Err(QmpError::generic(format!(
+                "Remote '{id}' is being handed over, or was, to a migration's destination"
+            )));
+        }
         let rcfg = self
             .config
             .remote(id)
@@ -96,21 +101,18 @@ impl Monitor {
         }
         // The old remote goes first: its devices fail now, its supervisor
         // stops reporting, its process is killed and reaped.
-        let was_hung = old.state() == RemoteState::Hung;
         old.retire();
         if let Some(pid) = old.pid {
             let mut procs = lock(&self.processes);
             if let Some(pos) = procs.iter().position(|p| p.pid() == pid) {
                 let mut p = procs.remove(pos);
                 p.stop(std::time::Duration::ZERO);
-            } else if was_hung {
-                // One a migration handed over (not our child): a healthy
-                // one ends with its control channel, just shut down; a hung
-                // one is killed (it is still there: it was just silent).
-                // SAFETY: kill(2) with a pid and a signal number.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             }
         }
+        // One a migration handed over (not our child): it ends with its
+        // control channel, just shut down, or is killed; either way it is
+        // gone before another process opens its images.
+        old.end_adopted_process(std::time::Duration::from_secs(5));
         // Where a restart's time goes (`HOST_LOG=info`).
         tracing::info!("restart {id}: old process gone after {:?}", t0.elapsed());
         let cold = || {

@@ -145,6 +145,15 @@ impl RemoteCgroup {
     }
 }
 
+impl RemoteCgroup {
+    /// Leaves the directories as they are (their process now belongs to
+    /// another VMM), closing only this VMM's files in them.
+    pub fn keep(mut self) {
+        self.procs.clear();
+        self.dirs.clear();
+    }
+}
+
 impl Drop for RemoteCgroup {
     /// Removes the directories (a cgroup with a process left is kept, with
     /// a warning: the caller drops it once the process has ended).

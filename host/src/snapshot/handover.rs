@@ -11,9 +11,9 @@
 //!
 //! 1. the destination asks for the remotes' sockets ([`ASK`]);
 //! 2. the source lends each offered remote's control channel (its
-//!    heartbeats pause) and sends the control sockets as `SCM_RIGHTS` on
-//!    the migration socket itself, with the ids its requests reached
-//!    ([`send_sockets`]);
+//!    heartbeats pause) and sends the control sockets and a pidfd of
+//!    each process as `SCM_RIGHTS` on the migration socket itself, with
+//!    the ids its requests reached ([`send_sockets`]);
 //! 3. the destination applies the machine and answers `TAKEN`;
 //! 4. the source clears each remote's parent-death signal
 //!    (`handover-release`), lets its processes go, answers `GO`, and shuts
@@ -31,7 +31,7 @@
 //! does when its stream is cut.
 
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +42,7 @@ use config::Protocol;
 use serde::{Deserialize, Serialize};
 
 use super::Parts;
-use crate::supervisor::Remote;
+use crate::supervisor::{Remote, RemoteState};
 
 /// The stream section that offers a remote: `handover/<remote id>`.
 pub const SECTION: &str = "handover/";
@@ -51,9 +51,13 @@ pub const SECTION: &str = "handover/";
 /// remotes: send their sockets.
 pub const ASK: u8 = 0x08;
 
-/// How many remotes one stream may offer (as many as a config may have
-/// devices).
-const MAX_OFFERS: usize = 32;
+/// How many remotes one stream may offer: two fds each (control socket,
+/// pidfd) in one message of at most [`channel::framing::MAX_FDS`].
+pub const MAX_OFFERS: usize = channel::framing::MAX_FDS / 2;
+
+/// The largest control request id a source may hand on (far from
+/// overflowing, exactly representable in JSON).
+const MAX_NEXT_ID: u64 = 1 << 53;
 
 /// The largest sockets message (its JSON part).
 const MAX_MESSAGE: usize = 64 << 10;
@@ -74,26 +78,35 @@ pub struct Offer {
 /// (a process of its own and our control channel), serving vfio-user.
 /// Others (an orchestrator's sockets, `--remote-fd`, in-process devices)
 /// go by copy in the same stream.
-pub fn candidates(p: &Parts) -> Vec<Arc<Remote>> {
-    p.remotes
+pub fn candidates(p: &Parts) -> Result<Vec<Arc<Remote>>> {
+    let c: Vec<Arc<Remote>> = p
+        .remotes
         .iter()
         .filter(|r| r.pid.is_some() && r.protocol == Protocol::VfioUser && r.has_control())
         .cloned()
-        .collect()
+        .collect();
+    if c.len() > MAX_OFFERS {
+        bail!(
+            "{} remotes to hand over; one migration hands over at most {MAX_OFFERS}",
+            c.len()
+        );
+    }
+    Ok(c)
 }
 
-/// Quiesces `r`'s devices and describes it for the stream.
+/// Quiesces `r`'s devices and describes it for the stream. A device still
+/// busy after the bound fails the migration (the source runs on): its
+/// late DMA would land in the source's RAM, already sent, and its
+/// completion would go to the source, where a copy would have redone it
+/// on the destination.
 pub fn offer(r: &Remote) -> Result<Offer> {
     let pid = r.pid.context("a remote without a process of ours")?;
     let busy = r
         .with_control(|c| c.handover_prepare())
         .map_err(|e| anyhow::anyhow!("remote `{}`: preparing its hand-over: {e}", r.id))?;
     if !busy.is_empty() {
-        // As a copy does: its DMA that lands later is still before the
-        // destination's first access, since the source's connection is
-        // shut down only after `GO` and the device finishes first.
-        tracing::warn!(
-            "remote {}: devices still busy at the hand-over: {}",
+        bail!(
+            "remote `{}`: devices still busy, not handed over: {}",
             r.id,
             busy.join(", ")
         );
@@ -135,15 +148,17 @@ impl Lent {
         Ok(())
     }
 
-    /// `GO` went out: the remotes are the destination's.
-    pub fn commit(mut self) -> Vec<Arc<Remote>> {
-        let lent = std::mem::take(&mut self.lent);
-        lent.into_iter()
-            .map(|(r, _client)| {
-                r.handed_over();
-                r
-            })
-            .collect()
+    /// The remotes lent.
+    pub fn remotes(&self) -> Vec<Arc<Remote>> {
+        self.lent.iter().map(|(r, _)| r.clone()).collect()
+    }
+
+    /// `GO` went out: the remotes are the destination's (this VMM's
+    /// copies of their control sockets close).
+    pub fn commit(mut self) {
+        for (r, _client) in std::mem::take(&mut self.lent) {
+            r.handed_over();
+        }
     }
 }
 
@@ -157,27 +172,37 @@ impl Drop for Lent {
 }
 
 /// Answers the destination's [`ASK`]: lends each of `offered`'s control
-/// channels and sends their sockets on `stream`.
+/// channels and sends their sockets and pidfds on `stream`.
 pub fn send_sockets(stream: &UnixStream, offered: &[Arc<Remote>]) -> Result<Lent> {
     let mut lent = Lent { lent: Vec::new() };
     for r in offered {
+        if r.state() != RemoteState::Running {
+            bail!("remote `{}` is {}: not handed over", r.id, r.state().name());
+        }
         let c = r
             .lend_control()
             .with_context(|| format!("remote `{}` has no control channel now", r.id))?;
         lent.lent.push((r.clone(), c));
     }
-    let mut fds = Vec::new();
+    let mut fds: Vec<OwnedFd> = Vec::new();
     let mut remotes = Vec::new();
     for (r, c) in &lent.lent {
         fds.push(
             r.control_socket()
                 .with_context(|| format!("remote `{}`: no control socket to pass", r.id))?,
         );
+        let pid = r.pid.context("a remote without a process of ours")?;
+        fds.push(
+            crate::remote::pidfd::open(pid)
+                .with_context(|| format!("remote `{}`: pidfd_open({pid})", r.id))?,
+        );
         remotes.push(SocketOf {
             remote: r.id.clone(),
-            next_id: c.next_id(),
+            // One more: `handover-release` takes the next.
+            next_id: c.next_id() + 1,
         });
     }
+    let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
     let json = serde_json::to_vec(&Sockets { remotes }).context("encoding the sockets message")?;
     let mut msg = (json.len() as u32).to_le_bytes().to_vec();
     msg.extend_from_slice(&json);
@@ -191,6 +216,11 @@ pub struct Received {
     pub control: ControlClient,
     /// A duplicate of the control socket, for the supervisor to poll.
     pub hangup: OwnedFd,
+    /// Its process (not the destination's child).
+    pub pidfd: OwnedFd,
+    /// The pid of that process here, read from the pidfd (not the one
+    /// the stream claims).
+    pub pid: u32,
 }
 
 /// Asks the source for the sockets of `offers` and takes them, each
@@ -207,16 +237,20 @@ pub fn receive_sockets(
         .context("asking the source for its remotes' sockets")?;
     let (msg, fds) = recv_with_fds(stream, within)?;
     let sockets: Sockets = serde_json::from_slice(&msg).context("the sockets message")?;
-    if sockets.remotes.len() != offers.len() || fds.len() != offers.len() {
+    if sockets.remotes.len() != offers.len() || fds.len() != 2 * offers.len() {
         bail!(
-            "the source offered {} remotes and sent {} sockets for {}",
+            "the source offered {} remotes and sent {} fds for {}",
             offers.len(),
             fds.len(),
             sockets.remotes.len()
         );
     }
     let mut out = Vec::new();
-    for ((offer, of), fd) in offers.into_iter().zip(sockets.remotes).zip(fds) {
+    let mut fds = fds.into_iter();
+    for (offer, of) in offers.into_iter().zip(sockets.remotes) {
+        let (Some(fd), Some(pidfd)) = (fds.next(), fds.next()) else {
+            bail!("the source sent too few fds");
+        };
         if of.remote != offer.remote {
             bail!(
                 "the source sent remote `{}`'s socket where `{}` was offered",
@@ -230,6 +264,26 @@ pub fn receive_sockets(
                 of.remote
             );
         }
+        if of.next_id > MAX_NEXT_ID {
+            bail!(
+                "remote `{}`: request id {} is out of range",
+                of.remote,
+                of.next_id
+            );
+        }
+        let pid = crate::remote::pidfd::pid_of(&pidfd).with_context(|| {
+            format!(
+                "remote `{}`: what the source sent is not a live process's pidfd",
+                of.remote
+            )
+        })?;
+        if pid != offer.pid {
+            bail!(
+                "remote `{}`: the stream says process {}, its pidfd is process {pid}",
+                of.remote,
+                offer.pid
+            );
+        }
         let hangup = fd
             .try_clone()
             .with_context(|| format!("remote `{}`: duplicating its socket", of.remote))?;
@@ -239,6 +293,8 @@ pub fn receive_sockets(
             offer,
             control,
             hangup,
+            pidfd,
+            pid,
         });
     }
     Ok(out)
@@ -365,95 +421,112 @@ pub fn parse_offer(name: &str, bytes: &[u8], offers: &[Offer]) -> Result<Offer> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+
+    fn offer(remote: &str, devices: &[&str]) -> Offer {
+        Offer {
+            remote: remote.into(),
+            pid: std::process::id(),
+            devices: devices.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    /// A source that answers the ask with `json` and `fds`.
+    fn source(
+        a: UnixStream,
+        json: &'static [u8],
+        fds: Vec<OwnedFd>,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut ask = [0u8; 1];
+            (&a).read_exact(&mut ask).unwrap();
+            assert_eq!(ask[0], ASK);
+            let mut msg = (json.len() as u32).to_le_bytes().to_vec();
+            msg.extend_from_slice(json);
+            let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+            send_with_fds(&a, &msg, &fds).unwrap();
+        })
+    }
+
+    fn ours() -> OwnedFd {
+        crate::remote::pidfd::open(std::process::id()).unwrap()
+    }
+
+    fn receive(b: &UnixStream, offers: Vec<Offer>) -> Result<Vec<Received>> {
+        receive_sockets(
+            b,
+            offers,
+            |_| Duration::from_secs(1),
+            Duration::from_secs(5),
+        )
+    }
 
     #[test]
     fn sockets_go_through_the_migration_socket_with_their_ids() {
         let (a, b) = UnixStream::pair().unwrap();
         let (c1, _c1_peer) = UnixStream::pair().unwrap();
         let (c2, _c2_peer) = UnixStream::pair().unwrap();
-        let offers = vec![
-            Offer {
-                remote: "r1".into(),
-                pid: 10,
-                devices: vec!["d1".into()],
-            },
-            Offer {
-                remote: "r2".into(),
-                pid: 11,
-                devices: vec!["d2".into(), "d3".into()],
-            },
-        ];
-        let sender = std::thread::spawn(move || {
-            use std::io::Read;
-            let mut ask = [0u8; 1];
-            (&a).read_exact(&mut ask).unwrap();
-            assert_eq!(ask[0], ASK);
-            let json = br#"{"remotes":[{"remote":"r1","next_id":7},{"remote":"r2","next_id":9}]}"#;
-            let mut msg = (json.len() as u32).to_le_bytes().to_vec();
-            msg.extend_from_slice(json);
-            use std::os::fd::AsFd;
-            send_with_fds(&a, &msg, &[c1.as_fd(), c2.as_fd()]).unwrap();
-        });
-        let got = receive_sockets(
-            &b,
-            offers.clone(),
-            |_| Duration::from_secs(1),
-            Duration::from_secs(5),
-        )
-        .unwrap();
+        let offers = vec![offer("r1", &["d1"]), offer("r2", &["d2", "d3"])];
+        let json = br#"{"remotes":[{"remote":"r1","next_id":7},{"remote":"r2","next_id":9}]}"#;
+        let sender = source(a, json, vec![c1.into(), ours(), c2.into(), ours()]);
+        let got = receive(&b, offers.clone()).unwrap();
         sender.join().unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].offer, offers[0]);
+        assert_eq!(got[0].pid, std::process::id());
         assert_eq!(got[0].control.next_id(), 7);
         assert_eq!(got[1].control.next_id(), 9);
     }
 
     #[test]
     fn a_source_that_sends_the_wrong_sockets_is_refused() {
-        let offers = vec![Offer {
-            remote: "r1".into(),
-            pid: 10,
-            devices: vec![],
-        }];
+        let offers = vec![offer("r1", &[])];
+        let refused = |json: &'static [u8], fds: Vec<OwnedFd>| {
+            let (a, b) = UnixStream::pair().unwrap();
+            let t = source(a, json, fds);
+            let e = receive(&b, offers.clone()).err().unwrap();
+            t.join().unwrap();
+            format!("{e:#}")
+        };
+        let sock = || -> OwnedFd { UnixStream::pair().unwrap().0.into() };
         // A remote that was not offered.
+        let e = refused(
+            br#"{"remotes":[{"remote":"other","next_id":1}]}"#,
+            vec![sock(), ours()],
+        );
+        assert!(e.contains("`other`"), "{e}");
+        // A control socket but no pidfd.
+        let e = refused(
+            br#"{"remotes":[{"remote":"r1","next_id":1}]}"#,
+            vec![sock()],
+        );
+        assert!(e.contains("sent 1 fds"), "{e}");
+        // A pidfd that is not one, and a socket that is not a socket.
+        let e = refused(
+            br#"{"remotes":[{"remote":"r1","next_id":1}]}"#,
+            vec![sock(), sock()],
+        );
+        assert!(e.contains("pidfd"), "{e}");
+        let null = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
+        let e = refused(
+            br#"{"remotes":[{"remote":"r1","next_id":1}]}"#,
+            vec![null(), ours()],
+        );
+        assert!(e.contains("not a UNIX stream socket"), "{e}");
+        // An id that would overflow.
+        let e = refused(
+            br#"{"remotes":[{"remote":"r1","next_id":18446744073709551615}]}"#,
+            vec![sock(), ours()],
+        );
+        assert!(e.contains("out of range"), "{e}");
+        // A lying length.
         let (a, b) = UnixStream::pair().unwrap();
-        let (c1, _p) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || {
-            use std::io::Read;
-            use std::os::fd::AsFd;
-            let mut ask = [0u8; 1];
-            (&a).read_exact(&mut ask).unwrap();
-            let json = br#"{"remotes":[{"remote":"other","next_id":1}]}"#;
-            let mut msg = (json.len() as u32).to_le_bytes().to_vec();
-            msg.extend_from_slice(json);
-            send_with_fds(&a, &msg, &[c1.as_fd()]).unwrap();
-        });
-        let e = receive_sockets(
-            &b,
-            offers.clone(),
-            |_| Duration::from_secs(1),
-            Duration::from_secs(5),
-        )
-        .err()
-        .unwrap();
-        t.join().unwrap();
-        assert!(format!("{e:#}").contains("`other`"), "{e:#}");
-        // No fd at all, and a lying length.
-        let (a, b) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || {
-            use std::io::{Read, Write};
             let mut ask = [0u8; 1];
             (&a).read_exact(&mut ask).unwrap();
             (&a).write_all(&u32::MAX.to_le_bytes()).unwrap();
         });
-        let e = receive_sockets(
-            &b,
-            offers.clone(),
-            |_| Duration::from_secs(1),
-            Duration::from_secs(5),
-        )
-        .err()
-        .unwrap();
+        let e = receive(&b, offers.clone()).err().unwrap();
         t.join().unwrap();
         assert!(format!("{e:#}").contains("claims"), "{e:#}");
         // A source that says nothing: bounded.

@@ -212,7 +212,7 @@ fn machine_image(p: &Parts) -> Result<MachineImage> {
 fn write_devices_and_machine(p: &Parts, w: &mut impl Write) -> Result<Saved> {
     let mut saved = Saved::default();
     if p.handover {
-        for r in handover::candidates(p) {
+        for r in handover::candidates(p)? {
             let offer = handover::offer(&r)?;
             let bytes = serde_json::to_vec(&offer).context("encoding a hand-over offer")?;
             stream::write_section(w, &format!("{}{}", handover::SECTION, r.id), &bytes)?;
@@ -472,10 +472,9 @@ fn apply(
     }
     for f in &image.functions {
         f.write(&p.bus.pci)?;
-        if f.remote
-            .as_ref()
-            .is_some_and(|rid| offers.iter().any(|o| &o.remote == rid))
-        {
+        // Keyed on the offers' own device lists (checked against this
+        // VM's slots), not on what the machine section says.
+        if offers.iter().any(|o| o.devices.contains(&f.id)) {
             // Handed over: its remote holds its state; its slot gets the
             // remote's connection once the source let go.
             continue;
