@@ -330,12 +330,7 @@ pub fn run(
                 remotes.remove(pos).stop(Duration::ZERO);
             }
         }
-        if n > 0 {
-            tracing::info!(
-                "{n} handed-over remote(s) adopted in {:.1} ms after the source's go",
-                t.elapsed().as_secs_f64() * 1e3
-            );
-        }
+        monitor::handover::report(n, t);
         events.emit("RESUME", serde_json::json!({}));
     }
     reset::install_kick_handler()?;

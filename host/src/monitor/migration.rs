@@ -253,14 +253,7 @@ impl Monitor {
             self.arm_one(&new);
             crate::supervisor::spawn(new, self.bus.pci.clone(), self.events.clone());
         }
-        if n > 0 {
-            // Part of the guest's pause that the source's `downtime` does
-            // not see: it ends at the source's `GO`.
-            tracing::info!(
-                "{n} handed-over remote(s) adopted in {:.1} ms after the source's go",
-                t.elapsed().as_secs_f64() * 1e3
-            );
-        }
+        super::handover::report(n, t);
         Ok(())
     }
 
