@@ -158,6 +158,8 @@ fn run() -> Result<()> {
     if let Ok(out) = std::env::var("MIGRATE_COMPARE_JSON") {
         fs::write(&out, serde_json::to_string_pretty(rep)?)?;
     }
-    fs::remove_dir_all(&dir).ok();
+    if std::env::var_os("MIGRATE_COMPARE_KEEP").is_none_or(|v| v.is_empty()) {
+        fs::remove_dir_all(&dir).ok();
+    }
     Ok(())
 }

@@ -208,14 +208,46 @@ impl Monitor {
         if let Some(l) = lent {
             l.commit();
         }
-        for (r, _, process) in held {
-            if let Some(p) = process {
-                p.release();
+        if held.is_empty() {
+            return Ok(());
+        }
+        // The rest on a thread of its own: the destination waits for the
+        // connections to go, and the migration counts as done (its
+        // downtime ends) now, not after this VMM's device statistics are
+        // printed. Should this VMM end first, its connections close with
+        // it and the processes, out of its list, are not killed.
+        let let_go: Vec<(String, Vec<u8>, Option<crate::remote::RemoteProcess>)> = held
+            .into_iter()
+            .map(|(r, _, process)| (r.id.clone(), self.slots_of(&r.id), process))
+            .collect();
+        let pci = self.bus.pci.clone();
+        let work = move || {
+            for (id, slots, process) in let_go {
+                for slot in slots {
+                    pci.with_function(slot, |d| d.shutdown());
+                }
+                if let Some(p) = process {
+                    p.release();
+                }
+                tracing::info!("remote {id} handed over to the destination");
             }
-            for slot in self.slots_of(&r.id) {
-                self.bus.pci.with_function(slot, |d| d.shutdown());
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let spawned = std::thread::Builder::new()
+            .name("handed-over".into())
+            .spawn(move || {
+                if let Ok(work) = rx.recv() {
+                    work();
+                }
+            });
+        let work: Box<dyn FnOnce() + Send> = Box::new(work);
+        match spawned {
+            Ok(_) => {
+                if let Err(std::sync::mpsc::SendError(work)) = tx.send(work) {
+                    work();
+                }
             }
-            tracing::info!("remote {} handed over to the destination", r.id);
+            Err(_) => work(),
         }
         Ok(())
     }

@@ -174,6 +174,7 @@ impl Drop for Lent {
 /// Answers the destination's [`ASK`]: lends each of `offered`'s control
 /// channels and sends their sockets and pidfds on `stream`.
 pub fn send_sockets(stream: &UnixStream, offered: &[Arc<Remote>]) -> Result<Lent> {
+    tracing::info!("hand-over: the destination asks for the remotes' sockets");
     let mut lent = Lent { lent: Vec::new() };
     for r in offered {
         if r.state() != RemoteState::Running {
@@ -207,6 +208,7 @@ pub fn send_sockets(stream: &UnixStream, offered: &[Arc<Remote>]) -> Result<Lent
     let mut msg = (json.len() as u32).to_le_bytes().to_vec();
     msg.extend_from_slice(&json);
     send_with_fds(stream, &msg, &fds).context("sending the remotes' sockets")?;
+    tracing::info!("hand-over: {} remote(s)' sockets sent", lent.lent.len());
     Ok(lent)
 }
 
@@ -235,7 +237,9 @@ pub fn receive_sockets(
     (&*stream)
         .write_all(&[ASK])
         .context("asking the source for its remotes' sockets")?;
+    tracing::info!("hand-over: asking the source for its remotes' sockets");
     let (msg, fds) = recv_with_fds(stream, within)?;
+    tracing::info!("hand-over: {} fds received", fds.len());
     let sockets: Sockets = serde_json::from_slice(&msg).context("the sockets message")?;
     if sockets.remotes.len() != offers.len() || fds.len() != 2 * offers.len() {
         bail!(

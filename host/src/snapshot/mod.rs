@@ -371,6 +371,7 @@ pub fn restore_incoming(
         received =
             handover::receive_sockets(sock, read.offers.clone(), timeouts, HANDSHAKE_TIMEOUT)?;
     }
+    tracing::info!("stream read from {uri} in {:?}", t.elapsed());
     apply(parts, read.image, read.states.states, &read.offers)?;
     tracing::info!("restored from {uri} in {:?}", t.elapsed());
     if !uri.is_live() {
