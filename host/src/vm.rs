@@ -296,6 +296,8 @@ pub fn run(
             thread: None,
         });
     }
+    let mut handed = Vec::new();
+    let mut held_for_adoption = Vec::new();
     if let Some(Incoming::Now(uri)) = incoming {
         let parts = crate::snapshot::Parts {
             vm: &vm,
@@ -307,30 +309,23 @@ pub fn run(
             msr_indices: &msr_indices,
             handover: false,
         };
-        let handed = crate::snapshot::restore_incoming(&parts, uri, uri.listen()?)
+        handed = crate::snapshot::restore_incoming(&parts, uri, uri.listen()?)
             .with_context(|| format!("--incoming {uri}"))?;
-        let adopter = monitor::handover::Adopter {
-            config: &cfg,
-            vm: &vm,
-            ram: &ram,
-            bus: &bus,
-            events: &events,
-        };
-        let t = Instant::now();
-        let n = handed.len();
-        for h in handed {
-            let new = adopter
-                .adopt(h)
-                .with_context(|| format!("--incoming {uri}: a handed-over remote"))?;
-            // Its stand-in, spawned from the config at start, goes.
-            if let Some(slot) = supervised.iter_mut().find(|s| s.id == new.id) {
-                std::mem::replace(slot, new.clone()).retire();
-            }
-            if let Some(pos) = remotes.iter().position(|p| p.id == new.id) {
-                remotes.remove(pos).stop(Duration::ZERO);
-            }
-        }
-        monitor::handover::report(n, t);
+        // Adopted once the monitor exists, while the guest runs; its
+        // accesses to those devices wait until then.
+        let slots: Vec<u8> = bus
+            .pci
+            .labels()
+            .into_iter()
+            .filter(|(_, l)| {
+                handed
+                    .iter()
+                    .any(|h| l.remote.as_deref() == Some(h.offer.remote.as_str()))
+            })
+            .map(|(s, _)| s)
+            .collect();
+        bus.pci.hold(&slots, Duration::from_secs(90));
+        held_for_adoption = slots;
         events.emit("RESUME", serde_json::json!({}));
     }
     reset::install_kick_handler()?;
@@ -410,6 +405,14 @@ pub fn run(
     monitor.arm_recovery();
     monitor.arm_hotplug();
     monitor.arm_device_recovery();
+    // After arming: the adopted remotes get their restart hooks too.
+    if !handed.is_empty() {
+        let m = monitor.clone();
+        std::thread::Builder::new()
+            .name("adopt".into())
+            .spawn(move || m.adopt_held(handed, held_for_adoption))
+            .context("starting the adoption of the handed-over remotes")?;
+    }
     drop(supervised);
     let server = match &qmp_path {
         Some(path) => {

@@ -68,6 +68,11 @@ impl Default for Parameters {
     }
 }
 
+/// How long the guest's accesses to a handed-over remote's devices wait
+/// for its adoption (its devices' connections wait up to a minute for
+/// the source's to go; the VM ends if they fail).
+const ADOPTION_HOLD: Duration = Duration::from_secs(90);
+
 /// Pre-copy rounds before the vCPUs are stopped anyway.
 const MAX_ROUNDS: u32 = 30;
 
@@ -146,13 +151,16 @@ impl Monitor {
 
     fn run_incoming(&self, machine: &Machine, uri: &MigrationUri, listener: Listener) {
         let remotes = lock(&self.remotes).clone();
-        let restored = crate::snapshot::restore_incoming(&machine.parts(remotes), uri, listener)
-            .and_then(|handed| self.adopt_all(handed));
+        let restored = crate::snapshot::restore_incoming(&machine.parts(remotes), uri, listener);
         *lock(&self.migration.incoming) = Incoming::No;
         match restored {
-            Ok(()) => {
+            Ok(handed) => {
+                // The guest runs at once; only its accesses to the
+                // handed-over remotes' devices wait for them.
+                let held = self.hold_for_adoption(&handed);
                 machine.resume();
                 self.events.emit("RESUME", json!({}));
+                self.adopt_held(handed, held);
             }
             Err(e) => self
                 .exit
@@ -250,6 +258,31 @@ impl Monitor {
             Err(_) => work(),
         }
         Ok(())
+    }
+
+    /// Holds the guest's accesses to the slots of the remotes the source
+    /// handed over (bounded: [`ADOPTION_HOLD`]) until they are adopted,
+    /// so that the vCPUs can run before. Returns the slots held.
+    pub fn hold_for_adoption(&self, handed: &[crate::snapshot::handover::Received]) -> Vec<u8> {
+        let slots: Vec<u8> = handed
+            .iter()
+            .flat_map(|h| self.slots_of(&h.offer.remote))
+            .collect();
+        self.bus.pci.hold(&slots, ADOPTION_HOLD);
+        slots
+    }
+
+    /// Adopts the remotes the source handed over ([`Self::adopt_all`]),
+    /// then lets the guest's accesses to `held` through. A remote that
+    /// cannot be adopted ends this VM with the error, as a cut stream
+    /// does: its devices have no state here.
+    pub fn adopt_held(&self, handed: Vec<crate::snapshot::handover::Received>, held: Vec<u8>) {
+        let _release = super::recovery::Released(&self.bus.pci, held);
+        if let Err(e) = self.adopt_all(handed) {
+            self.exit.set(ExitReason::Error(format!(
+                "adopting a handed-over remote: {e:#}"
+            )));
+        }
     }
 
     /// Puts the remotes the source handed over in place of those this VMM

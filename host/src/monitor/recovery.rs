@@ -214,7 +214,7 @@ impl Monitor {
 }
 
 /// Ends a hold on slots when dropped (however the restart went).
-pub(super) struct Released<'a>(pub &'a crate::pci::root::PciRoot, pub Vec<u8>);
+pub(crate) struct Released<'a>(pub &'a crate::pci::root::PciRoot, pub Vec<u8>);
 
 impl Drop for Released<'_> {
     fn drop(&mut self) {
