@@ -93,6 +93,28 @@ impl Remote {
         self.tmp.path()
     }
 
+    /// With a config device `dma0` (dma-example) listening on a socket in
+    /// the work directory, once that socket exists.
+    fn with_dma0_on_a_socket() -> (Remote, ControlClient, PathBuf) {
+        let (remote, ctl) = Self::start_with(
+            &[],
+            "[[device]]\nid = \"dma0\"\nremote = \"r\"\nplugin = \"dma-example\"\nslot = 3\n",
+            |dir| {
+                vec![
+                    "--socket".into(),
+                    dir.join("dma0.sock").display().to_string(),
+                ]
+            },
+        );
+        let sock = remote.path().join("dma0.sock");
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(start.elapsed() < Duration::from_secs(10), "no socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (remote, ctl, sock)
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.tmp.path().join("remote-host.log")).unwrap_or_default()
     }
@@ -347,22 +369,7 @@ fn the_sandbox_refuses_programs_and_network_sockets_to_a_device() {
 
 #[test]
 fn device_del_of_a_config_device_shuts_it_down() {
-    let (remote, mut ctl) = Remote::start_with(
-        &[],
-        "[[device]]\nid = \"dma0\"\nremote = \"r\"\nplugin = \"dma-example\"\nslot = 3\n",
-        |dir| {
-            vec![
-                "--socket".into(),
-                dir.join("dma0.sock").display().to_string(),
-            ]
-        },
-    );
-    let sock = remote.path().join("dma0.sock");
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "no socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (_remote, mut ctl, sock) = Remote::with_dma0_on_a_socket();
     let mut c = vfio_client(UnixStream::connect(&sock).unwrap());
     let mut id = [0u8; 4];
     c.region_read(0, 0, &mut id).unwrap();
@@ -473,22 +480,7 @@ fn the_end_of_the_control_channel_stops_its_ring_threads() {
 /// `handover-release` are answered.
 #[test]
 fn device_connect_serves_a_device_again_once_its_client_left_with_its_state() {
-    let (remote, mut ctl) = Remote::start_with(
-        &[],
-        "[[device]]\nid = \"dma0\"\nremote = \"r\"\nplugin = \"dma-example\"\nslot = 3\n",
-        |dir| {
-            vec![
-                "--socket".into(),
-                dir.join("dma0.sock").display().to_string(),
-            ]
-        },
-    );
-    let sock = remote.path().join("dma0.sock");
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "no socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (_remote, mut ctl, sock) = Remote::with_dma0_on_a_socket();
     let mut first = vfio_client(UnixStream::connect(&sock).unwrap());
     first
         .region_write(0, 0x08, &0x5eed_u32.to_le_bytes())

@@ -30,7 +30,6 @@
 //! destination that then fails to reach them ends with an error, as it
 //! does when its stream is cut.
 
-use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -335,45 +334,16 @@ fn is_unix_stream(fd: std::os::fd::RawFd) -> bool {
         && ty == libc::SOCK_STREAM
 }
 
-/// One `sendmsg` of `data` with `fds` (a blocking socket; the message is
-/// small).
-fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
-    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let bytes = std::mem::size_of_val(raw.as_slice());
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
-    let mut cmsg_buf = vec![0u64; space.div_ceil(8)];
-    let iov = [IoSlice::new(data)];
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg_buf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: msg_control points at `cmsg_buf`, 8-byte aligned and `space`
-    // bytes long, so CMSG_FIRSTHDR is non-null and CMSG_DATA has room for
-    // `bytes` bytes.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(bytes as u32) as _;
-        std::ptr::copy_nonoverlapping(raw.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), bytes);
-    }
-    // SAFETY: `msg` points at live buffers (`iov`, `cmsg_buf`) for the
-    // call; IoSlice is ABI-compatible with iovec.
-    let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if n as usize != data.len() {
-        return Err(std::io::Error::other(format!(
-            "sent {n} of {} bytes",
-            data.len()
-        )));
-    }
-    Ok(())
+/// Sends `data` with `fds` on its first byte (bounded in time).
+fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+    let framed = channel::framing::Framed::new(stream.try_clone().context("the migration socket")?);
+    framed
+        .send(data, fds, SEND_WITHIN)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
+
+/// How long sending the sockets message may take (a few hundred bytes).
+const SEND_WITHIN: Duration = Duration::from_secs(10);
 
 /// Receives the sockets message: a 4-byte length, that much JSON, and the
 /// fds on its first byte; bounded in size, count and time.
