@@ -616,3 +616,22 @@ fn handover_release_lets_the_remote_outlive_its_spawner() {
         }
     }
 }
+
+/// Serving the config's devices fails (here: their socket cannot be
+/// made): the remote ends with a failure, with a control channel too, so
+/// that the VMM learns it at once instead of at its start-up time limit.
+#[test]
+fn a_remote_whose_serving_fails_ends_even_with_a_control_channel() {
+    let (mut remote, _ctl) = Remote::start_with(
+        &[],
+        "[[device]]\nid = \"dma0\"\nremote = \"r\"\nplugin = \"dma-example\"\nslot = 3\n",
+        |_| vec!["--socket".into(), "/dev/null/dma0.sock".into()],
+    );
+    let st = remote.wait_exit(Duration::from_secs(20));
+    assert!(!st.success(), "{st}");
+    assert!(
+        remote.log().contains("serving the config's devices"),
+        "{}",
+        remote.log()
+    );
+}
