@@ -586,6 +586,37 @@ pub(crate) fn wait_fd(
     }
 }
 
+/// An integer `SOL_SOCKET` option of `fd`.
+pub fn socket_option(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v`/`len` are valid out-parameters of the sizes given; the
+    // fd is open for the duration of the call.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// Whether `fd` is a stream socket.
+pub fn is_stream_socket(fd: BorrowedFd<'_>) -> bool {
+    socket_option(fd, libc::SO_TYPE).is_ok_and(|t| t == libc::SOCK_STREAM)
+}
+
+/// Whether `fd` is a UNIX stream socket (what can carry fds).
+pub fn is_unix_stream_socket(fd: BorrowedFd<'_>) -> bool {
+    is_stream_socket(fd) && socket_option(fd, libc::SO_DOMAIN).is_ok_and(|d| d == libc::AF_UNIX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

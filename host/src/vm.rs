@@ -313,19 +313,7 @@ pub fn run(
             .with_context(|| format!("--incoming {uri}"))?;
         // Adopted once the monitor exists, while the guest runs; its
         // accesses to those devices wait until then.
-        let slots: Vec<u8> = bus
-            .pci
-            .labels()
-            .into_iter()
-            .filter(|(_, l)| {
-                handed
-                    .iter()
-                    .any(|h| l.remote.as_deref() == Some(h.offer.remote.as_str()))
-            })
-            .map(|(s, _)| s)
-            .collect();
-        bus.pci.hold(&slots, Duration::from_secs(90));
-        held_for_adoption = slots;
+        held_for_adoption = monitor::handover::hold(&bus.pci, &handed);
         events.emit("RESUME", serde_json::json!({}));
     }
     reset::install_kick_handler()?;

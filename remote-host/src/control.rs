@@ -177,15 +177,7 @@ impl Control {
             Some(Value::String(s)) => s.clone(),
             Some(_) => return Err("`settings` must be TOML text (a string)".into()),
         };
-        let [fd] = <[OwnedFd; 1]>::try_from(fds).map_err(|v| {
-            format!(
-                "device-add takes one file descriptor (a connected socket), got {}",
-                v.len()
-            )
-        })?;
-        if !crate::sockets::is_stream_socket(fd.as_fd()) {
-            return Err("device-add: the file descriptor is not a stream socket".into());
-        }
+        let sock = one_socket("device-add", fds)?;
         if self.devices.contains_key(id) {
             return Err(format!("device `{id}` already exists"));
         }
@@ -198,21 +190,13 @@ impl Control {
             base_dir: self.base_dir.clone(),
         };
         let dev = Arc::new(build_one(&spec, &self.plugin_dirs)?);
-        let sock = UnixStream::from(fd);
-        let handle = sock
-            .try_clone()
-            .map_err(|e| format!("device `{id}`: cannot keep a handle on its socket: {e}"))?;
-        let (thread_dev, dialect) = (dev.clone(), self.dialect.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("conn-{id}"))
-            .spawn(move || dialect.serve_stream(thread_dev, sock))
-            .map_err(|e| format!("device `{id}`: cannot start its thread: {e}"))?;
+        let served = self.serve_on(&dev, sock)?;
         tracing::info!(device = %id, plugin = %dev.plugin_name, "device added");
         self.devices.insert(
             id.to_owned(),
             Entry {
                 dev,
-                served: Some((handle, thread)),
+                served: Some(served),
                 ring: None,
             },
         );
@@ -225,36 +209,44 @@ impl Control {
     /// mappings and eventfds are the new client's to give.
     fn device_connect(&mut self, req: &Value, fds: Vec<OwnedFd>) -> Result<Value, String> {
         let id = str_arg(req, "device")?;
-        let [fd] = <[OwnedFd; 1]>::try_from(fds).map_err(|v| {
-            format!(
-                "device-connect takes one file descriptor (a connected socket), got {}",
-                v.len()
-            )
-        })?;
-        if !crate::sockets::is_stream_socket(fd.as_fd()) {
-            return Err("device-connect: the file descriptor is not a stream socket".into());
-        }
-        let entry = self
+        let sock = one_socket("device-connect", fds)?;
+        let dev = self
             .devices
-            .get_mut(id)
+            .get(id)
+            .map(|e| e.dev.clone())
             .ok_or_else(|| format!("no device `{id}`"))?;
-        let sock = UnixStream::from(fd);
-        let handle = sock
-            .try_clone()
-            .map_err(|e| format!("device `{id}`: cannot keep a handle on its socket: {e}"))?;
-        let (thread_dev, dialect) = (entry.dev.clone(), self.dialect.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("conn-{id}"))
-            .spawn(move || dialect.serve_stream(thread_dev, sock))
-            .map_err(|e| format!("device `{id}`: cannot start its thread: {e}"))?;
+        let served = self.serve_on(&dev, sock)?;
         tracing::info!(device = %id, "device connected again (served once its last client has gone)");
+        let Some(entry) = self.devices.get_mut(id) else {
+            return Err(format!("no device `{id}`"));
+        };
         // An earlier connection's thread ends with its client. Its access
         // ring was that client's: the new one sets up its own, or none.
-        entry.served = Some((handle, thread));
+        entry.served = Some(served);
         if let Some(ring) = entry.ring.take() {
             ring.stop(JOIN_TIMEOUT);
         }
         Ok(json!({}))
+    }
+
+    /// Serves `dev` on `sock` with this remote's protocol, on a thread of
+    /// its own; returns a handle on the socket (to shut it down) and the
+    /// thread.
+    fn serve_on(
+        &self,
+        dev: &Arc<RemoteDevice>,
+        sock: UnixStream,
+    ) -> Result<(UnixStream, JoinHandle<()>), String> {
+        let id = &dev.id;
+        let handle = sock
+            .try_clone()
+            .map_err(|e| format!("device `{id}`: cannot keep a handle on its socket: {e}"))?;
+        let (thread_dev, dialect) = (dev.clone(), self.dialect.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .spawn(move || dialect.serve_stream(thread_dev, sock))
+            .map_err(|e| format!("device `{id}`: cannot start its thread: {e}"))?;
+        Ok((handle, thread))
     }
 
     /// `handover-prepare`: each device's ring drained and its own work
@@ -477,6 +469,20 @@ impl Control {
         dev.mirrors.notify();
         r
     }
+}
+
+/// The one connected socket `op` takes, checked.
+fn one_socket(op: &str, fds: Vec<OwnedFd>) -> Result<UnixStream, String> {
+    let [fd] = <[OwnedFd; 1]>::try_from(fds).map_err(|v| {
+        format!(
+            "{op} takes one file descriptor (a connected socket), got {}",
+            v.len()
+        )
+    })?;
+    if !crate::sockets::is_stream_socket(fd.as_fd()) {
+        return Err(format!("{op}: the file descriptor is not a stream socket"));
+    }
+    Ok(UnixStream::from(fd))
 }
 
 /// Waits until every access the VMM published on the device's ring has

@@ -72,9 +72,8 @@ fn sessions(dev: Arc<RemoteDevice>, options: &ServerOptions) -> DeviceSessions {
         name: dev.id.clone(),
         ..options.clone()
     };
-    let (id, session) = (dev.id.clone(), dev.session.clone());
-    let adapter = Mutex::new(Adapter::new(dev));
-    DeviceSessions::new(&id, "mpqemu", session, move |sock| {
+    let adapter = Mutex::new(Adapter::new(dev.clone()));
+    DeviceSessions::new(&dev, "mpqemu", move |sock| {
         // Errors are logged by serve_connection; the device goes on.
         let _ = serve_connection(sock, &adapter, &options);
     })

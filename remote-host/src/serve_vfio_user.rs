@@ -78,9 +78,8 @@ fn sessions(dev: Arc<RemoteDevice>, options: &ServerOptions) -> DeviceSessions {
         name: dev.id.clone(),
         ..options.clone()
     };
-    let (id, session) = (dev.id.clone(), dev.session.clone());
-    let adapter = Mutex::new(Adapter::new(dev, options.max_dma_maps));
-    DeviceSessions::new(&id, "vfio-user", session, move |sock| {
+    let adapter = Mutex::new(Adapter::new(dev.clone(), options.max_dma_maps));
+    DeviceSessions::new(&dev, "vfio-user", move |sock| {
         // Errors are logged by serve_connection; the device goes on.
         let _ = serve_connection(sock, &adapter, &options);
     })

@@ -87,19 +87,18 @@ pub struct DeviceSessions {
 }
 
 impl DeviceSessions {
-    /// `session`: the device's own lock ([`RemoteDevice::session`]),
-    /// shared by every way its connections come.
+    /// Sessions of `device`, under its own lock ([`RemoteDevice::session`],
+    /// shared by every way its connections come).
     pub fn new(
-        device: &str,
+        device: &RemoteDevice,
         protocol: &'static str,
-        session: Arc<Mutex<()>>,
         serve_one: impl Fn(UnixStream) + Send + Sync + 'static,
     ) -> Self {
         DeviceSessions {
-            device: device.to_string(),
+            device: device.id.clone(),
             protocol,
             serve_one: Arc::new(serve_one),
-            session,
+            session: device.session.clone(),
         }
     }
 
@@ -276,35 +275,11 @@ pub fn inherited_socket(n: RawFd) -> anyhow::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// An integer socket option of `fd`.
-fn int_option(fd: BorrowedFd<'_>, option: libc::c_int) -> std::io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `v`/`len` are valid out-parameters of the sizes given; the
-    // fd is open for the duration of the call.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(v)
-}
-
-/// Whether `fd` is a stream socket.
-pub fn is_stream_socket(fd: BorrowedFd<'_>) -> bool {
-    int_option(fd, libc::SO_TYPE).is_ok_and(|t| t == libc::SOCK_STREAM)
-}
+pub use channel::framing::is_stream_socket;
 
 /// Whether `fd` is a listening socket (else a connected one).
 pub fn is_listening(fd: BorrowedFd<'_>) -> anyhow::Result<bool> {
-    int_option(fd, libc::SO_ACCEPTCONN)
+    channel::framing::socket_option(fd, libc::SO_ACCEPTCONN)
         .map(|v| v != 0)
         .context("getsockopt(SO_ACCEPTCONN)")
 }

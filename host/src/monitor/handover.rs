@@ -14,6 +14,7 @@ use kvm_ioctls::VmFd;
 use crate::bus::Bus;
 use crate::memory::GuestRam;
 use crate::pci::proxy::ProxyFunction;
+use crate::pci::root::PciRoot;
 use crate::snapshot::handover::Received;
 use crate::supervisor::Remote;
 use crate::vm::pci_gsi;
@@ -89,6 +90,30 @@ impl Adopter<'_> {
         );
         Ok(remote)
     }
+}
+
+/// How long the guest's accesses to a handed-over remote's devices wait
+/// for its adoption (its devices' connections wait up to a minute for
+/// the source's to go; the VM ends if they fail).
+const ADOPTION_HOLD: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// Holds the guest's accesses to the slots of the remotes the source
+/// handed over (bounded: [`ADOPTION_HOLD`]) until they are adopted, so
+/// that the vCPUs can run before; both restore paths call it before the
+/// guest runs. Returns the slots held.
+pub fn hold(pci: &PciRoot, handed: &[Received]) -> Vec<u8> {
+    let slots: Vec<u8> = pci
+        .labels()
+        .into_iter()
+        .filter(|(_, l)| {
+            handed
+                .iter()
+                .any(|h| l.remote.as_deref() == Some(h.offer.remote.as_str()))
+        })
+        .map(|(s, _)| s)
+        .collect();
+    pci.hold(&slots, ADOPTION_HOLD);
+    slots
 }
 
 /// Logs how long adopting `n` remotes took since `started` (the source's

@@ -68,11 +68,6 @@ impl Default for Parameters {
     }
 }
 
-/// How long the guest's accesses to a handed-over remote's devices wait
-/// for its adoption (its devices' connections wait up to a minute for
-/// the source's to go; the VM ends if they fail).
-const ADOPTION_HOLD: Duration = Duration::from_secs(90);
-
 /// Pre-copy rounds before the vCPUs are stopped anyway.
 const MAX_ROUNDS: u32 = 30;
 
@@ -157,7 +152,7 @@ impl Monitor {
             Ok(handed) => {
                 // The guest runs at once; only its accesses to the
                 // handed-over remotes' devices wait for them.
-                let held = self.hold_for_adoption(&handed);
+                let held = super::handover::hold(&self.bus.pci, &handed);
                 machine.resume();
                 self.events.emit("RESUME", json!({}));
                 self.adopt_held(handed, held);
@@ -193,11 +188,7 @@ impl Monitor {
             .unwrap_or_default()
         {
             let before = r.handing_over();
-            let process = r.pid.and_then(|pid| {
-                let mut procs = lock(&self.processes);
-                let pos = procs.iter().position(|p| p.pid() == pid)?;
-                Some(procs.remove(pos))
-            });
+            let process = self.take_process(r.pid);
             held.push((r, before, process));
         }
         let sent = stream
@@ -260,18 +251,6 @@ impl Monitor {
         Ok(())
     }
 
-    /// Holds the guest's accesses to the slots of the remotes the source
-    /// handed over (bounded: [`ADOPTION_HOLD`]) until they are adopted,
-    /// so that the vCPUs can run before. Returns the slots held.
-    pub fn hold_for_adoption(&self, handed: &[crate::snapshot::handover::Received]) -> Vec<u8> {
-        let slots: Vec<u8> = handed
-            .iter()
-            .flat_map(|h| self.slots_of(&h.offer.remote))
-            .collect();
-        self.bus.pci.hold(&slots, ADOPTION_HOLD);
-        slots
-    }
-
     /// Adopts the remotes the source handed over ([`Self::adopt_all`]),
     /// then lets the guest's accesses to `held` through. A remote that
     /// cannot be adopted ends this VM with the error, as a cut stream
@@ -308,11 +287,8 @@ impl Monitor {
             };
             if let Some(old) = old {
                 old.retire();
-                if let Some(pid) = old.pid {
-                    let mut procs = lock(&self.processes);
-                    if let Some(pos) = procs.iter().position(|p| p.pid() == pid) {
-                        procs.remove(pos).stop(Duration::ZERO);
-                    }
+                if let Some(mut p) = self.take_process(old.pid) {
+                    p.stop(Duration::ZERO);
                 }
             }
             self.arm_one(&new);

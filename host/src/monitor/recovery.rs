@@ -261,6 +261,15 @@ impl Monitor {
     /// The slots of the functions remote `id` serves. Never waits on a
     /// function: it runs in the failure hook, while a vCPU may still wait
     /// on the failed remote holding its function.
+    /// Takes our spawned process `pid` out of the list (to stop it, or to
+    /// let it go to another VMM); `None` when it is not our child.
+    pub(super) fn take_process(&self, pid: Option<u32>) -> Option<crate::remote::RemoteProcess> {
+        let pid = pid?;
+        let mut procs = lock(&self.processes);
+        let pos = procs.iter().position(|p| p.pid() == pid)?;
+        Some(procs.remove(pos))
+    }
+
     pub(super) fn slots_of(&self, id: &str) -> Vec<u8> {
         self.bus
             .pci

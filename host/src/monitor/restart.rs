@@ -102,12 +102,8 @@ impl Monitor {
         // The old remote goes first: its devices fail now, its supervisor
         // stops reporting, its process is killed and reaped.
         old.retire();
-        if let Some(pid) = old.pid {
-            let mut procs = lock(&self.processes);
-            if let Some(pos) = procs.iter().position(|p| p.pid() == pid) {
-                let mut p = procs.remove(pos);
-                p.stop(std::time::Duration::ZERO);
-            }
+        if let Some(mut p) = self.take_process(old.pid) {
+            p.stop(std::time::Duration::ZERO);
         }
         // One a migration handed over (not our child): it ends with its
         // control channel, just shut down, or is killed; either way it is

@@ -143,9 +143,7 @@ impl RemoteCgroup {
         }
         Ok(())
     }
-}
 
-impl RemoteCgroup {
     /// Leaves the directories as they are (their process now belongs to
     /// another VMM), closing only this VMM's files in them.
     pub fn keep(mut self) {

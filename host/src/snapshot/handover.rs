@@ -30,7 +30,7 @@
 //! destination that then fails to reach them ends with an error, as it
 //! does when its stream is cut.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -261,7 +261,7 @@ pub fn receive_sockets(
                 offer.remote
             );
         }
-        if !is_unix_stream(fd.as_raw_fd()) {
+        if !channel::framing::is_unix_stream_socket(fd.as_fd()) {
             bail!(
                 "remote `{}`: what the source sent is not a UNIX stream socket",
                 of.remote
@@ -301,37 +301,6 @@ pub fn receive_sockets(
         });
     }
     Ok(out)
-}
-
-/// Whether `fd` is a UNIX stream socket (what a control channel is).
-fn is_unix_stream(fd: std::os::fd::RawFd) -> bool {
-    // SAFETY: sockaddr_storage is plain data; zeroed is valid.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: getsockname writes at most `len` bytes into `addr`.
-    let r = unsafe {
-        libc::getsockname(
-            fd,
-            (&mut addr as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    let mut ty: libc::c_int = 0;
-    let mut tlen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `ty`/`tlen` are valid out-parameters of the sizes given.
-    let t = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut tlen,
-        )
-    };
-    r == 0
-        && t == 0
-        && addr.ss_family == libc::AF_UNIX as libc::sa_family_t
-        && ty == libc::SOCK_STREAM
 }
 
 /// Sends `data` with `fds` on its first byte (bounded in time).
