@@ -5,7 +5,11 @@
 //!
 //! Changing anything in this file changes the ABI: bump plugin-api's version.
 //! New trait methods and module fields go after the `last_prefix_field`
-//! markers, which keeps older plugins loadable.
+//! markers, which keeps *newer* plugins loadable in older hosts; but
+//! abi_stable refuses a plugin with fewer methods than the host's, so any
+//! addition makes every older plugin a rebuild. Prefer a control
+//! operation the host sends (`control::POSTED_WRITES`): docs/plugins.md,
+//! "Versions and the ABI".
 
 use abi_stable::{
     declare_root_module_statics,

@@ -119,6 +119,30 @@ pub fn unknown(op: &str) -> String {
     format!("this device has no control operation `{op}`")
 }
 
+/// A notice from the host, sent as a control operation with
+/// [`PostedWrites`] (`{"on": true}` or `false`): from now on the device's
+/// BAR writes are posted, no vCPU waits for them (a remote's access ring
+/// delivers them while the guest runs on), or no longer are. A device may
+/// then do inline the blocking work a write starts, which it would
+/// otherwise hand to a thread of its own, and spare the guest a wakeup of
+/// that thread (the LSI runs a disk command at once). Reads that follow
+/// still wait for that work, so it must stay bounded like any access.
+///
+/// A device that does not know the operation answers with an error, which
+/// hosts ignore: an extension without an ABI change, so plugins built
+/// before it load and work as before. (abi_stable refuses a plugin whose
+/// vtables have fewer methods than the host's, so a new method would make
+/// every older plugin a rebuild: docs/plugins.md, "Versions and the ABI".)
+pub const POSTED_WRITES: &str = "posted-writes";
+
+/// The arguments of [`POSTED_WRITES`].
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PostedWrites {
+    /// Whether writes are posted from now on.
+    pub on: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

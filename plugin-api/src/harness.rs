@@ -958,6 +958,19 @@ impl TestBench {
         self.access(true, port, &mut b[..len.min(4)], true);
     }
 
+    /// Tells the device that its BAR writes are posted from now on, or no
+    /// longer are ([`control::POSTED_WRITES`](crate::control::POSTED_WRITES)),
+    /// as `remote-host` does when a remote's access ring starts and stops
+    /// delivering them. The device's refusal (it does not know the notice)
+    /// is returned, as the hosts that ignore it see it.
+    pub fn set_posted_writes(&mut self, on: bool) -> Result<(), String> {
+        self.control(
+            crate::control::POSTED_WRITES,
+            &serde_json::json!({ "on": on }),
+        )
+        .map(|_| ())
+    }
+
     /// Waits until the device's background work is done.
     pub fn wait_idle(&self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;

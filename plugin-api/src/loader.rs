@@ -235,8 +235,9 @@ pub fn load_path(path: &Path) -> Result<LoadedPlugin, LoadError> {
 /// for an ABI: the same major version; under 1.0 the same minor version
 /// (0.y is a major version of its own); from 1.0 on, a plugin no newer than
 /// the host in the minor version (it may call host services an older host
-/// lacks; an older plugin only misses fields appended since, which the
-/// prefix types allow).
+/// lacks). This is only the version rule: abi_stable's layout check then
+/// still refuses an older plugin whose vtables lack methods appended since
+/// (docs/plugins.md, "Versions and the ABI").
 pub fn abi_compatible(plugin: &str, host: &str) -> Result<(), &'static str> {
     let parse = |v: &str| -> Option<(u64, u64)> {
         let mut it = v.split('.');

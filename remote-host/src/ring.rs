@@ -60,6 +60,10 @@ pub fn start(
         dev.mirrors.attach(Some(server.invalidator()));
         tracing::info!(device = %dev.id, mirrors = keys.len(), "mirrored registers on the ring");
     }
+    // From now on no vCPU waits for the device's writes: it may do the
+    // work they start inline (a device that does not know the notice
+    // refuses it, and nothing changes).
+    posted_writes(&dev, true);
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let id = dev.id.clone();
@@ -94,6 +98,19 @@ pub fn start(
     })
 }
 
+/// Tells the device whether its BAR writes are posted
+/// (`plugin_api::control::POSTED_WRITES`).
+fn posted_writes(dev: &RemoteDevice, on: bool) {
+    let args = plugin_api::control::json!({ "on": on });
+    if dev
+        .function()
+        .control(plugin_api::control::POSTED_WRITES, &args)
+        .is_ok()
+    {
+        tracing::debug!(device = %dev.id, on, "posted writes");
+    }
+}
+
 impl RingThread {
     /// Stops the thread and waits for it (bounded: a device call that
     /// never returns leaves it running).
@@ -104,7 +121,12 @@ impl RingThread {
         let Some(thread) = self.thread.take() else {
             return true;
         };
-        crate::join_within(thread, within)
+        let stopped = crate::join_within(thread, within);
+        if stopped {
+            // Writes come on the socket again, where a vCPU may wait.
+            posted_writes(&self.dev, false);
+        }
+        stopped
     }
 }
 

@@ -15,7 +15,9 @@
 //! `lsi-compare check` runs the shared LSI guest job (write/read/file
 //! system) on each and exits non-zero if any fails. `lsi-compare bench`
 //! runs timed `dd` jobs on each and prints a table with ratios against
-//! `qemu-lsi` (and writes it as JSON to `$LSI_COMPARE_JSON` when set).
+//! `qemu-lsi` (and writes it as JSON to `$LSI_COMPARE_JSON` when set);
+//! `LSI_COMPARE_ONLY=a,b` runs only the variants named (the first named
+//! is then the ratios' reference).
 //! `lsi-compare profile` runs our VMM with the plugin in a remote and
 //! in-process on three jobs (boot only, 4 KiB direct reads, 4 KiB direct
 //! writes) and prints what one I/O costs: BAR reads and writes per
@@ -382,7 +384,10 @@ fn run() -> Result<ExitCode> {
         &Variant::ALL
     };
     for &v in variants {
-        if only.as_deref().is_some_and(|o| o != v.name()) {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|n| n == v.name()))
+        {
             continue;
         }
         let image = dir.join(format!("{}.img", v.name()));

@@ -53,6 +53,10 @@ pub struct Chip {
     pub(crate) bus: Bus,
     pub(crate) targets: BTreeMap<u8, Arc<ScsiDisk>>,
     pub(crate) worker: Option<WorkerHandle>,
+    /// Set while SCRIPTS run inside a posted BAR write (no vCPU waits for
+    /// it: `control::POSTED_WRITES`): a disk command then runs at once,
+    /// without the worker.
+    pub(crate) posted: bool,
     /// Work units a run may do before it pauses (see
     /// [`crate::scripts::DEFAULT_BUDGET`]).
     pub(crate) budget: u32,
@@ -78,6 +82,9 @@ pub struct Stats {
     pub scripts_runs: u64,
     pub instructions: u64,
     pub commands: u64,
+    /// Medium commands run at once in a posted access (no worker, no
+    /// disconnect: `control::POSTED_WRITES`).
+    pub commands_inline: u64,
     pub reselections: u64,
     /// Bytes SCRIPTS memory moves copied.
     pub bytes_moved: u64,
@@ -104,6 +111,7 @@ impl Chip {
             bus: Bus::default(),
             targets,
             worker: None,
+            posted: false,
             budget: crate::scripts::DEFAULT_BUDGET,
             pending_move: None,
             stats: Stats::default(),

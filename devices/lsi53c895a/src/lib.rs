@@ -34,6 +34,12 @@
 //!   "capacity": BYTES}`: sets the image's length; the disk reports
 //!   CAPACITY DATA HAS CHANGED (6/2a/09) on its next command.
 //! - `drive-list` → `[{"scsi-id", "lun", "file", "read-only", "capacity"}]`.
+//! - `posted-writes` `{"on": B}` (the host's notice,
+//!   [`plugin_api::control::POSTED_WRITES`]): while on, a READ or WRITE
+//!   that a BAR write's SCRIPTS start runs at once in that write, target
+//!   connected, instead of on the I/O worker with a disconnect and a
+//!   reselection (only while the worker is idle, so no command overtakes
+//!   another).
 
 pub mod chip;
 pub mod instruction;
@@ -84,6 +90,9 @@ pub struct Lsi53c895a {
     files: BTreeMap<u8, PathBuf>,
     /// Where relative drive paths are resolved.
     base: PathBuf,
+    /// The host said no vCPU waits for our BAR writes
+    /// (`control::POSTED_WRITES`).
+    posted_writes: bool,
 }
 
 /// `drive-del` arguments.
@@ -177,6 +186,7 @@ impl Lsi53c895a {
             worker: Some(worker),
             files: BTreeMap::new(),
             base,
+            posted_writes: false,
         })
     }
 
@@ -277,6 +287,7 @@ impl Lsi53c895a {
             "scripts-runs": s.scripts_runs,
             "instructions": s.instructions,
             "commands": s.commands,
+            "commands-inline": s.commands_inline,
             "reselections": s.reselections,
             "bytes-moved": s.bytes_moved,
             "max-run-work": s.max_run_work,
@@ -364,7 +375,11 @@ impl Device for Lsi53c895a {
                 _ => {}
             }
         }
+        // Posted (no vCPU waits): a disk command these SCRIPTS start runs
+        // at once, without the worker (`Chip::posted`).
+        chip.posted = self.posted_writes;
         chip.kick();
+        chip.posted = false;
     }
 
     fn reset(&mut self) {
@@ -397,8 +412,12 @@ impl Device for Lsi53c895a {
             // Arguments ignored, as before typed arguments.
             "drive-list" => Ok(self.drive_list()),
             "stats" => Ok(self.stats()),
+            control::POSTED_WRITES => control::call(op, args, |a: control::PostedWrites| {
+                self.posted_writes = a.on;
+                Ok(a)
+            }),
             _ => Err(format!(
-                "lsi53c895a has no control operation `{op}` (it has drive-add, drive-del, drive-resize, drive-list, stats)"
+                "lsi53c895a has no control operation `{op}` (it has drive-add, drive-del, drive-resize, drive-list, stats, posted-writes)"
             )),
         }
     }

@@ -52,6 +52,11 @@ impl WorkerHandle {
         WorkerHandle { tx, pending }
     }
 
+    /// Whether the thread has no work queued or in hand.
+    pub fn idle(&self) -> bool {
+        !self.pending.busy()
+    }
+
     /// Queues `msg`; false when the thread is gone.
     pub fn send(&self, msg: WorkerMsg) -> bool {
         self.pending.add();

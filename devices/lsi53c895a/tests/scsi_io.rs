@@ -229,3 +229,74 @@ fn absent_target_and_second_disk() {
     expect_done(&mut tb, 0x600d);
     assert_eq!(tb.ram().read_vec(BUF, 4), 127u32.to_be_bytes());
 }
+
+/// A tagged READ or WRITE as sym53c8xx runs it when the target answers
+/// at once: the same script as [`tagged_command`] up to the command, then
+/// straight to the data and status, no disconnect. Started by a posted
+/// DSP write (a remote's access ring), so the controller may run the
+/// command inside the write (`control::POSTED_WRITES`).
+fn posted_tagged_command(tb: &mut TestBench, cdb: &[u8], dir_in: bool, len: u32, tag: u8) -> u8 {
+    tb.ram().write_all(MSGS, &[0xc0, 0x20, tag]);
+    tb.ram().write_all(CDB, cdb);
+    let mut a = Asm::new();
+    a.select_atn(0, 0)
+        .mov(MSG_OUT, 3, MSGS)
+        .mov(COMMAND, cdb.len() as u32, CDB);
+    if dir_in {
+        a.mov(DATA_IN, len, BUF);
+    } else {
+        a.mov(DATA_OUT, len, BUF);
+    }
+    a.mov(STATUS, 1, STAT)
+        .mov(MSG_IN, 1, MSGS + 0x15)
+        .wait_disconnect()
+        .int(0x600d);
+    tb.set_posted_writes(true).unwrap();
+    tb.run(&a);
+    tb.set_posted_writes(false).unwrap();
+    expect_done(tb, 0x600d);
+    assert_eq!(
+        tb.ram().read_vec(MSGS + 0x15, 1),
+        [0x00],
+        "COMMAND COMPLETE"
+    );
+    tb.ram().read_vec(STAT, 1)[0]
+}
+
+fn stat(tb: &mut TestBench, name: &str) -> u64 {
+    let s = tb
+        .control("stats", &plugin_api::control::json!({}))
+        .unwrap();
+    s[name].as_u64().unwrap()
+}
+
+#[test]
+fn a_posted_access_runs_reads_and_writes_at_once_without_disconnecting() {
+    both_ways(|mut tb, img| {
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 29 + 3) as u8).collect();
+        tb.ram().write_all(BUF, &pattern);
+        // WRITE(10) LBA 40, 16 blocks, then READ(10) LBA 100, 8 blocks.
+        let st = posted_tagged_command(
+            &mut tb,
+            &[0x2a, 0, 0, 0, 0, 40, 0, 0, 16, 0],
+            false,
+            8192,
+            3,
+        );
+        assert_eq!(st, 0, "GOOD");
+        assert_eq!(&img.read()[40 * 512..56 * 512], &pattern[..]);
+        let st =
+            posted_tagged_command(&mut tb, &[0x28, 0, 0, 0, 0, 100, 0, 0, 8, 0], true, 4096, 4);
+        assert_eq!(st, 0, "GOOD");
+        assert_eq!(
+            tb.ram().read_vec(BUF, 4096),
+            &img.read()[100 * 512..108 * 512]
+        );
+        assert_eq!(stat(&mut tb, "commands-inline"), 2);
+        assert_eq!(stat(&mut tb, "reselections"), 0);
+        // The same write from a vCPU's own access still disconnects.
+        let st = tagged_command(&mut tb, &[0x2a, 0, 0, 0, 0, 7, 0, 0, 16, 0], false, 8192, 9);
+        assert_eq!(st, 0);
+        assert_eq!(stat(&mut tb, "commands-inline"), 2);
+    });
+}
