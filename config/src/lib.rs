@@ -288,6 +288,14 @@ pub struct RemoteConfig {
     /// notify) reach the remote through KVM ioeventfds, with no exit to
     /// the VMM (`doorbells`, default true; needs the fast path).
     pub doorbells: bool,
+    /// `posted-writes` (default false): `remote-host` tells each device
+    /// that the BAR writes its access ring delivers are posted (no vCPU
+    /// waits for them: `plugin_api::control::POSTED_WRITES`), so a device
+    /// may run the work they start inline (the LSI runs a disk command on
+    /// the ring thread, with no I/O worker wakeup). Off by default: in
+    /// this project's nested environment it raised the rate of lost L2
+    /// guests under heavy I/O (docs/benchmarks.md); needs the fast path.
+    pub posted_writes: bool,
     /// `restart`: automatic replacement of a remote that died or hung.
     pub restart: RestartPolicy,
     /// `restart-limit`: automatic restarts allowed within a minute; one
@@ -644,6 +652,7 @@ fn parse_remote(
     };
     let fast_path = t.opt_bool("fast-path")?.is_none_or(|b| b.value);
     let doorbells = t.opt_bool("doorbells")?.is_none_or(|b| b.value);
+    let posted_writes = t.opt_bool("posted-writes")?.is_some_and(|b| b.value);
     let restart = match t.opt_string("restart")? {
         None => RestartPolicy::default(),
         Some(v) => v.value.parse().map_err(|m| t.error(v.span.clone(), m))?,
@@ -665,6 +674,7 @@ fn parse_remote(
         user,
         fast_path,
         doorbells,
+        posted_writes,
         restart,
         restart_limit,
         standby,

@@ -339,6 +339,23 @@ fn restart_policy_defaults_to_never_and_parses_each_value() {
 }
 
 #[test]
+fn posted_writes_are_off_unless_asked() {
+    let remote = |text: &str| parse(text).unwrap().remotes[0].clone();
+    assert!(!remote(GOOD).posted_writes);
+    let text = GOOD.replace(
+        "id = \"storage\"\n",
+        "id = \"storage\"\nposted-writes = true\n",
+    );
+    assert!(remote(&text).posted_writes);
+    let text = GOOD.replace(
+        "id = \"storage\"\n",
+        "id = \"storage\"\nposted-writes = 1\n",
+    );
+    let (_, _, msg) = err(&text);
+    assert!(msg.contains("posted-writes"), "{msg}");
+}
+
+#[test]
 fn bad_restart_policy_is_reported_at_the_value() {
     let text = GOOD.replace(
         "id = \"storage\"\n",

@@ -70,6 +70,9 @@ pub struct Control {
     /// (the config file's directory, as for config devices).
     base_dir: PathBuf,
     dialect: Dialect,
+    /// Tell devices that their ring's writes are posted (`[[remote]]
+    /// posted-writes`).
+    posted_writes: bool,
 }
 
 impl Control {
@@ -99,7 +102,15 @@ impl Control {
             plugin_dirs,
             base_dir,
             dialect,
+            posted_writes: false,
         }
+    }
+
+    /// Devices are told that the writes their access ring delivers are
+    /// posted (`[[remote]] posted-writes`, `control::POSTED_WRITES`).
+    pub fn with_posted_writes(mut self, on: bool) -> Self {
+        self.posted_writes = on;
+        self
     }
 
     /// Serves the control protocol on `stream` until EOF.
@@ -342,6 +353,7 @@ impl Control {
             fds,
             doorbells,
             self.dialect.poll(),
+            self.posted_writes,
         )?);
         tracing::info!(device = %id, doorbells = n, "access ring set up");
         Ok(json!({}))

@@ -363,7 +363,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     // Paths in device-add are relative to the config's directory.
                     let base_dir = cfg.base_dir.clone();
                     let ctl =
-                        remote_host::control::Control::new(&devs, dirs, base_dir, dialect.clone());
+                        remote_host::control::Control::new(&devs, dirs, base_dir, dialect.clone())
+                            .with_posted_writes(rcfg.as_ref().is_some_and(|r| r.posted_writes));
                     let t =
                         std::thread::Builder::new()
                             .name("control".into())

@@ -26,6 +26,8 @@ pub struct RingThread {
     waker: channel::ring::RingWaker,
     thread: Option<JoinHandle<()>>,
     dev: Arc<RemoteDevice>,
+    /// Whether the device was told its writes are posted.
+    posted: bool,
     /// Whether the VMM's accesses are all applied.
     pub watch: channel::ring::RingWatch,
 }
@@ -37,6 +39,7 @@ pub fn start(
     fds: RingFds,
     doorbells: Vec<(std::os::fd::OwnedFd, channel::ring::DoorbellKey)>,
     poll: Duration,
+    posted: bool,
 ) -> Result<RingThread, String> {
     let mut server = RingServer::new(fds, poll).map_err(|e| e.to_string())?;
     server.set_doorbells(doorbells);
@@ -62,8 +65,10 @@ pub fn start(
     }
     // From now on no vCPU waits for the device's writes: it may do the
     // work they start inline (a device that does not know the notice
-    // refuses it, and nothing changes).
-    posted_writes(&dev, true);
+    // refuses it, and nothing changes). Only when the config asks.
+    if posted {
+        posted_writes(&dev, true);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let id = dev.id.clone();
@@ -94,6 +99,7 @@ pub fn start(
         waker,
         thread: Some(thread),
         dev: served,
+        posted,
         watch,
     })
 }
@@ -122,7 +128,7 @@ impl RingThread {
             return true;
         };
         let stopped = crate::join_within(thread, within);
-        if stopped {
+        if stopped && self.posted {
             // Writes come on the socket again, where a vCPU may wait.
             posted_writes(&self.dev, false);
         }

@@ -126,3 +126,68 @@ pub fn shared_ram_args(mib: u32) -> Vec<String> {
         "memory-backend=mem".into(),
     ]
 }
+
+/// CPU the processes `pids()` lists used during each timed job of a guest
+/// (the VMM and its remotes, or QEMU): a thread watches the console file
+/// for a job's `BEGIN NAME` line and its `TIME NAME ...` line
+/// ([`timed_job_prologue`]'s `run`) and samples /proc at each. The guest
+/// pauses after `BEGIN` (0.3 s in the jobs that use it) so that the first
+/// sample comes before the I/O; the second one may come up to one poll
+/// (20 ms) late, which adds that much idle time.
+pub struct JobCpuWatch {
+    result: std::sync::Arc<std::sync::Mutex<Vec<(String, f64)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl JobCpuWatch {
+    /// Watches `console`; `pids()` lists the processes to sample.
+    pub fn start(console: PathBuf, pids: impl Fn() -> Vec<u32> + Send + 'static) -> JobCpuWatch {
+        use std::sync::atomic::Ordering;
+        let result = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r, s) = (result.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let cpu = |p: &[u32]| p.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
+            // Jobs begun and not yet timed: name, processes, CPU at BEGIN.
+            let mut open: Vec<(String, Vec<u32>, f64)> = Vec::new();
+            let mut lines_seen = 0;
+            while !s.load(Ordering::Relaxed) {
+                let text = fs::read_to_string(&console).unwrap_or_default();
+                // Only whole lines (the last may still be being written).
+                let whole = text.rsplit_once('\n').map_or("", |(w, _)| w);
+                let lines: Vec<&str> = whole.lines().collect();
+                for l in lines.iter().skip(lines_seen) {
+                    if let Some(name) = l.trim().strip_prefix("BEGIN ") {
+                        let p = pids();
+                        let c = cpu(&p);
+                        open.push((name.trim().to_string(), p, c));
+                    } else if let Some(rest) = l.trim().strip_prefix("TIME ") {
+                        let name = rest.split_whitespace().next().unwrap_or("");
+                        if let Some(i) = open.iter().position(|(n, _, _)| n == name) {
+                            let (n, p, c0) = open.remove(i);
+                            let mut out = r.lock().unwrap_or_else(|e| e.into_inner());
+                            out.push((n, cpu(&p) - c0));
+                        }
+                    }
+                }
+                lines_seen = lines.len().max(lines_seen);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        JobCpuWatch {
+            result,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// CPU seconds per job, for the jobs seen begun and timed.
+    pub fn finish(mut self) -> Vec<(String, f64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        std::mem::take(&mut *self.result.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use system_tests::bench::{
-    cpu_seconds, inheritable, parse_times, remotes_of, shared_ram_args, sibling_bin,
-    spawn_with_fd3, timed_job_prologue, Reaped,
+    children_named, cpu_seconds, inheritable, parse_times, remotes_of, shared_ram_args,
+    sibling_bin, spawn_with_fd3, timed_job_prologue, JobCpuWatch, Reaped,
 };
 use system_tests::{lsi_disk_job, lsi_job_modules, make_lsi_image, IMAGE_SIZE};
 use testenv::{Env, InitramfsSpec, JobResult, ModuleOrder, QemuKind, RunOptions};
@@ -44,17 +44,21 @@ enum Variant {
     QemuMp,
     OursMp,
     HostRemote,
+    /// host-remote with `posted-writes = true`: disk commands on the ring
+    /// thread.
+    HostPosted,
     HostRemoteSocket,
     HostInProcess,
     HostXRemote,
 }
 
 impl Variant {
-    const ALL: [Variant; 7] = [
+    const ALL: [Variant; 8] = [
         Variant::QemuLsi,
         Variant::QemuMp,
         Variant::OursMp,
         Variant::HostRemote,
+        Variant::HostPosted,
         Variant::HostRemoteSocket,
         Variant::HostInProcess,
         Variant::HostXRemote,
@@ -69,6 +73,7 @@ impl Variant {
             Variant::QemuMp => "qemu-mp",
             Variant::OursMp => "ours-mp",
             Variant::HostRemote => "host-remote",
+            Variant::HostPosted => "host-posted",
             Variant::HostRemoteSocket => "host-socket",
             Variant::HostInProcess => "host-inproc",
             Variant::HostXRemote => "host-xremote",
@@ -118,12 +123,13 @@ fn run_host(env: &Env, variant: Variant, image: &Path, job: &str, dir: &Path) ->
     };
     // host-socket: our remote with the access ring turned off.
     let fast_path = variant != Variant::HostRemoteSocket;
+    let posted_writes = variant == Variant::HostPosted;
     let config = dir.join(format!("{}.toml", variant.name()));
     fs::write(
         &config,
         format!(
             "[vm]\nmemory = \"512M\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet\"\n\n\
-             [[remote]]\nid = \"storage\"\nprotocol = \"{protocol}\"\nfast-path = {fast_path}\nlog = \"{}-device.log\"\n\n\
+             [[remote]]\nid = \"storage\"\nprotocol = \"{protocol}\"\nfast-path = {fast_path}\nposted-writes = {posted_writes}\nlog = \"{}-device.log\"\n\n\
              [[device]]\nid = \"lsi0\"\n{placement}\nplugin = \"lsi53c895a\"\nslot = 4\n\n\
              [[device.drive]]\nfile = \"{}\"\nscsi-id = 0\n",
             env.kernel.display(),
@@ -237,6 +243,7 @@ fn run_variant(
     if matches!(
         variant,
         Variant::HostRemote
+            | Variant::HostPosted
             | Variant::HostRemoteSocket
             | Variant::HostInProcess
             | Variant::HostXRemote
@@ -261,6 +268,7 @@ fn run_variant(
             ]);
         }
         Variant::HostRemote
+        | Variant::HostPosted
         | Variant::HostRemoteSocket
         | Variant::HostInProcess
         | Variant::HostXRemote => bail!("{} runs through run_host", variant.name()),
@@ -317,6 +325,9 @@ fn run_variant(
         },
         timeout: Duration::from_secs(600),
         extra_args: extra,
+        // The console as the host variants have it (`wide` samples CPU
+        // from its lines).
+        log: Some(dir.join(format!("{}-console.log", variant.name()))),
         // A guest lost to the environment (docs/testenv.md) is booted
         // again rather than leave the table without a column; the loss
         // is reported on stderr.
@@ -367,12 +378,15 @@ fn main() -> ExitCode {
 
 fn run() -> Result<ExitCode> {
     let mode = std::env::args().nth(1).unwrap_or_default();
-    if !["check", "bench", "profile", "idle"].contains(&mode.as_str()) {
-        bail!("usage: lsi-compare check|bench|profile|idle");
+    if !["check", "bench", "profile", "idle", "wide"].contains(&mode.as_str()) {
+        bail!("usage: lsi-compare check|bench|profile|idle|wide");
     }
     let env = Env::load_default().context("test environment (run `testenv prepare`)")?;
     if mode == "profile" || mode == "idle" {
         return profile(&env, mode == "idle");
+    }
+    if mode == "wide" {
+        return wide(&env);
     }
     let dir = work_dir("lsi-compare")?;
     let mut failed = 0;
@@ -768,4 +782,251 @@ fn profile(env: &Env, idle_only: bool) -> Result<ExitCode> {
     }
     fs::remove_dir_all(&dir).ok();
     Ok(ExitCode::SUCCESS)
+}
+
+/// I/Os of each `wide` job.
+const WIDE_IOS: u32 = 2048;
+/// Queue depths of the `wide` jobs: that many concurrent `dd` streams.
+const WIDE_QDS: [u32; 4] = [1, 4, 16, 32];
+
+/// The `wide` jobs' names, in the order the guest runs them.
+fn wide_names() -> Vec<String> {
+    let mut v = Vec::new();
+    for dir in ["read", "write"] {
+        for pat in ["seq", "rand"] {
+            for qd in WIDE_QDS {
+                v.push(format!("{dir}-4k-{pat}-qd{qd}"));
+            }
+        }
+    }
+    v
+}
+
+/// 4 KiB direct reads and writes, [`WIDE_IOS`] per job, as QD concurrent
+/// `dd` streams: `seq` streams each go through a range of their own;
+/// `rand` streams jump to a pseudo-random block (a fixed LCG, the same in
+/// every variant) every 8 blocks, a fresh `dd` per run of 8 (the guest's
+/// busybox has no fio; a process per 8 I/Os costs every variant alike).
+/// `BEGIN NAME` and a pause before each job let the host sample CPU
+/// ([`JobCpuWatch`]).
+fn wide_job() -> String {
+    let mut s = timed_job_prologue("sda");
+    s.push_str(&format!(
+        r#"IOS={WIDE_IOS}
+# 64 MiB disk: 16384 blocks of 4 KiB; writes go to the upper half.
+seq() {{
+    n=$2; per=$((IOS/n)); k=0
+    while [ $k -lt $n ]; do
+        if [ $1 = read ]; then
+            dd if=/dev/sda of=/dev/null bs=4k count=$per skip=$((k*per)) iflag=direct 2>/dev/null &
+        else
+            dd if=/dev/zero of=/dev/sda bs=4k count=$per seek=$((8192+k*per)) oflag=direct 2>/dev/null &
+        fi
+        k=$((k+1))
+    done
+    wait
+}}
+rand() {{
+    n=$2; runs=$((IOS/8/n)); k=0
+    while [ $k -lt $n ]; do
+        (
+            x=$((k*7919+17)); j=0
+            while [ $j -lt $runs ]; do
+                x=$(( (x*1103515245+12345) % 2147483648 ))
+                b=$(( x % 8184 ))
+                if [ $1 = read ]; then
+                    dd if=/dev/sda of=/dev/null bs=4k count=8 skip=$b iflag=direct 2>/dev/null
+                else
+                    dd if=/dev/zero of=/dev/sda bs=4k count=8 seek=$((8192+b)) oflag=direct 2>/dev/null
+                fi
+                j=$((j+1))
+            done
+        ) &
+        k=$((k+1))
+    done
+    wait
+}}
+"#
+    ));
+    for dir in ["read", "write"] {
+        for pat in ["seq", "rand"] {
+            for qd in WIDE_QDS {
+                let name = format!("{dir}-4k-{pat}-qd{qd}");
+                s.push_str(&format!(
+                    "echo \"BEGIN {name}\"; sleep 0.3; run {name} {pat} {dir} {qd}\n"
+                ));
+            }
+        }
+    }
+    s
+}
+
+/// One `wide` column: per round, seconds and CPU seconds per job.
+struct WideColumn {
+    variant: Variant,
+    times: Vec<Vec<(String, f64)>>,
+    cpu: Vec<Vec<(String, f64)>>,
+}
+
+/// The median of the values `job` has in the rounds (NaN: none).
+fn median_of(rounds: &[Vec<(String, f64)>], job: &str) -> f64 {
+    let mut v: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| r.iter().find(|(n, _)| n == job).map(|(_, x)| *x))
+        .collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+impl WideColumn {
+    fn iops(&self, job: &str) -> f64 {
+        f64::from(WIDE_IOS) / median_of(&self.times, job)
+    }
+
+    fn cpu_us_per_io(&self, job: &str) -> f64 {
+        median_of(&self.cpu, job) * 1e6 / f64::from(WIDE_IOS)
+    }
+}
+
+/// Boots `v`'s guest with [`wide_job`] once: its job times and the CPU
+/// its device side used per job.
+fn wide_round(env: &Env, v: Variant, dir: &Path) -> Result<(JobResult, Vec<(String, f64)>)> {
+    let image = dir.join(format!("{}.img", v.name()));
+    make_lsi_image(&image);
+    let console = dir.join(format!("{}-console.log", v.name()));
+    fs::write(&console, "")?;
+    let me = std::process::id();
+    let qemu = v == Variant::QemuLsi;
+    let watch = JobCpuWatch::start(console, move || {
+        if qemu {
+            children_named(me, "qemu-system-x86")
+        } else {
+            let vmms = children_named(me, "host");
+            let mut p = vmms.clone();
+            for vmm in vmms {
+                p.extend(remotes_of(vmm));
+            }
+            p
+        }
+    });
+    let r = run_variant(env, v, &image, &wide_job(), dir);
+    let cpu = watch.finish();
+    Ok((r?, cpu))
+}
+
+/// `lsi-compare wide`: the table of [`wide_job`] on QEMU's in-process
+/// LSI, ours in a remote and ours in-process (`LSI_COMPARE_ONLY` narrows
+/// it), `LSI_COMPARE_ROUNDS` interleaved rounds (default 1; this
+/// environment drifts by up to 2x between guests of one L1, so each cell
+/// is the median): IOPS with ratios to the first column, and the CPU the
+/// device side used per I/O (the VMM and its remotes, or QEMU).
+fn wide(env: &Env) -> Result<ExitCode> {
+    let dir = work_dir("lsi-wide")?;
+    let only = std::env::var("LSI_COMPARE_ONLY").ok();
+    let rounds: usize = std::env::var("LSI_COMPARE_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut columns: Vec<WideColumn> = [
+        Variant::QemuLsi,
+        Variant::HostRemote,
+        Variant::HostPosted,
+        Variant::HostInProcess,
+    ]
+    .into_iter()
+    .filter(|v| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|n| n == v.name()))
+    })
+    .map(|variant| WideColumn {
+        variant,
+        times: Vec::new(),
+        cpu: Vec::new(),
+    })
+    .collect();
+    let mut failed = 0;
+    for round in 1..=rounds {
+        for c in &mut columns {
+            let v = c.variant;
+            match wide_round(env, v, &dir) {
+                Ok((r, cpu)) if r.status == 0 => {
+                    println!("RESULT {} round {round} ok", v.name());
+                    c.times.push(parse_times(&r.output));
+                    c.cpu.push(cpu);
+                }
+                Ok((r, _)) => {
+                    failed += 1;
+                    println!(
+                        "RESULT {} round {round} FAIL status {}:\n{}",
+                        v.name(),
+                        r.status,
+                        r.output
+                    );
+                    print_device_log(&dir, v);
+                }
+                Err(e) => {
+                    failed += 1;
+                    println!("RESULT {} round {round} FAIL: {e:#}", v.name());
+                    print_device_log(&dir, v);
+                }
+            }
+        }
+    }
+    columns.retain(|c| !c.times.is_empty());
+    if columns.is_empty() {
+        return Ok(ExitCode::from(1));
+    }
+    println!(
+        "\nLSI53C895A, 4 KiB direct I/O, {WIDE_IOS} per job, QD concurrent dd streams, median of {rounds} round(s): IOPS (ratio to {}) | CPU us per I/O (VMM + remote, or QEMU)",
+        columns[0].variant.name()
+    );
+    print!("{:<20}", "job");
+    for c in &columns {
+        print!("{:>12}{:>7}", c.variant.name(), "ratio");
+    }
+    print!("  |");
+    for c in &columns {
+        print!("{:>12}", c.variant.name());
+    }
+    println!();
+    let mut rows = Vec::new();
+    for job in wide_names() {
+        print!("{job:<20}");
+        let base = columns[0].iops(&job);
+        for c in &columns {
+            let x = c.iops(&job);
+            print!("{x:>12.0}{:>7.2}", x / base);
+        }
+        print!("  |");
+        for c in &columns {
+            print!("{:>12.1}", c.cpu_us_per_io(&job));
+        }
+        println!();
+        rows.push(serde_json::json!({
+            "job": job,
+            "iops": columns.iter().map(|c| c.iops(&job)).collect::<Vec<_>>(),
+            "ratio": columns.iter().map(|c| c.iops(&job) / base).collect::<Vec<_>>(),
+            "cpu_us_per_io": columns.iter().map(|c| c.cpu_us_per_io(&job)).collect::<Vec<_>>(),
+        }));
+    }
+    if let Some(path) = std::env::var_os("LSI_COMPARE_JSON") {
+        let json = serde_json::json!({
+            "ios_per_job": WIDE_IOS,
+            "rounds": rounds,
+            "columns": columns.iter().map(|c| c.variant.name()).collect::<Vec<_>>(),
+            "rows": rows,
+        });
+        fs::write(&path, json.to_string())
+            .with_context(|| format!("writing {}", PathBuf::from(&path).display()))?;
+        println!("(table as JSON: {})", PathBuf::from(&path).display());
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -57,6 +57,8 @@ pub struct Chip {
     /// it: `control::POSTED_WRITES`): a disk command then runs at once,
     /// without the worker.
     pub(crate) posted: bool,
+    /// How long the disk's last command took (inline or on the worker).
+    pub(crate) last_execute: std::time::Duration,
     /// Work units a run may do before it pauses (see
     /// [`crate::scripts::DEFAULT_BUDGET`]).
     pub(crate) budget: u32,
@@ -112,6 +114,7 @@ impl Chip {
             targets,
             worker: None,
             posted: false,
+            last_execute: std::time::Duration::ZERO,
             budget: crate::scripts::DEFAULT_BUDGET,
             pending_move: None,
             stats: Stats::default(),

@@ -39,7 +39,8 @@
 //!   that a BAR write's SCRIPTS start runs at once in that write, target
 //!   connected, instead of on the I/O worker with a disconnect and a
 //!   reselection (only while the worker is idle, so no command overtakes
-//!   another).
+//!   another, and while the disk's last command took less than
+//!   [`scsi::INLINE_LIMIT`]).
 
 pub mod chip;
 pub mod instruction;

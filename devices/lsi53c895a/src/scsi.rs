@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use block::{CommandPlan, Completion, DataDirection, ScsiDisk};
 
@@ -18,6 +19,13 @@ use crate::chip::Chip;
 use crate::instruction::phase;
 use crate::regs::*;
 use crate::worker::WorkerMsg;
+
+/// The longest a disk command may have taken for the next one to run
+/// inline in a posted write (`Chip::posted`): a page-cache hit takes well
+/// under it even in an emulated L1, a disk that takes longer is slow,
+/// and a guest read waiting behind one stays far from the VMM's
+/// `timeout-ms` (1 s by default).
+pub const INLINE_LIMIT: Duration = Duration::from_millis(10);
 
 /// Largest CDB the controller accepts.
 pub const MAX_CDB: usize = 16;
@@ -368,14 +376,23 @@ impl Chip {
     /// medium access does: the guest is spared a wakeup of the worker, the
     /// disconnect and the reselection, which cost a remote more than the
     /// command itself (docs/benchmarks.md). Only with the worker idle, so
-    /// a command never overtakes one handed over before.
+    /// a command never overtakes one handed over before; and only while
+    /// the disk's last command took less than [`INLINE_LIMIT`]: a slow
+    /// disk's commands go to the worker, so a guest read that follows a
+    /// posted write never waits long behind it (docs/security.md), and
+    /// the first fast one brings them back.
     fn dispatch_current(&mut self, disk: &Arc<ScsiDisk>) {
         let Some(mut req) = self.bus.current.take() else {
             return;
         };
-        if self.posted && self.worker.as_ref().is_some_and(|w| w.idle()) {
+        if self.posted
+            && self.last_execute < INLINE_LIMIT
+            && self.worker.as_ref().is_some_and(|w| w.idle())
+        {
             let data_out = std::mem::take(&mut req.data);
+            let t = Instant::now();
             let c = disk.execute(req.lun, &req.cdb, &data_out);
+            self.last_execute = t.elapsed();
             self.stats.commands_inline += 1;
             self.finish_inline(req, c);
             return;

@@ -81,8 +81,11 @@ pub fn run(chip: Arc<Mutex<Chip>>, rx: Receiver<WorkerMsg>, pending: Arc<Pending
                 cdb,
                 data_out,
             } => {
+                let t = std::time::Instant::now();
                 let completion = disk.execute(lun, &cdb, &data_out);
+                let took = t.elapsed();
                 let mut c = chip.lock().unwrap_or_else(|e| e.into_inner());
+                c.last_execute = took;
                 c.complete_request(seq, completion);
                 c.kick();
                 // ISTAT is mirrored (Device::mirrored_reads): a change

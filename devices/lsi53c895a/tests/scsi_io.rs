@@ -300,3 +300,26 @@ fn a_posted_access_runs_reads_and_writes_at_once_without_disconnecting() {
         assert_eq!(stat(&mut tb, "commands-inline"), 2);
     });
 }
+
+#[test]
+fn a_slow_disk_sends_posted_commands_back_to_the_worker() {
+    let img = Image::new(2048);
+    // Every read and write of this disk takes 20 ms.
+    let s = format!(
+        "[[drive]]\nfile = {:?}\nscsi-id = 0\ndelay-us = 20000\n",
+        img.path
+    );
+    let mut tb = linked(&s);
+    // The first command runs inline (nothing said the disk was slow)...
+    let st = posted_tagged_command(&mut tb, &[0x28, 0, 0, 0, 0, 1, 0, 0, 8, 0], true, 4096, 1);
+    assert_eq!(st, 0);
+    assert_eq!(stat(&mut tb, "commands-inline"), 1);
+    // ... and took 20 ms, so the next one goes to the worker, with a
+    // disconnect and a reselection, although its write is posted.
+    tb.set_posted_writes(true).unwrap();
+    let st = tagged_command(&mut tb, &[0x28, 0, 0, 0, 0, 9, 0, 0, 8, 0], true, 4096, 2);
+    tb.set_posted_writes(false).unwrap();
+    assert_eq!(st, 0);
+    assert_eq!(stat(&mut tb, "commands-inline"), 1);
+    assert_eq!(tb.ram().read_vec(BUF, 4096), &img.read()[9 * 512..17 * 512]);
+}
