@@ -357,6 +357,16 @@ run read-64k-qd4 par4
 /// A variant, its whole run time, and its timed jobs.
 type BenchRow = (Variant, f64, Vec<(String, f64)>);
 
+/// Prints a `RESULT LABEL FAIL` line for a guest that did not end its job
+/// well (its status and output, or the error), then its device log.
+fn print_failure(dir: &Path, v: Variant, label: &str, r: &Result<JobResult>) {
+    match r {
+        Ok(r) => println!("RESULT {label} FAIL status {}:\n{}", r.status, r.output),
+        Err(e) => println!("RESULT {label} FAIL: {e:#}"),
+    }
+    print_device_log(dir, v);
+}
+
 fn print_device_log(dir: &Path, v: Variant) {
     let log = fs::read_to_string(dir.join(format!("{}-device.log", v.name()))).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(30).collect();
@@ -440,20 +450,9 @@ fn run() -> Result<ExitCode> {
                     println!("RESULT {} ok ({secs:.1} s)", v.name());
                 }
             }
-            Ok(r) => {
+            failure => {
                 failed += 1;
-                println!(
-                    "RESULT {} FAIL status {}:\n{}",
-                    v.name(),
-                    r.status,
-                    r.output
-                );
-                print_device_log(&dir, v);
-            }
-            Err(e) => {
-                failed += 1;
-                println!("RESULT {} FAIL: {e:#}", v.name());
-                print_device_log(&dir, v);
+                print_failure(&dir, v, v.name(), &failure);
             }
         }
     }
@@ -958,20 +957,10 @@ fn wide(env: &Env) -> Result<ExitCode> {
                     c.times.push(parse_times(&r.output));
                     c.cpu.push(cpu);
                 }
-                Ok((r, _)) => {
+                failure => {
                     failed += 1;
-                    println!(
-                        "RESULT {} round {round} FAIL status {}:\n{}",
-                        v.name(),
-                        r.status,
-                        r.output
-                    );
-                    print_device_log(&dir, v);
-                }
-                Err(e) => {
-                    failed += 1;
-                    println!("RESULT {} round {round} FAIL: {e:#}", v.name());
-                    print_device_log(&dir, v);
+                    let label = format!("{} round {round}", v.name());
+                    print_failure(&dir, v, &label, &failure.map(|(r, _)| r));
                 }
             }
         }

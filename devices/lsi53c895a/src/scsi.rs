@@ -27,6 +27,19 @@ use crate::worker::WorkerMsg;
 /// `timeout-ms` (1 s by default).
 pub const INLINE_LIMIT: Duration = Duration::from_millis(10);
 
+/// Runs a disk command and says how long it took (for [`INLINE_LIMIT`]),
+/// on the worker or inline.
+pub(crate) fn timed_execute(
+    disk: &ScsiDisk,
+    lun: u8,
+    cdb: &[u8],
+    data_out: &[u8],
+) -> (Completion, Duration) {
+    let t = Instant::now();
+    let c = disk.execute(lun, cdb, data_out);
+    (c, t.elapsed())
+}
+
 /// Largest CDB the controller accepts.
 pub const MAX_CDB: usize = 16;
 /// Largest data transfer of one command.
@@ -390,9 +403,8 @@ impl Chip {
             && self.worker.as_ref().is_some_and(|w| w.idle())
         {
             let data_out = std::mem::take(&mut req.data);
-            let t = Instant::now();
-            let c = disk.execute(req.lun, &req.cdb, &data_out);
-            self.last_execute = t.elapsed();
+            let (c, took) = timed_execute(disk, req.lun, &req.cdb, &data_out);
+            self.last_execute = took;
             self.stats.commands_inline += 1;
             self.finish_inline(req, c);
             return;

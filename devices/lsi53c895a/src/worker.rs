@@ -81,9 +81,7 @@ pub fn run(chip: Arc<Mutex<Chip>>, rx: Receiver<WorkerMsg>, pending: Arc<Pending
                 cdb,
                 data_out,
             } => {
-                let t = std::time::Instant::now();
-                let completion = disk.execute(lun, &cdb, &data_out);
-                let took = t.elapsed();
+                let (completion, took) = crate::scsi::timed_execute(&disk, lun, &cdb, &data_out);
                 let mut c = chip.lock().unwrap_or_else(|e| e.into_inner());
                 c.last_execute = took;
                 c.complete_request(seq, completion);

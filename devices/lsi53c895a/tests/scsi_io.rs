@@ -48,12 +48,7 @@ fn immediate_command(tb: &mut TestBench, cdb: &[u8], data_in: u32) -> u8 {
 /// A tagged command with disconnect and reselection (READ/WRITE), the way
 /// sym53c8xx runs them. `data_out` is sent in the DATA OUT phase.
 fn tagged_command(tb: &mut TestBench, cdb: &[u8], dir_in: bool, len: u32, tag: u8) -> u8 {
-    tb.ram().write_all(MSGS, &[0xc0, 0x20, tag]);
-    tb.ram().write_all(CDB, cdb);
-    let mut a = Asm::new();
-    a.select_atn(0, 0)
-        .mov(MSG_OUT, 3, MSGS)
-        .mov(COMMAND, cdb.len() as u32, CDB);
+    let mut a = tagged_start(tb, cdb, tag);
     if !dir_in {
         a.mov(DATA_OUT, len, BUF);
     }
@@ -79,6 +74,18 @@ fn tagged_command(tb: &mut TestBench, cdb: &[u8], dir_in: bool, len: u32, tag: u
     );
     assert_eq!(tb.r8(SSID), 0x80, "reselected by target 0");
     tb.ram().read_vec(STAT, 1)[0]
+}
+
+/// The messages and CDB of a tagged command in guest RAM, and the script
+/// up to its COMMAND phase: selection with ATN, IDENTIFY + SIMPLE TAG.
+fn tagged_start(tb: &mut TestBench, cdb: &[u8], tag: u8) -> Asm {
+    tb.ram().write_all(MSGS, &[0xc0, 0x20, tag]);
+    tb.ram().write_all(CDB, cdb);
+    let mut a = Asm::new();
+    a.select_atn(0, 0)
+        .mov(MSG_OUT, 3, MSGS)
+        .mov(COMMAND, cdb.len() as u32, CDB);
+    a
 }
 
 fn both_ways(f: impl Fn(TestBench, &Image)) {
@@ -236,12 +243,7 @@ fn absent_target_and_second_disk() {
 /// DSP write (a remote's access ring), so the controller may run the
 /// command inside the write (`control::POSTED_WRITES`).
 fn posted_tagged_command(tb: &mut TestBench, cdb: &[u8], dir_in: bool, len: u32, tag: u8) -> u8 {
-    tb.ram().write_all(MSGS, &[0xc0, 0x20, tag]);
-    tb.ram().write_all(CDB, cdb);
-    let mut a = Asm::new();
-    a.select_atn(0, 0)
-        .mov(MSG_OUT, 3, MSGS)
-        .mov(COMMAND, cdb.len() as u32, CDB);
+    let mut a = tagged_start(tb, cdb, tag);
     if dir_in {
         a.mov(DATA_IN, len, BUF);
     } else {
