@@ -262,7 +262,11 @@ impl GuestRam {
         write: bool,
         mut f: impl FnMut(&MappedRegion, usize, usize, usize) -> Result<(), String>,
     ) -> Result<(), String> {
-        let regions = self.regions();
+        // The read guard, not a copy of the list: this runs for every
+        // descriptor, header and buffer a device touches, and a copy was
+        // an allocation and an atomic per region each time. A map or
+        // unmap waits for the copy in progress (bounded by `len`).
+        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
         let mut done = 0usize;
         while done < len {
             let addr = gpa

@@ -11,7 +11,9 @@
 //!   to the VMM and takes the access ring);
 //! - `host-inproc`: our VMM with the plugin in-process;
 //! - `host-noevidx`: `host-remote` with `event-idx = false` (the driver
-//!   notifies every request, the device interrupts once per pass).
+//!   notifies every request, the device interrupts once per pass);
+//! - `host-1io`: `host-remote` with `io-threads = 1` (a batch of requests
+//!   runs on the serving thread alone).
 //!
 //! Each runs timed direct `dd` jobs: 4 KiB and 64 KiB at queue depth 1,
 //! and 4 KiB with 32 `dd`s at once (queue depth up to 32). The table gives
@@ -48,16 +50,18 @@ enum Variant {
     HostNoDoorbells,
     HostInProcess,
     HostNoEventIdx,
+    HostOneIoThread,
 }
 
 impl Variant {
-    const ALL: [Variant; 6] = [
+    const ALL: [Variant; 7] = [
         Variant::QemuVirtio,
         Variant::QemuVhost,
         Variant::HostRemote,
         Variant::HostNoDoorbells,
         Variant::HostInProcess,
         Variant::HostNoEventIdx,
+        Variant::HostOneIoThread,
     ];
 
     fn name(self) -> &'static str {
@@ -68,6 +72,7 @@ impl Variant {
             Variant::HostNoDoorbells => "host-nodoor",
             Variant::HostInProcess => "host-inproc",
             Variant::HostNoEventIdx => "host-noevidx",
+            Variant::HostOneIoThread => "host-1io",
         }
     }
 }
@@ -202,10 +207,11 @@ fn host_config(env: &Env, v: Variant, dir: &Path, image: &Path, initrd: &Path) -
     };
     let doorbells = v != Variant::HostNoDoorbells;
     let event_idx = v != Variant::HostNoEventIdx;
+    let io_threads = if v == Variant::HostOneIoThread { 1 } else { 2 };
     format!(
         "[vm]\nmemory = \"512M\"\nvcpus = 2\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet\"\nconsole-log = \"{}\"\n\n\
          [[remote]]\nid = \"storage\"\ntimeout-ms = 30000\ndoorbells = {doorbells}\nlog = \"{}\"\n\n\
-         [[device]]\nid = \"vd0\"\n{placement}\nplugin = \"virtio-blk\"\nslot = 5\nfile = \"{}\"\nqueues = 2\nevent-idx = {event_idx}\n",
+         [[device]]\nid = \"vd0\"\n{placement}\nplugin = \"virtio-blk\"\nslot = 5\nfile = \"{}\"\nqueues = 2\nevent-idx = {event_idx}\nio-threads = {io_threads}\n",
         env.kernel.display(),
         initrd.display(),
         dir.join(format!("{}-console.log", v.name())).display(),
