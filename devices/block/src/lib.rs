@@ -22,7 +22,7 @@ pub mod raw_file;
 pub mod sense;
 
 pub use backend::Backend;
-pub use cdb::{cdb_length, may_block, Command};
+pub use cdb::{cdb_length, may_block, plain_transfer, Command};
 pub use config::DriveConfig;
 pub use disk::{
     status, CommandPlan, Completion, DataDirection, ScsiDisk, MAX_TRANSFER_BYTES,

@@ -27,6 +27,13 @@ use crate::worker::WorkerMsg;
 /// `timeout-ms` (1 s by default).
 pub const INLINE_LIMIT: Duration = Duration::from_millis(10);
 
+/// The largest transfer a posted write may run inline: a plain READ or
+/// WRITE of at most this many bytes ([`block::plain_transfer`]). A cache
+/// flush, an unmap, a WRITE SAME or VERIFY over the whole disk, or a
+/// large transfer takes as long as the disk wants, whatever the last
+/// command took, and goes to the worker.
+pub const INLINE_MAX_BYTES: usize = 256 * 1024;
+
 /// Runs a disk command and says how long it took (for [`INLINE_LIMIT`]),
 /// on the worker or inline.
 pub(crate) fn timed_execute(
@@ -390,7 +397,8 @@ impl Chip {
     /// disconnect and the reselection, which cost a remote more than the
     /// command itself (docs/benchmarks.md). Only with the worker idle, so
     /// a command never overtakes one handed over before; and only while
-    /// the disk's last command took less than [`INLINE_LIMIT`]: a slow
+    /// the disk's last command took less than [`INLINE_LIMIT`], and only
+    /// for a plain READ or WRITE of at most [`INLINE_MAX_BYTES`]: a slow
     /// disk's commands go to the worker, so a guest read that follows a
     /// posted write never waits long behind it (docs/security.md), and
     /// the first fast one brings them back.
@@ -400,6 +408,8 @@ impl Chip {
         };
         if self.posted
             && self.last_execute < INLINE_LIMIT
+            && block::plain_transfer(req.cdb.first().copied().unwrap_or(0))
+            && req.len <= INLINE_MAX_BYTES
             && self.worker.as_ref().is_some_and(|w| w.idle())
         {
             let data_out = std::mem::take(&mut req.data);

@@ -49,7 +49,7 @@ fn immediate_command(tb: &mut TestBench, cdb: &[u8], data_in: u32) -> u8 {
 /// sym53c8xx runs them. `data_out` is sent in the DATA OUT phase.
 fn tagged_command(tb: &mut TestBench, cdb: &[u8], dir_in: bool, len: u32, tag: u8) -> u8 {
     let mut a = tagged_start(tb, cdb, tag);
-    if !dir_in {
+    if !dir_in && len > 0 {
         a.mov(DATA_OUT, len, BUF);
     }
     a.mov(MSG_IN, 1, MSGS + 0x10) // SAVE DATA POINTER
@@ -58,7 +58,7 @@ fn tagged_command(tb: &mut TestBench, cdb: &[u8], dir_in: bool, len: u32, tag: u
         .wait_reselect(0)
         .mov(MSG_IN, 1, MSGS + 0x12) // IDENTIFY
         .mov(MSG_IN, 2, MSGS + 0x13); // SIMPLE TAG, tag
-    if dir_in {
+    if dir_in && len > 0 {
         a.mov(DATA_IN, len, BUF);
     }
     a.mov(STATUS, 1, STAT)
@@ -324,4 +324,34 @@ fn a_slow_disk_sends_posted_commands_back_to_the_worker() {
     assert_eq!(st, 0);
     assert_eq!(stat(&mut tb, "commands-inline"), 1);
     assert_eq!(tb.ram().read_vec(BUF, 4096), &img.read()[9 * 512..17 * 512]);
+}
+
+/// A cache flush, or a transfer past `INLINE_MAX_BYTES`, takes what the
+/// disk wants whatever the last command took: in a posted write it still
+/// goes to the worker (disconnect, reselection), so a guest read that
+/// follows never waits behind it on the ring thread.
+#[test]
+fn a_posted_flush_or_long_transfer_goes_to_the_worker() {
+    let img = Image::new(2048);
+    let mut tb = linked(&settings_for(&[(&img, 0)]));
+    // A short read first, so the disk counts as fast.
+    let st = posted_tagged_command(&mut tb, &[0x28, 0, 0, 0, 0, 1, 0, 0, 8, 0], true, 4096, 1);
+    assert_eq!(st, 0);
+    assert_eq!(stat(&mut tb, "commands-inline"), 1);
+    tb.set_posted_writes(true).unwrap();
+    // SYNCHRONIZE CACHE(10): no data.
+    let st = tagged_command(&mut tb, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], true, 0, 2);
+    assert_eq!(st, 0, "GOOD");
+    // READ(10) of 520 blocks (260 KiB).
+    let st = tagged_command(
+        &mut tb,
+        &[0x28, 0, 0, 0, 0, 0, 0, 0x02, 0x08, 0],
+        true,
+        520 * 512,
+        3,
+    );
+    tb.set_posted_writes(false).unwrap();
+    assert_eq!(st, 0, "GOOD");
+    assert_eq!(stat(&mut tb, "commands-inline"), 1);
+    assert_eq!(tb.ram().read_vec(BUF, 520 * 512), &img.read()[..520 * 512]);
 }

@@ -100,6 +100,18 @@ pub fn may_block(opcode: u8) -> bool {
     )
 }
 
+/// True for a plain READ or WRITE (6, 10, 12, 16): the commands whose
+/// time follows their length, which a controller may run at once when
+/// they are short (the LSI in a posted write). Not flushes, verifies,
+/// WRITE SAME or UNMAP, whose time the disk decides.
+pub fn plain_transfer(opcode: u8) -> bool {
+    use opcode::*;
+    matches!(
+        opcode,
+        READ_6 | READ_10 | READ_12 | READ_16 | WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16
+    )
+}
+
 /// A parsed command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
