@@ -23,6 +23,48 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// Interrupts between CPUs so far, summed over the CPUs (/proc/interrupts):
+/// rescheduling, function calls and TLB shootdowns. Inside L1 each one
+/// that reaches a CPU running a guest forces a world switch, the moment
+/// the emulated SVM mishandles (docs/testenv.md); a benchmark prints them
+/// per guest to compare VMMs by how often they cause them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ipis {
+    pub resched: u64,
+    pub call: u64,
+    pub tlb: u64,
+}
+
+impl Ipis {
+    pub fn now() -> Ipis {
+        let text = fs::read_to_string("/proc/interrupts").unwrap_or_default();
+        let mut ipis = Ipis::default();
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let Some(name) = words.next() else { continue };
+            let sum: u64 = words.map_while(|w| w.parse::<u64>().ok()).sum();
+            match name {
+                "RES:" => ipis.resched = sum,
+                "CAL:" => ipis.call = sum,
+                "TLB:" => ipis.tlb = sum,
+                _ => {}
+            }
+        }
+        ipis
+    }
+
+    /// What happened since `before`, as a line per second of `secs`.
+    pub fn since(self, before: Ipis, secs: f64) -> String {
+        let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs.max(0.001);
+        format!(
+            "resched {:.0}/s, call {:.0}/s, tlb {:.0}/s",
+            per(self.resched, before.resched),
+            per(self.call, before.call),
+            per(self.tlb, before.tlb)
+        )
+    }
+}
+
 /// The processes named `comm` whose parent is `parent`.
 pub fn children_named(parent: u32, comm: &str) -> Vec<u32> {
     let Ok(dir) = fs::read_dir("/proc") else {

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use system_tests::bench::{
     children_named, cpu_seconds, parse_times, remotes_of, shared_ram_args, sibling_bin,
-    timed_job_prologue, Reaped,
+    timed_job_prologue, Ipis, Reaped,
 };
 use system_tests::{make_lsi_image, VIRTIO_BLK_MODULES};
 use testenv::{Env, InitramfsSpec, JobResult, QemuKind, RunOptions};
@@ -162,20 +162,27 @@ impl CpuWatch {
         let thread = std::thread::spawn(move || {
             let cpu = |pids: &[u32]| pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
             let mut begin: Option<(Instant, Vec<u32>, f64)> = None;
+            // The last sample while the section ran: a process that ends
+            // right after the guest's BENCH-END (QEMU powers off at once)
+            // reads 0 from /proc, and its CPU is then this sample, at
+            // most one poll old, not a negative difference.
+            let mut last = 0.0f64;
             while !s.load(Ordering::Relaxed) {
                 let text = fs::read_to_string(&console).unwrap_or_default();
                 match &begin {
                     None if text.contains("BENCH-BEGIN") => {
                         let p = pids();
                         let c = cpu(&p);
+                        last = c;
                         begin = Some((Instant::now(), p, c));
                     }
                     Some((t0, p, c0)) if text.contains("BENCH-END") => {
-                        let c1 = cpu(p);
+                        let c1 = cpu(p).max(last);
                         *r.lock().unwrap_or_else(|e| e.into_inner()) =
                             Some((t0.elapsed().as_secs_f64(), c1 - c0));
                         return;
                     }
+                    Some((_, p, _)) => last = last.max(cpu(p)),
                     _ => {}
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -463,11 +470,17 @@ fn run() -> Result<ExitCode> {
             let image = dir.join(format!("{}.img", v.name()));
             make_lsi_image(&image);
             let t0 = Instant::now();
+            let ipis = Ipis::now();
             let r = match v {
                 Variant::QemuVirtio | Variant::QemuVhost => run_qemu(&env, v, &image, &dir),
                 _ => run_host(&env, v, &image, &dir),
             };
             let secs = t0.elapsed().as_secs_f64();
+            println!(
+                "IPIS {round} {}: {}",
+                v.name(),
+                Ipis::now().since(ipis, secs)
+            );
             match r {
                 Ok((r, cpu)) if r.status == 0 => {
                     println!("RESULT {} ok ({secs:.1} s)", v.name());
