@@ -211,7 +211,7 @@ struct Shared {
 /// What the `stats` control operation reports.
 #[derive(Default)]
 struct Stats {
-    /// Requests completed.
+    /// Requests taken from the queues.
     requests: AtomicU64,
     /// Of those, the ones a helper thread ran.
     on_helpers: AtomicU64,

@@ -115,6 +115,16 @@ fn layout(tb: &mut TestBench) -> Layout {
     }
 }
 
+/// A split-ring descriptor (§2.7.5) as the driver writes it.
+fn desc_bytes(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    d
+}
+
 /// A driver of one queue.
 struct Driver {
     base: u64,
@@ -194,13 +204,9 @@ impl Driver {
     /// [`submit`](Self::submit) without the notification.
     fn make_available(&mut self, tb: &mut TestBench, bufs: &[(u64, u32, bool)]) {
         for (i, &(addr, len, w)) in bufs.iter().enumerate() {
-            let mut d = [0u8; 16];
-            d[0..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&len.to_le_bytes());
             let next = i + 1 < bufs.len();
             let flags: u16 = u16::from(next) | if w { 2 } else { 0 };
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
+            let d = desc_bytes(addr, len, flags, (i + 1) as u16);
             tb.ram().write_all(DESC + 16 * i as u64, &d);
         }
         let slot = u64::from(self.avail_idx % QSIZE);
@@ -492,11 +498,7 @@ fn a_crash_in_the_middle_of_io_neither_repeats_nor_loses_a_request(mut tb: TestB
         .into_iter()
         .enumerate()
     {
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&(5 + i as u16).to_le_bytes());
+        let raw = desc_bytes(addr, len, flags, 5 + i as u16);
         tb.ram().write_all(DESC + 16 * (4 + i as u64), &raw);
     }
     let slot = u64::from(d.avail_idx % QSIZE);
@@ -652,12 +654,7 @@ fn a_second_queue_serves_its_own_ring() {
         .into_iter()
         .enumerate()
     {
-        let mut e = [0u8; 16];
-        e[0..8].copy_from_slice(&addr.to_le_bytes());
-        e[8..12].copy_from_slice(&len.to_le_bytes());
-        e[12..14].copy_from_slice(&flags.to_le_bytes());
-        e[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
-        chain.extend_from_slice(&e);
+        chain.extend_from_slice(&desc_bytes(addr, len, flags, (i + 1) as u16));
     }
     tb.ram().write_all(desc, &chain);
     tb.ram().write_all(avail + 4, &0u16.to_le_bytes());
@@ -768,12 +765,8 @@ fn a_batch_runs_on_several_threads_and_completes_in_order() {
     let (d, _) = Driver::init(&mut tb, VERSION_1);
     const N: u64 = 5;
     let put_desc = |tb: &mut TestBench, i: u64, addr: u64, len: u32, flags: u16| {
-        let mut e = [0u8; 16];
-        e[0..8].copy_from_slice(&addr.to_le_bytes());
-        e[8..12].copy_from_slice(&len.to_le_bytes());
-        e[12..14].copy_from_slice(&flags.to_le_bytes());
-        e[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
-        tb.ram().write_all(DESC + 16 * i, &e);
+        tb.ram()
+            .write_all(DESC + 16 * i, &desc_bytes(addr, len, flags, (i + 1) as u16));
     };
     for k in 0..N {
         // Request k writes 4 KiB of pattern k at sector 8k (chain 3k..3k+2).
