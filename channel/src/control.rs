@@ -65,26 +65,18 @@ pub enum ControlError {
 
 /// Bytes as lowercase hex (device states on the control channel).
 pub fn encode_hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    hex::encode(bytes)
 }
 
 /// The bytes of [`encode_hex`]'s text; a message names what is wrong.
 pub fn decode_hex(s: &str) -> Result<Vec<u8>, String> {
-    if s.len() % 2 != 0 {
-        return Err("state: an odd number of hex digits".into());
-    }
-    (0..s.len() / 2)
-        .map(|i| {
-            s.get(2 * i..2 * i + 2)
-                .and_then(|d| u8::from_str_radix(d, 16).ok())
-                .ok_or_else(|| format!("state: not hex at byte {i}"))
-        })
-        .collect()
+    hex::decode(s).map_err(|e| match e {
+        hex::FromHexError::OddLength => "state: an odd number of hex digits".into(),
+        hex::FromHexError::InvalidHexCharacter { index, .. } => {
+            format!("state: not hex at byte {}", index / 2)
+        }
+        other => format!("state: {other}"),
+    })
 }
 
 /// One line read from the socket.
@@ -100,7 +92,15 @@ struct LineReader {
     partial: Vec<u8>,
     /// The current line went over [`MAX_LINE`]: skip to its newline.
     overflow: bool,
+    /// Where peeked bytes land, kept between lines.
+    chunk: Vec<u8>,
 }
+
+/// The least a peek looks at. A peek copies what it looks at, and a
+/// socket may hold many short lines: looking at all of it for each line
+/// made reading a burst of lines quadratic. A long line's peeks grow
+/// with it, so a state blob of a few MiB still takes a few dozen.
+const PEEK_MIN: usize = 1024;
 
 /// Peeks at what the socket holds, without consuming it.
 fn peek(sock: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
@@ -136,8 +136,23 @@ impl LineReader {
         deadline: Option<Instant>,
         timeout: Duration,
     ) -> Result<Line, FramingError> {
-        let mut chunk = vec![0u8; 16 * 1024];
+        let mut chunk = std::mem::take(&mut self.chunk);
+        let r = self.read_into(&mut chunk, framed, fds, deadline, timeout);
+        self.chunk = chunk;
+        r
+    }
+
+    fn read_into(
+        &mut self,
+        chunk: &mut Vec<u8>,
+        framed: &Framed,
+        fds: &mut Vec<OwnedFd>,
+        deadline: Option<Instant>,
+        timeout: Duration,
+    ) -> Result<Line, FramingError> {
         loop {
+            let want = self.partial.len().clamp(PEEK_MIN, MAX_LINE);
+            chunk.resize(want, 0);
             let wait = match deadline {
                 None => None,
                 Some(d) => {
@@ -151,7 +166,7 @@ impl LineReader {
             if !framed.wait_readable(wait)? {
                 return Err(FramingError::Timeout(timeout));
             }
-            let n = match peek(framed.socket(), &mut chunk) {
+            let n = match peek(framed.socket(), chunk) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {

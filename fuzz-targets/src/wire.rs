@@ -8,6 +8,7 @@ use std::io::Read;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use channel::Framed;
@@ -87,10 +88,25 @@ pub(crate) fn make_fd(kind: FdKind) -> OwnedFd {
                 OwnedFd::from_raw_fd(fd)
             }
         }
-        FdKind::Socket => match UnixStream::pair() {
-            Ok((a, _b)) => OwnedFd::from(a),
-            Err(e) => panic!("socketpair: {e}"),
-        },
+        FdKind::Socket => dead_socket(),
+    }
+}
+
+/// A UNIX socket whose peer has hung up. Every one is a copy (`dup`) of
+/// the same socket: its peer gone, nothing a target does to it (read:
+/// end of stream; write: a broken pipe) changes what the next input
+/// sees, and a new socket pair per fd was most of the time of inputs
+/// that attach many (creating and freeing a socket's inode costs tens
+/// of microseconds).
+fn dead_socket() -> OwnedFd {
+    static SOCKET: OnceLock<UnixStream> = OnceLock::new();
+    let s = SOCKET.get_or_init(|| match UnixStream::pair() {
+        Ok((a, _b)) => a,
+        Err(e) => panic!("socketpair: {e}"),
+    });
+    match s.as_fd().try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => panic!("dup: {e}"),
     }
 }
 

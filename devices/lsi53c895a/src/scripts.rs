@@ -14,7 +14,14 @@ use crate::worker::WorkerMsg;
 /// Work units per run before pausing: one per instruction, and one per
 /// [`BYTES_PER_UNIT`] bytes a memory move copies (so at most about 2.5 MiB
 /// of copying per run).
+#[cfg(not(fuzzing))]
 pub const DEFAULT_BUDGET: u32 = 10_000;
+/// Under the fuzzer (`scripts/fuzz` builds with `--cfg fuzzing`), a
+/// twentieth: an input that loops its SCRIPTS otherwise spends its time
+/// running them, 10 000 instructions per access, the same paths each
+/// time (the budget's own edges, pause and resume, are reached sooner).
+#[cfg(fuzzing)]
+pub const DEFAULT_BUDGET: u32 = 500;
 /// Bytes of memory move that cost one work unit.
 pub const BYTES_PER_UNIT: u32 = 256;
 /// The most a memory move copies in one step.

@@ -101,12 +101,7 @@ struct RequestBlob {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    hex::encode(bytes)
 }
 
 fn unhex(what: &str, s: &str, max: usize) -> Result<Vec<u8>, String> {
@@ -117,13 +112,12 @@ fn unhex(what: &str, s: &str, max: usize) -> Result<Vec<u8>, String> {
             max
         ));
     }
-    (0..s.len() / 2)
-        .map(|i| {
-            s.get(2 * i..2 * i + 2)
-                .and_then(|d| u8::from_str_radix(d, 16).ok())
-                .ok_or_else(|| format!("{what}: not hex at byte {i}"))
-        })
-        .collect()
+    hex::decode(s).map_err(|e| match e {
+        hex::FromHexError::InvalidHexCharacter { index, .. } => {
+            format!("{what}: not hex at byte {}", index / 2)
+        }
+        other => format!("{what}: {other}"),
+    })
 }
 
 fn exact(what: &str, s: &str, len: usize) -> Result<Vec<u8>, String> {
