@@ -46,6 +46,7 @@ async def main():
     pid = st["pid"]
     r["recovery-ms"] = []
     r["state-kept"] = []
+    r["state-resumed"] = []
     rng = random.Random(1234)
     for i in range(kills):
         # 1-3 s apart, as issue 13's chaos test asks.
@@ -54,6 +55,7 @@ async def main():
         e = await ev.wait("REMOTE_RESTARTED", id="svc", timeout=60)
         r["recovery-ms"].append(e["data"].get("recovery-ms"))
         r["state-kept"].append(e["data"].get("state-kept"))
+        r["state-resumed"].append(e["data"].get("state-resumed"))
         pid = await running_pid(qmp, pid)
         save()
     # A plugin panic (host_virtio_chaos writes `chaos-panic`, the device
@@ -87,6 +89,7 @@ async def main():
     r["hang"] = {"silent-ms": hung["data"].get("silent-ms"),
                  "recovery-ms": e["data"].get("recovery-ms")}
     r["state-kept"].append(e["data"].get("state-kept"))
+    r["state-resumed"].append(e["data"].get("state-resumed"))
     new_pid = await running_pid(qmp, pid)
     # The stopped process is killed and reaped by the VMM (bounded wait).
     for _ in range(100):

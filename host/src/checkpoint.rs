@@ -12,7 +12,11 @@
 //! its worker completed) is redone by the restored device, as its
 //! `restore_state` promises (the LSI runs reads again and answers writes
 //! with BUSY; dma-example copies again). A device the guest touched after
-//! its last save comes back reset.
+//! its last save is offered that save as stale (`Checkpoints::stale`,
+//! `control::RESUME_AFTER_LOSS`): one that can say its guest's work since
+//! was lost comes back from it (the LSI, as its driver set it up, with a
+//! reset of its SCSI bus that makes the driver issue its commands again);
+//! any other comes back reset.
 //!
 //! Doorbells do not count for a device whose saved state outlives them
 //! (`Device::state_outlives_doorbells`, said in `device-doorbells`): its
@@ -141,6 +145,19 @@ impl Checkpoints {
         }
     }
 
+    /// Device `id`'s last saved state when the guest has reached the
+    /// device since it was saved: a device can come back from it only by
+    /// saying its guest's work since was lost
+    /// (`control::RESUME_AFTER_LOSS`).
+    pub fn stale(&self, id: &str) -> Option<Vec<u8>> {
+        let devices = lock(&self.devices);
+        let e = devices.get(id)?;
+        match &e.saved {
+            Some((at, state)) if *at != e.activity.load() => Some(state.clone()),
+            _ => None,
+        }
+    }
+
     /// The devices with a current saved state.
     pub fn current_ids(&self) -> Vec<String> {
         let devices = lock(&self.devices);
@@ -177,9 +194,11 @@ mod tests {
         cp.record("d", 0, Some(vec![1]));
         assert_eq!(cp.current("d"), Some(vec![1]));
         assert!(cp.due().is_empty(), "saved at this count already");
+        assert_eq!(cp.stale("d"), None);
         // The guest reaches the device: the save is stale at once.
         a.fetch_add(1, Ordering::AcqRel);
         assert_eq!(cp.current("d"), None);
+        assert_eq!(cp.stale("d"), Some(vec![1]));
         assert!(cp.due().is_empty(), "active during this period");
         assert_eq!(cp.due(), [("d".to_string(), 1)]);
         // A save the guest overtook is dropped.

@@ -143,6 +143,45 @@ pub struct PostedWrites {
     pub on: bool,
 }
 
+/// A request from the host, sent as a control operation with
+/// [`ResumeAfterLoss`] to a device just made in a new process after its
+/// old process died (or hung and was killed): take `state`, a state the
+/// device saved earlier, knowing that the guest has used the device since
+/// and that whatever work it started since is lost (its accesses, and
+/// what they set going, died with the process). The device comes back
+/// from `state` in a way its guest driver recovers from by itself,
+/// without an error its users see: a SCSI controller reports a reset of
+/// its bus, after which the driver issues its outstanding commands again.
+///
+/// A host sends it only when it has no current save (one the guest has
+/// not moved past), and only to a device still as it was made; a device
+/// that does not know the operation refuses it and stays so, and the host
+/// says it came back reset. An extension without an ABI change, as
+/// [`POSTED_WRITES`] is.
+pub const RESUME_AFTER_LOSS: &str = "resume-after-loss";
+
+/// The arguments of [`RESUME_AFTER_LOSS`].
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeAfterLoss {
+    /// The saved state, as lowercase hex text.
+    pub state: String,
+}
+
+impl ResumeAfterLoss {
+    /// The arguments carrying `state`.
+    pub fn new(state: &[u8]) -> Self {
+        ResumeAfterLoss {
+            state: hex::encode(state),
+        }
+    }
+
+    /// The state's bytes; an error names what is wrong with the text.
+    pub fn state(&self) -> Result<Vec<u8>, String> {
+        hex::decode(&self.state).map_err(|e| format!("{RESUME_AFTER_LOSS}: state: {e}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +192,18 @@ mod tests {
         scsi_id: u8,
         #[serde(default)]
         size: Option<u64>,
+    }
+
+    #[test]
+    fn a_resume_carries_the_state_as_hex_and_names_bad_text() {
+        let a = ResumeAfterLoss::new(&[0, 0xab, 7]);
+        let v = serde_json::to_value(&a).unwrap();
+        assert_eq!(v, json!({"state": "00ab07"}));
+        let back: ResumeAfterLoss = args(RESUME_AFTER_LOSS, &v).unwrap();
+        assert_eq!(back.state(), Ok(vec![0, 0xab, 7]));
+        let bad = ResumeAfterLoss { state: "0g".into() };
+        let e = bad.state().unwrap_err();
+        assert!(e.starts_with("resume-after-loss: state: "), "{e}");
     }
 
     #[test]

@@ -614,9 +614,40 @@ impl TestBench {
         self.restore_into_new(state)
     }
 
+    /// Simulates the device's process dying when the VMM's last save of
+    /// it is stale (the guest used the device since, and what that set
+    /// going died with the process): a new instance is made as in
+    /// [`restart_device`](Self::restart_device) and asked to come back
+    /// from `state` with [`crate::control::RESUME_AFTER_LOSS`]. Returns the
+    /// device's answer; a device without the operation refuses it and is
+    /// left as it was made (reset), as a VMM then reports.
+    pub fn crash_and_resume(&mut self, state: &[u8]) -> Result<serde_json::Value, String> {
+        let mut function = self.remake()?;
+        let args = serde_json::to_value(crate::control::ResumeAfterLoss::new(state))
+            .map_err(|e| format!("{}: {e}", crate::control::RESUME_AFTER_LOSS))?;
+        let r = function.control(crate::control::RESUME_AFTER_LOSS, &args);
+        self.function = function;
+        self.forget_mirrors();
+        self.refresh_mirrors();
+        r
+    }
+
     /// Shuts the device down and makes a new instance with the guest's
     /// configuration, restoring `state` into it.
     fn restore_into_new(&mut self, state: &[u8]) -> Result<(), String> {
+        let mut function = self.remake()?;
+        function
+            .restore_state(state)
+            .map_err(|e| format!("restore_state: {}", e.message))?;
+        self.function = function;
+        self.forget_mirrors();
+        self.refresh_mirrors();
+        Ok(())
+    }
+
+    /// Shuts the device down and makes a new instance with the guest's
+    /// configuration (BARs where it put them, command register).
+    fn remake(&mut self) -> Result<PciFunction, String> {
         // The guest's view of the configuration header: command and BARs.
         let command = self.cfg_read(regs::COMMAND, 2);
         let bars: Vec<u32> = (0..6)
@@ -635,13 +666,7 @@ impl TestBench {
             function.config_write(regs::BAR0 + 4 * i, &v.to_le_bytes());
         }
         function.config_write(regs::COMMAND, &(command as u16).to_le_bytes());
-        function
-            .restore_state(state)
-            .map_err(|e| format!("restore_state: {}", e.message))?;
-        self.function = function;
-        self.forget_mirrors();
-        self.refresh_mirrors();
-        Ok(())
+        Ok(function)
     }
 
     /// Reads every mirrored register into the bench's mirror, as a VMM's

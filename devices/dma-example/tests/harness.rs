@@ -23,6 +23,7 @@ plugin_api::plugin_tests! {
         a_restart_mid_copy_finishes_the_copy,
         reset_clears_state,
         control_sets_the_limit,
+        a_stale_save_is_refused_and_the_device_stays_as_made,
     ],
 }
 
@@ -184,6 +185,25 @@ fn reset_clears_state(mut tb: TestBench) {
     assert_eq!(tb.cfg_read(0x04, 2), 0, "command register reset");
     let base = bar0(&mut tb);
     assert_eq!(tb.mmio_read(base + REG_SCRATCH, 4), 0);
+}
+
+/// dma-example has no way back from a save its guest moved past (its
+/// copy's progress lives only in the process): a VMM's
+/// `resume-after-loss` is refused, and the new instance stays as made.
+fn a_stale_save_is_refused_and_the_device_stays_as_made(mut tb: TestBench) {
+    let base = bar0(&mut tb);
+    tb.mmio_write(base + REG_SCRATCH, 4, 9);
+    let save = tb.function().save_state().unwrap();
+    let e = tb.crash_and_resume(&save).unwrap_err();
+    assert_eq!(
+        e,
+        "this device has no control operation `resume-after-loss`"
+    );
+    assert_eq!(
+        tb.mmio_read(base + REG_SCRATCH, 4),
+        0,
+        "as made, not restored"
+    );
 }
 
 fn control_sets_the_limit(mut tb: TestBench) {

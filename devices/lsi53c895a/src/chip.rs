@@ -205,6 +205,19 @@ impl Chip {
         }
     }
 
+    /// Another initiator reset the SCSI bus: what this controller reports
+    /// when it comes back from a state its guest has moved past
+    /// (`control::RESUME_AFTER_LOSS`). The bus and its targets reset as
+    /// for a reset the driver asserts, and the chip reports it (SIST0
+    /// RST, a fatal interrupt: SCRIPTS stop, and the driver enables it).
+    /// The Linux driver then starts the chip up again and completes every
+    /// command it had outstanding with DID_RESET, which the SCSI midlayer
+    /// issues again; the RST line itself is not left asserted (SSTAT0).
+    pub(crate) fn bus_reset_detected(&mut self) {
+        self.scsi_bus_reset();
+        self.scsi_interrupt(SIST0_RST, 0);
+    }
+
     // ---- interrupts ----------------------------------------------------
 
     /// Recomputes ISTAT's DIP/SIP and the INTx level.

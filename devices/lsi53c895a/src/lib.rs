@@ -277,6 +277,23 @@ impl Lsi53c895a {
         Ok(json!({"scsi-id": a.scsi_id, "capacity": capacity(&disk)}))
     }
 
+    /// `control::RESUME_AFTER_LOSS`: the state a VMM saved while the
+    /// guest left the controller alone (registers and SCRIPTS as the
+    /// driver set them up), then a reset of the SCSI bus, as if another
+    /// initiator had reset it. The commands the driver had issued since
+    /// died with the old process, and SCRIPTS cannot be run again exactly
+    /// once against guest RAM that has moved on: the reset makes the
+    /// driver issue them again (Linux: `sym_start_up`, DID_RESET, which
+    /// the midlayer retries without an error to user space). A command
+    /// the old process had completed is then done twice, with the same
+    /// buffers: a read reads again, a write writes the same data.
+    fn resume_after_loss(&mut self, state: &[u8]) -> Result<Value, String> {
+        let mut chip = self.chip();
+        chip.restore_state(state)?;
+        chip.bus_reset_detected();
+        Ok(json!({"bus-reset": true}))
+    }
+
     /// The chip's counters: BAR accesses, SCRIPTS runs and instructions,
     /// commands, reselections, bytes memory moves copied, and the most work
     /// one run did (bounded by the SCRIPTS budget).
@@ -413,6 +430,11 @@ impl Device for Lsi53c895a {
             // Arguments ignored, as before typed arguments.
             "drive-list" => Ok(self.drive_list()),
             "stats" => Ok(self.stats()),
+            control::RESUME_AFTER_LOSS => {
+                control::call(op, args, |a: control::ResumeAfterLoss| {
+                    self.resume_after_loss(&a.state()?)
+                })
+            }
             control::POSTED_WRITES => control::call(op, args, |a: control::PostedWrites| {
                 self.posted_writes = a.on;
                 Ok(a)

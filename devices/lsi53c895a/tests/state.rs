@@ -137,3 +137,85 @@ fn hostile_or_mismatched_state_is_refused_and_changes_nothing() {
     tb.function().restore_state(&good).unwrap();
     assert_eq!(tb.r32(SCRATCHA), 0xfeed_f00d);
 }
+
+#[test]
+fn a_stale_save_comes_back_as_the_driver_set_it_up_with_a_bus_reset() {
+    both_ways(|make| {
+        let img = Image::new(64);
+        let settings = settings_for(&[(&img, 0)]);
+        let mut tb = make(&settings);
+        // The driver's set-up, as the VMM's idle save holds it: SCSI
+        // interrupts enabled as Linux enables them (MA, SGE, UDC, RST,
+        // PAR), a register of its own, SCRIPTS in the on-chip RAM.
+        tb.w8(SIEN0, 0x8f);
+        tb.w32(SCRATCHA, 0x5a5a_0001);
+        let sram = tb.bar_address(2);
+        tb.mmio_write(sram + 0x40, 4, 0xdead_beef);
+        let save = tb.function().save_state().unwrap();
+        // The guest goes on: a tagged READ the target disconnects from,
+        // left on the worker, and registers that move on.
+        tb.ram().write_all(MSGS, &[0xc0, 0x20, 7]);
+        tb.ram().write_all(CDB, &[0x28, 0, 0, 0, 0, 5, 0, 0, 2, 0]);
+        let mut a = Asm::new();
+        a.select_atn(0, 0)
+            .mov(MSG_OUT, 3, MSGS)
+            .mov(COMMAND, 10, CDB)
+            .mov(MSG_IN, 2, MSGS + 0x10)
+            .wait_disconnect()
+            .int(0x1111);
+        tb.run(&a);
+        expect_vector(&mut tb, 0x1111);
+        tb.w32(SCRATCHA, 2);
+        tb.mmio_write(sram + 0x40, 4, 0);
+        // The process dies; the VMM's save is stale.
+        let reply = tb.crash_and_resume(&save).unwrap();
+        assert_eq!(reply["bus-reset"], true, "{reply}");
+        assert_eq!(tb.r32(SCRATCHA), 0x5a5a_0001, "the save's registers");
+        assert_eq!(
+            tb.mmio_read(sram + 0x40, 4),
+            0xdead_beef,
+            "the save's SCRIPTS RAM"
+        );
+        // The reset is reported at once, as the driver enabled it; the
+        // line itself is not left asserted.
+        assert!(tb.irq().level(), "RST interrupt");
+        assert_eq!(tb.r8(ISTAT0) & 0x02, 0x02, "SIP");
+        assert_eq!(tb.r8(SSTAT0) & 0x02, 0, "RST not held");
+        assert_eq!(tb.r8(SIST0) & 0x02, 0x02, "SIST0 RST");
+        assert!(!tb.irq().level(), "read clears it");
+        // The READ died with the old process: nothing reselects. The disk
+        // was reset with the bus: its next command reports it (UNIT
+        // ATTENTION), as a real target does, and the driver's commands
+        // then run.
+        tb.ram().write_all(MSGS + 0x20, &[0x80]);
+        tb.ram().write_all(CDB + 0x20, &[0, 0, 0, 0, 0, 0]);
+        let mut b = Asm::new();
+        b.select_atn(0, 0)
+            .mov(MSG_OUT, 1, MSGS + 0x20)
+            .mov(COMMAND, 6, CDB + 0x20)
+            .mov(STATUS, 1, STAT)
+            .mov(MSG_IN, 1, MSGS + 0x21)
+            .wait_disconnect()
+            .int(0x2222);
+        tb.run(&b);
+        expect_vector(&mut tb, 0x2222);
+        assert_eq!(tb.ram().read_vec(STAT, 1), [2], "CHECK CONDITION");
+        tb.run(&b);
+        expect_vector(&mut tb, 0x2222);
+        assert_eq!(tb.ram().read_vec(STAT, 1), [0], "then GOOD");
+    });
+}
+
+#[test]
+fn a_resume_from_a_state_not_the_controllers_changes_nothing() {
+    let mut tb = linked("");
+    tb.w32(SCRATCHA, 0x1357_9bdf);
+    let before = tb.function().save_state().unwrap();
+    let e = tb.crash_and_resume(b"not a state").unwrap_err();
+    assert!(e.contains("not an lsi53c895a state"), "{e}");
+    // The new instance, as made: the old one's registers are gone, and
+    // no reset was reported.
+    assert_eq!(tb.r32(SCRATCHA), 0);
+    assert_eq!(tb.r8(ISTAT0) & 0x02, 0, "no SIP");
+    assert_ne!(tb.function().save_state().unwrap(), before);
+}

@@ -4,13 +4,16 @@
 //! drop the failed instance and make a new one from the same plugin and
 //! settings (its QMP-added drives attached again), served on a new
 //! connection in the same slot, with the state saved while the guest left
-//! it alone if that is still current (else reset). Its neighbours in the
+//! it alone if that is still current; else resumed from that save if the
+//! device can say its guest's work since was lost
+//! (`control::RESUME_AFTER_LOSS`), or reset. Its neighbours in the
 //! remote are not touched. The guest's accesses to it wait meanwhile
 //! (bounded, as for a remote's restart); the access that failed is not
 //! made again (it may be what broke the plugin). `restart-limit` counts
 //! these restarts per device; past it the device stays failed.
 //! Event `DEVICE_RESTARTED {"device", "remote", "recovery-ms",
-//! "state-kept": bool}`, or `DEVICE_FAILED` naming the limit.
+//! "state-kept": bool, "state-resumed": bool}`, or `DEVICE_FAILED` naming
+//! the limit.
 
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -79,11 +82,12 @@ impl Monitor {
             return;
         }
         match self.restart_device(remote_id, device, noticed) {
-            Ok(kept) => {
+            Ok((kept, resumed)) => {
                 eprintln!("host: device `{device}` failed; restarted in remote `{remote_id}`");
                 self.events.emit(
                     "DEVICE_RESTARTED",
                     json!({"device": device, "remote": remote_id, "state-kept": kept,
+                           "state-resumed": resumed,
                            "recovery-ms": noticed.elapsed().as_millis() as u64}),
                 );
             }
@@ -99,13 +103,14 @@ impl Monitor {
     }
 
     /// Replaces the failed instance of `device` in its (running) remote;
-    /// returns whether its state was kept.
+    /// returns whether its state was kept, and whether it was resumed
+    /// from a stale save instead.
     fn restart_device(
         &self,
         remote_id: &str,
         device: &str,
         noticed: Instant,
-    ) -> Result<bool, String> {
+    ) -> Result<(bool, bool), String> {
         let _one = lock(&self.hotplug);
         let r = self.remote(remote_id).map_err(|e| e.desc)?;
         if r.state() != RemoteState::Running || !r.has_control() {
@@ -127,6 +132,10 @@ impl Monitor {
         // among them) never reached it: its idle save may still be current.
         self.bus.pci.with_function(slot, |d| d.settle());
         let state = r.checkpoints.as_ref().and_then(|cp| cp.current(device));
+        let stale = match (&state, &r.checkpoints) {
+            (None, Some(cp)) => cp.stale(device),
+            _ => None,
+        };
         // Out of supervision before its channel closes; then the remote
         // drops the failed instance.
         r.remove_device(device);
@@ -147,11 +156,19 @@ impl Monitor {
             }
             None => false,
         };
+        let resumed = match stale.map(|s| self.resume_into(&r, device, &s)) {
+            Some(Ok(())) => true,
+            Some(Err(e)) => {
+                tracing::info!("device {device}: comes back reset: the guest used it since its last save, and it cannot resume from that save ({e})");
+                false
+            }
+            None => false,
+        };
         tracing::info!(
             "device {device} restarted in {} ms",
             noticed.elapsed().as_millis()
         );
-        Ok(kept)
+        Ok((kept, resumed))
     }
 
     /// What `device` was made from: its `device_add`, or its `[[device]]`.

@@ -258,6 +258,24 @@ impl Monitor {
         Ok(())
     }
 
+    /// Brings `dev`, a device just made again in `remote`, back from a
+    /// save the guest has moved past (`checkpoint::Checkpoints::stale`),
+    /// with `control::RESUME_AFTER_LOSS`. The save stays the device's
+    /// last (the device has moved on from it, so it is not current); a
+    /// device without the operation refuses it and stays as it was made.
+    pub(super) fn resume_into(
+        &self,
+        remote: &Remote,
+        dev: &str,
+        state: &[u8],
+    ) -> Result<(), String> {
+        let op = plugin_api::control::RESUME_AFTER_LOSS;
+        let args = serde_json::to_value(plugin_api::control::ResumeAfterLoss::new(state))
+            .map_err(|e| format!("{op}: {e}"))?;
+        remote.with_control(|c| c.device_control(dev, op, args))?;
+        Ok(())
+    }
+
     /// The slots of the functions remote `id` serves. Never waits on a
     /// function: it runs in the failure hook, while a vCPU may still wait
     /// on the failed remote holding its function.

@@ -78,6 +78,9 @@ impl Monitor {
         // until the devices are back), each device saves once its
         // ring is drained, and the new process restores it below.
         let mut states: Vec<(String, Vec<u8>)> = Vec::new();
+        // Saves the guest has moved past, for devices that can say their
+        // guest's work since was lost (`control::RESUME_AFTER_LOSS`).
+        let mut stale: Vec<(String, Vec<u8>)> = Vec::new();
         if keep_state && old.state() == RemoteState::Running && old.has_control() {
             old.failed.store(true, std::sync::atomic::Ordering::Release);
             for dev in old.device_ids() {
@@ -95,6 +98,8 @@ impl Monitor {
                 for dev in old.device_ids() {
                     if let Some(state) = cp.current(&dev) {
                         states.push((dev, state));
+                    } else if let Some(state) = cp.stale(&dev) {
+                        stale.push((dev, state));
                     }
                 }
             }
@@ -149,10 +154,17 @@ impl Monitor {
             else {
                 continue;
             };
+            let t1 = std::time::Instant::now();
             let r = ProxyFunction::new(&dev_id, client, &self.ram, &self.vm, pci_gsi(slot))
                 .and_then(|p| p.with_msix(&self.vm, &self.bus.msi_routes))
-                .map_err(|e| format!("{e:#}"))
-                .and_then(|p| self.put_back(&new, &dev_id, slot, p));
+                .map_err(|e| format!("{e:#}"));
+            let t2 = std::time::Instant::now();
+            let r = r.and_then(|p| self.put_back(&new, &dev_id, slot, p));
+            tracing::info!(
+                "restart {id}: {dev_id}: proxy made in {:?}, put back in {:?}",
+                t2 - t1,
+                t2.elapsed()
+            );
             if let Err(e) = r {
                 problems.push(format!("{dev_id}: {e}"));
             }
@@ -191,6 +203,21 @@ impl Monitor {
                 )),
             }
         }
+        let mut resumed = Vec::new();
+        for (dev, state) in stale {
+            if !devices.contains(&dev) {
+                continue;
+            }
+            // A refusal is not a problem: such a device comes back reset,
+            // as every device of a dead remote did before the operation
+            // existed, and the event's lists say which kept what.
+            match self.resume_into(&new, &dev, &state) {
+                Ok(()) => resumed.push(dev),
+                Err(e) => tracing::info!(
+                    "restart {id}: {dev} comes back reset: the guest used it since its last save, and it cannot resume from that save ({e})"
+                ),
+            }
+        }
         {
             let mut remotes = lock(&self.remotes);
             if let Some(slot) = remotes.iter_mut().find(|r| r.id == id) {
@@ -202,7 +229,7 @@ impl Monitor {
         supervisor::spawn(new.clone(), self.bus.pci.clone(), self.events.clone());
         let mut data = json!({"id": id, "pid": pid, "devices": new.device_ids(), "problems": problems,
                    "reason": if automatic.is_some() { "automatic" } else { "operator" },
-                   "state-kept": kept});
+                   "state-kept": kept, "state-resumed": resumed});
         if let Some(t) = automatic {
             data["recovery-ms"] = (t.elapsed().as_millis() as u64).into();
         }
@@ -264,10 +291,19 @@ impl Monitor {
         slot: u8,
         proxy: ProxyFunction,
     ) -> Result<(), String> {
+        let t0 = std::time::Instant::now();
         let proxy = self.supervised(remote, id, proxy);
-        self.bus
+        let t1 = std::time::Instant::now();
+        let r = self
+            .bus
             .pci
             .replace(slot, Box::new(proxy))
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        tracing::info!(
+            "{id}: supervised and fast path in {:?}, in its slot in {:?}",
+            t1 - t0,
+            t1.elapsed()
+        );
+        r
     }
 }
