@@ -607,3 +607,173 @@ pub fn recovery_times(results: &serde_json::Value, kills: u64, diag: &str) -> Ve
     ms.sort_unstable();
     ms
 }
+
+/// Chunks of 128 KiB the disk chaos workload's raw disk cycles through
+/// (4 MiB).
+pub const CHAOS_CHUNKS: u64 = 32;
+
+/// The guest's job of a disk chaos test (tests/host_virtio_chaos.rs,
+/// tests/host_lsi_chaos.rs): finds its two disks, makes the file system,
+/// fills the raw chunks once, then runs a verified write/read loop on the
+/// raw disk and a write-and-checksum loop on the file system until the
+/// driver's `go`; then verifies everything from the disks and prints the
+/// counts ([`check_disk_chaos`] reads them).
+pub struct DiskChaosJob<'a> {
+    /// The block devices to look among (`vda vdb`).
+    pub disks: &'a str,
+    /// Shell printing what tells disk `$d` apart.
+    pub key: &'a str,
+    /// `case` patterns of `key` for the raw and the file-system disk.
+    pub raw: &'a str,
+    pub fs: &'a str,
+    /// Shell run once both disks are set up, before the workload.
+    pub before_load: &'a str,
+    /// Kernel-log lines that count as errors (an extended regex).
+    pub log_errors: &'a str,
+    /// Shell run at the end to report more of the kernel log.
+    pub log_report: &'a str,
+}
+
+impl DiskChaosJob<'_> {
+    pub fn script(&self) -> String {
+        let DiskChaosJob {
+            disks,
+            key,
+            raw,
+            fs,
+            before_load,
+            log_errors,
+            log_report,
+        } = self;
+        format!(
+            r#"
+raw=; fsd=
+i=0
+while [ -z "$raw" -o -z "$fsd" ] && [ $i -lt 600 ]; do
+  for d in {disks}; do
+    [ -e /sys/block/$d/dev ] || continue
+    [ -b /dev/$d ] || mknod /dev/$d b $(cut -d: -f1 /sys/block/$d/dev) $(cut -d: -f2 /sys/block/$d/dev)
+    case "$({key})" in
+      {raw}) raw=$d ;;
+      {fs}) fsd=$d ;;
+    esac
+  done
+  sleep 0.1; i=$((i+1))
+done
+[ -n "$raw" -a -n "$fsd" ] || {{ echo "disks missing: raw=$raw fs=$fsd"; dmesg | tail -30; exit 1; }}
+CH={CHAOS_CHUNKS}
+mke2fs -q -F /dev/$fsd 16384 || exit 4
+mkdir -p /mnt /tmp/last /tmp/sums
+mount -t ext2 /dev/$fsd /mnt || exit 5
+c=0
+while [ $c -lt $CH ]; do
+  dd if=/dev/urandom of=/tmp/last/$c bs=64k count=2 2>/dev/null
+  dd if=/tmp/last/$c of=/dev/$raw bs=64k seek=$((c*2)) count=2 oflag=direct conv=notrunc 2>/dev/null || exit 6
+  c=$((c+1))
+done
+{before_load}
+(
+  n=0; ioerr=0; bad=0
+  while [ ! -e /tmp/stop ]; do
+    c=$((n % CH))
+    dd if=/dev/urandom of=/tmp/w bs=64k count=2 2>/dev/null
+    cp /tmp/w /tmp/last/$c
+    dd if=/tmp/w of=/dev/$raw bs=64k seek=$((c*2)) count=2 oflag=direct conv=notrunc 2>/dev/null || {{ ioerr=$((ioerr+1)); echo "RAW WRITE ERROR chunk $c"; }}
+    if dd if=/dev/$raw of=/tmp/r bs=64k skip=$((c*2)) count=2 iflag=direct 2>/dev/null; then
+      cmp -s /tmp/w /tmp/r || {{ bad=$((bad+1)); echo "RAW MISMATCH chunk $c"; }}
+    else
+      ioerr=$((ioerr+1)); echo "RAW READ ERROR chunk $c"
+    fi
+    n=$((n+1))
+  done
+  echo "raw-rounds=$n raw-ioerr=$ioerr raw-bad=$bad" > /tmp/raw
+) &
+(
+  n=0; err=0
+  while [ ! -e /tmp/stop ]; do
+    f=f$((n % 16))
+    dd if=/dev/urandom of=/tmp/fw bs=64k count=4 2>/dev/null
+    if dd if=/tmp/fw of=/mnt/$f bs=64k conv=fsync 2>/dev/null; then
+      md5sum < /tmp/fw > /tmp/sums/$f
+    else
+      err=$((err+1)); echo "FS WRITE ERROR $f"
+    fi
+    n=$((n+1))
+  done
+  echo "fs-rounds=$n fs-err=$err" > /tmp/fs
+) &
+echo "STEP reading"
+read -r -t 900 line || {{ echo "no go"; exit 20; }}
+touch /tmp/stop
+wait
+cat /tmp/raw /tmp/fs
+umount /mnt || exit 7
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext2 -o ro /dev/$fsd /mnt || exit 8
+files=0; fsbad=0
+for s in /tmp/sums/*; do
+  f=${{s##*/}}
+  [ "$(md5sum < /mnt/$f)" = "$(cat $s)" ] || {{ fsbad=$((fsbad+1)); echo "FS MISMATCH $f"; }}
+  files=$((files+1))
+done
+umount /mnt
+echo "fs-files=$files fs-bad=$fsbad"
+c=0; : > /tmp/expect
+while [ $c -lt $CH ]; do cat /tmp/last/$c >> /tmp/expect; c=$((c+1)); done
+echo "raw-expect-md5=$(md5sum < /tmp/expect | cut -d' ' -f1)"
+echo "raw-disk-md5=$(dd if=/dev/$raw bs=64k count=$((CH*2)) iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+pat='{log_errors}'
+echo "dmesg-errors=$(dmesg | grep -ciE "$pat")"
+dmesg | grep -iE "$pat"
+{log_report}
+sync
+echo "STEP done"
+"#
+        )
+    }
+}
+
+/// Checks what [`DiskChaosJob`] printed as a user would: no I/O error,
+/// every direct read of a chunk just written right, every file read back
+/// from the remounted file system right, no error in the kernel log, and
+/// the raw image on the host (`raw_image`) holding exactly the last data
+/// the guest wrote to each chunk. Returns the rounds of the raw and the
+/// file-system loops.
+pub fn check_disk_chaos(out: &str, diag: &str, raw_image: &Path) -> (u64, u64) {
+    let num = |key: &str| output_number(out, key, diag);
+    for key in [
+        "raw-ioerr=",
+        "raw-bad=",
+        "fs-err=",
+        "fs-bad=",
+        "dmesg-errors=",
+    ] {
+        assert_eq!(num(key), 0, "{key} in the guest:\n{diag}");
+    }
+    let (raw_rounds, fs_rounds) = (num("raw-rounds="), num("fs-rounds="));
+    assert!(
+        raw_rounds > 10 && fs_rounds > 10 && num("fs-files=") > 0,
+        "the workloads hardly ran:\n{diag}"
+    );
+    let expect = output_field(out, "raw-expect-md5=", diag);
+    assert_eq!(
+        output_field(out, "raw-disk-md5=", diag),
+        expect,
+        "the guest's disk differs from what it wrote:\n{diag}"
+    );
+    let head = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {} '{}' | md5sum | cut -d' ' -f1",
+            CHAOS_CHUNKS * 128 * 1024,
+            raw_image.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&head.stdout).trim(),
+        expect,
+        "the image on the host differs from what the guest wrote:\n{diag}"
+    );
+    (raw_rounds, fs_rounds)
+}

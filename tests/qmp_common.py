@@ -100,7 +100,7 @@ def spawn_host(config=CONFIG, sock=SOCK, extra=()):
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=open(config + ".host-stderr", "w"),
-        env=dict(os.environ, HOST_STATS="1", HOST_MIGRATE_VERIFY=os.environ.get("HOST_MIGRATE_VERIFY", "1"), HOST_LOG=os.environ.get("HOST_LOG", "warn,host::monitor::restart=info,host::remote=info,host::snapshot=info,host::monitor::handover=info")),
+        env=dict(os.environ, HOST_STATS="1", HOST_MIGRATE_VERIFY=os.environ.get("HOST_MIGRATE_VERIFY", "1"), HOST_LOG=os.environ.get("HOST_LOG", "warn,host::monitor::restart=info,host::pci::root=info,host::remote=info,host::snapshot=info,host::monitor::handover=info")),
     )
     host.qmp_sock = sock  # for a debug report on failure
     _host_procs.append(host)
