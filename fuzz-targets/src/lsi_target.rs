@@ -28,9 +28,9 @@ pub mod op {
     /// Put SCRIPTS in guest RAM and start them (write DSP).
     pub const START_SCRIPTS: u8 = 8;
     pub const CONFIG_WRITE: u8 = 9;
-    /// Let the I/O worker run (up to 0.7 ms: SCRIPTS that loop keep it
-    /// busy for the whole wait, and longer waits made half of an input's
-    /// time sleep).
+    /// Let the I/O worker run (up to 0.21 ms, enough for a command on
+    /// the 1 MiB disks: SCRIPTS that loop keep it busy for the whole
+    /// wait, and longer waits made up to half of an input's time sleep).
     pub const WAIT: u8 = 10;
     /// Reset, or a control operation as the VMM would ask for it.
     pub const HOST: u8 = 11;
@@ -187,7 +187,7 @@ pub fn lsi(data: &[u8]) {
                 timed("config write", || tb.cfg_write(off, len, v));
             }
             op::WAIT => {
-                let us = u64::from(input.u8() % 8) * 100;
+                let us = u64::from(input.u8() % 8) * 30;
                 let _ = tb.wait_idle(Duration::from_micros(us));
             }
             _ => host_op(&mut tb, &mut input),
