@@ -79,6 +79,7 @@ async def main():
         r["panic"] = {"reply": reply, "device": e["data"].get("device"),
                       "recovery-ms": e["data"].get("recovery-ms"),
                       "state-kept": e["data"].get("state-kept"),
+                      "state-resumed": e["data"].get("state-resumed"),
                       "same-pid": st["pid"] == pid,
                       "remote-restarts": remote_restarts() - restarts_before}
         save()

@@ -2,8 +2,10 @@
 //! in a remote with two disks, a raw one and one with a file system, each
 //! under a verified write/read workload of the guest's stock `sym53c8xx`
 //! driver, while the remote is killed with SIGKILL at random moments 1-3 s
-//! apart (`CHAOS_KILLS` times, default 10) and then hangs once (SIGSTOP
-//! past its timeout). The remote has `restart = "on-failure"`.
+//! apart (`CHAOS_KILLS` times, default 10); then the plugin panics once
+//! (QMP `x-device-control` `x-panic`: the controller comes back alone, in
+//! the same remote process) and the remote hangs once (SIGSTOP past its
+//! timeout). The remote has `restart = "on-failure"`.
 //!
 //! Unlike virtio-blk's, the LSI's state cannot stay current under I/O:
 //! every command changes its registers and SCRIPTS' progress through guest
@@ -106,6 +108,8 @@ fn an_lsi_in_a_remote_killed_again_and_again_loses_no_write() {
                 .set_len(IMAGE)
                 .unwrap();
         }
+        // After the kills, the plugin panics once (tests/chaos_driver.py).
+        fs::write(dir.join("chaos-panic"), "lsi0").unwrap();
         let (run, out, kills) = run_chaos(
             env,
             "host_lsi_chaos",
@@ -142,6 +146,21 @@ fn an_lsi_in_a_remote_killed_again_and_again_loses_no_write() {
             "no kill came in the middle of the I/O:\n{diag}"
         );
         assert_eq!(r["replies"]["hang"]["new-pid"], true, "{diag}");
+        // The plugin panic: the controller came back alone, in the same
+        // remote process, with its state one way or the other.
+        let p = &r["replies"]["panic"];
+        assert!(
+            p["reply"].as_str().unwrap_or_default().contains("x-panic"),
+            "the panic's own message is the op's error: {p}\n{diag}"
+        );
+        assert_eq!(p["device"], "lsi0", "{diag}");
+        assert!(
+            (p["state-kept"] == true) != (p["state-resumed"] == true),
+            "the panicked controller came back reset: {p}\n{diag}"
+        );
+        assert_eq!(p["same-pid"], true, "{diag}");
+        assert_eq!(p["remote-restarts"], 0, "{diag}");
+        let resumes = resumes + u64::from(p["state-resumed"] == true);
         assert_eq!(r["host-exit"], 0, "{diag}");
         // What the guest saw: one SCSI bus reset per resume (two resumes
         // before the driver handled the first may fold into one).
@@ -151,10 +170,16 @@ fn an_lsi_in_a_remote_killed_again_and_again_loses_no_write() {
             "{resets} bus resets for {resumes} resumes:\n{diag}"
         );
         eprintln!(
-            "host_lsi_chaos: {kills} kills ({resumes} restarts resumed a stale save, the others restored a current one), recovery p50 {} ms max {} ms; a hang recovered in {} ms; raw rounds {raw_rounds}, fs rounds {fs_rounds}, 0 errors, 0 mismatches; the guest saw {resets} SCSI bus resets and {} unit attentions",
+            "host_lsi_chaos: {kills} kills ({resumes} restarts resumed a stale save, the others restored a current one), recovery p50 {} ms max {} ms; a hang recovered in {} ms; a plugin panic in {} ms ({}); raw rounds {raw_rounds}, fs rounds {fs_rounds}, 0 errors, 0 mismatches; the guest saw {resets} SCSI bus resets and {} unit attentions",
             ms[ms.len() / 2],
             ms[ms.len() - 1],
             r["replies"]["hang"]["recovery-ms"],
+            p["recovery-ms"],
+            if p["state-resumed"] == true {
+                "resumed"
+            } else {
+                "restored"
+            },
             num("unit-attentions=")
         );
         fs::remove_dir_all(&dir).ok();

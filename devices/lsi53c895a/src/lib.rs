@@ -430,6 +430,10 @@ impl Device for Lsi53c895a {
             // Arguments ignored, as before typed arguments.
             "drive-list" => Ok(self.drive_list()),
             "stats" => Ok(self.stats()),
+            // Fault injection, for recovery tests (only the operator
+            // reaches control operations, never the guest): the plugin
+            // panics here, as a bug in it would, with its worker running.
+            "x-panic" => panic!("x-panic: a fault injected by the operator"),
             control::RESUME_AFTER_LOSS => {
                 control::call(op, args, |a: control::ResumeAfterLoss| {
                     self.resume_after_loss(&a.state()?)
