@@ -92,6 +92,10 @@ impl std::fmt::Display for PluginSource {
 /// Guest RAM of the bench: `size` bytes at guest-physical 0.
 pub struct Ram {
     bytes: Mutex<Vec<u8>>,
+    /// `bytes.len()`, which never changes: bounds are checked without
+    /// the lock (one lock per access, not two; the LSI's SCRIPTS fetch
+    /// each instruction through here).
+    size: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -101,7 +105,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Ram {
     fn range(&self, gpa: u64, len: usize) -> Result<std::ops::Range<usize>, String> {
-        let size = lock(&self.bytes).len();
+        let size = self.size;
         let start = usize::try_from(gpa).map_err(|_| format!("DMA at {gpa:#x}: outside RAM"))?;
         match start.checked_add(len) {
             Some(end) if end <= size => Ok(start..end),
@@ -520,6 +524,7 @@ impl TestBench {
         };
         let ram = Arc::new(Ram {
             bytes: Mutex::new(vec![0; BENCH_RAM_SIZE]),
+            size: BENCH_RAM_SIZE,
         });
         let irq = Arc::new(IrqLine::default());
         let notices = Arc::new(Notices::default());
