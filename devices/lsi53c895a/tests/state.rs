@@ -26,6 +26,23 @@ fn expect_vector(tb: &mut TestBench, vector: u32) {
     assert_eq!(tb.r32(DSPS), vector, "DSP {:#x}", tb.r32(DSP));
 }
 
+/// A tagged READ(10) of 2 blocks at LBA 5 (tag 7): the target
+/// disconnects and the worker completes it; the SCRIPTS stop before
+/// reselection.
+fn start_tagged_read(tb: &mut TestBench) {
+    tb.ram().write_all(MSGS, &[0xc0, 0x20, 7]);
+    tb.ram().write_all(CDB, &[0x28, 0, 0, 0, 0, 5, 0, 0, 2, 0]);
+    let mut a = Asm::new();
+    a.select_atn(0, 0)
+        .mov(MSG_OUT, 3, MSGS)
+        .mov(COMMAND, 10, CDB)
+        .mov(MSG_IN, 2, MSGS + 0x10)
+        .wait_disconnect()
+        .int(0x1111);
+    tb.run(&a);
+    expect_vector(tb, 0x1111);
+}
+
 #[test]
 fn a_command_completed_before_the_restart_is_delivered_after_it() {
     both_ways(|make| {
@@ -33,19 +50,7 @@ fn a_command_completed_before_the_restart_is_delivered_after_it() {
         let settings = settings_for(&[(&img, 0)]);
         let mut old = make(&settings);
         old.w32(SCRATCHA, 0x1234_5678);
-        // Tagged READ(10) of 2 blocks at LBA 5; the target disconnects and
-        // the worker completes it; the SCRIPTS stop before reselection.
-        old.ram().write_all(MSGS, &[0xc0, 0x20, 7]);
-        old.ram().write_all(CDB, &[0x28, 0, 0, 0, 0, 5, 0, 0, 2, 0]);
-        let mut a = Asm::new();
-        a.select_atn(0, 0)
-            .mov(MSG_OUT, 3, MSGS)
-            .mov(COMMAND, 10, CDB)
-            .mov(MSG_IN, 2, MSGS + 0x10)
-            .wait_disconnect()
-            .int(0x1111);
-        old.run(&a);
-        expect_vector(&mut old, 0x1111);
+        start_tagged_read(&mut old);
         // The device process dies; a new one takes over with the state.
         let mut new = old;
         new.restart_device().unwrap();
@@ -154,17 +159,7 @@ fn a_stale_save_comes_back_as_the_driver_set_it_up_with_a_bus_reset() {
         let save = tb.function().save_state().unwrap();
         // The guest goes on: a tagged READ the target disconnects from,
         // left on the worker, and registers that move on.
-        tb.ram().write_all(MSGS, &[0xc0, 0x20, 7]);
-        tb.ram().write_all(CDB, &[0x28, 0, 0, 0, 0, 5, 0, 0, 2, 0]);
-        let mut a = Asm::new();
-        a.select_atn(0, 0)
-            .mov(MSG_OUT, 3, MSGS)
-            .mov(COMMAND, 10, CDB)
-            .mov(MSG_IN, 2, MSGS + 0x10)
-            .wait_disconnect()
-            .int(0x1111);
-        tb.run(&a);
-        expect_vector(&mut tb, 0x1111);
+        start_tagged_read(&mut tb);
         tb.w32(SCRATCHA, 2);
         tb.mmio_write(sram + 0x40, 4, 0);
         // The process dies; the VMM's save is stale.
