@@ -168,6 +168,21 @@ impl Checkpoints {
             .collect()
     }
 
+    /// A device just resumed from `state`, a save the guest had moved
+    /// past (`control::RESUME_AFTER_LOSS`): the save it has, stale from
+    /// the start (the device has moved on from it: it reported the loss),
+    /// so that a crash before its next save can resume from it again
+    /// rather than come back reset. Its next idle save replaces it.
+    pub fn seed_stale(&self, id: &str, state: Vec<u8>) {
+        if let Some(e) = lock(&self.devices).get_mut(id) {
+            let now = e.activity.load();
+            e.seen = now;
+            e.saved = Some((now.wrapping_sub(1), state));
+            // A new instance: it may well save where the old one could not.
+            e.refused_at = None;
+        }
+    }
+
     /// A device just restored with `state`: that is its save, as of now.
     pub fn seed(&self, id: &str, state: Vec<u8>) {
         if let Some(e) = lock(&self.devices).get_mut(id) {
@@ -212,6 +227,14 @@ mod tests {
         assert!(cp.due().is_empty());
         assert_eq!(cp.current("d"), None);
         assert!(cp.current_ids().is_empty());
+        cp.seed_stale("d", vec![4]);
+        assert_eq!(cp.current("d"), None, "a resumed device has moved on");
+        assert_eq!(cp.stale("d"), Some(vec![4]));
+        assert_eq!(
+            cp.due(),
+            [("d".to_string(), 2)],
+            "its next idle save, though the old instance refused one here"
+        );
         cp.seed("d", vec![3]);
         assert_eq!(cp.current_ids(), ["d"]);
         cp.forget("d");

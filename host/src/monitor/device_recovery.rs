@@ -156,7 +156,7 @@ impl Monitor {
             }
             None => false,
         };
-        let resumed = match stale.map(|s| self.resume_into(&r, device, &s)) {
+        let resumed = match stale.map(|s| self.resume_into(&r, device, s)) {
             Some(Ok(())) => true,
             Some(Err(e)) => {
                 tracing::info!("device {device}: comes back reset: the guest used it since its last save, and it cannot resume from that save ({e})");

@@ -261,18 +261,22 @@ impl Monitor {
     /// Brings `dev`, a device just made again in `remote`, back from a
     /// save the guest has moved past (`checkpoint::Checkpoints::stale`),
     /// with `control::RESUME_AFTER_LOSS`. The save stays the device's
-    /// last (the device has moved on from it, so it is not current); a
-    /// device without the operation refuses it and stays as it was made.
+    /// last there, stale (the device has moved on from it), until its
+    /// next idle save; a device without the operation refuses it and
+    /// stays as it was made.
     pub(super) fn resume_into(
         &self,
         remote: &Remote,
         dev: &str,
-        state: &[u8],
+        state: Vec<u8>,
     ) -> Result<(), String> {
         let op = plugin_api::control::RESUME_AFTER_LOSS;
-        let args = serde_json::to_value(plugin_api::control::ResumeAfterLoss::new(state))
+        let args = serde_json::to_value(plugin_api::control::ResumeAfterLoss::new(&state))
             .map_err(|e| format!("{op}: {e}"))?;
         remote.with_control(|c| c.device_control(dev, op, args))?;
+        if let Some(cp) = &remote.checkpoints {
+            cp.seed_stale(dev, state);
+        }
         Ok(())
     }
 

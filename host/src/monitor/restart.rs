@@ -211,7 +211,7 @@ impl Monitor {
             // A refusal is not a problem: such a device comes back reset,
             // as every device of a dead remote did before the operation
             // existed, and the event's lists say which kept what.
-            match self.resume_into(&new, &dev, &state) {
+            match self.resume_into(&new, &dev, state) {
                 Ok(()) => resumed.push(dev),
                 Err(e) => tracing::info!(
                     "restart {id}: {dev} comes back reset: the guest used it since its last save, and it cannot resume from that save ({e})"
