@@ -12,7 +12,7 @@
 //! its worker completed) is redone by the restored device, as its
 //! `restore_state` promises (the LSI runs reads again and answers writes
 //! with BUSY; dma-example copies again). A device the guest touched after
-//! its last save is offered that save as stale (`Checkpoints::stale`,
+//! its last save is offered that save as stale (`Save::Stale` from `Checkpoints::last`,
 //! `control::RESUME_AFTER_LOSS`): one that can say its guest's work since
 //! was lost comes back from it (the LSI, as its driver set it up, with a
 //! reset of its SCSI bus that makes the driver issue its commands again);
@@ -68,6 +68,18 @@ struct Entry {
     /// broke it may yet prove not to have reached it, and its save
     /// before is then still current.
     refused_at: Option<u64>,
+}
+
+/// A device's last saved state, as [`Checkpoints::last`] finds it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Save {
+    /// The guest has not reached the device since: restoring it brings
+    /// the device back as the guest left it.
+    Current(Vec<u8>),
+    /// The guest has reached the device since: a device can come back
+    /// from it only by saying its guest's work since was lost
+    /// (`control::RESUME_AFTER_LOSS`).
+    Stale(Vec<u8>),
 }
 
 /// Saved states of one remote's devices.
@@ -134,28 +146,17 @@ impl Checkpoints {
         }
     }
 
-    /// Device `id`'s saved state, if the guest has not reached the device
-    /// since it was saved.
-    pub fn current(&self, id: &str) -> Option<Vec<u8>> {
+    /// Device `id`'s last saved state, and whether the guest has reached
+    /// the device since it was saved.
+    pub fn last(&self, id: &str) -> Option<Save> {
         let devices = lock(&self.devices);
         let e = devices.get(id)?;
-        match &e.saved {
-            Some((at, state)) if *at == e.activity.load() => Some(state.clone()),
-            _ => None,
-        }
-    }
-
-    /// Device `id`'s last saved state when the guest has reached the
-    /// device since it was saved: a device can come back from it only by
-    /// saying its guest's work since was lost
-    /// (`control::RESUME_AFTER_LOSS`).
-    pub fn stale(&self, id: &str) -> Option<Vec<u8>> {
-        let devices = lock(&self.devices);
-        let e = devices.get(id)?;
-        match &e.saved {
-            Some((at, state)) if *at != e.activity.load() => Some(state.clone()),
-            _ => None,
-        }
+        let (at, state) = e.saved.as_ref()?;
+        Some(if *at == e.activity.load() {
+            Save::Current(state.clone())
+        } else {
+            Save::Stale(state.clone())
+        })
     }
 
     /// The devices with a current saved state.
@@ -197,6 +198,22 @@ impl Checkpoints {
 mod tests {
     use super::*;
 
+    /// Device `id`'s save, if current.
+    fn current(cp: &Checkpoints, id: &str) -> Option<Vec<u8>> {
+        match cp.last(id)? {
+            Save::Current(state) => Some(state),
+            Save::Stale(_) => None,
+        }
+    }
+
+    /// Device `id`'s save, if stale.
+    fn stale(cp: &Checkpoints, id: &str) -> Option<Vec<u8>> {
+        match cp.last(id)? {
+            Save::Stale(state) => Some(state),
+            Save::Current(_) => None,
+        }
+    }
+
     #[test]
     fn a_save_is_due_after_an_idle_period_and_current_until_the_next_access() {
         let cp = Checkpoints::default();
@@ -207,29 +224,31 @@ mod tests {
         // A period without accesses: due at count 0.
         assert_eq!(cp.due(), [("d".to_string(), 0)]);
         cp.record("d", 0, Some(vec![1]));
-        assert_eq!(cp.current("d"), Some(vec![1]));
+        assert_eq!(current(&cp, "d"), Some(vec![1]));
         assert!(cp.due().is_empty(), "saved at this count already");
-        assert_eq!(cp.stale("d"), None);
+        assert_eq!(stale(&cp, "d"), None);
+        assert_eq!(cp.last("d"), Some(Save::Current(vec![1])));
         // The guest reaches the device: the save is stale at once.
         a.fetch_add(1, Ordering::AcqRel);
-        assert_eq!(cp.current("d"), None);
-        assert_eq!(cp.stale("d"), Some(vec![1]));
+        assert_eq!(current(&cp, "d"), None);
+        assert_eq!(stale(&cp, "d"), Some(vec![1]));
+        assert_eq!(cp.last("d"), Some(Save::Stale(vec![1])));
         assert!(cp.due().is_empty(), "active during this period");
         assert_eq!(cp.due(), [("d".to_string(), 1)]);
         // A save the guest overtook is dropped.
         a.fetch_add(1, Ordering::AcqRel);
         cp.record("d", 1, Some(vec![2]));
-        assert_eq!(cp.current("d"), None);
+        assert_eq!(current(&cp, "d"), None);
         // A device that cannot save is not asked again at the same count.
         assert!(cp.due().is_empty());
         assert_eq!(cp.due(), [("d".to_string(), 2)]);
         cp.record("d", 2, None);
         assert!(cp.due().is_empty());
-        assert_eq!(cp.current("d"), None);
+        assert_eq!(current(&cp, "d"), None);
         assert!(cp.current_ids().is_empty());
         cp.seed_stale("d", vec![4]);
-        assert_eq!(cp.current("d"), None, "a resumed device has moved on");
-        assert_eq!(cp.stale("d"), Some(vec![4]));
+        assert_eq!(current(&cp, "d"), None, "a resumed device has moved on");
+        assert_eq!(stale(&cp, "d"), Some(vec![4]));
         assert_eq!(
             cp.due(),
             [("d".to_string(), 2)],
@@ -238,7 +257,7 @@ mod tests {
         cp.seed("d", vec![3]);
         assert_eq!(cp.current_ids(), ["d"]);
         cp.forget("d");
-        assert_eq!(cp.current("d"), None);
+        assert_eq!(current(&cp, "d"), None);
     }
 
     #[test]
@@ -259,7 +278,7 @@ mod tests {
         // The write proves never to have reached the device (refused):
         // the save from before it is current again.
         a.fetch_sub(1, Ordering::AcqRel);
-        assert_eq!(cp.current("d"), Some(vec![7]));
+        assert_eq!(current(&cp, "d"), Some(vec![7]));
         assert_eq!(cp.current_ids(), ["d"]);
     }
 }

@@ -100,10 +100,6 @@ struct RequestBlob {
     state: String,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    hex::encode(bytes)
-}
-
 fn unhex(what: &str, s: &str, max: usize) -> Result<Vec<u8>, String> {
     if s.len() % 2 != 0 || s.len() / 2 > max {
         return Err(format!(
@@ -171,10 +167,10 @@ fn save_request(r: &Request) -> RequestBlob {
         target: r.target,
         lun: r.lun,
         tag: r.tag,
-        cdb: hex(&r.cdb),
+        cdb: hex::encode(&r.cdb),
         dir: dir_name(r.dir).into(),
         len: r.len,
-        data: hex(&r.data),
+        data: hex::encode(&r.data),
         pos: r.pos,
         status: r.status,
         state: request_state_name(r.state).into(),
@@ -246,11 +242,11 @@ impl Chip {
         let state = State {
             format: FORMAT.into(),
             version: VERSION,
-            regs: hex(&self.regs),
-            script_ram: hex(&self.script_ram),
+            regs: hex::encode(self.regs),
+            script_ram: hex::encode(&self.script_ram),
             bar1: self.bar1,
             bar2: self.bar2,
-            bar_shadow: hex(&self.bar_shadow.concat()),
+            bar_shadow: hex::encode(self.bar_shadow.concat()),
             run_state: run_state_name(self.state).into(),
             start_pending: self.start_pending,
             carry: self.carry,
@@ -260,7 +256,7 @@ impl Chip {
                 target: bus.target,
                 lun: bus.lun,
                 tag: bus.tag,
-                msg_in: hex(&bus.msg_in.iter().copied().collect::<Vec<u8>>()),
+                msg_in: hex::encode(bus.msg_in.iter().copied().collect::<Vec<u8>>()),
                 msg_action: msg_action_name(bus.msg_action).into(),
                 next_seq: bus.next_seq,
                 current: bus.current.as_ref().map(save_request),

@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use super::recovery::{Released, RECOVERY_HOLD};
 use super::*;
+use crate::checkpoint::Save;
 use crate::supervisor::RemoteState;
 use config::RestartPolicy;
 
@@ -131,10 +132,10 @@ impl Monitor {
         // Posted writes the failed device refused (the one that broke it
         // among them) never reached it: its idle save may still be current.
         self.bus.pci.with_function(slot, |d| d.settle());
-        let state = r.checkpoints.as_ref().and_then(|cp| cp.current(device));
-        let stale = match (&state, &r.checkpoints) {
-            (None, Some(cp)) => cp.stale(device),
-            _ => None,
+        let (state, stale) = match r.checkpoints.as_ref().and_then(|cp| cp.last(device)) {
+            Some(Save::Current(s)) => (Some(s), None),
+            Some(Save::Stale(s)) => (None, Some(s)),
+            None => (None, None),
         };
         // Out of supervision before its channel closes; then the remote
         // drops the failed instance.

@@ -259,7 +259,7 @@ impl Monitor {
     }
 
     /// Brings `dev`, a device just made again in `remote`, back from a
-    /// save the guest has moved past (`checkpoint::Checkpoints::stale`),
+    /// save the guest has moved past (`checkpoint::Save::Stale`),
     /// with `control::RESUME_AFTER_LOSS`. The save stays the device's
     /// last there, stale (the device has moved on from it), until its
     /// next idle save; a device without the operation refuses it and

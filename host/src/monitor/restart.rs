@@ -1,6 +1,7 @@
 //! `remote-restart`, and stopping the remotes when the VM ends.
 
 use super::*;
+use crate::checkpoint::Save;
 use crate::supervisor::RemoteState;
 
 impl Monitor {
@@ -96,10 +97,10 @@ impl Monitor {
             // device alone (`crate::checkpoint`), where still current.
             if let Some(cp) = &old.checkpoints {
                 for dev in old.device_ids() {
-                    if let Some(state) = cp.current(&dev) {
-                        states.push((dev, state));
-                    } else if let Some(state) = cp.stale(&dev) {
-                        stale.push((dev, state));
+                    match cp.last(&dev) {
+                        Some(Save::Current(state)) => states.push((dev, state)),
+                        Some(Save::Stale(state)) => stale.push((dev, state)),
+                        None => {}
                     }
                 }
             }
@@ -154,17 +155,10 @@ impl Monitor {
             else {
                 continue;
             };
-            let t1 = std::time::Instant::now();
             let r = ProxyFunction::new(&dev_id, client, &self.ram, &self.vm, pci_gsi(slot))
                 .and_then(|p| p.with_msix(&self.vm, &self.bus.msi_routes))
-                .map_err(|e| format!("{e:#}"));
-            let t2 = std::time::Instant::now();
-            let r = r.and_then(|p| self.put_back(&new, &dev_id, slot, p));
-            tracing::info!(
-                "restart {id}: {dev_id}: proxy made in {:?}, put back in {:?}",
-                t2 - t1,
-                t2.elapsed()
-            );
+                .map_err(|e| format!("{e:#}"))
+                .and_then(|p| self.put_back(&new, &dev_id, slot, p));
             if let Err(e) = r {
                 problems.push(format!("{dev_id}: {e}"));
             }
@@ -291,19 +285,10 @@ impl Monitor {
         slot: u8,
         proxy: ProxyFunction,
     ) -> Result<(), String> {
-        let t0 = std::time::Instant::now();
         let proxy = self.supervised(remote, id, proxy);
-        let t1 = std::time::Instant::now();
-        let r = self
-            .bus
+        self.bus
             .pci
             .replace(slot, Box::new(proxy))
-            .map_err(|e| e.to_string());
-        tracing::info!(
-            "{id}: supervised and fast path in {:?}, in its slot in {:?}",
-            t1 - t0,
-            t1.elapsed()
-        );
-        r
+            .map_err(|e| e.to_string())
     }
 }
