@@ -325,6 +325,13 @@ impl Shared {
             if rings.queues.is_empty() {
                 rings.queues = configs.iter().map(|c| SplitQueue::new(*c)).collect();
             }
+            // A queue the driver enabled after DRIVER_OK (allowed, §4.1.4.3)
+            // starts here; one the device already serves is fixed.
+            for (q, c) in rings.queues.iter_mut().zip(&configs) {
+                if !q.cfg.ready && c.ready {
+                    *q = SplitQueue::new(*c);
+                }
+            }
             let resync = std::mem::take(&mut rings.resync);
             for (i, q) in rings.queues.iter_mut().enumerate() {
                 q.event_idx = event_idx;

@@ -628,8 +628,12 @@ fn a_second_queue_serves_its_own_ring() {
         "queues = 2\n",
     )
     .unwrap();
-    let (d, offered) = Driver::init(&mut tb, VERSION_1 | (1 << 12));
+    let (mut d, offered) = Driver::init(&mut tb, VERSION_1 | F_FLUSH | (1 << 12));
     assert_ne!(offered & (1 << 12), 0, "VIRTIO_BLK_F_MQ");
+    // A request on queue 0 first: the device has set up its side of the
+    // rings before queue 1 is enabled (a queue enabled then was never
+    // served).
+    assert_eq!(d.request(&mut tb, 4, 0, &[], 0).0, 0, "FLUSH on queue 0");
     assert_eq!(d.common_r(&mut tb, 0x12, 2), 2, "num_queues");
     assert_eq!(
         tb.mmio_read(d.base + d.l.device + 34, 2),
@@ -670,8 +674,8 @@ fn a_second_queue_serves_its_own_ring() {
     );
     assert_eq!(
         tb.ram().read_vec(USED + 2, 2),
-        vec![0, 0],
-        "queue 0's untouched"
+        vec![1, 0],
+        "queue 0's as it was"
     );
     assert_eq!(tb.ram().read_vec(STATUS, 1), vec![0]);
 }
