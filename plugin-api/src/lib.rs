@@ -260,13 +260,19 @@ macro_rules! export_plugin {
         /// rlib) instead of loading its shared library.
         pub fn plugin_module() -> $crate::PluginModuleRef {
             use $crate::__private::PrefixTypeTrait;
-            $crate::PluginModule {
-                name: __plugin_name,
-                version: __plugin_version,
-                device_kinds: __plugin_device_kinds,
-                create_device: __plugin_create_device,
-            }
-            .leak_into_prefix()
+            // Made once: `leak_into_prefix` leaks a new module at every
+            // call (a bench per fuzz input leaked one per input).
+            static MODULE: ::std::sync::OnceLock<$crate::PluginModuleRef> =
+                ::std::sync::OnceLock::new();
+            *MODULE.get_or_init(|| {
+                $crate::PluginModule {
+                    name: __plugin_name,
+                    version: __plugin_version,
+                    device_kinds: __plugin_device_kinds,
+                    create_device: __plugin_create_device,
+                }
+                .leak_into_prefix()
+            })
         }
 
         /// The root module as abi_stable's loader finds it: what

@@ -120,3 +120,14 @@ fn a_declaration_a_vmm_would_cut_short_is_refused() {
     let e = bench("announce = true\nbad_width = true").err().unwrap();
     assert!(e.contains("not 1, 2 or 4 bytes"), "{e}");
 }
+
+/// `plugin_module()` gives the one module it made, not a new one leaked
+/// at each call (a fuzz target making a bench per input grew by the
+/// module's size per input).
+#[test]
+fn the_linked_module_is_made_once() {
+    let first = plugin_module().0.to_raw_ptr();
+    for _ in 0..3 {
+        assert_eq!(plugin_module().0.to_raw_ptr(), first);
+    }
+}
