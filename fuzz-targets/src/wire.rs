@@ -149,9 +149,56 @@ pub(crate) fn split(
     chunks
 }
 
+/// Work for one of this thread's peer threads.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread kept for the jobs of the thread that made it: a peer's two
+/// sides (sending, draining) each run on one, made once per fuzzing
+/// thread, because spawning two threads per input was a fifth of the
+/// `mpqemu` and `control` targets' time (`clone3`, in `perf`). Per
+/// calling thread, not shared: tests run exchanges side by side, and one
+/// exchange's job queued behind another's could wait for it forever.
+struct Helper(std::sync::mpsc::Sender<Job>);
+
+impl Helper {
+    fn new(name: &str) -> Helper {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                // Ends when the calling thread (and its sender) is gone.
+                for job in rx {
+                    job();
+                }
+            });
+        if let Err(e) = spawned {
+            panic!("cannot start the peer's {name} thread: {e}");
+        }
+        Helper(tx)
+    }
+
+    /// Runs `job` on the helper; the receiver hears when it is done.
+    fn run(&self, job: impl FnOnce() + Send + 'static) -> std::sync::mpsc::Receiver<()> {
+        let (done, finished) = std::sync::mpsc::sync_channel(1);
+        let job: Job = Box::new(move || {
+            job();
+            let _ = done.send(());
+        });
+        if self.0.send(job).is_err() {
+            panic!("the peer's thread is gone");
+        }
+        finished
+    }
+}
+
+thread_local! {
+    static SENDER: Helper = Helper::new("peer-send");
+    static DRAIN: Helper = Helper::new("peer-drain");
+}
+
 /// Runs `serve` on one end of a socket pair while the other end sends
 /// `chunks` (then shuts its sending side) and reads every reply.
-/// Returns once `serve` has returned and the peer's threads have ended.
+/// Returns once `serve` has returned and the peer's jobs have ended.
 pub(crate) fn exchange(chunks: Vec<Chunk>, serve: impl FnOnce(UnixStream)) {
     let (ours, theirs) = match UnixStream::pair() {
         Ok(p) => p,
@@ -161,26 +208,32 @@ pub(crate) fn exchange(chunks: Vec<Chunk>, serve: impl FnOnce(UnixStream)) {
         Ok(r) => r,
         Err(e) => panic!("dup: {e}"),
     };
-    let writer = std::thread::spawn(move || {
-        let framed = Framed::new(ours);
-        for c in &chunks {
-            let fds: Vec<BorrowedFd<'_>> = c.fds.iter().map(|f| f.as_fd()).collect();
-            // The server may stop reading at any point (a protocol error
-            // closes its end): then the rest is not sent.
-            if c.data.is_empty() || framed.send(&c.data, &fds, Duration::from_secs(5)).is_err() {
-                break;
+    let writer = SENDER.with(|h| {
+        h.run(move || {
+            let framed = Framed::new(ours);
+            for c in &chunks {
+                let fds: Vec<BorrowedFd<'_>> = c.fds.iter().map(|f| f.as_fd()).collect();
+                // The server may stop reading at any point (a protocol
+                // error closes its end): then the rest is not sent.
+                if c.data.is_empty() || framed.send(&c.data, &fds, Duration::from_secs(5)).is_err()
+                {
+                    break;
+                }
             }
-        }
-        let _ = framed.socket().shutdown(Shutdown::Write);
+            let _ = framed.socket().shutdown(Shutdown::Write);
+        })
     });
-    let drain = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        let mut r = &reader;
-        while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
+    let drain = DRAIN.with(|h| {
+        h.run(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut r = &reader;
+            while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
+        })
     });
     serve(theirs);
-    let _ = writer.join();
-    let _ = drain.join();
+    // A job that panicked drops its sender unsent: the wait ends anyway.
+    let _ = writer.recv();
+    let _ = drain.recv();
 }
 
 /// Makes a reply fit its request (the request's header) before it goes.
