@@ -4,8 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use plugin_api::harness::{PluginSource, TestBench};
 use plugin_api::{BarDesc, Device, DeviceDesc, Host, MirroredRead, PciIdentity};
@@ -18,6 +18,24 @@ struct Settings {
     /// Declare a 3-byte mirror (refused).
     #[serde(default)]
     bad_width: bool,
+    /// Names this device's background changes in [`CHANGES`].
+    #[serde(default)]
+    id: u32,
+}
+
+/// The ids of the devices whose background change is done: how a test
+/// waits for it without a BAR access (after which the harness, as a
+/// VMM, refreshes its mirrors) and without sleeping.
+static CHANGES: (Mutex<Vec<u32>>, Condvar) = (Mutex::new(Vec::new()), Condvar::new());
+
+fn wait_for_change(id: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut done = CHANGES.0.lock().unwrap();
+    while !done.contains(&id) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "device {id}: no background change in 10 s");
+        done = CHANGES.1.wait_timeout(done, left).unwrap().0;
+    }
 }
 
 /// BAR 1: register 0 (mirrored) counts; a write to 4 makes a thread of the
@@ -27,6 +45,7 @@ struct Counter {
     host: Host,
     announce: bool,
     bad_width: bool,
+    id: u32,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -37,6 +56,7 @@ impl Counter {
             host,
             announce: s.announce,
             bad_width: s.bad_width,
+            id: s.id,
             threads: Vec::new(),
         }))
     }
@@ -62,12 +82,15 @@ impl Device for Counter {
     fn bar_write(&mut self, _bar: u8, offset: u64, _data: &[u8]) {
         if offset == 4 {
             let (value, host, announce) = (self.value.clone(), self.host.clone(), self.announce);
+            let id = self.id;
             self.threads.push(std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(20));
                 value.fetch_add(1, Ordering::SeqCst);
                 if announce {
                     host.registers_changed();
                 }
+                CHANGES.0.lock().unwrap().push(id);
+                CHANGES.1.notify_all();
             }));
         }
     }
@@ -88,30 +111,30 @@ fn bench(settings: &str) -> Result<TestBench, String> {
     TestBench::new(PluginSource::Linked(plugin_module()), None, settings)
 }
 
-/// Starts the background change and waits until it happened.
-fn change_in_background(b: &mut TestBench) -> u64 {
+/// Starts the background change of device `id` and waits until it
+/// happened.
+fn change_in_background(b: &mut TestBench, id: u32) -> u64 {
     b.map_bars();
     let base = b.bar_address(1);
     assert_eq!(b.mmio_read(base, 4), 7);
     b.mmio_write(base + 4, 4, 1);
     b.wait_idle(Duration::from_secs(5)).unwrap();
-    // The thread runs 20 ms after the write; give it ample time.
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_change(id);
     base
 }
 
 #[test]
 fn an_announced_change_passes() {
-    let mut b = bench("announce = true").unwrap();
-    let base = change_in_background(&mut b);
+    let mut b = bench("announce = true\nid = 1").unwrap();
+    let base = change_in_background(&mut b, 1);
     assert_eq!(b.mmio_read(base, 4), 8);
 }
 
 #[test]
 #[should_panic(expected = "did not call Host::registers_changed")]
 fn a_change_the_device_keeps_quiet_about_is_caught() {
-    let mut b = bench("announce = false").unwrap();
-    let base = change_in_background(&mut b);
+    let mut b = bench("announce = false\nid = 2").unwrap();
+    let base = change_in_background(&mut b, 2);
     b.mmio_read(base, 4);
 }
 
