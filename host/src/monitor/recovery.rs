@@ -27,8 +27,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const STABLE_RUN: Duration = Duration::from_secs(1);
 /// How long a vCPU waits for a restarting remote's function beyond the
 /// back-off, before it gets all-ones (a failed restart ends the wait at
-/// once).
-pub(super) const RECOVERY_HOLD: Duration = Duration::from_secs(5);
+/// once). Long enough for a loaded machine: a nested guest under CI load
+/// took 5.8 s to start a new remote-host and reach it, and the guest's
+/// virtio-blk driver, reading its capacity after a resize, read
+/// all-ones from a 5 s hold. Short enough that a vCPU held this long
+/// stays under the guest kernel's soft-lockup (20 s) and RCU-stall
+/// (21 s) warnings.
+pub(super) const RECOVERY_HOLD: Duration = Duration::from_secs(15);
 
 /// The wait before the restart that follows `earlier` restarts within the
 /// window: none for the first, then 200 ms doubling up to [`MAX_BACKOFF`].
